@@ -1,0 +1,162 @@
+"""The ``dk`` command line.
+
+    dk run [RECIPE]            teacher + baseline + distilled student over seeds, table + report.md
+    dk distill RECIPE          one distilled student; exports student.pt
+    dk train RECIPE            the student (or --model teacher) alone with cross-entropy
+    dk eval CHECKPOINT         accuracy of an exported model on its dataset
+    dk list [losses|models|datasets|recipes|schemes]
+
+RECIPE is a shipped recipe name (``quickstart``) or a YAML path. Every command takes dotted
+``key=value`` overrides (``train.epochs=3 seed=1``), ``--out DIR`` and ``--resume``. The same
+command runs under ``torchrun --nproc_per_node=N -m darkknowledge.cli ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from darkknowledge.errors import DarkKnowledgeError
+
+
+def _out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dk", description="darkknowledge: knowledge distillation for any PyTorch model")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_run_args(sp: argparse.ArgumentParser, recipe_optional: bool) -> None:
+        sp.add_argument("recipe", nargs="?" if recipe_optional else None, default="quickstart" if recipe_optional else None,
+                        help="shipped recipe name or path to a YAML file" + (" (default: quickstart)" if recipe_optional else ""))
+        sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.epochs=3 seed=1")
+        sp.add_argument("--out", help="run folder (default: runs/<name>, a new one per run)")
+        sp.add_argument("--resume", action="store_true", help="continue the run in --out (or the latest runs/<name>*)")
+        sp.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch log lines")
+
+    with_run_args(sub.add_parser("run", help="compare baseline and distilled students over seeds"), True)
+    with_run_args(sub.add_parser("distill", help="distill one student from the recipe's teacher"), False)
+    tp = sub.add_parser("train", help="train the student (or teacher) alone with cross-entropy")
+    with_run_args(tp, False)
+    tp.add_argument("--model", choices=("student", "teacher"), default="student")
+    ep = sub.add_parser("eval", help="evaluate an exported model (student.pt / model.pt)")
+    ep.add_argument("checkpoint")
+    ep.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.name=mnist1d train.device=cpu")
+    lp = sub.add_parser("list", help="list registered losses, models, datasets, recipes, schemes")
+    lp.add_argument("what", nargs="?", default="all", choices=("all", "losses", "models", "datasets", "recipes", "schemes"))
+    return p
+
+
+def _split_overrides(args: argparse.Namespace) -> list[str]:
+    """argparse puts a lone ``key=value`` into ``recipe`` when the recipe is optional."""
+    overrides = list(getattr(args, "overrides", []) or [])
+    if getattr(args, "recipe", None) and "=" in args.recipe and not os.path.exists(args.recipe):
+        overrides.insert(0, args.recipe)
+        args.recipe = "quickstart"
+    return overrides
+
+
+def _list(what: str) -> None:
+    from darkknowledge.config import recipe_names
+    from darkknowledge.data import list_datasets
+    from darkknowledge.losses import LOSSES
+    from darkknowledge.models import list_models
+    from darkknowledge.schemes import SCHEMES
+
+    if what in ("all", "losses"):
+        _out("losses:")
+        for name, cls in LOSSES.items():
+            needs = cls.needs_spec
+            need = [n for n, on in (("teacher logits", needs.teacher_logits), ("labels", needs.labels),
+                                    ("features", bool(needs.student_taps) or cls.knowledge == "feature"),
+                                    ("indices", needs.indices)) if on]
+            _out(f"  {name:<12} {cls.knowledge:<9} needs: {', '.join(need) or '-':<28} {cls.citation}")
+    if what in ("all", "models"):
+        _out("models:")
+        _out("  " + ", ".join(list_models()))
+        _out("  (+ torchvision:NAME and timm:NAME when those extras are installed)")
+    if what in ("all", "datasets"):
+        _out("datasets:")
+        _out("  " + ", ".join(list_datasets()))
+    if what in ("all", "recipes"):
+        _out("recipes:")
+        _out("  " + ", ".join(recipe_names()))
+    if what in ("all", "schemes"):
+        _out("schemes:")
+        for name, cls in SCHEMES.items():
+            _out(f"  {name:<12} {cls.citation}")
+
+
+def _setup_logging(quiet: bool) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    level = logging.WARNING if quiet or rank != 0 else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``dk``; returns the exit code (2 for bad input, 1 for failures)."""
+    args = _parser().parse_args(argv)
+    _setup_logging(getattr(args, "quiet", False))
+    try:
+        return _dispatch(args)
+    except DarkKnowledgeError as exc:
+        sys.stderr.write(f"dk: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("dk: interrupted; continue with --resume (same --out)\n")
+        return 130
+    finally:
+        from darkknowledge.engine.distributed import shutdown_distributed
+
+        shutdown_distributed()
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from darkknowledge import commands
+    from darkknowledge.config import load_config
+
+    if args.command == "list":
+        _list(args.what)
+        return 0
+    if args.command == "eval":
+        overrides = {}
+        from darkknowledge.config import apply_overrides
+
+        overrides = apply_overrides({}, args.overrides)
+        _out(json.dumps(commands.evaluate_checkpoint(args.checkpoint, overrides), indent=2))
+        return 0
+    overrides = _split_overrides(args)
+    cfg = load_config(args.recipe, overrides)
+    progress = not args.quiet
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if args.command == "run":
+        res = commands.compare(cfg, args.out, args.resume, progress)
+        if main_rank:
+            _out("\n".join(res["table"]))
+            _out()
+            _out(res["verdict"])
+            _out(f"run folder: {res['run_dir']}  (report.md, results.json, metrics.jsonl)")
+    elif args.command == "distill":
+        res = commands.distill(cfg, args.out, args.resume, progress)
+        if main_rank:
+            st = res["student"]
+            _out(f"{st['name']}: test acc {st['last_acc']:.2f} (best {st['best_acc']:.2f} @ epoch {st['best_epoch']}), "
+                 f"{st['train_seconds']:.1f}s; teacher {res['teacher'].get('last_acc', float('nan')):.2f}")
+            _out(f"run folder: {res['run_dir']}  student: {res['exported']}")
+    elif args.command == "train":
+        res = commands.train(cfg, args.out, args.resume, progress, which=args.model)
+        if main_rank:
+            st = res["student"]
+            _out(f"{st['name']}: test acc {st['last_acc']:.2f} (best {st['best_acc']:.2f}), {st['train_seconds']:.1f}s")
+            _out(f"run folder: {res['run_dir']}  model: {res['exported']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Typed run configuration: YAML recipes + dotted ``key=value`` overrides, validated up front.
+
+Every error names the key's path, the bad value and what is allowed, and is raised before
+any model is built or any file is written.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from darkknowledge.errors import ConfigError, did_you_mean
+from darkknowledge.validation import format_validation_error
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """A model from the zoo (or ``torchvision:NAME`` / ``timm:NAME``)."""
+
+    name: str = Field(description="registry name, see `dk list models`")
+    params: dict[str, Any] = Field(default_factory=dict, description="builder keyword arguments")
+    checkpoint: str | None = Field(default=None, description="weights to load (exported .pt)")
+
+
+class AugmentConfig(_Strict):
+    """Batch-level augmentation of training inputs."""
+
+    hflip: bool = False
+    crop_padding: int = Field(default=0, ge=0)
+    shift: int = Field(default=0, ge=0)
+    noise: float = Field(default=0.0, ge=0.0)
+
+    def enabled(self) -> bool:
+        return bool(self.hflip or self.crop_padding or self.shift or self.noise)
+
+
+class DataConfig(_Strict):
+    """Dataset and batching."""
+
+    name: str = "mnist1d"
+    params: dict[str, Any] = Field(default_factory=dict, description="dataset builder arguments")
+    root: str | None = Field(default=None, description="where downloadable datasets live")
+    batch_size: int = Field(default=128, gt=0, description="global batch (split across ranks)")
+    eval_batch_size: int = Field(default=1024, gt=0)
+    val_fraction: float = Field(default=0.0, ge=0.0, lt=1.0, description="carved from train; best/tuning use it")
+    split_seed: int = 0
+    use_transfer: bool = Field(default=True, description="add the unlabeled transfer set when distilling")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    num_workers: int = Field(default=0, ge=0)
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["sgd", "adamw", "adam"] = "adamw"
+    lr: float = Field(default=1e-3, gt=0.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0, description="SGD only")
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class SchedulerConfig(_Strict):
+    name: Literal["constant", "cosine", "step", "multistep"] = "cosine"
+    warmup_epochs: float = Field(default=0.0, ge=0.0, description="linear warm-up from 0")
+    step_size: int = Field(default=30, gt=0, description="step: epochs between decays")
+    milestones: list[int] = Field(default_factory=list, description="multistep: decay epochs")
+    gamma: float = Field(default=0.1, gt=0.0, le=1.0)
+    min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0, description="cosine floor as a fraction of lr")
+
+
+class TrainConfig(_Strict):
+    """Optimisation and engine settings."""
+
+    epochs: int = Field(default=10, ge=1)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    grad_accum: int = Field(default=1, ge=1)
+    clip_grad_norm: float | None = Field(default=None, gt=0.0)
+    amp: Literal["off", "auto", "bf16", "fp16"] = "off"
+    device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N or mps")
+    deterministic: bool = False
+    eval_every: int = Field(default=1, ge=1)
+    checkpoint_every_steps: int | None = Field(default=None, gt=0, description="extra mid-epoch checkpoints")
+    compile: bool = False
+
+
+class TeacherConfig(ModelConfig):
+    """The teacher: loaded from ``checkpoint`` or trained first (and cached for reuse)."""
+
+    train: dict[str, Any] = Field(default_factory=dict, description="overrides of `train` for the teacher")
+    seed: int = 0
+    reuse: bool = Field(default=True, description="reuse a cached teacher trained with the same settings")
+
+
+class RunConfig(_Strict):
+    """A whole run: data, teacher, student, objective, training."""
+
+    name: str = "run"
+    description: str = ""
+    seed: int = 0
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="seeds of `dk run`")
+    scheme: str = "offline"
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig | None = None
+    student: ModelConfig = Field(default_factory=lambda: ModelConfig(name="mlp"))
+    losses: dict[str, dict[str, Any] | None] = Field(default_factory=lambda: {"kd": {}})
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    def teacher_train(self) -> TrainConfig:
+        """The teacher's training settings: ``train`` with ``teacher.train`` merged over it."""
+        base = self.train.model_dump()
+        merged = deep_merge(base, (self.teacher.train if self.teacher else {}) or {})
+        try:
+            return TrainConfig(**merged)
+        except pydantic.ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, "teacher.train")) from None
+
+
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursively merge ``over`` into a copy of ``base``."""
+    out = copy.deepcopy(dict(base))
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``"train.epochs=3"`` into ``(["train", "epochs"], 3)`` (value read as YAML)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.epochs=3")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(cfg: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Set each dotted ``key=value`` in a copy of the raw config mapping."""
+    out = copy.deepcopy(cfg)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for i, part in enumerate(path[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {text!r}: {'.'.join(path[: i + 1])} is not a mapping")
+            node = nxt
+        node[path[-1]] = value
+    return out
+
+
+def validate_config(raw: Mapping[str, Any]) -> RunConfig:
+    """Validate a raw mapping into a :class:`RunConfig` (key paths and values in errors)."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"a recipe must be a mapping of keys, got {type(raw).__name__}")
+    fields = RunConfig.model_fields
+    for key in raw:
+        if key not in fields:
+            raise ConfigError(f"{key}: unknown key.{did_you_mean(str(key), fields)} Valid keys: {', '.join(fields)}.")
+    try:
+        return RunConfig(**raw)
+    except pydantic.ValidationError as exc:
+        raise ConfigError(_with_hints(exc)) from None
+
+
+def _with_hints(exc: pydantic.ValidationError) -> str:
+    """Error text with a "did you mean" for unknown nested keys."""
+    msg = format_validation_error(exc)
+    for err in exc.errors():
+        if err["type"] == "extra_forbidden":
+            loc = [str(p) for p in err["loc"]]
+            model: Any = RunConfig
+            for part in loc[:-1]:
+                f = getattr(model, "model_fields", {}).get(part)
+                ann = getattr(f, "annotation", None)
+                model = next((a for a in getattr(ann, "__args__", (ann,)) if hasattr(a, "model_fields")), None)
+                if model is None:
+                    break
+            if model is not None:
+                msg += f" ({'.'.join(loc)}:{did_you_mean(loc[-1], model.model_fields) or ' no close key'})"
+    return msg
+
+
+def recipe_names() -> list[str]:
+    """Names of the recipes shipped in the package (``darkknowledge/recipes/*.yaml``)."""
+    files = resources.files("darkknowledge.recipes").iterdir()
+    return sorted(Path(f.name).stem for f in files if f.name.endswith(".yaml"))
+
+
+def read_recipe(name_or_path: str) -> dict[str, Any]:
+    """Read a recipe by shipped name (``quickstart``) or by file path (``my.yaml``)."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"recipe file {str(path)!r} does not exist")
+        text = path.read_text()
+    else:
+        names = recipe_names()
+        if name_or_path not in names:
+            raise ConfigError(
+                f"unknown recipe {name_or_path!r}.{did_you_mean(name_or_path, names)} "
+                f"Shipped recipes: {', '.join(names)}; or give a path to a .yaml file."
+            )
+        text = resources.files("darkknowledge.recipes").joinpath(f"{name_or_path}.yaml").read_text()
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"recipe {name_or_path!r} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe {name_or_path!r} must be a mapping of keys")
+    return raw
+
+
+def load_config(recipe: str | Mapping[str, Any] | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a recipe (name, path or mapping), apply overrides, validate.
+
+    Args:
+        recipe: Shipped recipe name, YAML path, a mapping, or None for the defaults.
+        overrides: Dotted ``key=value`` strings, e.g. ``["train.epochs=3", "seed=1"]``.
+    """
+    if recipe is None:
+        raw: dict[str, Any] = {}
+    elif isinstance(recipe, Mapping):
+        raw = copy.deepcopy(dict(recipe))
+    else:
+        raw = read_recipe(recipe)
+    return validate_config(apply_overrides(raw, overrides))

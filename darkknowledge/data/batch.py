@@ -1,0 +1,36 @@
+"""The batch that flows through every scheme: inputs, labels and sample indices."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+UNLABELED = -1
+"""Label value of samples without a label (an unlabeled transfer set); CE ignores them."""
+
+
+@dataclass
+class Batch:
+    """One mini-batch.
+
+    Attributes:
+        x: Inputs, ``(B, *input_shape)``.
+        y: Integer labels ``(B,)``; ``UNLABELED`` (-1) where a sample has no label.
+        idx: Index of each sample in its dataset ``(B,)`` (for memory banks and caches).
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    idx: torch.Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """Move every tensor to ``device``."""
+        return Batch(
+            self.x.to(device, non_blocking=non_blocking),
+            self.y.to(device, non_blocking=non_blocking),
+            self.idx.to(device, non_blocking=non_blocking),
+        )
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])

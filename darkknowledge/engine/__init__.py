@@ -1,0 +1,1 @@
+"""The one training engine: device, AMP, accumulation, clipping, DDP, checkpoints, metrics."""

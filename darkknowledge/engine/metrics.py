@@ -1,0 +1,79 @@
+"""Evaluation (top-1, top-5, loss, reduced across ranks) and the ``metrics.jsonl`` log."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from darkknowledge.data.batch import UNLABELED, Batch
+from darkknowledge.engine.device import autocast
+from darkknowledge.engine.distributed import DistContext
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    dist: DistContext,
+    amp: torch.dtype | None = None,
+) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of ``model`` over ``batches``, summed over ranks.
+
+    Returns:
+        ``{"top1": %, "loss": mean CE, "n": samples}`` plus ``"top5"`` when there are
+        more than 5 classes.
+    """
+    was_training = model.training
+    model.eval()
+    sums: torch.Tensor | None = None
+    num_classes = 0
+    try:
+        for batch in batches:
+            with autocast(batch.x.device, amp):
+                logits = model(batch.x)  # (B, K)
+            logits = logits.float()
+            num_classes = logits.shape[-1]
+            keep = batch.y != UNLABELED
+            logits, y = logits[keep], batch.y[keep]
+            k = min(5, num_classes)
+            topk = logits.topk(k, dim=-1).indices  # (B, k)
+            hit = topk == y[:, None]  # (B, k)
+            step = torch.stack([
+                hit[:, 0].sum().float(),
+                hit.any(dim=-1).sum().float(),
+                F.cross_entropy(logits, y, reduction="sum") if y.numel() else logits.sum() * 0,
+                torch.tensor(float(y.numel()), device=logits.device),
+            ])
+            sums = step if sums is None else sums + step
+    finally:
+        model.train(was_training)
+    if sums is None:
+        sums = torch.zeros(4)
+    dev = next((p.device for p in model.parameters()), sums.device)
+    sums = dist.all_reduce_sum(sums.to(dev)).cpu()
+    n = max(1.0, float(sums[3]))
+    out = {"top1": 100.0 * float(sums[0]) / n, "loss": float(sums[2]) / n, "n": int(sums[3])}
+    if num_classes > 5:
+        out["top5"] = 100.0 * float(sums[1]) / n
+    return out
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``metrics.jsonl`` (rank 0 only; no-op without a path)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")

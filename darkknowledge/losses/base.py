@@ -1,0 +1,112 @@
+"""The ``DistillLoss`` interface: a loss states what it needs; the engine provides exactly that.
+
+Life of a loss inside a run:
+
+1. ``bind(student, teacher)`` — resolve which module paths to tap (explicit paths, or the
+   models' default ``feature_taps()``) and return :class:`Needs`. Nothing runs yet.
+2. ``setup(student_out, teacher_out)`` — called once with the outputs of a dry run on one
+   batch, so the loss can read shapes and build adapters (its own ``nn.Module`` children).
+   Adapters live inside the trainable module: trained with the student, never with the teacher.
+3. ``forward(student_out, teacher_out, batch)`` — a scalar, every step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from darkknowledge.data.batch import Batch
+from darkknowledge.errors import ShapeError
+
+KNOWLEDGE_TYPES = ("label", "response", "feature", "relation")
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a loss reads from a step. The engine takes the union over all terms.
+
+    Attributes:
+        teacher: Needs teacher outputs at all (False: the teacher forward is skipped).
+        teacher_logits: Needs the teacher's logits.
+        labels: Needs ground-truth labels.
+        indices: Needs dataset indices of the samples (memory banks, caches).
+        student_taps: Student module paths whose features are read.
+        teacher_taps: Teacher module paths whose features are read.
+    """
+
+    teacher: bool = False
+    teacher_logits: bool = False
+    labels: bool = False
+    indices: bool = False
+    student_taps: tuple[str, ...] = ()
+    teacher_taps: tuple[str, ...] = ()
+
+    def __or__(self, other: Needs) -> Needs:
+        return Needs(
+            teacher=self.teacher or other.teacher,
+            teacher_logits=self.teacher_logits or other.teacher_logits,
+            labels=self.labels or other.labels,
+            indices=self.indices or other.indices,
+            student_taps=tuple(dict.fromkeys(self.student_taps + other.student_taps)),
+            teacher_taps=tuple(dict.fromkeys(self.teacher_taps + other.teacher_taps)),
+        )
+
+
+@dataclass
+class Outputs:
+    """A model's outputs for one batch: logits ``(B, K)`` and tapped features by path."""
+
+    logits: torch.Tensor | None
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def feature(self, path: str) -> torch.Tensor:
+        """The feature captured at ``path`` (KeyError names the captured ones)."""
+        try:
+            return self.features[path]
+        except KeyError:
+            raise KeyError(f"feature {path!r} was not captured; captured: {sorted(self.features)}") from None
+
+
+class DistillLoss(nn.Module):
+    """Base class of every registered loss term.
+
+    Subclasses set the class attributes, implement :meth:`forward`, and override
+    :meth:`bind`/:meth:`setup` when they read features or own adapters.
+
+    Attributes:
+        knowledge: One of ``label``, ``response``, ``feature``, ``relation``.
+        citation: The paper (authors, title, venue year) the loss implements.
+        needs_spec: Static needs; :meth:`bind` may refine them (e.g. with tap paths).
+    """
+
+    knowledge: ClassVar[str] = "response"
+    citation: ClassVar[str] = ""
+    needs_spec: ClassVar[Needs] = Needs()
+
+    def bind(self, student: nn.Module, teacher: nn.Module | None) -> Needs:
+        """Resolve tap paths against the models and return this loss's needs."""
+        if self.needs_spec.teacher and teacher is None:
+            raise ShapeError(f"loss {type(self).__name__} needs a teacher, but the run has none")
+        return self.needs_spec
+
+    def setup(self, student: Outputs, teacher: Outputs | None) -> None:
+        """Read shapes from a dry run and build adapters. Default: nothing to build."""
+
+    def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> torch.Tensor:
+        """Return a scalar loss for one batch."""
+        raise NotImplementedError
+
+
+def check_logits_match(student: Outputs, teacher: Outputs | None, loss_name: str) -> None:
+    """Raise ``ShapeError`` when teacher and student logits differ in shape (class count)."""
+    if teacher is None or teacher.logits is None or student.logits is None:
+        return
+    s, t = tuple(student.logits.shape), tuple(teacher.logits.shape)
+    if s != t:
+        raise ShapeError(
+            f"loss {loss_name!r}: student logits {s} and teacher logits {t} differ. "
+            "Teacher and student must predict the same classes: check model params num_classes."
+        )

@@ -1,0 +1,49 @@
+"""Cross-entropy with the ground-truth labels (the student's own supervised term)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from darkknowledge.data.batch import UNLABELED, Batch
+from darkknowledge.losses import register_loss
+from darkknowledge.losses.base import DistillLoss, Needs, Outputs
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy over labelled samples; unlabelled ones (label -1) are ignored.
+
+    Args:
+        logits: ``(B, K)``.
+        labels: ``(B,)`` integer classes, ``-1`` for unlabelled samples.
+        label_smoothing: Mass spread uniformly over classes (0 = none).
+
+    Returns:
+        Scalar; 0 (with a gradient path) when the batch has no labelled sample.
+    """
+    labelled = labels != UNLABELED  # (B,)
+    if not bool(labelled.any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, labels, ignore_index=UNLABELED, label_smoothing=label_smoothing)
+
+
+@register_loss("ce")
+class CrossEntropy(DistillLoss):
+    """Cross-entropy against labels: ``-log softmax(z_s)[y]`` averaged over labelled samples.
+
+    Shapes: student logits ``(B, K)``, labels ``(B,)``. Needs no teacher.
+    """
+
+    knowledge = "label"
+    citation = "Standard supervised cross-entropy (the student's hard-label term)."
+    needs_spec = Needs(labels=True)
+
+    def __init__(self, label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0) -> None:
+        super().__init__()
+        self.label_smoothing = label_smoothing
+
+    def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> torch.Tensor:
+        return cross_entropy(student.logits, batch.y, self.label_smoothing)

@@ -1,0 +1,108 @@
+"""The total objective: a weighted sum of named loss terms, each with a weight schedule.
+
+A recipe's ``losses:`` mapping becomes one :class:`Objective`::
+
+    losses:
+      ce: {weight: 0.1}
+      kd: {T: 4, alpha: 1.0, weight: 0.9}
+      kd_hot: {loss: kd, T: 8, warmup_epochs: 5}   # a second kd term under its own name
+
+Reserved keys per term: ``loss`` (registry name, default: the term's name), ``weight``
+(default 1) and ``warmup_epochs`` (linear ramp of the weight from 0, default 0 = constant).
+Everything else goes to the loss's constructor and is validated against it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from darkknowledge.data.batch import Batch
+from darkknowledge.errors import ConfigError
+from darkknowledge.losses import create_loss
+from darkknowledge.losses.base import DistillLoss, Needs, Outputs
+
+RESERVED = ("loss", "weight", "warmup_epochs")
+
+
+def term_weight(weight: float, warmup_epochs: float, epoch_progress: float) -> float:
+    """Weight of a term at ``epoch_progress`` (epochs done, fractional): linear warm-up then constant."""
+    if warmup_epochs <= 0:
+        return weight
+    return weight * min(1.0, epoch_progress / warmup_epochs)
+
+
+class Objective(nn.Module):
+    """Named loss terms with weights; ``forward`` returns the total and every term's value.
+
+    Args:
+        terms: ``{name: DistillLoss}``.
+        weights: ``{name: weight}``.
+        warmups: ``{name: warmup_epochs}``.
+    """
+
+    def __init__(
+        self,
+        terms: Mapping[str, DistillLoss],
+        weights: Mapping[str, float] | None = None,
+        warmups: Mapping[str, float] | None = None,
+    ) -> None:
+        super().__init__()
+        if not terms:
+            raise ConfigError("losses: the objective needs at least one term, e.g. {'ce': {}} or {'kd': {}}")
+        self.terms = nn.ModuleDict(dict(terms))
+        self.weights = {k: float((weights or {}).get(k, 1.0)) for k in terms}
+        self.warmups = {k: float((warmups or {}).get(k, 0.0)) for k in terms}
+        self._needs: Needs | None = None
+
+    @classmethod
+    def from_config(cls, losses: Mapping[str, Mapping[str, Any]]) -> Objective:
+        """Build from a recipe's ``losses:`` mapping (validated; see module docstring)."""
+        terms, weights, warmups = {}, {}, {}
+        for name, raw in losses.items():
+            raw = dict(raw or {})
+            loss_name = raw.pop("loss", name)
+            weight = raw.pop("weight", 1.0)
+            warmup = raw.pop("warmup_epochs", 0.0)
+            for key, value in (("weight", weight), ("warmup_epochs", warmup)):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                    raise ConfigError(f"losses.{name}.{key}: must be a number >= 0 (got {value!r})")
+            terms[name] = create_loss(loss_name, where=f"losses.{name}", **raw)
+            weights[name], warmups[name] = float(weight), float(warmup)
+        return cls(terms, weights, warmups)
+
+    def bind(self, student: nn.Module, teacher: nn.Module | None) -> Needs:
+        """Bind every term to the models; returns the union of their needs."""
+        needs = Needs()
+        for term in self.terms.values():
+            needs = needs | term.bind(student, teacher)
+        self._needs = needs
+        return needs
+
+    @property
+    def needs(self) -> Needs:
+        if self._needs is None:
+            raise RuntimeError("Objective.bind() must run before its needs are known")
+        return self._needs
+
+    def setup(self, student: Outputs, teacher: Outputs | None) -> None:
+        """Forward the dry-run outputs to every term (builds adapters)."""
+        for term in self.terms.values():
+            term.setup(student, teacher)
+
+    def forward(
+        self, student: Outputs, teacher: Outputs | None, batch: Batch, epoch_progress: float = 0.0
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Return ``(total, {term: unweighted value})``; values stay tensors (no host sync)."""
+        total: torch.Tensor | float = 0.0
+        values: dict[str, torch.Tensor] = {}
+        for name, term in self.terms.items():
+            value = term(student, teacher, batch)
+            values[name] = value.detach()
+            # a zero weight (warm-up start) still adds 0 * value, so every adapter gets a
+            # (zero) gradient each step, which DDP without find_unused_parameters requires
+            total = total + term_weight(self.weights[name], self.warmups[name], epoch_progress) * value
+        return total, values  # type: ignore[return-value]

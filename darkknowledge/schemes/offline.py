@@ -1,0 +1,105 @@
+"""Offline distillation: a frozen, pre-trained teacher teaches a student.
+
+Hinton et al. 2015 and the survey's "offline" scheme (Gou et al., IJCV 2021, Sec. 4.1): the
+teacher is trained first, then frozen; knowledge flows one way. With no teacher and a
+``ce``-only objective the same scheme trains a model alone (the baseline).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from darkknowledge.data.batch import Batch
+from darkknowledge.errors import ShapeError
+from darkknowledge.losses.base import Outputs
+from darkknowledge.losses.objective import Objective
+from darkknowledge.models import count_params
+from darkknowledge.schemes.base import SCHEMES, Scheme
+from darkknowledge.taps import FeatureTaps, unwrap, validate_taps
+from darkknowledge.teachers.frozen import FrozenTeacher
+
+
+class StudentObjective(nn.Module):
+    """The trainable module of offline KD: the student plus the objective (and its adapters).
+
+    ``forward`` runs the student, collects only the taps the losses need, and evaluates the
+    objective, so that under DDP every trainable parameter is used inside the wrapped call.
+    """
+
+    def __init__(self, student: nn.Module, objective: Objective, taps: tuple[str, ...]) -> None:
+        super().__init__()
+        self.student = student
+        self.objective = objective
+        self.taps = FeatureTaps(student, list(taps)) if taps else None
+
+    def student_outputs(self, x: torch.Tensor) -> Outputs:
+        logits = self.student(x)  # (B, K)
+        feats = self.taps.pop() if self.taps is not None else {}
+        return Outputs(logits=logits, features=feats)
+
+    def forward(
+        self, batch: Batch, teacher: Outputs | None, epoch_progress: float = 0.0
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.objective(self.student_outputs(batch.x), teacher, batch, epoch_progress)
+
+
+@SCHEMES.register("offline")
+class Offline(Scheme):
+    """Frozen teacher -> student with any objective of registered losses.
+
+    Args:
+        student: The model to train.
+        objective: The weighted loss terms.
+        teacher: A trained model, or None when the objective needs no teacher.
+    """
+
+    citation = "Hinton et al. 2015; Gou et al., Knowledge Distillation: A Survey, IJCV 2021 (offline distillation)."
+
+    def __init__(self, student: nn.Module, objective: Objective, teacher: nn.Module | None = None) -> None:
+        needs = objective.bind(student, teacher)
+        if needs.teacher and teacher is None:
+            raise ShapeError(f"losses {list(objective.terms)} need a teacher, but none was given")
+        validate_taps(student, needs.student_taps)
+        self.needs = needs
+        self.teacher = None
+        if needs.teacher and teacher is not None:
+            validate_taps(teacher, needs.teacher_taps)
+            self.teacher = FrozenTeacher(teacher, needs.teacher_taps, need_logits=needs.teacher_logits)
+        self._module = StudentObjective(unwrap(student), objective, needs.student_taps)
+
+    @property
+    def module(self) -> nn.Module:
+        return self._module
+
+    def to(self, device: torch.device) -> Offline:
+        self._module.to(device)
+        if self.teacher is not None:
+            self.teacher.to(device)
+        return self
+
+    def setup(self, batch: Batch) -> None:
+        """Dry run: teacher and student outputs on one batch -> build adapters, check shapes."""
+        module = self._module
+        teacher = self.teacher(batch.x) if self.teacher is not None else None
+        was_training = module.training
+        module.eval()
+        with torch.no_grad():
+            student = module.student_outputs(batch.x)
+        module.objective.setup(student, teacher)
+        module.objective.to(batch.x.device)
+        module.train(was_training)
+
+    def teacher_outputs(self, batch: Batch) -> Outputs | None:
+        return self.teacher(batch.x) if self.teacher is not None else None
+
+    def eval_models(self) -> dict[str, nn.Module]:
+        return {"student": self._module.student}
+
+    def teacher_hash(self) -> str | None:
+        return self.teacher.hash if self.teacher is not None else None
+
+    def describe(self) -> dict[str, Any]:
+        return {"adapter_params": count_params(self._module.objective)}

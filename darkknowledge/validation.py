@@ -1,0 +1,100 @@
+"""Validate keyword arguments against a function's signature, with clear errors.
+
+Registered builders (models, datasets, losses) declare their parameters with type hints,
+optionally ``Annotated[float, Field(gt=0)]`` for ranges. A recipe's ``params:`` mapping is
+checked here before anything runs, so a typo or a wrong type names the key path, the bad
+value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pydantic
+
+from darkknowledge.errors import ConfigError, did_you_mean
+
+_SKIP_KINDS = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+
+
+def signature_fields(fn: Callable[..., Any], exclude: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
+    """Return ``{name: (annotation, default)}`` of ``fn``'s keyword parameters.
+
+    Args:
+        fn: A function or a class (its ``__init__`` is read).
+        exclude: Parameter names supplied by the framework, not by the user.
+    """
+    target = fn.__init__ if inspect.isclass(fn) else fn
+    sig = inspect.signature(target, eval_str=True)
+    fields: dict[str, tuple[Any, Any]] = {}
+    for name, p in sig.parameters.items():
+        if name in ("self", *exclude) or p.kind in _SKIP_KINDS:
+            continue
+        ann = Any if p.annotation is inspect.Parameter.empty else p.annotation
+        default = ... if p.default is inspect.Parameter.empty else p.default
+        fields[name] = (ann, default)
+    return fields
+
+
+def accepts_var_kwargs(fn: Callable[..., Any]) -> bool:
+    """True when ``fn`` takes ``**kwargs`` (then unknown keys cannot be checked here)."""
+    target = fn.__init__ if inspect.isclass(fn) else fn
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(target).parameters.values())
+
+
+def validate_kwargs(
+    fn: Callable[..., Any],
+    kwargs: Mapping[str, Any],
+    where: str,
+    exclude: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Check ``kwargs`` against ``fn``'s signature and return them coerced to the declared types.
+
+    Args:
+        fn: The builder the kwargs will be passed to.
+        kwargs: User-supplied keyword arguments (from YAML or the API).
+        where: The config path shown in errors, e.g. ``"losses.kd"``.
+        exclude: Parameters the framework passes itself (not settable by the user).
+
+    Raises:
+        ConfigError: Unknown key (with close matches), wrong type or out-of-range value.
+    """
+    fields = signature_fields(fn, exclude)
+    open_ended = accepts_var_kwargs(fn)
+    unknown = [k for k in kwargs if k not in fields]
+    if unknown and not open_ended:
+        k = unknown[0]
+        raise ConfigError(
+            f"{where}.{k}: unknown parameter {k!r}.{did_you_mean(k, fields)} "
+            f"Valid parameters: {', '.join(fields) or '(none)'}."
+        )
+    known = {k: v for k, v in kwargs.items() if k in fields}
+    model = pydantic.create_model(  # type: ignore[call-overload]
+        f"{getattr(fn, '__name__', 'params')}_params",
+        __config__=pydantic.ConfigDict(arbitrary_types_allowed=True, strict=False),
+        **{k: fields[k] for k in known},
+    )
+    try:
+        checked = model(**known)
+    except pydantic.ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, where)) from None
+    out = {k: getattr(checked, k) for k in known}
+    out.update({k: v for k, v in kwargs.items() if k not in fields})
+    return out
+
+
+def format_validation_error(exc: pydantic.ValidationError, where: str = "") -> str:
+    """Turn a pydantic error into one line per problem: ``path: message (got value)``."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        path = f"{where}.{loc}" if where and loc else (where or loc)
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        got = err.get("input")
+        shown = "" if err["type"] in ("missing",) or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{path}: {msg}{shown}")
+    return "; ".join(lines)

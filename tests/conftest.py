@@ -1,0 +1,25 @@
+"""Shared fixtures: an isolated cache folder and tiny in-memory datasets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test writes its data/teacher caches into one session-wide temp folder."""
+    monkeypatch.setenv("DK_CACHE", str(tmp_path_factory.getbasetemp() / "dk-cache"))
+
+
+@pytest.fixture()
+def toy_tensors() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """A linearly separable 4-class problem in 8 dims: ((x, y), (x_test, y_test))."""
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 8, generator=g) * 3
+
+    def make(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.randint(0, 4, (n,), generator=g)
+        return centers[y] + torch.randn(n, 8, generator=g), y
+
+    return make(256), make(128)
