@@ -1,0 +1,112 @@
+"""The dataset registry and ``load_dataset``, the one entry point that builds a dataset."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from darkknowledge.data.bundle import DataBundle, TensorData
+from darkknowledge.data.cache import data_dir
+from darkknowledge.data.fingerprint import fingerprint
+from darkknowledge.data.splits import check_fraction, random_split
+from darkknowledge.errors import ConfigError
+from darkknowledge.registry import Registry
+from darkknowledge.validation import signature_fields, validate_kwargs
+
+logger = logging.getLogger(__name__)
+
+DatasetBuilder = Callable[..., DataBundle]
+"""``builder(*, root: Path, split_seed: int, **params) -> DataBundle``."""
+
+DATASETS: Registry[DatasetBuilder] = Registry("dataset")
+
+FRAMEWORK_ARGS = ("root", "split_seed")
+"""Builder arguments supplied by ``load_dataset`` itself, not by ``data.params``."""
+
+
+def register_dataset(name: str) -> Callable[[DatasetBuilder], DatasetBuilder]:
+    """Decorator registering a dataset builder under ``name``.
+
+    The builder is called as ``builder(root=Path, split_seed=int, **params)`` and returns a
+    ``DataBundle`` (its ``info.fingerprint`` may be empty: ``load_dataset`` fills it in).
+    Declare each param with a type hint and a default so recipes are validated.
+
+    Example:
+        >>> @register_dataset("toy")
+        ... def toy(*, root: Path, split_seed: int, n: int = 100) -> DataBundle: ...
+    """
+    return DATASETS.register(name)
+
+
+def list_datasets() -> list[str]:
+    """Names of all registered datasets, sorted."""
+    return DATASETS.names()
+
+
+def _tensors_of(bundle: DataBundle) -> list[tuple[str, Any]]:
+    """``(label, tensor)`` pairs of every in-memory split, for the fingerprint."""
+    out = []
+    for split in ("train", "val", "test", "transfer"):
+        data = getattr(bundle, split)
+        if isinstance(data, TensorData):
+            out += [(f"{split}.x", data.x), (f"{split}.y", data.y)]
+    return out
+
+
+def load_dataset(
+    name: str,
+    *,
+    root: str | Path | None = None,
+    split_seed: int = 0,
+    val_fraction: float = 0.0,
+    **params: Any,
+) -> DataBundle:
+    """Build the registered dataset ``name``.
+
+    Args:
+        name: A registered dataset (see ``list_datasets()``).
+        root: Directory holding the dataset files; default ``cache_dir() / "data"``.
+        split_seed: Seed of every data split (train/test where the builder makes one, and
+            the validation split).
+        val_fraction: Share of the training split moved into ``bundle.val`` (0 = none),
+            chosen deterministically from ``split_seed``.
+        **params: The builder's own parameters (``data.params`` in a recipe).
+
+    Returns:
+        The ``DataBundle``, with ``info.fingerprint`` covering name, all parameters
+        (defaults included) and the bytes of in-memory data.
+
+    Raises:
+        RegistryError: Unknown dataset (the message lists close names).
+        ConfigError: Unknown or ill-typed parameter, bad ``val_fraction``, missing files.
+    """
+    builder = DATASETS.get(name)
+    checked = validate_kwargs(builder, params, where="data.params", exclude=FRAMEWORK_ARGS)
+    check_fraction(val_fraction, "data.val_fraction")
+    root_path = Path(root).expanduser() if root is not None else data_dir()
+    bundle = builder(root=root_path, split_seed=split_seed, **checked)
+    if not isinstance(bundle, DataBundle):
+        raise TypeError(f"dataset builder {name!r} returned {type(bundle).__name__}, expected DataBundle")
+
+    resolved = {k: d for k, (_, d) in signature_fields(builder, FRAMEWORK_ARGS).items() if d is not ...}
+    resolved.update(checked)
+    identity = {"params": resolved, "split_seed": split_seed, "val_fraction": float(val_fraction)}
+    fp = fingerprint(name, identity, _tensors_of(bundle))
+
+    if val_fraction > 0:
+        if bundle.val is not None:
+            raise ConfigError(
+                f"data.val_fraction: dataset {name!r} already has a validation split; set it to 0"
+            )
+        if not isinstance(bundle.train, TensorData):
+            raise ConfigError(
+                f"data.val_fraction: dataset {name!r} is not in memory, cannot carve a validation split"
+            )
+        keep, held = random_split(len(bundle.train), val_fraction, split_seed)
+        bundle = replace(bundle, train=bundle.train.subset(keep), val=bundle.train.subset(held))
+    bundle = replace(bundle, info=replace(bundle.info, fingerprint=fp))
+    logger.info("%s", bundle.describe())
+    return bundle

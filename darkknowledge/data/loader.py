@@ -1,0 +1,269 @@
+"""A deterministic, resumable, DDP-aware batch loader.
+
+Each epoch's order is a permutation drawn from a generator seeded by ``(seed, epoch)`` alone,
+so it never depends on what ran before (resuming is exact). The permutation is cut into
+*global* batches of ``batch_size``; rank ``r`` of ``world_size`` takes the contiguous slice
+``[r * b / W, (r + 1) * b / W)`` of each, so the ranks' slices concatenated are exactly the
+single-process batch. Augmentation is drawn once per global batch from a generator seeded by
+``(seed, epoch, batch_index)`` and sliced the same way.
+
+A last partial batch of ``m`` samples (``drop_last=False``) is split as evenly as possible:
+the first ``m % W`` ranks get one sample more. With fewer samples than ranks (``m < W``) the
+last ranks get an *empty* batch (``len(batch) == 0``) rather than none, so that every rank
+runs the same number of steps and DDP collectives stay matched; the training step has to
+tolerate a zero-size batch (e.g. contribute a zero loss) or use ``drop_last=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from darkknowledge.data.augment import Augment, AugmentParams, params_to, slice_params
+from darkknowledge.data.batch import Batch
+from darkknowledge.data.bundle import TensorData
+from darkknowledge.data.seeds import AUGMENT_STREAM, PERMUTATION_STREAM, make_generator
+from darkknowledge.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+_Plan = list[tuple[int, torch.Tensor, tuple[int, int]]]
+"""Per batch: (batch index, global batch indices (b,), this rank's [start, stop) rows)."""
+
+
+def rank_bounds(size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """``[start, stop)`` of rank ``rank``'s share of a batch of ``size`` samples.
+
+    Shares are contiguous and as even as possible; the first ``size % world_size`` ranks
+    get one extra sample. For ``size`` divisible by ``world_size`` this is
+    ``[rank * size / W, (rank + 1) * size / W)``.
+    """
+    base, extra = divmod(size, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+class BatchLoader:
+    """Iterate a dataset in reproducible global batches, this rank's slice of each.
+
+    Args:
+        data: A ``TensorData`` (fast path: tensors indexed per batch) or any map-style
+            dataset whose items are ``(x, y)`` (read through a ``DataLoader``).
+        batch_size: The GLOBAL batch size (over all ranks); divisible by ``world_size``.
+        shuffle: New permutation each epoch (else dataset order).
+        seed: Base seed of permutations and augmentation draws (non-negative).
+        drop_last: Drop the last partial global batch.
+        rank: This process's rank.
+        world_size: Number of processes.
+        augment: Augmentation (an ``Augment`` or a mapping of its fields); pass it for
+            training loaders only.
+        normalize: ``(mean, std)`` per channel (or one value each) applied after ``uint8``
+            inputs are scaled to ``[0, 1]``; float inputs are normalised only when given.
+        device: Where batches are delivered; from CPU to CUDA the copy uses pinned memory
+            and ``non_blocking``.
+        num_workers: Worker processes for the generic-dataset path (ignored for ``TensorData``).
+
+    Raises:
+        ConfigError: Bad batch size, rank or world size, or seed.
+
+    Example:
+        >>> loader = BatchLoader(bundle.train, 256, seed=1, rank=r, world_size=w)
+        >>> loader.set_epoch(epoch)
+        >>> for batch in loader.iter_from(resume_step): ...
+    """
+
+    def __init__(
+        self,
+        data: Dataset,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        augment: Augment | Mapping[str, Any] | None = None,
+        normalize: tuple[Sequence[float], Sequence[float]] | None = None,
+        device: torch.device | str = "cpu",
+        num_workers: int = 0,
+    ) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1 (got {batch_size})")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ConfigError(f"need 0 <= rank < world_size (got rank={rank}, world_size={world_size})")
+        if batch_size % world_size:
+            raise ConfigError(
+                f"batch_size {batch_size} is the global batch and must be divisible by world_size "
+                f"{world_size}; use e.g. {batch_size - batch_size % world_size or world_size}"
+            )
+        if seed < 0:
+            raise ConfigError(f"loader seed must be >= 0 (got {seed})")
+        self.data = data
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.rank = rank
+        self.world_size = world_size
+        aug = Augment.from_config(augment)
+        self.augment = aug if aug is not None and aug.enabled else None
+        self.device = torch.device(device)
+        self.num_workers = num_workers
+        self.epoch = 0
+        self._num_samples = len(data)  # type: ignore[arg-type]
+        self._norm = self._norm_tensors(normalize)
+
+    @staticmethod
+    def _norm_tensors(
+        normalize: tuple[Sequence[float], Sequence[float]] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if normalize is None:
+            return None
+        mean, std = (torch.as_tensor(v, dtype=torch.float32).flatten() for v in normalize)
+        if mean.shape != std.shape or mean.numel() == 0:
+            raise ConfigError(f"normalize needs mean and std of the same non-zero length (got {normalize!r})")
+        if bool((std <= 0).any()):
+            raise ConfigError(f"normalize std must be > 0 (got {std.tolist()})")
+        return mean, std
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order (and augmentation) the next iteration uses."""
+        if epoch < 0:
+            raise ConfigError(f"epoch must be >= 0 (got {epoch})")
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        """Batches per epoch (the same on every rank)."""
+        if self.drop_last:
+            return self._num_samples // self.batch_size
+        return -(-self._num_samples // self.batch_size)
+
+    def epoch_order(self) -> torch.Tensor:
+        """The sample order of the current epoch, ``(N,)`` int64 (identical on all ranks)."""
+        if not self.shuffle:
+            return torch.arange(self._num_samples)
+        gen = make_generator(self.seed, self.epoch, PERMUTATION_STREAM)
+        return torch.randperm(self._num_samples, generator=gen)
+
+    def global_batch(self, order: torch.Tensor, k: int) -> torch.Tensor:
+        """Indices of global batch ``k`` of ``order`` (all ranks' samples)."""
+        return order[k * self.batch_size : (k + 1) * self.batch_size]
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.iter_from(0)
+
+    def iter_from(self, start_batch: int) -> Iterator[Batch]:
+        """Yield this epoch's batches from batch ``start_batch`` on.
+
+        The batches equal those an uninterrupted ``iter(self)`` yields at the same positions
+        (same samples, same augmentation), which makes mid-epoch resume exact.
+
+        Args:
+            start_batch: Index of the first batch to yield, ``0 <= start_batch <= len(self)``.
+        """
+        if not 0 <= start_batch <= len(self):
+            raise ConfigError(f"start_batch must be in [0, {len(self)}] (got {start_batch})")
+        order = self.epoch_order()
+        plan: _Plan = []
+        for k in range(start_batch, len(self)):
+            global_idx = self.global_batch(order, k)
+            plan.append((k, global_idx, rank_bounds(global_idx.numel(), self.rank, self.world_size)))
+        if isinstance(self.data, TensorData):
+            return self._iter_tensors(self.epoch, plan)
+        return self._iter_dataset(self.epoch, plan)
+
+    def augment_params(self, batch_index: int, epoch: int | None = None) -> AugmentParams | None:
+        """The augmentation drawn for the whole GLOBAL batch ``batch_index`` (CPU tensors).
+
+        Rows follow the global batch order; ``rank_bounds(n, rank, world_size)`` gives this
+        rank's rows. A teacher-output cache can use this to replay the exact views.
+
+        Args:
+            batch_index: Index of the global batch within the epoch.
+            epoch: Epoch (default: the current one, see ``set_epoch``).
+
+        Returns:
+            The drawn parameters, or None without augmentation.
+        """
+        if self.augment is None:
+            return None
+        epoch = self.epoch if epoch is None else epoch
+        size = min(self.batch_size, self._num_samples - batch_index * self.batch_size)
+        gen = make_generator(self.seed, epoch, batch_index, AUGMENT_STREAM)
+        return self.augment.draw(size, gen, self._sample_shape())
+
+    def _sample_shape(self) -> tuple[int, ...]:
+        if isinstance(self.data, TensorData):
+            return self.data.sample_shape
+        return tuple(torch.as_tensor(self.data[0][0]).shape)
+
+    def _iter_tensors(self, epoch: int, plan: _Plan) -> Iterator[Batch]:
+        data = self.data
+        assert isinstance(data, TensorData)
+        for k, global_idx, (lo, hi) in plan:
+            local = global_idx[lo:hi]  # (b,)
+            source = local.to(data.x.device)
+            yield self._finish(epoch, k, lo, hi, data.x[source], data.y[source], local)
+
+    def _iter_dataset(self, epoch: int, plan: _Plan) -> Iterator[Batch]:
+        nonempty = [global_idx[lo:hi].tolist() for _, global_idx, (lo, hi) in plan if hi > lo]
+        loader = DataLoader(
+            self.data,
+            batch_sampler=nonempty,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        fetched = iter(loader)
+        for k, global_idx, (lo, hi) in plan:
+            local = global_idx[lo:hi]
+            if hi > lo:
+                x, y = next(fetched)
+            else:
+                x0, _ = self.data[0]
+                x = torch.as_tensor(x0)[None][:0]  # (0, *shape): an empty share
+                y = torch.zeros(0, dtype=torch.int64)
+            yield self._finish(epoch, k, lo, hi, torch.as_tensor(x), torch.as_tensor(y), local)
+
+    def _finish(
+        self, epoch: int, k: int, lo: int, hi: int, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor
+    ) -> Batch:
+        """Move a raw batch to the device, scale, augment and normalise it."""
+        y = y.to(torch.int64)
+        if self.device.type == "cuda":
+            if x.device.type == "cpu":
+                x, y, idx = x.pin_memory(), y.pin_memory(), idx.pin_memory()
+            x, y, idx = (t.to(self.device, non_blocking=True) for t in (x, y, idx))
+        else:
+            x, y, idx = x.to(self.device), y.to(self.device), idx.to(self.device)
+        if x.dtype == torch.uint8:
+            x = x.float() / 255.0  # (b, C, H, W) in [0, 1]
+        elif not x.is_floating_point():
+            x = x.float()
+        params = self.augment_params(k, epoch)
+        if self.augment is not None and params is not None:
+            x = self.augment.apply(x, params_to(slice_params(params, lo, hi), x.device, non_blocking=True))
+        if self._norm is not None:
+            x = self._normalize(x)
+        return Batch(x, y, idx)
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        assert self._norm is not None
+        mean, std = (t.to(x.device, x.dtype) for t in self._norm)
+        if mean.numel() > 1:
+            if x.ndim < 2 or x.shape[1] != mean.numel():
+                raise ConfigError(
+                    f"normalize has {mean.numel()} channels but inputs have shape {tuple(x.shape[1:])}"
+                )
+            shape = (1, mean.numel()) + (1,) * (x.ndim - 2)
+            mean, std = mean.view(shape), std.view(shape)  # (1, C, 1, ...)
+        return (x - mean) / std
+
+    def __repr__(self) -> str:
+        return (
+            f"BatchLoader(n={self._num_samples}, batch_size={self.batch_size}, batches={len(self)}, "
+            f"rank={self.rank}/{self.world_size}, epoch={self.epoch}, augment={self.augment})"
+        )

@@ -1,0 +1,101 @@
+"""A small 1-D CNN for signals such as MNIST-1D."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from darkknowledge.models._common import check_positive, sequence_channels_length
+from darkknowledge.models._registry import register_model
+
+
+def _conv_out_len(length: int, kernel_size: int, stride: int, padding: int) -> int:
+    """Output length of a 1-D convolution (dilation 1)."""
+    return (length + 2 * padding - kernel_size) // stride + 1
+
+
+class CNN1d(nn.Module):
+    """``depth`` blocks of (Conv1d, ReLU), flattened, then a linear classifier.
+
+    The first conv has stride 1, the others stride 2 (each halves the length); all use
+    ``padding = kernel_size // 2``. This follows the MNIST-1D paper's small CNN.
+
+    Module paths: ``blocks.0`` ... ``blocks.{depth-1}``, ``flatten``, ``fc``.
+    ``"fc:input"`` is the penultimate feature (the flattened last feature map).
+
+    Args:
+        in_channels: Channels of the input signal.
+        length: Length of the input signal.
+        num_classes: Number of output logits.
+        channels: Channels of every conv layer.
+        depth: Number of conv layers.
+        kernel_size: Kernel size of every conv layer.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        length: int,
+        num_classes: int,
+        channels: int = 32,
+        depth: int = 3,
+        kernel_size: int = 5,
+    ) -> None:
+        super().__init__()
+        padding = kernel_size // 2
+        blocks: list[nn.Module] = []
+        width, cur_len = in_channels, length
+        for i in range(depth):
+            stride = 1 if i == 0 else 2
+            blocks.append(
+                nn.Sequential(
+                    nn.Conv1d(width, channels, kernel_size, stride=stride, padding=padding),
+                    nn.ReLU(),
+                )
+            )
+            width = channels
+            cur_len = _conv_out_len(cur_len, kernel_size, stride, padding)  # >= 1 with this padding
+        self.blocks = nn.Sequential(*blocks)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(channels * cur_len, num_classes)
+
+    def feature_taps(self) -> list[str]:
+        """Paths of the conv-block outputs ``(B, channels, L_i)``, shallow to deep."""
+        return [f"blocks.{i}" for i in range(len(self.blocks))]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map ``(B, L)`` or ``(B, C, L)`` signals to ``(B, num_classes)`` logits."""
+        if x.dim() == 2:
+            x = x.unsqueeze(1)  # (B, 1, L)
+        h = self.blocks(x)  # (B, channels, L')
+        h = self.flatten(h)  # (B, channels * L')
+        return self.fc(h)  # (B, num_classes)
+
+
+@register_model("cnn1d")
+def cnn1d(
+    num_classes: Annotated[int, Field(ge=1)] = 10,
+    input_shape: tuple[int, ...] = (40,),
+    channels: Annotated[int, Field(ge=1)] = 32,
+    depth: Annotated[int, Field(ge=1)] = 3,
+    kernel_size: Annotated[int, Field(ge=1)] = 5,
+) -> CNN1d:
+    """Build a small 1-D CNN (MNIST-1D style).
+
+    Args:
+        num_classes: Number of output logits.
+        input_shape: ``(L,)`` or ``(C, L)``; a 2-D input batch ``(B, L)`` gets a channel dim.
+        channels: Channels of every conv layer.
+        depth: Number of conv layers (first stride 1, the rest stride 2).
+        kernel_size: Kernel size of every conv layer.
+
+    Returns:
+        The model; taps ``blocks.0`` ... , penultimate feature ``fc:input``.
+    """
+    where = "model 'cnn1d'"
+    check_positive(where, num_classes=num_classes, channels=channels, depth=depth, kernel_size=kernel_size)
+    in_channels, length = sequence_channels_length(where, input_shape)
+    return CNN1d(in_channels, length, num_classes, channels, depth, kernel_size)
