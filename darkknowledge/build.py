@@ -103,6 +103,12 @@ def build_model(spec: ModelConfig, info: DatasetInfo, where: str = "student") ->
                 f"but {where}.name is {spec.name!r}"
             )
         params = {**params, **saved_spec.get("params", {})}
+    if params.get("num_classes") != info.num_classes:
+        raise ConfigError(
+            f"{where}: the model predicts {params.get('num_classes')} classes but dataset {info.name!r} has "
+            f"{info.num_classes}; teacher and student logits must match the data's classes "
+            f"(drop {where}.params.num_classes, or use a checkpoint trained on this dataset)"
+        )
     try:
         model = create_model(spec.name, **params)
     except ConfigError as exc:
