@@ -52,7 +52,7 @@ def compare(cfg: RunConfig, out: str | Path | None = None, resume: bool = False,
         s.train_stage(f"{method}-s{seed}", "student", student, build_objective(cfg.losses), seed,
                       teacher=teacher, with_transfer=True)
     rows = group_rows(s.run.results)
-    notes = [f"data: {cfg.data.name} ({s.bundle.describe()})"]
+    notes = ["data: " + "; ".join(line.strip() for line in s.bundle.describe().splitlines())]
     if cfg.data.use_transfer and s.bundle.transfer is not None and len(s.bundle.transfer):
         notes.append(f"the distilled student also sees {len(s.bundle.transfer)} unlabeled transfer samples "
                      "(teacher soft labels only); the baseline cannot use them without labels")
