@@ -9,7 +9,7 @@ from typing import Any
 
 from darkknowledge.build import build_model, build_objective, check_config, seed_everything
 from darkknowledge.config import RunConfig
-from darkknowledge.engine.checkpoint import export_model, load_exported
+from darkknowledge.engine.checkpoint import export_model, read_export
 from darkknowledge.engine.distributed import DistContext, init_distributed
 from darkknowledge.engine.metrics import evaluate
 from darkknowledge.report import group_rows, render_report, table_lines, verdict
@@ -102,14 +102,12 @@ def _export(s: Session, model: Any, entry: dict[str, Any], name: str = "student.
 
 def evaluate_checkpoint(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """``dk eval``: rebuild an exported model and evaluate it on its dataset's test split."""
-    import torch
-
     from darkknowledge.build import build_data, make_loaders
     from darkknowledge.config import ModelConfig, validate_config
     from darkknowledge.engine.device import select_device
 
-    spec, state = load_exported(path)
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = read_export(path)
+    spec, state = payload["spec"], payload["state_dict"]
     raw = {"data": payload.get("data") or {}, **(overrides or {})}
     cfg = validate_config(raw)
     dist: DistContext = init_distributed("cpu")

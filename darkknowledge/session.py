@@ -19,7 +19,7 @@ from torch import nn
 from darkknowledge.build import build_data, build_model, build_objective, make_loaders, model_spec, seed_everything
 from darkknowledge.config import RunConfig, TrainConfig
 from darkknowledge.data import DataBundle, cache_dir
-from darkknowledge.engine.checkpoint import export_model, load_exported, state_hash
+from darkknowledge.engine.checkpoint import export_model, load_exported, read_export, state_hash
 from darkknowledge.engine.device import select_device, set_deterministic
 from darkknowledge.engine.distributed import init_distributed
 from darkknowledge.engine.metrics import MetricsLog
@@ -140,17 +140,17 @@ class Session:
         if cfg.teacher.checkpoint:
             model = build_model(cfg.teacher, info, "teacher")
             entry = {"name": "teacher", "role": "teacher", "model": cfg.teacher.name, "seed": None,
-                     "params": count_params(model), "source": cfg.teacher.checkpoint, "train_seconds": 0.0,
-                     **_accuracy_of(cfg.teacher.checkpoint)}
+                     "params": count_params(model), "source": cfg.teacher.checkpoint, "train_seconds": 0.0}
+            recorded = read_export(cfg.teacher.checkpoint).get("result") or {}
+            entry.update({k: recorded[k] for k in ("last_acc", "best_acc") if k in recorded})
             self.run.add_result(entry, cfg.name)
             return model, entry
         cached = cache_dir() / "teachers" / f"{cfg.teacher.name}-{self.teacher_key()}.pt"
         if cfg.teacher.reuse and cached.is_file():
-            spec, state = load_exported(cached)
+            payload = read_export(cached)
             model = build_model(cfg.teacher, info, "teacher")
-            model.load_state_dict(state)
-            entry = {**torch.load(cached, weights_only=True)["result"], "reused_from": str(cached),
-                     "train_seconds": 0.0}
+            model.load_state_dict(payload["state_dict"])
+            entry = {**payload["result"], "reused_from": str(cached), "train_seconds": 0.0}
             log.info("reusing the teacher trained earlier: %s (hash %s)", cached, state_hash(model))
             self.run.add_result(entry, cfg.name)
             return model, entry
@@ -162,9 +162,3 @@ class Session:
             export_model(model, cached, model_spec(model), {"result": entry})
         return model, entry
 
-
-def _accuracy_of(path: str) -> dict[str, Any]:
-    """Accuracy recorded in an exported model file, if it has one."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    result = payload.get("result") or {}
-    return {k: result[k] for k in ("last_acc", "best_acc") if k in result}

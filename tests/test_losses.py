@@ -139,3 +139,14 @@ def test_contract_every_loss(name):
 def test_every_loss_is_documented():
     for name, cls in LOSSES.items():
         assert cls.citation and cls.__doc__ and cls.knowledge in ("label", "response", "feature", "relation"), name
+
+
+def test_ce_ignores_unlabelled_and_handles_a_batch_without_labels():
+    from darkknowledge.losses.ce import cross_entropy
+
+    z = torch.randn(5, 4, requires_grad=True)
+    y = torch.tensor([1, -1, 2, 3, -1])
+    assert torch.allclose(cross_entropy(z, y), F.cross_entropy(z[y >= 0], y[y >= 0]))
+    none = cross_entropy(z, torch.full((5,), -1))
+    none.backward()
+    assert none.item() == 0.0 and torch.isfinite(z.grad).all()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
+
+from darkknowledge.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -43,17 +44,7 @@ def save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
         path: Destination file; its parent directory is created.
         **arrays: Named arrays to store.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def load_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray] | None:

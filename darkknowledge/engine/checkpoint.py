@@ -7,9 +7,7 @@ loads with ``torch.load(..., weights_only=True)`` and never unpickles code.
 from __future__ import annotations
 
 import hashlib
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,46 +15,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from darkknowledge.atomic import atomic_write
 from darkknowledge.errors import CheckpointError
 
 FORMAT_VERSION = 1
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``.
-
-    A crash leaves either the old file or the new one, never half a file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """``torch.save`` ``obj`` to ``path`` atomically (see :mod:`darkknowledge.atomic`)."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(text: str, path: str | Path) -> Path:
-    """Write a text file atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write a text file atomically."""
+    return atomic_write(path, lambda f: f.write(text), binary=False)
 
 
 def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -131,12 +103,18 @@ def export_model(model: nn.Module, path: str | Path, spec: dict[str, Any], extra
     return atomic_save(payload, path)
 
 
-def load_exported(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Return ``(spec, state_dict)`` of a file written by :func:`export_model`."""
+def read_export(path: str | Path) -> dict[str, Any]:
+    """The whole payload of a file written by :func:`export_model` (spec, state_dict, extras)."""
     payload = safe_load(path)
     if payload.get("kind") != "model":
         raise CheckpointError(
             f"{str(path)!r} is not an exported model (kind={payload.get('kind')!r}); "
             "export one with darkknowledge.engine.checkpoint.export_model or `dk distill`"
         )
+    return payload
+
+
+def load_exported(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Return ``(spec, state_dict)`` of a file written by :func:`export_model`."""
+    payload = read_export(path)
     return payload["spec"], payload["state_dict"]

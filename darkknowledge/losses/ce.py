@@ -24,10 +24,9 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: f
     Returns:
         Scalar; 0 (with a gradient path) when the batch has no labelled sample.
     """
-    labelled = labels != UNLABELED  # (B,)
-    if not bool(labelled.any()):
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits, labels, ignore_index=UNLABELED, label_smoothing=label_smoothing)
+    labelled = (labels != UNLABELED).sum()  # number of labelled samples, kept on the device
+    total = F.cross_entropy(logits, labels, ignore_index=UNLABELED, reduction="sum", label_smoothing=label_smoothing)
+    return total / labelled.clamp(min=1)  # no host sync: a batch without labels gives 0
 
 
 @register_loss("ce")

@@ -26,7 +26,7 @@ from torch import nn
 from darkknowledge.data.batch import Batch
 from darkknowledge.registry import Registry
 
-SCHEMES: Registry[type["Scheme"]] = Registry("scheme")
+SCHEMES: Registry[type[Scheme]] = Registry("scheme")
 
 
 class Scheme:
