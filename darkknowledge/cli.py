@@ -38,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.epochs=3 seed=1")
         sp.add_argument("--out", help="run folder (default: runs/<name>, a new one per run)")
         sp.add_argument("--resume", action="store_true", help="continue the run in --out (or the latest runs/<name>*)")
-        sp.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch log lines")
+        sp.add_argument("--quiet", action="store_true", help="no progress bars and no log lines")
+        sp.add_argument("--verbose", action="store_true", help="log every epoch even when not on a terminal")
 
     with_run_args(sub.add_parser("run", help="compare baseline and distilled students over seeds"), True)
     with_run_args(sub.add_parser("distill", help="distill one student from the recipe's teacher"), False)
@@ -93,16 +94,24 @@ def _list(what: str) -> None:
             _out(f"  {name:<12} {cls.citation}")
 
 
-def _setup_logging(quiet: bool) -> None:
+def _setup_logging(quiet: bool, verbose: bool = False) -> None:
     rank = int(os.environ.get("RANK", "0"))
-    level = logging.WARNING if quiet or rank != 0 else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    level = logging.WARNING if quiet or rank != 0 else (logging.DEBUG if verbose else logging.INFO)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr, force=True)
+    logging.getLogger("darkknowledge").setLevel(level)  # our messages only; other libraries stay at WARNING
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``dk``; returns the exit code (2 for bad input, 1 for failures)."""
-    args = _parser().parse_args(argv)
-    _setup_logging(getattr(args, "quiet", False))
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may also come after options (`dk run --out d train.epochs=3`)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(args.overrides or []) + extra
+    _setup_logging(getattr(args, "quiet", False), getattr(args, "verbose", False))
     try:
         return _dispatch(args)
     except DarkKnowledgeError as exc:

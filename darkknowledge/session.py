@@ -94,6 +94,8 @@ class Session:
         )
         result = trainer.fit(resume=self.resume)
         model.to("cpu")
+        log.info("[%s] done: test acc %.2f (best-epoch %.2f), %.1fs", stage, result.last[scheme.primary]["top1"],
+                 result.best["top1"], result.train_seconds)
         last = result.last[scheme.primary]
         entry = {
             "name": stage,

@@ -1,4 +1,4 @@
-"""Progress display: a tqdm bar on terminals, silent otherwise; logs a line per epoch."""
+"""Progress display: a tqdm bar and a line per epoch on terminals; quiet otherwise."""
 
 from __future__ import annotations
 
@@ -46,12 +46,14 @@ class Progress:
     def show(self, values: dict[str, float]) -> None:
         """Update the bar's postfix (call only when values are already on the host)."""
         if self._bar is not None:
-            self._bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()})
 
     def epoch_done(self, epoch: int, epochs: int, values: dict[str, float], eta_s: float) -> None:
+        """One line per epoch: on the terminal above the bar; otherwise only at DEBUG level
+        (``dk --verbose``), so logs stay quiet and ``metrics.jsonl`` holds every epoch."""
         text = " ".join(f"{k}={v:.4g}" for k, v in values.items())
         msg = f"[{self.desc}] epoch {epoch + 1}/{epochs} {text} eta {eta_s:.0f}s"
         if self.enabled:
             tqdm.write(msg, file=sys.stderr)
         else:
-            log.info(msg)
+            log.debug(msg)

@@ -172,6 +172,15 @@ class Trainer:
             self._save("best.pt", {"format": 1, "kind": "best", "module": self.scheme.module.state_dict(), "best": result.best})
         self.metrics.write({**record, "kind": "eval"})
 
+    def _epoch_means(self, sums: dict[str, torch.Tensor], n_batches: int) -> dict[str, float]:
+        """Mean of each logged term over the epoch's batches, averaged over ranks."""
+        if not sums:
+            return {}
+        keys = sorted(sums)
+        stacked = torch.stack([sums[k] for k in keys]) / max(1, n_batches)
+        stacked = self.dist.all_reduce_sum(stacked) / self.dist.world_size
+        return dict(zip(keys, stacked.tolist()))
+
     # ---------------------------------------------------------------- training
     def fit(self, resume: bool = False) -> StageResult:
         """Train for ``cfg.epochs`` (continuing from ``last.pt`` when ``resume``)."""
@@ -208,6 +217,8 @@ class Trainer:
                     (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 for k, v in (("loss", loss.detach()), *terms.items()):
                     sums[k] = sums[k] + v.float() if k in sums else v.float()
+                if self.progress.enabled and (b - start_batch) % 25 == 0:  # a host sync only for the display
+                    self.progress.show({k: float(v) / (b - start_batch + 1) for k, v in sums.items()})
                 if not boundary:
                     continue
                 if scaler is not None:
@@ -228,7 +239,7 @@ class Trainer:
                     self._save("last.pt", self._state(epoch, b + 1, step, result, opt, sched, scaler))
             start_batch = 0
             result.train_seconds += time.perf_counter() - t0
-            means = {k: float(v) / max(1, n_batches) for k, v in sums.items()}  # one host sync per epoch
+            means = self._epoch_means(sums, n_batches)  # one host sync per epoch
             if not math.isfinite(means.get("loss", 0.0)):
                 raise FloatingPointError(
                     f"[{self.stage}] the loss became {means['loss']} in epoch {epoch + 1}; "
