@@ -18,7 +18,7 @@ from darkknowledge.data import Augment, BatchLoader, DataBundle, DatasetInfo, Te
 from darkknowledge.engine.checkpoint import load_exported
 from darkknowledge.engine.distributed import DistContext
 from darkknowledge.errors import CheckpointError, ConfigError
-from darkknowledge.losses.objective import Objective
+from darkknowledge.losses.objective import RESERVED, Objective
 from darkknowledge.models import MODELS, create_model
 from darkknowledge.validation import validate_kwargs
 
@@ -44,7 +44,8 @@ def check_config(cfg: RunConfig) -> None:
     for name, raw in cfg.losses.items():
         params = dict(raw or {})
         cls = LOSSES.get(params.pop("loss", name))
-        params.pop("weight", None), params.pop("warmup_epochs", None)
+        for key in RESERVED[1:]:
+            params.pop(key, None)
         validate_kwargs(cls, params, f"losses.{name}")
     cfg.teacher_train()
 

@@ -31,7 +31,7 @@ class HintForTest(DistillLoss):
     def bind(self, student, teacher):
         return Needs(teacher=True, student_taps=(self.s_tap,), teacher_taps=(self.t_tap,))
 
-    def setup(self, student, teacher):
+    def setup(self, student, teacher, info):
         s, t = student.feature(self.s_tap), teacher.feature(self.t_tap)
         self.adapter = build_adapter(tuple(s.shape[1:]), tuple(t.shape[1:]))
 

@@ -28,6 +28,7 @@ from darkknowledge.engine.metrics import MetricsLog, evaluate
 from darkknowledge.engine.optim import build_optimizer, build_scheduler
 from darkknowledge.engine.progress import Progress
 from darkknowledge.errors import CheckpointError
+from darkknowledge.losses.base import SetupInfo
 from darkknowledge.schemes.base import Scheme
 
 log = logging.getLogger(__name__)
@@ -187,7 +188,13 @@ class Trainer:
         cfg, device, loader = self.cfg, self.device, self.train_loader
         self.scheme.to(device)
         loader.set_epoch(0)
-        self.scheme.setup(next(iter(loader)))  # dry run: shapes, adapters, early errors
+        first = next(iter(loader))
+        info = SetupInfo(num_samples=len(loader.data), batch_size=len(first), epochs=cfg.epochs)
+        self.scheme.setup(first, info)  # dry run: shapes, adapters, early errors
+        ckpt = self._ckpt("last.pt")
+        if not (resume and ckpt is not None and ckpt.is_file()):
+            self.scheme.prepare(loader)  # losses' pre-training stages; a resumed run has them in last.pt
+            loader.set_epoch(0)
         module = self.scheme.module
         model: nn.Module = module
         if self.dist.enabled:
@@ -256,3 +263,4 @@ class Trainer:
             self._save("last.pt", self._state(epoch + 1, 0, step, result, opt, sched, scaler))
         result.steps = step
         return result
+

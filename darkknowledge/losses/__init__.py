@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from darkknowledge.losses.base import DistillLoss, Needs, Outputs
+from darkknowledge.losses.base import DistillLoss, Needs, Outputs, SetupInfo
 from darkknowledge.registry import Registry
 from darkknowledge.validation import validate_kwargs
 
@@ -41,4 +41,4 @@ def list_losses() -> list[str]:
 
 from darkknowledge.losses import ce, kd  # noqa: E402,F401  (register built-ins)
 
-__all__ = ["LOSSES", "DistillLoss", "Needs", "Outputs", "create_loss", "list_losses", "register_loss"]
+__all__ = ["LOSSES", "DistillLoss", "Needs", "Outputs", "SetupInfo", "create_loss", "list_losses", "register_loss"]

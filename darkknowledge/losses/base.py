@@ -4,14 +4,18 @@ Life of a loss inside a run:
 
 1. ``bind(student, teacher)`` — resolve which module paths to tap (explicit paths, or the
    models' default ``feature_taps()``) and return :class:`Needs`. Nothing runs yet.
-2. ``setup(student_out, teacher_out)`` — called once with the outputs of a dry run on one
-   batch, so the loss can read shapes and build adapters (its own ``nn.Module`` children).
-   Adapters live inside the trainable module: trained with the student, never with the teacher.
-3. ``forward(student_out, teacher_out, batch)`` — a scalar, every step.
+2. ``setup(student_out, teacher_out, info)`` — called once with the outputs of a dry run on
+   one batch (and facts about the data, :class:`SetupInfo`), so the loss can read shapes and
+   build adapters (its own ``nn.Module`` children). Adapters live inside the trainable
+   module: trained with the student, never with the teacher.
+3. ``pretrain(teacher_batches)`` — optional, once before training (not on resume): losses
+   whose paper trains a module on the teacher's features first (e.g. FT's paraphraser).
+4. ``forward(student_out, teacher_out, batch)`` — a scalar, every step.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -55,6 +59,23 @@ class Needs:
         )
 
 
+@dataclass(frozen=True)
+class SetupInfo:
+    """Facts about the training data a loss may need when it builds itself.
+
+    Attributes:
+        num_samples: Samples in the training set (labelled + transfer); indices are below it.
+        num_classes: Classes (the width of the student's logits).
+        batch_size: This process's batch size.
+        epochs: Training epochs of the stage.
+    """
+
+    num_samples: int = 0
+    num_classes: int = 0
+    batch_size: int = 0
+    epochs: int = 1
+
+
 @dataclass
 class Outputs:
     """A model's outputs for one batch: logits ``(B, K)`` and tapped features by path."""
@@ -92,8 +113,15 @@ class DistillLoss(nn.Module):
             raise ShapeError(f"loss {type(self).__name__} needs a teacher, but the run has none")
         return self.needs_spec
 
-    def setup(self, student: Outputs, teacher: Outputs | None) -> None:
+    def setup(self, student: Outputs, teacher: Outputs | None, info: SetupInfo) -> None:
         """Read shapes from a dry run and build adapters. Default: nothing to build."""
+
+    def pretrain(self, teacher_batches: Callable[[], Iterator[Outputs]]) -> None:
+        """Optional stage before training, on teacher outputs only. Default: nothing.
+
+        Args:
+            teacher_batches: Call it to iterate once over the training set's teacher outputs.
+        """
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> torch.Tensor:
         """Return a scalar loss for one batch."""

@@ -21,7 +21,7 @@ from pydantic import Field
 
 from darkknowledge.data.batch import Batch
 from darkknowledge.losses import register_loss
-from darkknowledge.losses.base import DistillLoss, Needs, Outputs, check_logits_match
+from darkknowledge.losses.base import DistillLoss, Needs, Outputs, SetupInfo, check_logits_match
 from darkknowledge.losses.ce import cross_entropy
 
 
@@ -69,7 +69,7 @@ class KD(DistillLoss):
         self.T = T
         self.alpha = alpha
 
-    def setup(self, student: Outputs, teacher: Outputs | None) -> None:
+    def setup(self, student: Outputs, teacher: Outputs | None, info: SetupInfo) -> None:
         check_logits_match(student, teacher, "kd")
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> torch.Tensor:

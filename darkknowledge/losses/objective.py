@@ -8,13 +8,16 @@ A recipe's ``losses:`` mapping becomes one :class:`Objective`::
       kd_hot: {loss: kd, T: 8, warmup_epochs: 5}   # a second kd term under its own name
 
 Reserved keys per term: ``loss`` (registry name, default: the term's name), ``weight``
-(default 1) and ``warmup_epochs`` (linear ramp of the weight from 0, default 0 = constant).
-Everything else goes to the loss's constructor and is validated against it.
+(default 1), ``warmup_epochs`` (linear ramp of the weight from 0, default 0 = constant), and
+``start_epoch``/``stop_epoch`` (the term is active in ``[start, stop)`` epochs; e.g. a FitNets
+hint stage: ``hint: {stop_epoch: 5}`` with ``kd: {start_epoch: 5}``). Everything else goes to
+the loss's constructor and is validated against it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,16 +26,32 @@ from torch import nn
 from darkknowledge.data.batch import Batch
 from darkknowledge.errors import ConfigError
 from darkknowledge.losses import create_loss
-from darkknowledge.losses.base import DistillLoss, Needs, Outputs
+from darkknowledge.losses.base import DistillLoss, Needs, Outputs, SetupInfo
 
-RESERVED = ("loss", "weight", "warmup_epochs")
+RESERVED = ("loss", "weight", "warmup_epochs", "start_epoch", "stop_epoch")
+
+
+@dataclass(frozen=True)
+class TermSchedule:
+    """When and how strongly a term counts: ``weight``, linear warm-up, active epoch window."""
+
+    weight: float = 1.0
+    warmup_epochs: float = 0.0
+    start_epoch: float = 0.0
+    stop_epoch: float | None = None
+
+    def __call__(self, epoch_progress: float) -> float:
+        """Weight at ``epoch_progress`` (epochs done, fractional)."""
+        if epoch_progress < self.start_epoch or (self.stop_epoch is not None and epoch_progress >= self.stop_epoch):
+            return 0.0
+        if self.warmup_epochs <= 0:
+            return self.weight
+        return self.weight * min(1.0, (epoch_progress - self.start_epoch) / self.warmup_epochs)
 
 
 def term_weight(weight: float, warmup_epochs: float, epoch_progress: float) -> float:
-    """Weight of a term at ``epoch_progress`` (epochs done, fractional): linear warm-up then constant."""
-    if warmup_epochs <= 0:
-        return weight
-    return weight * min(1.0, epoch_progress / warmup_epochs)
+    """Weight of a term at ``epoch_progress``: linear warm-up then constant."""
+    return TermSchedule(weight, warmup_epochs)(epoch_progress)
 
 
 class Objective(nn.Module):
@@ -40,39 +59,33 @@ class Objective(nn.Module):
 
     Args:
         terms: ``{name: DistillLoss}``.
-        weights: ``{name: weight}``.
-        warmups: ``{name: warmup_epochs}``.
+        schedules: ``{name: TermSchedule}`` (default: weight 1, always on).
     """
 
-    def __init__(
-        self,
-        terms: Mapping[str, DistillLoss],
-        weights: Mapping[str, float] | None = None,
-        warmups: Mapping[str, float] | None = None,
-    ) -> None:
+    def __init__(self, terms: Mapping[str, DistillLoss], schedules: Mapping[str, TermSchedule] | None = None) -> None:
         super().__init__()
         if not terms:
             raise ConfigError("losses: the objective needs at least one term, e.g. {'ce': {}} or {'kd': {}}")
         self.terms = nn.ModuleDict(dict(terms))
-        self.weights = {k: float((weights or {}).get(k, 1.0)) for k in terms}
-        self.warmups = {k: float((warmups or {}).get(k, 0.0)) for k in terms}
+        self.schedules = {k: (schedules or {}).get(k, TermSchedule()) for k in terms}
         self._needs: Needs | None = None
 
     @classmethod
     def from_config(cls, losses: Mapping[str, Mapping[str, Any]]) -> Objective:
         """Build from a recipe's ``losses:`` mapping (validated; see module docstring)."""
-        terms, weights, warmups = {}, {}, {}
+        terms, schedules = {}, {}
         for name, raw in losses.items():
             raw = dict(raw or {})
             loss_name = raw.pop("loss", name)
-            weight = raw.pop("weight", 1.0)
-            warmup = raw.pop("warmup_epochs", 0.0)
-            for key, value in (("weight", weight), ("warmup_epochs", warmup)):
+            sched = {k: raw.pop(k) for k in RESERVED[1:] if k in raw}
+            for key, value in sched.items():
+                if value is None and key == "stop_epoch":
+                    continue
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                     raise ConfigError(f"losses.{name}.{key}: must be a number >= 0 (got {value!r})")
             terms[name] = create_loss(loss_name, where=f"losses.{name}", **raw)
-            weights[name], warmups[name] = float(weight), float(warmup)
-        return cls(terms, weights, warmups)
+            schedules[name] = TermSchedule(**{k: float(v) if v is not None else None for k, v in sched.items()})
+        return cls(terms, schedules)
 
     def bind(self, student: nn.Module, teacher: nn.Module | None) -> Needs:
         """Bind every term to the models; returns the union of their needs."""
@@ -88,10 +101,15 @@ class Objective(nn.Module):
             raise RuntimeError("Objective.bind() must run before its needs are known")
         return self._needs
 
-    def setup(self, student: Outputs, teacher: Outputs | None) -> None:
+    def setup(self, student: Outputs, teacher: Outputs | None, info: SetupInfo) -> None:
         """Forward the dry-run outputs to every term (builds adapters)."""
         for term in self.terms.values():
-            term.setup(student, teacher)
+            term.setup(student, teacher, info)
+
+    def pretrain(self, teacher_batches: Callable[[], Iterator[Outputs]]) -> None:
+        """Run every term's optional pre-training stage (see ``DistillLoss.pretrain``)."""
+        for term in self.terms.values():
+            term.pretrain(teacher_batches)
 
     def forward(
         self, student: Outputs, teacher: Outputs | None, batch: Batch, epoch_progress: float = 0.0
@@ -104,5 +122,5 @@ class Objective(nn.Module):
             values[name] = value.detach()
             # a zero weight (warm-up start) still adds 0 * value, so every adapter gets a
             # (zero) gradient each step, which DDP without find_unused_parameters requires
-            total = total + term_weight(self.weights[name], self.warmups[name], epoch_progress) * value
+            total = total + self.schedules[name](epoch_progress) * value
         return total, values  # type: ignore[return-value]

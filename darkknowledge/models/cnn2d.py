@@ -64,11 +64,11 @@ class CNN2d(nn.Module):
         self.fc = nn.Linear(width, num_classes)
 
     def feature_taps(self) -> list[str]:
-        """Paths of the conv-block outputs (then ``head`` if present), shallow to deep."""
-        taps = [f"blocks.{i}" for i in range(len(self.blocks))]
-        if self.head is not None:
-            taps.append("head")
-        return taps
+        """Paths of the conv-block outputs (feature maps), shallow to deep.
+
+        The penultimate vector (after ``head``) is ``"fc:input"``, as in every zoo model.
+        """
+        return [f"blocks.{i}" for i in range(len(self.blocks))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map ``(B, C, H, W)`` (or ``(B, H, W)`` for 1 channel) images to ``(B, num_classes)``."""
@@ -99,7 +99,7 @@ def cnn2d(
         batch_norm: Use BatchNorm2d after each conv.
 
     Returns:
-        The model; taps ``blocks.0`` ... (+ ``head``), penultimate feature ``fc:input``.
+        The model; taps ``blocks.0`` ..., penultimate feature ``fc:input``.
     """
     where = "model 'cnn2d'"
     check_positive(where, num_classes=num_classes, channels=channels)

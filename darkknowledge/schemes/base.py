@@ -6,8 +6,9 @@ The engine is the same for every scheme. A scheme provides:
   heads). The optimizer, DDP and checkpoints see exactly this module. Its ``forward(batch,
   teacher_out, epoch_progress)`` returns ``(loss, {term: value})`` so that, under DDP, every
   trainable parameter is used inside the wrapped forward.
-* ``setup(batch)``: a dry run on one batch before the optimizer exists (shapes, adapters,
-  early errors such as a class-count mismatch).
+* ``setup(batch, info)``: a dry run on one batch before the optimizer exists (shapes,
+  adapters, early errors such as a class-count mismatch).
+* ``prepare(loader)``: optional pre-training stages of the losses (not run on resume).
 * ``teacher_outputs(batch)``: the frozen side of a step (``None`` when nothing needs it).
 * ``eval_models()``: the models whose accuracy is reported; ``primary`` names the headline.
 * ``teacher_hash()``: identity of the frozen teachers, stored in checkpoints so a resume
@@ -18,12 +19,14 @@ A scheme needing two optimizers (adversarial, data-free) overrides ``training_st
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from darkknowledge.data.batch import Batch
+from darkknowledge.losses.base import SetupInfo
 from darkknowledge.registry import Registry
 
 SCHEMES: Registry[type[Scheme]] = Registry("scheme")
@@ -40,8 +43,11 @@ class Scheme:
         """Everything trainable, in one module."""
         raise NotImplementedError
 
-    def setup(self, batch: Batch) -> None:
+    def setup(self, batch: Batch, info: SetupInfo | None = None) -> None:
         """Dry run on one batch: probe shapes, build adapters, fail early on misfits."""
+
+    def prepare(self, loader: Iterable[Batch]) -> None:
+        """Pre-training stages before the first epoch (skipped when resuming)."""
 
     def to(self, device: torch.device) -> Scheme:
         """Move the trainable module and any frozen parts to ``device``."""

@@ -7,6 +7,8 @@ teacher is trained first, then frozen; knowledge flows one way. With no teacher 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -14,7 +16,7 @@ from torch import nn
 
 from darkknowledge.data.batch import Batch
 from darkknowledge.errors import ShapeError
-from darkknowledge.losses.base import Outputs
+from darkknowledge.losses.base import Outputs, SetupInfo
 from darkknowledge.losses.objective import Objective
 from darkknowledge.models import count_params
 from darkknowledge.schemes.base import SCHEMES, Scheme
@@ -80,7 +82,7 @@ class Offline(Scheme):
             self.teacher.to(device)
         return self
 
-    def setup(self, batch: Batch) -> None:
+    def setup(self, batch: Batch, info: SetupInfo | None = None) -> None:
         """Dry run: teacher and student outputs on one batch -> build adapters, check shapes."""
         module = self._module
         teacher = self.teacher(batch.x) if self.teacher is not None else None
@@ -88,9 +90,18 @@ class Offline(Scheme):
         module.eval()
         with torch.no_grad():
             student = module.student_outputs(batch.x)
-        module.objective.setup(student, teacher)
+        info = replace(info or SetupInfo(num_samples=len(batch), batch_size=len(batch)),
+                       num_classes=int(student.logits.shape[-1]))
+        module.objective.setup(student, teacher, info)
         module.objective.to(batch.x.device)
         module.train(was_training)
+
+    def prepare(self, loader: Iterable[Batch]) -> None:
+        """Give the losses' pre-training stages one pass of teacher outputs per call."""
+        if self.teacher is None:
+            return
+        teacher = self.teacher
+        self._module.objective.pretrain(lambda: (teacher(batch.x) for batch in loader))
 
     def teacher_outputs(self, batch: Batch) -> Outputs | None:
         return self.teacher(batch.x) if self.teacher is not None else None
