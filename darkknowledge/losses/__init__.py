@@ -39,6 +39,17 @@ def list_losses() -> list[str]:
     return LOSSES.names()
 
 
-from darkknowledge.losses import ce, kd  # noqa: E402,F401  (register built-ins)
+def _import_methods() -> None:
+    """Import every method module in this package so that each registers itself."""
+    import importlib
+    import pkgutil
+
+    infrastructure = {"base", "objective", "adapters", "feature"}
+    for info in pkgutil.iter_modules(__path__):
+        if info.name not in infrastructure and not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_methods()
 
 __all__ = ["LOSSES", "DistillLoss", "Needs", "Outputs", "SetupInfo", "create_loss", "list_losses", "register_loss"]
