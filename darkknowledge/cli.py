@@ -5,6 +5,8 @@
     dk train RECIPE            the student (or --model teacher) alone with cross-entropy
     dk eval CHECKPOINT         accuracy of an exported model on its dataset
     dk list [losses|models|datasets|recipes|schemes]
+    dk explain LOSS            a loss's paper, equation, parameters, needs
+    dk pairs STUDENT TEACHER   stage-aligned tap pairs to paste into a feature loss
 
 RECIPE is a shipped recipe name (``quickstart``) or a YAML path. Every command takes dotted
 ``key=value`` overrides (``train.epochs=3 seed=1``), ``--out DIR`` and ``--resume``. The same
@@ -49,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     ep = sub.add_parser("eval", help="evaluate an exported model (student.pt / model.pt)")
     ep.add_argument("checkpoint")
     ep.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.name=mnist1d train.device=cpu")
+    xp = sub.add_parser("explain", help="a loss's paper, equation, parameters and needs")
+    xp.add_argument("loss")
+    pp = sub.add_parser("pairs", help="propose stage-aligned student/teacher tap pairs")
+    pp.add_argument("student", help="zoo model name")
+    pp.add_argument("teacher", help="zoo model name")
+    pp.add_argument("--data", default="mnist1d", help="dataset whose input shape to probe with")
     lp = sub.add_parser("list", help="list registered losses, models, datasets, recipes, schemes")
     lp.add_argument("what", nargs="?", default="all", choices=("all", "losses", "models", "datasets", "recipes", "schemes"))
     return p
@@ -66,18 +74,14 @@ def _split_overrides(args: argparse.Namespace) -> list[str]:
 def _list(what: str) -> None:
     from darkknowledge.config import recipe_names
     from darkknowledge.data import list_datasets
-    from darkknowledge.losses import LOSSES
+    from darkknowledge.describe import list_losses_text
     from darkknowledge.models import list_models
     from darkknowledge.schemes import SCHEMES
 
     if what in ("all", "losses"):
-        _out("losses:")
-        for name, cls in LOSSES.items():
-            needs = cls.needs_spec
-            need = [n for n, on in (("teacher logits", needs.teacher_logits), ("labels", needs.labels),
-                                    ("features", bool(needs.student_taps) or cls.knowledge == "feature"),
-                                    ("indices", needs.indices)) if on]
-            _out(f"  {name:<12} {cls.knowledge:<9} needs: {', '.join(need) or '-':<28} {cls.citation}")
+        _out("losses:  (name, knowledge, needs, citation; `dk explain NAME` for details)")
+        for line in list_losses_text():
+            _out(line)
     if what in ("all", "models"):
         _out("models:")
         _out("  " + ", ".join(list_models()))
@@ -132,6 +136,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command == "list":
         _list(args.what)
+        return 0
+    if args.command in ("explain", "pairs"):
+        from darkknowledge import describe
+
+        _out(describe.explain_loss(args.loss) if args.command == "explain"
+             else describe.pairs_text(args.student, args.teacher, args.data))
         return 0
     if args.command == "eval":
         overrides = {}

@@ -28,13 +28,15 @@ def align_by_depth(student: Sequence[str], teacher: Sequence[str]) -> tuple[list
 
 
 def candidate_stages(model: nn.Module) -> list[str]:
-    """Stage outputs of a model: its ``feature_taps()``, else the top-level children that are
-    not the classifier (a common layout for hand-written models)."""
+    """Stage outputs of a model: its ``feature_taps()``, else the top-level children that have
+    weights and are not a linear classifier (a common layout of hand-written models)."""
     inner = unwrap(model)
     if hasattr(inner, "feature_taps"):
         return list(inner.feature_taps())
-    names = [n for n, m in inner.named_children() if not isinstance(m, (nn.Linear, nn.Dropout, nn.Flatten))]
-    return names
+    return [
+        name for name, child in inner.named_children()
+        if not isinstance(child, nn.Linear) and any(True for _ in child.parameters())
+    ]
 
 
 def propose_pairs(

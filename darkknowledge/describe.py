@@ -1,0 +1,88 @@
+"""Text for ``dk list``, ``dk explain`` and ``dk pairs``: what is registered and how to use it."""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from typing import Any
+
+from darkknowledge.config import recipe_names
+from darkknowledge.losses import LOSSES, DistillLoss
+from darkknowledge.validation import signature_fields
+
+
+def loss_needs(cls: type[DistillLoss]) -> str:
+    """A short description of what a loss reads, e.g. ``teacher logits, labels``."""
+    from darkknowledge.losses.feature import FeatureLoss
+
+    needs = cls.needs_spec
+    parts = []
+    if issubclass(cls, FeatureLoss):
+        parts.append(f"teacher features ({cls.default_taps})")
+        if cls.uses_logits:
+            parts.append("teacher logits")
+        if cls.uses_labels:
+            parts.append("labels")
+        if cls.uses_indices:
+            parts.append("indices")
+    else:
+        parts += [n for n, on in (("teacher logits", needs.teacher_logits), ("labels", needs.labels),
+                                  ("indices", needs.indices)) if on]
+    return ", ".join(parts) or "-"
+
+
+def list_losses_text() -> list[str]:
+    """One line per registered loss: name, knowledge type, needs, citation."""
+    order = {"label": 0, "response": 1, "feature": 2, "relation": 3}
+    rows = sorted(LOSSES.items(), key=lambda kv: (order.get(kv[1].knowledge, 9), kv[0]))
+    return [f"  {name:<10} {cls.knowledge:<9} {loss_needs(cls):<38} {cls.citation}" for name, cls in rows]
+
+
+def _format_type(ann: Any) -> str:
+    """``Annotated[float, Field(gt=0)]`` -> ``float, gt=0``."""
+    if typing.get_origin(ann) is typing.Annotated:
+        base, *meta = typing.get_args(ann)
+        limits = [repr(m) for f in meta for m in getattr(f, "metadata", [])]
+        return _format_type(base) + (f" {', '.join(limits)}" if limits else "")
+    return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+
+
+def _format_default(value: Any) -> str:
+    return "required" if value is ... else repr(value)
+
+
+def explain_loss(name: str) -> str:
+    """Docstrings, parameters with defaults, needs and the shipped recipe of loss ``name``."""
+    cls = LOSSES.get(name)
+    module_doc = inspect.getdoc(inspect.getmodule(cls)) or ""
+    class_doc = inspect.getdoc(cls) or ""
+    params = signature_fields(cls)
+    lines = [f"{name}: {cls.knowledge}-based — {cls.citation}", ""]
+    if module_doc:
+        lines += [module_doc, ""]
+    if class_doc and class_doc not in module_doc:
+        lines += [class_doc, ""]
+    lines.append("parameters (recipe: losses: {" + name + ": {...}}):")
+    for pname, (ann, default) in params.items():
+        ann_s = _format_type(ann)
+        lines.append(f"  {pname:<16} {_format_default(default):<14} {ann_s}")
+    lines.append("  weight, warmup_epochs, start_epoch, stop_epoch   (every term: weight and schedule)")
+    lines.append(f"needs: {loss_needs(cls)}")
+    if name in recipe_names():
+        lines.append(f"recipe: dk distill {name}")
+    return "\n".join(lines)
+
+
+def pairs_text(student: str, teacher: str, data: str) -> str:
+    """Proposed tap pairs for two zoo models on a dataset's input shape (``dk pairs``)."""
+    import torch
+
+    from darkknowledge.data import load_dataset
+    from darkknowledge.models import create_model
+    from darkknowledge.pairs import format_pairs, propose_pairs
+
+    info = load_dataset(data).info
+    kw = {"num_classes": info.num_classes, "input_shape": tuple(info.input_shape)}
+    s, t = create_model(student, **kw), create_model(teacher, **kw)
+    sample = torch.zeros(2, *info.input_shape)
+    return format_pairs(propose_pairs(s, t, sample))

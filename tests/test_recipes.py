@@ -1,0 +1,35 @@
+"""Every shipped recipe validates, and runs end to end on a small slice of its data."""
+
+import math
+
+import pytest
+
+from darkknowledge import commands
+from darkknowledge.build import check_config
+from darkknowledge.config import load_config, recipe_names
+from darkknowledge.losses import list_losses
+
+SMALL = ["data.params.num_samples=1000", "data.params.transfer_samples=500", "train.epochs=1",
+         "teacher.train.epochs=2", "seeds=[0]"]
+
+
+def test_every_loss_has_a_recipe_named_after_it():
+    missing = sorted(set(list_losses()) - {"ce"} - set(recipe_names()))
+    assert not missing, f"losses without a shipped recipe: {missing}"
+
+
+@pytest.mark.parametrize("name", recipe_names())
+def test_recipe_validates(name):
+    cfg = load_config(name)
+    check_config(cfg)
+    assert len(cfg.seeds) >= 3, "recipes report several seeds"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", recipe_names())
+def test_recipe_runs_end_to_end(name, tmp_path):
+    cfg = load_config(name, SMALL if load_config(name).data.name == "mnist1d" else SMALL[2:])
+    out = commands.distill(cfg, out=tmp_path / name, progress=False)
+    entry = out["student"]
+    assert math.isfinite(entry["last_acc"]) and entry["epochs"] == 1
+    assert (tmp_path / name / "student.pt").is_file()
