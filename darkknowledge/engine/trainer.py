@@ -214,6 +214,7 @@ class Trainer:
             sums: dict[str, torch.Tensor] = {}
             n_batches = len(loader)
             batches = loader.iter_from(start_batch) if start_batch else iter(loader)
+            first_batch = start_batch
             for b, batch in enumerate(self.progress.epoch(batches, epoch, cfg.epochs, n_batches, start_batch), start_batch):
                 boundary = (b + 1) % cfg.grad_accum == 0 or b + 1 == n_batches
                 sync = boundary or not self.dist.enabled
@@ -246,7 +247,7 @@ class Trainer:
                     self._save("last.pt", self._state(epoch, b + 1, step, result, opt, sched, scaler))
             start_batch = 0
             result.train_seconds += time.perf_counter() - t0
-            means = self._epoch_means(sums, n_batches)  # one host sync per epoch
+            means = self._epoch_means(sums, n_batches - first_batch)  # one host sync per epoch
             if not math.isfinite(means.get("loss", 0.0)):
                 raise FloatingPointError(
                     f"[{self.stage}] the loss became {means['loss']} in epoch {epoch + 1}; "
