@@ -139,3 +139,15 @@ def test_teacher_forward_skipped_when_nothing_needs_it():
     assert scheme.teacher is None
     batch = Batch(torch.randn(4, 6), torch.zeros(4, dtype=torch.long), torch.arange(4))
     assert scheme.teacher_outputs(batch) is None and not calls
+
+
+def test_feature_loss_runs_through_evaluation_epochs():
+    """Student taps record only inside the training forward, never during evaluation."""
+    from darkknowledge.data import load_dataset
+
+    bundle = load_dataset("digits")
+    teacher = create_model("cnn2d", num_classes=10, input_shape=(1, 8, 8), channels=(8, 16), hidden=16)
+    taps = {"student_taps": ["blocks.1"], "teacher_taps": ["blocks.1"]}
+    out = dk.distill("cnn2d", teacher, bundle, losses={"ce": {}, "hint": {"loss": "fitnet", **taps}},
+                     epochs=2, batch_size=256, config={"student": {"params": {"channels": [4, 8], "hidden": 16}}})
+    assert out["student"]["epochs"] == 2

@@ -36,11 +36,18 @@ class StudentObjective(nn.Module):
         self.student = student
         self.objective = objective
         self.taps = FeatureTaps(student, list(taps)) if taps else None
+        if self.taps is not None:
+            self.taps.active = False  # record only inside student_outputs, not when evaluating the student
 
     def student_outputs(self, x: torch.Tensor) -> Outputs:
-        logits = self.student(x)  # (B, K)
-        feats = self.taps.pop() if self.taps is not None else {}
-        return Outputs(logits=logits, features=feats)
+        if self.taps is None:
+            return Outputs(logits=self.student(x))  # (B, K)
+        self.taps.active = True
+        try:
+            logits = self.student(x)  # (B, K)
+        finally:
+            self.taps.active = False
+        return Outputs(logits=logits, features=self.taps.pop())
 
     def forward(
         self, batch: Batch, teacher: Outputs | None, epoch_progress: float = 0.0
