@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from darkknowledge.data.batch import Batch
 from darkknowledge.errors import ShapeError
 from darkknowledge.losses import create_loss
-from darkknowledge.losses.ab import ab_loss, pre_activation_tap
+from darkknowledge.losses.ab import ab_loss
+from darkknowledge.losses.feature import pre_activation_tap
 from darkknowledge.losses.at import at_loss, attention_map
 from darkknowledge.losses.base import Outputs, SetupInfo
 from darkknowledge.losses.fitnet import hint_loss

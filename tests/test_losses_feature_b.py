@@ -4,6 +4,8 @@ import math
 
 import numpy as np
 import pytest
+
+from darkknowledge.losses.feature import pre_activation_tap
 import torch
 import torch.nn.functional as F
 
@@ -17,7 +19,6 @@ from darkknowledge.losses.ofd import (
     margin_from_stats,
     negative_stats,
     ofd_partial_l2,
-    preact_path,
 )
 from darkknowledge.losses.reviewkd import hcl
 from darkknowledge.losses.vid import vid_nll
@@ -191,11 +192,11 @@ def test_ofd_margin_of_a_known_gaussian():
 
 def test_ofd_default_taps_are_pre_relu():
     student, _, _ = models("1d")
-    assert [preact_path(student, p) for p in student.feature_taps()] == ["blocks.0.1:input", "blocks.1.1:input"]
+    assert [pre_activation_tap(student, p) for p in student.feature_taps()] == ["blocks.0.1:input", "blocks.1.1:input"]
     resnet = create_model("resnet8", input_shape=(1, 8, 8))
-    assert preact_path(resnet, "layer2") == "layer2.0.relu_out:input"
+    assert pre_activation_tap(resnet, "layer2") == "layer2.0.relu_out:input"
     cnn2d = create_model("cnn2d", input_shape=(1, 8, 8))
-    assert preact_path(cnn2d, "blocks.0") == "blocks.0"  # ends in a max-pool: post-ReLU fallback
+    assert pre_activation_tap(cnn2d, "blocks.0") == "blocks.0"  # ends in a max-pool: post-ReLU fallback
     _, ofd, _, _ = build("ofd", "1d")  # 2 student stages vs 3 teacher stages, aligned by depth
     assert ofd.pairs == [("blocks.0.1:input", "blocks.1.1:input"), ("blocks.1.1:input", "blocks.2.1:input")]
 

@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from darkknowledge.data.batch import Batch
 from darkknowledge.errors import ConfigError

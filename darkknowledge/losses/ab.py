@@ -48,8 +48,7 @@ from darkknowledge.errors import ShapeError
 from darkknowledge.losses import register_loss
 from darkknowledge.losses.adapters import build_adapter
 from darkknowledge.losses.base import Needs, Outputs, SetupInfo
-from darkknowledge.losses.feature import FeatureLoss
-from darkknowledge.taps import unwrap
+from darkknowledge.losses.feature import FeatureLoss, pre_activation_tap
 
 
 def ab_loss(connected: torch.Tensor, target: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
@@ -71,29 +70,6 @@ def ab_loss(connected: torch.Tensor, target: torch.Tensor, margin: float = 1.0) 
     on = ((s <= margin) & (t > 0)).to(dtype)  # (B, *T) teacher on, student not above +m
     loss = (s + margin).pow(2) * off + (s - margin).pow(2) * on  # (B, *T)
     return loss.sum() / s.shape[0]
-
-
-def pre_activation_tap(model: nn.Module, path: str) -> str:
-    """The tap of the value before the final ReLU of the module at ``path``, else ``path`` itself.
-
-    Recognised: a ``nn.ReLU``; a module with a ``relu_out`` ReLU (zoo ResNet blocks); an
-    ``nn.Sequential`` whose last child is one of these (searched recursively).
-    """
-    if ":" in path:
-        return path
-    modules = dict(unwrap(model).named_modules())
-    name = path
-    while name in modules:
-        module = modules[name]
-        if isinstance(module, nn.ReLU):
-            return f"{name}:input"
-        if isinstance(getattr(module, "relu_out", None), nn.ReLU):
-            return f"{name}.relu_out:input"
-        children = list(module.named_children()) if isinstance(module, nn.Sequential) else []
-        if not children:
-            break
-        name = f"{name}.{children[-1][0]}" if name else children[-1][0]
-    return path
 
 
 @register_loss("ab")

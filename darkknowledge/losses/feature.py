@@ -58,6 +58,32 @@ def default_paths(model: nn.Module, kind: str, role: str) -> list[str]:
     return stages[-1:] if kind == "last_stage" else list(stages)
 
 
+def pre_activation_tap(model: nn.Module, path: str) -> str:
+    """The tap of the value before the final ReLU of the module at ``path``, else ``path`` itself.
+
+    Recognised: a ``nn.ReLU``; a module with a ``relu_out`` ReLU (zoo ResNet blocks); an
+    ``nn.Sequential`` whose last child is one of these (searched recursively). An in-place
+    ReLU is not used: it overwrites its input, so the hook would see the post-ReLU value.
+    Used by the losses that read pre-ReLU features (AB, OFD).
+    """
+    if ":" in path:
+        return path
+    modules = dict(unwrap(model).named_modules())
+    name = path
+    while name in modules:
+        module = modules[name]
+        if isinstance(module, nn.ReLU):
+            return path if module.inplace else f"{name}:input"
+        relu_out = getattr(module, "relu_out", None)
+        if isinstance(relu_out, nn.ReLU):
+            return path if relu_out.inplace else f"{name}.relu_out:input"
+        children = list(module.named_children()) if isinstance(module, nn.Sequential) else []
+        if not children:
+            break
+        name = f"{name}.{children[-1][0]}" if name else children[-1][0]
+    return path
+
+
 class FeatureLoss(DistillLoss):
     """A loss over pairs of student/teacher features.
 

@@ -55,10 +55,9 @@ from darkknowledge.errors import ConfigError, ShapeError
 from darkknowledge.losses import register_loss
 from darkknowledge.losses.adapters import Resize
 from darkknowledge.losses.base import Needs, Outputs, SetupInfo
-from darkknowledge.losses.feature import FeatureLoss, default_paths
+from darkknowledge.losses.feature import FeatureLoss, default_paths, pre_activation_tap
 from darkknowledge.losses.vid import as_map
 from darkknowledge.pairs import align_by_depth
-from darkknowledge.taps import unwrap
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d}
 _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}
@@ -110,17 +109,6 @@ def gaussian_margin(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     return torch.where(tail > 0.001, exact, -3.0 * std)
 
 
-def preact_path(model: nn.Module, stage: str) -> str:
-    """``"<stage>.<leaf>:input"`` when the stage's last leaf module is an out-of-place ReLU, else ``stage``."""
-    module = dict(unwrap(model).named_modules()).get(stage.partition(":")[0])
-    if module is None or ":" in stage:
-        return stage
-    leaves = [(name, m) for name, m in module.named_modules() if not any(True for _ in m.children())]
-    if leaves and isinstance(leaves[-1][1], nn.ReLU) and not leaves[-1][1].inplace and leaves[-1][0]:
-        return f"{stage}.{leaves[-1][0]}:input"
-    return stage
-
-
 @register_loss("ofd")
 class OFD(FeatureLoss):
     """OFD: ``sum_j partial_L2(r(s_j), max(t_j, m_j)) / 2^(n-j) / (1000 B)`` on pre-ReLU features.
@@ -155,8 +143,8 @@ class OFD(FeatureLoss):
             raise ConfigError("loss 'ofd' reads teacher features, but the run has no teacher")
         given = (self.student_taps, self.teacher_taps)
         try:
-            s = self.student_taps or [preact_path(student, p) for p in default_paths(student, "stages", "student")]
-            t = self.teacher_taps or [preact_path(teacher, p) for p in default_paths(teacher, "stages", "teacher")]
+            s = self.student_taps or [pre_activation_tap(student, p) for p in default_paths(student, "stages", "student")]
+            t = self.teacher_taps or [pre_activation_tap(teacher, p) for p in default_paths(teacher, "stages", "teacher")]
             if len(s) != len(t) and not (self.student_taps and self.teacher_taps):
                 s, t = align_by_depth(s, t)
             self.student_taps, self.teacher_taps = s, t
