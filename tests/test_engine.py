@@ -151,3 +151,18 @@ def test_feature_loss_runs_through_evaluation_epochs():
     out = dk.distill("cnn2d", teacher, bundle, losses={"ce": {}, "hint": {"loss": "fitnet", **taps}},
                      epochs=2, batch_size=256, config={"student": {"params": {"channels": [4, 8], "hidden": 16}}})
     assert out["student"]["epochs"] == 2
+
+
+def test_one_teacher_teaches_several_students_in_turn():
+    """A teacher object reused across runs (dk run's seeds) is not disturbed by earlier runs' hooks."""
+    x = torch.randn(4, 1, 8, 8)
+    batch = Batch(x, torch.arange(4) % 5, torch.arange(4))
+    teacher = create_model("cnn2d", num_classes=5, input_shape=(1, 8, 8), channels=(8, 16), hidden=16)
+    for _ in range(2):
+        student = create_model("cnn2d", num_classes=5, input_shape=(1, 8, 8), channels=(4, 8), hidden=16)
+        scheme = Offline(student, Objective.from_config({"at": {}}), teacher)
+        scheme.setup(batch)
+        for _ in range(2):
+            loss, _ = scheme.module(batch, scheme.teacher_outputs(batch))
+        teacher(x)  # the user's own calls record nothing either
+    assert torch.isfinite(loss)

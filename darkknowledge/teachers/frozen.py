@@ -30,6 +30,8 @@ class FrozenTeacher:
         self.model.requires_grad_(False)
         self.need_logits = need_logits
         self.taps = FeatureTaps(self.model, list(taps), detach=True) if taps else None
+        if self.taps is not None:
+            self.taps.active = False  # record only inside __call__: other uses of the model stay untouched
         self.hash = state_hash(self.model)
 
     def to(self, device: torch.device) -> FrozenTeacher:
@@ -46,7 +48,13 @@ class FrozenTeacher:
         if self.model.training:  # someone called .train() on it: a teacher stays in eval
             self.model.eval()
         with torch.inference_mode():
-            logits = self.model(x)
+            if self.taps is not None:
+                self.taps.active = True
+            try:
+                logits = self.model(x)
+            finally:
+                if self.taps is not None:
+                    self.taps.active = False
             feats = self.taps.pop() if self.taps is not None else {}
         return Outputs(
             logits=logits.clone() if self.need_logits else None,
