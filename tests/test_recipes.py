@@ -34,3 +34,12 @@ def test_recipe_runs_end_to_end(name, tmp_path):
     entry = out["student"]
     assert math.isfinite(entry["last_acc"]) and entry["epochs"] == 2
     assert (tmp_path / name / "student.pt").is_file()
+
+
+@pytest.mark.slow
+def test_feature_recipe_over_several_seeds_with_one_teacher(tmp_path):
+    """`dk run` reuses one teacher object for every seed's student (this once broke feature losses)."""
+    cfg = load_config("at", [*SMALL[:-1], "seeds=[0,1]"])
+    out = commands.compare(cfg, out=tmp_path / "at", progress=False)
+    assert {r["role"] for r in out["rows"]} == {"teacher", "baseline", "student"}
+    assert len(next(r for r in out["rows"] if r["role"] == "student")["seeds"]) == 2
