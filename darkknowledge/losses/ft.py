@@ -57,11 +57,10 @@ from pydantic import Field
 from torch import nn
 
 from darkknowledge.data.batch import Batch
-from darkknowledge.errors import ShapeError
 from darkknowledge.losses import register_loss
 from darkknowledge.losses.base import Outputs, SetupInfo
 from darkknowledge.losses.feature import FeatureLoss
-from darkknowledge.losses.vid import as_map, pool_to
+from darkknowledge.losses.vid import as_map, pool_to, paired_maps
 
 log = logging.getLogger(__name__)
 
@@ -168,12 +167,7 @@ class FT(FeatureLoss):
     def setup(self, student: Outputs, teacher: Outputs | None, info: SetupInfo) -> None:
         self.paraphrasers, self.translators = nn.ModuleList(), nn.ModuleList()
         for (sp, tp), f_s, f_t in zip(self.pairs, self.student_features(student), self.teacher_features(teacher)):
-            f_s, f_t = as_map(f_s, f"student tap {sp!r}"), as_map(f_t, f"teacher tap {tp!r}")
-            if f_s.dim() != f_t.dim():
-                raise ShapeError(
-                    f"losses.ft: student tap {sp!r} {tuple(f_s.shape)} and teacher tap {tp!r} {tuple(f_t.shape)} "
-                    "are maps of different rank; pair 1-D with 1-D and 2-D with 2-D features"
-                )
+            f_s, f_t = paired_maps(f_s, f_t, sp, tp, "ft")
             dims, c_s, c_t = f_s.dim() - 2, int(f_s.shape[1]), int(f_t.shape[1])
             c_f = max(1, round(self.k * c_t))
             self.paraphrasers.append(Paraphraser(dims, c_t, c_f))

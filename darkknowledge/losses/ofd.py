@@ -51,12 +51,12 @@ import torch
 from torch import nn
 
 from darkknowledge.data.batch import Batch
-from darkknowledge.errors import ConfigError, ShapeError
+from darkknowledge.errors import ConfigError
 from darkknowledge.losses import register_loss
 from darkknowledge.losses.adapters import Resize
 from darkknowledge.losses.base import Needs, Outputs, SetupInfo
 from darkknowledge.losses.feature import FeatureLoss, default_paths, pre_activation_tap
-from darkknowledge.losses.vid import as_map
+from darkknowledge.losses.vid import as_map, paired_maps
 from darkknowledge.pairs import align_by_depth
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d}
@@ -157,12 +157,7 @@ class OFD(FeatureLoss):
         for i, ((sp, tp), f_s, f_t) in enumerate(
             zip(self.pairs, self.student_features(student), self.teacher_features(teacher))
         ):
-            f_s, f_t = as_map(f_s, f"student tap {sp!r}"), as_map(f_t, f"teacher tap {tp!r}")
-            if f_s.dim() != f_t.dim():
-                raise ShapeError(
-                    f"losses.ofd: student tap {sp!r} {tuple(f_s.shape)} and teacher tap {tp!r} {tuple(f_t.shape)} "
-                    "are maps of different rank; pair 1-D with 1-D and 2-D with 2-D features"
-                )
+            f_s, f_t = paired_maps(f_s, f_t, sp, tp, "ofd")
             dims, c_s, c_t = f_s.dim() - 2, int(f_s.shape[1]), int(f_t.shape[1])
             conv = _CONV[dims](c_s, c_t, kernel_size=1, bias=False)
             nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / c_t))  # authors: N(0, 2 / (k*k*C_out)), k = 1

@@ -58,6 +58,19 @@ def as_map(x: torch.Tensor, where: str) -> torch.Tensor:
     return x
 
 
+def paired_maps(
+    f_s: torch.Tensor, f_t: torch.Tensor, sp: str, tp: str, loss: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both features as maps (:func:`as_map`); a 1-D map paired with a 2-D one raises ``ShapeError``."""
+    f_s, f_t = as_map(f_s, f"student tap {sp!r}"), as_map(f_t, f"teacher tap {tp!r}")
+    if f_s.dim() != f_t.dim():
+        raise ShapeError(
+            f"losses.{loss}: student tap {sp!r} {tuple(f_s.shape)} and teacher tap {tp!r} {tuple(f_t.shape)} "
+            "are maps of different rank; pair 1-D with 1-D and 2-D with 2-D features"
+        )
+    return f_s, f_t
+
+
 def pool_to(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     """Adaptive average pooling of ``(B, C, *S)`` to ``(B, C, *size)`` (identity when equal)."""
     if tuple(x.shape[2:]) == tuple(size):
