@@ -20,6 +20,7 @@ from darkknowledge.config import ModelConfig, RunConfig, deep_merge, validate_co
 from darkknowledge.data import DataBundle, DatasetInfo, TensorData
 from darkknowledge.data.fingerprint import fingerprint
 from darkknowledge.errors import ConfigError
+from darkknowledge.schemes.offline import Offline
 from darkknowledge.session import Session
 
 DataLike = str | DataBundle | tuple
@@ -123,7 +124,12 @@ def distill(
         t_mod, t_entry = s.teacher()
     model = _instantiate(s_mod, s_cfg, s, "student", seed)
     stage = "+".join(cfg.losses) + f"-s{seed}"
-    entry = s.train_stage(stage, "student", model, build_objective(cfg.losses), seed, teacher=t_mod, with_transfer=True)
+    if cfg.scheme.name != "offline":
+        raise ConfigError(f"dk.distill trains offline (a given teacher teaches the student); scheme "
+                          f"{cfg.scheme.name!r} runs from a recipe: `dk distill {cfg.scheme.name}` or "
+                          "darkknowledge.commands.distill(load_config(...))")
+    scheme = Offline(model, build_objective(cfg.losses), t_mod)
+    entry = s.train_stage(stage, "student", scheme, seed, with_transfer=True, label="+".join(cfg.losses))[0]
     return {"model": model, "student": entry, "teacher": t_entry, "spec": model_spec(model)}
 
 
@@ -153,5 +159,6 @@ def train(
                   losses=losses or {"ce": {}})
     s = _session(cfg, bundle, out, resume)
     net = _instantiate(m_mod, m_cfg, s, "model", seed)
-    entry = s.train_stage(f"{m_cfg['name']}-s{seed}", "baseline", net, build_objective(cfg.losses), seed)
+    scheme = Offline(net, build_objective(cfg.losses))
+    entry = s.train_stage(f"{m_cfg['name']}-s{seed}", "baseline", scheme, seed, label="+".join(cfg.losses))[0]
     return {"model": net, "result": entry, "spec": model_spec(net)}

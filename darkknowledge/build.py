@@ -36,9 +36,10 @@ def check_config(cfg: RunConfig) -> None:
     from darkknowledge.losses import LOSSES
     from darkknowledge.schemes import SCHEMES
 
-    SCHEMES.get(cfg.scheme)
+    scheme = SCHEMES.get(cfg.scheme.name)
+    validate_kwargs(scheme.params_fn(), cfg.scheme.params, "scheme.params", exclude=("ctx", "seed"))
     validate_kwargs(DATASETS.get(cfg.data.name), cfg.data.params, "data.params", exclude=("root", "split_seed"))
-    for where, spec in (("student", cfg.student), ("teacher", cfg.teacher)):
+    for where, spec in (("student", cfg.student), *cfg.all_teachers()):
         if spec is not None and ":" not in spec.name:
             validate_kwargs(MODELS.get(spec.name), spec.params, f"{where}.params")
     for name, raw in cfg.losses.items():
@@ -47,7 +48,8 @@ def check_config(cfg: RunConfig) -> None:
         for key in RESERVED[1:]:
             params.pop(key, None)
         validate_kwargs(cls, params, f"losses.{name}")
-    cfg.teacher_train()
+    for where, spec in cfg.all_teachers():
+        cfg.teacher_train(spec, where)
 
 
 def build_data(cfg: RunConfig) -> DataBundle:

@@ -95,7 +95,8 @@ def _list(what: str) -> None:
     if what in ("all", "schemes"):
         _out("schemes:")
         for name, cls in SCHEMES.items():
-            _out(f"  {name:<12} {cls.citation}")
+            _out(f"  {name:<14} {cls.summary}")
+            _out(f"  {'':<14} {cls.citation}")
 
 
 def _setup_logging(quiet: bool, verbose: bool = False) -> None:
@@ -165,8 +166,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         res = commands.distill(cfg, args.out, args.resume, progress)
         if main_rank:
             st = res["student"]
+            teacher = f"; teacher {res['teacher'].get('last_acc', float('nan')):.2f}" if res["teacher"] else ""
             _out(f"{st['name']}: test acc {st['last_acc']:.2f} (best {st['best_acc']:.2f} @ epoch {st['best_epoch']}), "
-                 f"{st['train_seconds']:.1f}s; teacher {res['teacher'].get('last_acc', float('nan')):.2f}")
+                 f"{st['train_seconds']:.1f}s{teacher}")
+            for member in res["entries"][1:]:
+                _out(f"  {member['role']}: test acc {member['last_acc']:.2f}")
             _out(f"run folder: {res['run_dir']}  student: {res['exported']}")
     elif args.command == "train":
         res = commands.train(cfg, args.out, args.resume, progress, which=args.model)

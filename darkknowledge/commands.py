@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 from typing import Any
 
-from darkknowledge.build import build_model, build_objective, check_config, seed_everything
+from darkknowledge.build import build_model, check_config, seed_everything
 from darkknowledge.config import RunConfig
 from darkknowledge.engine.checkpoint import export_model, read_export
 from darkknowledge.engine.distributed import DistContext, init_distributed
 from darkknowledge.engine.metrics import evaluate
 from darkknowledge.report import group_rows, render_report, table_lines, verdict
 from darkknowledge.rundir import choose_run_dir
+from darkknowledge.schemes import SCHEMES, Scheme
+from darkknowledge.schemes.context import SchemeContext
 from darkknowledge.session import Session
+from darkknowledge.validation import validate_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -25,54 +27,51 @@ def _session(cfg: RunConfig, out: str | Path | None, resume: bool, progress: boo
     return Session(cfg, run_dir, resume=resume, progress=progress)
 
 
-def _student_stage_name(cfg: RunConfig) -> str:
-    return "+".join(cfg.losses) or "student"
+def scheme_params(cfg: RunConfig) -> tuple[type[Scheme], dict[str, Any]]:
+    """The recipe's scheme class and its validated ``scheme.params``."""
+    cls = SCHEMES.get(cfg.scheme.name)
+    params = validate_kwargs(cls.params_fn(), cfg.scheme.params, "scheme.params", exclude=("ctx", "seed"))
+    return cls, params
 
 
 def compare(cfg: RunConfig, out: str | Path | None = None, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """``dk run``: teacher once, then per seed a baseline and a distilled student from one init.
+    """``dk run``: per seed, a baseline (the student alone, cross-entropy) and the recipe's scheme
+    from the same initialisation; pre-trained teachers are trained once and shared.
 
     Returns:
-        ``{"run_dir", "rows", "verdict", "report"}``.
+        ``{"run_dir", "rows", "verdict", "report", "table"}``.
     """
-    if cfg.teacher is None:
-        raise ValueError(f"recipe {cfg.name!r} has no teacher; `dk run` compares a distilled student with a baseline")
+    cls, params = scheme_params(cfg)
     s = _session(cfg, out, resume, progress)
-    teacher, _ = s.teacher()
-    method = _student_stage_name(cfg)
+    ctx = SchemeContext(s)
     for seed in cfg.seeds:
-        seed_everything(seed)
-        init = build_model(cfg.student, s.bundle.info, "student")
-        state = copy.deepcopy(init.state_dict())
-        baseline = build_model(cfg.student, s.bundle.info, "student")
-        baseline.load_state_dict(state)
-        s.train_stage(f"baseline-s{seed}", "baseline", baseline, build_objective({"ce": {}}), seed)
-        student = build_model(cfg.student, s.bundle.info, "student")
-        student.load_state_dict(state)
-        s.train_stage(f"{method}-s{seed}", "student", student, build_objective(cfg.losses), seed,
-                      teacher=teacher, with_transfer=True)
+        s.train_alone(f"baseline-s{seed}", "baseline", ctx.student(seed), seed)
+        cls.run(ctx, seed, **params)
     rows = group_rows(s.run.results)
     notes = ["data: " + "; ".join(line.strip() for line in s.bundle.describe().splitlines())]
-    if cfg.data.use_transfer and s.bundle.transfer is not None and len(s.bundle.transfer):
+    if any(e.get("transfer") for e in s.run.results):
         notes.append(f"the distilled student also sees {len(s.bundle.transfer)} unlabeled transfer samples "
                      "(teacher soft labels only); the baseline cannot use them without labels")
-    text = render_report(f"{cfg.name}: {cfg.teacher.name} -> {cfg.student.name}", rows, notes)
+    notes += [n for n in getattr(cls, "report_notes", ())]
+    head = f"{cfg.teacher.name} -> {cfg.student.name}" if cfg.teacher is not None else cfg.student.name
+    title = f"{cfg.name}: {head}" + (f" ({cfg.scheme.name})" if cfg.scheme.name != "offline" else "")
+    text = render_report(title, rows, notes)
     report = s.run.write_text("report.md", text)
     return {"run_dir": s.run.path, "rows": rows, "verdict": verdict(rows), "report": report, "table": table_lines(rows)}
 
 
 def distill(cfg: RunConfig, out: str | Path | None = None, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """``dk distill``: one distilled student (seed ``cfg.seed``); exports ``student.pt``."""
-    if cfg.teacher is None:
-        raise ValueError(f"recipe {cfg.name!r} has no teacher section; use `dk train` to train a model alone")
+    """``dk distill``: the recipe's scheme for one seed (``cfg.seed``); exports ``student.pt``."""
+    cls, params = scheme_params(cfg)
     s = _session(cfg, out, resume, progress)
-    teacher, t_entry = s.teacher()
-    seed_everything(cfg.seed)
-    student = build_model(cfg.student, s.bundle.info, "student")
-    entry = s.train_stage(f"{_student_stage_name(cfg)}-s{cfg.seed}", "student", student,
-                          build_objective(cfg.losses), cfg.seed, teacher=teacher, with_transfer=True)
+    ctx = SchemeContext(s)
+    entries = cls.run(ctx, cfg.seed, **params)
+    entry = entries[0]
+    student = ctx.exports[entry["name"]]
     exported = _export(s, student, entry)
-    return {"run_dir": s.run.path, "teacher": t_entry, "student": entry, "exported": exported, "model": student}
+    teachers = [e for e in s.run.results if e.get("role") == "teacher"]
+    return {"run_dir": s.run.path, "teacher": teachers[0] if teachers else None, "student": entry,
+            "entries": entries, "exported": exported, "model": student}
 
 
 def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False, progress: bool = True,
@@ -85,8 +84,7 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False, p
     seed_everything(cfg.seed)
     model = build_model(spec, s.bundle.info, which)
     train_cfg = cfg.train if which == "student" else cfg.teacher_train()
-    entry = s.train_stage(f"{which}-ce-s{cfg.seed}", "baseline", model, build_objective({"ce": {}}), cfg.seed,
-                          train_cfg=train_cfg)
+    entry = s.train_alone(f"{which}-ce-s{cfg.seed}", "baseline", model, cfg.seed, train_cfg=train_cfg)
     exported = _export(s, model, entry, name=f"{which}.pt")
     return {"run_dir": s.run.path, "student": entry, "exported": exported, "model": model}
 

@@ -101,28 +101,50 @@ class TeacherConfig(ModelConfig):
     reuse: bool = Field(default=True, description="reuse a cached teacher trained with the same settings")
 
 
+class SchemeConfig(_Strict):
+    """Who teaches whom: a registered scheme (``dk list schemes``) and its parameters.
+
+    A recipe may write ``scheme: mutual`` (no parameters) or
+    ``scheme: {name: mutual, params: {peers: 3}}``.
+    """
+
+    name: str = Field(default="offline", description="registry name, see `dk list schemes`")
+    params: dict[str, Any] = Field(default_factory=dict, description="the scheme's keyword arguments")
+
+
 class RunConfig(_Strict):
-    """A whole run: data, teacher, student, objective, training."""
+    """A whole run: data, teacher(s), student, scheme, objective, training."""
 
     name: str = "run"
     description: str = ""
     seed: int = 0
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="seeds of `dk run`")
-    scheme: str = "offline"
+    scheme: SchemeConfig = Field(default_factory=SchemeConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig | None = None
+    teachers: list[TeacherConfig] = Field(default_factory=list, description="more teachers (multi_teacher)")
     student: ModelConfig = Field(default_factory=lambda: ModelConfig(name="mlp"))
     losses: dict[str, dict[str, Any] | None] = Field(default_factory=lambda: {"kd": {}})
     train: TrainConfig = Field(default_factory=TrainConfig)
 
-    def teacher_train(self) -> TrainConfig:
-        """The teacher's training settings: ``train`` with ``teacher.train`` merged over it."""
-        base = self.train.model_dump()
-        merged = deep_merge(base, (self.teacher.train if self.teacher else {}) or {})
+    @pydantic.field_validator("scheme", mode="before")
+    @classmethod
+    def _scheme_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    def teacher_train(self, spec: TeacherConfig | None = None, where: str = "teacher") -> TrainConfig:
+        """A teacher's training settings: ``train`` with ``<teacher>.train`` merged over it."""
+        spec = spec if spec is not None else self.teacher
+        merged = deep_merge(self.train.model_dump(), (spec.train if spec else {}) or {})
         try:
             return TrainConfig(**merged)
         except pydantic.ValidationError as exc:
-            raise ConfigError(format_validation_error(exc, "teacher.train")) from None
+            raise ConfigError(format_validation_error(exc, f"{where}.train")) from None
+
+    def all_teachers(self) -> list[tuple[str, TeacherConfig]]:
+        """``teacher`` then each of ``teachers``, with their config paths (``teachers.1``)."""
+        named = [("teacher", self.teacher)] if self.teacher is not None else []
+        return named + [(f"teachers.{i}", t) for i, t in enumerate(self.teachers)]
 
 
 def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

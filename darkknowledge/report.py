@@ -22,19 +22,25 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def group_rows(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (role, model, losses) group of entries, with mean ± std over seeds."""
+    """One row per (role, model, method) group of entries, with mean ± std over seeds.
+
+    The method is the entry's ``method`` label (a scheme's name) or else its losses. Rows come
+    in the order teacher, baseline, student, then the other roles (peers, heads, stages) as
+    first recorded.
+    """
     groups: OrderedDict[tuple, list[dict[str, Any]]] = OrderedDict()
     order = {"teacher": 0, "baseline": 1, "student": 2}
     for e in sorted(entries, key=lambda e: order.get(e["role"], 9)):
-        groups.setdefault((e["role"], e["model"], tuple(e.get("losses", ()))), []).append(e)
+        method = e.get("method") or "+".join(e.get("losses", ())) or "-"
+        groups.setdefault((e["role"], e["model"], method), []).append(e)
     rows = []
-    for (role, model, losses), es in groups.items():
+    for (role, model, method), es in groups.items():
         last_m, last_s = mean_std([e["last_acc"] for e in es if e.get("last_acc") is not None])
         best_m, best_s = mean_std([e["best_acc"] for e in es if e.get("best_acc") is not None])
         rows.append({
             "role": role,
             "model": model,
-            "method": "+".join(losses) if losses else "-",
+            "method": method,
             "params": es[0]["params"],
             "extra_params": es[0].get("extra_params", 0),
             "seeds": [e.get("seed") for e in es],

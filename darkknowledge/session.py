@@ -17,17 +17,16 @@ import torch
 from torch import nn
 
 from darkknowledge.build import build_data, build_model, build_objective, make_loaders, model_spec, seed_everything
-from darkknowledge.config import RunConfig, TrainConfig
+from darkknowledge.config import RunConfig, TeacherConfig, TrainConfig
 from darkknowledge.data import DataBundle, cache_dir
 from darkknowledge.engine.checkpoint import export_model, load_exported, read_export, state_hash
 from darkknowledge.engine.device import select_device, set_deterministic
 from darkknowledge.engine.distributed import init_distributed
 from darkknowledge.engine.metrics import MetricsLog
 from darkknowledge.engine.trainer import Trainer
-from darkknowledge.losses.objective import Objective
 from darkknowledge.models import count_params
 from darkknowledge.rundir import RunDir
-from darkknowledge.schemes.offline import Offline
+from darkknowledge.schemes.base import Scheme
 
 log = logging.getLogger(__name__)
 
@@ -66,24 +65,40 @@ class Session:
         self,
         stage: str,
         role: str,
-        model: nn.Module,
-        objective: Objective,
+        scheme: Scheme,
         seed: int,
-        teacher: nn.Module | None = None,
         train_cfg: TrainConfig | None = None,
         with_transfer: bool = False,
-    ) -> dict[str, Any]:
-        """Train ``model`` (in place) as one stage and return its results entry."""
+        label: str | None = None,
+        scheme_name: str = "offline",
+    ) -> list[dict[str, Any]]:
+        """Train ``scheme`` as one resumable stage; its models are trained in place.
+
+        Args:
+            stage: Stage name (run-folder subdirectory, results entry name).
+            role: Role of the primary model in the report (``teacher``, ``baseline``, ``student``).
+            scheme: The stage's scheme instance.
+            seed: Seed of the data order (and recorded in the entry).
+            train_cfg: Training settings (default: the run's ``train``).
+            with_transfer: Append the unlabeled transfer set to the training data.
+            label: The report's method column (default: the scheme's losses).
+            scheme_name: Registered name of the scheme, recorded in the entries.
+
+        Returns:
+            The results entries: the primary model first, then one per other evaluated model
+            (peers, heads, ensembles) named ``<stage>:<model>``.
+        """
         done = self.run.result(stage) if self.resume else None
         stage_dir = self.run.stage_dir(stage)
+        export = scheme.export_model()
         if done is not None and stage_dir is not None and (stage_dir / "model.pt").is_file():
             _, state = load_exported(stage_dir / "model.pt")
-            model.load_state_dict(state)
+            export.load_state_dict(state)
             log.info("[%s] finished earlier; reusing it", stage)
-            return done
+            members = [r for r in self.run.results if r["name"].startswith(f"{stage}:")]
+            return [done, *members]
         train_cfg = train_cfg or self.cfg.train
         seed_everything(seed)
-        scheme = Offline(model, objective, teacher)
         train_loader, test_loader, val_loader = make_loaders(
             self.cfg, self.bundle, seed, self.device, self.dist, with_transfer=with_transfer
         )
@@ -93,74 +108,100 @@ class Session:
             config=self.cfg.model_dump(mode="json"), progress=self.progress,
         )
         result = trainer.fit(resume=self.resume)
-        model.to("cpu")
-        log.info("[%s] done: test acc %.2f (best-epoch %.2f), %.1fs", stage, result.last[scheme.primary]["top1"],
+        scheme.to(torch.device("cpu"))
+        primary = scheme.primary
+        log.info("[%s] done: test acc %.2f (best-epoch %.2f), %.1fs", stage, result.last[primary]["top1"],
                  result.best["top1"], result.train_seconds)
-        last = result.last[scheme.primary]
-        entry = {
-            "name": stage,
-            "role": role,
-            "model": model_spec(model)["name"],
+        models = scheme.eval_models()
+        common = {
             "seed": seed,
-            "params": count_params(model),
-            "extra_params": scheme.describe().get("adapter_params", 0),
-            "last_acc": last["top1"],
-            "last_top5": last.get("top5"),
-            "best_acc": result.best["top1"],
-            "best_epoch": result.best["epoch"],
-            "best_selected_on": result.best["selected_on"],
+            "scheme": scheme_name,
+            "method": label,
             "epochs": train_cfg.epochs,
             "steps": result.steps,
             "train_seconds": round(result.train_seconds, 3),
-            "losses": sorted(objective.terms),
+            "losses": sorted(scheme.describe().get("losses", ())),
             "train_samples": len(train_loader.data) if hasattr(train_loader, "data") else None,
+            "transfer": bool(with_transfer and self.cfg.data.use_transfer and self.bundle.transfer is not None
+                             and len(self.bundle.transfer)),
         }
+        entry = {
+            "name": stage, "role": role, "model": model_spec(export)["name"], **common,
+            "params": count_params(export),
+            "extra_params": scheme.describe().get("adapter_params", 0),
+            **_accuracies(result.last[primary]),
+            "best_acc": result.best["top1"], "best_epoch": result.best["epoch"],
+            "best_selected_on": result.best["selected_on"],
+        }
+        entries = [entry]
+        for name, member in models.items():
+            if name == primary:
+                continue
+            entries.append({"name": f"{stage}:{name}", "role": name, "model": model_spec(member)["name"], **common,
+                            "params": count_params(member), "extra_params": 0, "member_of": stage,
+                            **_accuracies(result.last[name]), "best_acc": None})
         if stage_dir is not None and self.dist.is_main:
-            export_model(model, stage_dir / "model.pt", model_spec(model), {"data": self.cfg.data.model_dump(mode="json"), "result": entry})
-        self.run.add_result(entry, self.cfg.name)
-        return entry
+            export_model(export, stage_dir / "model.pt", model_spec(export),
+                         {"data": self.cfg.data.model_dump(mode="json"), "result": entry})
+        for e in entries[1:]:
+            self.run.add_result(e, self.cfg.name)
+        self.run.add_result(entry, self.cfg.name)  # last: a stage counts as done once its primary entry exists
+        return entries
+
+    def train_alone(self, stage: str, role: str, model: nn.Module, seed: int,
+                    train_cfg: TrainConfig | None = None) -> dict[str, Any]:
+        """Train ``model`` with cross-entropy alone (a teacher or a baseline); its entry."""
+        from darkknowledge.schemes.offline import Offline
+
+        scheme = Offline(model, build_objective({"ce": {}}))
+        return self.train_stage(stage, role, scheme, seed, train_cfg=train_cfg)[0]
 
     # ------------------------------------------------------------------ teacher
-    def teacher_key(self) -> str:
+    def teacher_key(self, spec: TeacherConfig | None = None, where: str = "teacher") -> str:
         """Identity of a teacher trained by this config: model, data, training, seed."""
         cfg = self.cfg
+        spec = spec if spec is not None else cfg.teacher
         ident = {
-            "teacher": cfg.teacher.model_dump(mode="json", exclude={"checkpoint", "reuse"}),
-            "train": cfg.teacher_train().model_dump(mode="json"),
+            "teacher": spec.model_dump(mode="json", exclude={"checkpoint", "reuse"}),
+            "train": cfg.teacher_train(spec, where).model_dump(mode="json"),
             "data": {"fingerprint": self.bundle.info.fingerprint, "batch_size": cfg.data.batch_size,
                      "augment": cfg.data.augment.model_dump(mode="json"), "val_fraction": cfg.data.val_fraction},
             "world_size": self.dist.world_size,
         }
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
-    def teacher(self) -> tuple[nn.Module, dict[str, Any]]:
-        """The teacher: loaded from ``teacher.checkpoint``, reused from the cache, or trained now."""
+    def teacher(self, spec: TeacherConfig | None = None, where: str = "teacher") -> tuple[nn.Module, dict[str, Any]]:
+        """A teacher (default ``cfg.teacher``): loaded from its checkpoint, reused from the cache,
+        or trained now. ``where`` is its config path (``teacher``, ``teachers.0``) and stage name."""
         cfg = self.cfg
-        if cfg.teacher is None:
+        spec = spec if spec is not None else cfg.teacher
+        if spec is None:
             raise ValueError("this run has no teacher: add a `teacher:` section to the recipe")
         info = self.bundle.info
-        if cfg.teacher.checkpoint:
-            model = build_model(cfg.teacher, info, "teacher")
-            entry = {"name": "teacher", "role": "teacher", "model": cfg.teacher.name, "seed": None,
-                     "params": count_params(model), "source": cfg.teacher.checkpoint, "train_seconds": 0.0}
-            recorded = read_export(cfg.teacher.checkpoint).get("result") or {}
+        if spec.checkpoint:
+            model = build_model(spec, info, where)
+            entry = {"name": where, "role": "teacher", "model": spec.name, "seed": None,
+                     "params": count_params(model), "source": spec.checkpoint, "train_seconds": 0.0}
+            recorded = read_export(spec.checkpoint).get("result") or {}
             entry.update({k: recorded[k] for k in ("last_acc", "best_acc") if k in recorded})
             self.run.add_result(entry, cfg.name)
             return model, entry
-        cached = cache_dir() / "teachers" / f"{cfg.teacher.name}-{self.teacher_key()}.pt"
-        if cfg.teacher.reuse and cached.is_file():
+        cached = cache_dir() / "teachers" / f"{spec.name}-{self.teacher_key(spec, where)}.pt"
+        if spec.reuse and cached.is_file():
             payload = read_export(cached)
-            model = build_model(cfg.teacher, info, "teacher")
+            model = build_model(spec, info, where)
             model.load_state_dict(payload["state_dict"])
-            entry = {**payload["result"], "reused_from": str(cached), "train_seconds": 0.0}
+            entry = {**payload["result"], "name": where, "reused_from": str(cached), "train_seconds": 0.0}
             log.info("reusing the teacher trained earlier: %s (hash %s)", cached, state_hash(model))
             self.run.add_result(entry, cfg.name)
             return model, entry
-        seed_everything(cfg.teacher.seed)
-        model = build_model(cfg.teacher, info, "teacher")
-        entry = self.train_stage("teacher", "teacher", model, build_objective({"ce": {}}), cfg.teacher.seed,
-                                 train_cfg=cfg.teacher_train())
-        if self.dist.is_main and cfg.teacher.reuse:
+        seed_everything(spec.seed)
+        model = build_model(spec, info, where)
+        entry = self.train_alone(where, "teacher", model, spec.seed, train_cfg=cfg.teacher_train(spec, where))
+        if self.dist.is_main and spec.reuse:
             export_model(model, cached, model_spec(model), {"result": entry})
         return model, entry
 
+
+def _accuracies(metrics: dict[str, float]) -> dict[str, Any]:
+    return {"last_acc": metrics["top1"], "last_top5": metrics.get("top5")}

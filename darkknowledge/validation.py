@@ -27,15 +27,27 @@ def signature_fields(fn: Callable[..., Any], exclude: tuple[str, ...] = ()) -> d
         exclude: Parameter names supplied by the framework, not by the user.
     """
     target = fn.__init__ if inspect.isclass(fn) else fn
-    sig = inspect.signature(target, eval_str=True)
+    sig = inspect.signature(target)
+    namespace = getattr(inspect.unwrap(target), "__globals__", {})
     fields: dict[str, tuple[Any, Any]] = {}
     for name, p in sig.parameters.items():
         if name in ("self", *exclude) or p.kind in _SKIP_KINDS:
             continue
-        ann = Any if p.annotation is inspect.Parameter.empty else p.annotation
+        ann = Any if p.annotation is inspect.Parameter.empty else _resolve(p.annotation, namespace)
         default = ... if p.default is inspect.Parameter.empty else p.default
         fields[name] = (ann, default)
     return fields
+
+
+def _resolve(annotation: Any, namespace: dict[str, Any]) -> Any:
+    """A string annotation evaluated in the function's module (``Any`` if it names a type
+    imported only for type checking)."""
+    if not isinstance(annotation, str):
+        return annotation
+    try:
+        return eval(annotation, dict(namespace))  # noqa: S307 - the module's own annotation text
+    except NameError:
+        return Any
 
 
 def accepts_var_kwargs(fn: Callable[..., Any]) -> bool:

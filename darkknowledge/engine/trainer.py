@@ -240,6 +240,7 @@ class Trainer:
                     opt.step()
                 opt.zero_grad(set_to_none=True)
                 sched.step()
+                self.scheme.after_step()
                 step += 1
                 if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and b + 1 < n_batches:
                     result.train_seconds += time.perf_counter() - t0

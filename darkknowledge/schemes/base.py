@@ -14,13 +14,22 @@ The engine is the same for every scheme. A scheme provides:
 * ``teacher_hash()``: identity of the frozen teachers, stored in checkpoints so a resume
   with a different teacher is refused.
 
-A scheme needing two optimizers (adversarial, data-free) overrides ``training_step`` only.
+A scheme needing two optimizers (adversarial, data-free) overrides ``training_step`` only;
+one that updates weights outside the gradient (an EMA teacher) overrides ``after_step``.
+
+How a scheme is *run* from a recipe is a class method: ``build(ctx, seed, **params)``
+makes the instance of one stage from a :class:`~darkknowledge.schemes.context.SchemeContext`
+(models, teachers, objective, data); ``run(ctx, seed, **params)`` trains it as one stage and
+returns the results entries. Multi-stage schemes (born-again generations, teacher-assistant
+chains, pipelines) override ``run`` and call ``ctx.train`` once per stage; each stage is
+resumable on its own. The user's ``scheme.params`` are the keyword arguments of ``run``
+when it is overridden, else of ``build``; they are validated before anything runs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -29,14 +38,40 @@ from darkknowledge.data.batch import Batch
 from darkknowledge.losses.base import SetupInfo
 from darkknowledge.registry import Registry
 
+if TYPE_CHECKING:
+    from darkknowledge.schemes.context import SchemeContext
+
 SCHEMES: Registry[type[Scheme]] = Registry("scheme")
 
 
 class Scheme:
     """Base class of distillation schemes (see module docstring)."""
 
+    registry_name: ClassVar[str] = ""
     citation: ClassVar[str] = ""
+    """Paper(s), shown by ``dk list schemes``."""
+    summary: ClassVar[str] = ""
+    """One line: how knowledge flows."""
     primary: str = "student"
+
+    # ------------------------------------------------------------ from a recipe
+    @classmethod
+    def build(cls, ctx: SchemeContext, seed: int, **params: Any) -> Scheme:
+        """Make this scheme's one stage for ``seed`` from the run's context."""
+        raise NotImplementedError(f"scheme {cls.__name__} does not implement build()")
+
+    @classmethod
+    def run(cls, ctx: SchemeContext, seed: int, **params: Any) -> list[dict[str, Any]]:
+        """Train the scheme for one seed; returns the results entries (primary first)."""
+        scheme = cls.build(ctx, seed, **params)
+        return ctx.train(ctx.stage_name(seed), scheme, seed)
+
+    @classmethod
+    def params_fn(cls) -> Any:
+        """The function whose keyword arguments are this scheme's ``scheme.params``."""
+        return cls.run if cls.run.__func__ is not Scheme.run.__func__ else cls.build  # type: ignore[attr-defined]
+
+    # ------------------------------------------------------------ one stage
 
     @property
     def module(self) -> nn.Module:
@@ -62,14 +97,28 @@ class Scheme:
         """Loss of one step. ``model`` is ``module``, possibly DDP-wrapped."""
         return model(batch, self.teacher_outputs(batch), epoch_progress)
 
+    def after_step(self) -> None:
+        """Called after every optimizer step (e.g. to update an EMA teacher)."""
+
     def eval_models(self) -> dict[str, nn.Module]:
-        """Models to evaluate each epoch, by name; must contain ``primary``."""
+        """Models to evaluate each epoch, by name; must contain ``primary``.
+
+        Names other than ``primary`` become extra rows of the report (peers, heads, ensembles).
+        """
         raise NotImplementedError
+
+    def export_model(self) -> nn.Module:
+        """The deployable model written to ``model.pt`` (default: the primary evaluated model).
+
+        Must be rebuildable from its zoo spec (``dk_name``/``dk_params``) for ``dk eval``.
+        """
+        return self.eval_models()[self.primary]
 
     def teacher_hash(self) -> str | None:
         """Hash of the frozen teachers' weights (None when there is none)."""
         return None
 
     def describe(self) -> dict[str, Any]:
-        """Facts for reports: extra trainable params beyond the evaluated models, etc."""
+        """Facts for reports: ``losses`` (term names) and ``adapter_params`` (trainable
+        parameters beyond the exported model: adapters, heads, peers)."""
         return {}

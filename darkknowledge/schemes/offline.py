@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -22,6 +22,9 @@ from darkknowledge.models import count_params
 from darkknowledge.schemes.base import SCHEMES, Scheme
 from darkknowledge.taps import FeatureTaps, unwrap, validate_taps
 from darkknowledge.teachers.frozen import FrozenTeacher
+
+if TYPE_CHECKING:
+    from darkknowledge.schemes.context import SchemeContext
 
 
 class StudentObjective(nn.Module):
@@ -65,7 +68,22 @@ class Offline(Scheme):
         teacher: A trained model, or None when the objective needs no teacher.
     """
 
+    registry_name = "offline"
     citation = "Hinton et al. 2015; Gou et al., Knowledge Distillation: A Survey, IJCV 2021 (offline distillation)."
+    summary = "a frozen, pre-trained teacher teaches the student (one way)"
+
+    @classmethod
+    def build(cls, ctx: SchemeContext, seed: int) -> Offline:
+        """The recipe's student (seed's init), objective and pre-trained teacher."""
+        teacher = ctx.teacher() if ctx.cfg.teacher is not None else None
+        return cls(ctx.student(seed), ctx.objective(), teacher)
+
+    @classmethod
+    def run(cls, ctx: SchemeContext, seed: int) -> list[dict[str, Any]]:
+        """One stage; the student also sees the unlabeled transfer set (teacher labels only)."""
+        scheme = cls.build(ctx, seed)
+        label = "+".join(ctx.cfg.losses)
+        return ctx.train(ctx.stage_name(seed), scheme, seed, with_transfer=True, label=label)
 
     def __init__(self, student: nn.Module, objective: Objective, teacher: nn.Module | None = None) -> None:
         needs = objective.bind(student, teacher)
@@ -120,4 +138,4 @@ class Offline(Scheme):
         return self.teacher.hash if self.teacher is not None else None
 
     def describe(self) -> dict[str, Any]:
-        return {"adapter_params": count_params(self._module.objective)}
+        return {"adapter_params": count_params(self._module.objective), "losses": list(self._module.objective.terms)}
