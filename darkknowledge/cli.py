@@ -5,7 +5,7 @@
     dk train RECIPE            the student (or --model teacher) alone with cross-entropy
     dk eval CHECKPOINT         accuracy of an exported model on its dataset
     dk list [losses|models|datasets|recipes|schemes]
-    dk explain LOSS            a loss's paper, equation, parameters, needs
+    dk explain NAME            a loss's or scheme's paper, equation, parameters
     dk pairs STUDENT TEACHER   stage-aligned tap pairs to paste into a feature loss
 
 RECIPE is a shipped recipe name (``quickstart``) or a YAML path. Every command takes dotted
@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     ep = sub.add_parser("eval", help="evaluate an exported model (student.pt / model.pt)")
     ep.add_argument("checkpoint")
     ep.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.name=mnist1d train.device=cpu")
-    xp = sub.add_parser("explain", help="a loss's paper, equation, parameters and needs")
+    xp = sub.add_parser("explain", help="a loss's or scheme's paper, equation and parameters")
     xp.add_argument("loss")
     pp = sub.add_parser("pairs", help="propose stage-aligned student/teacher tap pairs")
     pp.add_argument("student", help="zoo model name")
@@ -74,10 +74,8 @@ def _split_overrides(args: argparse.Namespace) -> list[str]:
 def _list(what: str) -> None:
     from darkknowledge.config import recipe_names
     from darkknowledge.data import list_datasets
-    from darkknowledge.describe import list_losses_text
+    from darkknowledge.describe import list_losses_text, list_schemes_text
     from darkknowledge.models import list_models
-    from darkknowledge.schemes import SCHEMES
-
     if what in ("all", "losses"):
         _out("losses:  (name, knowledge, needs, citation; `dk explain NAME` for details)")
         for line in list_losses_text():
@@ -93,10 +91,9 @@ def _list(what: str) -> None:
         _out("recipes:")
         _out("  " + ", ".join(recipe_names()))
     if what in ("all", "schemes"):
-        _out("schemes:")
-        for name, cls in SCHEMES.items():
-            _out(f"  {name:<14} {cls.summary}")
-            _out(f"  {'':<14} {cls.citation}")
+        _out("schemes:  (name, how knowledge flows, citation; `dk explain NAME` for details)")
+        for line in list_schemes_text():
+            _out(line)
 
 
 def _setup_logging(quiet: bool, verbose: bool = False) -> None:
@@ -141,7 +138,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("explain", "pairs"):
         from darkknowledge import describe
 
-        _out(describe.explain_loss(args.loss) if args.command == "explain"
+        _out(describe.explain(args.loss) if args.command == "explain"
              else describe.pairs_text(args.student, args.teacher, args.data))
         return 0
     if args.command == "eval":

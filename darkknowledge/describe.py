@@ -73,6 +73,53 @@ def explain_loss(name: str) -> str:
     return "\n".join(lines)
 
 
+def list_schemes_text() -> list[str]:
+    """Two lines per registered scheme: name and how knowledge flows, then the citation."""
+    from darkknowledge.schemes import SCHEMES
+
+    lines = []
+    for name, cls in SCHEMES.items():
+        lines += [f"  {name:<14} {cls.summary}", f"  {'':<14} {cls.citation}"]
+    return lines
+
+
+def explain_scheme(name: str) -> str:
+    """Docstrings and ``scheme.params`` (with defaults) of scheme ``name``."""
+    from darkknowledge.schemes import SCHEMES
+
+    cls = SCHEMES.get(name)
+    module_doc = inspect.getdoc(inspect.getmodule(cls)) or ""
+    class_doc = inspect.getdoc(cls) or ""
+    lines = [f"{name} (scheme): {cls.summary} — {cls.citation}", ""]
+    if module_doc:
+        lines += [module_doc, ""]
+    if class_doc and class_doc not in module_doc:
+        lines += [class_doc, ""]
+    params = signature_fields(cls.params_fn(), exclude=("ctx", "seed"))
+    lines.append("parameters (recipe: scheme: {name: " + name + ", params: {...}}):" if params
+                 else "parameters: none")
+    for pname, (ann, default) in params.items():
+        lines.append(f"  {pname:<16} {_format_default(default):<14} {_format_type(ann)}")
+    if name in recipe_names():
+        lines.append(f"recipe: dk run {name}  (baseline vs the scheme over seeds), dk distill {name}")
+    return "\n".join(lines)
+
+
+def explain(name: str) -> str:
+    """``dk explain NAME``: a loss or a scheme."""
+    from darkknowledge.schemes import SCHEMES
+
+    if name in SCHEMES and name not in LOSSES:
+        return explain_scheme(name)
+    if name in LOSSES:
+        return explain_loss(name)
+    from darkknowledge.errors import RegistryError, did_you_mean
+
+    known = sorted({*LOSSES.names(), *SCHEMES.names()})
+    raise RegistryError(f"unknown loss or scheme {name!r}.{did_you_mean(name, known)} "
+                        f"Losses: {', '.join(LOSSES.names())}. Schemes: {', '.join(SCHEMES.names())}.")
+
+
 def pairs_text(student: str, teacher: str, data: str) -> str:
     """Proposed tap pairs for two zoo models on a dataset's input shape (``dk pairs``)."""
     import torch
