@@ -128,7 +128,7 @@ def distill(
         raise ConfigError(f"dk.distill trains offline (a given teacher teaches the student); scheme "
                           f"{cfg.scheme.name!r} runs from a recipe: `dk distill {cfg.scheme.name}` or "
                           "darkknowledge.commands.distill(load_config(...))")
-    scheme = Offline(model, build_objective(cfg.losses), t_mod)
+    scheme = Offline(model, build_objective(cfg.losses), t_mod, cache=cfg.cache)
     entry = s.train_stage(stage, "student", scheme, seed, with_transfer=True, label="+".join(cfg.losses))[0]
     return {"model": model, "student": entry, "teacher": t_entry, "spec": model_spec(model)}
 

@@ -101,6 +101,23 @@ class TeacherConfig(ModelConfig):
     reuse: bool = Field(default=True, description="reuse a cached teacher trained with the same settings")
 
 
+class CacheConfig(_Strict):
+    """Teacher-output cache: the frozen teacher's outputs computed once, then read by index.
+
+    ``cache: true`` in a recipe switches it on with these defaults.
+    """
+
+    enabled: bool = False
+    dtype: Literal["fp16", "bf16", "fp32"] = Field(default="fp16", description="storage dtype of cached tensors")
+    topk: int | None = Field(default=None, gt=0, description="keep only the top-k logits (+ the rest's mass)")
+    views: int = Field(default=4, ge=0, description="augmented views cached per sample (FKD); 0 = live teacher "
+                       "whenever data.augment is on")
+    memory_limit_mb: float = Field(default=1024.0, ge=0.0, description="larger caches are memory-mapped from disk")
+    taps: list[str] | None = Field(default=None, description="teacher taps to cache (default: what the losses need)")
+    logits: bool | None = Field(default=None, description="cache logits (default: when a loss needs them)")
+    seed: int = Field(default=0, ge=0, description="seed of the cached views' augmentation draws")
+
+
 class SchemeConfig(_Strict):
     """Who teaches whom: a registered scheme (``dk list schemes``) and its parameters.
 
@@ -126,11 +143,17 @@ class RunConfig(_Strict):
     student: ModelConfig = Field(default_factory=lambda: ModelConfig(name="mlp"))
     losses: dict[str, dict[str, Any] | None] = Field(default_factory=lambda: {"kd": {}})
     train: TrainConfig = Field(default_factory=TrainConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
 
     @pydantic.field_validator("scheme", mode="before")
     @classmethod
     def _scheme_name(cls, value: Any) -> Any:
         return {"name": value} if isinstance(value, str) else value
+
+    @pydantic.field_validator("cache", mode="before")
+    @classmethod
+    def _cache_switch(cls, value: Any) -> Any:
+        return {"enabled": value} if isinstance(value, bool) else value
 
     def teacher_train(self, spec: TeacherConfig | None = None, where: str = "teacher") -> TrainConfig:
         """A teacher's training settings: ``train`` with ``<teacher>.train`` merged over it."""

@@ -133,6 +133,8 @@ class Session:
             "best_acc": result.best["top1"], "best_epoch": result.best["epoch"],
             "best_selected_on": result.best["selected_on"],
         }
+        if "cache" in scheme.describe():
+            entry["teacher_cache"] = scheme.describe()["cache"]
         entries = [entry]
         for name, member in models.items():
             if name == primary:

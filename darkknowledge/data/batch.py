@@ -18,11 +18,14 @@ class Batch:
         x: Inputs, ``(B, *input_shape)``.
         y: Integer labels ``(B,)``; ``UNLABELED`` (-1) where a sample has no label.
         idx: Index of each sample in its dataset ``(B,)`` (for memory banks and caches).
+        view: Which cached augmented view of each sample ``x`` is ``(B,)``, when the loader
+            replays a teacher-output cache's views; else None.
     """
 
     x: torch.Tensor
     y: torch.Tensor
     idx: torch.Tensor
+    view: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """Move every tensor to ``device``."""
@@ -30,6 +33,7 @@ class Batch:
             self.x.to(device, non_blocking=non_blocking),
             self.y.to(device, non_blocking=non_blocking),
             self.idx.to(device, non_blocking=non_blocking),
+            None if self.view is None else self.view.to(device, non_blocking=non_blocking),
         )
 
     def __len__(self) -> int:

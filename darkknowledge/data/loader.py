@@ -17,7 +17,7 @@ tolerate a zero-size batch (e.g. contribute a zero loss) or use ``drop_last=True
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -30,6 +30,10 @@ from darkknowledge.data.seeds import AUGMENT_STREAM, PERMUTATION_STREAM, make_ge
 from darkknowledge.errors import ConfigError
 
 logger = logging.getLogger(__name__)
+
+Replay = Callable[[torch.Tensor, int], tuple[AugmentParams, torch.Tensor]]
+"""``replay(idx (b,), epoch) -> (augment params of those b samples, view id (b,))``: the views a
+teacher-output cache holds, so the student sees exactly the view the teacher saw."""
 
 _Plan = list[tuple[int, torch.Tensor, tuple[int, int]]]
 """Per batch: (batch index, global batch indices (b,), this rank's [start, stop) rows)."""
@@ -116,6 +120,18 @@ class BatchLoader:
         self.epoch = 0
         self._num_samples = len(data)  # type: ignore[arg-type]
         self._norm = self._norm_tensors(normalize)
+        self._normalize_arg = normalize
+        self.replay: Replay | None = None
+        """When set, augmentation replays given views instead of drawing new ones (see ``Replay``)."""
+
+    def variant(self, **changes: Any) -> BatchLoader:
+        """A loader over the same data and preprocessing with some arguments changed
+        (e.g. ``shuffle=False, augment=None, rank=0, world_size=1``)."""
+        kwargs = dict(batch_size=self.batch_size, shuffle=self.shuffle, seed=self.seed, drop_last=self.drop_last,
+                      rank=self.rank, world_size=self.world_size, augment=self.augment,
+                      normalize=self._normalize_arg, device=self.device, num_workers=self.num_workers)
+        kwargs.update(changes)
+        return BatchLoader(self.data, **kwargs)
 
     @staticmethod
     def _norm_tensors(
@@ -243,12 +259,19 @@ class BatchLoader:
             x = x.float() / 255.0  # (b, C, H, W) in [0, 1]
         elif not x.is_floating_point():
             x = x.float()
-        params = self.augment_params(k, epoch)
-        if self.augment is not None and params is not None:
+        view = None
+        if self.replay is not None:
+            params, view = self.replay(idx.cpu(), epoch)
+            view = view.to(x.device)
+            if self.augment is not None and params:
+                x = self.augment.apply(x, params_to(params, x.device, non_blocking=True))
+        elif self.augment is not None:
+            params = self.augment_params(k, epoch)
+            assert params is not None
             x = self.augment.apply(x, params_to(slice_params(params, lo, hi), x.device, non_blocking=True))
         if self._norm is not None:
             x = self._normalize(x)
-        return Batch(x, y, idx)
+        return Batch(x, y, idx, view)
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         assert self._norm is not None

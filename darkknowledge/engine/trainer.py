@@ -187,6 +187,7 @@ class Trainer:
         """Train for ``cfg.epochs`` (continuing from ``last.pt`` when ``resume``)."""
         cfg, device, loader = self.cfg, self.device, self.train_loader
         self.scheme.to(device)
+        self.scheme.attach(loader, self.dist)  # e.g. a teacher-output cache; before the first batch is drawn
         loader.set_epoch(0)
         first = next(iter(loader))
         info = SetupInfo(num_samples=len(loader.data), batch_size=len(first), epochs=cfg.epochs)

@@ -78,6 +78,10 @@ class Scheme:
         """Everything trainable, in one module."""
         raise NotImplementedError
 
+    def attach(self, loader: Any, dist: Any = None) -> None:
+        """Called with the training loader at the start of every fit, resumed or not (e.g. to
+        load or build a teacher-output cache and let the loader replay its views)."""
+
     def setup(self, batch: Batch, info: SetupInfo | None = None) -> None:
         """Dry run on one batch: probe shapes, build adapters, fail early on misfits."""
 

@@ -7,6 +7,7 @@ teacher is trained first, then frozen; knowledge flows one way. With no teacher 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -21,10 +22,14 @@ from darkknowledge.losses.objective import Objective
 from darkknowledge.models import count_params
 from darkknowledge.schemes.base import SCHEMES, Scheme
 from darkknowledge.taps import FeatureTaps, unwrap, validate_taps
+from darkknowledge.teachers.cache import CacheSpec, TeacherOutputCache, load_or_build
 from darkknowledge.teachers.frozen import FrozenTeacher
 
 if TYPE_CHECKING:
+    from darkknowledge.config import CacheConfig
     from darkknowledge.schemes.context import SchemeContext
+
+log = logging.getLogger(__name__)
 
 
 class StudentObjective(nn.Module):
@@ -66,6 +71,9 @@ class Offline(Scheme):
         student: The model to train.
         objective: The weighted loss terms.
         teacher: A trained model, or None when the objective needs no teacher.
+        cache: Teacher-output cache settings; when enabled the teacher's outputs are
+            computed once (``darkknowledge.teachers.cache``) and the teacher is skipped
+            during training.
     """
 
     registry_name = "offline"
@@ -76,7 +84,7 @@ class Offline(Scheme):
     def build(cls, ctx: SchemeContext, seed: int) -> Offline:
         """The recipe's student (seed's init), objective and pre-trained teacher."""
         teacher = ctx.teacher() if ctx.cfg.teacher is not None else None
-        return cls(ctx.student(seed), ctx.objective(), teacher)
+        return cls(ctx.student(seed), ctx.objective(), teacher, cache=ctx.cfg.cache)
 
     @classmethod
     def run(cls, ctx: SchemeContext, seed: int) -> list[dict[str, Any]]:
@@ -85,7 +93,8 @@ class Offline(Scheme):
         label = "+".join(ctx.cfg.losses)
         return ctx.train(ctx.stage_name(seed), scheme, seed, with_transfer=True, label=label)
 
-    def __init__(self, student: nn.Module, objective: Objective, teacher: nn.Module | None = None) -> None:
+    def __init__(self, student: nn.Module, objective: Objective, teacher: nn.Module | None = None,
+                 cache: CacheConfig | None = None) -> None:
         needs = objective.bind(student, teacher)
         if needs.teacher and teacher is None:
             raise ShapeError(f"losses {list(objective.terms)} need a teacher, but none was given")
@@ -96,6 +105,8 @@ class Offline(Scheme):
             validate_taps(teacher, needs.teacher_taps)
             self.teacher = FrozenTeacher(teacher, needs.teacher_taps, need_logits=needs.teacher_logits)
         self._module = StudentObjective(unwrap(student), objective, needs.student_taps)
+        self.cache_cfg = cache if cache is not None and cache.enabled and self.teacher is not None else None
+        self.cache: TeacherOutputCache | None = None
 
     @property
     def module(self) -> nn.Module:
@@ -106,6 +117,33 @@ class Offline(Scheme):
         if self.teacher is not None:
             self.teacher.to(device)
         return self
+
+    def attach(self, loader: Any, dist: Any = None) -> None:
+        """Load or build the teacher-output cache for this loader's data (when enabled).
+
+        With augmentation the cache holds ``cache.views`` views per sample and the loader
+        replays them; with ``cache.views: 0`` the teacher runs live instead.
+        """
+        cfg = self.cache_cfg
+        if cfg is None or self.teacher is None:
+            return
+        augment = getattr(loader, "augment", None)
+        if augment is not None and cfg.views == 0:
+            log.info("data.augment is on and cache.views is 0: the teacher runs live on every augmented view")
+            return
+        needs = self.needs
+        spec = CacheSpec(logits=needs.teacher_logits if cfg.logits is None else cfg.logits,
+                         taps=needs.teacher_taps if cfg.taps is None else tuple(cfg.taps),
+                         dtype=cfg.dtype, topk=cfg.topk, views=cfg.views if augment is not None else 1)
+        spec.check_holds(needs.teacher_logits, needs.teacher_taps)
+        builder = self.teacher
+        if spec.taps != needs.teacher_taps or spec.logits != needs.teacher_logits:
+            validate_taps(self.teacher.model, spec.taps)
+            builder = FrozenTeacher(self.teacher.model, spec.taps, need_logits=spec.logits)
+        self.cache = load_or_build(builder, loader, spec, augment=augment, seed=cfg.seed,
+                                   memory_limit_mb=cfg.memory_limit_mb, dist=dist)
+        if augment is not None:
+            loader.replay = self.cache.replay(loader.seed)
 
     def setup(self, batch: Batch, info: SetupInfo | None = None) -> None:
         """Dry run: teacher and student outputs on one batch -> build adapters, check shapes."""
@@ -129,6 +167,8 @@ class Offline(Scheme):
         self._module.objective.pretrain(lambda: (teacher(batch.x) for batch in loader))
 
     def teacher_outputs(self, batch: Batch) -> Outputs | None:
+        if self.cache is not None:
+            return self.cache.outputs(batch.idx, batch.view, batch.x.device)
         return self.teacher(batch.x) if self.teacher is not None else None
 
     def eval_models(self) -> dict[str, nn.Module]:
@@ -138,4 +178,7 @@ class Offline(Scheme):
         return self.teacher.hash if self.teacher is not None else None
 
     def describe(self) -> dict[str, Any]:
-        return {"adapter_params": count_params(self._module.objective), "losses": list(self._module.objective.terms)}
+        facts = {"adapter_params": count_params(self._module.objective), "losses": list(self._module.objective.terms)}
+        if self.cache is not None:
+            facts["cache"] = self.cache.describe()
+        return facts

@@ -1,0 +1,333 @@
+"""Teacher-output cache: a frozen teacher's outputs computed once, then read by sample index.
+
+In offline distillation the teacher's forward pass is pure overhead. The cache stores
+exactly what the objective reads from the teacher (logits and/or tapped features) for every
+training sample, in a compact dtype, and the student trains from it without running the
+teacher at all.
+
+Identity. A cache lives in ``$DK_CACHE/teacher_outputs/<key>/`` where the key hashes the
+teacher's weights, the training tensors (transfer set included), the input normalisation,
+the augmentation settings, the number of views and their seed, and what is stored (logits,
+taps, dtype, top-k). Any change gives another key; ``meta.json`` repeats the ingredients and
+is checked on load, so a stale or foreign cache is never read silently (it is rebuilt).
+
+Augmentation (FKD-style, Shen & Xing, "A Fast Knowledge Distillation Framework for Visual
+Recognition", ECCV 2022 / arXiv 2021). With random augmentation a cached output is only
+right for the view the teacher saw. The cache holds ``views`` augmented views per sample,
+each with its augmentation parameters; each epoch every sample is shown one of them
+(drawn from ``(loader seed, epoch)``), and the loader applies exactly that view's parameters
+to the student's input (``BatchLoader.replay``) while the cache returns that view's teacher
+outputs. A student view is never paired with another view's teacher outputs.
+
+Storage. ``.npy`` files, one per tensor, each ``(V, N, ...)``: ``logits`` (V, N, K), or with
+``topk`` ``topk_logp`` / ``topk_index`` (V, N, k) and ``rest`` (V, N) (the probability mass
+outside the top k); ``feat.<i>`` (V, N, ...) per tap; ``aug.<name>`` (V, N, ...) per
+augmentation parameter. Held in memory up to ``memory_limit_mb``, memory-mapped beyond.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from darkknowledge.data.augment import Augment, AugmentParams
+from darkknowledge.data.bundle import TensorData
+from darkknowledge.data.cache import cache_dir
+from darkknowledge.data.fingerprint import update_with_tensor
+from darkknowledge.data.seeds import make_generator
+from darkknowledge.errors import ConfigError
+from darkknowledge.losses.base import Outputs
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+VIEW_STREAM = 3
+"""Stream tag of the per-epoch choice of cached view."""
+CACHE_BUILD_STREAM = 4
+"""Stream tag of the cached views' augmentation draws."""
+_NP_DTYPE = {"fp16": np.float16, "bf16": np.uint16, "fp32": np.float32}  # bf16 kept as its raw 16 bits
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What a cache holds.
+
+    Attributes:
+        logits: Store the teacher's logits.
+        taps: Teacher module paths whose features are stored.
+        dtype: Storage dtype of logits and features (``fp16``, ``bf16``, ``fp32``).
+        topk: Keep only the top-k log-probabilities (+ the rest's mass); None keeps all logits.
+        views: Augmented views per sample (1 without augmentation).
+    """
+
+    logits: bool
+    taps: tuple[str, ...] = ()
+    dtype: str = "fp16"
+    topk: int | None = None
+    views: int = 1
+
+    def check_holds(self, logits: bool, taps: tuple[str, ...], where: str = "cache") -> None:
+        """Fail early (before building) when the losses need something this spec leaves out."""
+        if logits and not self.logits:
+            raise ConfigError(f"{where}: the losses need the teacher's logits but the cache holds none "
+                              "(set cache.logits: true or leave it unset)")
+        missing = [t for t in taps if t not in self.taps]
+        if missing:
+            raise ConfigError(f"{where}: the losses need teacher taps {missing} but the cache holds only "
+                              f"{list(self.taps)}; add them to cache.taps or leave cache.taps unset")
+
+
+def _to_storage(t: torch.Tensor, dtype: str) -> np.ndarray:
+    if dtype == "bf16":
+        return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return t.to(torch.float16 if dtype == "fp16" else torch.float32).numpy()
+
+
+def _from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
+    if dtype == "bf16":
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def topk_compress(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k log-probabilities ``(B, k)``, their class indices ``(B, k)`` and the rest's mass ``(B,)``."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, K)
+    values, index = logp.topk(k, dim=-1)  # (B, k) each
+    rest = (1.0 - values.exp().sum(-1)).clamp_min(0.0)  # (B,)
+    return values, index, rest
+
+
+def topk_expand(values: torch.Tensor, index: torch.Tensor, rest: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Logits ``(B, K)`` whose softmax is the stored top-k probabilities, with the remaining
+    mass spread evenly over the other classes (exact at T=1; an approximation at other T)."""
+    k = values.shape[-1]
+    other = (rest / max(1, num_classes - k)).clamp_min(1e-12).log()  # (B,)
+    full = other.unsqueeze(-1).expand(values.shape[0], num_classes).clone()  # (B, K)
+    return full.scatter_(-1, index.long(), values.float())
+
+
+def cache_key(ingredients: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(ingredients, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def data_identity(data: TensorData) -> str:
+    """Hash of the training tensors' bytes (inputs and labels, transfer set included)."""
+    h = hashlib.sha256()
+    update_with_tensor(h, data.x)
+    update_with_tensor(h, data.y)
+    return h.hexdigest()[:20]
+
+
+class TeacherOutputCache:
+    """Stored teacher outputs of every (view, sample); see the module docstring.
+
+    Args:
+        path: The cache folder (``meta.json`` and the ``.npy`` files).
+        memory_limit_mb: Load into memory up to this size, memory-map beyond.
+    """
+
+    def __init__(self, path: Path, memory_limit_mb: float = 1024.0) -> None:
+        self.path = Path(path)
+        self.meta = json.loads((self.path / "meta.json").read_text())
+        total = sum(f.stat().st_size for f in self.path.glob("*.npy"))
+        self.mapped = total > memory_limit_mb * 2**20
+        mode = "r" if self.mapped else None
+        self.arrays = {f.stem: np.load(f, mmap_mode=mode) for f in sorted(self.path.glob("*.npy"))}
+        self.nbytes = total
+        self.spec = CacheSpec(**{**self.meta["spec"], "taps": tuple(self.meta["spec"]["taps"])})
+        self.num_samples = int(self.meta["num_samples"])
+        self.num_classes = int(self.meta.get("num_classes", 0))
+        self.aug_keys = tuple(self.meta.get("aug_keys", ()))
+        self.build_seconds = float(self.meta.get("build_seconds", 0.0))
+        self.reused = False
+
+    # ------------------------------------------------------------ reading
+    def _rows(self, name: str, view: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        return self.arrays[name][view, idx]
+
+    def outputs(self, idx: torch.Tensor, view: torch.Tensor | None, device: torch.device) -> Outputs:
+        """The teacher's outputs for samples ``idx`` ``(B,)`` seen as views ``view`` ``(B,)``.
+
+        Returns float32 tensors on ``device``: logits ``(B, K)`` and features by tap path.
+        """
+        i = idx.cpu().numpy()
+        v = np.zeros_like(i) if view is None else view.cpu().numpy()
+        dtype = self.spec.dtype
+        logits = None
+        if self.spec.logits and self.spec.topk:
+            logits = topk_expand(torch.from_numpy(self._rows("topk_logp", v, i)),
+                                 torch.from_numpy(self._rows("topk_index", v, i)),
+                                 torch.from_numpy(self._rows("rest", v, i)), self.num_classes)
+        elif self.spec.logits:
+            logits = _from_storage(self._rows("logits", v, i), dtype).float()
+        feats = {tap: _from_storage(self._rows(f"feat.{n}", v, i), dtype).float().to(device, non_blocking=True)
+                 for n, tap in enumerate(self.spec.taps)}
+        return Outputs(logits=None if logits is None else logits.to(device, non_blocking=True), features=feats)
+
+    def view_params(self, idx: torch.Tensor, view: torch.Tensor) -> AugmentParams:
+        """The stored augmentation parameters of samples ``idx`` as views ``view`` (CPU tensors)."""
+        i, v = idx.numpy(), view.numpy()
+        return {k: torch.from_numpy(np.ascontiguousarray(self._rows(f"aug.{k}", v, i))) for k in self.aug_keys}
+
+    def replay(self, seed: int) -> Any:
+        """A ``BatchLoader.replay`` function: each epoch, sample i is shown view
+        ``randint(V)`` drawn from ``(seed, epoch)``, with that view's stored parameters."""
+        views, n = self.spec.views, self.num_samples
+        chosen: dict[int, torch.Tensor] = {}
+
+        def replay(idx: torch.Tensor, epoch: int) -> tuple[AugmentParams, torch.Tensor]:
+            if epoch not in chosen:
+                chosen.clear()
+                chosen[epoch] = torch.randint(views, (n,), generator=make_generator(seed, epoch, VIEW_STREAM))
+            view = chosen[epoch][idx]  # (b,)
+            return self.view_params(idx, view), view
+
+        return replay
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for the report: size, where, how it is held."""
+        return {"path": str(self.path), "size_mb": round(self.nbytes / 2**20, 3), "mapped": self.mapped,
+                "views": self.spec.views, "dtype": self.spec.dtype, "topk": self.spec.topk,
+                "build_seconds": round(self.build_seconds, 3), "reused": self.reused}
+
+
+# ---------------------------------------------------------------- building
+def _batches(teacher: Any, loader: Any, views: int, augment: Augment | None, params: list[AugmentParams]
+             ) -> Iterator[tuple[int, torch.Tensor, Outputs]]:
+    for v in range(views):
+        if augment is not None:
+            loader.replay = lambda idx, epoch, v=v: ({k: t[idx] for k, t in params[v].items()},
+                                                     torch.full_like(idx, v))
+        for batch in loader:
+            yield v, batch.idx.cpu(), teacher(batch.x)
+
+
+def build_cache(teacher: Any, loader: Any, spec: CacheSpec, folder: Path, *, augment: Augment | None,
+                seed: int, ingredients: dict[str, Any]) -> None:
+    """Compute every (view, sample) of ``loader.data`` with ``teacher`` and write ``folder``.
+
+    The arrays are written memory-mapped into a temporary folder beside ``folder``, which is
+    renamed into place at the end: readers see a whole cache or none.
+    """
+    data = loader.data
+    n = len(data)
+    ordered = loader.variant(shuffle=False, augment=augment, rank=0, world_size=1, drop_last=False)
+    params: list[AugmentParams] = []
+    if augment is not None:
+        shape = tuple(data.x.shape[1:])
+        params = [augment.draw(n, make_generator(seed, v, CACHE_BUILD_STREAM), shape) for v in range(spec.views)]
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    start = time.perf_counter()
+    arrays: dict[str, np.ndarray] = {}
+
+    def alloc(name: str, row: np.ndarray) -> np.ndarray:
+        if name not in arrays:
+            arrays[name] = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=row.dtype,
+                                                     shape=(spec.views, n, *row.shape[1:]))
+        return arrays[name]
+
+    num_classes = 0
+    try:
+        for v, idx, out in _batches(teacher, ordered, spec.views, augment, params):
+            i = idx.numpy()
+            if spec.logits:
+                if out.logits is None:
+                    raise ConfigError("cache: the teacher produced no logits to cache")
+                num_classes = int(out.logits.shape[-1])
+                if spec.topk:
+                    if spec.topk > num_classes:
+                        raise ConfigError(f"cache.topk={spec.topk} exceeds the {num_classes} classes")
+                    values, index, rest = topk_compress(out.logits.cpu(), spec.topk)
+                    for name, t in (("topk_logp", values.half()), ("topk_index", index.int()), ("rest", rest)):
+                        a = t.numpy()
+                        alloc(name, a)[v, i] = a
+                else:
+                    a = _to_storage(out.logits.cpu(), spec.dtype)
+                    alloc("logits", a)[v, i] = a
+            for k, tap in enumerate(spec.taps):
+                if tap not in out.features:
+                    raise ConfigError(f"cache: the teacher recorded no feature at tap {tap!r}")
+                a = _to_storage(out.features[tap].cpu(), spec.dtype)
+                alloc(f"feat.{k}", a)[v, i] = a
+        for v, p in enumerate(params):
+            for k, t in p.items():
+                a = t.numpy()
+                alloc(f"aug.{k}", a)[v] = a
+        for a in arrays.values():
+            a.flush()
+        arrays.clear()
+        meta = {"format": FORMAT, "ingredients": ingredients, "spec": dataclasses.asdict(spec),
+                "num_samples": n, "num_classes": num_classes, "aug_keys": sorted(params[0]) if params else [],
+                "build_seconds": time.perf_counter() - start}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        arrays.clear()
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cache_root() -> Path:
+    return cache_dir() / "teacher_outputs"
+
+
+def load_or_build(teacher: Any, loader: Any, spec: CacheSpec, *, augment: Augment | None, seed: int,
+                  memory_limit_mb: float, dist: Any = None, root: Path | None = None) -> TeacherOutputCache:
+    """The cache for this teacher, data and spec: read when present and valid, else built
+    (by rank 0; the other ranks wait at a barrier and then read the same files)."""
+    if not isinstance(loader.data, TensorData):
+        raise ConfigError("cache: the teacher-output cache needs an in-memory tensor dataset")
+    ingredients = {
+        "format": FORMAT, "teacher": teacher.hash, "data": data_identity(loader.data),
+        "normalize": [list(map(float, t)) for t in loader._norm] if loader._norm is not None else None,
+        "augment": dataclasses.asdict(augment) if augment is not None else None,
+        "seed": seed if augment is not None else None, "spec": dataclasses.asdict(spec),
+    }
+    ingredients = json.loads(json.dumps(ingredients))  # tuples -> lists, as meta.json holds them
+    folder = (root or cache_root()) / cache_key(ingredients)
+    main = dist is None or dist.is_main
+    reused = True
+    if main and not _valid(folder, ingredients):
+        log.info("building the teacher-output cache (%d samples x %d views) in %s", len(loader.data), spec.views, folder)
+        build_cache(teacher, loader, spec, folder, augment=augment, seed=seed, ingredients=ingredients)
+        reused = False
+    if dist is not None:
+        dist.barrier()
+    if not _valid(folder, ingredients):
+        raise ConfigError(f"cache: {folder} is missing or does not match this teacher and data after building")
+    cache = TeacherOutputCache(folder, memory_limit_mb)
+    cache.reused = reused
+    log.info("teacher-output cache %s: %.1f MB (%s)", folder.name, cache.nbytes / 2**20,
+             "memory-mapped" if cache.mapped else "in memory")
+    return cache
+
+
+def _valid(folder: Path, ingredients: dict[str, Any]) -> bool:
+    meta_path = folder / "meta.json"
+    if not meta_path.is_file():
+        return False
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError:
+        log.warning("teacher-output cache %s has an unreadable meta.json; rebuilding it", folder)
+        return False
+    if meta.get("ingredients") != ingredients:
+        log.warning("teacher-output cache %s was made for another teacher, data or spec; rebuilding it", folder)
+        return False
+    return True
