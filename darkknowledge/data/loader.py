@@ -122,6 +122,8 @@ class BatchLoader:
         self._norm = self._norm_tensors(normalize)
         self._normalize_arg = normalize
         self.replay: Replay | None = None
+        self.channels_last = False
+        """Deliver 4-D inputs in the ``channels_last`` memory format."""
         """When set, augmentation replays given views instead of drawing new ones (see ``Replay``)."""
 
     def variant(self, **changes: Any) -> BatchLoader:
@@ -271,6 +273,8 @@ class BatchLoader:
             x = self.augment.apply(x, params_to(slice_params(params, lo, hi), x.device, non_blocking=True))
         if self._norm is not None:
             x = self._normalize(x)
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         return Batch(x, y, idx, view)
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:

@@ -52,6 +52,8 @@ class StageResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     train_seconds: float = 0.0
     steps: int = 0
+    epoch_seconds: list[float] = field(default_factory=list)
+    """Training wall time of each epoch run by this call (evaluation excluded)."""
 
 
 class Trainer:
@@ -196,6 +198,11 @@ class Trainer:
         if not (resume and ckpt is not None and ckpt.is_file()):
             self.scheme.prepare(loader)  # losses' pre-training stages; a resumed run has them in last.pt
             loader.set_epoch(0)
+        if cfg.channels_last:
+            self.scheme.channels_last()
+            loader.channels_last = True
+        if cfg.compile:
+            self.scheme.compile()
         module = self.scheme.module
         model: nn.Module = module
         if self.dist.enabled:
@@ -211,7 +218,7 @@ class Trainer:
         for epoch in range(start_epoch, cfg.epochs):
             loader.set_epoch(epoch)
             module.train()
-            t0 = time.perf_counter()
+            t0 = epoch_start = time.perf_counter()
             sums: dict[str, torch.Tensor] = {}
             n_batches = len(loader)
             batches = loader.iter_from(start_batch) if start_batch else iter(loader)
@@ -248,8 +255,9 @@ class Trainer:
                     t0 = time.perf_counter()
                     self._save("last.pt", self._state(epoch, b + 1, step, result, opt, sched, scaler))
             start_batch = 0
+            means = self._epoch_means(sums, n_batches - first_batch)  # one host sync per epoch (waits for the device)
             result.train_seconds += time.perf_counter() - t0
-            means = self._epoch_means(sums, n_batches - first_batch)  # one host sync per epoch
+            result.epoch_seconds.append(time.perf_counter() - epoch_start)
             if not math.isfinite(means.get("loss", 0.0)):
                 raise FloatingPointError(
                     f"[{self.stage}] the loss became {means['loss']} in epoch {epoch + 1}; "

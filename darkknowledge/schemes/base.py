@@ -101,6 +101,16 @@ class Scheme:
         """Loss of one step. ``model`` is ``module``, possibly DDP-wrapped."""
         return model(batch, self.teacher_outputs(batch), epoch_progress)
 
+    def compile(self) -> None:
+        """``torch.compile`` the evaluated models in place (``train.compile: true``); state-dict
+        keys, hooks and checkpoints are unchanged."""
+        for model in {id(m): m for m in self.eval_models().values()}.values():
+            model.compile()
+
+    def channels_last(self) -> None:
+        """Use the ``channels_last`` memory format for every model (``train.channels_last``)."""
+        self.module.to(memory_format=torch.channels_last)
+
     def after_step(self) -> None:
         """Called after every optimizer step (e.g. to update an EMA teacher)."""
 

@@ -145,6 +145,17 @@ class Offline(Scheme):
         if augment is not None:
             loader.replay = self.cache.replay(loader.seed)
 
+    def channels_last(self) -> None:
+        super().channels_last()
+        if self.teacher is not None:
+            self.teacher.model.to(memory_format=torch.channels_last)
+
+    def compile(self) -> None:
+        """Compile the student and, unless its outputs are cached, the teacher."""
+        super().compile()
+        if self.teacher is not None and self.cache is None:
+            self.teacher.model.compile()
+
     def setup(self, batch: Batch, info: SetupInfo | None = None) -> None:
         """Dry run: teacher and student outputs on one batch -> build adapters, check shapes."""
         module = self._module

@@ -1,0 +1,266 @@
+"""How close darkknowledge's training loop sits to the limit: plain student training.
+
+Runs, in one process and interleaved (round-robin, one repetition of every variant after
+another), on the same data and models:
+
+* ``hand_plain``   a minimal hand-written PyTorch loop training the student with CE (the limit);
+* ``dk_plain``     darkknowledge training the same student with CE;
+* ``teacher_fwd``  the teacher's forward pass alone over the epoch (inference mode);
+* ``dk_kd_live``   darkknowledge KD with the live teacher;
+* ``dk_kd_cached`` darkknowledge KD reading the teacher-output cache (the cache's one-time
+  build is timed and reported separately).
+
+After one untimed warm-up round, each of ``--reps`` (>= 3) rounds runs one epoch of every
+variant; the table shows the median over the rounds of seconds per epoch, and the ratios
+
+    dk_plain / hand_plain,  dk_kd_live / (hand_plain + teacher_fwd),  dk_kd_cached / hand_plain
+
+with the process's peak RSS (and peak GPU memory on CUDA). Settings: (a) synthetic
+CIFAR-shaped data (5,000 x 3x32x32, 100 classes), resnet56 -> resnet20, batch 128;
+(b) MNIST-1D, 1-D CNN teacher -> MLP student; (c) FitNet on (a), live vs cached; (d) scaling:
+cached KD on (b)-shaped data with 1x and 10x the samples, the 10x cache memory-mapped from
+disk beyond a memory threshold. ``--json`` also prints one JSON object per setting.
+
+    python benchmarks/speed.py                  # all settings (about 15 minutes on 2 quiet CPU cores)
+    python benchmarks/speed.py --settings b d   # some of them
+    python benchmarks/speed.py --quick          # tiny sizes: checks the script, not the speed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from darkknowledge.build import build_objective
+from darkknowledge.config import CacheConfig, TrainConfig
+from darkknowledge.data import BatchLoader, TensorData
+from darkknowledge.engine.trainer import Trainer
+from darkknowledge.models import create_model
+from darkknowledge.schemes.offline import Offline
+
+
+@dataclass
+class Setting:
+    name: str
+    title: str
+    num_samples: int
+    input_shape: tuple[int, ...]
+    num_classes: int
+    teacher: tuple[str, dict[str, Any]]
+    student: tuple[str, dict[str, Any]]
+    losses: dict[str, Any] = field(default_factory=lambda: {"kd": {"T": 4.0, "alpha": 0.9}})
+    batch_size: int = 128
+    variants: tuple[str, ...] = ("hand_plain", "dk_plain", "teacher_fwd", "dk_kd_live", "dk_kd_cached")
+    memory_limit_mb: float = 1024.0
+
+
+def settings(quick: bool) -> dict[str, Setting]:
+    n_img, n_1d = (256, 512) if quick else (5000, 4000)
+    img_t, img_s = (("resnet8", {}), ("resnet8", {})) if quick else (("resnet56", {}), ("resnet20", {}))
+    return {
+        "a": Setting("a", "synthetic CIFAR-100-shaped, resnet56 -> resnet20", n_img, (3, 32, 32), 100, img_t, img_s),
+        "b": Setting("b", "MNIST-1D-shaped, cnn1d -> mlp", n_1d, (40,), 10, ("cnn1d", {}), ("mlp", {"hidden": [100, 100]})),
+        "c": Setting("c", "FitNet (+KD) on (a), live vs cached", n_img, (3, 32, 32), 100, img_t, img_s,
+                     losses={"fitnet": {"weight": 100.0}, "kd": {"T": 4.0, "alpha": 0.9}},
+                     variants=("hand_plain", "teacher_fwd", "dk_kd_live", "dk_kd_cached")),
+    }
+
+
+def make_data(s: Setting, n: int, seed: int = 0) -> tuple[TensorData, TensorData]:
+    """Random inputs with learnable labels (a fixed random linear rule), train and a small test split."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n + 256, *s.input_shape, generator=g)
+    rule = torch.randn(x[0].numel(), s.num_classes, generator=g)
+    y = (x.flatten(1) @ rule).argmax(1)
+    return TensorData(x[:n], y[:n]), TensorData(x[n:], y[n:])
+
+
+def model(spec: tuple[str, dict[str, Any]], s: Setting, device: torch.device, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    name, params = spec
+    return create_model(name, num_classes=s.num_classes, input_shape=s.input_shape, **params).to(device)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------ the variants
+def hand_plain(s: Setting, data: TensorData, device: torch.device, epochs: int) -> list[float]:
+    """The reference: the plainest correct PyTorch loop (same optimizer, batch and data on device)."""
+    net = model(s.student, s, device, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    x, y = data.x.to(device), data.y.to(device)
+    times = []
+    for epoch in range(epochs):
+        net.train()
+        sync(device)
+        t0 = time.perf_counter()
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(epoch)).to(device)
+        for i in range(0, len(y), s.batch_size):
+            idx = order[i:i + s.batch_size]
+            loss = F.cross_entropy(net(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def teacher_fwd(s: Setting, data: TensorData, device: torch.device, epochs: int) -> list[float]:
+    """The teacher's forward pass alone over one epoch of batches (eval, inference mode)."""
+    net = model(s.teacher, s, device, 0).eval()
+    x = data.x.to(device)
+    times = []
+    for _ in range(epochs):
+        sync(device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for i in range(0, len(x), s.batch_size):
+                net(x[i:i + s.batch_size])
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def dk_run(s: Setting, data: TensorData, test: TensorData, device: torch.device, epochs: int, kind: str,
+           extra: dict[str, float]) -> list[float]:
+    """darkknowledge's Trainer: plain CE, KD with the live teacher, or KD from the cache."""
+    student = model(s.student, s, device, 1)
+    if kind == "plain":
+        scheme = Offline(student, build_objective({"ce": {}}))
+    else:
+        cache = CacheConfig(enabled=kind == "cached", memory_limit_mb=s.memory_limit_mb)
+        scheme = Offline(student, build_objective(s.losses), model(s.teacher, s, device, 0), cache=cache)
+    train = BatchLoader(data, s.batch_size, shuffle=True, seed=0, device=device)
+    evals = BatchLoader(test, 1024, shuffle=False, device=device)
+    cfg = TrainConfig(epochs=epochs, device=device.type, optimizer={"name": "sgd", "lr": 0.05},
+                      scheduler={"name": "constant"})
+    trainer = Trainer(scheme, train, evals, cfg, device, stage=kind, progress=False)
+    result = trainer.fit()
+    if scheme.cache is not None:
+        facts = scheme.cache.describe()
+        extra["cache_mb"] = facts["size_mb"]
+        extra["cache_mapped"] = facts["mapped"]
+        if not facts["reused"]:
+            extra["cache_build_s"] = facts["build_seconds"]
+    return result.epoch_seconds
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far (``ru_maxrss``: bytes on macOS, KiB on Linux)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def run_setting(s: Setting, device: torch.device, reps: int) -> dict[str, Any]:
+    """One untimed warm-up round of every variant, then ``reps`` timed rounds (one epoch of
+    each variant per round, round-robin, so machine noise hits all variants alike); medians."""
+    data, test = make_data(s, s.num_samples)
+    runners: dict[str, Callable[[dict[str, Any]], list[float]]] = {
+        "hand_plain": lambda extra: hand_plain(s, data, device, 1),
+        "teacher_fwd": lambda extra: teacher_fwd(s, data, device, 1),
+        "dk_plain": lambda extra: dk_run(s, data, test, device, 1, "plain", extra),
+        "dk_kd_live": lambda extra: dk_run(s, data, test, device, 1, "live", extra),
+        "dk_kd_cached": lambda extra: dk_run(s, data, test, device, 1, "cached", extra),
+    }
+    times: dict[str, list[float]] = {v: [] for v in s.variants}
+    extra: dict[str, Any] = {}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for round_ in range(reps + 1):
+        for v in s.variants:
+            epoch = runners[v](extra)[-1]
+            if round_:  # round 0 warms up (and builds the cache, timed on its own)
+                times[v].append(epoch)
+    med = {v: statistics.median(t) for v, t in times.items()}
+    out: dict[str, Any] = {"setting": s.name, "title": s.title, "samples": len(data), "reps": reps,
+                           "seconds_per_epoch": {v: round(t, 4) for v, t in med.items()},
+                           "spread": {v: round(max(t) - min(t), 4) for v, t in times.items()}}
+    hand = med["hand_plain"]
+    if "dk_plain" in med:
+        out["dk_plain/hand_plain"] = round(med["dk_plain"] / hand, 3)
+    if "dk_kd_live" in med:
+        out["dk_kd_live/(hand_plain + teacher_fwd)"] = round(med["dk_kd_live"] / (hand + med["teacher_fwd"]), 3)
+    if "dk_kd_cached" in med:
+        out["dk_kd_cached/hand_plain"] = round(med["dk_kd_cached"] / hand, 3)
+    out.update({k: (round(v, 3) if isinstance(v, float) else v) for k, v in extra.items()})
+    out["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    if device.type == "cuda":
+        out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
+
+
+def scaling(quick: bool, device: torch.device, reps: int) -> dict[str, Any]:
+    """Cached KD over 1x and 10x the data: time ~10x, cache memory-mapped beyond the limit."""
+    base = settings(quick)["b"]
+    n = 400 if quick else 4000
+    limit = 3 * n * base.num_classes * 2 / 2**20  # three times the 1x cache (fp16 logits): the 10x one is beyond it
+    small = Setting("d", "scaling: cached KD, 1x vs 10x data", n, base.input_shape, base.num_classes, base.teacher,
+                    base.student, variants=("hand_plain", "dk_kd_cached"), memory_limit_mb=limit)
+    r1 = run_setting(small, device, reps)
+    large = Setting(**{**small.__dict__, "num_samples": 10 * n})
+    r10 = run_setting(large, device, reps)
+    t1, t10 = r1["seconds_per_epoch"]["dk_kd_cached"], r10["seconds_per_epoch"]["dk_kd_cached"]
+    return {"setting": "d", "title": small.title, "samples": [r1["samples"], r10["samples"]],
+            "seconds_per_epoch": {"dk_kd_cached@1x": t1, "dk_kd_cached@10x": t10},
+            "time_10x/1x": round(t10 / t1, 2),
+            "dk_kd_cached/hand_plain": [r1["dk_kd_cached/hand_plain"], r10["dk_kd_cached/hand_plain"]],
+            "cache_mb": [r1.get("cache_mb"), r10.get("cache_mb")],
+            "cache_mapped": [r1.get("cache_mapped"), r10.get("cache_mapped")],
+            "memory_limit_mb": round(limit, 3), "peak_rss_mb": r10["peak_rss_mb"]}
+
+
+def print_table(r: dict[str, Any]) -> None:
+    print(f"\n({r['setting']}) {r['title']}  [{r['samples']} samples]")
+    for v, t in r["seconds_per_epoch"].items():
+        spread = r.get("spread", {}).get(v)
+        print(f"  {v:<18} {t:9.3f} s/epoch" + (f"   (max-min {spread:.3f})" if spread is not None else ""))
+    for key, value in r.items():
+        if "/" in key or key in ("cache_build_s", "cache_mb", "cache_mapped", "peak_rss_mb", "peak_gpu_mb",
+                                 "memory_limit_mb"):
+            print(f"  {key:<40} {value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--settings", nargs="*", default=["a", "b", "c", "d"], choices=["a", "b", "c", "d"])
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions per variant (median reported)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
+    p.add_argument("--json", action="store_true", help="also print one JSON object per setting")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    device = torch.device(args.device)
+    os.environ.setdefault("DK_CACHE", tempfile.mkdtemp(prefix="dk-speed-"))  # a fresh cache: its build is timed
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads visible, "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), device {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    all_settings = settings(args.quick)
+    for name in args.settings:
+        r = scaling(args.quick, device, args.reps) if name == "d" else run_setting(all_settings[name], device, args.reps)
+        print_table(r)
+        if args.json:
+            print(json.dumps(r))
+        sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Engine fast paths: the teacher is skipped when its outputs are cached, channels_last, per-epoch
+timings, and the speed benchmark's output (its figures are not asserted: timing is for benchmarks)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from darkknowledge.build import build_objective
+from darkknowledge.config import CacheConfig, TrainConfig
+from darkknowledge.data import BatchLoader, TensorData
+from darkknowledge.engine.trainer import Trainer
+from darkknowledge.models import create_model
+from darkknowledge.schemes.offline import Offline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _data(n: int, shape: tuple[int, ...]) -> TensorData:
+    g = torch.Generator().manual_seed(0)
+    return TensorData(torch.randn(n, *shape, generator=g), torch.randint(0, 10, (n,), generator=g))
+
+
+def _fit(scheme: Offline, data: TensorData, epochs: int = 2, **train) -> tuple[Trainer, object]:
+    cfg = TrainConfig(epochs=epochs, device="cpu", deterministic=True, optimizer={"name": "sgd", "lr": 0.05}, **train)
+    trainer = Trainer(scheme, BatchLoader(data, 32, seed=0), BatchLoader(data, 64, shuffle=False), cfg,
+                      torch.device("cpu"), progress=False)
+    return trainer, trainer.fit()
+
+
+def _model(name: str, seed: int, shape: tuple[int, ...], **params) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return create_model(name, num_classes=10, input_shape=shape, **params)
+
+
+def test_the_teacher_never_runs_in_training_when_its_outputs_are_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("DK_CACHE", str(tmp_path))
+    data = _data(128, (40,))
+    calls = {}
+    for cached in (False, True):
+        teacher = _model("cnn1d", 0, (40,), channels=8)
+        count = [0]
+        teacher.register_forward_hook(lambda *a, c=count: c.__setitem__(0, c[0] + 1))
+        scheme = Offline(_model("mlp", 1, (40,), hidden=[16]), build_objective({"kd": {}}), teacher,
+                         cache=CacheConfig(enabled=cached))
+        _, result = _fit(scheme, data)
+        calls[cached] = count[0]
+        assert len(result.epoch_seconds) == 2 and all(t > 0 for t in result.epoch_seconds)
+    steps = 2 * 4  # 2 epochs of 128 / 32 batches
+    assert calls[False] == steps + 1  # every step, plus the setup dry run
+    assert calls[True] == 1 + 4  # the dry run and the cache build's one pass (4 batches)
+
+
+def test_channels_last_trains_the_same_model(tmp_path):
+    data = _data(64, (3, 8, 8))
+    weights = []
+    for channels_last in (False, True):
+        scheme = Offline(_model("cnn2d", 1, (3, 8, 8)), build_objective({"kd": {}, "at": {}}),
+                         _model("cnn2d", 0, (3, 8, 8)))
+        _fit(scheme, data, epochs=1, channels_last=channels_last)
+        weights.append(scheme.export_model().state_dict())
+    for k in weights[0]:
+        assert torch.allclose(weights[0][k], weights[1][k], atol=1e-4), k
+
+
+@pytest.mark.slow
+def test_speed_benchmark_prints_the_ratios(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--quick", "--settings", "b", "d", "--reps", "1", "--json"],
+        capture_output=True, text=True, timeout=900, env={**__import__("os").environ, "DK_CACHE": str(tmp_path)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    b, d = rows
+    for key in ("dk_plain/hand_plain", "dk_kd_live/(hand_plain + teacher_fwd)", "dk_kd_cached/hand_plain"):
+        assert b[key] > 0
+    assert b["cache_build_s"] > 0 and b["cache_mb"] > 0 and b["peak_rss_mb"] > 0
+    assert d["samples"][1] == 10 * d["samples"][0]
+    assert d["cache_mapped"] == [False, True]  # the 10x cache is beyond the limit: read from disk
+    assert "dk_kd_cached/hand_plain" in proc.stdout and "machine:" in proc.stdout
+
+
+@pytest.mark.slow
+def test_the_cache_is_built_once_and_shared_under_ddp(tmp_path):
+    from darkknowledge.engine.checkpoint import load_exported
+    from helpers import dk, results, write_recipe
+
+    recipe = write_recipe(tmp_path / "r.yaml", cache=True, seeds=[0])
+    env = {"DK_CACHE": str(tmp_path / "cache")}
+    made = dk("train", str(recipe), "--model", "teacher", "--out", "t", "--quiet", cwd=tmp_path, env=env)
+    assert made.returncode == 0, made.stderr
+    teacher = f"teacher.checkpoint={tmp_path / 't' / 'teacher.pt'}"
+    single = dk("distill", str(recipe), teacher, "--out", "single", "--quiet", cwd=tmp_path, env=env)
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "darkknowledge.cli", "distill", str(recipe), teacher, "--out", "ddp", "--quiet"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**__import__("os").environ, **env},
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    a, b = results(tmp_path / "single")["kd-s0"], results(tmp_path / "ddp")["kd-s0"]
+    assert a["teacher_cache"]["path"] == b["teacher_cache"]["path"]  # the same teacher on the same data: one cache
+    assert b["teacher_cache"]["reused"]
+    assert len(list((tmp_path / "cache" / "teacher_outputs").iterdir())) == 1
+    _, wa = load_exported(tmp_path / "single" / "student.pt")
+    _, wb = load_exported(tmp_path / "ddp" / "student.pt")
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-4), k
