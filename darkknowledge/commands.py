@@ -53,7 +53,8 @@ def compare(cfg: RunConfig, out: str | Path | None = None, resume: bool = False,
         notes.append(f"the distilled student also sees {len(s.bundle.transfer)} unlabeled transfer samples "
                      "(teacher soft labels only); the baseline cannot use them without labels")
     notes += [n for n in getattr(cls, "report_notes", ())]
-    head = f"{cfg.teacher.name} -> {cfg.student.name}" if cfg.teacher is not None else cfg.student.name
+    teachers = "+".join(spec.name for _, spec in cfg.all_teachers())
+    head = f"{teachers} -> {cfg.student.name}" if teachers else cfg.student.name
     title = f"{cfg.name}: {head}" + (f" ({cfg.scheme.name})" if cfg.scheme.name != "offline" else "")
     text = render_report(title, rows, notes)
     report = s.run.write_text("report.md", text)

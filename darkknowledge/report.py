@@ -32,9 +32,11 @@ def group_rows(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     order = {"teacher": 0, "baseline": 1, "student": 2}
     for e in sorted(entries, key=lambda e: order.get(e["role"], 9)):
         method = e.get("method") or "+".join(e.get("losses", ())) or "-"
-        groups.setdefault((e["role"], e["model"], method), []).append(e)
+        key = e["name"] if e["role"] == "teacher" else method  # several teachers: one row each
+        groups.setdefault((e["role"], e["model"], key), []).append(e)
     rows = []
-    for (role, model, method), es in groups.items():
+    for (role, model, _), es in groups.items():
+        method = es[0].get("method") or "+".join(es[0].get("losses", ())) or "-"
         last_m, last_s = mean_std([e["last_acc"] for e in es if e.get("last_acc") is not None])
         best_m, best_s = mean_std([e["best_acc"] for e in es if e.get("best_acc") is not None])
         rows.append({
