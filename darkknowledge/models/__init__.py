@@ -122,4 +122,4 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
 
 
 # Import the zoo so every builder registers itself.
-from darkknowledge.models import cnn1d, cnn2d, mlp, resnet_cifar, wrn  # noqa: E402, F401
+from darkknowledge.models import cnn1d, cnn2d, mlp, residual_pair, resnet_cifar, wrn  # noqa: E402, F401

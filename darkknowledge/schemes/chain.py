@@ -1,0 +1,108 @@
+"""A chain of offline stages: each link trains one model, taught by an earlier link or a teacher.
+
+Shared by the ``assistant`` (TAKD) and ``pipeline`` schemes. Each link is one resumable
+stage of the run (``ctx.train``): a finished link is reloaded on ``--resume`` and an
+unfinished one continues from its ``last.pt``. A link's teacher is a model trained in place by
+an earlier link (or a pre-trained recipe teacher); it is frozen only when its pupil's stage
+starts, so the teacher hash stored in the pupil's checkpoints is that of the trained weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from darkknowledge.config import TrainConfig
+from darkknowledge.errors import ConfigError
+from darkknowledge.schemes.offline import Offline
+from darkknowledge.taps import validate_taps
+
+if TYPE_CHECKING:
+    from darkknowledge.schemes.context import SchemeContext
+
+log = logging.getLogger(__name__)
+CE_ONLY: dict[str, dict[str, Any]] = {"ce": {}}
+
+
+class ChainStage(Offline):
+    """One link's stage: offline distillation recorded under the running scheme's name."""
+
+    registry_name = ""  # unregistered: ``ctx.train`` records the chain's scheme (assistant, pipeline)
+
+
+@dataclass
+class Link:
+    """One stage of a chain.
+
+    Attributes:
+        part: Stage part name; the stage is ``ctx.stage_name(seed, part)`` (None: the scheme's main stage).
+        model: The model this stage trains (in place).
+        teacher: The frozen teacher of this stage (an earlier link's model, a recipe teacher) or None.
+        losses: The stage's losses config (None: cross-entropy alone).
+        role: Role of the stage's model in the report (``student`` for the last link).
+        train_cfg: Training settings (None: the recipe's ``train``).
+        with_transfer: Whether the stage also sees the unlabeled transfer set.
+        label: The report's method column.
+        where: Config path for error messages.
+        teacher_name: Name of the teacher (logged when the stage starts).
+    """
+
+    part: str | None
+    model: nn.Module
+    teacher: nn.Module | None
+    losses: Mapping[str, Any] | None
+    role: str
+    train_cfg: TrainConfig | None = None
+    with_transfer: bool = False
+    label: str = ""
+    where: str = "scheme.params"
+    teacher_name: str | None = None
+
+
+def check_link(ctx: SchemeContext, link: Link) -> None:
+    """Fail before any training when a link's losses and teacher do not fit together.
+
+    Raises:
+        ConfigError: Losses that need a teacher on a link without one.
+        TapError: Feature taps that name no module of the link's models.
+    """
+    objective = ctx.objective(link.losses if link.losses is not None else CE_ONLY)
+    wanting = [name for name, term in objective.terms.items() if getattr(term, "needs_spec", None) is not None
+               and term.needs_spec.teacher]
+    if wanting and link.teacher is None:
+        raise ConfigError(f"{link.where}: losses {wanting} need a teacher, but this stage has none; "
+                          "set its `teacher:` to an earlier stage or 'teacher', or use losses without a teacher")
+    needs = objective.bind(link.model, link.teacher)
+    validate_taps(link.model, needs.student_taps)
+    if link.teacher is not None and needs.teacher:
+        validate_taps(link.teacher, needs.teacher_taps)
+
+
+def run_chain(ctx: SchemeContext, seed: int, links: Sequence[Link]) -> list[dict[str, Any]]:
+    """Train ``links`` in order, each as one resumable stage.
+
+    Args:
+        ctx: The run's scheme context.
+        seed: The seed (data order of every stage; models were built by the caller).
+        links: The stages; the last one is the primary (the distilled student).
+
+    Returns:
+        The last link's entries first (its primary entry leads), then every earlier link's.
+    """
+    if not links:
+        raise ConfigError("a chain needs at least one stage")
+    for link in links:
+        check_link(ctx, link)
+    per_link: list[list[dict[str, Any]]] = []
+    for link in links:
+        objective = ctx.objective(link.losses if link.losses is not None else CE_ONLY)
+        scheme = ChainStage(link.model, objective, teacher=link.teacher)
+        stage = ctx.stage_name(seed, link.part)
+        log.info("[%s] %s taught by %s", stage, link.role, link.teacher_name or "labels alone")
+        per_link.append(ctx.train(stage, scheme, seed, role=link.role, train_cfg=link.train_cfg,
+                                  with_transfer=link.with_transfer, label=link.label or None))
+    return [entry for entries in reversed(per_link) for entry in entries]
