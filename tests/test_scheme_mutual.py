@@ -1,0 +1,221 @@
+"""Deep mutual learning (``mutual``): who teaches whom, what is detached, cohorts, errors, runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import TINY, dk, results, write_recipe
+
+from darkknowledge.build import check_config
+from darkknowledge.commands import evaluate_checkpoint
+from darkknowledge.config import deep_merge, load_config
+from darkknowledge.data.batch import Batch
+from darkknowledge.data.bundle import DatasetInfo
+from darkknowledge.engine.checkpoint import load_exported
+from darkknowledge.errors import ConfigError, RegistryError, ShapeError
+from darkknowledge.losses.ce import cross_entropy
+from darkknowledge.losses.kd import kd_soft_loss
+from darkknowledge.models import count_params, create_model
+from darkknowledge.schemes import SCHEMES
+from darkknowledge.schemes.cohort import Ensemble, build_peers, peer_kl, peer_seed
+from darkknowledge.schemes.context import SchemeContext
+from darkknowledge.schemes.mutual import Mutual
+
+
+def mlp(seed: int, hidden: tuple[int, ...] = (16,)) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return create_model("mlp", num_classes=10, input_shape=(40,), hidden=hidden)
+
+
+def batch(n: int = 12, unlabeled: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(1)
+    y = torch.randint(0, 10, (n,), generator=g)
+    y[:unlabeled] = -1
+    return Batch(torch.randn(n, 40, generator=g), y, torch.arange(n))
+
+
+def grads(model: torch.nn.Module) -> list[torch.Tensor | None]:
+    return [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+
+def fake_ctx(**changes) -> SchemeContext:
+    """A context over the TINY recipe without loading data (models only need the data's shape)."""
+    cfg = load_config(deep_merge(TINY, changes))
+    session = SimpleNamespace(cfg=cfg, bundle=SimpleNamespace(info=DatasetInfo("mnist1d", 10, (40,))))
+    return SchemeContext(session, cfg)  # type: ignore[arg-type]
+
+
+@pytest.fixture()
+def ctx() -> SchemeContext:
+    return fake_ctx(scheme="mutual")
+
+
+def test_registered_with_citation():
+    cls = SCHEMES.get("mutual")
+    assert cls is Mutual and "Deep Mutual Learning" in cls.citation and cls.summary
+
+
+def test_peer_kl_of_one_peer_never_reaches_the_other():
+    a, b = mlp(0), mlp(1)
+    x = batch().x
+    kl = peer_kl([a(x), b(x)], T=1.0)
+    kl[0].backward()
+    assert all(g is None for g in grads(b))  # peer 1 gets nothing from peer 0's KL term
+    assert all(g is not None and g.abs().sum() > 0 for g in grads(a))
+
+
+def test_peer_gradient_depends_on_the_others_outputs():
+    b = batch()
+
+    def peer0_grad(other_seed: int) -> list[torch.Tensor]:
+        scheme = Mutual([mlp(0), mlp(other_seed)])
+        loss, _ = scheme.module(b, None, 0.0)
+        loss.backward()
+        return grads(scheme.peers[0])
+
+    g1, g1_again, g2 = peer0_grad(1), peer0_grad(1), peer0_grad(2)
+    assert all(torch.equal(u, v) for u, v in zip(g1, g1_again))
+    assert any(not torch.allclose(u, v) for u, v in zip(g1, g2))  # a different peer 1 teaches peer 0 differently
+
+
+def test_cohort_loss_gives_each_peer_exactly_its_own_dml_gradient():
+    b = batch(unlabeled=3)
+    scheme = Mutual([mlp(0), mlp(1), mlp(2)], T=2.0, weight=0.7)
+    loss, terms = scheme.module(b, None, 0.0)
+    loss.backward()
+    joint = [grads(p) for p in scheme.peers]
+    peers = scheme.peers
+    for k in range(3):
+        for p in peers:
+            p.zero_grad(set_to_none=True)
+        z = [p(b.x) for p in peers]
+        others = [z[j].detach() for j in range(3) if j != k]
+        own = cross_entropy(z[k], b.y) + 0.7 * sum(kd_soft_loss(z[k], t, 2.0) for t in others) / 2  # L_thetak
+        own.backward()
+        assert all(g is None for j, p in enumerate(peers) if j != k for g in grads(p))
+        assert all(torch.allclose(u, v, atol=1e-6) for u, v in zip(joint[k], grads(peers[k])))
+    assert set(terms) == {"ce", "kl"} and float(terms["kl"]) > 0
+
+
+def test_identical_peers_have_zero_kl():
+    scheme = Mutual([mlp(0), mlp(0)])
+    _, terms = scheme.module(batch(), None, 0.0)
+    assert float(terms["kl"]) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_cohort_of_three_with_different_architectures():
+    torch.manual_seed(3)
+    cnn = create_model("cnn1d", num_classes=10, input_shape=(40,), channels=8)
+    scheme = Mutual([mlp(0), cnn, mlp(2, hidden=(8, 8))])
+    b = batch()
+    scheme.setup(b)
+    loss, _ = scheme.module(b, None, 0.0)
+    loss.backward()
+    assert all(p.grad is not None for p in scheme.module.parameters())  # DDP: every parameter is used
+    models = scheme.eval_models()
+    assert list(models) == ["student", "peer1", "peer2", "ensemble"]
+    assert models["peer1"] is cnn and scheme.export_model() is scheme.peers[0]
+    assert scheme.describe() == {"losses": ["ce", "kl"], "adapter_params": count_params(cnn) + count_params(scheme.peers[2])}
+
+
+def test_ensemble_averages_probabilities_and_adds_no_trainable_parameter():
+    scheme = Mutual([mlp(0), mlp(1), mlp(2)])
+    ens = scheme.eval_models()["ensemble"]
+    assert isinstance(ens, Ensemble)
+    x = batch().x
+    expected = torch.stack([F.softmax(p(x), -1) for p in scheme.peers]).mean(0)
+    assert torch.allclose(ens(x).exp(), expected, atol=1e-6)
+    module_ids = [id(p) for p in scheme.module.parameters()]
+    assert len(module_ids) == len(set(module_ids))
+    assert {id(p) for p in ens.parameters()} == set(module_ids)  # a view of the peers, nothing new to train
+    ens.eval()
+    assert not any(p.training for p in scheme.peers)
+    ens.train()
+
+
+def test_mismatched_class_counts_fail_in_setup():
+    torch.manual_seed(0)
+    odd = create_model("mlp", num_classes=7, input_shape=(40,), hidden=(8,))
+    with pytest.raises(ShapeError, match=r"peer1 \(MLP\): \(12, 7\)"):
+        Mutual([mlp(0), odd]).setup(batch())
+
+
+def test_build_peers_seeds_and_specs(ctx):
+    default = build_peers(ctx, 1, None, None)
+    assert len(default) == 2
+    baseline = ctx.student(1)
+    assert all(torch.equal(u, v) for u, v in zip(default[0].state_dict().values(), baseline.state_dict().values()))
+    assert not torch.equal(default[0].fc.weight, default[1].fc.weight)
+    assert peer_seed(1, 0) == 1 and peer_seed(0, 1) not in (0, 1, 2)
+    mixed = build_peers(ctx, 0, [{"name": "mlp", "params": {"hidden": [8]}}, {"name": "cnn1d", "params": {"channels": 4}}], None)
+    assert [type(m).__name__ for m in mixed] == ["MLP", "CNN1d"]
+
+
+def test_bad_cohorts_fail_with_clear_errors(ctx):
+    with pytest.raises(ConfigError, match=r"scheme\.params\.n.*greater than or equal to 2"):
+        check_config(load_config(deep_merge(TINY, {"scheme": {"name": "mutual", "params": {"n": 1}}})))
+    with pytest.raises(ConfigError, match=r"at least 2 peer specs, got 1"):
+        build_peers(ctx, 0, [{"name": "mlp"}], None)
+    with pytest.raises(ConfigError, match=r"n=3 disagrees with the 2 specs"):
+        build_peers(ctx, 0, [{"name": "mlp"}, {"name": "mlp"}], 3)
+    with pytest.raises(ConfigError, match=r"peers\.1: expected a model spec"):
+        build_peers(ctx, 0, [{"name": "mlp"}, "cnn1d"], None)
+    with pytest.raises(ConfigError, match=r"peers\.1.*nmae"):
+        build_peers(ctx, 0, [{"name": "mlp"}, {"nmae": "mlp"}], None)
+    with pytest.raises(RegistryError, match=r"mpl"):
+        build_peers(ctx, 0, [{"name": "mlp"}, {"name": "mpl"}], None)
+
+
+# ---------------------------------------------------------------- end to end
+
+SMALL = ["seeds=[0]", "train.epochs=2", "data.params.num_samples=600", "data.params.transfer_samples=300"]
+
+
+@pytest.mark.slow
+def test_recipe_runs_baseline_and_cohort_rows(tmp_path):
+    ran = dk("run", "mutual", *SMALL, "scheme.params.transfer=true", "--out", "run", "--quiet", cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    res = results(tmp_path / "run")
+    assert {"baseline-s0", "mutual-s0", "mutual-s0:peer1", "mutual-s0:ensemble"} <= set(res)
+    assert res["mutual-s0"]["scheme"] == "mutual" and res["mutual-s0"]["transfer"] is True
+    assert res["mutual-s0"]["steps"] == res["mutual-s0:peer1"]["steps"]
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "| mlp | peer1 | mutual |" in report and "ensemble" in report and "mutual: every peer" in report
+
+    distilled = dk("distill", "mutual", *SMALL, "--out", "d", "--quiet", cwd=tmp_path)
+    assert distilled.returncode == 0, distilled.stderr[-3000:]
+    spec, _ = load_exported(tmp_path / "d" / "student.pt")
+    assert spec["name"] == "mlp"
+    assert evaluate_checkpoint(tmp_path / "d" / "student.pt")["top1"] == pytest.approx(
+        results(tmp_path / "d")["mutual-s0"]["last_acc"], abs=0.01)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_single_process(tmp_path):
+    """gloo DDP over 2 CPU processes = one process with the same global batch (see test_ddp.py)."""
+    recipe = write_recipe(tmp_path / "r.yaml", scheme={"name": "mutual", "params": {"n": 2, "T": 2.0}},
+                          teacher=None)
+    single = dk("distill", str(recipe), "--out", "single", "--quiet", cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "darkknowledge.cli", "distill", str(recipe), "--out", "ddp", "--quiet"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.stdout.count("run folder:") == 1  # only rank 0 reports (and writes)
+    a, b = results(tmp_path / "single"), results(tmp_path / "ddp")
+    for name in ("mutual-s0", "mutual-s0:peer1", "mutual-s0:ensemble"):
+        assert a[name]["steps"] == b[name]["steps"]
+        assert abs(a[name]["last_acc"] - b[name]["last_acc"]) <= 0.5, name
+    _, wa = load_exported(tmp_path / "single" / "student.pt")
+    _, wb = load_exported(tmp_path / "ddp" / "student.pt")
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-4), k
+    assert not any(p.name.endswith(".tmp") for p in (tmp_path / "ddp").rglob("*"))
+
