@@ -49,6 +49,7 @@ def group_rows(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "last_mean": last_m, "last_std": last_s, "best_mean": best_m, "best_std": best_s,
             "last_values": [e.get("last_acc") for e in es],
             "time_mean": statistics.fmean(float(e.get("train_seconds", 0.0)) for e in es),
+            "steps": es[0].get("steps"),
             "reused": any("reused_from" in e or "source" in e for e in es),
             "selected_on": es[0].get("best_selected_on", "test"),
         })
@@ -78,12 +79,15 @@ def verdict(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def _fmt(m: float, s: float, n: int) -> str:
+    if m != m:  # NaN: not measured (e.g. no best epoch for a peer or head row)
+        return "-"
     return f"{m:.2f}" if n <= 1 else f"{m:.2f} ± {s:.2f}"
 
 
 def table_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     """A Markdown table of the rows (also readable as plain text)."""
-    head = ["model", "role", "method", "params", "acc (last) mean ± std", "acc (best epoch)", "train s", "seeds"]
+    head = ["model", "role", "method", "params", "acc (last) mean ± std", "acc (best epoch)", "train s", "steps",
+            "seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         n = len(r["seeds"])
@@ -92,7 +96,7 @@ def table_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
         seeds = ",".join(str(s) for s in r["seeds"] if s is not None) or "-"
         lines.append("| " + " | ".join([
             r["model"], r["role"], r["method"], params, _fmt(r["last_mean"], r["last_std"], n),
-            _fmt(r["best_mean"], r["best_std"], n), time_s, seeds,
+            _fmt(r["best_mean"], r["best_std"], n), time_s, str(r["steps"]) if r.get("steps") else "-", seeds,
         ]) + " |")
     return lines
 
@@ -104,6 +108,7 @@ def render_report(title: str, rows: Sequence[dict[str, Any]], notes: Sequence[st
     parts.append("Protocol: accuracy is top-1 on the test split at the last epoch, mean ± sample std over the "
                  "seeds listed; 'best epoch' selects on the " + ("validation split" if selected == {"val"} else
                  "test split (optimistic, shown for comparison only)") + ". Baseline and distilled student of a seed "
-                 "start from the same initialisation and train with the same epochs and optimizer.")
+                 "start from the same initialisation and train with the same epochs and optimizer ('steps' counts optimizer "
+                 "steps: a student that also reads an unlabeled transfer set takes more of them per epoch).")
     parts += [f"- {n}" for n in notes]
     return "\n".join(parts) + "\n"

@@ -139,7 +139,9 @@ class Session:
         for name, member in models.items():
             if name == primary:
                 continue
-            entries.append({"name": f"{stage}:{name}", "role": name, "model": model_spec(member)["name"], **common,
+            spec = model_spec(member)
+            entries.append({"name": f"{stage}:{name}", "role": name, "model": name if spec.get("custom") else spec["name"],
+                            **common,
                             "params": count_params(member), "extra_params": 0, "member_of": stage,
                             **_accuracies(result.last[name]), "best_acc": None})
         if stage_dir is not None and self.dist.is_main:
