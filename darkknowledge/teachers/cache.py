@@ -58,7 +58,6 @@ VIEW_STREAM = 3
 """Stream tag of the per-epoch choice of cached view."""
 CACHE_BUILD_STREAM = 4
 """Stream tag of the cached views' augmentation draws."""
-_NP_DTYPE = {"fp16": np.float16, "bf16": np.uint16, "fp32": np.float32}  # bf16 kept as its raw 16 bits
 
 
 @dataclass(frozen=True)
@@ -92,14 +91,8 @@ class CacheSpec:
 
 def _to_storage(t: torch.Tensor, dtype: str) -> np.ndarray:
     if dtype == "bf16":
-        return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        return t.to(torch.bfloat16).view(torch.int16).numpy()  # numpy has no bf16: its raw 16 bits
     return t.to(torch.float16 if dtype == "fp16" else torch.float32).numpy()
-
-
-def _from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
-    if dtype == "bf16":
-        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(a))
 
 
 def topk_compress(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -145,7 +138,9 @@ class TeacherOutputCache:
         total = sum(f.stat().st_size for f in self.path.glob("*.npy"))
         self.mapped = total > memory_limit_mb * 2**20
         mode = "r" if self.mapped else None
-        self.arrays = {f.stem: np.load(f, mmap_mode=mode) for f in sorted(self.path.glob("*.npy"))}
+        arrays = {f.stem: np.load(f, mmap_mode=mode) for f in sorted(self.path.glob("*.npy"))}
+        # in memory: torch tensors, indexed without a numpy round trip; beyond the limit: memory-mapped arrays
+        self.arrays: dict[str, Any] = arrays if self.mapped else {k: torch.from_numpy(a) for k, a in arrays.items()}
         self.nbytes = total
         self.spec = CacheSpec(**{**self.meta["spec"], "taps": tuple(self.meta["spec"]["taps"])})
         self.num_samples = int(self.meta["num_samples"])
@@ -155,32 +150,39 @@ class TeacherOutputCache:
         self.reused = False
 
     # ------------------------------------------------------------ reading
-    def _rows(self, name: str, view: np.ndarray, idx: np.ndarray) -> np.ndarray:
-        return self.arrays[name][view, idx]
+    def _rows(self, name: str, view: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor:
+        """Rows ``(B, ...)`` of array ``name`` (raw storage dtype) for samples ``idx`` as views ``view``."""
+        store = self.arrays[name]
+        if not self.mapped:
+            return store[0].index_select(0, idx) if view is None else store[view, idx]
+        i = idx.numpy()
+        v = np.zeros_like(i) if view is None else view.numpy()
+        return torch.from_numpy(np.ascontiguousarray(store[v, i]))
+
+    def _values(self, name: str, view: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor:
+        rows = self._rows(name, view, idx)
+        return (rows.view(torch.bfloat16) if self.spec.dtype == "bf16" else rows).float()
 
     def outputs(self, idx: torch.Tensor, view: torch.Tensor | None, device: torch.device) -> Outputs:
         """The teacher's outputs for samples ``idx`` ``(B,)`` seen as views ``view`` ``(B,)``.
 
         Returns float32 tensors on ``device``: logits ``(B, K)`` and features by tap path.
         """
-        i = idx.cpu().numpy()
-        v = np.zeros_like(i) if view is None else view.cpu().numpy()
-        dtype = self.spec.dtype
+        idx = idx.cpu()
+        view = None if view is None else view.cpu()
         logits = None
         if self.spec.logits and self.spec.topk:
-            logits = topk_expand(torch.from_numpy(self._rows("topk_logp", v, i)),
-                                 torch.from_numpy(self._rows("topk_index", v, i)),
-                                 torch.from_numpy(self._rows("rest", v, i)), self.num_classes)
+            logits = topk_expand(self._rows("topk_logp", view, idx), self._rows("topk_index", view, idx),
+                                 self._rows("rest", view, idx), self.num_classes)
         elif self.spec.logits:
-            logits = _from_storage(self._rows("logits", v, i), dtype).float()
-        feats = {tap: _from_storage(self._rows(f"feat.{n}", v, i), dtype).float().to(device, non_blocking=True)
+            logits = self._values("logits", view, idx)
+        feats = {tap: self._values(f"feat.{n}", view, idx).to(device, non_blocking=True)
                  for n, tap in enumerate(self.spec.taps)}
         return Outputs(logits=None if logits is None else logits.to(device, non_blocking=True), features=feats)
 
     def view_params(self, idx: torch.Tensor, view: torch.Tensor) -> AugmentParams:
         """The stored augmentation parameters of samples ``idx`` as views ``view`` (CPU tensors)."""
-        i, v = idx.numpy(), view.numpy()
-        return {k: torch.from_numpy(np.ascontiguousarray(self._rows(f"aug.{k}", v, i))) for k in self.aug_keys}
+        return {k: self._rows(f"aug.{k}", view, idx) for k in self.aug_keys}
 
     def replay(self, seed: int) -> Any:
         """A ``BatchLoader.replay`` function: each epoch, sample i is shown view
