@@ -75,7 +75,8 @@ def settings(quick: bool) -> dict[str, Setting]:
     n_img, n_1d = (256, 512) if quick else (5000, 4000)
     img_t, img_s = (("resnet8", {}), ("resnet8", {})) if quick else (("resnet56", {}), ("resnet20", {}))
     return {
-        "a": Setting("a", "synthetic CIFAR-100-shaped, resnet56 -> resnet20", n_img, (3, 32, 32), 100, img_t, img_s),
+        "a": Setting("a", "synthetic CIFAR-100-shaped, resnet56 -> resnet20", n_img, (3, 32, 32), 100, img_t, img_s,
+                     variants=("hand_plain", "dk_plain", "teacher_fwd", "dk_kd_live", "dk_kd_cached")),
         "b": Setting("b", "MNIST-1D-shaped, cnn1d -> mlp", n_1d, (40,), 10, ("cnn1d", {}), ("mlp", {"hidden": [100, 100]})),
         "c": Setting("c", "FitNet (+KD) on (a), live vs cached", n_img, (3, 32, 32), 100, img_t, img_s,
                      losses={"fitnet": {"weight": 100.0}, "kd": {"T": 4.0, "alpha": 0.9}},
