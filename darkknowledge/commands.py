@@ -44,6 +44,7 @@ def compare(cfg: RunConfig, out: str | Path | None = None, resume: bool = False,
     cls, params = scheme_params(cfg)
     s = _session(cfg, out, resume, progress)
     ctx = SchemeContext(s)
+    cls.check(ctx, cfg.seeds[0], **params)  # scheme-specific errors (bad stage paths, peers) before any training
     for seed in cfg.seeds:
         s.train_alone(f"baseline-s{seed}", "baseline", ctx.student(seed), seed)
         cls.run(ctx, seed, **params)

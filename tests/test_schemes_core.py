@@ -104,15 +104,16 @@ def test_a_scheme_runs_as_a_stage_with_a_row_per_evaluated_model(tmp_path, pair_
     roles = [r["role"] for r in res["rows"]]
     assert roles == ["baseline", "student", "partner"]  # no teacher: this scheme never asked for one
     entries = results(tmp_path / "run")
-    assert made[0].steps == entries["test_pair-s0"]["steps"] == 16  # after_step once per optimizer step (800 / 50)
+    assert len(made) == 2  # a dry build checks the recipe before any training, then the real one
+    assert made[1].steps == entries["test_pair-s0"]["steps"] == 16  # after_step once per optimizer step (800 / 50)
     assert entries["test_pair-s0:partner"]["member_of"] == "test_pair-s0"
-    assert made[0].module.weight == 0.5
+    assert made[1].module.weight == 0.5
     assert "| mlp | partner | test_pair |" in res["report"].read_text()
     student = next(r for r in res["rows"] if r["role"] == "student")
     assert student["method"] == "test_pair"
 
     again = compare(cfg, out=tmp_path / "run", resume=True, progress=False)  # finished stages are reused
-    assert len(made) == 2 and made[1].steps == 0
+    assert len(made) == 4 and made[3].steps == 0
     assert [r["last_mean"] for r in again["rows"]] == [r["last_mean"] for r in res["rows"]]
 
 
@@ -134,3 +135,13 @@ def test_list_and_explain_schemes(capsys, pair_scheme):
     assert "weight" in out and "1.0" in out and "a learns from b" in out
     assert main(["explain", "test_pairr"]) == 2
     assert "test_pair" in capsys.readouterr().err
+
+
+def test_a_scheme_that_cannot_be_built_fails_before_any_training(tmp_path, pair_scheme, monkeypatch):
+    def broken(cls, ctx, seed, **params):
+        raise ConfigError("scheme.params.stages.0: no module 'blocks.9'")
+
+    monkeypatch.setattr(PairScheme, "build", classmethod(broken))
+    with pytest.raises(ConfigError, match="blocks.9"):
+        compare(tiny(scheme="test_pair", teacher=None), out=tmp_path / "run", progress=False)
+    assert not list((tmp_path / "run").rglob("*.pt"))  # not even the baseline trained

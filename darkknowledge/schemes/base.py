@@ -67,6 +67,17 @@ class Scheme:
         return ctx.train(ctx.stage_name(seed), scheme, seed)
 
     @classmethod
+    def check(cls, ctx: SchemeContext, seed: int, **params: Any) -> None:
+        """Fail before any training when the scheme cannot be built from this recipe.
+
+        ``dk run`` calls it before the first baseline. The default builds (and discards) the
+        stage of a single-stage scheme; multi-stage schemes validate in ``run`` before their
+        first stage, and may override this to check earlier.
+        """
+        if cls.run.__func__ is Scheme.run.__func__:  # type: ignore[attr-defined]
+            cls.build(ctx, seed, **params)
+
+    @classmethod
     def params_fn(cls) -> Any:
         """The function whose keyword arguments are this scheme's ``scheme.params``."""
         return cls.run if cls.run.__func__ is not Scheme.run.__func__ else cls.build  # type: ignore[attr-defined]
