@@ -143,7 +143,8 @@ class Session:
             entries.append({"name": f"{stage}:{name}", "role": name, "model": name if spec.get("custom") else spec["name"],
                             **common,
                             "params": count_params(member), "extra_params": 0, "member_of": stage,
-                            **_accuracies(result.last[name]), "best_acc": None})
+                            **_accuracies(result.last[name]), "best_acc": None,
+                            "best_selected_on": result.best["selected_on"]})
         if stage_dir is not None and self.dist.is_main:
             export_model(export, stage_dir / "model.pt", model_spec(export),
                          {"data": self.cfg.data.model_dump(mode="json"), "result": entry})
