@@ -54,6 +54,11 @@ def compare(cfg: RunConfig, out: str | Path | None = None, resume: bool = False,
         notes.append(f"the distilled student also sees {len(s.bundle.transfer)} unlabeled transfer samples "
                      "(teacher soft labels only); the baseline cannot use them without labels")
     notes += [n for n in getattr(cls, "report_notes", ())]
+    caches = {e["teacher_cache"]["path"]: e["teacher_cache"] for e in s.run.results if e.get("teacher_cache")}
+    for c in caches.values():
+        notes.append(f"teacher-output cache: {c['size_mb']:.2f} MB ({c['dtype']}, {c['views']} view(s), "
+                     f"{'memory-mapped' if c['mapped'] else 'in memory'}) at {c['path']}; the teacher ran "
+                     "once to fill it and not during the students' training")
     teachers = "+".join(spec.name for _, spec in cfg.all_teachers())
     head = f"{teachers} -> {cfg.student.name}" if teachers else cfg.student.name
     title = f"{cfg.name}: {head}" + (f" ({cfg.scheme.name})" if cfg.scheme.name != "offline" else "")

@@ -251,6 +251,7 @@ class BatchLoader:
     ) -> Batch:
         """Move a raw batch to the device, scale, augment and normalise it."""
         y = y.to(torch.int64)
+        idx_cpu = idx
         if self.device.type == "cuda":
             if x.device.type == "cpu":
                 x, y, idx = x.pin_memory(), y.pin_memory(), idx.pin_memory()
@@ -263,7 +264,7 @@ class BatchLoader:
             x = x.float()
         view = None
         if self.replay is not None:
-            params, view = self.replay(idx.cpu(), epoch)
+            params, view = self.replay(idx_cpu.cpu(), epoch)  # CPU indices: no device sync
             view = view.to(x.device)
             if self.augment is not None and params:
                 x = self.augment.apply(x, params_to(params, x.device, non_blocking=True))

@@ -274,7 +274,7 @@ class MultiTeacher(Scheme):
         for teacher, (logits, taps) in zip(self.teachers, self.needs):
             spec = CacheSpec(logits=logits, taps=tuple(taps), dtype=cfg.dtype, topk=cfg.topk, views=views)
             self.caches.append(load_or_build(teacher, loader, spec, augment=augment, seed=cfg.seed,
-                                             memory_limit_mb=cfg.memory_limit_mb, dist=dist))
+                                             memory_limit_mb=cfg.memory_limit_mb, dist=dist).to(loader.device))
         if augment is not None:
             loader.replay = self.caches[0].replay(loader.seed)
 

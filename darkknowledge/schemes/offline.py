@@ -141,7 +141,7 @@ class Offline(Scheme):
             validate_taps(self.teacher.model, spec.taps)
             builder = FrozenTeacher(self.teacher.model, spec.taps, need_logits=spec.logits)
         self.cache = load_or_build(builder, loader, spec, augment=augment, seed=cfg.seed,
-                                   memory_limit_mb=cfg.memory_limit_mb, dist=dist)
+                                   memory_limit_mb=cfg.memory_limit_mb, dist=dist).to(loader.device)
         if augment is not None:
             loader.replay = self.cache.replay(loader.seed)
 

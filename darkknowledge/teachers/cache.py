@@ -48,6 +48,7 @@ from darkknowledge.data.bundle import TensorData
 from darkknowledge.data.cache import cache_dir
 from darkknowledge.data.fingerprint import update_with_tensor
 from darkknowledge.data.seeds import make_generator
+from darkknowledge.engine.progress import Progress
 from darkknowledge.errors import ConfigError
 from darkknowledge.losses.base import Outputs
 
@@ -149,14 +150,22 @@ class TeacherOutputCache:
         self.build_seconds = float(self.meta.get("build_seconds", 0.0))
         self.reused = False
 
+    def to(self, device: torch.device) -> TeacherOutputCache:
+        """Keep an in-memory cache on ``device`` (e.g. the GPU): lookups then index there with
+        the batch's own indices, without a host sync. A memory-mapped cache stays on disk."""
+        if not self.mapped:
+            self.arrays = {k: (v if k.startswith("aug.") else v.to(device)) for k, v in self.arrays.items()}
+        return self
+
     # ------------------------------------------------------------ reading
     def _rows(self, name: str, view: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor:
         """Rows ``(B, ...)`` of array ``name`` (raw storage dtype) for samples ``idx`` as views ``view``."""
         store = self.arrays[name]
         if not self.mapped:
-            return store[0].index_select(0, idx) if view is None else store[view, idx]
-        i = idx.numpy()
-        v = np.zeros_like(i) if view is None else view.numpy()
+            idx = idx.to(store.device, non_blocking=True)
+            return store[0].index_select(0, idx) if view is None else store[view.to(store.device), idx]
+        i = idx.cpu().numpy()
+        v = np.zeros_like(i) if view is None else view.cpu().numpy()
         return torch.from_numpy(np.ascontiguousarray(store[v, i]))
 
     def _values(self, name: str, view: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor:
@@ -168,8 +177,6 @@ class TeacherOutputCache:
 
         Returns float32 tensors on ``device``: logits ``(B, K)`` and features by tap path.
         """
-        idx = idx.cpu()
-        view = None if view is None else view.cpu()
         logits = None
         if self.spec.logits and self.spec.topk:
             logits = topk_expand(self._rows("topk_logp", view, idx), self._rows("topk_index", view, idx),
@@ -213,7 +220,8 @@ def _batches(teacher: Any, loader: Any, views: int, augment: Augment | None, par
         if augment is not None:
             loader.replay = lambda idx, epoch, v=v: ({k: t[idx] for k, t in params[v].items()},
                                                      torch.full_like(idx, v))
-        for batch in loader:
+        bar = Progress(True, "teacher cache")  # a bar on terminals only
+        for batch in bar.epoch(loader, v, views, len(loader)):
             yield v, batch.idx.cpu(), teacher(batch.x)
 
 
