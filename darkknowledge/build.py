@@ -34,10 +34,9 @@ def check_config(cfg: RunConfig) -> None:
     """Check every registry name and params mapping of ``cfg`` without building anything."""
     from darkknowledge.data import DATASETS
     from darkknowledge.losses import LOSSES
-    from darkknowledge.schemes import SCHEMES
+    from darkknowledge.schemes.base import resolve_scheme
 
-    scheme = SCHEMES.get(cfg.scheme.name)
-    validate_kwargs(scheme.params_fn(), cfg.scheme.params, "scheme.params", exclude=("ctx", "seed"))
+    resolve_scheme(cfg.scheme.name, cfg.scheme.params)
     validate_kwargs(DATASETS.get(cfg.data.name), cfg.data.params, "data.params", exclude=("root", "split_seed"))
     for where, spec in (("student", cfg.student), *cfg.all_teachers()):
         if spec is not None and ":" not in spec.name:

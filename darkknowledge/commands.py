@@ -13,10 +13,9 @@ from darkknowledge.engine.distributed import DistContext, init_distributed
 from darkknowledge.engine.metrics import evaluate
 from darkknowledge.report import group_rows, render_report, table_lines, verdict
 from darkknowledge.rundir import choose_run_dir
-from darkknowledge.schemes import SCHEMES, Scheme
+from darkknowledge.schemes.base import resolve_scheme
 from darkknowledge.schemes.context import SchemeContext
 from darkknowledge.session import Session
-from darkknowledge.validation import validate_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +26,6 @@ def _session(cfg: RunConfig, out: str | Path | None, resume: bool, progress: boo
     return Session(cfg, run_dir, resume=resume, progress=progress)
 
 
-def scheme_params(cfg: RunConfig) -> tuple[type[Scheme], dict[str, Any]]:
-    """The recipe's scheme class and its validated ``scheme.params``."""
-    cls = SCHEMES.get(cfg.scheme.name)
-    params = validate_kwargs(cls.params_fn(), cfg.scheme.params, "scheme.params", exclude=("ctx", "seed"))
-    return cls, params
-
-
 def compare(cfg: RunConfig, out: str | Path | None = None, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """``dk run``: per seed, a baseline (the student alone, cross-entropy) and the recipe's scheme
     from the same initialisation; pre-trained teachers are trained once and shared.
@@ -41,9 +33,9 @@ def compare(cfg: RunConfig, out: str | Path | None = None, resume: bool = False,
     Returns:
         ``{"run_dir", "rows", "verdict", "report", "table"}``.
     """
-    cls, params = scheme_params(cfg)
+    cls, params, transfer = resolve_scheme(cfg.scheme.name, cfg.scheme.params)
     s = _session(cfg, out, resume, progress)
-    ctx = SchemeContext(s)
+    ctx = SchemeContext(s, transfer=transfer)
     cls.check(ctx, cfg.seeds[0], **params)  # scheme-specific errors (bad stage paths, peers) before any training
     for seed in cfg.seeds:
         s.train_alone(f"baseline-s{seed}", "baseline", ctx.student(seed), seed)
@@ -69,9 +61,9 @@ def compare(cfg: RunConfig, out: str | Path | None = None, resume: bool = False,
 
 def distill(cfg: RunConfig, out: str | Path | None = None, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """``dk distill``: the recipe's scheme for one seed (``cfg.seed``); exports ``student.pt``."""
-    cls, params = scheme_params(cfg)
+    cls, params, transfer = resolve_scheme(cfg.scheme.name, cfg.scheme.params)
     s = _session(cfg, out, resume, progress)
-    ctx = SchemeContext(s)
+    ctx = SchemeContext(s, transfer=transfer)
     entries = cls.run(ctx, cfg.seed, **params)
     entry = entries[0]
     student = ctx.exports[entry["name"]]

@@ -54,6 +54,9 @@ class StubContext:
     def stage_name(self, seed, part=None):
         return f"{self.scheme_name}-{part}-s{seed}" if part else f"{self.scheme_name}-s{seed}"
 
+    def uses_transfer(self, scheme):
+        return scheme if isinstance(scheme, bool) else scheme.default_transfer
+
     def train(self, stage, scheme, seed, role="student", train_cfg=None, with_transfer=False, label=None):
         student = scheme.eval_models()["student"]
         self.trained.append({"stage": stage, "role": role, "model": student, "teacher": scheme.teacher.model,

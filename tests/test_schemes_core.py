@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import pytest
+import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
@@ -26,7 +27,7 @@ class _Pair(nn.Module):
 
     def forward(self, batch: Any, teacher: Any, epoch_progress: float = 0.0):
         za, zb = self.a(batch.x), self.b(batch.x)  # (B, K) each
-        ce = nn.functional.cross_entropy(za, batch.y, ignore_index=-1) + nn.functional.cross_entropy(zb, batch.y)
+        ce = F.cross_entropy(za, batch.y, ignore_index=-1) + F.cross_entropy(zb, batch.y, ignore_index=-1)
         kl = kd_soft_loss(za, zb.detach(), 2.0)
         return ce + self.weight * kl, {"ce": ce.detach(), "kl": kl.detach()}
 
@@ -145,3 +146,14 @@ def test_a_scheme_that_cannot_be_built_fails_before_any_training(tmp_path, pair_
     with pytest.raises(ConfigError, match="blocks.9"):
         compare(tiny(scheme="test_pair", teacher=None), out=tmp_path / "run", progress=False)
     assert not list((tmp_path / "run").rglob("*.pt"))  # not even the baseline trained
+
+
+def test_every_scheme_takes_the_transfer_switch(tmp_path, pair_scheme):
+    with pytest.raises(ConfigError, match=r"scheme\.params\.transfer: must be true or false \(got 'yes'\)"):
+        check_config(tiny(scheme={"name": "test_pair", "params": {"transfer": "yes"}}))
+    data = {"params": {"num_samples": 1000, "transfer_samples": 200}}
+    off = distill(tiny(scheme="test_pair", teacher=None, data=data), out=tmp_path / "off", progress=False)
+    on = distill(tiny(scheme={"name": "test_pair", "params": {"transfer": True}}, teacher=None, data=data),
+                 out=tmp_path / "on", progress=False)
+    assert not off["student"]["transfer"] and on["student"]["transfer"]  # the scheme's default is off
+    assert on["student"]["train_samples"] == off["student"]["train_samples"] + 200

@@ -186,6 +186,7 @@ def check_sizes(sizes: list[tuple[str, int]]) -> None:
 class TeacherAssistant(Scheme):
     """TAKD: the pre-trained teacher teaches assistant 1, which teaches assistant 2 ..., the last teaches the student."""
 
+    default_transfer = True
     citation = "Mirzadeh et al., Improved Knowledge Distillation via Teacher Assistant, AAAI 2020."
     summary = "teacher -> assistant(s) of intermediate size -> student, each link distilled from the previous one"
     report_notes: ClassVar[tuple[str, ...]] = (
@@ -233,18 +234,19 @@ class TeacherAssistant(Scheme):
         else:
             check_sizes(sizes)
         ta_cfg = ctx.train_cfg(assistant_train, "scheme.params.assistant_train")
+        transfer = ctx.uses_transfer(cls)
         links, prev, prev_name = [], teacher, "teacher"
         for i, model in enumerate(models, 1):
             links.append(Link(part=f"ta{i}", model=model, teacher=prev, losses=assistant_losses or ctx.cfg.losses,
-                              role=f"assistant{i}", train_cfg=ta_cfg, with_transfer=True, label=cls.registry_name,
+                              role=f"assistant{i}", train_cfg=ta_cfg, with_transfer=transfer, label=cls.registry_name,
                               where=f"scheme.params.assistants.{i - 1}", teacher_name=prev_name))
             prev, prev_name = model, f"assistant{i}"
         links.append(Link(part=None, model=student, teacher=prev, losses=ctx.cfg.losses, role="student",
-                          with_transfer=True, label=cls.registry_name, where="losses", teacher_name=prev_name))
+                          with_transfer=transfer, label=cls.registry_name, where="losses", teacher_name=prev_name))
         entries = run_chain(ctx, seed, links)
         if plain_kd:
             direct = Link(part="kd", model=ctx.student(seed), teacher=teacher, losses=ctx.cfg.losses, role="direct_kd",
-                          with_transfer=True, label="+".join(ctx.cfg.losses), where="losses", teacher_name="teacher")
+                          with_transfer=transfer, label="+".join(ctx.cfg.losses), where="losses", teacher_name="teacher")
             entries += run_chain(ctx, seed, [direct])
         return entries
 

@@ -36,12 +36,28 @@ from torch import nn
 
 from darkknowledge.data.batch import Batch
 from darkknowledge.losses.base import SetupInfo
+from darkknowledge.errors import ConfigError
 from darkknowledge.registry import Registry
+from darkknowledge.validation import validate_kwargs
 
 if TYPE_CHECKING:
     from darkknowledge.schemes.context import SchemeContext
 
 SCHEMES: Registry[type[Scheme]] = Registry("scheme")
+TRANSFER = "transfer"
+"""``scheme.params.transfer``: a parameter of every scheme (feed the transfer set or not)."""
+
+
+def resolve_scheme(name: str, params: dict[str, Any]) -> tuple[type[Scheme], dict[str, Any], bool | None]:
+    """The scheme class, its validated params, and the recipe's ``transfer`` choice (None: the
+    scheme's default). Raises ``ConfigError`` naming the bad key and the valid ones."""
+    cls = SCHEMES.get(name)
+    params = dict(params)
+    transfer = params.pop(TRANSFER, None)
+    if transfer is not None and not isinstance(transfer, bool):
+        raise ConfigError(f"scheme.params.transfer: must be true or false (got {transfer!r})")
+    checked = validate_kwargs(cls.params_fn(), params, "scheme.params", exclude=("ctx", "seed"))
+    return cls, checked, transfer
 
 
 class Scheme:
@@ -53,6 +69,9 @@ class Scheme:
     summary: ClassVar[str] = ""
     """One line: how knowledge flows."""
     primary: str = "student"
+    default_transfer: ClassVar[bool] = False
+    """Whether the scheme's students also read the unlabeled transfer set unless the recipe
+    says otherwise (``scheme.params.transfer``)."""
 
     # ------------------------------------------------------------ from a recipe
     @classmethod
@@ -64,7 +83,7 @@ class Scheme:
     def run(cls, ctx: SchemeContext, seed: int, **params: Any) -> list[dict[str, Any]]:
         """Train the scheme for one seed; returns the results entries (primary first)."""
         scheme = cls.build(ctx, seed, **params)
-        return ctx.train(ctx.stage_name(seed), scheme, seed)
+        return ctx.train(ctx.stage_name(seed), scheme, seed, with_transfer=ctx.uses_transfer(cls))
 
     @classmethod
     def check(cls, ctx: SchemeContext, seed: int, **params: Any) -> None:

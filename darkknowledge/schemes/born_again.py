@@ -106,7 +106,6 @@ class BornAgain(Offline):
         *,
         generations: Annotated[int, Field(ge=1, le=20)] = 2,
         ensemble: bool = True,
-        transfer: bool = False,
     ) -> list[dict[str, Any]]:
         """Train generation 0 (or reuse the seed's baseline), then generations 1..K.
 
@@ -115,14 +114,15 @@ class BornAgain(Offline):
             seed: The run seed.
             generations: K, the number of born-again generations after generation 0.
             ensemble: Also report the ensemble of all generations (BANE) as an ``ensemble`` row.
-            transfer: Generations k >= 1 also learn from the unlabeled transfer set (``data.params.
-                transfer_samples``), labelled by generation k-1's soft targets only. Not in the paper
-                (off by default); generation 0, like the baseline, never sees it.
 
         Returns:
             The results entries: the last generation first, then the earlier generations'
             and the ensemble's.
         """
+        # scheme.params.transfer: generations k >= 1 also learn from the unlabeled transfer set,
+        # labelled by generation k-1's soft targets only; not in the paper, off by default
+        # (generation 0, like the baseline, never sees it)
+        transfer = ctx.uses_transfer(False)
         models = [cls._generation_zero(ctx, seed)]
         entries: list[dict[str, Any]] = []
         for k in range(1, generations + 1):

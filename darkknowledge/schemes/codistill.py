@@ -23,7 +23,7 @@ student's optimizer settings.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, ClassVar
 
 from pydantic import Field
 from torch import nn
@@ -97,11 +97,3 @@ class Codistill(CohortScheme):
         raw = {"name": spec.name, "params": dict(spec.params)}
         teacher = ctx.model(raw, seed=peer_seed(seed, 1), where="teacher")
         return cls(ctx.student(seed), teacher, T=T, weight=weight, burn_in=burn_in)
-
-    @classmethod
-    def run(cls, ctx: SchemeContext, seed: int, T: Annotated[float, Field(gt=0.0)] = 1.0,
-            weight: Annotated[float, Field(ge=0.0)] = 1.0, burn_in: Annotated[float, Field(ge=0.0)] = 1.0,
-            transfer: bool = False) -> list[dict[str, Any]]:
-        """One stage; ``transfer`` adds the unlabelled transfer set (KL terms only there)."""
-        scheme = cls.build(ctx, seed, T=T, weight=weight, burn_in=burn_in)
-        return ctx.train(ctx.stage_name(seed), scheme, seed, with_transfer=transfer)

@@ -35,9 +35,10 @@ class SchemeContext:
         cfg: The run's config (``cfg.scheme`` names the scheme).
     """
 
-    def __init__(self, session: Session, cfg: RunConfig | None = None) -> None:
+    def __init__(self, session: Session, cfg: RunConfig | None = None, transfer: bool | None = None) -> None:
         self.session = session
         self.cfg = cfg or session.cfg
+        self.transfer = transfer
         self._teachers: dict[str, nn.Module] = {}
         self.exports: dict[str, nn.Module] = {}
         """Each trained stage's exported model, by stage name."""
@@ -60,6 +61,13 @@ class SchemeContext:
             raise ConfigError(f"scheme {self.scheme_name!r} needs an in-memory tensor dataset, "
                               f"got {type(data).__name__}")
         return data
+
+    def uses_transfer(self, scheme: type[Scheme] | bool) -> bool:
+        """Whether students read the unlabeled transfer set: the recipe's
+        ``scheme.params.transfer`` when given, else the scheme's (or the given) default."""
+        if self.transfer is not None:
+            return self.transfer
+        return scheme if isinstance(scheme, bool) else scheme.default_transfer
 
     def stage_name(self, seed: int, part: str | None = None) -> str:
         """``<method>[-<part>]-s<seed>``, where method is the scheme (or the losses, offline)."""

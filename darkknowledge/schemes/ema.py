@@ -130,6 +130,7 @@ class MeanTeacher(Scheme):
         export: ``student`` (the trained network) or ``ema`` (the mean teacher) as ``model.pt``.
     """
 
+    default_transfer = True
     citation = ("Tarvainen & Valpola, Mean teachers are better role models: Weight-averaged consistency "
                 "targets improve semi-supervised deep learning results, NeurIPS 2017.")
     summary = "an exponential moving average of the student's own weights teaches the student"
@@ -150,20 +151,6 @@ class MeanTeacher(Scheme):
     ) -> MeanTeacher:
         """The recipe's student (the baseline's init of ``seed``), objective and EMA copy."""
         return cls(ctx.student(seed), ctx.objective(), decay=decay, warmup=warmup, noise=noise, export=export)
-
-    @classmethod
-    def run(
-        cls,
-        ctx: SchemeContext,
-        seed: int,
-        decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.99,
-        warmup: bool = True,
-        noise: Annotated[float, Field(ge=0.0)] = 0.0,
-        export: Literal["student", "ema"] = "student",
-    ) -> list[dict[str, Any]]:
-        """One stage; the consistency term also sees the unlabelled transfer set (``data.use_transfer``)."""
-        scheme = cls.build(ctx, seed, decay=decay, warmup=warmup, noise=noise, export=export)
-        return ctx.train(ctx.stage_name(seed), scheme, seed, with_transfer=True)
 
     def __init__(self, student: nn.Module, objective: Objective, decay: float = 0.99, warmup: bool = True,
                  noise: float = 0.0, export: Literal["student", "ema"] = "student") -> None:

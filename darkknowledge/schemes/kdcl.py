@@ -188,12 +188,3 @@ class KDCL(CohortScheme):
         """
         return cls(build_peers(ctx, seed, peers, n), ensemble=ensemble, T=T, weight=weight, burn_in=burn_in)
 
-    @classmethod
-    def run(cls, ctx: SchemeContext, seed: int, peers: list[dict[str, Any]] | None = None,
-            n: Annotated[int, Field(ge=2)] | None = None, ensemble: EnsembleName = "min_logit",
-            T: Annotated[float, Field(gt=0.0)] = 2.0, weight: Annotated[float, Field(ge=0.0)] = 1.0,
-            burn_in: Annotated[float, Field(ge=0.0)] = 0.0, transfer: bool = False) -> list[dict[str, Any]]:
-        """One stage; ``transfer`` adds the unlabelled transfer set (mean-logit targets there)."""
-        scheme = cls.build(ctx, seed, peers=peers, n=n, ensemble=ensemble, T=T, weight=weight, burn_in=burn_in)
-        return ctx.train(ctx.stage_name(seed), scheme, seed, with_transfer=transfer)
-

@@ -145,6 +145,7 @@ class MultiTeacher(Scheme):
             outputs (logits and the taps its losses read) are computed once and read by index.
     """
 
+    default_transfer = True
     citation = ("Hinton et al. 2015 (ensemble mean); Fukuda et al., Interspeech 2017 (random teacher per step); "
                 "Zhang et al., CA-MKD, ICASSP 2022; Kwon et al., EBKD, ICASSP 2020 (confidence weights).")
     summary = "several frozen teachers teach one student: mixed soft labels, a random teacher per step, or a loss per teacher"
@@ -173,7 +174,7 @@ class MultiTeacher(Scheme):
                      aggregation=aggregation, weights=weights, confidence=confidence,
                      temperature=temperature, seed=seed, names=[w for w, _ in named], cache=ctx.cfg.cache)
         label = f"multi_teacher[{aggregation}]:" + "+".join(ctx.cfg.losses)
-        return ctx.train(ctx.stage_name(seed), scheme, seed, with_transfer=True, label=label)
+        return ctx.train(ctx.stage_name(seed), scheme, seed, with_transfer=ctx.uses_transfer(cls), label=label)
 
     def __init__(self, student: nn.Module, objectives: list[Objective], teachers: list[nn.Module],
                  aggregation: str = "mean", weights: list[float] | None = None,

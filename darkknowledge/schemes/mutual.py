@@ -117,12 +117,3 @@ class Mutual(CohortScheme):
             burn_in: Epochs of cross-entropy alone before mutual learning starts (paper: 0).
         """
         return cls(build_peers(ctx, seed, peers, n), T=T, weight=weight, burn_in=burn_in)
-
-    @classmethod
-    def run(cls, ctx: SchemeContext, seed: int, peers: list[dict[str, Any]] | None = None,
-            n: Annotated[int, Field(ge=2)] | None = None, T: Annotated[float, Field(gt=0.0)] = 1.0,
-            weight: Annotated[float, Field(ge=0.0)] = 1.0, burn_in: Annotated[float, Field(ge=0.0)] = 0.0,
-            transfer: bool = False) -> list[dict[str, Any]]:
-        """One stage; ``transfer`` adds the unlabelled transfer set (KL terms only)."""
-        scheme = cls.build(ctx, seed, peers=peers, n=n, T=T, weight=weight, burn_in=burn_in)
-        return ctx.train(ctx.stage_name(seed), scheme, seed, with_transfer=transfer)

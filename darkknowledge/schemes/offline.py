@@ -77,6 +77,7 @@ class Offline(Scheme):
     """
 
     registry_name = "offline"
+    default_transfer = True
     citation = "Hinton et al. 2015; Gou et al., Knowledge Distillation: A Survey, IJCV 2021 (offline distillation)."
     summary = "a frozen, pre-trained teacher teaches the student (one way)"
 
@@ -88,10 +89,11 @@ class Offline(Scheme):
 
     @classmethod
     def run(cls, ctx: SchemeContext, seed: int) -> list[dict[str, Any]]:
-        """One stage; the student also sees the unlabeled transfer set (teacher labels only)."""
+        """One stage; the student also sees the unlabeled transfer set (teacher labels only)
+        unless ``scheme.params.transfer`` is false."""
         scheme = cls.build(ctx, seed)
         label = "+".join(ctx.cfg.losses)
-        return ctx.train(ctx.stage_name(seed), scheme, seed, with_transfer=True, label=label)
+        return ctx.train(ctx.stage_name(seed), scheme, seed, with_transfer=ctx.uses_transfer(cls), label=label)
 
     def __init__(self, student: nn.Module, objective: Objective, teacher: nn.Module | None = None,
                  cache: CacheConfig | None = None) -> None:

@@ -228,12 +228,3 @@ class ONE(CohortScheme):
             rampup: Epochs of sigmoid ramp-up of the KL weight (0: full weight from the start).
         """
         return cls(build_peers(ctx, seed, peers, n), gate_tap=gate_tap, T=T, weight=weight, rampup=rampup)
-
-    @classmethod
-    def run(cls, ctx: SchemeContext, seed: int, peers: list[dict[str, Any]] | None = None,
-            n: Annotated[int, Field(ge=2)] | None = None, gate_tap: str = "fc:input",
-            T: Annotated[float, Field(gt=0.0)] = 3.0, weight: Annotated[float, Field(ge=0.0)] = 1.0,
-            rampup: Annotated[float, Field(ge=0.0)] = 0.0, transfer: bool = False) -> list[dict[str, Any]]:
-        """One stage; ``transfer`` adds the unlabelled transfer set (KL terms only there)."""
-        scheme = cls.build(ctx, seed, peers=peers, n=n, gate_tap=gate_tap, T=T, weight=weight, rampup=rampup)
-        return ctx.train(ctx.stage_name(seed), scheme, seed, with_transfer=transfer)

@@ -141,6 +141,7 @@ class ResidualObjective(nn.Module):
 class Residual(Scheme):
     """Student mimics the teacher's feature; an assistant learns the remaining residual; both are deployed."""
 
+    default_transfer = True
     citation = "Gao, Shen, Li, Loy. Residual Knowledge Distillation. arXiv:2002.09168, 2020."
     summary = "student mimics the teacher's feature, an assistant learns the (detached) residual; fc_T(S + A) at inference"
     primary = "pair"
@@ -175,20 +176,6 @@ class Residual(Scheme):
         spec = assistant or ModelConfig(name="mlp", params={"hidden": [64]})
         return cls.from_models(teacher, student, spec.model_dump(exclude={"checkpoint"}), ctx.objective(),
                                beta=beta, gamma=gamma, pair_ce=pair_ce, seed=seed)
-
-    @classmethod
-    def run(
-        cls,
-        ctx: SchemeContext,
-        seed: int,
-        assistant: ModelConfig | None = None,
-        beta: Annotated[float, Field(ge=0.0)] = 1.0,
-        gamma: Annotated[float, Field(ge=0.0)] = 1.0,
-        pair_ce: Annotated[float, Field(ge=0.0)] = 0.0,
-    ) -> list[dict[str, Any]]:
-        """One joint stage (arguments as :meth:`build`); the pair also sees the unlabeled transfer set."""
-        scheme = cls.build(ctx, seed, assistant=assistant, beta=beta, gamma=gamma, pair_ce=pair_ce)
-        return ctx.train(ctx.stage_name(seed), scheme, seed, with_transfer=True)
 
     @classmethod
     def from_models(cls, teacher: nn.Module, student: nn.Module, assistant: dict[str, Any], objective: Objective,
