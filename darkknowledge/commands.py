@@ -46,7 +46,9 @@ def compare(cfg: RunConfig, out: str | Path | None = None, resume: bool = False,
         notes.append(f"the distilled student also sees {len(s.bundle.transfer)} unlabeled transfer samples "
                      "(teacher soft labels only); the baseline cannot use them without labels")
     notes += [n for n in getattr(cls, "report_notes", ())]
-    caches = {e["teacher_cache"]["path"]: e["teacher_cache"] for e in s.run.results if e.get("teacher_cache")}
+    described = [e["teacher_cache"] for e in s.run.results if e.get("teacher_cache")]
+    flat = [c for d in described for c in (d if isinstance(d, list) else [d])]  # multi_teacher: one per teacher
+    caches = {c["path"]: c for c in flat}
     for c in caches.values():
         notes.append(f"teacher-output cache: {c['size_mb']:.2f} MB ({c['dtype']}, {c['views']} view(s), "
                      f"{'memory-mapped' if c['mapped'] else 'in memory'}) at {c['path']}; the teacher ran "
