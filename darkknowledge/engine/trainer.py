@@ -175,12 +175,12 @@ class Trainer:
             self._save("best.pt", {"format": 1, "kind": "best", "module": self.scheme.module.state_dict(), "best": result.best})
         self.metrics.write({**record, "kind": "eval"})
 
-    def _epoch_means(self, sums: dict[str, torch.Tensor], n_batches: int) -> dict[str, float]:
+    def _epoch_means(self, logged: dict[str, list[torch.Tensor]], n_batches: int) -> dict[str, float]:
         """Mean of each logged term over the epoch's batches, averaged over ranks."""
-        if not sums:
+        if not logged:
             return {}
-        keys = sorted(sums)
-        stacked = torch.stack([sums[k] for k in keys]) / max(1, n_batches)
+        keys = sorted(logged)
+        stacked = torch.stack([torch.stack(logged[k]).float().sum() for k in keys]) / max(1, n_batches)
         stacked = self.dist.all_reduce_sum(stacked) / self.dist.world_size
         return dict(zip(keys, stacked.tolist()))
 
@@ -219,7 +219,7 @@ class Trainer:
             loader.set_epoch(epoch)
             module.train()
             t0 = epoch_start = time.perf_counter()
-            sums: dict[str, torch.Tensor] = {}
+            logged: dict[str, list[torch.Tensor]] = {}  # per-step values, summed once per epoch (no per-step ops)
             n_batches = len(loader)
             batches = loader.iter_from(start_batch) if start_batch else iter(loader)
             first_batch = start_batch
@@ -232,9 +232,9 @@ class Trainer:
                     scaled = loss / cfg.grad_accum
                     (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 for k, v in (("loss", loss.detach()), *terms.items()):
-                    sums[k] = sums[k] + v.float() if k in sums else v.float()
+                    logged.setdefault(k, []).append(v)
                 if self.progress.enabled and (b - start_batch) % 25 == 0:  # a host sync only for the display
-                    self.progress.show({k: float(v) / (b - start_batch + 1) for k, v in sums.items()})
+                    self.progress.show({k: float(torch.stack(v).float().mean()) for k, v in logged.items()})
                 if not boundary:
                     continue
                 if scaler is not None:
@@ -255,7 +255,7 @@ class Trainer:
                     t0 = time.perf_counter()
                     self._save("last.pt", self._state(epoch, b + 1, step, result, opt, sched, scaler))
             start_batch = 0
-            means = self._epoch_means(sums, n_batches - first_batch)  # one host sync per epoch (waits for the device)
+            means = self._epoch_means(logged, n_batches - first_batch)  # one host sync per epoch (waits for the device)
             result.train_seconds += time.perf_counter() - t0
             result.epoch_seconds.append(time.perf_counter() - epoch_start)
             if not math.isfinite(means.get("loss", 0.0)):

@@ -122,5 +122,7 @@ class Objective(nn.Module):
             values[name] = value.detach()
             # a zero weight (warm-up start) still adds 0 * value, so every adapter gets a
             # (zero) gradient each step, which DDP without find_unused_parameters requires
-            total = total + self.schedules[name](epoch_progress) * value
+            w = self.schedules[name](epoch_progress)
+            weighted = value if w == 1.0 else w * value
+            total = weighted if isinstance(total, float) else total + weighted
         return total, values  # type: ignore[return-value]
