@@ -115,7 +115,11 @@ class SchemeContext:
     # ------------------------------------------------------------ teachers
     def teacher(self) -> nn.Module:
         """The recipe's pre-trained ``teacher`` (trained, reused or loaded once per run)."""
-        return self.teachers()[0][1] if self.cfg.teacher is not None else self._missing_teacher()
+        if self.cfg.teacher is None:
+            return self._missing_teacher()
+        if "teacher" not in self._teachers:  # only this one: the `teachers:` list is trained when asked for
+            self._teachers["teacher"], _ = self.session.teacher(self.cfg.teacher, "teacher")
+        return self._teachers["teacher"]
 
     def teachers(self) -> list[tuple[str, nn.Module]]:
         """Every pre-trained teacher of the recipe: ``teacher`` then ``teachers``, by config path."""
