@@ -23,7 +23,6 @@ buffers are copied (as timm's ``ModelEmaV2``). The EMA copy lives in the trainab
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import torch
@@ -37,7 +36,7 @@ from darkknowledge.losses.objective import Objective
 from darkknowledge.models import count_params
 from darkknowledge.schemes import register_scheme
 from darkknowledge.schemes.base import Scheme
-from darkknowledge.schemes.offline import StudentObjective
+from darkknowledge.schemes.offline import StudentObjective, setup_objective
 from darkknowledge.taps import FeatureTaps, unwrap, validate_taps
 
 if TYPE_CHECKING:
@@ -178,17 +177,7 @@ class MeanTeacher(Scheme):
 
     def setup(self, batch: Batch, info: SetupInfo | None = None) -> None:
         """Dry run: EMA and student outputs on one batch -> build adapters, check shapes."""
-        module = self._module
-        teacher = self.teacher_outputs(batch)
-        was_training = module.training
-        module.eval()
-        with torch.no_grad():
-            student = module.student_outputs(batch.x)
-        info = replace(info or SetupInfo(num_samples=len(batch), batch_size=len(batch)),
-                       num_classes=int(student.logits.shape[-1]))
-        module.objective.setup(student, teacher, info)
-        module.objective.to(batch.x.device)
-        module.train(was_training)
+        setup_objective(self._module, self.teacher_outputs(batch), batch, info)
 
     def teacher_outputs(self, batch: Batch) -> Outputs | None:
         if not self.needs.teacher:

@@ -50,6 +50,7 @@ from darkknowledge.losses.objective import Objective
 from darkknowledge.models import count_params
 from darkknowledge.schemes import register_scheme
 from darkknowledge.schemes.base import Scheme
+from darkknowledge.schemes.offline import tapped_outputs
 from darkknowledge.schemes.teacher_mix import confidence_weights, draw_teacher, fixed_weights, mixture_logits, stack_logits
 from darkknowledge.taps import FeatureTaps, unwrap, validate_taps
 from darkknowledge.teachers.cache import CacheSpec, TeacherOutputCache, load_or_build
@@ -93,14 +94,7 @@ class MultiTeacherObjective(nn.Module):
             self.taps.active = False  # record only inside student_outputs, not when evaluating
 
     def student_outputs(self, x: torch.Tensor) -> Outputs:
-        if self.taps is None:
-            return Outputs(logits=self.student(x))  # (B, K)
-        self.taps.active = True
-        try:
-            logits = self.student(x)  # (B, K)
-        finally:
-            self.taps.active = False
-        return Outputs(logits=logits, features=self.taps.pop())
+        return tapped_outputs(self.student, self.taps, x)
 
     def forward(self, batch: Batch, teachers: TeacherOuts, epoch_progress: float = 0.0
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -32,6 +32,33 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def tapped_outputs(model: nn.Module, taps: FeatureTaps | None, x: torch.Tensor) -> Outputs:
+    """``model(x)`` as :class:`Outputs`, with the features of ``taps`` recorded during this call
+    only (taps stay inactive otherwise, so evaluating the model records nothing)."""
+    if taps is None:
+        return Outputs(logits=model(x))  # (B, K)
+    taps.active = True
+    try:
+        logits = model(x)  # (B, K)
+    finally:
+        taps.active = False
+    return Outputs(logits=logits, features=taps.pop())
+
+
+def setup_objective(module: nn.Module, teacher: Outputs | None, batch: Batch, info: SetupInfo | None) -> None:
+    """The dry run of a module with ``student_outputs`` and ``objective``: student outputs on
+    one batch (eval mode, no grad) -> the objective builds its adapters and checks shapes."""
+    was_training = module.training
+    module.eval()
+    with torch.no_grad():
+        student = module.student_outputs(batch.x)
+    info = replace(info or SetupInfo(num_samples=len(batch), batch_size=len(batch)),
+                   num_classes=int(student.logits.shape[-1]))
+    module.objective.setup(student, teacher, info)
+    module.objective.to(batch.x.device)
+    module.train(was_training)
+
+
 class StudentObjective(nn.Module):
     """The trainable module of offline KD: the student plus the objective (and its adapters).
 
@@ -48,14 +75,7 @@ class StudentObjective(nn.Module):
             self.taps.active = False  # record only inside student_outputs, not when evaluating the student
 
     def student_outputs(self, x: torch.Tensor) -> Outputs:
-        if self.taps is None:
-            return Outputs(logits=self.student(x))  # (B, K)
-        self.taps.active = True
-        try:
-            logits = self.student(x)  # (B, K)
-        finally:
-            self.taps.active = False
-        return Outputs(logits=logits, features=self.taps.pop())
+        return tapped_outputs(self.student, self.taps, x)
 
     def forward(
         self, batch: Batch, teacher: Outputs | None, epoch_progress: float = 0.0
@@ -160,17 +180,7 @@ class Offline(Scheme):
 
     def setup(self, batch: Batch, info: SetupInfo | None = None) -> None:
         """Dry run: teacher and student outputs on one batch -> build adapters, check shapes."""
-        module = self._module
-        teacher = self.teacher(batch.x) if self.teacher is not None else None
-        was_training = module.training
-        module.eval()
-        with torch.no_grad():
-            student = module.student_outputs(batch.x)
-        info = replace(info or SetupInfo(num_samples=len(batch), batch_size=len(batch)),
-                       num_classes=int(student.logits.shape[-1]))
-        module.objective.setup(student, teacher, info)
-        module.objective.to(batch.x.device)
-        module.train(was_training)
+        setup_objective(self._module, self.teacher(batch.x) if self.teacher is not None else None, batch, info)
 
     def prepare(self, loader: Iterable[Batch]) -> None:
         """Give the losses' pre-training stages one pass of teacher outputs per call."""
