@@ -53,7 +53,7 @@ from darkknowledge.schemes.base import Scheme
 from darkknowledge.schemes.offline import tapped_outputs
 from darkknowledge.schemes.teacher_mix import confidence_weights, draw_teacher, fixed_weights, mixture_logits, stack_logits
 from darkknowledge.taps import FeatureTaps, unwrap, validate_taps
-from darkknowledge.teachers.cache import CacheSpec, TeacherOutputCache, load_or_build
+from darkknowledge.teachers.cache import CacheSpec, TeacherOutputCache, cached_views, load_or_build
 from darkknowledge.teachers.frozen import FrozenTeacher
 
 if TYPE_CHECKING:
@@ -261,10 +261,9 @@ class MultiTeacher(Scheme):
         if cfg is None:
             return
         augment = getattr(loader, "augment", None)
-        if augment is not None and cfg.views == 0:
-            log.info("data.augment is on and cache.views is 0: the teachers run live on every augmented view")
+        views = cached_views(cfg.views, augment)
+        if views is None:
             return
-        views = cfg.views if augment is not None else 1
         self.caches = []
         for teacher, (logits, taps) in zip(self.teachers, self.needs):
             spec = CacheSpec(logits=logits, taps=tuple(taps), dtype=cfg.dtype, topk=cfg.topk, views=views)

@@ -22,7 +22,7 @@ from darkknowledge.losses.objective import Objective
 from darkknowledge.models import count_params
 from darkknowledge.schemes.base import SCHEMES, Scheme
 from darkknowledge.taps import FeatureTaps, unwrap, validate_taps
-from darkknowledge.teachers.cache import CacheSpec, TeacherOutputCache, load_or_build
+from darkknowledge.teachers.cache import CacheSpec, TeacherOutputCache, cached_views, load_or_build
 from darkknowledge.teachers.frozen import FrozenTeacher
 
 if TYPE_CHECKING:
@@ -150,13 +150,13 @@ class Offline(Scheme):
         if cfg is None or self.teacher is None:
             return
         augment = getattr(loader, "augment", None)
-        if augment is not None and cfg.views == 0:
-            log.info("data.augment is on and cache.views is 0: the teacher runs live on every augmented view")
+        views = cached_views(cfg.views, augment)
+        if views is None:
             return
         needs = self.needs
         spec = CacheSpec(logits=needs.teacher_logits if cfg.logits is None else cfg.logits,
                          taps=needs.teacher_taps if cfg.taps is None else tuple(cfg.taps),
-                         dtype=cfg.dtype, topk=cfg.topk, views=cfg.views if augment is not None else 1)
+                         dtype=cfg.dtype, topk=cfg.topk, views=views)
         spec.check_holds(needs.teacher_logits, needs.teacher_taps)
         builder = self.teacher
         if spec.taps != needs.teacher_taps or spec.logits != needs.teacher_logits:

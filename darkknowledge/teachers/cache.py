@@ -293,6 +293,17 @@ def build_cache(teacher: Any, loader: Any, spec: CacheSpec, folder: Path, *, aug
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def cached_views(views: int, augment: Augment | None) -> int | None:
+    """How many views to cache for a loader with ``augment``: 1 without augmentation,
+    ``views`` with it, or None (``views == 0`` with augmentation: run the teacher live)."""
+    if augment is None:
+        return 1
+    if views == 0:
+        log.info("data.augment is on and cache.views is 0: the teacher runs live on every augmented view")
+        return None
+    return views
+
+
 def cache_root() -> Path:
     return cache_dir() / "teacher_outputs"
 
