@@ -15,8 +15,10 @@ another), on the same data and models:
   ``hand_kd_live / (hand_plain + teacher_fwd)`` what interleaving two networks costs on this
   machine, and ``dk_kd_* / hand_kd_*`` what darkknowledge adds on top.
 
-After one untimed warm-up round, each of ``--reps`` (>= 3) rounds runs one epoch of every
-variant; the table shows the median over the rounds of seconds per epoch, and the ratios
+After one untimed warm-up round, each of ``--reps`` rounds (3 by default; 21 for (b), whose
+epochs last tens of milliseconds, so a median of 3 would move by +-20% with the machine's
+noise) runs one epoch of every variant in a shuffled order; the table shows the median over
+the rounds of seconds per epoch, and the ratios
 
     dk_plain / hand_plain,  dk_kd_live / (hand_plain + teacher_fwd),  dk_kd_cached / hand_plain
 
@@ -38,6 +40,7 @@ import json
 import logging
 import os
 import platform
+import random
 import resource
 import statistics
 import sys
@@ -72,6 +75,8 @@ class Setting:
     variants: tuple[str, ...] = ("hand_plain", "dk_plain", "teacher_fwd", "dk_kd_live", "dk_kd_cached",
                                  "hand_kd_live", "hand_kd_cached")
     memory_limit_mb: float = 1024.0
+    reps: int = 3
+    """Timed rounds by default: cheap settings take more, so that their median is stable."""
 
 
 def settings(quick: bool) -> dict[str, Setting]:
@@ -80,7 +85,8 @@ def settings(quick: bool) -> dict[str, Setting]:
     return {
         "a": Setting("a", "synthetic CIFAR-100-shaped, resnet56 -> resnet20", n_img, (3, 32, 32), 100, img_t, img_s,
                      variants=("hand_plain", "dk_plain", "teacher_fwd", "dk_kd_live", "dk_kd_cached")),
-        "b": Setting("b", "MNIST-1D-shaped, cnn1d -> mlp", n_1d, (40,), 10, ("cnn1d", {}), ("mlp", {"hidden": [100, 100]})),
+        "b": Setting("b", "MNIST-1D-shaped, cnn1d -> mlp", n_1d, (40,), 10, ("cnn1d", {}), ("mlp", {"hidden": [100, 100]}),
+                     reps=21),
         "c": Setting("c", "FitNet (+KD) on (a), live vs cached", n_img, (3, 32, 32), 100, img_t, img_s,
                      losses={"fitnet": {"weight": 100.0}, "kd": {"T": 4.0, "alpha": 0.9}},
                      variants=("hand_plain", "teacher_fwd", "dk_kd_live", "dk_kd_cached")),
@@ -211,9 +217,11 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
-def run_setting(s: Setting, device: torch.device, reps: int) -> dict[str, Any]:
-    """One untimed warm-up round of every variant, then ``reps`` timed rounds (one epoch of
-    each variant per round, round-robin, so machine noise hits all variants alike); medians."""
+def run_setting(s: Setting, device: torch.device, reps: int | None = None) -> dict[str, Any]:
+    """One untimed warm-up round of every variant, then ``reps`` (default ``s.reps``) timed
+    rounds: one epoch of each variant per round, in an order shuffled every round, so machine
+    noise (and any effect of the variant run just before) hits all variants alike; medians."""
+    reps = reps or s.reps
     data, test = make_data(s, s.num_samples)
     runners: dict[str, Callable[[dict[str, Any]], list[float]]] = {
         "hand_plain": lambda extra: hand_plain(s, data, device, 1),
@@ -228,8 +236,10 @@ def run_setting(s: Setting, device: torch.device, reps: int) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    order, shuffler = list(s.variants), random.Random(0)
     for round_ in range(reps + 1):
-        for v in s.variants:
+        shuffler.shuffle(order)
+        for v in order:
             epoch = runners[v](extra)[-1]
             if round_:  # round 0 warms up (and builds the cache, timed on its own)
                 times[v].append(epoch)
@@ -257,13 +267,13 @@ def run_setting(s: Setting, device: torch.device, reps: int) -> dict[str, Any]:
     return out
 
 
-def scaling(quick: bool, device: torch.device, reps: int) -> dict[str, Any]:
+def scaling(quick: bool, device: torch.device, reps: int | None) -> dict[str, Any]:
     """Cached KD over 1x and 10x the data: time ~10x, cache memory-mapped beyond the limit."""
     base = settings(quick)["b"]
     n = 400 if quick else 4000
     limit = 3 * n * base.num_classes * 2 / 2**20  # three times the 1x cache (fp16 logits): the 10x one is beyond it
     small = Setting("d", "scaling: cached KD, 1x vs 10x data", n, base.input_shape, base.num_classes, base.teacher,
-                    base.student, variants=("hand_plain", "dk_kd_cached"), memory_limit_mb=limit)
+                    base.student, variants=("hand_plain", "dk_kd_cached"), memory_limit_mb=limit, reps=9)
     r1 = run_setting(small, device, reps)
     large = Setting(**{**small.__dict__, "num_samples": 10 * n})
     r10 = run_setting(large, device, reps)
@@ -291,7 +301,8 @@ def print_table(r: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--settings", nargs="*", default=["a", "b", "c", "d"], choices=["a", "b", "c", "d"])
-    p.add_argument("--reps", type=int, default=3, help="timed repetitions per variant (median reported)")
+    p.add_argument("--reps", type=int, default=None,
+                   help="timed rounds per setting (median reported; default 3, 21 for the cheap (b), 9 for (d))")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
     p.add_argument("--json", action="store_true", help="also print one JSON object per setting")

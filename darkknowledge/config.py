@@ -66,6 +66,7 @@ class OptimizerConfig(_Strict):
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0, description="SGD only")
     nesterov: bool = False
     betas: tuple[float, float] = (0.9, 0.999)
+    fused: bool = Field(default=True, description="torch's fused update kernel where the device has one (same rule)")
 
 
 class SchedulerConfig(_Strict):

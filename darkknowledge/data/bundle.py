@@ -38,10 +38,13 @@ class TensorData(Dataset):
         if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
             raise ConfigError(f"TensorData labels must be integers (got {y.dtype})")
         y = y.to(torch.int64)
-        if y.numel() and int(y.min()) < UNLABELED:
-            raise ConfigError(f"TensorData labels must be >= {UNLABELED} (got {int(y.min())})")
+        lowest = int(y.min()) if y.numel() else 0
+        if lowest < UNLABELED:
+            raise ConfigError(f"TensorData labels must be >= {UNLABELED} (got {lowest})")
         self.x = x
         self.y = y
+        self.all_labeled = lowest != UNLABELED
+        """No sample is ``UNLABELED`` (batches then say ``labeled=True``)."""
 
     def __len__(self) -> int:
         return int(self.y.shape[0])

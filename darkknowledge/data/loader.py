@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from darkknowledge.data.augment import Augment, AugmentParams, params_to, slice_params
-from darkknowledge.data.batch import Batch
+from darkknowledge.data.batch import UNLABELED, Batch
 from darkknowledge.data.bundle import TensorData
 from darkknowledge.data.seeds import AUGMENT_STREAM, PERMUTATION_STREAM, make_generator
 from darkknowledge.errors import ConfigError
@@ -222,10 +222,11 @@ class BatchLoader:
     def _iter_tensors(self, epoch: int, plan: _Plan) -> Iterator[Batch]:
         data = self.data
         assert isinstance(data, TensorData)
+        x_all, y_all, home = data.x, data.y, data.x.device
         for k, global_idx, (lo, hi) in plan:
-            local = global_idx[lo:hi]  # (b,)
-            source = local.to(data.x.device)
-            yield self._finish(epoch, k, lo, hi, data.x[source], data.y[source], local)
+            local = global_idx[lo:hi] if self.world_size > 1 else global_idx  # (b,)
+            source = local if local.device == home else local.to(home)
+            yield self._finish(epoch, k, lo, hi, x_all[source], y_all[source], local, data.all_labeled)
 
     def _iter_dataset(self, epoch: int, plan: _Plan) -> Iterator[Batch]:
         nonempty = [global_idx[lo:hi].tolist() for _, global_idx, (lo, hi) in plan if hi > lo]
@@ -244,20 +245,22 @@ class BatchLoader:
                 x0, _ = self.data[0]
                 x = torch.as_tensor(x0)[None][:0]  # (0, *shape): an empty share
                 y = torch.zeros(0, dtype=torch.int64)
-            yield self._finish(epoch, k, lo, hi, torch.as_tensor(x), torch.as_tensor(y), local)
+            y = torch.as_tensor(y).to(torch.int64)  # on the CPU here: checking the labels costs no device sync
+            yield self._finish(epoch, k, lo, hi, torch.as_tensor(x), y, local, bool((y != UNLABELED).all()))
 
     def _finish(
-        self, epoch: int, k: int, lo: int, hi: int, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor
+        self, epoch: int, k: int, lo: int, hi: int, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor,
+        labeled: bool,
     ) -> Batch:
         """Move a raw batch to the device, scale, augment and normalise it."""
-        y = y.to(torch.int64)
         idx_cpu = idx
-        if self.device.type == "cuda":
+        device = self.device
+        if device.type == "cuda":
             if x.device.type == "cpu":
                 x, y, idx = x.pin_memory(), y.pin_memory(), idx.pin_memory()
-            x, y, idx = (t.to(self.device, non_blocking=True) for t in (x, y, idx))
-        else:
-            x, y, idx = x.to(self.device), y.to(self.device), idx.to(self.device)
+            x, y, idx = (t.to(device, non_blocking=True) for t in (x, y, idx))
+        elif x.device != device or idx.device != device:
+            x, y, idx = x.to(device), y.to(device), idx.to(device)
         if x.dtype == torch.uint8:
             x = x.float() / 255.0  # (b, C, H, W) in [0, 1]
         elif not x.is_floating_point():
@@ -276,7 +279,7 @@ class BatchLoader:
             x = self._normalize(x)
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        return Batch(x, y, idx, view)
+        return Batch(x, y, idx, view, labeled)
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         assert self._norm is not None

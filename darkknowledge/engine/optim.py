@@ -2,33 +2,49 @@
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from darkknowledge.config import OptimizerConfig, SchedulerConfig
 
+log = logging.getLogger(__name__)
+
 
 def build_optimizer(module: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
     """SGD, Adam or AdamW over ``module``'s trainable parameters.
 
-    Weight decay is not applied to biases and normalisation parameters (1-D tensors).
+    Weight decay is not applied to biases and normalisation parameters (1-D tensors); without
+    weight decay all parameters share one group. With ``cfg.fused`` the update runs in torch's
+    fused kernel when the parameters' device has one (one kernel instead of a Python loop of
+    per-tensor ops: the same update rule, several times faster for small models); otherwise,
+    or where it is unavailable, torch's default implementation.
     """
     decay, no_decay = [], []
     for p in module.parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
+            (no_decay if p.ndim <= 1 and cfg.weight_decay else decay).append(p)
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    if cfg.name == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+        kind: Any = torch.optim.SGD
+        kwargs: dict[str, Any] = {"lr": cfg.lr, "momentum": cfg.momentum, "nesterov": cfg.nesterov}
+    else:
+        kind = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
+        kwargs = {"lr": cfg.lr, "betas": cfg.betas}
+    if cfg.fused and groups:
+        try:
+            return kind(groups, fused=True, **kwargs)
+        except (RuntimeError, ValueError, TypeError) as err:  # no fused kernel for this device/dtype
+            log.debug("fused %s unavailable (%s); using the default implementation", cfg.name, err)
+    return kind(groups, **kwargs)
 
 
 def lr_factor(cfg: SchedulerConfig, step: int, steps_per_epoch: int, epochs: int) -> float:
@@ -52,10 +68,53 @@ def lr_factor(cfg: SchedulerConfig, step: int, steps_per_epoch: int, epochs: int
     return cfg.gamma ** sum(1 for m in cfg.milestones if epoch >= m)
 
 
+class StepSchedule:
+    """Sets every group's lr to ``base_lr * factor(step)`` after each optimizer step.
+
+    A lean ``LambdaLR``: one Python call per step, and the groups are only written when the
+    factor changes. Its state dict (``last_epoch``, ``base_lrs``) matches ``LambdaLR``'s, so
+    checkpoints of either load into it.
+
+    Args:
+        optimizer: Its groups' current ``lr`` are the base rates.
+        factor: Multiplier at optimizer step ``step`` (0-based).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, factor: Callable[[int], float]) -> None:
+        self.optimizer = optimizer
+        self.factor = factor
+        self.base_lrs = [float(g["lr"]) for g in optimizer.param_groups]
+        self.last_epoch = 0
+        self._applied: float | None = None
+        self._apply()
+
+    def _apply(self) -> None:
+        f = self.factor(self.last_epoch)
+        if f != self._applied:
+            for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+                group["lr"] = base * f
+            self._applied = f
+
+    def step(self) -> None:
+        """Advance one optimizer step."""
+        self.last_epoch += 1
+        self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        return [float(g["lr"]) for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_epoch": self.last_epoch, "base_lrs": list(self.base_lrs)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_epoch = int(state["last_epoch"])
+        self.base_lrs = [float(v) for v in state.get("base_lrs", self.base_lrs)]
+        self._applied = None
+        self._apply()
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, steps_per_epoch: int, epochs: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-optimizer-step ``LambdaLR`` following :func:`lr_factor`."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(cfg, step, steps_per_epoch, epochs)
-    )
+) -> StepSchedule:
+    """A per-optimizer-step schedule following :func:`lr_factor`."""
+    return StepSchedule(optimizer, lambda step: lr_factor(cfg, step, steps_per_epoch, epochs))

@@ -209,6 +209,9 @@ class Trainer:
             ids = [device.index] if device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(module, device_ids=ids)
         opt = build_optimizer(module, cfg.optimizer)
+        trained = [p for group in opt.param_groups for p in group["params"]]
+        for p in trained:  # no gradient left over from setup; later reset after every step
+            p.grad = None
         steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
         sched = build_scheduler(opt, cfg.scheduler, steps_per_epoch, cfg.epochs)
         scaler = make_grad_scaler(device, self.amp)
@@ -229,7 +232,7 @@ class Trainer:
                 with model.no_sync() if not sync else contextlib.nullcontext():
                     with autocast(device, self.amp):
                         loss, terms = self.scheme.training_step(model, batch, epoch + b / n_batches)
-                    scaled = loss / cfg.grad_accum
+                    scaled = loss / cfg.grad_accum if cfg.grad_accum > 1 else loss
                     (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 for k, v in (("loss", loss.detach()), *terms.items()):
                     logged.setdefault(k, []).append(v)
@@ -246,7 +249,8 @@ class Trainer:
                     scaler.update()
                 else:
                     opt.step()
-                opt.zero_grad(set_to_none=True)
+                for p in trained:  # opt.zero_grad(set_to_none=True) without its per-call overhead
+                    p.grad = None
                 sched.step()
                 self.scheme.after_step()
                 step += 1

@@ -76,4 +76,4 @@ class KD(DistillLoss):
         soft = kd_soft_loss(student.logits, teacher.logits, self.T)
         if self.alpha >= 1.0:
             return self.alpha * soft
-        return self.alpha * soft + (1.0 - self.alpha) * cross_entropy(student.logits, batch.y)
+        return self.alpha * soft + (1.0 - self.alpha) * cross_entropy(student.logits, batch.y, all_labeled=batch.labeled)

@@ -147,7 +147,7 @@ class ONECohort(nn.Module):
         gate = self.gate(feature)  # (B, N)
         z_e = gated_logits(logits, gate)  # (B, K): CE(z_e) trains the gate and every peer
         ce = torch.stack(cohort_ce(logits, batch.y)).sum()
-        ce_e = cross_entropy(z_e, batch.y)
+        ce_e = cross_entropy(z_e, batch.y, all_labeled=batch.labeled)
         target = z_e.detach()  # ONE's KL target is a constant (authors' code: label.data)
         kl = torch.stack([kd_soft_loss(z, target, self.T) for z in logits]).sum()
         w = self.weight * sigmoid_rampup(epoch_progress, self.rampup)

@@ -131,7 +131,7 @@ class ResidualObjective(nn.Module):
         loss = loss + self.beta * mimic + self.gamma * residual
         terms = {**terms, "mimic": mimic.detach(), "residual": residual.detach()}
         if self.pair_ce > 0:
-            pair_ce = cross_entropy(self.pair.fc(f_s + f_a), batch.y)
+            pair_ce = cross_entropy(self.pair.fc(f_s + f_a), batch.y, all_labeled=batch.labeled)
             loss = loss + self.pair_ce * pair_ce
             terms["pair_ce"] = pair_ce.detach()
         return loss, terms
