@@ -168,7 +168,8 @@ class Session:
         spec = spec if spec is not None else cfg.teacher
         ident = {
             "teacher": spec.model_dump(mode="json", exclude={"checkpoint", "reuse"}),
-            "train": cfg.teacher_train(spec, where).model_dump(mode="json"),
+            # only what differs from the defaults: a new engine option keeps existing teachers valid
+            "train": cfg.teacher_train(spec, where).model_dump(mode="json", exclude_defaults=True),
             "data": {"fingerprint": self.bundle.info.fingerprint, "batch_size": cfg.data.batch_size,
                      "augment": cfg.data.augment.model_dump(mode="json"), "val_fraction": cfg.data.val_fraction},
             "world_size": self.dist.world_size,

@@ -42,18 +42,56 @@ def test_the_teacher_never_runs_in_training_when_its_outputs_are_cached(tmp_path
     monkeypatch.setenv("DK_CACHE", str(tmp_path))
     data = _data(128, (40,))
     calls = {}
-    for cached in (False, True):
+    for mode, cache in (("live", CacheConfig(live_batches=1)), ("ahead", CacheConfig()),
+                        ("cached", CacheConfig(enabled=True))):
         teacher = _model("cnn1d", 0, (40,), channels=8)
         count = [0]
         teacher.register_forward_hook(lambda *a, c=count: c.__setitem__(0, c[0] + 1))
-        scheme = Offline(_model("mlp", 1, (40,), hidden=[16]), build_objective({"kd": {}}), teacher,
-                         cache=CacheConfig(enabled=cached))
+        scheme = Offline(_model("mlp", 1, (40,), hidden=[16]), build_objective({"kd": {}}), teacher, cache=cache)
         _, result = _fit(scheme, data)
-        calls[cached] = count[0]
+        calls[mode] = count[0]
         assert len(result.epoch_seconds) == 2 and all(t > 0 for t in result.epoch_seconds)
     steps = 2 * 4  # 2 epochs of 128 / 32 batches
-    assert calls[False] == steps + 1  # every step, plus the setup dry run
-    assert calls[True] == 1 + 4  # the dry run and the cache build's one pass (4 batches)
+    assert calls["live"] == steps + 1  # every step, plus the setup dry run
+    assert calls["ahead"] == 2 + 1  # on CPU the live teacher runs on 4 batches at once: once per epoch here
+    assert calls["cached"] == 1 + 4  # the dry run and the cache build's one pass (4 batches)
+
+
+def test_a_teacher_run_ahead_gives_every_batch_its_own_outputs():
+    """Running the teacher on several batches at once changes nothing: the student trains to
+    the same weights as with one teacher call per batch, also with a partial last group."""
+    data = _data(160, (40,))  # 5 batches of 32: groups of 2 leave one batch alone
+    weights = {}
+    for n in (1, 2, 3):
+        teacher = _model("cnn1d", 0, (40,), channels=8)
+        scheme = Offline(_model("cnn1d", 1, (40,), channels=4), build_objective({"kd": {}, "fitnet": {}}), teacher,
+                         cache=CacheConfig(live_batches=n))
+        _fit(scheme, data)
+        assert (scheme.ahead is None) == (n == 1)
+        weights[n] = scheme.module.student.state_dict()
+    for n in (2, 3):
+        for k, v in weights[1].items():
+            torch.testing.assert_close(weights[n][k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_teacher_ahead_falls_back_when_outputs_are_not_batch_first():
+    from darkknowledge.data.batch import Batch
+    from darkknowledge.losses.base import Outputs
+    from darkknowledge.teachers.lookahead import TeacherAhead
+
+    calls = []
+
+    def sequence_first(x):  # features (L, B, C), like a batch_first=False RNN
+        calls.append(len(x))
+        return Outputs(logits=x[:, :3], features={"h": x.T[:, :, None]})
+
+    batches = [Batch(torch.randn(4, 5), torch.zeros(4, dtype=torch.long), torch.arange(4)) for _ in range(3)]
+    ahead = TeacherAhead(sequence_first, 3)
+    for b in ahead.wrap(batches):
+        out = ahead.take(b)
+        assert torch.equal(out.features["h"], b.x.T[:, :, None]) and torch.equal(out.logits, b.x[:, :3])
+    assert calls == [12, 4, 4, 4]  # one joint try, then batch by batch
+    assert ahead.take(batches[0]) is None  # handed out once
 
 
 def test_channels_last_trains_the_same_model(tmp_path):

@@ -224,7 +224,7 @@ class Trainer:
             t0 = epoch_start = time.perf_counter()
             logged: dict[str, list[torch.Tensor]] = {}  # per-step values, summed once per epoch (no per-step ops)
             n_batches = len(loader)
-            batches = loader.iter_from(start_batch) if start_batch else iter(loader)
+            batches = self.scheme.batches(loader.iter_from(start_batch) if start_batch else iter(loader))
             first_batch = start_batch
             for b, batch in enumerate(self.progress.epoch(batches, epoch, cfg.epochs, n_batches, start_batch), start_batch):
                 boundary = (b + 1) % cfg.grad_accum == 0 or b + 1 == n_batches

@@ -28,7 +28,7 @@ when it is overridden, else of ``build``; they are validated before anything run
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -111,6 +111,11 @@ class Scheme:
     def attach(self, loader: Any, dist: Any = None) -> None:
         """Called with the training loader at the start of every fit, resumed or not (e.g. to
         load or build a teacher-output cache and let the loader replay its views)."""
+
+    def batches(self, stream: Iterator[Batch]) -> Iterator[Batch]:
+        """The epoch's training batches as the steps will see them (default: ``stream``).
+        A scheme may look ahead, e.g. to run a live teacher on several batches at once."""
+        return stream
 
     def setup(self, batch: Batch, info: SetupInfo | None = None) -> None:
         """Dry run on one batch: probe shapes, build adapters, fail early on misfits."""

@@ -8,7 +8,7 @@ teacher is trained first, then frozen; knowledge flows one way. With no teacher 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +24,7 @@ from darkknowledge.schemes.base import SCHEMES, Scheme
 from darkknowledge.taps import FeatureTaps, unwrap, validate_taps
 from darkknowledge.teachers.cache import CacheSpec, TeacherOutputCache, cached_views, load_or_build
 from darkknowledge.teachers.frozen import FrozenTeacher
+from darkknowledge.teachers.lookahead import TeacherAhead
 
 if TYPE_CHECKING:
     from darkknowledge.config import CacheConfig
@@ -129,6 +130,8 @@ class Offline(Scheme):
         self._module = StudentObjective(unwrap(student), objective, needs.student_taps)
         self.cache_cfg = cache if cache is not None and cache.enabled and self.teacher is not None else None
         self.cache: TeacherOutputCache | None = None
+        self.live_batches = cache.live_batches if cache is not None else None
+        self.ahead: TeacherAhead | None = None
 
     @property
     def module(self) -> nn.Module:
@@ -144,11 +147,20 @@ class Offline(Scheme):
         """Load or build the teacher-output cache for this loader's data (when enabled).
 
         With augmentation the cache holds ``cache.views`` views per sample and the loader
-        replays them; with ``cache.views: 0`` the teacher runs live instead.
+        replays them; with ``cache.views: 0`` the teacher runs live instead. A live teacher
+        runs on ``cache.live_batches`` upcoming batches at once (``TeacherAhead``).
         """
-        cfg = self.cache_cfg
-        if cfg is None or self.teacher is None:
+        self.ahead = None
+        if self.teacher is None:
             return
+        if self.cache_cfg is not None:
+            self._attach_cache(self.cache_cfg, loader, dist)
+        if self.cache is None:
+            n = self.live_batches or (4 if torch.device(getattr(loader, "device", "cpu")).type == "cpu" else 1)
+            self.ahead = TeacherAhead(self.teacher, n) if n > 1 else None
+
+    def _attach_cache(self, cfg: CacheConfig, loader: Any, dist: Any) -> None:
+        assert self.teacher is not None
         augment = getattr(loader, "augment", None)
         views = cached_views(cfg.views, augment)
         if views is None:
@@ -166,6 +178,10 @@ class Offline(Scheme):
                                    memory_limit_mb=cfg.memory_limit_mb, dist=dist).to(loader.device)
         if augment is not None:
             loader.replay = self.cache.replay(loader.seed)
+
+    def batches(self, stream: Iterator[Batch]) -> Iterator[Batch]:
+        """With a live teacher, run it on ``cache.live_batches`` upcoming batches at once."""
+        return self.ahead.wrap(stream) if self.ahead is not None else stream
 
     def channels_last(self) -> None:
         super().channels_last()
@@ -192,7 +208,10 @@ class Offline(Scheme):
     def teacher_outputs(self, batch: Batch) -> Outputs | None:
         if self.cache is not None:
             return self.cache.outputs(batch.idx, batch.view, batch.x.device)
-        return self.teacher(batch.x) if self.teacher is not None else None
+        if self.teacher is None:
+            return None
+        ahead = self.ahead.take(batch) if self.ahead is not None else None
+        return ahead if ahead is not None else self.teacher(batch.x)
 
     def eval_models(self) -> dict[str, nn.Module]:
         return {"student": self._module.student}
