@@ -120,7 +120,8 @@ class CacheConfig(_Strict):
     logits: bool | None = Field(default=None, description="cache logits (default: when a loss needs them)")
     seed: int = Field(default=0, ge=0, description="seed of the cached views' augmentation draws")
     live_batches: int | None = Field(default=None, ge=1, description="without a cache: batches the live teacher runs "
-                                     "on at once (same outputs, fewer calls); default 4 on CPU, 1 on accelerators")
+                                     "on at once (same outputs, fewer calls); default: on CPU up to 4 within 1 MiB of "
+                                     "inputs, 1 on accelerators")
 
 
 class SchemeConfig(_Strict):

@@ -219,6 +219,26 @@ def test_cached_teacher_outputs_replace_the_live_teachers():
     assert torch.allclose(terms["kd@t1"], kd_soft_loss(z_s, fixed[1], 4.0), atol=1e-6)
 
 
+def test_live_teachers_run_ahead_on_groups_of_batches_with_the_same_result():
+    from darkknowledge.config import CacheConfig
+
+    batches = [batch(n=6, seed=k) for k in range(5)]
+    for aggregation, ahead_expected in (("mean", True), ("per_teacher", True), ("random", False)):
+        losses = {}
+        for n in (1, 2):
+            teachers = [mlp(seed=1), mlp(seed=2)]
+            calls = []
+            for t in teachers:
+                t.register_forward_hook(lambda _m, x, _o: calls.append(len(x[0])))
+            s = scheme(teachers, aggregation=aggregation, cache=CacheConfig(live_batches=n))  # set up on a batch
+            assert bool(s.aheads) == (n > 1 and ahead_expected)
+            calls.clear()
+            losses[n] = [s.training_step(s.module, b, 0.0)[0].detach() for b in s.batches(iter(batches))]
+            if s.aheads:  # each teacher ran on groups of two batches (12 samples), the last one alone
+                assert sorted(calls) == [6, 6, 12, 12, 12, 12], (aggregation, calls)
+        torch.testing.assert_close(torch.stack(losses[2]), torch.stack(losses[1]))
+
+
 def test_clear_errors():
     with pytest.raises(ConfigError, match="at least 2 teachers"):
         scheme([mlp()])

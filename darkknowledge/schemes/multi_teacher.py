@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
@@ -54,6 +54,7 @@ from darkknowledge.schemes.offline import tapped_outputs
 from darkknowledge.schemes.teacher_mix import confidence_weights, draw_teacher, fixed_weights, mixture_logits, stack_logits
 from darkknowledge.taps import FeatureTaps, unwrap, validate_taps
 from darkknowledge.teachers.cache import CacheSpec, TeacherOutputCache, cached_views, load_or_build
+from darkknowledge.teachers.lookahead import TeacherAhead, live_batches
 from darkknowledge.teachers.frozen import FrozenTeacher
 
 if TYPE_CHECKING:
@@ -232,6 +233,8 @@ class MultiTeacher(Scheme):
         self._module.register_load_state_dict_post_hook(self._reload_draws)
         self.cache_cfg = cache if cache is not None and cache.enabled else None
         self.caches: list[TeacherOutputCache] | None = None
+        self.live_batches = cache.live_batches if cache is not None else None
+        self.aheads: list[TeacherAhead] = []
 
     # ------------------------------------------------------------ teachers
     def _reload_draws(self, module: nn.Module, incompatible: Any) -> None:
@@ -272,10 +275,17 @@ class MultiTeacher(Scheme):
         if augment is not None:
             loader.replay = self.caches[0].replay(loader.seed)
 
+    def batches(self, stream: Iterator[Batch]) -> Iterator[Batch]:
+        """With live teachers, each runs on the same groups of upcoming batches."""
+        for ahead in self.aheads:
+            stream = ahead.wrap(stream)
+        return stream
+
     def _run_teacher(self, i: int, batch: Batch) -> Outputs:
         if self.caches is not None:
             return self.caches[i].outputs(batch.idx, batch.view, batch.x.device)
-        return self.teachers[i](batch.x)
+        ahead = self.aheads[i].take(batch) if self.aheads else None
+        return ahead if ahead is not None else self.teachers[i](batch.x)
 
     def teacher_outputs(self, batch: Batch, only: int | None = None) -> TeacherOuts:
         """Per objective: the teacher's outputs, or the mixed teacher for mean/weighted/confidence.
@@ -327,6 +337,9 @@ class MultiTeacher(Scheme):
             module.shared.setup(student, None, info)
         module.to(batch.x.device)
         module.train(was_training)
+        # live teachers run on cache.live_batches upcoming batches at once (not for random: one teacher per step)
+        n = live_batches(self.live_batches, batch) if self.caches is None and self.aggregation != "random" else 1
+        self.aheads = [TeacherAhead(teacher, n) for teacher in self.teachers] if n > 1 else []
 
     def prepare(self, loader: Iterable[Batch]) -> None:
         """Losses' pre-training stages: each objective on its own teacher's (or the mixed) outputs."""

@@ -24,7 +24,7 @@ from darkknowledge.schemes.base import SCHEMES, Scheme
 from darkknowledge.taps import FeatureTaps, unwrap, validate_taps
 from darkknowledge.teachers.cache import CacheSpec, TeacherOutputCache, cached_views, load_or_build
 from darkknowledge.teachers.frozen import FrozenTeacher
-from darkknowledge.teachers.lookahead import TeacherAhead
+from darkknowledge.teachers.lookahead import TeacherAhead, live_batches
 
 if TYPE_CHECKING:
     from darkknowledge.config import CacheConfig
@@ -147,17 +147,10 @@ class Offline(Scheme):
         """Load or build the teacher-output cache for this loader's data (when enabled).
 
         With augmentation the cache holds ``cache.views`` views per sample and the loader
-        replays them; with ``cache.views: 0`` the teacher runs live instead. A live teacher
-        runs on ``cache.live_batches`` upcoming batches at once (``TeacherAhead``).
+        replays them; with ``cache.views: 0`` the teacher runs live instead.
         """
-        self.ahead = None
-        if self.teacher is None:
-            return
-        if self.cache_cfg is not None:
+        if self.teacher is not None and self.cache_cfg is not None:
             self._attach_cache(self.cache_cfg, loader, dist)
-        if self.cache is None:
-            n = self.live_batches or (4 if torch.device(getattr(loader, "device", "cpu")).type == "cpu" else 1)
-            self.ahead = TeacherAhead(self.teacher, n) if n > 1 else None
 
     def _attach_cache(self, cfg: CacheConfig, loader: Any, dist: Any) -> None:
         assert self.teacher is not None
@@ -195,8 +188,11 @@ class Offline(Scheme):
             self.teacher.model.compile()
 
     def setup(self, batch: Batch, info: SetupInfo | None = None) -> None:
-        """Dry run: teacher and student outputs on one batch -> build adapters, check shapes."""
+        """Dry run: teacher and student outputs on one batch -> build adapters, check shapes.
+        A live teacher will run on ``cache.live_batches`` upcoming batches at once (``TeacherAhead``)."""
         setup_objective(self._module, self.teacher(batch.x) if self.teacher is not None else None, batch, info)
+        n = live_batches(self.live_batches, batch) if self.teacher is not None and self.cache is None else 1
+        self.ahead = TeacherAhead(self.teacher, n) if n > 1 else None
 
     def prepare(self, loader: Iterable[Batch]) -> None:
         """Give the losses' pre-training stages one pass of teacher outputs per call."""
