@@ -12,7 +12,7 @@ from torch import nn
 from darkknowledge.config import OptimizerConfig, SchedulerConfig
 from darkknowledge.data import BatchLoader, TensorData
 from darkknowledge.data.batch import UNLABELED, Batch
-from darkknowledge.engine.optim import StepSchedule, build_optimizer, build_scheduler, lr_factor
+from darkknowledge.engine.optim import StepSchedule, build_optimizer, build_scheduler, load_optimizer_state, lr_factor
 from darkknowledge.losses.ce import CrossEntropy, cross_entropy
 from darkknowledge.losses.base import Outputs
 from darkknowledge.losses.kd import KD, kd_soft_loss
@@ -117,3 +117,19 @@ def test_losses_pass_the_batch_flag_and_still_skip_unlabelled_rows_without_it():
     torch.testing.assert_close(kd(Outputs(z), Outputs(t), mixed), 0.25 * kd_soft_loss(z, t, 2.0) + 0.75 * ce_kept)
     torch.testing.assert_close(kd(Outputs(z[kept]), Outputs(t[kept]), full),
                                0.25 * kd_soft_loss(z[kept], t[kept], 2.0) + 0.75 * ce_kept)
+
+
+def test_a_checkpoint_of_the_old_two_group_optimizer_resumes_into_one_group():
+    net = _net()
+    params = list(net.parameters())
+    old = torch.optim.SGD([{"params": [p for p in params if p.ndim > 1], "weight_decay": 0.0},
+                           {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}], lr=0.1, momentum=0.9)
+    F.cross_entropy(net(torch.randn(8, 6)), torch.zeros(8, dtype=torch.long)).backward()
+    old.step()
+    new = build_optimizer(net, OptimizerConfig(name="sgd", lr=0.1))
+    assert len(new.param_groups) == 1
+    with pytest.raises(ValueError):
+        new.load_state_dict(old.state_dict())  # what resuming did before the re-indexing
+    load_optimizer_state(new, old.state_dict(), net)
+    for p in params:  # each parameter got its own momentum back
+        torch.testing.assert_close(new.state[p]["momentum_buffer"], old.state[p]["momentum_buffer"])

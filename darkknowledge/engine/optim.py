@@ -47,6 +47,29 @@ def build_optimizer(module: nn.Module, cfg: OptimizerConfig) -> torch.optim.Opti
     return kind(groups, **kwargs)
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any], module: nn.Module) -> None:
+    """``optimizer.load_state_dict(saved)``, also from checkpoints of the older grouping.
+
+    Before one group was used without weight decay, ``build_optimizer`` always split the
+    parameters into matrices then vectors (two groups); such a state is re-indexed into this
+    optimizer's single group (momentum and Adam moments follow their parameters).
+
+    Raises:
+        ValueError: The saved state fits neither grouping.
+    """
+    groups = saved["param_groups"]
+    if len(groups) == 2 and len(optimizer.param_groups) == 1:
+        params = [p for p in module.parameters() if p.requires_grad]
+        old = [p for p in params if p.ndim > 1] + [p for p in params if p.ndim <= 1]  # the old saved order
+        if len(old) == sum(len(g["params"]) for g in groups) == len(optimizer.param_groups[0]["params"]):
+            new_index = {id(p): i for i, p in enumerate(optimizer.param_groups[0]["params"])}
+            saved_ids = [i for g in groups for i in g["params"]]  # flat ids in the old order
+            remap = {sid: new_index[id(p)] for sid, p in zip(saved_ids, old)}
+            saved = {"state": {remap[k]: v for k, v in saved["state"].items()},
+                     "param_groups": [{**groups[0], "params": sorted(remap.values())}]}
+    optimizer.load_state_dict(saved)
+
+
 def lr_factor(cfg: SchedulerConfig, step: int, steps_per_epoch: int, epochs: int) -> float:
     """Multiplier of the base lr at optimizer step ``step`` (0-based).
 

@@ -25,7 +25,7 @@ from darkknowledge.engine.checkpoint import atomic_save, capture_rng, restore_rn
 from darkknowledge.engine.device import amp_dtype, autocast, make_grad_scaler
 from darkknowledge.engine.distributed import DistContext
 from darkknowledge.engine.metrics import MetricsLog, evaluate
-from darkknowledge.engine.optim import build_optimizer, build_scheduler
+from darkknowledge.engine.optim import build_optimizer, build_scheduler, load_optimizer_state
 from darkknowledge.engine.progress import Progress
 from darkknowledge.errors import CheckpointError
 from darkknowledge.losses.base import SetupInfo
@@ -143,7 +143,7 @@ class Trainer:
                 "use the original teacher, or start a new run folder with --out."
             )
         self.scheme.module.load_state_dict(state["module"])
-        opt.load_state_dict(state["optimizer"])
+        load_optimizer_state(opt, state["optimizer"], self.scheme.module)
         sched.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
