@@ -15,7 +15,7 @@ another), on the same data and models:
   ``hand_kd_live / (hand_plain + teacher_fwd)`` what interleaving two networks costs on this
   machine, and ``dk_kd_* / hand_kd_*`` what darkknowledge adds on top.
 
-After one untimed warm-up round, each of ``--reps`` rounds (3 by default; 21 for (b), whose
+After one untimed warm-up round, each of ``--reps`` rounds (3 by default; 31 for (b), whose
 epochs last tens of milliseconds, so a median of 3 would move by +-20% with the machine's
 noise) runs one epoch of every variant in a shuffled order; the table shows the median over
 the rounds of seconds per epoch, and the ratios
@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from darkknowledge.build import build_objective
 from darkknowledge.config import CacheConfig, TrainConfig
 from darkknowledge.data import BatchLoader, TensorData
+from darkknowledge.engine.host_memory import retain_freed_host_memory
 from darkknowledge.engine.trainer import Trainer
 from darkknowledge.models import create_model
 from darkknowledge.schemes.offline import Offline
@@ -86,7 +87,7 @@ def settings(quick: bool) -> dict[str, Setting]:
         "a": Setting("a", "synthetic CIFAR-100-shaped, resnet56 -> resnet20", n_img, (3, 32, 32), 100, img_t, img_s,
                      variants=("hand_plain", "dk_plain", "teacher_fwd", "dk_kd_live", "dk_kd_cached")),
         "b": Setting("b", "MNIST-1D-shaped, cnn1d -> mlp", n_1d, (40,), 10, ("cnn1d", {}), ("mlp", {"hidden": [100, 100]}),
-                     reps=21),
+                     reps=31),
         "c": Setting("c", "FitNet (+KD) on (a), live vs cached", n_img, (3, 32, 32), 100, img_t, img_s,
                      losses={"fitnet": {"weight": 100.0}, "kd": {"T": 4.0, "alpha": 0.9}},
                      variants=("hand_plain", "teacher_fwd", "dk_kd_live", "dk_kd_cached")),
@@ -302,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--settings", nargs="*", default=["a", "b", "c", "d"], choices=["a", "b", "c", "d"])
     p.add_argument("--reps", type=int, default=None,
-                   help="timed rounds per setting (median reported; default 3, 21 for the cheap (b), 9 for (d))")
+                   help="timed rounds per setting (median reported; default 3, 31 for the cheap (b), 9 for (d))")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
     p.add_argument("--json", action="store_true", help="also print one JSON object per setting")
@@ -312,9 +313,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     device = torch.device(args.device)
+    # what dk's trainer does on CPU, done first so that every variant (the hand loops too) runs
+    # under the same allocator settings whatever the order
+    kept = device.type == "cpu" and retain_freed_host_memory()
     os.environ.setdefault("DK_CACHE", tempfile.mkdtemp(prefix="dk-speed-"))  # a fresh cache: its build is timed
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads visible, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), device {device}"
+          + (", freed host memory kept (glibc mallopt)" if kept else "")
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     all_settings = settings(args.quick)
     for name in args.settings:

@@ -94,6 +94,8 @@ class TrainConfig(_Strict):
     compile: bool = Field(default=False, description="torch.compile student and live teacher (pays off on GPU; "
                           "compilation costs tens of seconds on CPU)")
     channels_last: bool = Field(default=False, description="channels_last memory format for 4-D inputs and models")
+    keep_host_memory: bool = Field(default=True, description="CPU runs on glibc: keep freed memory in the process "
+                                   "(mallopt) instead of page-faulting it back in every step")
 
 
 class TeacherConfig(ModelConfig):

@@ -24,6 +24,7 @@ from darkknowledge.config import TrainConfig
 from darkknowledge.engine.checkpoint import atomic_save, capture_rng, restore_rng, safe_load
 from darkknowledge.engine.device import amp_dtype, autocast, make_grad_scaler
 from darkknowledge.engine.distributed import DistContext
+from darkknowledge.engine.host_memory import retain_freed_host_memory
 from darkknowledge.engine.metrics import MetricsLog, evaluate
 from darkknowledge.engine.optim import build_optimizer, build_scheduler, load_optimizer_state
 from darkknowledge.engine.progress import Progress
@@ -188,6 +189,8 @@ class Trainer:
     def fit(self, resume: bool = False) -> StageResult:
         """Train for ``cfg.epochs`` (continuing from ``last.pt`` when ``resume``)."""
         cfg, device, loader = self.cfg, self.device, self.train_loader
+        if device.type == "cpu" and cfg.keep_host_memory:
+            retain_freed_host_memory()  # no page faults for each step's re-allocated activations
         self.scheme.to(device)
         self.scheme.attach(loader, self.dist)  # e.g. a teacher-output cache; before the first batch is drawn
         loader.set_epoch(0)
