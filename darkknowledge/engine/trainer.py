@@ -25,6 +25,7 @@ from darkknowledge.engine.checkpoint import atomic_save, capture_rng, restore_rn
 from darkknowledge.engine.device import amp_dtype, autocast, make_grad_scaler
 from darkknowledge.engine.distributed import DistContext
 from darkknowledge.engine.host_memory import retain_freed_host_memory
+from darkknowledge.engine.lean_step import LeanStep
 from darkknowledge.engine.metrics import MetricsLog, evaluate
 from darkknowledge.engine.optim import build_optimizer, build_scheduler, load_optimizer_state
 from darkknowledge.engine.progress import Progress
@@ -220,6 +221,7 @@ class Trainer:
         scaler = make_grad_scaler(device, self.amp)
         result = StageResult(self.stage)
         start_epoch, start_batch, step = self._resume(opt, sched, scaler, result) if resume else (0, 0, 0)
+        stepper = LeanStep(opt)  # after the resume: it keeps the optimizer's (loaded) state tensors
 
         for epoch in range(start_epoch, cfg.epochs):
             loader.set_epoch(epoch)
@@ -251,7 +253,7 @@ class Trainer:
                     scaler.step(opt)
                     scaler.update()
                 else:
-                    opt.step()
+                    stepper.step()
                 for p in trained:  # opt.zero_grad(set_to_none=True) without its per-call overhead
                     p.grad = None
                 sched.step()
