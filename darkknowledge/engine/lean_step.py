@@ -3,7 +3,7 @@
 ``torch.optim.Optimizer.step`` rebuilds its lists of parameters, gradients and state
 tensors on every call (state lookups, device/dtype grouping, hooks, profiler records) before
 it reaches the one fused kernel that does the update. For a small model that bookkeeping
-costs more than the update itself: on a 2-core CPU and a 3-layer MLP it is about 15% of a
+costs more than the update itself: on a 2-core CPU and a 3-layer MLP it is 10-15% of a
 training step. :class:`LeanStep` lets the optimizer take its first step itself (which
 creates the state), then keeps those lists and calls the same fused kernel with the group's
 current hyper-parameters (so schedules that change ``lr`` apply). The state tensors are the
