@@ -15,10 +15,12 @@ another), on the same data and models:
   ``hand_kd_live / (hand_plain + teacher_fwd)`` what interleaving two networks costs on this
   machine, and ``dk_kd_* / hand_kd_*`` what darkknowledge adds on top.
 
-After one untimed warm-up round, each of ``--reps`` rounds (3 by default; 31 for (b), whose
-epochs last tens of milliseconds, so a median of 3 would move by +-20% with the machine's
-noise) runs one epoch of every variant in a shuffled order; the table shows the median over
-the rounds of seconds per epoch, and the ratios
+After one untimed warm-up round, each of ``--reps`` rounds (5 for (a) and (c); 31 for (b),
+whose epochs last tens of milliseconds, so a median of 3 would move by +-20% with the
+machine's noise; 9 for (d)) runs one epoch of every variant in a shuffled order; the table shows the median over
+the rounds of seconds per epoch, and the ratios (each computed within a round, then the
+median over rounds: variants of one round run back to back, so a slow phase of the machine
+mostly cancels out)
 
     dk_plain / hand_plain,  dk_kd_live / (hand_plain + teacher_fwd),  dk_kd_cached / hand_plain
 
@@ -28,7 +30,7 @@ CIFAR-shaped data (5,000 x 3x32x32, 100 classes), resnet56 -> resnet20, batch 12
 cached KD on (b)-shaped data with 1x and 10x the samples, the 10x cache memory-mapped from
 disk beyond a memory threshold. ``--json`` also prints one JSON object per setting.
 
-    python benchmarks/speed.py                  # all settings (about 15 minutes on 2 quiet CPU cores)
+    python benchmarks/speed.py                  # all settings (about 30 minutes on 2 quiet CPU cores)
     python benchmarks/speed.py --settings b d   # some of them
     python benchmarks/speed.py --quick          # tiny sizes: checks the script, not the speed
 """
@@ -85,12 +87,12 @@ def settings(quick: bool) -> dict[str, Setting]:
     img_t, img_s = (("resnet8", {}), ("resnet8", {})) if quick else (("resnet56", {}), ("resnet20", {}))
     return {
         "a": Setting("a", "synthetic CIFAR-100-shaped, resnet56 -> resnet20", n_img, (3, 32, 32), 100, img_t, img_s,
-                     variants=("hand_plain", "dk_plain", "teacher_fwd", "dk_kd_live", "dk_kd_cached")),
+                     variants=("hand_plain", "dk_plain", "teacher_fwd", "dk_kd_live", "dk_kd_cached"), reps=5),
         "b": Setting("b", "MNIST-1D-shaped, cnn1d -> mlp", n_1d, (40,), 10, ("cnn1d", {}), ("mlp", {"hidden": [100, 100]}),
                      reps=31),
         "c": Setting("c", "FitNet (+KD) on (a), live vs cached", n_img, (3, 32, 32), 100, img_t, img_s,
                      losses={"fitnet": {"weight": 100.0}, "kd": {"T": 4.0, "alpha": 0.9}},
-                     variants=("hand_plain", "teacher_fwd", "dk_kd_live", "dk_kd_cached")),
+                     variants=("hand_plain", "teacher_fwd", "dk_kd_live", "dk_kd_cached"), reps=5),
     }
 
 
@@ -248,23 +250,36 @@ def run_setting(s: Setting, device: torch.device, reps: int | None = None) -> di
     out: dict[str, Any] = {"setting": s.name, "title": s.title, "samples": len(data), "reps": reps,
                            "seconds_per_epoch": {v: round(t, 4) for v, t in med.items()},
                            "spread": {v: round(max(t) - min(t), 4) for v, t in times.items()}}
-    hand = med["hand_plain"]
-    if "dk_plain" in med:
-        out["dk_plain/hand_plain"] = round(med["dk_plain"] / hand, 3)
-    if "dk_kd_live" in med:
-        out["dk_kd_live/(hand_plain + teacher_fwd)"] = round(med["dk_kd_live"] / (hand + med["teacher_fwd"]), 3)
-    if "dk_kd_cached" in med:
-        out["dk_kd_cached/hand_plain"] = round(med["dk_kd_cached"] / hand, 3)
-    if "hand_kd_cached" in med:  # informative: the KD loss's own cost, and dk's overhead over the same loop
-        out["hand_kd_cached/hand_plain"] = round(med["hand_kd_cached"] / hand, 3)
-        out["dk_kd_cached/hand_kd_cached"] = round(med["dk_kd_cached"] / med["hand_kd_cached"], 3)
-    if "hand_kd_live" in med:
-        out["hand_kd_live/(hand_plain + teacher_fwd)"] = round(med["hand_kd_live"] / (hand + med["teacher_fwd"]), 3)
-        out["dk_kd_live/hand_kd_live"] = round(med["dk_kd_live"] / med["hand_kd_live"], 3)
+    out.update(paired_ratios(times))
     out.update({k: (round(v, 3) if isinstance(v, float) else v) for k, v in extra.items()})
     out["peak_rss_mb"] = round(peak_rss_mb(), 1)
     if device.type == "cuda":
         out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
+
+
+RATIOS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    # name: (numerator variants, denominator variants), each side summed
+    "dk_plain/hand_plain": (("dk_plain",), ("hand_plain",)),
+    "dk_kd_live/(hand_plain + teacher_fwd)": (("dk_kd_live",), ("hand_plain", "teacher_fwd")),
+    "dk_kd_cached/hand_plain": (("dk_kd_cached",), ("hand_plain",)),
+    # informative: the KD loss's own cost, interleaving's cost, and dk's overhead over the same loops
+    "hand_kd_cached/hand_plain": (("hand_kd_cached",), ("hand_plain",)),
+    "dk_kd_cached/hand_kd_cached": (("dk_kd_cached",), ("hand_kd_cached",)),
+    "hand_kd_live/(hand_plain + teacher_fwd)": (("hand_kd_live",), ("hand_plain", "teacher_fwd")),
+    "dk_kd_live/hand_kd_live": (("dk_kd_live",), ("hand_kd_live",)),
+}
+
+
+def paired_ratios(times: dict[str, list[float]]) -> dict[str, float]:
+    """Each ratio computed within every round (the variants of one round ran back to back, so a
+    slow phase of the machine hits numerator and denominator alike), then the median over rounds."""
+    out = {}
+    for name, (num, den) in RATIOS.items():
+        if all(v in times for v in num + den):
+            per_round = [sum(times[v][i] for v in num) / sum(times[v][i] for v in den)
+                         for i in range(len(times[num[0]]))]
+            out[name] = round(statistics.median(per_round), 3)
     return out
 
 
@@ -303,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--settings", nargs="*", default=["a", "b", "c", "d"], choices=["a", "b", "c", "d"])
     p.add_argument("--reps", type=int, default=None,
-                   help="timed rounds per setting (median reported; default 3, 31 for the cheap (b), 9 for (d))")
+                   help="timed rounds per setting (median reported; default 5, 31 for the cheap (b), 9 for (d))")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
     p.add_argument("--json", action="store_true", help="also print one JSON object per setting")
