@@ -297,6 +297,8 @@ def scaling(quick: bool, device: torch.device, reps: int | None) -> dict[str, An
     return {"setting": "d", "title": small.title, "samples": [r1["samples"], r10["samples"]],
             "seconds_per_epoch": {"dk_kd_cached@1x": t1, "dk_kd_cached@10x": t10},
             "time_10x/1x": round(t10 / t1, 2),
+            # the hand loop's own growth over the same two runs: what the machine did meanwhile
+            "hand_plain time_10x/1x": round(r10["seconds_per_epoch"]["hand_plain"] / r1["seconds_per_epoch"]["hand_plain"], 2),
             "dk_kd_cached/hand_plain": [r1["dk_kd_cached/hand_plain"], r10["dk_kd_cached/hand_plain"]],
             "cache_mb": [r1.get("cache_mb"), r10.get("cache_mb")],
             "cache_mapped": [r1.get("cache_mapped"), r10.get("cache_mapped")],

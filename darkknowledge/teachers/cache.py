@@ -165,8 +165,8 @@ class TeacherOutputCache:
             idx = idx.to(store.device, non_blocking=True)
             return store[0].index_select(0, idx) if view is None else store[view.to(store.device), idx]
         i = idx.cpu().numpy()
-        v = np.zeros_like(i) if view is None else view.cpu().numpy()
-        return torch.from_numpy(np.ascontiguousarray(store[v, i]))
+        rows = store[0][i] if view is None else store[view.cpu().numpy(), i]  # a copy of just these rows
+        return torch.from_numpy(np.ascontiguousarray(rows))
 
     def _values(self, name: str, view: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor:
         rows = self._rows(name, view, idx)
