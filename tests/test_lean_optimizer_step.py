@@ -161,3 +161,24 @@ def test_the_trainer_steps_through_the_shortcut_to_the_same_weights(monkeypatch,
     assert steppers[0].lean_steps == 5 and steppers[1].lean_steps == 0  # 6 steps, the first creates the state
     for k in weights[0]:
         assert torch.equal(weights[0][k], weights[1][k]), k
+
+
+@pytest.mark.parametrize("name", ["sgd_momentum", "adamw"])
+def test_a_torch_without_the_kernel_signature_falls_back_for_good(monkeypatch, name) -> None:
+    from darkknowledge.engine import lean_step
+
+    def other_signature(*args, **kwargs):
+        raise TypeError("_fused_x_() got an unexpected keyword argument")
+
+    monkeypatch.setattr(torch, "_dk_test_kernel", other_signature, raising=False)
+    monkeypatch.setitem(lean_step.KERNELS, "sgd", "_dk_test_kernel")
+    monkeypatch.setitem(lean_step.KERNELS, "adamw", "_dk_test_kernel")
+    ref, opt_ref, lean, opt_lean = _pair(OPTIMIZERS[name])
+    stepper = LeanStep(opt_lean)
+    for step in range(4):
+        _grads(ref, step)
+        _grads(lean, step)
+        opt_ref.step()
+        stepper.step()
+        _same(ref, lean, opt_ref, opt_lean)  # Adam's step count was not advanced twice
+    assert stepper.lean_steps == 0 and stepper.kind is None

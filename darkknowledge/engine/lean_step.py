@@ -27,6 +27,7 @@ from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimize
 log = logging.getLogger(__name__)
 
 _KINDS = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adamw"}
+KERNELS = {"sgd": "_fused_sgd_", "adam": "_fused_adam_", "adamw": "_fused_adamw_"}  # torch's fused in-place updates
 
 
 @dataclass
@@ -111,17 +112,36 @@ class LeanStep:
             grads = [[p.grad for p in b.params] for b in bundles]
             if not any(g is None for gs in grads for g in gs) and self._still_valid(bundles):
                 with torch.no_grad():
-                    for bundle, gs in zip(bundles, grads):
-                        self._update(bundle, gs)  # type: ignore[arg-type]
+                    if self.lean_steps:
+                        for bundle, gs in zip(bundles, grads):
+                            self._update(bundle, gs)  # type: ignore[arg-type]
+                    elif not self._first_update(bundles, grads):  # type: ignore[arg-type]
+                        self.optimizer.step()
+                        return
                 self.lean_steps += 1
                 return
         self.optimizer.step()
         self._bundles = _capture(self.optimizer, self.kind) if self.kind is not None else None
 
+    def _first_update(self, bundles: list[_Bundle], grads: list[list[torch.Tensor]]) -> bool:
+        """The first direct call; a torch whose kernels are missing or take other arguments
+        fails before updating anything: then the shortcut is off for good (False)."""
+        try:
+            for bundle, gs in zip(bundles, grads):
+                self._update(bundle, gs)
+        except (TypeError, AttributeError) as err:
+            if self.kind != "sgd":
+                torch._foreach_sub_(bundles[0].state[2], 1)  # undo the step count the failed call added
+            log.warning("the fused %s kernel cannot be called directly in this torch (%s); "
+                        "using optimizer.step()", self.kind, err)
+            self.kind, self._bundles = None, None
+            return False
+        return True
+
     def _update(self, b: _Bundle, grads: list[torch.Tensor]) -> None:
         g = b.group
         if self.kind == "sgd":
-            torch._fused_sgd_(
+            getattr(torch, KERNELS["sgd"])(
                 b.params, grads, b.state[0] if b.state else [],
                 weight_decay=g["weight_decay"], momentum=g["momentum"], lr=g["lr"], dampening=g["dampening"],
                 nesterov=g["nesterov"], maximize=g["maximize"], is_first_step=False,
@@ -130,7 +150,7 @@ class LeanStep:
         exp_avgs, exp_avg_sqs, steps = b.state
         torch._foreach_add_(steps, 1)
         decoupled = g.get("decoupled_weight_decay", self.kind == "adamw")
-        kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
+        kernel = getattr(torch, KERNELS["adamw" if decoupled else "adam"])
         beta1, beta2 = g["betas"]
         kernel(
             b.params, grads, exp_avgs, exp_avg_sqs, [], steps,
