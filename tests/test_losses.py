@@ -74,6 +74,66 @@ def test_kd_unlabelled_samples_get_soft_term_only():
     assert torch.allclose(out, expected, atol=1e-6)
 
 
+def _reference_kd(s, t, y, T, alpha):
+    """The textbook composite: F.kl_div (batchmean) * T^2 and F.cross_entropy (fp16/bf16 in float32)."""
+    s, t = (z.float() if z.dtype in (torch.float16, torch.bfloat16) else z for z in (s, t))
+    log_p_s, log_p_t = F.log_softmax(s / T, -1), F.log_softmax(t / T, -1)
+    soft = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * T * T
+    return alpha * soft + (1 - alpha) * F.cross_entropy(s, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("T,alpha", [(4.0, 0.9), (1.0, 0.5), (3.0, 1.0), (2.0, 0.0)])
+def test_kd_on_labelled_batches_equals_the_composite_in_value_and_gradient(dtype, T, alpha):
+    """Batch.labeled takes the path that adds the two sums once; same value, same gradient."""
+    g = torch.Generator().manual_seed(3)
+    t = torch.randn(16, 7, generator=g, dtype=dtype) * 3
+    y = torch.randint(0, 7, (16,), generator=g)
+    s = (torch.randn(16, 7, generator=g, dtype=dtype) * 3).requires_grad_()
+    s_ref = s.detach().clone().requires_grad_()
+    batch = Batch(torch.zeros(16, 1), y, torch.arange(16), labeled=True)
+    out = create_loss("kd", T=T, alpha=alpha)(Outputs(s), Outputs(t), batch)
+    ref = _reference_kd(s_ref, t, y, T, alpha)
+    out.backward()
+    ref.backward()
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    assert out.dtype == dtype
+    assert torch.allclose(out, ref, atol=tol, rtol=tol)
+    assert torch.allclose(s.grad, s_ref.grad, atol=tol, rtol=tol)
+
+
+def test_kd_takes_half_precision_logits_in_float32():
+    g = torch.Generator().manual_seed(4)
+    s, t = torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g)
+    y = torch.randint(0, 5, (8,), generator=g)
+    batch = Batch(torch.zeros(8, 1), y, torch.arange(8), labeled=True)
+    for half in (torch.float16, torch.bfloat16):
+        out = create_loss("kd", T=4.0, alpha=1.0)(Outputs(s.to(half)), Outputs(t.to(half)), batch)
+        assert out.dtype == torch.float32
+        assert torch.allclose(out, _reference_kd(s.to(half), t.to(half), y, 4.0, 1.0), atol=1e-6)
+
+
+def test_kd_of_an_empty_batch_is_zero():
+    """An uneven DDP share can be empty: zero with a gradient path, not 0/0."""
+    s = torch.zeros(0, 5, requires_grad=True)
+    assert kd_soft_loss(s, torch.zeros(0, 5), 4.0).item() == 0.0
+    batch = Batch(torch.zeros(0, 1), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), labeled=True)
+    out = create_loss("kd", T=4.0, alpha=0.5)(Outputs(s), Outputs(torch.zeros(0, 5)), batch)
+    out.backward()
+    assert out.item() == 0.0 and s.grad is not None
+
+
+def test_loss_constants_made_in_inference_mode_can_be_saved_for_backward():
+    from darkknowledge.losses.scalar import scalar
+
+    with torch.inference_mode():
+        c = scalar(0.123456)  # the first call happens under inference mode (a teacher's eval)
+    assert not c.is_inference() and c.dim() == 0 and scalar(0.123456) is c
+    z = torch.randn(3, requires_grad=True)
+    (z * c).sum().backward()
+    assert torch.allclose(z.grad, torch.full((3,), 0.123456))
+
+
 def test_kd_param_errors():
     with pytest.raises(ConfigError, match=r"losses.kd.T: .*greater than 0"):
         create_loss("kd", T=0)

@@ -226,7 +226,8 @@ class BatchLoader:
         for k, global_idx, (lo, hi) in plan:
             local = global_idx[lo:hi] if self.world_size > 1 else global_idx  # (b,)
             source = local if local.device == home else local.to(home)
-            yield self._finish(epoch, k, lo, hi, x_all[source], y_all[source], local, data.all_labeled)
+            x, y = x_all.index_select(0, source), y_all.index_select(0, source)  # a few times cheaper than x_all[source]
+            yield self._finish(epoch, k, lo, hi, x, y, local, data.all_labeled)
 
     def _iter_dataset(self, epoch: int, plan: _Plan) -> Iterator[Batch]:
         nonempty = [global_idx[lo:hi].tolist() for _, global_idx, (lo, hi) in plan if hi > lo]

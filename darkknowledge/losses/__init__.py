@@ -44,7 +44,7 @@ def _import_methods() -> None:
     import importlib
     import pkgutil
 
-    infrastructure = {"base", "objective", "adapters", "feature"}
+    infrastructure = {"base", "objective", "adapters", "feature", "scalar"}
     for info in pkgutil.iter_modules(__path__):
         if info.name not in infrastructure and not info.name.startswith("_"):
             importlib.import_module(f"{__name__}.{info.name}")

@@ -163,7 +163,10 @@ class TeacherOutputCache:
         store = self.arrays[name]
         if not self.mapped:
             idx = idx.to(store.device, non_blocking=True)
-            return store[0].index_select(0, idx) if view is None else store[view.to(store.device), idx]
+            if view is None:
+                return store[0].index_select(0, idx)  # (B, ...)
+            flat = torch.add(idx, view.to(store.device), alpha=store.shape[1])  # (B,) row in the (V * N, ...) view
+            return store.flatten(0, 1).index_select(0, flat)  # a few times cheaper than store[view, idx]
         i = idx.cpu().numpy()
         rows = store[0][i] if view is None else store[view.cpu().numpy(), i]  # a copy of just these rows
         return torch.from_numpy(np.ascontiguousarray(rows))
