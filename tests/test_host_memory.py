@@ -25,15 +25,17 @@ def test_reallocating_freed_blocks_faults_no_pages_once_memory_is_kept():
         blocks = [torch.ones(size) for _ in range(4)]  # 32 MiB live, then freed together
         del blocks
 
-    step()
-    step()  # the heap has grown to its working size
+    for _ in range(3):
+        step()  # the heap grows to its working size
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(10):
         step()
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    touched = 10 * 4 * size * 4 // resource.getpagesize()  # pages the 10 steps write: 81,920
     # with glibc's defaults the free top of the heap (32 MiB > its 16 MiB trim threshold) goes
-    # back to the system each time: 81,600 faults for these 10 steps, measured; none with it kept
-    assert faults < 2048, faults
+    # back to the system each time: 81,600 faults for these 10 steps, measured. Kept, most steps
+    # fault none (0 to 6,144 measured: other allocations of the process can still move the top)
+    assert faults < touched // 4, (faults, touched)
 
 
 def test_other_platforms_are_left_alone(monkeypatch):
