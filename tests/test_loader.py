@@ -264,3 +264,15 @@ def test_augment_params_replay_a_rank_batch() -> None:
     replay = aug.apply(data.x[batches[k].idx].float() / 255, slice_params(params, lo, hi))
     torch.testing.assert_close(replay, batches[k].x, rtol=0, atol=0)
     assert BatchLoader(data, 4).augment_params(0) is None
+
+
+def test_small_tensor_data_is_indexed_on_the_accelerator_large_stays_on_the_host() -> None:
+    data = float_data(64, 8)  # 2 KiB of inputs
+    assert not BatchLoader(data, 8).data_on_device()  # a CPU loader indexes on the CPU
+    assert BatchLoader(data, 8, device="cuda").data_on_device()
+    assert not BatchLoader(data, 8, device="cuda", device_data_mb=0).data_on_device()
+    assert not BatchLoader(data, 8, device="cuda", device_data_mb=data.nbytes / 2**20 / 2).data_on_device()
+    assert BatchLoader(data, 8, device="cuda").variant(shuffle=False).device_data_mb == BatchLoader(data, 8).device_data_mb
+    assert data.nbytes == 64 * 8 * 4 + 64 * 8
+    x, y = data.on(torch.device("cpu"))
+    assert x is data.x and y is data.y  # already there: no copy

@@ -45,6 +45,22 @@ class TensorData(Dataset):
         self.y = y
         self.all_labeled = lowest != UNLABELED
         """No sample is ``UNLABELED`` (batches then say ``labeled=True``)."""
+        self._copies: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of ``x`` and ``y``."""
+        return self.x.element_size() * self.x.numel() + self.y.element_size() * self.y.numel()
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, y)`` on ``device``: copied there on the first call and kept, so every loader
+        over this data (train, evaluation, cache build) shares one copy."""
+        if self.x.device == device:
+            return self.x, self.y
+        key = str(device)
+        if key not in self._copies:
+            self._copies[key] = (self.x.to(device), self.y.to(device))
+        return self._copies[key]
 
     def __len__(self) -> int:
         return int(self.y.shape[0])

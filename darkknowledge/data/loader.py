@@ -31,6 +31,9 @@ from darkknowledge.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
+DEVICE_DATA_MB = 2048.0
+"""Default ``device_data_mb``: tensor datasets up to 2 GiB live on the GPU (CIFAR-100 as uint8: 150 MiB)."""
+
 Replay = Callable[[torch.Tensor, int], tuple[AugmentParams, torch.Tensor]]
 """``replay(idx (b,), epoch) -> (augment params of those b samples, view id (b,))``: the views a
 teacher-output cache holds, so the student sees exactly the view the teacher saw."""
@@ -69,6 +72,9 @@ class BatchLoader:
             inputs are scaled to ``[0, 1]``; float inputs are normalised only when given.
         device: Where batches are delivered; from CPU to CUDA the copy uses pinned memory
             and ``non_blocking``.
+        device_data_mb: A ``TensorData`` of at most this many MiB is copied to an
+            accelerator ``device`` once and indexed there (kept for every loader over the
+            same data): no per-batch host indexing, pinning or copy. 0 keeps it on the host.
         num_workers: Worker processes for the generic-dataset path (ignored for ``TensorData``).
 
     Raises:
@@ -94,6 +100,7 @@ class BatchLoader:
         normalize: tuple[Sequence[float], Sequence[float]] | None = None,
         device: torch.device | str = "cpu",
         num_workers: int = 0,
+        device_data_mb: float = DEVICE_DATA_MB,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1 (got {batch_size})")
@@ -117,6 +124,7 @@ class BatchLoader:
         self.augment = aug if aug is not None and aug.enabled else None
         self.device = torch.device(device)
         self.num_workers = num_workers
+        self.device_data_mb = device_data_mb
         self.epoch = 0
         self._num_samples = len(data)  # type: ignore[arg-type]
         self._norm = self._norm_tensors(normalize)
@@ -131,7 +139,8 @@ class BatchLoader:
         (e.g. ``shuffle=False, augment=None, rank=0, world_size=1``)."""
         kwargs = dict(batch_size=self.batch_size, shuffle=self.shuffle, seed=self.seed, drop_last=self.drop_last,
                       rank=self.rank, world_size=self.world_size, augment=self.augment,
-                      normalize=self._normalize_arg, device=self.device, num_workers=self.num_workers)
+                      normalize=self._normalize_arg, device=self.device, num_workers=self.num_workers,
+                      device_data_mb=self.device_data_mb)
         kwargs.update(changes)
         return BatchLoader(self.data, **kwargs)
 
@@ -219,15 +228,29 @@ class BatchLoader:
             return self.data.sample_shape
         return tuple(torch.as_tensor(self.data[0][0]).shape)
 
+    def data_on_device(self) -> bool:
+        """Whether the ``TensorData`` is (or will be) indexed on the accelerator ``device``."""
+        data = self.data
+        if not isinstance(data, TensorData) or self.device.type == "cpu":
+            return False
+        return data.x.device == self.device or data.nbytes <= self.device_data_mb * 2**20
+
     def _iter_tensors(self, epoch: int, plan: _Plan) -> Iterator[Batch]:
         data = self.data
         assert isinstance(data, TensorData)
-        x_all, y_all, home = data.x, data.y, data.x.device
-        for k, global_idx, (lo, hi) in plan:
-            local = global_idx[lo:hi] if self.world_size > 1 else global_idx  # (b,)
-            source = local if local.device == home else local.to(home)
+        if self.data_on_device():
+            (x_all, y_all), home = data.on(self.device), self.device
+        else:
+            x_all, y_all, home = data.x, data.y, data.x.device
+        shares = [global_idx[lo:hi] if self.world_size > 1 else global_idx for _, global_idx, (lo, hi) in plan]
+        sources = shares
+        if home.type != "cpu" and shares:  # the epoch's indices in one copy, not one blocking copy per batch
+            flat = torch.cat(shares)  # (n,)
+            flat = flat.pin_memory() if home.type == "cuda" else flat
+            sources = list(flat.to(home, non_blocking=True).split([len(t) for t in shares]))
+        for (k, _, (lo, hi)), local, source in zip(plan, shares, sources):
             x, y = x_all.index_select(0, source), y_all.index_select(0, source)  # a few times cheaper than x_all[source]
-            yield self._finish(epoch, k, lo, hi, x, y, local, data.all_labeled)
+            yield self._finish(epoch, k, lo, hi, x, y, source, data.all_labeled, host_idx=local)
 
     def _iter_dataset(self, epoch: int, plan: _Plan) -> Iterator[Batch]:
         nonempty = [global_idx[lo:hi].tolist() for _, global_idx, (lo, hi) in plan if hi > lo]
@@ -251,10 +274,11 @@ class BatchLoader:
 
     def _finish(
         self, epoch: int, k: int, lo: int, hi: int, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor,
-        labeled: bool,
+        labeled: bool, host_idx: torch.Tensor | None = None,
     ) -> Batch:
-        """Move a raw batch to the device, scale, augment and normalise it."""
-        idx_cpu = idx
+        """Move a raw batch to the device, scale, augment and normalise it (``host_idx``: the
+        same indices as ``idx`` on the CPU, when ``idx`` is already on the device)."""
+        idx_cpu = idx if host_idx is None else host_idx
         device = self.device
         if device.type == "cuda":
             if x.device.type == "cpu":
