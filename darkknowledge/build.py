@@ -76,7 +76,8 @@ def make_loaders(
     aug_cfg = cfg.data.augment
     augment = Augment(**aug_cfg.model_dump()) if aug_cfg.enabled() else None
     norm = bundle.info.normalization
-    common: dict[str, Any] = dict(rank=dist.rank, world_size=dist.world_size, normalize=norm, device=device)
+    common: dict[str, Any] = dict(rank=dist.rank, world_size=dist.world_size, normalize=norm, device=device,
+                                  device_data_mb=cfg.data.device_data_mb)
     train_loader = BatchLoader(train, cfg.data.batch_size, shuffle=True, seed=seed, augment=augment,
                                num_workers=cfg.data.num_workers, **common)
     test_loader = BatchLoader(bundle.test, cfg.data.eval_batch_size, shuffle=False, **common)

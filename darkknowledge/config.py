@@ -57,6 +57,8 @@ class DataConfig(_Strict):
     use_transfer: bool = Field(default=True, description="add the unlabeled transfer set when distilling")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     num_workers: int = Field(default=0, ge=0)
+    device_data_mb: float = Field(default=2048.0, ge=0.0, description="in-memory datasets up to this size are "
+                                  "copied to the GPU once and indexed there (0: copy each batch from the host)")
 
 
 class OptimizerConfig(_Strict):

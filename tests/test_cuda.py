@@ -37,11 +37,12 @@ def _model(name: str, seed: int, shape: tuple[int, ...], **params) -> torch.nn.M
     return create_model(name, num_classes=10, input_shape=shape, **params)
 
 
-def _fit(scheme: Offline, data: TensorData, epochs: int = 2, device_data_mb: float = 2048, **train
-         ) -> tuple[Trainer, object]:
+def _fit(scheme: Offline, data: TensorData, epochs: int = 2, device_data_mb: float = 2048,
+         augment: dict | None = None, **train) -> tuple[Trainer, object]:
     cfg = TrainConfig(**{"epochs": epochs, "device": "cuda", "deterministic": True,
                          "optimizer": {"name": "sgd", "lr": 0.05}, **train})
-    trainer = Trainer(scheme, BatchLoader(data, 32, seed=0, device=CUDA, device_data_mb=device_data_mb),
+    train_loader = BatchLoader(data, 32, seed=0, device=CUDA, device_data_mb=device_data_mb, augment=augment)
+    trainer = Trainer(scheme, train_loader,
                       BatchLoader(data, 64, shuffle=False, device=CUDA), cfg, CUDA, progress=False)
     return trainer, trainer.fit()
 
@@ -114,14 +115,16 @@ def _no_sync_after_the_first(stream: Iterator[Batch]) -> Iterator[Batch]:
         torch.cuda.set_sync_debug_mode(0)
 
 
-@pytest.mark.parametrize("losses,cache,device_data_mb", [
-    ({"ce": {}}, None, 2048),
-    ({"ce": {}}, None, 0),
-    ({"kd": {"T": 4.0, "alpha": 0.9}}, CacheConfig(enabled=True), 2048),
-    ({"kd": {"alpha": 1.0}, "fitnet": {}}, CacheConfig(enabled=True), 0),
-    ({"kd": {"alpha": 0.5}}, CacheConfig(live_batches=2), 2048),
-], ids=["plain", "plain-host-data", "kd-cached", "fitnet-cached-host-data", "kd-live-ahead"])
-def test_training_steps_make_no_host_sync(tmp_path, monkeypatch, losses, cache, device_data_mb):
+@pytest.mark.parametrize("losses,cache,device_data_mb,augment", [
+    ({"ce": {}}, None, 2048, None),
+    ({"ce": {}}, None, 0, {"shift": 2}),
+    ({"kd": {"T": 4.0, "alpha": 0.9}}, CacheConfig(enabled=True), 2048, None),
+    ({"kd": {"T": 4.0, "alpha": 0.9}}, CacheConfig(enabled=True, views=2), 2048, {"shift": 2}),
+    ({"kd": {"alpha": 1.0}, "fitnet": {}}, CacheConfig(enabled=True), 0, None),
+    ({"kd": {"alpha": 0.5}}, CacheConfig(live_batches=2), 2048, None),
+], ids=["plain", "plain-host-data-augmented", "kd-cached", "kd-cached-views", "fitnet-cached-host-data",
+        "kd-live-ahead"])
+def test_training_steps_make_no_host_sync(tmp_path, monkeypatch, losses, cache, device_data_mb, augment):
     """Loader (pinned copies), cache lookup, loss, backward, LeanStep and the LR schedule run
     without one host sync per step (``torch.cuda.set_sync_debug_mode('error')``)."""
     monkeypatch.setenv("DK_CACHE", str(tmp_path))
@@ -130,7 +133,8 @@ def test_training_steps_make_no_host_sync(tmp_path, monkeypatch, losses, cache, 
                      _model("cnn1d", 0, (40,), channels=8), cache=cache)
     batches = scheme.batches
     monkeypatch.setattr(scheme, "batches", lambda stream: _no_sync_after_the_first(batches(stream)))
-    _, result = _fit(scheme, data, device_data_mb=device_data_mb, optimizer={"name": "adamw", "lr": 1e-3})
+    _, result = _fit(scheme, data, device_data_mb=device_data_mb, augment=augment,
+                     optimizer={"name": "adamw", "lr": 1e-3})
     assert result.steps == 10
 
 

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from darkknowledge.data.batch import to_device
+
 from darkknowledge.errors import ConfigError
 from darkknowledge.validation import validate_kwargs
 
@@ -61,8 +63,11 @@ def slice_params(params: AugmentParams, start: int, stop: int) -> AugmentParams:
 
 
 def params_to(params: AugmentParams, device: torch.device | str, non_blocking: bool = False) -> AugmentParams:
-    """Move every drawn tensor to ``device``."""
-    return {k: v.to(device, non_blocking=non_blocking) for k, v in params.items()}
+    """Move every drawn tensor to ``device`` (``non_blocking``: through pinned memory, see
+    :func:`~darkknowledge.data.batch.to_device`)."""
+    if non_blocking:
+        return {k: to_device(v, torch.device(device)) for k, v in params.items()}
+    return {k: v.to(device) for k, v in params.items()}
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,17 @@ UNLABELED = -1
 """Label value of samples without a label (an unlabeled transfer set); CE ignores them."""
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device`` without blocking the host: a host tensor bound for CUDA goes
+    through pinned memory (a copy from pageable memory first waits for the stream's queued
+    work, which stalls a training loop that runs ahead of the GPU)."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device, non_blocking=True)
+
+
 @dataclass
 class Batch:
     """One mini-batch.

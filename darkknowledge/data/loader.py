@@ -24,15 +24,17 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from darkknowledge.data.augment import Augment, AugmentParams, params_to, slice_params
-from darkknowledge.data.batch import UNLABELED, Batch
+from darkknowledge.data.batch import UNLABELED, Batch, to_device
 from darkknowledge.data.bundle import TensorData
 from darkknowledge.data.seeds import AUGMENT_STREAM, PERMUTATION_STREAM, make_generator
+from darkknowledge.config import DataConfig
 from darkknowledge.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-DEVICE_DATA_MB = 2048.0
-"""Default ``device_data_mb``: tensor datasets up to 2 GiB live on the GPU (CIFAR-100 as uint8: 150 MiB)."""
+DEVICE_DATA_MB: float = DataConfig.model_fields["device_data_mb"].default
+"""Default ``device_data_mb`` (``data.device_data_mb``): tensor datasets up to 2 GiB live on the
+GPU (CIFAR-100 as uint8 takes 150 MiB)."""
 
 Replay = Callable[[torch.Tensor, int], tuple[AugmentParams, torch.Tensor]]
 """``replay(idx (b,), epoch) -> (augment params of those b samples, view id (b,))``: the views a
@@ -245,9 +247,7 @@ class BatchLoader:
         shares = [global_idx[lo:hi] if self.world_size > 1 else global_idx for _, global_idx, (lo, hi) in plan]
         sources = shares
         if home.type != "cpu" and shares:  # the epoch's indices in one copy, not one blocking copy per batch
-            flat = torch.cat(shares)  # (n,)
-            flat = flat.pin_memory() if home.type == "cuda" else flat
-            sources = list(flat.to(home, non_blocking=True).split([len(t) for t in shares]))
+            sources = list(to_device(torch.cat(shares), home).split([len(t) for t in shares]))  # (b,) each
         for (k, _, (lo, hi)), local, source in zip(plan, shares, sources):
             x, y = x_all.index_select(0, source), y_all.index_select(0, source)  # a few times cheaper than x_all[source]
             yield self._finish(epoch, k, lo, hi, x, y, source, data.all_labeled, host_idx=local)
@@ -281,9 +281,7 @@ class BatchLoader:
         idx_cpu = idx if host_idx is None else host_idx
         device = self.device
         if device.type == "cuda":
-            if x.device.type == "cpu":
-                x, y, idx = x.pin_memory(), y.pin_memory(), idx.pin_memory()
-            x, y, idx = (t.to(device, non_blocking=True) for t in (x, y, idx))
+            x, y, idx = (to_device(t, device) for t in (x, y, idx))
         elif x.device != device or idx.device != device:
             x, y, idx = x.to(device), y.to(device), idx.to(device)
         if x.dtype == torch.uint8:
@@ -293,7 +291,7 @@ class BatchLoader:
         view = None
         if self.replay is not None:
             params, view = self.replay(idx_cpu.cpu(), epoch)  # CPU indices: no device sync
-            view = view.to(x.device)
+            view = to_device(view, x.device)
             if self.augment is not None and params:
                 x = self.augment.apply(x, params_to(params, x.device, non_blocking=True))
         elif self.augment is not None:

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from darkknowledge.data.augment import Augment, AugmentParams
+from darkknowledge.data.batch import to_device
 from darkknowledge.data.bundle import TensorData
 from darkknowledge.data.cache import cache_dir
 from darkknowledge.data.fingerprint import update_with_tensor
@@ -186,9 +187,8 @@ class TeacherOutputCache:
                                  self._rows("rest", view, idx), self.num_classes)
         elif self.spec.logits:
             logits = self._values("logits", view, idx)
-        feats = {tap: self._values(f"feat.{n}", view, idx).to(device, non_blocking=True)
-                 for n, tap in enumerate(self.spec.taps)}
-        return Outputs(logits=None if logits is None else logits.to(device, non_blocking=True), features=feats)
+        feats = {tap: to_device(self._values(f"feat.{n}", view, idx), device) for n, tap in enumerate(self.spec.taps)}
+        return Outputs(logits=None if logits is None else to_device(logits, device), features=feats)
 
     def view_params(self, idx: torch.Tensor, view: torch.Tensor) -> AugmentParams:
         """The stored augmentation parameters of samples ``idx`` as views ``view`` (CPU tensors)."""
