@@ -121,9 +121,10 @@ def _no_sync_after_the_first(stream: Iterator[Batch]) -> Iterator[Batch]:
     ({"kd": {"T": 4.0, "alpha": 0.9}}, CacheConfig(enabled=True), 2048, None),
     ({"kd": {"T": 4.0, "alpha": 0.9}}, CacheConfig(enabled=True, views=2), 2048, {"shift": 2}),
     ({"kd": {"alpha": 1.0}, "fitnet": {}}, CacheConfig(enabled=True), 0, None),
+    ({"kd": {}}, CacheConfig(enabled=True, memory_limit_mb=0, views=2), 2048, {"shift": 2}),
     ({"kd": {"alpha": 0.5}}, CacheConfig(live_batches=2), 2048, None),
 ], ids=["plain", "plain-host-data-augmented", "kd-cached", "kd-cached-views", "fitnet-cached-host-data",
-        "kd-live-ahead"])
+        "kd-mapped-cache-views", "kd-live-ahead"])
 def test_training_steps_make_no_host_sync(tmp_path, monkeypatch, losses, cache, device_data_mb, augment):
     """Loader (pinned copies), cache lookup, loss, backward, LeanStep and the LR schedule run
     without one host sync per step (``torch.cuda.set_sync_debug_mode('error')``)."""

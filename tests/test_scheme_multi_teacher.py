@@ -200,12 +200,12 @@ def test_cached_teacher_outputs_replace_the_live_teachers():
     s = scheme(teachers, aggregation="per_teacher")
     fixed = [torch.randn(8, K), torch.randn(8, K)]
 
-    class Cache:  # what darkknowledge.teachers.cache.TeacherOutputCache.outputs gives: rows by sample index
+    class Cache:  # what darkknowledge.teachers.cache.TeacherOutputCache.lookup gives: rows by sample index
         def __init__(self, logits):
             self.logits = logits
 
-        def outputs(self, idx, view, device):
-            return Outputs(logits=self.logits[idx].to(device))
+        def lookup(self, batch):
+            return Outputs(logits=self.logits[batch.idx].to(batch.x.device))
 
     s.caches = [Cache(z) for z in fixed]
     calls = []

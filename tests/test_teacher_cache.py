@@ -3,6 +3,7 @@ cached KD agreeing with live KD."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -154,3 +155,20 @@ def test_views_zero_with_augmentation_runs_the_teacher_live(tmp_path, monkeypatc
                    **{"data": {"batch_size": 32, "augment": {"shift": 2}}})
     assert "teacher_cache" not in out["student"]
     assert not (tmp_path / "teacher_outputs").exists()
+
+
+def test_a_memory_mapped_cache_reads_with_the_batch_host_indices(tmp_path):
+    """On a GPU run ``batch.idx`` lives on the device; a mapped cache reads the host copy the
+    loader keeps (``Batch.host_idx``), so a lookup makes no device sync."""
+    t, d = FrozenTeacher(teacher()), data()
+    cache = load_or_build(t, loader(d), CacheSpec(logits=True, dtype="fp32"), augment=None, seed=0,
+                          memory_limit_mb=0, root=tmp_path)
+    batch = next(iter(loader(d)))
+    assert cache.mapped and batch.host_idx is not None and torch.equal(batch.host_idx, batch.idx)
+    expected = cache.outputs(batch.idx, None, batch.x.device).logits
+    assert torch.equal(cache.lookup(batch).logits, expected)
+    moved = dataclasses.replace(batch, idx=torch.zeros_like(batch.idx))  # stands in for a device copy
+    assert torch.equal(cache.lookup(moved).logits, expected)  # read with host_idx, not idx
+    in_memory = load_or_build(t, loader(d), CacheSpec(logits=True, dtype="fp32"), augment=None, seed=0,
+                              memory_limit_mb=100, root=tmp_path)
+    assert torch.equal(in_memory.lookup(batch).logits, expected)

@@ -34,6 +34,9 @@ class Batch:
         labeled: True when every sample is known to have a label (the loader knows it from
             the dataset, without reading ``y`` on the device); cross-entropy then skips
             counting labels. False means "may contain ``UNLABELED``", never "has none".
+        host_idx: ``idx`` on the CPU (the loader's own copy), for host-side lookups such as
+            a memory-mapped cache without a device sync; None when unknown.
+        host_view: ``view`` on the CPU likewise.
     """
 
     x: torch.Tensor
@@ -41,6 +44,8 @@ class Batch:
     idx: torch.Tensor
     view: torch.Tensor | None = None
     labeled: bool = False
+    host_idx: torch.Tensor | None = None
+    host_view: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """Move every tensor to ``device``."""
@@ -50,6 +55,8 @@ class Batch:
             self.idx.to(device, non_blocking=non_blocking),
             None if self.view is None else self.view.to(device, non_blocking=non_blocking),
             self.labeled,
+            self.host_idx,
+            self.host_view,
         )
 
     def __len__(self) -> int:

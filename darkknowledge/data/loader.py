@@ -23,11 +23,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from darkknowledge.config import DataConfig
 from darkknowledge.data.augment import Augment, AugmentParams, params_to, slice_params
 from darkknowledge.data.batch import UNLABELED, Batch, to_device
 from darkknowledge.data.bundle import TensorData
 from darkknowledge.data.seeds import AUGMENT_STREAM, PERMUTATION_STREAM, make_generator
-from darkknowledge.config import DataConfig
 from darkknowledge.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -288,10 +288,10 @@ class BatchLoader:
             x = x.float() / 255.0  # (b, C, H, W) in [0, 1]
         elif not x.is_floating_point():
             x = x.float()
-        view = None
+        view = host_view = None
         if self.replay is not None:
-            params, view = self.replay(idx_cpu.cpu(), epoch)  # CPU indices: no device sync
-            view = to_device(view, x.device)
+            params, host_view = self.replay(idx_cpu.cpu(), epoch)  # CPU indices: no device sync
+            view = to_device(host_view, x.device)
             if self.augment is not None and params:
                 x = self.augment.apply(x, params_to(params, x.device, non_blocking=True))
         elif self.augment is not None:
@@ -302,7 +302,8 @@ class BatchLoader:
             x = self._normalize(x)
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        return Batch(x, y, idx, view, labeled)
+        host_idx = idx_cpu if idx_cpu.device.type == "cpu" else None
+        return Batch(x, y, idx, view, labeled, host_idx=host_idx, host_view=host_view)
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         assert self._norm is not None

@@ -49,6 +49,7 @@ def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float)
     Args:
         student_logits: ``(B, K)``.
         teacher_logits: ``(B, K)``; a constant unless it requires grad.
+        T: Temperature > 0.
 
     Returns:
         Scalar, >= 0.
@@ -97,13 +98,13 @@ def kd_loss(
     """
     n = student_logits.shape[0]
     kl = kl_sum(student_logits, teacher_logits, T)
-    if alpha >= 1.0:
-        return kl * scalar_for(alpha * T * T / max(1, n), student_logits)
-    if all_labeled and n:
+    if alpha < 1.0 and all_labeled and n:
         ce = F.cross_entropy(student_logits, labels, reduction="sum")  # sum over the batch
         mixed = torch.add(ce, kl, alpha=alpha * T * T / (1.0 - alpha))  # ce + a T^2/(1-a) * kl
         return mixed * scalar_for((1.0 - alpha) / n, student_logits)
     soft = kl * scalar_for(alpha * T * T / max(1, n), student_logits)
+    if alpha >= 1.0:
+        return soft
     return soft + (1.0 - alpha) * cross_entropy(student_logits, labels, all_labeled=all_labeled)
 
 

@@ -283,7 +283,7 @@ class MultiTeacher(Scheme):
 
     def _run_teacher(self, i: int, batch: Batch) -> Outputs:
         if self.caches is not None:
-            return self.caches[i].outputs(batch.idx, batch.view, batch.x.device)
+            return self.caches[i].lookup(batch)
         ahead = self.aheads[i].take(batch) if self.aheads else None
         return ahead if ahead is not None else self.teachers[i](batch.x)
 

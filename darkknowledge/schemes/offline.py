@@ -203,7 +203,7 @@ class Offline(Scheme):
 
     def teacher_outputs(self, batch: Batch) -> Outputs | None:
         if self.cache is not None:
-            return self.cache.outputs(batch.idx, batch.view, batch.x.device)
+            return self.cache.lookup(batch)
         if self.teacher is None:
             return None
         ahead = self.ahead.take(batch) if self.ahead is not None else None

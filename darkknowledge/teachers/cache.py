@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from darkknowledge.data.augment import Augment, AugmentParams
-from darkknowledge.data.batch import to_device
+from darkknowledge.data.batch import Batch, to_device
 from darkknowledge.data.bundle import TensorData
 from darkknowledge.data.cache import cache_dir
 from darkknowledge.data.fingerprint import update_with_tensor
@@ -163,10 +163,10 @@ class TeacherOutputCache:
         """Rows ``(B, ...)`` of array ``name`` (raw storage dtype) for samples ``idx`` as views ``view``."""
         store = self.arrays[name]
         if not self.mapped:
-            idx = idx.to(store.device, non_blocking=True)
+            idx = to_device(idx, store.device)
             if view is None:
                 return store[0].index_select(0, idx)  # (B, ...)
-            flat = torch.add(idx, view.to(store.device), alpha=store.shape[1])  # (B,) row in the (V * N, ...) view
+            flat = torch.add(idx, to_device(view, store.device), alpha=store.shape[1])  # (B,) row of the (V * N, ...) view
             return store.flatten(0, 1).index_select(0, flat)  # a few times cheaper than store[view, idx]
         i = idx.cpu().numpy()
         rows = store[0][i] if view is None else store[view.cpu().numpy(), i]  # a copy of just these rows
@@ -189,6 +189,13 @@ class TeacherOutputCache:
             logits = self._values("logits", view, idx)
         feats = {tap: to_device(self._values(f"feat.{n}", view, idx), device) for n, tap in enumerate(self.spec.taps)}
         return Outputs(logits=None if logits is None else to_device(logits, device), features=feats)
+
+    def lookup(self, batch: Batch) -> Outputs:
+        """:meth:`outputs` for a loader's batch, on the batch's device. A memory-mapped cache
+        reads with the batch's host indices, so a GPU run makes no device sync per step."""
+        if self.mapped and batch.host_idx is not None and (batch.view is None or batch.host_view is not None):
+            return self.outputs(batch.host_idx, batch.host_view, batch.x.device)
+        return self.outputs(batch.idx, batch.view, batch.x.device)
 
     def view_params(self, idx: torch.Tensor, view: torch.Tensor) -> AugmentParams:
         """The stored augmentation parameters of samples ``idx`` as views ``view`` (CPU tensors)."""
