@@ -16,9 +16,10 @@ another), on the same data and models:
   machine, and ``dk_kd_* / hand_kd_*`` what darkknowledge adds on top; ``dk_kd_cached / dk_plain``
   is what KD costs over darkknowledge's own plain step (which can be cheaper than the hand loop's).
 
-After one untimed warm-up round, each of ``--reps`` rounds (5 for (a) and (c); 31 for (b),
-whose epochs last tens of milliseconds, so a median of 3 would move by +-20% with the
-machine's noise; 9 for (d)) runs one epoch of every variant in a shuffled order; the table shows the median over
+After one untimed warm-up round, each of ``--reps`` rounds (9 for (a), (c) and (d), whose epochs
+of a ResNet on a shared 2-core machine still move by +-5% between rounds; 31 for (b), whose epochs
+last tens of milliseconds, so a median of 3 would move by +-20% with the machine's noise) runs one
+epoch of every variant in a shuffled order; the table shows the median over
 the rounds of seconds per epoch, and the ratios (each computed within a round, then the
 median over rounds: variants of one round run back to back, so a slow phase of the machine
 mostly cancels out)
@@ -31,7 +32,7 @@ CIFAR-shaped data (5,000 x 3x32x32, 100 classes), resnet56 -> resnet20, batch 12
 cached KD on (b)-shaped data with 1x and 10x the samples, the 10x cache memory-mapped from
 disk beyond a memory threshold. ``--json`` also prints one JSON object per setting.
 
-    python benchmarks/speed.py                  # all settings (about 30 minutes on 2 quiet CPU cores)
+    python benchmarks/speed.py                  # all settings (about 70 minutes on 2 CPU cores, 2 on an H200)
     python benchmarks/speed.py --settings b d   # some of them
     python benchmarks/speed.py --quick          # tiny sizes: checks the script, not the speed
 """
@@ -88,12 +89,12 @@ def settings(quick: bool) -> dict[str, Setting]:
     img_t, img_s = (("resnet8", {}), ("resnet8", {})) if quick else (("resnet56", {}), ("resnet20", {}))
     return {
         "a": Setting("a", "synthetic CIFAR-100-shaped, resnet56 -> resnet20", n_img, (3, 32, 32), 100, img_t, img_s,
-                     variants=("hand_plain", "dk_plain", "teacher_fwd", "dk_kd_live", "dk_kd_cached"), reps=5),
+                     variants=("hand_plain", "dk_plain", "teacher_fwd", "dk_kd_live", "dk_kd_cached"), reps=9),
         "b": Setting("b", "MNIST-1D-shaped, cnn1d -> mlp", n_1d, (40,), 10, ("cnn1d", {}), ("mlp", {"hidden": [100, 100]}),
                      reps=31),
         "c": Setting("c", "FitNet (+KD) on (a), live vs cached", n_img, (3, 32, 32), 100, img_t, img_s,
                      losses={"fitnet": {"weight": 100.0}, "kd": {"T": 4.0, "alpha": 0.9}},
-                     variants=("hand_plain", "dk_plain", "teacher_fwd", "dk_kd_live", "dk_kd_cached"), reps=5),
+                     variants=("hand_plain", "dk_plain", "teacher_fwd", "dk_kd_live", "dk_kd_cached"), reps=9),
     }
 
 
@@ -324,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--settings", nargs="*", default=["a", "b", "c", "d"], choices=["a", "b", "c", "d"])
     p.add_argument("--reps", type=int, default=None,
-                   help="timed rounds per setting (median reported; default 5, 31 for the cheap (b), 9 for (d))")
+                   help="timed rounds per setting (median reported; default 9, 31 for the cheap (b))")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
     p.add_argument("--json", action="store_true", help="also print one JSON object per setting")
