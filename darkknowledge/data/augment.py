@@ -27,7 +27,6 @@ from typing import Any
 import torch
 
 from darkknowledge.data.batch import to_device
-
 from darkknowledge.errors import ConfigError
 from darkknowledge.validation import validate_kwargs
 
