@@ -48,6 +48,16 @@ def _same(a: nn.Module, b: nn.Module, oa: torch.optim.Optimizer, ob: torch.optim
             assert torch.equal(value, sb["state"][k][key]), (k, key)
 
 
+def _step_both(ref, opt_ref, lean, opt_lean, stepper: LeanStep, step: int, skip: int | None = None) -> None:
+    """The same gradients into both models, one step each (``optimizer.step()`` vs the
+    shortcut), then parameters and optimizer states compared exactly."""
+    _grads(ref, step, skip)
+    _grads(lean, step, skip)
+    opt_ref.step()
+    stepper.step()
+    _same(ref, lean, opt_ref, opt_lean)
+
+
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_lean_steps_equal_optimizer_steps_with_a_changing_lr(name: str) -> None:
     ref, opt_ref, lean, opt_lean = _pair(OPTIMIZERS[name])
@@ -56,11 +66,7 @@ def test_lean_steps_equal_optimizer_steps_with_a_changing_lr(name: str) -> None:
         for opt in (opt_ref, opt_lean):
             for group in opt.param_groups:
                 group["lr"] = group["lr"] * 0.7  # a schedule between steps
-        _grads(ref, step)
-        _grads(lean, step)
-        opt_ref.step()
-        stepper.step()
-        _same(ref, lean, opt_ref, opt_lean)
+        _step_both(ref, opt_ref, lean, opt_lean, stepper, step)
     assert stepper.lean_steps == 5  # the first step creates the state through optimizer.step()
 
 
@@ -68,12 +74,7 @@ def test_a_missing_gradient_takes_the_optimizer_path() -> None:
     ref, opt_ref, lean, opt_lean = _pair(OPTIMIZERS["sgd_momentum"])
     stepper = LeanStep(opt_lean)
     for step in range(4):
-        skip = 1 if step == 2 else None
-        _grads(ref, step, skip)
-        _grads(lean, step, skip)
-        opt_ref.step()
-        stepper.step()
-        _same(ref, lean, opt_ref, opt_lean)
+        _step_both(ref, opt_ref, lean, opt_lean, stepper, step, skip=1 if step == 2 else None)
     assert stepper.lean_steps == 2  # steps 1 and 3
 
 
@@ -86,11 +87,7 @@ def test_unsupported_optimizers_always_use_their_own_step(make) -> None:
     ref, opt_ref, lean, opt_lean = _pair(make)
     stepper = LeanStep(opt_lean)
     for step in range(3):
-        _grads(ref, step)
-        _grads(lean, step)
-        opt_ref.step()
-        stepper.step()
-        _same(ref, lean, opt_ref, opt_lean)
+        _step_both(ref, opt_ref, lean, opt_lean, stepper, step)
     assert stepper.lean_steps == 0
 
 
@@ -176,9 +173,5 @@ def test_a_torch_without_the_kernel_signature_falls_back_for_good(monkeypatch, n
     ref, opt_ref, lean, opt_lean = _pair(OPTIMIZERS[name])
     stepper = LeanStep(opt_lean)
     for step in range(4):
-        _grads(ref, step)
-        _grads(lean, step)
-        opt_ref.step()
-        stepper.step()
-        _same(ref, lean, opt_ref, opt_lean)  # Adam's step count was not advanced twice
+        _step_both(ref, opt_ref, lean, opt_lean, stepper, step)  # Adam's step count was not advanced twice
     assert stepper.lean_steps == 0 and stepper.kind is None
