@@ -9,6 +9,8 @@ another), on the same data and models:
 * ``dk_kd_live``   darkknowledge KD with the live teacher;
 * ``dk_kd_cached`` darkknowledge KD reading the teacher-output cache (the cache's one-time
   build is timed and reported separately);
+* ``dk_kd_cached_textbook`` (on (b)) the same with the KD loss's fused fast path switched off
+  (``losses/fused.py`` against the textbook ``losses/kd.py``): what the fast path buys;
 * ``hand_kd_live`` / ``hand_kd_cached`` (references, where the student step is cheap) the
   hand loop plus the KD loss, with the teacher in the loop or its logits precomputed:
   ``hand_kd_cached / hand_plain`` is what the KD loss itself costs,
@@ -57,13 +59,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from darkknowledge.build import build_objective
+from darkknowledge.runs.build import build_objective
 from darkknowledge.config import CacheConfig, TrainConfig
 from darkknowledge.data import BatchLoader, TensorData
 from darkknowledge.engine.host_memory import retain_freed_host_memory
 from darkknowledge.engine.trainer import Trainer
+from darkknowledge.losses import fused
 from darkknowledge.models import create_model
-from darkknowledge.schemes.offline import Offline
+from darkknowledge.schemes.offline import offline_task
 
 
 @dataclass
@@ -91,7 +94,8 @@ def settings(quick: bool) -> dict[str, Setting]:
         "a": Setting("a", "synthetic CIFAR-100-shaped, resnet56 -> resnet20", n_img, (3, 32, 32), 100, img_t, img_s,
                      variants=("hand_plain", "dk_plain", "teacher_fwd", "dk_kd_live", "dk_kd_cached"), reps=9),
         "b": Setting("b", "MNIST-1D-shaped, cnn1d -> mlp", n_1d, (40,), 10, ("cnn1d", {}), ("mlp", {"hidden": [100, 100]}),
-                     reps=31),
+                     variants=("hand_plain", "dk_plain", "teacher_fwd", "dk_kd_live", "dk_kd_cached",
+                               "dk_kd_cached_textbook", "hand_kd_live", "hand_kd_cached"), reps=31),
         "c": Setting("c", "FitNet (+KD) on (a), live vs cached", n_img, (3, 32, 32), 100, img_t, img_s,
                      losses={"fitnet": {"weight": 100.0}, "kd": {"T": 4.0, "alpha": 0.9}},
                      variants=("hand_plain", "dk_plain", "teacher_fwd", "dk_kd_live", "dk_kd_cached"), reps=9),
@@ -194,21 +198,27 @@ def teacher_fwd(s: Setting, data: TensorData, device: torch.device, epochs: int)
 
 def dk_run(s: Setting, data: TensorData, test: TensorData, device: torch.device, epochs: int, kind: str,
            extra: dict[str, float]) -> list[float]:
-    """darkknowledge's Trainer: plain CE, KD with the live teacher, or KD from the cache."""
+    """darkknowledge's Trainer: plain CE, KD with the live teacher, or KD from the cache
+    (``cached_textbook``: the cache with the KD loss's fused fast path switched off)."""
     student = model(s.student, s, device, 1)
     if kind == "plain":
-        scheme = Offline(student, build_objective({"ce": {}}))
+        task = offline_task(student, build_objective({"ce": {}}))
     else:
-        cache = CacheConfig(enabled=kind == "cached", memory_limit_mb=s.memory_limit_mb)
-        scheme = Offline(student, build_objective(s.losses), model(s.teacher, s, device, 0), cache=cache)
+        cache = CacheConfig(enabled=kind.startswith("cached"), memory_limit_mb=s.memory_limit_mb)
+        task = offline_task(student, build_objective(s.losses), model(s.teacher, s, device, 0), cache=cache)
     train = BatchLoader(data, s.batch_size, shuffle=True, seed=0, device=device)
     evals = BatchLoader(test, 1024, shuffle=False, device=device)
     cfg = TrainConfig(epochs=epochs, device=device.type, optimizer={"name": "sgd", "lr": 0.05},
                       scheduler={"name": "constant"})
-    trainer = Trainer(scheme, train, evals, cfg, device, stage=kind, progress=False)
-    result = trainer.fit()
-    if scheme.cache is not None:
-        facts = scheme.cache.describe()
+    trainer = Trainer(task, train, evals, cfg, device, stage=kind, progress=False)
+    fused.ENABLED = kind != "cached_textbook"
+    try:
+        result = trainer.fit()
+    finally:
+        fused.ENABLED = True
+    cache_of = task.teachers[0].cache if task.teachers else None
+    if cache_of is not None:
+        facts = cache_of.describe()
         extra["cache_mb"] = facts["size_mb"]
         extra["cache_mapped"] = facts["mapped"]
         if not facts["reused"]:
@@ -236,6 +246,7 @@ def run_setting(s: Setting, device: torch.device, reps: int | None = None) -> di
         "dk_plain": lambda extra: dk_run(s, data, test, device, 1, "plain", extra),
         "dk_kd_live": lambda extra: dk_run(s, data, test, device, 1, "live", extra),
         "dk_kd_cached": lambda extra: dk_run(s, data, test, device, 1, "cached", extra),
+        "dk_kd_cached_textbook": lambda extra: dk_run(s, data, test, device, 1, "cached_textbook", extra),
     }
     times: dict[str, list[float]] = {v: [] for v in s.variants}
     extra: dict[str, Any] = {}
@@ -273,6 +284,8 @@ RATIOS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "dk_kd_cached/hand_kd_cached": (("dk_kd_cached",), ("hand_kd_cached",)),
     "hand_kd_live/(hand_plain + teacher_fwd)": (("hand_kd_live",), ("hand_plain", "teacher_fwd")),
     "dk_kd_live/hand_kd_live": (("dk_kd_live",), ("hand_kd_live",)),
+    # the KD loss's fused fast path (losses/fused.py) against its textbook form (losses/kd.py)
+    "dk_kd_cached_textbook/dk_kd_cached": (("dk_kd_cached_textbook",), ("dk_kd_cached",)),
 }
 
 
@@ -314,7 +327,7 @@ def print_table(r: dict[str, Any]) -> None:
     print(f"\n({r['setting']}) {r['title']}  [{r['samples']} samples]")
     for v, t in r["seconds_per_epoch"].items():
         spread = r.get("spread", {}).get(v)
-        print(f"  {v:<18} {t:9.3f} s/epoch" + (f"   (max-min {spread:.3f})" if spread is not None else ""))
+        print(f"  {v:<22} {t:9.3f} s/epoch" + (f"   (max-min {spread:.3f})" if spread is not None else ""))
     for key, value in r.items():
         if "/" in key or key in ("cache_build_s", "cache_mb", "cache_mapped", "peak_rss_mb", "peak_gpu_mb",
                                  "memory_limit_mb"):

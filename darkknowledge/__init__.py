@@ -8,6 +8,7 @@ The Python API mirrors the ``dk`` command line::
 """
 
 from darkknowledge.api import distill, train
+from darkknowledge.distiller import Distiller
 from darkknowledge.config import RunConfig, load_config
 from darkknowledge.data import list_datasets, load_dataset
 from darkknowledge.losses import DistillLoss, Needs, Outputs, create_loss, list_losses, register_loss
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DistillLoss",
+    "Distiller",
     "FeatureTaps",
     "Needs",
     "Outputs",

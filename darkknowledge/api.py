@@ -15,13 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from darkknowledge.build import build_model, build_objective, check_config, model_spec, seed_everything
 from darkknowledge.config import ModelConfig, RunConfig, deep_merge, validate_config
 from darkknowledge.data import DataBundle, DatasetInfo, TensorData
 from darkknowledge.data.fingerprint import fingerprint
 from darkknowledge.errors import ConfigError
-from darkknowledge.schemes.offline import Offline
-from darkknowledge.session import Session
+from darkknowledge.runs.build import build_model, build_objective, check_config, model_spec, seed_everything
+from darkknowledge.runs.session import Session
+from darkknowledge.schemes.offline import offline_task
 
 DataLike = str | DataBundle | tuple
 
@@ -128,8 +128,8 @@ def distill(
         raise ConfigError(f"dk.distill trains offline (a given teacher teaches the student); scheme "
                           f"{cfg.scheme.name!r} runs from a recipe: `dk distill {cfg.scheme.name}` or "
                           "darkknowledge.commands.distill(load_config(...))")
-    scheme = Offline(model, build_objective(cfg.losses), t_mod, cache=cfg.cache)
-    entry = s.train_stage(stage, "student", scheme, seed, with_transfer=True, label="+".join(cfg.losses))[0]
+    task = offline_task(model, build_objective(cfg.losses), t_mod, cache=cfg.cache)
+    entry = s.train_stage(stage, "student", task, seed, with_transfer=True, label="+".join(cfg.losses))[0]
     return {"model": model, "student": entry, "teacher": t_entry, "spec": model_spec(model)}
 
 
@@ -159,6 +159,6 @@ def train(
                   losses=losses or {"ce": {}})
     s = _session(cfg, bundle, out, resume)
     net = _instantiate(m_mod, m_cfg, s, "model", seed)
-    scheme = Offline(net, build_objective(cfg.losses))
-    entry = s.train_stage(f"{m_cfg['name']}-s{seed}", "baseline", scheme, seed, label="+".join(cfg.losses))[0]
+    task = offline_task(net, build_objective(cfg.losses))
+    entry = s.train_stage(f"{m_cfg['name']}-s{seed}", "baseline", task, seed, label="+".join(cfg.losses))[0]
     return {"model": net, "result": entry, "spec": model_spec(net)}

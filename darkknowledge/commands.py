@@ -6,16 +6,16 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from darkknowledge.build import build_model, check_config, seed_everything
 from darkknowledge.config import RunConfig
 from darkknowledge.engine.checkpoint import export_model, read_export
 from darkknowledge.engine.distributed import DistContext, init_distributed
 from darkknowledge.engine.metrics import evaluate
-from darkknowledge.report import group_rows, render_report, table_lines, verdict
-from darkknowledge.rundir import choose_run_dir
+from darkknowledge.runs.build import build_model, check_config, model_spec, seed_everything
+from darkknowledge.runs.context import RunContext
+from darkknowledge.runs.report import group_rows, render_report, table_lines, verdict
+from darkknowledge.runs.rundir import choose_run_dir
+from darkknowledge.runs.session import Session
 from darkknowledge.schemes.base import resolve_scheme
-from darkknowledge.schemes.context import SchemeContext
-from darkknowledge.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +33,13 @@ def compare(cfg: RunConfig, out: str | Path | None = None, resume: bool = False,
     Returns:
         ``{"run_dir", "rows", "verdict", "report", "table"}``.
     """
-    cls, params, transfer = resolve_scheme(cfg.scheme.name, cfg.scheme.params)
+    cls, params = resolve_scheme(cfg.scheme.name, cfg.scheme.params)
     s = _session(cfg, out, resume, progress)
-    ctx = SchemeContext(s, transfer=transfer)
-    cls.check(ctx, cfg.seeds[0], **params)  # scheme-specific errors (bad stage paths, peers) before any training
+    ctx = RunContext(s, transfer=params.transfer)
+    cls.check(ctx, cfg.seeds[0], params)  # scheme-specific errors (bad stage paths, peers) before any training
     for seed in cfg.seeds:
         s.train_alone(f"baseline-s{seed}", "baseline", ctx.student(seed), seed)
-        cls.run(ctx, seed, **params)
+        cls.run(ctx, seed, params)
     rows = group_rows(s.run.results)
     notes = ["data: " + "; ".join(line.strip() for line in s.bundle.describe().splitlines())]
     if any(e.get("transfer") for e in s.run.results):
@@ -63,10 +63,10 @@ def compare(cfg: RunConfig, out: str | Path | None = None, resume: bool = False,
 
 def distill(cfg: RunConfig, out: str | Path | None = None, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """``dk distill``: the recipe's scheme for one seed (``cfg.seed``); exports ``student.pt``."""
-    cls, params, transfer = resolve_scheme(cfg.scheme.name, cfg.scheme.params)
+    cls, params = resolve_scheme(cfg.scheme.name, cfg.scheme.params)
     s = _session(cfg, out, resume, progress)
-    ctx = SchemeContext(s, transfer=transfer)
-    entries = cls.run(ctx, cfg.seed, **params)
+    ctx = RunContext(s, transfer=params.transfer)
+    entries = cls.run(ctx, cfg.seed, params)
     entry = entries[0]
     student = ctx.exports[entry["name"]]
     exported = _export(s, student, entry)
@@ -93,16 +93,14 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False, p
 def _export(s: Session, model: Any, entry: dict[str, Any], name: str = "student.pt") -> Path | None:
     if s.run.path is None or not s.dist.is_main:
         return None
-    from darkknowledge.build import model_spec
-
     return export_model(model, s.run.path / name, model_spec(model),
                         {"data": s.cfg.data.model_dump(mode="json"), "result": entry})
 
 
 def evaluate_checkpoint(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """``dk eval``: rebuild an exported model and evaluate it on its dataset's test split."""
-    from darkknowledge.build import build_data, make_loaders
     from darkknowledge.config import ModelConfig, validate_config
+    from darkknowledge.runs.build import build_data, make_loaders
     from darkknowledge.engine.device import select_device
 
     payload = read_export(path)

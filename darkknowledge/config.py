@@ -261,7 +261,7 @@ def recipe_names() -> list[str]:
 def read_recipe(name_or_path: str) -> dict[str, Any]:
     """Read a recipe by shipped name (``quickstart``) or by file path (``my.yaml``)."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or path.is_file():  # a folder named like a recipe (a run folder) is not one
         if not path.is_file():
             raise ConfigError(f"recipe file {str(path)!r} does not exist")
         text = path.read_text()

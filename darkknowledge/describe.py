@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import types
 import typing
 from typing import Any
 
@@ -39,11 +40,18 @@ def list_losses_text() -> list[str]:
 
 
 def _format_type(ann: Any) -> str:
-    """``Annotated[float, Field(gt=0)]`` -> ``float, gt=0``."""
-    if typing.get_origin(ann) is typing.Annotated:
+    """``Annotated[float, Field(gt=0)]`` -> ``float Gt(gt=0)``; ``X | None`` -> ``X | None``."""
+    origin = typing.get_origin(ann)
+    if origin is typing.Annotated:
         base, *meta = typing.get_args(ann)
         limits = [repr(m) for f in meta for m in getattr(f, "metadata", [])]
         return _format_type(base) + (f" {', '.join(limits)}" if limits else "")
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_format_type(a) for a in typing.get_args(ann))
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(ann))
+    if ann is type(None):
+        return "None"
     return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
 
 
@@ -66,7 +74,7 @@ def explain_loss(name: str) -> str:
     for pname, (ann, default) in params.items():
         ann_s = _format_type(ann)
         lines.append(f"  {pname:<16} {_format_default(default):<14} {ann_s}")
-    lines.append("  weight, warmup_epochs, start_epoch, stop_epoch   (every term: weight and schedule)")
+    lines.append("  weight, warmup_epochs, warmup_shape, start_epoch, stop_epoch   (every term: weight and schedule)")
     lines.append(f"needs: {loss_needs(cls)}")
     if name in recipe_names():
         lines.append(f"recipe: dk distill {name}")
@@ -95,11 +103,14 @@ def explain_scheme(name: str) -> str:
         lines += [module_doc, ""]
     if class_doc and class_doc not in module_doc:
         lines += [class_doc, ""]
-    params = signature_fields(cls.params_fn(), exclude=("ctx", "seed"))
-    lines.append("parameters (recipe: scheme: {name: " + name + ", params: {...}}):" if params
-                 else "parameters: none")
-    for pname, (ann, default) in params.items():
-        lines.append(f"  {pname:<16} {_format_default(default):<14} {_format_type(ann)}")
+    fields = cls.Params.model_fields
+    lines.append("parameters (recipe: scheme: {name: " + name + ", params: {...}}):")
+    for pname, f in fields.items():
+        default = ... if f.is_required() else f.default
+        ann = _format_type(f.annotation) + "".join(f" {m!r}" for m in f.metadata)
+        lines.append(f"  {pname:<16} {_format_default(default):<14} {ann}" + (f"  {f.description}" if f.description else ""))
+    if cls.moved:
+        lines.append("moved: " + "; ".join(f"{k}: {v}" for k, v in cls.moved.items()))
     if name in recipe_names():
         lines.append(f"recipe: dk run {name}  (baseline vs the scheme over seeds), dk distill {name}")
     return "\n".join(lines)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install darkknowledge (editable) into the current Python; `setup.sh test` adds the test tools.
+# Install darkknowledge (editable) into the current Python; `setup.sh test` adds the test tools
+# and the other training loops whose README examples the tests run (Lightning, transformers).
 #
 # torch: a torch that is already installed (CPU, CUDA, ROCm, MPS) is kept as it is. Only when
 # there is none, the CPU build 2.13.0 is installed, never a multi-GB CUDA build by accident. On
@@ -13,7 +14,7 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   "$PY" -m pip install --quiet "torch==${DK_TORCH_VERSION:-2.13.0}" ${DK_TORCH_INDEX:+--index-url "$DK_TORCH_INDEX"}
 fi
 extras=""
-if [ "${1:-}" = "test" ]; then extras="[test]"; fi
+if [ "${1:-}" = "test" ]; then extras="[test,loops]"; fi
 "$PY" -m pip install --quiet --disable-pip-version-check -e ".${extras}"
 # pyenv keeps console scripts behind shims that must be refreshed to see a new `dk`
 if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi

@@ -14,7 +14,7 @@ from darkknowledge.losses.base import SetupInfo
 from darkknowledge.losses.objective import Objective
 from darkknowledge.models import create_model
 from darkknowledge.pairs import align_by_depth, propose_pairs
-from darkknowledge.schemes.offline import Offline
+from darkknowledge.schemes.offline import offline_task
 
 FEATURE_METHODS = [n for n in list_losses() if LOSSES.get(n).knowledge in ("feature", "relation")]
 
@@ -32,11 +32,11 @@ CNN2D = {"cnn2d": {"channels": (8, 16), "hidden": 32}, "cnn2d_shallow": {"channe
 def _step(student, teacher, x, losses):
     torch.manual_seed(0)
     batch = Batch(x, torch.arange(len(x)) % 10, torch.arange(len(x)))
-    scheme = Offline(student, Objective.from_config(losses), teacher)
+    scheme = offline_task(student, Objective.from_config(losses), teacher)
     scheme.setup(batch, SetupInfo(num_samples=64, batch_size=len(x)))
     scheme.prepare([batch])  # losses with a pre-training stage run it on this one batch
     module = scheme.module.train()
-    loss, terms = module(batch, scheme.teacher_outputs(batch), 0.0)
+    loss, terms = module(batch, 0.0)  # the frozen teacher runs inside the step
     loss.backward()
     return scheme, loss, terms
 

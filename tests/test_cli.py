@@ -40,11 +40,12 @@ def test_unknown_tap_path_fails_before_training(tmp_path):
     from darkknowledge.losses.objective import Objective
     from darkknowledge.errors import TapError
     from darkknowledge.models import create_model
-    from darkknowledge.schemes.offline import Offline
+    from darkknowledge.schemes.offline import offline_task
 
     class NeedsATap(DistillLoss):
         citation = "test"
         knowledge = "feature"
+        needs_spec = Needs(teacher=True)  # reads the teacher (known before binding)
 
         def bind(self, student, teacher):
             return Needs(teacher=True, student_taps=("blocks.0",), teacher_taps=("blocks.7",))
@@ -52,7 +53,7 @@ def test_unknown_tap_path_fails_before_training(tmp_path):
     student = create_model("mlp", num_classes=3, input_shape=(4,))
     teacher = create_model("mlp", num_classes=3, input_shape=(4,))
     with pytest.raises(TapError, match=r"'blocks.7'.*Closest valid paths: 'blocks.1', 'blocks.0'"):
-        Offline(student, Objective({"t": NeedsATap()}), teacher)
+        offline_task(student, Objective({"t": NeedsATap()}), teacher)
 
 
 @pytest.mark.slow

@@ -1,8 +1,8 @@
 import pytest
 
-from darkknowledge.build import check_config
 from darkknowledge.config import apply_overrides, load_config, parse_override, read_recipe, recipe_names
 from darkknowledge.errors import ConfigError, RegistryError
+from darkknowledge.runs.build import check_config
 
 
 def test_overrides_parse_yaml_values():

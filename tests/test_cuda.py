@@ -11,14 +11,15 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from darkknowledge.build import build_objective
 from darkknowledge.config import CacheConfig, TrainConfig
 from darkknowledge.data import BatchLoader, TensorData
 from darkknowledge.data.batch import Batch
 from darkknowledge.engine.lean_step import LeanStep
 from darkknowledge.engine.trainer import Trainer
 from darkknowledge.models import create_model
-from darkknowledge.schemes.offline import Offline
+from darkknowledge.runs.build import build_objective
+from darkknowledge.schemes.offline import offline_task
+from darkknowledge.schemes.task import FlowTask
 
 pytestmark = [
     pytest.mark.cuda,
@@ -37,7 +38,7 @@ def _model(name: str, seed: int, shape: tuple[int, ...], **params) -> torch.nn.M
     return create_model(name, num_classes=10, input_shape=shape, **params)
 
 
-def _fit(scheme: Offline, data: TensorData, epochs: int = 2, device_data_mb: float = 2048,
+def _fit(scheme: FlowTask, data: TensorData, epochs: int = 2, device_data_mb: float = 2048,
          augment: dict | None = None, **train) -> tuple[Trainer, object]:
     cfg = TrainConfig(**{"epochs": epochs, "device": "cuda", "deterministic": True,
                          "optimizer": {"name": "sgd", "lr": 0.05}, **train})
@@ -47,7 +48,7 @@ def _fit(scheme: Offline, data: TensorData, epochs: int = 2, device_data_mb: flo
     return trainer, trainer.fit()
 
 
-def _weights(scheme: Offline) -> dict[str, torch.Tensor]:
+def _weights(scheme: FlowTask) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in scheme.module.student.state_dict().items()}
 
 
@@ -82,13 +83,15 @@ def test_cached_kd_on_the_gpu_trains_the_same_student_as_live_kd(tmp_path, monke
     data = _data(160, (40,))
     weights = {}
     for mode, cache in (("live", CacheConfig()), ("cached", CacheConfig(enabled=True, dtype="fp32"))):
-        scheme = Offline(_model("mlp", 1, (40,), hidden=[32]), build_objective({"kd": {"T": 4.0, "alpha": 0.9}}),
-                         _model("cnn1d", 0, (40,), channels=8), cache=cache)
+        objective = build_objective({"kd": {"T": 4.0, "alpha": 0.9}})
+        scheme = offline_task(_model("mlp", 1, (40,), hidden=[32]), objective, _model("cnn1d", 0, (40,), channels=8),
+                              cache=cache)
         _fit(scheme, data)
         weights[mode] = _weights(scheme)
         if mode == "cached":
-            assert scheme.cache is not None and not scheme.cache.mapped
-            assert all(v.device.type == "cuda" for v in scheme.cache.arrays.values())  # looked up on the GPU
+            store = scheme.teachers[0].cache
+            assert store is not None and not store.mapped
+            assert all(v.device.type == "cuda" for v in store.arrays.values())  # looked up on the GPU
     _assert_close(weights["live"], weights["cached"], atol=1e-5)
 
 
@@ -96,10 +99,10 @@ def test_the_live_teacher_run_ahead_on_the_gpu_changes_nothing():
     data = _data(160, (40,))
     weights = {}
     for n in (1, 3):
-        scheme = Offline(_model("mlp", 1, (40,), hidden=[32]), build_objective({"kd": {}}),
-                         _model("cnn1d", 0, (40,), channels=8), cache=CacheConfig(live_batches=n))
+        scheme = offline_task(_model("mlp", 1, (40,), hidden=[32]), build_objective({"kd": {}}),
+                              _model("cnn1d", 0, (40,), channels=8), cache=CacheConfig(live_batches=n))
         _fit(scheme, data)
-        assert (scheme.ahead is None) == (n == 1)
+        assert (scheme.teachers[0].ahead is None) == (n == 1)
         weights[n] = _weights(scheme)
     _assert_close(weights[1], weights[3], atol=1e-5)
 
@@ -130,8 +133,8 @@ def test_training_steps_make_no_host_sync(tmp_path, monkeypatch, losses, cache, 
     without one host sync per step (``torch.cuda.set_sync_debug_mode('error')``)."""
     monkeypatch.setenv("DK_CACHE", str(tmp_path))
     data = _data(160, (40,))
-    scheme = Offline(_model("cnn1d", 1, (40,), channels=4), build_objective(losses),
-                     _model("cnn1d", 0, (40,), channels=8), cache=cache)
+    scheme = offline_task(_model("cnn1d", 1, (40,), channels=4), build_objective(losses),
+                          _model("cnn1d", 0, (40,), channels=8), cache=cache)
     batches = scheme.batches
     monkeypatch.setattr(scheme, "batches", lambda stream: _no_sync_after_the_first(batches(stream)))
     _, result = _fit(scheme, data, device_data_mb=device_data_mb, augment=augment,
@@ -160,8 +163,8 @@ def test_data_on_the_gpu_gives_the_same_batches_as_copies_from_the_host(augment)
 def test_mixed_precision_kd_trains(tmp_path, monkeypatch, amp):
     monkeypatch.setenv("DK_CACHE", str(tmp_path))
     data = _data(256, (3, 16, 16))
-    scheme = Offline(_model("resnet8", 1, (3, 16, 16)), build_objective({"kd": {}, "at": {}}),
-                     _model("resnet8", 0, (3, 16, 16)), cache=CacheConfig(enabled=True))
+    scheme = offline_task(_model("resnet8", 1, (3, 16, 16)), build_objective({"kd": {}, "at": {}}),
+                          _model("resnet8", 0, (3, 16, 16)), cache=CacheConfig(enabled=True))
     before = _weights(scheme)
     trainer, result = _fit(scheme, data, epochs=3, amp=amp, deterministic=False)
     assert result.steps == 3 * 8
@@ -174,8 +177,8 @@ def test_channels_last_on_the_gpu_trains_the_same_model():
     data = _data(64, (3, 16, 16))
     weights = []
     for channels_last in (False, True):
-        scheme = Offline(_model("resnet8", 1, (3, 16, 16)), build_objective({"kd": {}, "at": {}}),
-                         _model("resnet8", 0, (3, 16, 16)))
+        scheme = offline_task(_model("resnet8", 1, (3, 16, 16)), build_objective({"kd": {}, "at": {}}),
+                              _model("resnet8", 0, (3, 16, 16)))
         _fit(scheme, data, epochs=1, channels_last=channels_last)
         weights.append(_weights(scheme))
     _assert_close(weights[0], weights[1], atol=1e-3)
@@ -185,8 +188,8 @@ def test_compiled_student_and_teacher_train_like_eager():
     data = _data(128, (40,))
     weights = []
     for compiled in (False, True):
-        scheme = Offline(_model("mlp", 1, (40,), hidden=[32]), build_objective({"kd": {}}),
-                         _model("cnn1d", 0, (40,), channels=8))
+        scheme = offline_task(_model("mlp", 1, (40,), hidden=[32]), build_objective({"kd": {}}),
+                              _model("cnn1d", 0, (40,), channels=8))
         _fit(scheme, data, compile=compiled)
         weights.append(_weights(scheme))
     _assert_close(weights[0], weights[1], atol=1e-4)

@@ -14,7 +14,7 @@ from darkknowledge.losses.adapters import build_adapter
 from darkknowledge.losses.base import DistillLoss, Needs
 from darkknowledge.losses.objective import Objective
 from darkknowledge.models import create_model
-from darkknowledge.schemes.offline import Offline
+from darkknowledge.schemes.offline import offline_task
 
 
 class HintForTest(DistillLoss):
@@ -22,6 +22,7 @@ class HintForTest(DistillLoss):
 
     knowledge = "feature"
     citation = "test"
+    needs_spec = Needs(teacher=True)  # reads the teacher (known before binding)
 
     def __init__(self, s_tap: str, t_tap: str) -> None:
         super().__init__()
@@ -57,14 +58,14 @@ def test_adapters_built_from_dry_run_and_trained_with_student():
     student = create_model("cnn2d", num_classes=5, input_shape=(1, 8, 8), channels=(4, 8), hidden=16)
     teacher = create_model("cnn2d", num_classes=5, input_shape=(1, 8, 8), channels=(8, 16), hidden=32)
     loss = HintForTest("blocks.1", "blocks.1")
-    scheme = Offline(student, Objective({"hint": loss, "kd": dk.create_loss("kd")}), teacher)
+    scheme = offline_task(student, Objective({"hint": loss, "kd": dk.create_loss("kd")}), teacher)
     batch = Batch(torch.randn(6, 1, 8, 8), torch.arange(6) % 5, torch.arange(6))
     scheme.setup(batch)
     assert loss.adapter is not None  # no channel count was typed anywhere
     names = [n for n, _ in scheme.module.named_parameters()]
     assert any(n.startswith("objective.terms.hint.adapter") for n in names)
     assert not any("teacher" in n for n in names)  # the teacher is not part of the trainable module
-    total, terms = scheme.module(batch, scheme.teacher_outputs(batch))
+    total, terms = scheme.module(batch)  # the frozen teacher runs inside the step
     total.backward()
     assert all(p.grad is not None for p in loss.adapter.parameters())
     assert all(p.grad is None for p in teacher.parameters())
@@ -135,10 +136,13 @@ def test_teacher_forward_skipped_when_nothing_needs_it():
     calls = []
     teacher = create_model("mlp", num_classes=4, input_shape=(6,))
     teacher.register_forward_hook(lambda *a: calls.append(1))
-    scheme = Offline(create_model("mlp", num_classes=4, input_shape=(6,)), Objective.from_config({"ce": {}}), teacher)
-    assert scheme.teacher is None
+    scheme = offline_task(create_model("mlp", num_classes=4, input_shape=(6,)), Objective.from_config({"ce": {}}),
+                          teacher)
+    assert scheme.teachers == []
     batch = Batch(torch.randn(4, 6), torch.zeros(4, dtype=torch.long), torch.arange(4))
-    assert scheme.teacher_outputs(batch) is None and not calls
+    scheme.setup(batch)
+    loss, terms = scheme.module(batch)
+    assert set(terms) == {"ce"} and torch.isfinite(loss) and not calls
 
 
 def test_feature_loss_runs_through_evaluation_epochs():
@@ -160,9 +164,9 @@ def test_one_teacher_teaches_several_students_in_turn():
     teacher = create_model("cnn2d", num_classes=5, input_shape=(1, 8, 8), channels=(8, 16), hidden=16)
     for _ in range(2):
         student = create_model("cnn2d", num_classes=5, input_shape=(1, 8, 8), channels=(4, 8), hidden=16)
-        scheme = Offline(student, Objective.from_config({"at": {}}), teacher)
+        scheme = offline_task(student, Objective.from_config({"at": {}}), teacher)
         scheme.setup(batch)
         for _ in range(2):
-            loss, _ = scheme.module(batch, scheme.teacher_outputs(batch))
+            loss, _ = scheme.module(batch)
         teacher(x)  # the user's own calls record nothing either
     assert torch.isfinite(loss)

@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from darkknowledge.build import build_objective
 from darkknowledge.config import CacheConfig, TrainConfig
 from darkknowledge.data import BatchLoader, TensorData
 from darkknowledge.engine.trainer import Trainer
 from darkknowledge.models import create_model
-from darkknowledge.schemes.offline import Offline
+from darkknowledge.runs.build import build_objective
+from darkknowledge.schemes.offline import offline_task
+from darkknowledge.schemes.task import FlowTask
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +27,7 @@ def _data(n: int, shape: tuple[int, ...]) -> TensorData:
     return TensorData(torch.randn(n, *shape, generator=g), torch.randint(0, 10, (n,), generator=g))
 
 
-def _fit(scheme: Offline, data: TensorData, epochs: int = 2, **train) -> tuple[Trainer, object]:
+def _fit(scheme: FlowTask, data: TensorData, epochs: int = 2, **train) -> tuple[Trainer, object]:
     cfg = TrainConfig(epochs=epochs, device="cpu", deterministic=True, optimizer={"name": "sgd", "lr": 0.05}, **train)
     trainer = Trainer(scheme, BatchLoader(data, 32, seed=0), BatchLoader(data, 64, shuffle=False), cfg,
                       torch.device("cpu"), progress=False)
@@ -47,14 +48,14 @@ def test_the_teacher_never_runs_in_training_when_its_outputs_are_cached(tmp_path
         teacher = _model("cnn1d", 0, (40,), channels=8)
         count = [0]
         teacher.register_forward_hook(lambda *a, c=count: c.__setitem__(0, c[0] + 1))
-        scheme = Offline(_model("mlp", 1, (40,), hidden=[16]), build_objective({"kd": {}}), teacher, cache=cache)
+        scheme = offline_task(_model("mlp", 1, (40,), hidden=[16]), build_objective({"kd": {}}), teacher, cache=cache)
         _, result = _fit(scheme, data)
         calls[mode] = count[0]
         assert len(result.epoch_seconds) == 2 and all(t > 0 for t in result.epoch_seconds)
     steps = 2 * 4  # 2 epochs of 128 / 32 batches
     assert calls["live"] == steps + 1  # every step, plus the setup dry run
     assert calls["ahead"] == 2 + 1  # on CPU the live teacher runs on 4 batches at once: once per epoch here
-    assert calls["cached"] == 1 + 4  # the dry run and the cache build's one pass (4 batches)
+    assert calls["cached"] == 4  # the cache build's one pass (4 batches); the dry run reads the cache too
 
 
 def test_a_teacher_run_ahead_gives_every_batch_its_own_outputs():
@@ -64,10 +65,10 @@ def test_a_teacher_run_ahead_gives_every_batch_its_own_outputs():
     weights = {}
     for n in (1, 2, 3):
         teacher = _model("cnn1d", 0, (40,), channels=8)
-        scheme = Offline(_model("cnn1d", 1, (40,), channels=4), build_objective({"kd": {}, "fitnet": {}}), teacher,
-                         cache=CacheConfig(live_batches=n))
+        scheme = offline_task(_model("cnn1d", 1, (40,), channels=4), build_objective({"kd": {}, "fitnet": {}}),
+                              teacher, cache=CacheConfig(live_batches=n))
         _fit(scheme, data)
-        assert (scheme.ahead is None) == (n == 1)
+        assert (scheme.teachers[0].ahead is None) == (n == 1)
         weights[n] = scheme.module.student.state_dict()
     for n in (2, 3):
         for k, v in weights[1].items():
@@ -98,8 +99,8 @@ def test_channels_last_trains_the_same_model(tmp_path):
     data = _data(64, (3, 8, 8))
     weights = []
     for channels_last in (False, True):
-        scheme = Offline(_model("cnn2d", 1, (3, 8, 8)), build_objective({"kd": {}, "at": {}}),
-                         _model("cnn2d", 0, (3, 8, 8)))
+        scheme = offline_task(_model("cnn2d", 1, (3, 8, 8)), build_objective({"kd": {}, "at": {}}),
+                              _model("cnn2d", 0, (3, 8, 8)))
         _fit(scheme, data, epochs=1, channels_last=channels_last)
         weights.append(scheme.export_model().state_dict())
     for k in weights[0]:

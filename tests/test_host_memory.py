@@ -45,12 +45,12 @@ def test_other_platforms_are_left_alone(monkeypatch):
 
 
 def test_cpu_training_keeps_host_memory_unless_switched_off(monkeypatch):
-    from darkknowledge.build import build_objective
     from darkknowledge.config import TrainConfig
     from darkknowledge.data import BatchLoader, TensorData
     from darkknowledge.engine import trainer as trainer_module
     from darkknowledge.models import create_model
-    from darkknowledge.schemes.offline import Offline
+    from darkknowledge.runs.build import build_objective
+    from darkknowledge.schemes.offline import offline_task
 
     calls = []
     monkeypatch.setattr(trainer_module, "retain_freed_host_memory", lambda: calls.append(1) or True)
@@ -58,6 +58,6 @@ def test_cpu_training_keeps_host_memory_unless_switched_off(monkeypatch):
     for keep in (True, False):
         student = create_model("mlp", num_classes=3, input_shape=(5,), hidden=[8])
         cfg = TrainConfig(epochs=1, device="cpu", keep_host_memory=keep)
-        trainer_module.Trainer(Offline(student, build_objective({"ce": {}})), BatchLoader(data, 16, seed=0),
+        trainer_module.Trainer(offline_task(student, build_objective({"ce": {}})), BatchLoader(data, 16, seed=0),
                                BatchLoader(data, 32, shuffle=False), cfg, torch.device("cpu"), progress=False).fit()
     assert calls == [1]

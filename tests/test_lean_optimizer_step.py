@@ -128,12 +128,13 @@ def test_reset_after_loading_a_state_uses_the_loaded_tensors() -> None:
 
 @pytest.mark.parametrize("optimizer", [{"name": "sgd", "lr": 0.05}, {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05}])
 def test_the_trainer_steps_through_the_shortcut_to_the_same_weights(monkeypatch, optimizer) -> None:
-    from darkknowledge.build import build_objective
     from darkknowledge.config import TrainConfig
     from darkknowledge.data import BatchLoader, TensorData
+    from darkknowledge.engine import stepper as stepper_module
     from darkknowledge.engine import trainer as trainer_module
     from darkknowledge.models import create_model
-    from darkknowledge.schemes.offline import Offline
+    from darkknowledge.runs.build import build_objective
+    from darkknowledge.schemes.offline import offline_task
 
     g = torch.Generator().manual_seed(0)
     data = TensorData(torch.randn(96, 12, generator=g), torch.randint(0, 4, (96,), generator=g))
@@ -148,11 +149,11 @@ def test_the_trainer_steps_through_the_shortcut_to_the_same_weights(monkeypatch,
 
     weights = []
     for lean in (True, False):
-        monkeypatch.setattr(trainer_module, "LeanStep", lambda opt, lean=lean: Recorded(opt, lean))
+        monkeypatch.setattr(stepper_module, "LeanStep", lambda opt, lean=lean: Recorded(opt, lean))
         torch.manual_seed(1)
         student = create_model("mlp", num_classes=4, input_shape=(12,), hidden=[16])
         cfg = TrainConfig(epochs=2, device="cpu", optimizer=optimizer, scheduler={"name": "cosine"})
-        trainer_module.Trainer(Offline(student, build_objective({"ce": {}})), BatchLoader(data, 32, seed=0),
+        trainer_module.Trainer(offline_task(student, build_objective({"ce": {}})), BatchLoader(data, 32, seed=0),
                                BatchLoader(data, 96, shuffle=False), cfg, torch.device("cpu"), progress=False).fit()
         weights.append(student.state_dict())
     assert steppers[0].lean_steps == 5 and steppers[1].lean_steps == 0  # 6 steps, the first creates the state

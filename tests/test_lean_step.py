@@ -13,8 +13,9 @@ from darkknowledge.config import OptimizerConfig, SchedulerConfig
 from darkknowledge.data import BatchLoader, TensorData
 from darkknowledge.data.batch import UNLABELED, Batch
 from darkknowledge.engine.optim import StepSchedule, build_optimizer, build_scheduler, load_optimizer_state, lr_factor
-from darkknowledge.losses.ce import CrossEntropy, cross_entropy
+from darkknowledge.losses import fused
 from darkknowledge.losses.base import Outputs
+from darkknowledge.losses.ce import CrossEntropy, cross_entropy
 from darkknowledge.losses.kd import KD, kd_soft_loss
 
 
@@ -104,7 +105,9 @@ def test_labelled_cross_entropy_shortcut_equals_the_counting_path(smoothing):
     torch.testing.assert_close(fast, F.cross_entropy(z, y, label_smoothing=smoothing))
 
 
-def test_losses_pass_the_batch_flag_and_still_skip_unlabelled_rows_without_it():
+@pytest.mark.parametrize("fast", [True, False])
+def test_losses_pass_the_batch_flag_and_still_skip_unlabelled_rows_without_it(monkeypatch, fast):
+    monkeypatch.setattr(fused, "ENABLED", fast)  # KD's fast path (losses/fused.py) and its textbook path
     z, t = torch.randn(4, 3), torch.randn(4, 3)
     y = torch.tensor([0, UNLABELED, 2, 1])
     kept = torch.tensor([0, 2, 3])

@@ -8,12 +8,12 @@ import torch.nn.functional as F
 
 from darkknowledge.data.batch import Batch
 from darkknowledge.errors import ConfigError, RegistryError, ShapeError
-from darkknowledge.losses import LOSSES, create_loss, list_losses
+from darkknowledge.losses import LOSSES, create_loss, fused, list_losses
 from darkknowledge.losses.base import Outputs
-from darkknowledge.losses.kd import kd_soft_loss
+from darkknowledge.losses.kd import kd_loss, kd_soft_loss
 from darkknowledge.losses.objective import Objective, term_weight
 from darkknowledge.models import create_model
-from darkknowledge.schemes.offline import Offline
+from darkknowledge.schemes.offline import offline_task
 
 
 def test_identical_logits_give_zero_kd():
@@ -82,24 +82,59 @@ def _reference_kd(s, t, y, T, alpha):
     return alpha * soft + (1 - alpha) * F.cross_entropy(s, y)
 
 
+def _value_and_grad(fn, s, *args):
+    s = s.detach().clone().requires_grad_()
+    out = fn(s, *args)
+    out.backward()
+    return out, s.grad
+
+
+@pytest.mark.parametrize("all_labeled", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("T,alpha", [(4.0, 0.9), (1.0, 0.5), (3.0, 1.0), (2.0, 0.0)])
-def test_kd_on_labelled_batches_equals_the_composite_in_value_and_gradient(dtype, T, alpha):
-    """Batch.labeled takes the path that adds the two sums once; same value, same gradient."""
+def test_fused_kd_equals_the_textbook_kd_in_value_and_gradient(dtype, T, alpha, all_labeled):
+    """The fast path (all_labeled: the two sums added once) and the textbook kd_loss give the
+    composite's value and gradient."""
     g = torch.Generator().manual_seed(3)
     t = torch.randn(16, 7, generator=g, dtype=dtype) * 3
     y = torch.randint(0, 7, (16,), generator=g)
-    s = (torch.randn(16, 7, generator=g, dtype=dtype) * 3).requires_grad_()
-    s_ref = s.detach().clone().requires_grad_()
-    batch = Batch(torch.zeros(16, 1), y, torch.arange(16), labeled=True)
-    out = create_loss("kd", T=T, alpha=alpha)(Outputs(s), Outputs(t), batch)
-    ref = _reference_kd(s_ref, t, y, T, alpha)
-    out.backward()
-    ref.backward()
+    s = torch.randn(16, 7, generator=g, dtype=dtype) * 3
+    out, grad = _value_and_grad(fused.kd_loss, s, t, y, T, alpha, all_labeled)
+    book, book_grad = _value_and_grad(kd_loss, s, t, y, T, alpha)
+    ref, ref_grad = _value_and_grad(_reference_kd, s, t, y, T, alpha)
     tol = 1e-12 if dtype == torch.float64 else 1e-6
-    assert out.dtype == dtype
-    assert torch.allclose(out, ref, atol=tol, rtol=tol)
-    assert torch.allclose(s.grad, s_ref.grad, atol=tol, rtol=tol)
+    assert out.dtype == dtype and book.dtype == dtype
+    for value, g_s in ((out, grad), (book, book_grad)):
+        torch.testing.assert_close(value, ref, atol=tol, rtol=tol)
+        torch.testing.assert_close(g_s, ref_grad, atol=tol, rtol=tol)
+
+
+def test_fused_kl_sum_is_the_unscaled_textbook_kl():
+    g = torch.Generator().manual_seed(5)
+    s, t = torch.randn(9, 4, generator=g, dtype=torch.float64), torch.randn(9, 4, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(fused.kl_sum(s, t, 3.0), kd_soft_loss(s, t, 3.0) * 9 / 3.0**2)  # T^2 KL, batch mean
+    torch.testing.assert_close(fused.kl_sum(s, s.clone(), 3.0), torch.zeros((), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_kd_on_labelled_batches_equals_the_composite_in_value_and_gradient(monkeypatch, enabled):
+    """The KD term passes Batch.labeled to the fast path while fused.ENABLED, else takes the
+    textbook path; both give the composite's value and gradient."""
+    monkeypatch.setattr(fused, "ENABLED", enabled)
+    flags, fast = [], fused.kd_loss
+    monkeypatch.setattr(fused, "kd_loss", lambda *args: flags.append(args[-1]) or fast(*args))
+    g = torch.Generator().manual_seed(3)
+    t = torch.randn(16, 7, generator=g) * 3
+    y = torch.randint(0, 7, (16,), generator=g)
+    s = torch.randn(16, 7, generator=g) * 3
+    loss = create_loss("kd", T=4.0, alpha=0.9)
+    for labeled in (True, False):
+        batch = Batch(torch.zeros(16, 1), y, torch.arange(16), labeled=labeled)
+        out, grad = _value_and_grad(lambda z: loss(Outputs(z), Outputs(t), batch), s)
+        ref, ref_grad = _value_and_grad(_reference_kd, s, t, y, 4.0, 0.9)
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=1e-6)
+    assert flags == ([True, False] if enabled else [])  # the batch's flag reaches the fast path
 
 
 def test_kd_takes_half_precision_logits_in_float32():
@@ -111,6 +146,12 @@ def test_kd_takes_half_precision_logits_in_float32():
         out = create_loss("kd", T=4.0, alpha=1.0)(Outputs(s.to(half)), Outputs(t.to(half)), batch)
         assert out.dtype == torch.float32
         assert torch.allclose(out, _reference_kd(s.to(half), t.to(half), y, 4.0, 1.0), atol=1e-6)
+        for alpha in (1.0, 0.5):  # the fast path equals the textbook one (CE mixed in at the logits' precision)
+            fast = fused.kd_loss(s.to(half), t.to(half), y, 4.0, alpha, all_labeled=True)
+            book = kd_loss(s.to(half), t.to(half), y, 4.0, alpha)
+            assert fast.dtype == book.dtype == torch.float32
+            torch.testing.assert_close(fast, book, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(book, _reference_kd(s.to(half), t.to(half), y, 4.0, alpha), atol=1e-2, rtol=1e-2)
 
 
 def test_kd_of_an_empty_batch_is_zero():
@@ -121,6 +162,10 @@ def test_kd_of_an_empty_batch_is_zero():
     out = create_loss("kd", T=4.0, alpha=0.5)(Outputs(s), Outputs(torch.zeros(0, 5)), batch)
     out.backward()
     assert out.item() == 0.0 and s.grad is not None
+    for all_labeled in (True, False):
+        fast = fused.kd_loss(s, torch.zeros(0, 5), batch.y, 4.0, 0.5, all_labeled)
+        assert fast.item() == 0.0 and fast.requires_grad
+    assert kd_loss(s, torch.zeros(0, 5), batch.y, 4.0, 0.5).item() == 0.0
 
 
 def test_loss_constants_made_in_inference_mode_can_be_saved_for_backward():
@@ -148,9 +193,9 @@ def test_kd_param_errors():
 def test_class_count_mismatch_fails_in_setup():
     student = create_model("mlp", num_classes=10, input_shape=(8,))
     teacher = create_model("mlp", num_classes=7, input_shape=(8,))
-    scheme = Offline(student, Objective.from_config({"kd": {}}), teacher)
+    scheme = offline_task(student, Objective.from_config({"kd": {}}), teacher)
     batch = Batch(torch.randn(4, 8), torch.zeros(4, dtype=torch.long), torch.arange(4))
-    with pytest.raises(ShapeError, match=r"\(4, 10\).*\(4, 7\)"):
+    with pytest.raises(ShapeError, match=r"teacher predicts 7 classes but the student predicts 10"):
         scheme.setup(batch)
 
 
@@ -182,17 +227,17 @@ def test_contract_every_loss(name):
     """Finite scalar; gradients reach the student (and adapters), never the teacher; deterministic."""
     student, teacher, batch = _pair()
     t_before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    scheme = Offline(student, Objective.from_config({name: {}}), teacher)
+    scheme = offline_task(student, Objective.from_config({name: {}}), teacher)
     scheme.setup(batch)
     module = scheme.module.train()
-    loss, terms = module(batch, scheme.teacher_outputs(batch))
+    loss, terms = module(batch)
     assert loss.dim() == 0 and math.isfinite(loss.item()) and set(terms) == {name}
     loss.backward()
     grads = [p.grad for p in module.parameters() if p.requires_grad]
     assert any(g is not None and g.abs().sum() > 0 for g in grads), "no gradient reached the student"
     assert all(p.grad is None for p in teacher.parameters()), "a gradient reached the teacher"
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in t_before.items())
-    again, _ = module(batch, scheme.teacher_outputs(batch))
+    again, _ = module(batch)
     assert torch.allclose(loss.detach(), again.detach())
 
 

@@ -16,7 +16,7 @@ from darkknowledge.losses.fitnet import hint_loss
 from darkknowledge.losses.nst import nst_loss
 from darkknowledge.losses.objective import Objective
 from darkknowledge.models import create_model
-from darkknowledge.schemes.offline import Offline
+from darkknowledge.schemes.offline import offline_task
 
 
 # ------------------------------------------------------------------------------------ AT
@@ -141,10 +141,10 @@ def test_trains_between_different_models(name):
     teacher = create_model("resnet8", num_classes=5, input_shape=(3, 16, 16))
     taps = TEACHER_TAPS if name != "ab" else ["layer1.0.relu_out:input", "layer3.0.relu_out:input"]
     loss = create_loss(name, student_taps=STUDENT_TAPS, teacher_taps=taps)
-    scheme = Offline(student, Objective({name: loss}), teacher)
+    scheme = offline_task(student, Objective({name: loss}), teacher)
     batch = Batch(torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, 3, 4, 0]), torch.arange(6))
     scheme.setup(batch, SetupInfo(num_samples=6, batch_size=6))
-    total, _ = scheme.module.train()(batch, scheme.teacher_outputs(batch))
+    total, _ = scheme.module.train()(batch)
     assert torch.isfinite(total) and total.item() > 0
     total.backward()
     assert student.blocks[0][0].weight.grad.abs().sum() > 0
@@ -160,7 +160,7 @@ def test_map_losses_reject_vector_taps(name):
     student = create_model("cnn2d", num_classes=5, input_shape=(1, 8, 8), channels=(4,), hidden=16)
     teacher = create_model("cnn2d", num_classes=5, input_shape=(1, 8, 8), channels=(8,), hidden=16)
     loss = create_loss(name, student_taps=["fc:input"], teacher_taps=["fc:input"])
-    scheme = Offline(student, Objective({name: loss}), teacher)
+    scheme = offline_task(student, Objective({name: loss}), teacher)
     batch = Batch(torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), torch.arange(4))
     with pytest.raises(ShapeError, match=r"student tap 'fc:input' has shape \(4, 16\)"):
         scheme.setup(batch)
@@ -177,7 +177,7 @@ def _mnist1d_pair(teacher_depth=4):
 
 def _grad_norms(module, epoch_progress, scheme, batch):
     module.zero_grad(set_to_none=True)
-    total, _ = module(batch, scheme.teacher_outputs(batch), epoch_progress)
+    total, _ = module(batch, epoch_progress)
     total.backward()
     return {n: (p.grad.abs().sum().item() if p.grad is not None else 0.0) for n, p in module.named_parameters()}
 
@@ -189,7 +189,7 @@ def test_hint_stage_trains_only_up_to_the_guided_layer(name):
     objective = Objective.from_config(
         {name: {"stop_epoch": 2}, "ce": {"start_epoch": 2}, "kd": {"alpha": 1.0, "start_epoch": 2}}
     )
-    scheme = Offline(student, objective, teacher)
+    scheme = offline_task(student, objective, teacher)
     scheme.setup(batch)
     module = scheme.module.train()
     grads = _grad_norms(module, 1.5, scheme, batch)
@@ -209,7 +209,7 @@ def test_fitnet_regressor_relu_option():
     student, teacher, batch = _mnist1d_pair(teacher_depth=3)
     for relu, last in ((True, torch.nn.ReLU), (False, torch.nn.BatchNorm1d)):
         loss = create_loss("fitnet", relu=relu)
-        scheme = Offline(student, Objective({"fitnet": loss}), teacher)
+        scheme = offline_task(student, Objective({"fitnet": loss}), teacher)
         scheme.setup(batch)
         assert isinstance(list(loss.regressors[0].modules())[-1], last)
 

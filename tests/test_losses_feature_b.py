@@ -23,7 +23,7 @@ from darkknowledge.losses.ofd import (
 from darkknowledge.losses.reviewkd import hcl
 from darkknowledge.losses.vid import vid_nll
 from darkknowledge.models import create_model
-from darkknowledge.schemes.offline import Offline
+from darkknowledge.schemes.offline import offline_task
 
 # ------------------------------------------------------------------ mismatched model pairs
 # 2-D: cnn2d (4, 8) stages (4,4,4), (8,2,2) vs resnet8 stages (16,8,8), (32,4,4), (64,2,2).
@@ -53,7 +53,7 @@ def models(dims):
 
 def build(name, dims, **params):
     student, teacher, batch = models(dims)
-    scheme = Offline(student, Objective.from_config({name: params}), teacher)
+    scheme = offline_task(student, Objective.from_config({name: params}), teacher)
     scheme.setup(batch)
     return scheme, scheme.module.objective.terms[name], teacher, batch
 
@@ -61,7 +61,7 @@ def build(name, dims, **params):
 def step(scheme, teacher, batch):
     """One training forward/backward; the teacher must get no gradient."""
     module = scheme.module.train()
-    loss, _ = module(batch, scheme.teacher_outputs(batch))
+    loss, _ = module(batch)
     assert loss.dim() == 0 and math.isfinite(loss.item())
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
@@ -98,7 +98,7 @@ def test_ft_pretrain_lowers_reconstruction_then_freezes(dims):
                      torch.arange(8)) for _ in range(3)]
 
     def teacher_batches():
-        return (scheme.teacher(b.x) for b in batches)
+        return (scheme.teachers[0].runner(b.x) for b in batches)
 
     before = ft.reconstruction_error(teacher_batches)
     scheme.prepare(batches)
@@ -207,7 +207,7 @@ def test_ofd_trains_with_margins_from_the_train_set(dims):
     scheme, ofd, teacher, batch = build("ofd", dims, student_taps=s_taps, teacher_taps=t_taps)
     batches = [Batch(torch.randn_like(batch.x), batch.y, batch.idx) for _ in range(3)]
     scheme.prepare(batches)
-    feats = [scheme.teacher(b.x) for b in batches]
+    feats = [scheme.teachers[0].runner(b.x) for b in batches]
     for j, (_, tp) in enumerate(ofd.pairs):
         pooled = torch.cat([f.feature(tp) for f in feats])  # the whole "training set"
         assert torch.allclose(ofd.margins()[j], margin_from_stats(*negative_stats(pooled)), atol=1e-6)
@@ -216,7 +216,7 @@ def test_ofd_trains_with_margins_from_the_train_set(dims):
     assert_trains(ofd)
     # the value: sum_j partial_L2 / 2^(n-1-j) / (1000 B)
     with torch.no_grad():
-        s_out, t_out = scheme.module.student_outputs(batch.x), scheme.teacher(batch.x)
+        s_out, t_out = scheme.flow.run_view("student", batch.x), scheme.teachers[0].runner(batch.x)
         ref = sum(ofd_partial_l2(c(s_out.feature(sp)), t_out.feature(tp), m) / 2 ** (1 - j)
                   for j, ((sp, tp), c, m) in enumerate(zip(ofd.pairs, ofd.connectors, ofd.margins())))
     assert torch.allclose(loss.detach(), ref / (1000 * 6), rtol=1e-5)
@@ -247,7 +247,7 @@ def test_reviewkd_abf_outputs_match_teacher_shapes_and_train(dims):
     s_taps, t_taps = TAPS[dims]
     scheme, rkd, teacher, batch = build("reviewkd", dims, student_taps=s_taps, teacher_taps=t_taps)
     with torch.no_grad():
-        s_out, t_out = scheme.module.student_outputs(batch.x), scheme.teacher(batch.x)
+        s_out, t_out = scheme.flow.run_view("student", batch.x), scheme.teachers[0].runner(batch.x)
     t_feats = rkd.teacher_features(t_out)
     fused = rkd.fuse(rkd.student_features(s_out), [tuple(t.shape[2:]) for t in t_feats])
     assert [f.shape for f in fused] == [t.shape for t in t_feats]

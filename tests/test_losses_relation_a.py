@@ -23,7 +23,7 @@ from darkknowledge.losses.objective import Objective
 from darkknowledge.losses.rkd import rkd_loss
 from darkknowledge.losses.sp import similarity_matrix, sp_loss
 from darkknowledge.models import create_model
-from darkknowledge.schemes.offline import Offline
+from darkknowledge.schemes.offline import offline_task
 
 
 def _rotation(d: int, seed: int) -> torch.Tensor:
@@ -209,7 +209,7 @@ def test_crd_memory_banks_embeddings_and_z():
     value, fs, ft = _crd_step(loss, [3, 7, 11], seed=1)
     assert math.isfinite(value.item())
     z = loss.z.clone()
-    assert (z > 0).all()  # set from the first batch: N * mean(exp(<v, m> / tau))
+    assert (z > 0).all()  # set from the first batch: N * mean(exp(<v, m> / T))
     v_s, v_t = loss.embed_s(fs), loss.embed_t(ft)
     assert torch.allclose(v_s.norm(dim=1), torch.ones(3)) and torch.allclose(v_t.norm(dim=1), torch.ones(3))
     # the batch's update is applied after the next step's scores: same batch again -> same loss
@@ -252,10 +252,10 @@ def test_method_trains_between_cnns_of_different_width_and_length(name):
     teacher = create_model("cnn1d", input_shape=(40,), channels=32, depth=3)  # last stage (32, 10), fc:input 320
     student = create_model("cnn1d", input_shape=(40,), channels=8, depth=2)  # last stage (8, 20), fc:input 160
     batch = Batch(torch.randn(8, 40), torch.tensor([0, 1, 2, 3, -1, -1, 4, 5]), torch.arange(10, 18))
-    scheme = Offline(student, Objective.from_config({"ce": {}, name: PARAMS[name]}), teacher)
+    scheme = offline_task(student, Objective.from_config({"ce": {}, name: PARAMS[name]}), teacher)
     scheme.setup(batch, SetupInfo(num_samples=40, batch_size=8))
     module = scheme.module.train()
-    loss, terms = module(batch, scheme.teacher_outputs(batch))
+    loss, terms = module(batch)
     assert math.isfinite(terms[name].item()) and terms[name].item() > 0
     loss.backward()
     term = module.objective.terms[name]

@@ -15,7 +15,7 @@ from darkknowledge.losses.irg import edge_matrix, irg_loss, vertex_transform
 from darkknowledge.losses.objective import Objective
 from darkknowledge.losses.pkt import pkt_loss
 from darkknowledge.models import create_model
-from darkknowledge.schemes.offline import Offline
+from darkknowledge.schemes.offline import offline_task
 
 torch.set_num_threads(1)
 
@@ -130,7 +130,7 @@ def _setup_vertex_mismatch():
     teacher = create_model("cnn1d", input_shape=(40,), channels=8, depth=3)
     loss = {"irg": {"transform": "vertex", "student_taps": ["blocks.1", "blocks.2"],
                     "teacher_taps": ["blocks.1", "blocks.2"]}}
-    Offline(student, Objective.from_config(loss), teacher).setup(_batch1d())
+    offline_task(student, Objective.from_config(loss), teacher).setup(_batch1d())
 
 
 # ----------------------------------------------------------------------------- ICKD
@@ -154,7 +154,7 @@ def test_icc_matches_a_loop_and_ickd_value():
 def test_ickd_rejects_vector_taps():
     student = create_model("mlp", input_shape=(40,), hidden=[16])
     teacher = create_model("cnn1d", input_shape=(40,), channels=8)
-    scheme = Offline(student, Objective.from_config({"ickd": {"student_taps": ["fc:input"]}}), teacher)
+    scheme = offline_task(student, Objective.from_config({"ickd": {"student_taps": ["fc:input"]}}), teacher)
     with pytest.raises(ShapeError, match=r"student tap 'fc:input' has shape \(6, 16\)"):
         scheme.setup(_batch1d())
 
@@ -165,10 +165,10 @@ def _batch1d(n=6):
 
 
 def _train_step(losses, student, teacher, batch):
-    scheme = Offline(student, Objective.from_config(losses), teacher)
+    scheme = offline_task(student, Objective.from_config(losses), teacher)
     scheme.setup(batch)
     module = scheme.module.train()
-    loss, _ = module(batch, scheme.teacher_outputs(batch))
+    loss, _ = module(batch)
     assert loss.dim() == 0 and math.isfinite(loss.item()) and loss.item() > 0
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
@@ -200,7 +200,7 @@ def test_relation_methods_train_across_models(name):
 def test_fsp_channel_mismatch_error_option_and_needs_two_taps():
     student = create_model("cnn1d", input_shape=(40,), channels=4, depth=2)
     teacher = create_model("cnn1d", input_shape=(40,), channels=8, depth=3)
-    scheme = Offline(student, Objective.from_config({"fsp": {"channel_mismatch": "error"}}), teacher)
+    scheme = offline_task(student, Objective.from_config({"fsp": {"channel_mismatch": "error"}}), teacher)
     with pytest.raises(ShapeError, match=r"'blocks.0' \(6, 4, 40\) has 4 channels but teacher tap 'blocks.1' \(6, 8, 20\)"):
         scheme.setup(_batch1d())
     same = create_model("cnn1d", input_shape=(40,), channels=8, depth=2)  # same width: no adapters at all
@@ -210,8 +210,8 @@ def test_fsp_channel_mismatch_error_option_and_needs_two_taps():
     module = _train_step(loss, same, teacher, _batch1d())
     assert not list(module.objective.terms["fsp"].parameters())
     with pytest.raises(ConfigError, match="at least 2"):
-        Offline(student, Objective.from_config({"fsp": {"student_taps": ["blocks.1"], "teacher_taps": ["blocks.2"]}}),
-                teacher)
+        one_pair = {"fsp": {"student_taps": ["blocks.1"], "teacher_taps": ["blocks.2"]}}
+        offline_task(student, Objective.from_config(one_pair), teacher)
     with pytest.raises(ConfigError, match="channel_mismatch"):
         create_loss("fsp", channel_mismatch="pad")
 
@@ -230,7 +230,8 @@ def test_irg_weights_and_transform_options():
     assert loss.weights == (0.0, 0.0, 2.0) and loss.transform == "edge"
     module = _train_step({"irg": {"vertex_weight": 0.5, "transform_weight": 3.0, **taps}}, student, teacher, _batch1d())
     assert module.objective.terms["irg"].pairs == [("blocks.1", "blocks.1"), ("blocks.2", "blocks.2")]
-    default = Offline(student, Objective.from_config({"irg": {}}), teacher)
-    assert default.needs.student_taps == ("blocks.2", "fc:input") and default.needs.teacher_logits
+    default = offline_task(student, Objective.from_config({"irg": {}}), teacher)
+    needs = default.flow.objective.needs
+    assert needs.student_taps == ("blocks.2", "fc:input") and needs.teacher_logits
     with pytest.raises(ConfigError, match="transform"):
         create_loss("irg", transform="both")

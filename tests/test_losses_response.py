@@ -17,7 +17,7 @@ from darkknowledge.losses.logit_std import logit_std_loss, standardize_logits
 from darkknowledge.losses.nkd import nkd_loss
 from darkknowledge.losses.objective import Objective
 from darkknowledge.models import create_model
-from darkknowledge.schemes.offline import Offline
+from darkknowledge.schemes.offline import offline_task
 
 
 def _logits(b: int, k: int, seed: int, scale: float = 2.0) -> torch.Tensor:
@@ -84,10 +84,10 @@ def test_dkd_warmup_through_the_objective_schedule():
 def test_dist_matches_numpy_on_a_2x3_example():
     zs = np.array([[1.0, 2.0, 0.5], [0.2, -1.0, 1.5]])
     zt = np.array([[0.0, 3.0, 1.0], [1.0, 0.0, 2.0]])
-    tau, beta, gamma = 2.0, 1.5, 0.5
+    T, beta, gamma = 2.0, 1.5, 0.5
 
     def softmax(z):
-        e = np.exp(z / tau)
+        e = np.exp(z / T)
         return e / e.sum(1, keepdims=True)
 
     def pearson(u, v, eps=0.0):  # the authors' eps=1e-8 sits in the denominator
@@ -95,11 +95,11 @@ def test_dist_matches_numpy_on_a_2x3_example():
         return (u * v).sum() / (np.linalg.norm(u) * np.linalg.norm(v) + eps)
 
     ys, yt = softmax(zs), softmax(zt)
-    got = dist_loss(torch.tensor(zs), torch.tensor(zt), beta, gamma, tau).item()
+    got = dist_loss(torch.tensor(zs), torch.tensor(zt), beta, gamma, T).item()
     for eps, tol in ((1e-8, 1e-10), (0.0, 1e-4)):
         inter = 1 - np.mean([pearson(ys[i], yt[i], eps) for i in range(2)])
         intra = 1 - np.mean([pearson(ys[:, j], yt[:, j], eps) for j in range(3)])
-        assert abs(got - tau**2 * (beta * inter + gamma * intra)) < tol
+        assert abs(got - T**2 * (beta * inter + gamma * intra)) < tol
     # eps = 0 is numpy's Pearson correlation
     assert abs(pearson(ys[0], yt[0]) - np.corrcoef(ys[0], yt[0])[0, 1]) < 1e-12
 
@@ -119,7 +119,7 @@ def test_dist_inter_term_is_invariant_to_positive_affine_maps_of_rows():
 def test_dist_identical_logits_give_zero():
     z = _logits(8, 10, 7)
     assert dist_loss(z, z.clone(), 1.0, 1.0, 1.0).abs().item() < 1e-6
-    # only the eps = 1e-8 of the Pearson denominator stays (flatter columns at tau = 4)
+    # only the eps = 1e-8 of the Pearson denominator stays (flatter columns at T = 4)
     assert dist_loss(z, z.clone(), 2.0, 2.0, 4.0).abs().item() < 1e-4
 
 
@@ -160,46 +160,46 @@ def test_logit_std_matches_numpy_zscore_kd():
 def test_nkd_hand_computed_value():
     s = torch.tensor([[2.0, 0.0, 1.0]], dtype=torch.float64)
     t = torch.tensor([[1.0, 3.0, 0.0]], dtype=torch.float64)
-    y, temp, gamma = 0, 2.0, 1.5
+    y, T, gamma = 0, 2.0, 1.5
     S_t = math.exp(2.0) / (math.exp(2.0) + math.exp(0.0) + math.exp(1.0))
     T_t = math.exp(1.0) / (math.exp(1.0) + math.exp(3.0) + math.exp(0.0))
-    # non-target classes 1, 2: normalized softmax at temp
-    n_t = [math.exp(3.0 / temp), math.exp(0.0 / temp)]
-    n_s = [math.exp(0.0 / temp), math.exp(1.0 / temp)]
+    # non-target classes 1, 2: normalized softmax at T
+    n_t = [math.exp(3.0 / T), math.exp(0.0 / T)]
+    n_s = [math.exp(0.0 / T), math.exp(1.0 / T)]
     n_t = [v / sum(n_t) for v in n_t]
     n_s = [v / sum(n_s) for v in n_s]
-    expected = -T_t * math.log(S_t) - gamma * temp**2 * sum(a * math.log(b) for a, b in zip(n_t, n_s))
-    assert abs(nkd_loss(s, t, torch.tensor([y]), temp, gamma).item() - expected) < 1e-10
+    expected = -T_t * math.log(S_t) - gamma * T**2 * sum(a * math.log(b) for a, b in zip(n_t, n_s))
+    assert abs(nkd_loss(s, t, torch.tensor([y]), T, gamma).item() - expected) < 1e-10
 
 
 def test_nkd_identical_logits_give_the_derived_minimum():
-    """At z_s == z_t: mean[-T_t log T_t + gamma temp^2 H(N(T))]; the non-target part is at its minimum."""
+    """At z_s == z_t: mean[-T_t log T_t + gamma T^2 H(N(T))]; the non-target part is at its minimum."""
     z = _logits(4, 6, 12)
     target = torch.tensor([0, 3, 5, 1])
-    temp, gamma = 3.0, 3.5
+    T, gamma = 3.0, 3.5
     expected = 0.0
     for i in range(4):
         p = torch.softmax(z[i], -1)
         t_t = p[target[i]].item()
         others = torch.cat([z[i, : target[i]], z[i, target[i] + 1 :]])
-        n = torch.softmax(others / temp, -1)
-        expected += -t_t * math.log(t_t) + gamma * temp**2 * -(n * n.log()).sum().item()
-    assert abs(nkd_loss(z, z.clone(), target, temp, gamma).item() - expected / 4) < 1e-10
+        n = torch.softmax(others / T, -1)
+        expected += -t_t * math.log(t_t) + gamma * T**2 * -(n * n.log()).sum().item()
+    assert abs(nkd_loss(z, z.clone(), target, T, gamma).item() - expected / 4) < 1e-10
     # the gradient of the non-target part (gamma term) vanishes at identical logits
     zs = z.clone().requires_grad_()
-    g_full = torch.autograd.grad(nkd_loss(zs, z, target, temp, gamma), zs)[0]
-    g_target_only = torch.autograd.grad(nkd_loss(zs, z, target, temp, 0.0), zs)[0]
+    g_full = torch.autograd.grad(nkd_loss(zs, z, target, T, gamma), zs)[0]
+    g_target_only = torch.autograd.grad(nkd_loss(zs, z, target, T, 0.0), zs)[0]
     assert torch.allclose(g_full, g_target_only, atol=1e-12)
     # ... and moving the student's non-target logits away raises the loss
     bumped = z.clone()
     bumped[:, 2] += torch.where(target == 2, 0.0, 1.0)
-    assert nkd_loss(bumped, z, target, temp, gamma) > nkd_loss(z, z, target, temp, gamma)
+    assert nkd_loss(bumped, z, target, T, gamma) > nkd_loss(z, z, target, T, gamma)
 
 
 # ------------------------------------------------------------------- they train
 @pytest.mark.parametrize(
     "name, params",
-    [("dkd", {"warmup_epochs": 2}), ("dist", {"tau": 4.0}), ("logit_std", {"weight": 9.0}), ("nkd", {"temp": 3.0})],
+    [("dkd", {"warmup_epochs": 2}), ("dist", {"T": 4.0}), ("logit_std", {"weight": 9.0}), ("nkd", {"T": 3.0})],
 )
 def test_method_trains_the_student_only(name, params):
     torch.manual_seed(0)
@@ -207,12 +207,19 @@ def test_method_trains_the_student_only(name, params):
     teacher = create_model("cnn1d", input_shape=(40,), channels=8, depth=3)
     t_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     batch = Batch(torch.randn(8, 40), torch.tensor([0, 1, -1, 3, -1, 5, 6, 7]), torch.arange(8))
-    scheme = Offline(student, Objective.from_config({"ce": {}, name: dict(params)}), teacher)
+    scheme = offline_task(student, Objective.from_config({"ce": {}, name: dict(params)}), teacher)
     scheme.setup(batch)
     module = scheme.module.train()
-    loss, terms = module(batch, scheme.teacher_outputs(batch), 3.0)
+    loss, terms = module(batch, 3.0)
     assert set(terms) == {"ce", name} and torch.isfinite(loss) and terms[name].item() > 0
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in student.parameters())
     assert all(p.grad is None for p in teacher.parameters())
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in t_before.items())
+
+
+@pytest.mark.parametrize("name, old", [("dist", "tau"), ("nkd", "temp"), ("crd", "nce_t")])
+def test_former_temperature_names_are_refused_with_the_new_one(name, old):
+    with pytest.raises(ConfigError, match=rf"losses.{name}.{old}: renamed to 'T'"):
+        create_loss(name, **{old: 2.0})
+    assert create_loss(name, T=2.0).T == 2.0

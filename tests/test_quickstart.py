@@ -11,7 +11,7 @@ def test_quickstart_kd_beats_baseline_beyond_seed_spread(tmp_path):
     proc = dk("run", "--out", "q", "--quiet", cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr
     assert "Distillation helps" in proc.stdout
-    from darkknowledge.report import group_rows
+    from darkknowledge.runs.report import group_rows
 
     rows = {r["role"]: r for r in group_rows(list(results(tmp_path / "q").values()))}
     base, kd = rows["baseline"], rows["student"]

@@ -5,9 +5,9 @@ import math
 import pytest
 
 from darkknowledge import commands
-from darkknowledge.build import check_config
 from darkknowledge.config import load_config, recipe_names
 from darkknowledge.losses import list_losses
+from darkknowledge.runs.build import check_config
 
 # two epochs: the second one runs after an evaluation, which once broke feature losses
 SMALL = ["data.params.num_samples=1000", "data.params.transfer_samples=500", "train.epochs=2",

@@ -57,7 +57,7 @@ def test_killed_distill_resumes_to_identical_result(tmp_path):
 def test_mid_epoch_checkpoint_resume_in_process(tmp_path, monkeypatch):
     """With train.checkpoint_every_steps the run resumes inside an epoch, batch for batch."""
     import darkknowledge as dk_api
-    from darkknowledge.schemes.offline import Offline
+    from darkknowledge.schemes.task import FlowTask
 
     x = torch.randn(300, 6)
     y = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()
@@ -66,7 +66,7 @@ def test_mid_epoch_checkpoint_resume_in_process(tmp_path, monkeypatch):
               config={"train": {"checkpoint_every_steps": 4, "deterministic": True, "device": "cpu"}})
     reference = dk_api.train("mlp", data, out=tmp_path / "ref", **kw)
 
-    original = Offline.training_step
+    original = FlowTask.training_step
     calls = {"n": 0}
 
     def crash_at_step_23(self, model, batch, progress):
@@ -75,10 +75,10 @@ def test_mid_epoch_checkpoint_resume_in_process(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return original(self, model, batch, progress)
 
-    monkeypatch.setattr(Offline, "training_step", crash_at_step_23)
+    monkeypatch.setattr(FlowTask, "training_step", crash_at_step_23)
     with pytest.raises(KeyboardInterrupt):
         dk_api.train("mlp", data, out=tmp_path / "cut", **kw)
-    monkeypatch.setattr(Offline, "training_step", original)
+    monkeypatch.setattr(FlowTask, "training_step", original)
     state = safe_load(tmp_path / "cut" / "mlp-s3" / "last.pt")
     assert (state["epoch"], state["batch"]) == (1, 5)
     resumed = dk_api.train("mlp", data, out=tmp_path / "cut", resume=True, **kw)

@@ -7,15 +7,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from darkknowledge.build import build_objective
-from darkknowledge.config import ModelConfig
+from darkknowledge.config import ModelConfig, deep_merge, load_config
+from darkknowledge.data import DatasetInfo
 from darkknowledge.engine.checkpoint import load_exported, safe_load, state_hash
+from darkknowledge.engine.task import Task
 from darkknowledge.errors import ConfigError
 from darkknowledge.models import count_params, create_model
-from darkknowledge.schemes import SCHEMES
+from darkknowledge.runs.context import RunContext
+from darkknowledge.schemes import resolve_scheme
 from darkknowledge.schemes.assistant import TeacherAssistant, check_sizes, interpolate, interpolate_assistants
-from darkknowledge.validation import validate_kwargs
-from helpers import dk, results, write_recipe
+from helpers import TINY, dk, results, write_recipe
 
 M = ModelConfig
 
@@ -25,45 +26,30 @@ def _params(spec: ModelConfig) -> int:
     return count_params(create_model(spec.name, num_classes=10, input_shape=shape, **spec.params))
 
 
-class StubContext:
-    """The part of SchemeContext a chain uses; ``train`` records who taught whom and nudges the weights."""
+class StubContext(RunContext):
+    """A run context without data: the given pre-trained teacher, and ``train`` records who taught
+    whom (each stage's task, built when its stage starts) and nudges the trained weights."""
 
     def __init__(self, teacher: torch.nn.Module, student_spec: ModelConfig, losses: dict) -> None:
-        self._teacher, self._student = teacher, student_spec
-        self.cfg = SimpleNamespace(losses=losses, teacher=True)
-        self.scheme_name = "assistant"
+        cfg = load_config(deep_merge(TINY, {"student": student_spec.model_dump(exclude={"checkpoint"}),
+                                            "losses": losses, "scheme": {"name": "assistant"}}))
+        session = SimpleNamespace(cfg=cfg, bundle=SimpleNamespace(info=DatasetInfo("mnist1d", 10, (40,))))
+        super().__init__(session, cfg)  # type: ignore[arg-type]
+        self._teacher = teacher
         self.trained: list[dict] = []
 
-    def teacher(self):
+    def teacher(self) -> torch.nn.Module:
         return self._teacher
 
-    def model(self, spec, seed=None, where="student"):
-        torch.manual_seed(seed or 0)
-        spec = spec if isinstance(spec, ModelConfig) else ModelConfig(**spec)
-        return create_model(spec.name, num_classes=10, input_shape=(40,), **spec.params)
-
-    def student(self, seed):
-        return self.model(self._student, seed)
-
-    def objective(self, losses=None):
-        return build_objective(dict(losses if losses is not None else self.cfg.losses))
-
-    def train_cfg(self, overrides=None, where=""):
-        return overrides
-
-    def stage_name(self, seed, part=None):
-        return f"{self.scheme_name}-{part}-s{seed}" if part else f"{self.scheme_name}-s{seed}"
-
-    def uses_transfer(self, scheme):
-        return scheme if isinstance(scheme, bool) else scheme.default_transfer
-
-    def train(self, stage, scheme, seed, role="student", train_cfg=None, with_transfer=False, label=None):
-        student = scheme.eval_models()["student"]
-        self.trained.append({"stage": stage, "role": role, "model": student, "teacher": scheme.teacher.model,
-                             "teacher_hash": scheme.teacher_hash(), "transfer": with_transfer})
+    def train(self, stage, task: Task, seed, role="student", train_cfg=None, with_transfer=False, label=None):
+        student = task.eval_models()["student"]
+        [teacher] = task.teachers  # an offline stage: one frozen teacher
+        self.trained.append({"stage": stage, "role": role, "model": student, "teacher": teacher.model,
+                             "teacher_hash": task.fingerprint(), "transfer": with_transfer})
         with torch.no_grad():  # "training": the weights change, so a teacher hashed too early would differ
             for p in student.parameters():
                 p.add_(0.01)
+        self.exports[stage] = task.export_model()
         return [{"name": stage, "role": role}]
 
 
@@ -111,18 +97,17 @@ def test_a_chain_that_does_not_shrink_is_refused():
 
 
 def test_params_are_validated_with_their_path():
-    fn = SCHEMES.get("assistant").params_fn()
-    with pytest.raises(ConfigError, match="num_assistants"):
-        validate_kwargs(fn, {"num_assistants": 0}, "scheme.params", exclude=("ctx", "seed"))
-    with pytest.raises(ConfigError, match="assistants"):
-        validate_kwargs(fn, {"assistants": [{"nme": "mlp"}]}, "scheme.params", exclude=("ctx", "seed"))
+    with pytest.raises(ConfigError, match=r"scheme\.params\.num_assistants"):
+        resolve_scheme("assistant", {"num_assistants": 0})
+    with pytest.raises(ConfigError, match=r"scheme\.params\.assistants\.0"):
+        resolve_scheme("assistant", {"assistants": [{"nme": "mlp"}]})
 
 
 def test_teacher_teaches_assistant_and_assistant_teaches_student():
     torch.manual_seed(0)
     teacher = create_model("mlp", hidden=[128, 128])
     ctx = StubContext(teacher, M(name="mlp", params={"hidden": [8]}), {"kd": {"T": 4.0, "alpha": 0.9}})
-    TeacherAssistant.run(ctx, 0, num_assistants=2, plain_kd=True)
+    TeacherAssistant.run(ctx, 0, TeacherAssistant.Params(num_assistants=2, plain_kd=True))
     ta1, ta2, student, direct = ctx.trained
     assert [t["role"] for t in ctx.trained] == ["assistant1", "assistant2", "student", "direct_kd"]
     assert ta1["teacher"] is teacher and ta2["teacher"] is ta1["model"] and student["teacher"] is ta2["model"]

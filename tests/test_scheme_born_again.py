@@ -12,14 +12,15 @@ import torch
 import yaml
 import torch.nn.functional as F
 
-from darkknowledge.build import build_data, build_model, check_config, make_loaders
+from darkknowledge.runs.build import build_data, build_model, check_config, make_loaders
 from darkknowledge.commands import compare, distill
 from darkknowledge.config import deep_merge, load_config
 from darkknowledge.engine.checkpoint import load_exported, state_hash
 from darkknowledge.engine.distributed import DistContext
 from darkknowledge.engine.trainer import Trainer
 from darkknowledge.errors import ConfigError
-from darkknowledge.schemes.born_again import GenerationEnsemble, ensemble_log_probs, generation_seed
+from darkknowledge.models.ensemble import ProbabilityEnsemble
+from darkknowledge.schemes.born_again import generation_seed
 from helpers import TINY, dk, results
 
 
@@ -37,8 +38,8 @@ def spy_train(monkeypatch):
     original = Trainer.fit
 
     def fit(self, resume=False):
-        scheme = self.scheme
-        seen[self.stage] = {"init": state_hash(scheme.eval_models()["student"]), "teacher": scheme.teacher_hash()}
+        task = self.task
+        seen[self.stage] = {"init": state_hash(task.eval_models()["student"]), "teacher": task.fingerprint()}
         return original(self, resume)
 
     monkeypatch.setattr(Trainer, "fit", fit)
@@ -97,16 +98,14 @@ def test_the_ensemble_row_averages_every_generation_softmax(tmp_path):
     assert "| ensemble |" in res["report"].read_text()
 
 
-def test_ensemble_log_probs_is_the_log_of_the_mean_softmax():
-    g = torch.Generator().manual_seed(0)
-    logits = [torch.randn(5, 4, generator=g) for _ in range(3)]
-    expected = torch.stack([F.softmax(z, -1) for z in logits]).mean(0).log()
-    assert torch.allclose(ensemble_log_probs(logits), expected, atol=1e-6)
-    lin = [torch.nn.Linear(4, 3) for _ in range(2)]
-    view = GenerationEnsemble(lin)
-    assert sum(p.numel() for p in view.parameters()) == 2 * 15  # a view over the members, no new weights
-    x = torch.randn(2, 4)
-    assert torch.allclose(view(x), ensemble_log_probs([m(x) for m in lin]))
+def test_the_generation_ensemble_is_the_log_of_the_mean_softmax():
+    torch.manual_seed(0)
+    lin = [torch.nn.Linear(4, 3) for _ in range(3)]
+    view = ProbabilityEnsemble(lin)
+    assert sum(p.numel() for p in view.parameters()) == 3 * 15  # a view over the members, no new weights
+    x = torch.randn(5, 4)
+    expected = torch.stack([F.softmax(m(x), -1) for m in lin]).mean(0).log()
+    assert torch.allclose(view(x), expected, atol=1e-6)
 
 
 def test_resume_skips_finished_generations(tmp_path, spy_train):

@@ -13,15 +13,17 @@ import torch
 import yaml
 import torch.nn.functional as F
 
-from darkknowledge.build import build_objective, check_config
+from darkknowledge.runs.build import build_objective, check_config
 from darkknowledge.config import deep_merge, load_config
 from darkknowledge.data.batch import Batch
 from darkknowledge.errors import ConfigError, ShapeError
 from darkknowledge.losses.base import Outputs
 from darkknowledge.losses.kd import kd_soft_loss
 from darkknowledge.models import create_model
-from darkknowledge.schemes.multi_teacher import MultiTeacher
-from darkknowledge.schemes.teacher_mix import (
+from darkknowledge.schemes.multi_teacher import multi_teacher_task
+from darkknowledge.schemes.task import FlowTask
+from darkknowledge.teachers.frozen import Frozen
+from darkknowledge.teachers.mix import (
     ce_weights,
     correct_weights,
     draw_teacher,
@@ -29,6 +31,7 @@ from darkknowledge.schemes.teacher_mix import (
     fixed_weights,
     mixture_logits,
 )
+from darkknowledge.teachers.mixture import Mixture
 from helpers import TINY, dk, results
 
 K = 10
@@ -51,11 +54,26 @@ def batch(n=8, labels=None, seed=0):
     return Batch(x, y, torch.arange(n))
 
 
-def scheme(teachers, losses=None, student=None, **params):
+def scheme(teachers, losses=None, student=None, names=None, cache=None, **params) -> FlowTask:
+    """The multi_teacher task over frozen ``teachers``, set up on a batch (as the engine does)."""
     losses = losses or {"kd": {"T": 4.0, "alpha": 1.0}}
-    made = MultiTeacher(student or mlp(seed=9), [build_objective(losses) for _ in teachers], teachers, **params)
+    names = names or [f"teachers.{i}" for i in range(len(teachers))]
+    frozen = [Frozen(t, name, cache) for t, name in zip(teachers, names)]
+    made = multi_teacher_task(student or mlp(seed=9), lambda: build_objective(losses), frozen, **params)
     made.setup(batch())
     return made
+
+
+def mixture(task: FlowTask) -> Mixture:
+    """The one mixed teacher of a mean/weighted/confidence task."""
+    [mixed] = {id(link.teacher): link.teacher for link in task.flow.links if link.teacher is not None}.values()
+    assert isinstance(mixed, Mixture)
+    return mixed
+
+
+def per_teacher_objectives(task: FlowTask) -> list:
+    """The objectives of the teacher-reading links, in teacher order (one per teacher)."""
+    return [link.objective for link in task.flow.links if link.teacher is not None]
 
 
 # ------------------------------------------------------------ aggregation math
@@ -108,18 +126,18 @@ def test_draws_are_reproducible_and_use_every_teacher():
 def test_mean_student_learns_the_mixture_and_only_the_student_gets_gradients():
     teachers = [cnn(seed=1), mlp((32,), seed=2)]  # different architectures
     before = [copy.deepcopy(t.state_dict()) for t in teachers]
-    s = scheme(teachers, temperature=None)
-    assert s.temperature == 4.0  # from kd's T
+    s = scheme(teachers, T=None)
+    assert mixture(s).T == 4.0  # from kd's T
     b = batch()
     loss, terms = s.training_step(s.module, b, 0.0)
     with torch.no_grad():
         z = torch.stack([t(b.x) for t in teachers])
         mix = 0.5 * (torch.softmax(z[0] / 4, -1) + torch.softmax(z[1] / 4, -1))
-        student_logits = s.module.student(b.x)
+        student_logits = s.flow.student(b.x)
     expected = (mix * (mix.log() - F.log_softmax(student_logits / 4, -1))).sum(-1).mean() * 16  # T^2 KL(mix || p_s)
     assert torch.allclose(loss, expected, atol=1e-5) and set(terms) == {"kd"}
     loss.backward()
-    assert all(p.grad is not None for p in s.module.student.parameters())
+    assert all(p.grad is not None for p in s.flow.student.parameters())
     assert all(p.grad is None and not p.requires_grad for t in teachers for p in t.parameters())
     assert all(torch.equal(t.state_dict()[k], v) for t, sd in zip(teachers, before) for k, v in sd.items())
 
@@ -127,13 +145,13 @@ def test_mean_student_learns_the_mixture_and_only_the_student_gets_gradients():
 def test_weighted_and_confidence_change_the_mixed_teacher():
     teachers = [mlp(seed=1), mlp(seed=2)]
     b = batch()
-    only_second = scheme(teachers, aggregation="weighted", weights=[0.0, 2.0]).teacher_outputs(b)[0].logits
+    only_second = mixture(scheme(teachers, aggregation="weighted", weights=[0.0, 2.0]))(b).logits
     with torch.no_grad():
         z1 = teachers[1](b.x)
     assert torch.allclose(torch.softmax(only_second / 4, -1), torch.softmax(z1 / 4, -1), atol=1e-6)
-    conf = scheme(teachers, aggregation="confidence", confidence="correct", temperature=1.0)
+    conf = mixture(scheme(teachers, aggregation="confidence", confidence="correct", T=1.0))
     labels = z1.argmax(-1)  # teacher 1 is right on every sample, teacher 0 only where it agrees
-    mixed = conf.teacher_outputs(batch(labels=labels))[0].logits
+    mixed = conf(batch(labels=labels)).logits
     with torch.no_grad():
         z = torch.stack([teachers[0](b.x), z1])
     w = correct_weights(z, labels)
@@ -153,7 +171,7 @@ def test_random_runs_exactly_one_teacher_per_step_and_resumes_the_sequence():
         s.training_step(s.module, batch(seed=step), step / 12)
         assert len(calls) == before + 1  # exactly one teacher ran in this step
     assert calls == [draw_teacher(5, step, 3) for step in range(12)]
-    assert set(calls) == {0, 1, 2} and int(s.module.draws) == 12
+    assert set(calls) == {0, 1, 2} and s.flow.draws.tolist() == [12]  # one group, drawn 12 times
     resumed = scheme(teachers, aggregation="random", seed=5)
     resumed.module.load_state_dict(s.module.state_dict())  # what the trainer does on --resume
     calls.clear()
@@ -164,10 +182,8 @@ def test_random_runs_exactly_one_teacher_per_step_and_resumes_the_sequence():
 def test_per_teacher_builds_separate_adapters_and_averages_the_terms():
     teachers = [cnn(channels=12, seed=1), cnn(channels=24, depth=2, seed=2)]  # different widths and depths
     losses = {"ce": {}, "fitnet": {}, "kd": {"T": 2.0, "alpha": 1.0}}
-    with pytest.raises(ConfigError, match="per_teacher"):  # a mixed teacher has no features
-        scheme(teachers, losses, student=cnn(seed=9), aggregation="mean")
     s = scheme(teachers, losses, student=cnn(seed=9), aggregation="per_teacher")
-    regs = [o.terms["fitnet"].regressors for o in s.module.objectives]
+    regs = [o.terms["fitnet"].regressors for o in per_teacher_objectives(s)]
     convs = [next(m for m in r.modules() if isinstance(m, torch.nn.Conv1d)) for r in regs]
     assert [c.out_channels for c in convs] == [12, 24]  # one regressor per teacher, to its own width
     assert s.describe()["losses"] == ["ce", "fitnet@t0", "kd@t0", "fitnet@t1", "kd@t1"]
@@ -176,10 +192,17 @@ def test_per_teacher_builds_separate_adapters_and_averages_the_terms():
     loss, terms = s.training_step(s.module, b, 0.0)
     per = [terms["fitnet@t0"] + terms["kd@t0"], terms["fitnet@t1"] + terms["kd@t1"]]
     assert torch.allclose(loss.detach(), terms["ce"] + 0.5 * (per[0] + per[1]))  # ce once + mean over teachers
-    assert torch.allclose(terms["kd@t1"], kd_soft_loss(s.module.student(b.x), teachers[1](b.x), 2.0))
+    assert torch.allclose(terms["kd@t1"], kd_soft_loss(s.flow.student(b.x), teachers[1](b.x), 2.0))
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for r in regs for p in r.parameters() if p.dim() > 1)
     assert all(p.grad is None for t in teachers for p in t.parameters())
+
+
+def test_a_mixed_teacher_refuses_feature_losses_and_points_to_per_teacher():
+    teachers = [cnn(channels=12, seed=1), cnn(channels=24, depth=2, seed=2)]
+    losses = {"ce": {}, "fitnet": {}, "kd": {"T": 2.0, "alpha": 1.0}}
+    with pytest.raises(ConfigError, match="per_teacher"):  # a mixed teacher has no features
+        scheme(teachers, losses, student=cnn(seed=9), aggregation="mean")
 
 
 def test_random_with_a_feature_loss_gives_idle_adapters_a_zero_gradient():
@@ -189,7 +212,7 @@ def test_random_with_a_feature_loss_gives_idle_adapters_a_zero_gradient():
     loss, terms = s.training_step(s.module, batch(), 0.0)
     assert set(terms) == {"fitnet"}  # the drawn teacher's value, under the plain name
     loss.backward()
-    for i, objective in enumerate(s.module.objectives):
+    for i, objective in enumerate(per_teacher_objectives(s)):
         grads = [p.grad for p in objective.parameters()]
         assert all(g is not None for g in grads)  # DDP without find_unused_parameters needs them all
         assert (sum(float(g.abs().sum()) for g in grads) > 0) == (i == drawn)
@@ -207,7 +230,8 @@ def test_cached_teacher_outputs_replace_the_live_teachers():
         def lookup(self, batch):
             return Outputs(logits=self.logits[batch.idx].to(batch.x.device))
 
-    s.caches = [Cache(z) for z in fixed]
+    for teacher, z in zip(s.teachers, fixed):  # each frozen teacher reads its own cache
+        teacher.cache = Cache(z)
     calls = []
     for t in teachers:
         t.register_forward_hook(lambda *_: calls.append(1))
@@ -215,7 +239,7 @@ def test_cached_teacher_outputs_replace_the_live_teachers():
     _, terms = s.training_step(s.module, b, 0.0)
     assert not calls  # no teacher forward: the cache answers
     with torch.no_grad():
-        z_s = s.module.student(b.x)
+        z_s = s.flow.student(b.x)
     assert torch.allclose(terms["kd@t1"], kd_soft_loss(z_s, fixed[1], 4.0), atol=1e-6)
 
 
@@ -231,10 +255,11 @@ def test_live_teachers_run_ahead_on_groups_of_batches_with_the_same_result():
             for t in teachers:
                 t.register_forward_hook(lambda _m, x, _o: calls.append(len(x[0])))
             s = scheme(teachers, aggregation=aggregation, cache=CacheConfig(live_batches=n))  # set up on a batch
-            assert bool(s.aheads) == (n > 1 and ahead_expected)
+            aheads = [t.ahead for t in s.teachers if isinstance(t, Frozen) and t.ahead is not None]
+            assert len(aheads) == (2 if n > 1 and ahead_expected else 0)
             calls.clear()
             losses[n] = [s.training_step(s.module, b, 0.0)[0].detach() for b in s.batches(iter(batches))]
-            if s.aheads:  # each teacher ran on groups of two batches (12 samples), the last one alone
+            if aheads:  # each teacher ran on groups of two batches (12 samples), the last one alone
                 assert sorted(calls) == [6, 6, 12, 12, 12, 12], (aggregation, calls)
         torch.testing.assert_close(torch.stack(losses[2]), torch.stack(losses[1]))
 
@@ -252,17 +277,20 @@ def test_clear_errors():
         scheme([mlp(), mlp()], {"ce": {}})
     with pytest.raises(ConfigError, match="different temperatures"):
         scheme([mlp(), mlp()], {"kd": {"T": 4.0}, "dkd": {"T": 2.0}})
+
+
+def test_a_teacher_predicting_other_classes_is_named():
     wrong = create_model("mlp", num_classes=5, input_shape=(40,), hidden=[8])
     with pytest.raises(ShapeError, match="teachers.1 predicts 5 classes but the student predicts 10"):
-        MultiTeacher(mlp(), [build_objective({"kd": {}}) for _ in range(2)], [mlp(), wrong],
-                     names=["teacher", "teachers.1"]).setup(batch())
+        scheme([mlp(), wrong], {"kd": {}}, student=mlp(), names=["teacher", "teachers.1"])
 
 
 def test_teacher_hash_covers_every_teacher():
     a, b = mlp(seed=1), mlp(seed=2)
-    h = scheme([a, b]).teacher_hash()
-    assert h == scheme([a, b]).teacher_hash()
-    assert h != scheme([a, mlp(seed=3)]).teacher_hash()
+    h = scheme([a, b]).fingerprint()
+    assert h == scheme([a, b]).fingerprint()
+    assert h != scheme([a, mlp(seed=3)]).fingerprint()
+    assert h != scheme([a, b, mlp(seed=3)]).fingerprint()
 
 
 def test_recipe_params_are_validated_before_running():
@@ -272,6 +300,9 @@ def test_recipe_params_are_validated_before_running():
         check_config(load_config(cfg))
     cfg["scheme"]["params"] = {"aggregation": "weighted", "weights": [1, -1]}
     with pytest.raises(ConfigError, match=r"scheme\.params\.weights\.1.*greater than or equal to 0"):
+        check_config(load_config(cfg))
+    cfg["scheme"]["params"] = {"temperature": 2.0}  # the former name: refused with where it went
+    with pytest.raises(ConfigError, match=r"scheme\.params\.temperature: .*renamed to T"):
         check_config(load_config(cfg))
 
 

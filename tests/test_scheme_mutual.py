@@ -5,13 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import TINY, dk, results, write_recipe
 
-from darkknowledge.build import check_config
 from darkknowledge.commands import evaluate_checkpoint
 from darkknowledge.config import deep_merge, load_config
 from darkknowledge.data.batch import Batch
@@ -21,10 +21,16 @@ from darkknowledge.errors import ConfigError, RegistryError, ShapeError
 from darkknowledge.losses.ce import cross_entropy
 from darkknowledge.losses.kd import kd_soft_loss
 from darkknowledge.models import count_params, create_model
+from darkknowledge.models.ensemble import ProbabilityEnsemble
+from darkknowledge.runs.build import check_config
+from darkknowledge.runs.context import RunContext
 from darkknowledge.schemes import SCHEMES
-from darkknowledge.schemes.cohort import Ensemble, build_peers, peer_kl, peer_seed
-from darkknowledge.schemes.context import SchemeContext
-from darkknowledge.schemes.mutual import Mutual
+from darkknowledge.schemes.cohort import build_peers, peer_names, peer_seed
+from darkknowledge.schemes.mutual import Mutual, mutual_task
+from darkknowledge.schemes.task import FlowTask
+from darkknowledge.teachers.peers import Peer
+
+DML = {"ce": {}, "kd": {"T": 1.0, "alpha": 1.0}}  # the paper's L_Ck + D_KL(p_l || p_k)
 
 
 def mlp(seed: int, hidden: tuple[int, ...] = (16,)) -> torch.nn.Module:
@@ -43,15 +49,25 @@ def grads(model: torch.nn.Module) -> list[torch.Tensor | None]:
     return [None if p.grad is None else p.grad.clone() for p in model.parameters()]
 
 
-def fake_ctx(**changes) -> SchemeContext:
+def fake_ctx(losses: dict[str, Any] | None = None, **changes: Any) -> RunContext:
     """A context over the TINY recipe without loading data (models only need the data's shape)."""
-    cfg = load_config(deep_merge(TINY, changes))
+    raw = deep_merge(TINY, changes)
+    raw["losses"] = losses if losses is not None else DML
+    cfg = load_config(raw)
     session = SimpleNamespace(cfg=cfg, bundle=SimpleNamespace(info=DatasetInfo("mnist1d", 10, (40,))))
-    return SchemeContext(session, cfg)  # type: ignore[arg-type]
+    return RunContext(session, cfg)  # type: ignore[arg-type]
+
+
+def cohort(peers: list[torch.nn.Module], losses: dict[str, Any] | None = None) -> FlowTask:
+    return mutual_task(fake_ctx(losses, scheme="mutual"), peers, peer_names(len(peers)))
+
+
+def peers_of(task: FlowTask) -> list[torch.nn.Module]:
+    return [task.flow.get_submodule(name) for name in task.flow.view_names]
 
 
 @pytest.fixture()
-def ctx() -> SchemeContext:
+def ctx() -> RunContext:
     return fake_ctx(scheme="mutual")
 
 
@@ -60,23 +76,30 @@ def test_registered_with_citation():
     assert cls is Mutual and "Deep Mutual Learning" in cls.citation and cls.summary
 
 
-def test_peer_kl_of_one_peer_never_reaches_the_other():
-    a, b = mlp(0), mlp(1)
-    x = batch().x
-    kl = peer_kl([a(x), b(x)], T=1.0)
-    kl[0].backward()
-    assert all(g is None for g in grads(b))  # peer 1 gets nothing from peer 0's KL term
-    assert all(g is not None and g.abs().sum() > 0 for g in grads(a))
+def test_each_peer_teaches_the_others_detached():
+    task = cohort([mlp(0), mlp(1), mlp(2)])
+    peers, b = peers_of(task), batch()
+    for name in ("student", "peer1", "peer2"):  # every other peer is a teacher, as a detached online view
+        views = [link.teacher.view for link in task.flow.links if link.view == name and link.teacher is not None]
+        assert sorted(views) == sorted(n for n in task.flow.view_names if n != name)
+    assert all(isinstance(t, Peer) for t in task.teachers) and len(task.teachers) == 3
+    for link in task.flow.links:  # the terms of one peer never reach another peer
+        task.module.zero_grad(set_to_none=True)
+        loss, _ = link(task.flow.compute_views(b), b, 0.0)
+        loss.backward()
+        k = task.flow.view_names.index(link.view)
+        assert all(g is not None and g.abs().sum() > 0 for g in grads(peers[k]))
+        assert all(g is None for j, p in enumerate(peers) if j != k for g in grads(p)), link.view
 
 
 def test_peer_gradient_depends_on_the_others_outputs():
     b = batch()
 
     def peer0_grad(other_seed: int) -> list[torch.Tensor]:
-        scheme = Mutual([mlp(0), mlp(other_seed)])
-        loss, _ = scheme.module(b, None, 0.0)
+        task = cohort([mlp(0), mlp(other_seed)])
+        loss, _ = task.module(b, 0.0)
         loss.backward()
-        return grads(scheme.peers[0])
+        return grads(task.flow.student)
 
     g1, g1_again, g2 = peer0_grad(1), peer0_grad(1), peer0_grad(2)
     assert all(torch.equal(u, v) for u, v in zip(g1, g1_again))
@@ -85,11 +108,11 @@ def test_peer_gradient_depends_on_the_others_outputs():
 
 def test_cohort_loss_gives_each_peer_exactly_its_own_dml_gradient():
     b = batch(unlabeled=3)
-    scheme = Mutual([mlp(0), mlp(1), mlp(2)], T=2.0, weight=0.7)
-    loss, terms = scheme.module(b, None, 0.0)
+    task = cohort([mlp(0), mlp(1), mlp(2)], {"ce": {}, "kd": {"T": 2.0, "alpha": 1.0, "weight": 0.7}})
+    loss, terms = task.module(b, 0.0)
     loss.backward()
-    joint = [grads(p) for p in scheme.peers]
-    peers = scheme.peers
+    peers = peers_of(task)
+    joint = [grads(p) for p in peers]
     for k in range(3):
         for p in peers:
             p.zero_grad(set_to_none=True)
@@ -99,42 +122,61 @@ def test_cohort_loss_gives_each_peer_exactly_its_own_dml_gradient():
         own.backward()
         assert all(g is None for j, p in enumerate(peers) if j != k for g in grads(p))
         assert all(torch.allclose(u, v, atol=1e-6) for u, v in zip(joint[k], grads(peers[k])))
-    assert set(terms) == {"ce", "kl"} and float(terms["kl"]) > 0
+    assert set(terms) == {"ce", "kd", "ce@peer1", "kd@peer1", "ce@peer2", "kd@peer2"}
+    assert all(float(terms[k]) > 0 for k in ("kd", "kd@peer1", "kd@peer2"))
+    z = [p(b.x).detach() for p in peers]  # a reported kd value: the mean over the peer's teachers
+    assert float(terms["kd"]) == pytest.approx(float(sum(kd_soft_loss(z[0], t, 2.0) for t in z[1:]) / 2), rel=1e-5)
 
 
-def test_identical_peers_have_zero_kl():
-    scheme = Mutual([mlp(0), mlp(0)])
-    _, terms = scheme.module(batch(), None, 0.0)
-    assert float(terms["kl"]) == pytest.approx(0.0, abs=1e-7)
+def test_identical_peers_have_zero_kd():
+    _, terms = cohort([mlp(0), mlp(0)]).module(batch(), 0.0)
+    assert float(terms["kd"]) == pytest.approx(0.0, abs=1e-7)
+    assert float(terms["kd@peer1"]) == pytest.approx(0.0, abs=1e-7)
 
 
 def test_cohort_of_three_with_different_architectures():
     torch.manual_seed(3)
     cnn = create_model("cnn1d", num_classes=10, input_shape=(40,), channels=8)
-    scheme = Mutual([mlp(0), cnn, mlp(2, hidden=(8, 8))])
+    peers = [mlp(0), cnn, mlp(2, hidden=(8, 8))]
+    task = cohort(peers)
     b = batch()
-    scheme.setup(b)
-    loss, _ = scheme.module(b, None, 0.0)
+    task.setup(b)
+    loss, _ = task.module(b, 0.0)
     loss.backward()
-    assert all(p.grad is not None for p in scheme.module.parameters())  # DDP: every parameter is used
-    models = scheme.eval_models()
+    assert all(p.grad is not None for p in task.module.parameters())  # DDP: every parameter is used
+    models = task.eval_models()
     assert list(models) == ["student", "peer1", "peer2", "ensemble"]
-    assert models["peer1"] is cnn and scheme.export_model() is scheme.peers[0]
-    assert scheme.describe() == {"losses": ["ce", "kl"], "adapter_params": count_params(cnn) + count_params(scheme.peers[2])}
+    assert models["peer1"] is cnn and task.export_model() is peers[0]
+    assert task.describe() == {"losses": ["ce", "kd", "ce@peer1", "kd@peer1", "ce@peer2", "kd@peer2"],
+                               "adapter_params": count_params(cnn) + count_params(peers[2])}
+
+
+def test_feature_losses_get_one_set_of_adapters_per_pair_of_peers():
+    losses = {"ce": {}, "fitnet": {"student_taps": ["fc:input"], "teacher_taps": ["fc:input"]}}
+    task = cohort([mlp(0), mlp(1, hidden=(8,)), mlp(2, hidden=(12,))], losses)
+    b = batch()
+    task.setup(b)
+    loss, terms = task.module(b, 0.0)
+    loss.backward()
+    assert set(terms) == {"ce", "fitnet", "ce@peer1", "fitnet@peer1", "ce@peer2", "fitnet@peer2"}
+    adapters = [link.objective for link in task.flow.links if "fitnet" in link.objective.terms]
+    assert len(adapters) == 6 and len({id(o) for o in adapters}) == 6  # K (K - 1) pairs, each its own regressor
+    assert all(p.grad is not None for p in task.module.parameters())
 
 
 def test_ensemble_averages_probabilities_and_adds_no_trainable_parameter():
-    scheme = Mutual([mlp(0), mlp(1), mlp(2)])
-    ens = scheme.eval_models()["ensemble"]
-    assert isinstance(ens, Ensemble)
+    task = cohort([mlp(0), mlp(1), mlp(2)])
+    peers = peers_of(task)
+    ens = task.eval_models()["ensemble"]
+    assert isinstance(ens, ProbabilityEnsemble)
     x = batch().x
-    expected = torch.stack([F.softmax(p(x), -1) for p in scheme.peers]).mean(0)
+    expected = torch.stack([F.softmax(p(x), -1) for p in peers]).mean(0)
     assert torch.allclose(ens(x).exp(), expected, atol=1e-6)
-    module_ids = [id(p) for p in scheme.module.parameters()]
+    module_ids = [id(p) for p in task.module.parameters()]
     assert len(module_ids) == len(set(module_ids))
     assert {id(p) for p in ens.parameters()} == set(module_ids)  # a view of the peers, nothing new to train
     ens.eval()
-    assert not any(p.training for p in scheme.peers)
+    assert not any(p.training for p in peers)
     ens.train()
 
 
@@ -142,7 +184,16 @@ def test_mismatched_class_counts_fail_in_setup():
     torch.manual_seed(0)
     odd = create_model("mlp", num_classes=7, input_shape=(40,), hidden=(8,))
     with pytest.raises(ShapeError, match=r"peer1 \(MLP\): \(12, 7\)"):
-        Mutual([mlp(0), odd]).setup(batch())
+        cohort([mlp(0), odd]).setup(batch())
+
+
+def test_task_builds_the_cohort_from_the_recipe(ctx):
+    task = Mutual.task(ctx, 1, Mutual.Params(n=3))
+    assert task.flow.view_names == ["student", "peer1", "peer2"]
+    baseline = ctx.student(1)
+    student = task.flow.student
+    assert all(torch.equal(u, v) for u, v in zip(student.state_dict().values(), baseline.state_dict().values()))
+    assert task.export_model() is student and task.primary == "student"
 
 
 def test_build_peers_seeds_and_specs(ctx):
@@ -169,6 +220,23 @@ def test_bad_cohorts_fail_with_clear_errors(ctx):
         build_peers(ctx, 0, [{"name": "mlp"}, {"nmae": "mlp"}], None)
     with pytest.raises(RegistryError, match=r"mpl"):
         build_peers(ctx, 0, [{"name": "mlp"}, {"name": "mpl"}], None)
+
+
+@pytest.mark.parametrize("key,where", [
+    ("T", r"losses\.<term>\.T"),
+    ("weight", r"losses\.<term>\.weight"),
+    ("burn_in", r"losses\.<term>\.start_epoch"),
+    ("rampup", r"losses\.<term>\.warmup_epochs"),
+])
+def test_loss_params_moved_to_the_losses_are_refused(key, where):
+    cfg = load_config(deep_merge(TINY, {"scheme": {"name": "mutual", "params": {key: 2.0}}}))
+    with pytest.raises(ConfigError, match=rf"scheme\.params\.{key}: not a parameter of scheme 'mutual' any more; .*{where}"):
+        check_config(cfg)
+
+
+def test_an_objective_that_reads_no_peer_is_refused():
+    with pytest.raises(ConfigError, match=r"scheme 'mutual': none of the losses \['ce'\] reads a teacher"):
+        Mutual.task(fake_ctx({"ce": {}}, scheme="mutual"), 0, Mutual.Params())
 
 
 # ---------------------------------------------------------------- end to end
@@ -198,8 +266,8 @@ def test_recipe_runs_baseline_and_cohort_rows(tmp_path):
 @pytest.mark.slow
 def test_two_process_ddp_matches_single_process(tmp_path):
     """gloo DDP over 2 CPU processes = one process with the same global batch (see test_ddp.py)."""
-    recipe = write_recipe(tmp_path / "r.yaml", scheme={"name": "mutual", "params": {"n": 2, "T": 2.0}},
-                          teacher=None)
+    recipe = write_recipe(tmp_path / "r.yaml", scheme={"name": "mutual", "params": {"n": 2}}, teacher=None,
+                          losses={"ce": {}, "kd": {"T": 2.0, "alpha": 1.0}})
     single = dk("distill", str(recipe), "--out", "single", "--quiet", cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
     ddp = subprocess.run(
@@ -218,4 +286,3 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-4), k
     assert not any(p.name.endswith(".tmp") for p in (tmp_path / "ddp").rglob("*"))
-

@@ -11,15 +11,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from darkknowledge.build import build_objective
-from darkknowledge.config import ModelConfig
+from darkknowledge.config import deep_merge, load_config
+from darkknowledge.data import DatasetInfo
 from darkknowledge.engine.checkpoint import safe_load, state_hash
+from darkknowledge.engine.task import Task
 from darkknowledge.errors import ConfigError
 from darkknowledge.models import create_model
-from darkknowledge.schemes import SCHEMES
+from darkknowledge.runs.context import RunContext
+from darkknowledge.schemes import resolve_scheme
 from darkknowledge.schemes.pipeline import Pipeline
-from darkknowledge.validation import validate_kwargs
-from helpers import dk, results, write_recipe
+from helpers import TINY, dk, results, write_recipe
 
 KD = {"kd": {"T": 4.0, "alpha": 0.9}}
 STAGES = [
@@ -30,68 +31,60 @@ STAGES = [
 
 
 def _stages(stages):
-    return validate_kwargs(SCHEMES.get("pipeline").params_fn(), {"stages": stages}, "scheme.params",
-                           exclude=("ctx", "seed"))["stages"]
+    """``scheme.params`` of a pipeline with these stages, validated as a recipe's are."""
+    return resolve_scheme("pipeline", {"stages": stages})[1]
 
 
-class StubContext:
-    """What a pipeline uses of SchemeContext; ``train`` records who taught whom."""
+class StubContext(RunContext):
+    """A run context without data: ``train`` records who taught whom (each stage's task, built
+    when its stage starts) and nudges the trained weights."""
 
     def __init__(self, has_teacher=False):
-        self.cfg = SimpleNamespace(losses=KD, teacher=True if has_teacher else None)
-        self.scheme_name = "pipeline"
+        raw = deep_merge(TINY, {"student": {"name": "mlp", "params": {"hidden": [8]}}, "losses": KD,
+                                "scheme": {"name": "pipeline"}})
+        if not has_teacher:
+            del raw["teacher"]
+        cfg = load_config(raw)
+        session = SimpleNamespace(cfg=cfg, bundle=SimpleNamespace(info=DatasetInfo("mnist1d", 10, (40,))))
+        super().__init__(session, cfg)  # type: ignore[arg-type]
         self.trained: list[dict] = []
         self._teacher = create_model("mlp", hidden=[16])
 
     def teacher(self):
         return self._teacher
 
-    def model(self, spec, seed=None, where="student"):
-        torch.manual_seed(seed or 0)
-        spec = spec if isinstance(spec, ModelConfig) else ModelConfig(**spec)
-        return create_model(spec.name, num_classes=10, input_shape=(40,), **spec.params)
-
-    def student(self, seed):
-        return self.model({"name": "mlp", "params": {"hidden": [8]}}, seed)
-
-    def objective(self, losses=None):
-        return build_objective(dict(losses if losses is not None else self.cfg.losses))
-
-    def train_cfg(self, overrides=None, where=""):
-        return dict(overrides)
-
-    def stage_name(self, seed, part=None):
-        return f"pipeline-{part}-s{seed}" if part else f"pipeline-s{seed}"
-
-    def train(self, stage, scheme, seed, role="student", train_cfg=None, with_transfer=False, label=None):
-        model = scheme.eval_models()["student"]
+    def train(self, stage, task: Task, seed, role="student", train_cfg=None, with_transfer=False, label=None):
+        model = task.eval_models()["student"]
+        teacher = task.teachers[0] if task.teachers else None
         self.trained.append({"stage": stage, "role": role, "model": model, "train_cfg": train_cfg,
-                             "teacher": scheme.teacher.model if scheme.teacher is not None else None,
-                             "teacher_hash": scheme.teacher_hash(), "transfer": with_transfer,
-                             "losses": list(scheme.module.objective.terms)})
+                             "teacher": teacher.model if teacher is not None else None,
+                             "teacher_hash": task.fingerprint(), "transfer": with_transfer,
+                             "losses": list(task.flow.objective.terms)})
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(0.01)
+        self.exports[stage] = task.export_model()
         return [{"name": stage, "role": role}]
 
 
 def test_stages_teach_in_order_and_the_last_is_the_student():
     ctx = StubContext()
     stages = _stages([*STAGES[:2], {**STAGES[2], "train": {"epochs": 2}}])
-    entries = Pipeline.run(ctx, 0, stages=stages)
+    entries = Pipeline.run(ctx, 0, stages)
     big, mid, last = ctx.trained
     assert [t["stage"] for t in ctx.trained] == ["pipeline-big-s0", "pipeline-mid-s0", "pipeline-s0"]
     assert [t["role"] for t in ctx.trained] == ["big", "mid", "student"]
     assert entries[0]["name"] == "pipeline-s0"  # the primary leads
-    assert big["teacher"] is None and big["losses"] == ["ce"] and not big["transfer"]
+    assert big["teacher"] is None and big["teacher_hash"] is None and big["losses"] == ["ce"] and not big["transfer"]
     assert mid["teacher"] is big["model"] and last["teacher"] is mid["model"] and last["transfer"]
     assert last["teacher_hash"] == state_hash(mid["model"])  # the trained weights teach
-    assert last["train_cfg"] == {"epochs": 2} and big["train_cfg"] is None
+    assert last["train_cfg"].epochs == 2 != ctx.cfg.train.epochs and big["train_cfg"] is None
+    assert last["train_cfg"].optimizer == ctx.cfg.train.optimizer  # the stage's train merged over the recipe's
 
 
 def test_recipe_teacher_can_teach_a_stage():
     ctx = StubContext(has_teacher=True)
-    Pipeline.run(ctx, 1, stages=_stages([{"name": "only", "teacher": "teacher", "losses": KD}]))
+    Pipeline.run(ctx, 1, _stages([{"name": "only", "teacher": "teacher", "losses": KD}]))
     assert ctx.trained[0]["teacher"] is ctx.teacher() and ctx.trained[0]["role"] == "student"
 
 
@@ -105,14 +98,14 @@ def test_recipe_teacher_can_teach_a_stage():
 def test_bad_stage_references_are_clear_errors_before_training(stages, match):
     ctx = StubContext()
     with pytest.raises(ConfigError, match=match):
-        Pipeline.run(ctx, 0, stages=_stages(stages))
+        Pipeline.run(ctx, 0, _stages(stages))
     assert ctx.trained == []
 
 
 def test_losses_needing_a_teacher_on_a_stage_without_one_fail_before_training():
     ctx = StubContext()
     with pytest.raises(ConfigError, match=r"stages.1.losses: losses \['kd'\] need a teacher"):
-        Pipeline.run(ctx, 0, stages=_stages([STAGES[0], {"name": "x", "losses": KD}]))
+        Pipeline.run(ctx, 0, _stages([STAGES[0], {"name": "x", "losses": KD}]))
     assert ctx.trained == []
 
 

@@ -4,38 +4,76 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
-from darkknowledge.build import build_objective
+from darkknowledge.runs.build import build_objective
 from darkknowledge.config import ModelConfig
 from darkknowledge.data.batch import Batch
 from darkknowledge.engine.checkpoint import export_model, load_exported
 from darkknowledge.errors import ShapeError
+from darkknowledge.losses.base import Outputs, SetupInfo
 from darkknowledge.models import count_params, create_model
-from darkknowledge.schemes.residual import Residual, residual_losses
+from darkknowledge.schemes.residual import FEATURE, mimic_objective, residual_task
+from darkknowledge.schemes.task import FlowTask
+from darkknowledge.teachers.base import Teacher
+from darkknowledge.teachers.residual import ResidualTarget
 from helpers import dk, results, write_recipe
 
 
-def _scheme(beta=1.0, gamma=1.0, pair_ce=0.0, losses=None):
+def _scheme(beta=1.0, gamma=1.0, pair_ce=0.0, losses=None) -> tuple[FlowTask, nn.Module, nn.Module, Batch]:
     torch.manual_seed(0)
     teacher = create_model("cnn1d", channels=4)  # feature (B, 4 * 10)
     student = create_model("mlp", hidden=[12])
     assistant = ModelConfig(name="mlp", params={"hidden": [8]}).model_dump(exclude={"checkpoint"})
     objective = build_objective(losses or {"kd": {"T": 4.0, "alpha": 0.9}})
-    scheme = Residual.from_models(teacher, student, assistant, objective, beta=beta, gamma=gamma, pair_ce=pair_ce, seed=0)
+    task = residual_task(teacher, student, assistant, objective, beta=beta, gamma=gamma, pair_ce=pair_ce, seed=0)
     batch = Batch(torch.randn(6, 40), torch.tensor([0, 1, 2, 3, -1, -1]), torch.arange(6))
-    scheme.setup(batch)
-    return scheme, teacher, student, batch
+    task.setup(batch)
+    return task, teacher, student, batch
 
 
 def _grads(module):
     return {n: (p.grad.abs().sum().item() if p.grad is not None else None) for n, p in module.named_parameters()}
 
 
+class _FixedFeature(Teacher):
+    """A frozen teacher stand-in whose feature at ``fc:input`` is ``f_t``."""
+
+    standalone = True
+
+    def __init__(self, f_t: torch.Tensor) -> None:
+        super().__init__()
+        self.f_t, self.model = f_t, nn.ModuleDict({"fc": nn.Identity()})
+
+    def __call__(self, batch, views=None) -> Outputs:
+        return Outputs(logits=None, features={FEATURE: self.f_t})
+
+
+def residual_terms(f_s: torch.Tensor, f_a: torch.Tensor, f_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pair's two terms on given features, as the plan wires them: ``mimic`` (fitnet without
+    regressor, connector vs the teacher's feature) and ``residual`` (fitnet without regressor,
+    assistant vs the :class:`ResidualTarget` ``sg(F_T - F_S)``)."""
+    teacher = _FixedFeature(f_t)
+    target = ResidualTarget(teacher, "pair", "connector", FEATURE)  # type: ignore[arg-type]
+    pair = nn.ModuleDict({"connector": nn.Identity(), "assistant": nn.Identity()})
+    batch = Batch(torch.zeros(len(f_s), 1), torch.zeros(len(f_s), dtype=torch.long), torch.arange(len(f_s)))
+    view = Outputs(logits=None, features={"connector": f_s, "assistant": f_a})
+    info = SetupInfo(num_samples=len(f_s), batch_size=len(f_s))
+    out = []
+    for objective, source in ((mimic_objective("mimic", "connector", 1.0), teacher),
+                              (mimic_objective("residual", "assistant", 1.0), target)):
+        objective.bind(pair, teacher.model)
+        given = source(batch, {"pair": view})
+        objective.setup(view, given, info)
+        out.append(objective(view, given, batch)[0])
+    return out[0], out[1]
+
+
 def test_mimic_trains_the_student_and_residual_trains_the_assistant_only():
     f_s = torch.randn(5, 7, requires_grad=True)
     f_a = torch.randn(5, 7, requires_grad=True)
     f_t = torch.randn(5, 7)
-    mimic, residual = residual_losses(f_s, f_a, f_t)
+    mimic, residual = residual_terms(f_s, f_a, f_t)
     residual.backward()
     assert f_s.grad is None and f_a.grad is not None  # the residual target is detached
     assert torch.allclose(f_a.grad, 2 * (f_a - (f_t - f_s)).detach() / f_a.numel())
@@ -46,13 +84,15 @@ def test_mimic_trains_the_student_and_residual_trains_the_assistant_only():
 
 def test_a_perfect_assistant_has_zero_residual_loss():
     f_s, f_t = torch.randn(3, 4), torch.randn(3, 4)
-    _, residual = residual_losses(f_s, f_t - f_s, f_t)
+    _, residual = residual_terms(f_s, f_t - f_s, f_t)
     assert residual.item() == pytest.approx(0.0, abs=1e-12)
 
 
 def test_mismatched_features_are_a_shape_error():
-    with pytest.raises(ShapeError, match="feature shapes differ"):
-        residual_losses(torch.randn(2, 3), torch.randn(2, 4), torch.randn(2, 3))
+    with pytest.raises(ShapeError, match="needs equal shapes"):  # assistant vs teacher feature
+        residual_terms(torch.randn(2, 3), torch.randn(2, 4), torch.randn(2, 3))
+    with pytest.raises(ShapeError, match="equal shapes|differ in shape"):  # student vs teacher feature
+        residual_terms(torch.randn(2, 4), torch.randn(2, 3), torch.randn(2, 3))
 
 
 def test_pair_inference_is_the_teacher_classifier_of_student_plus_assistant():
@@ -73,6 +113,7 @@ def test_pair_inference_is_the_teacher_classifier_of_student_plus_assistant():
 def test_one_step_gradients_follow_the_paper():
     scheme, teacher, _, batch = _scheme()
     module = scheme.module
+    assert module is scheme.flow
     loss, terms = scheme.training_step(module, batch, 0.0)
     assert set(terms) == {"kd", "mimic", "residual"}
     loss.backward()
@@ -91,12 +132,12 @@ def test_the_assistant_gets_no_gradient_without_its_loss_and_pushes_nothing_back
     assert _grads(scheme.module)["pair.assistant.fc.weight"] == 0.0
     # with only the residual loss, the student side gets nothing: the target is detached
     scheme, _, _, batch = _scheme(beta=0.0, losses={"ce": {}})
-    module = scheme.module
-    module.objective.terms["ce"].requires_grad_(False)
-    _, f_s, f_a = module.pair.parts(batch.x)
-    f_t = scheme.teacher_outputs(batch).features["fc:input"].flatten(1)
-    residual_losses(f_s, f_a, f_t)[1].backward()
-    g = _grads(module)
+    flow = scheme.flow
+    [residual] = [link for link in flow.links if isinstance(link.teacher, ResidualTarget)]
+    loss, terms = residual(flow.compute_views(batch), batch, 0.0)
+    assert set(terms) == {"residual"}
+    loss.backward()
+    g = _grads(flow)
     assert g["pair.connector.weight"] is None and g["head.weight"] is None
     assert g["pair.student.blocks.0.0.weight"] is None
     assert g["pair.assistant.fc.weight"] > 0
@@ -123,7 +164,7 @@ def test_export_reloads_as_a_zoo_model(tmp_path):
 def test_teacher_without_linear_fc_is_refused():
     teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(40, 10))
     with pytest.raises(ShapeError, match="no Linear `fc`"):
-        Residual.from_models(teacher, create_model("mlp", hidden=[8]), {"name": "mlp"}, build_objective({"ce": {}}))
+        residual_task(teacher, create_model("mlp", hidden=[8]), {"name": "mlp"}, build_objective({"ce": {}}))
 
 
 @pytest.mark.slow

@@ -4,30 +4,49 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
-import yaml
 import torch.nn.functional as F
-from torch import nn
+import yaml
+from helpers import TINY, dk, results
 
-from darkknowledge.build import build_objective, check_config
-from darkknowledge.commands import compare
 from darkknowledge.config import deep_merge, load_config
 from darkknowledge.data.batch import Batch
-from darkknowledge.errors import ConfigError
-from darkknowledge.schemes.cskd import CSKD, ClassPartners, class_wise_kd_loss
-from darkknowledge.schemes.tfkd import TfKD, tf_reg_loss, tfkd_objective, virtual_teacher
+from darkknowledge.data.bundle import DatasetInfo
+from darkknowledge.data.loader import BatchLoader
+from darkknowledge.data.tensors import TensorData
 from darkknowledge.engine.checkpoint import load_exported
-from helpers import TINY, dk, results
+from darkknowledge.errors import ConfigError
+from darkknowledge.runs.build import check_config
+from darkknowledge.runs.context import RunContext
+from darkknowledge.schemes.cskd import CSKD
+from darkknowledge.schemes.task import FlowTask
+from darkknowledge.schemes.tfkd import TfKD
+from darkknowledge.teachers.classwise import ClassPartners
+from darkknowledge.teachers.peers import Peer
+from darkknowledge.teachers.virtual import Virtual, virtual_teacher
+
+CSKD_LOSSES = {"ce": {}, "cls": {"loss": "kd", "T": 4.0, "alpha": 1.0, "weight": 1.0}}
+TFKD_LOSSES = {"ce": {"weight": 0.9}, "tf_reg": {"loss": "kd", "T": 1.0, "alpha": 1.0, "weight": 0.1}}
 
 
 def tiny(scheme: Any, losses: dict[str, Any] | None = None, **changes: Any):
-    """TINY without a teacher, with a teacher-free objective (``ce`` unless ``losses``)."""
+    """TINY without a teacher, with ``losses`` (default: ``ce`` and the scheme's teacher term)."""
+    name = scheme if isinstance(scheme, str) else scheme["name"]
     base = {k: v for k, v in TINY.items() if k not in ("teacher", "losses")}
     raw = deep_merge(base, {"seeds": [0], "train": {"epochs": 1}, "scheme": scheme, **changes})
-    return load_config({**raw, "losses": losses if losses is not None else {"ce": {}}})
+    default = CSKD_LOSSES if name == "cskd" else TFKD_LOSSES
+    return load_config({**raw, "losses": losses if losses is not None else default})
+
+
+def fake_ctx(scheme: Any, losses: dict[str, Any] | None = None, k: int = 4, d: int = 6) -> RunContext:
+    """A context for ``k`` classes of ``d``-dim inputs without loading data (an MLP student)."""
+    cfg = tiny(scheme, losses, student={"name": "mlp", "params": {"hidden": [8]}})
+    session = SimpleNamespace(cfg=cfg, bundle=SimpleNamespace(info=DatasetInfo("toy", k, (d,))))
+    return RunContext(session, cfg)  # type: ignore[arg-type]
 
 
 def toy(n: int = 40, k: int = 4, d: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,42 +95,56 @@ def test_unlabelled_and_lonely_samples_get_no_partner():
     assert p.tolist() == [1, 0, 2, 3, 5, 4]
 
 
+def cskd_task(x: torch.Tensor, y: torch.Tensor, k: int, losses: dict[str, Any] | None = None) -> FlowTask:
+    """CS-KD's plan for an MLP student, attached to the training data ``(x, y)``."""
+    torch.manual_seed(0)
+    task = CSKD.task(fake_ctx("cskd", losses, k=k, d=x.shape[1]), 0, CSKD.Params())
+    task.attach(BatchLoader(TensorData(x, y), 8, shuffle=False))
+    return task
+
+
 def test_class_wise_term_matches_the_formula_and_is_detached():
+    """A sample is taught by the network's own detached prediction on its partner; one without a
+    partner is its own partner: it adds 0 to the term (which averages over the whole batch) and
+    gets no class-wise gradient."""
     g = torch.Generator().manual_seed(1)
-    z = torch.randn(5, 4, generator=g, requires_grad=True)
-    zp = torch.randn(5, 4, generator=g, requires_grad=True)
-    has = torch.tensor([True, True, False, True, True])
-    T = 3.0
-    loss = class_wise_kd_loss(z, zp, has, T)
-    q, log_p = F.softmax(zp / T, -1), F.log_softmax(z / T, -1)
+    x = 4 * torch.randn(6, 5, generator=g)
+    y = torch.tensor([0, 0, 1, -1, 2, 2])  # class 1 has one sample; sample 3 is unlabelled
+    T = 2.0
+    task = cskd_task(x, y, 3, {"cls": {"loss": "kd", "T": T, "alpha": 1.0}})
+    student = task.flow.student
+    assert [type(t) for t in task.teachers] == [Peer]
+    b = Batch(x.clone().requires_grad_(), y, torch.arange(6))
+    task.setup(b)
+    views = task.flow.compute_views(b)
+    assert not task.teachers[0](b, views).logits.requires_grad  # the partner half is a constant teacher
+    loss, terms = task.module(b, 0.5)
+    assert set(terms) == {"cls"}
+    p, has = task.flow.partners.draw(b.idx, y, round(0.5 * 1_000_000))
+    with torch.no_grad():
+        q = F.softmax(student(x[p]) / T, -1)
+    log_p = F.log_softmax(student(x) / T, -1)
     per = (q * (q.log() - log_p)).sum(-1)  # (B,)
-    assert loss.item() == pytest.approx((T * T * per[has].mean()).item(), rel=1e-5)
+    assert loss.item() == pytest.approx((T * T * per[has].sum() / 6).item(), rel=1e-4)  # float32 rounding
     loss.backward()
-    assert zp.grad is None or not zp.grad.any()  # the partner is the (constant) teacher
-    assert not z.grad[2].any() and z.grad[0].any()  # a sample without partner gets no class-wise gradient
-
-
-def _cskd_scheme(x, y, student, T=4.0, lam=2.0):
-    partners = ClassPartners(x, y, 4, seed=0)
-    return CSKD(student, build_objective({"ce": {}}), partners, T, lam), partners
+    assert b.x.grad[~has].abs().max() < 1e-6 and b.x.grad[has].abs().sum() > 0
 
 
 def test_cskd_loss_and_gradient_equal_the_hand_computation():
     x, y = toy()
-    torch.manual_seed(0)
-    student = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
-    scheme, partners = _cskd_scheme(x, y, student)
+    task = cskd_task(x, y, 4, {"ce": {}, "cls": {"loss": "kd", "T": 4.0, "alpha": 1.0, "weight": 2.0}})
+    student = task.flow.student
     idx = torch.tensor([0, 7, 13, 22, 39])
     batch = Batch(x[idx], y[idx], idx)
-    scheme.setup(batch)
-    loss, terms = scheme.module(batch, None, 0.25)
+    task.setup(batch)
+    loss, terms = task.module(batch, 0.25)
     assert set(terms) == {"ce", "cls"}
     student.zero_grad()
     loss.backward()
     got = [p.grad.clone() for p in student.parameters()]
 
-    p, _ = partners.draw(idx, y[idx], round(0.25 * 1_000_000))
-    assert torch.equal(y[p], y[idx])
+    p, _ = ClassPartners(x, y, 4, seed=0).draw(idx, y[idx], round(0.25 * 1_000_000))  # the run seed's draw
+    assert torch.equal(y[p], y[idx]) and (p != idx).all()
     student.zero_grad()
     z = student(x[idx])
     with torch.no_grad():  # the official code: the partner forward is a constant
@@ -122,24 +155,35 @@ def test_cskd_loss_and_gradient_equal_the_hand_computation():
     expected.backward()
     for a, b in zip(got, (q.grad for q in student.parameters())):
         assert torch.allclose(a, b, atol=1e-6)
-    assert scheme.describe()["losses"] == ["ce", "cls"] and scheme.describe()["adapter_params"] == 0
+    assert task.describe()["losses"] == ["ce", "cls"] and task.describe()["adapter_params"] == 0
+    assert task.export_model() is student and list(task.eval_models()) == ["student"]
 
 
 def test_cskd_refuses_batches_not_from_the_training_split():
     x, y = toy()
-    scheme, _ = _cskd_scheme(x, y, nn.Linear(6, 4))
+    task = cskd_task(x, y, 4)
     bad = Batch(x[:4], torch.tensor([1, 1, 1, 1]), torch.arange(4))  # labels differ from the split's
-    with pytest.raises(ConfigError, match="transfer set"):
-        scheme.setup(bad)
+    with pytest.raises(ConfigError, match="training"):
+        task.setup(bad)
 
 
-def test_cskd_bad_params_and_teacher_losses_fail_clearly(tmp_path):
-    with pytest.raises(ConfigError, match=r"scheme\.params\.T.*greater than 0"):
-        check_config(tiny({"name": "cskd", "params": {"T": 0}}))
-    with pytest.raises(ConfigError, match=r"scheme\.params\.lambda_cls.*greater than or equal to 0"):
-        check_config(tiny({"name": "cskd", "params": {"lambda_cls": -1}}))
-    with pytest.raises(ConfigError, match=r"losses\.kd.*needs one.*ce"):
-        compare(tiny("cskd", losses={"kd": {}}), out=tmp_path / "r", progress=False)
+def test_cskd_needs_the_training_tensors():
+    task = CSKD.task(fake_ctx("cskd"), 0, CSKD.Params())
+    x, y = toy()
+    with pytest.raises(RuntimeError, match="attach"):
+        task.module(Batch(x[:4], y[:4], torch.arange(4)), 0.0)
+    with pytest.raises(ConfigError, match="in-memory tensor dataset"):
+        task.attach(SimpleNamespace(data=[(x[0], y[0])]))
+
+
+def test_cskd_bad_params_and_losses_fail_clearly():
+    with pytest.raises(ConfigError, match=r"scheme\.params\.T: not a parameter of scheme 'cskd' any more; .*losses\.<term>\.T"):
+        check_config(tiny({"name": "cskd", "params": {"T": 4.0}}))
+    with pytest.raises(ConfigError, match=r"scheme\.params\.lambda_cls: not a parameter of scheme 'cskd' any more; "
+                                          r".*losses\.cls: \{loss: kd, .*weight: lambda_cls\}"):
+        check_config(tiny({"name": "cskd", "params": {"lambda_cls": 3.0}}))
+    with pytest.raises(ConfigError, match=r"scheme 'cskd': none of the losses \['ce'\] reads a teacher.*cls: \{loss: kd"):
+        CSKD.check(fake_ctx("cskd", {"ce": {}}), 0, CSKD.Params())
 
 
 # ---------------------------------------------------------------- Tf-KD_reg
@@ -161,38 +205,52 @@ def test_virtual_teacher_matches_the_official_formula():
 
 
 def test_tfkd_loss_equals_a_hand_computation():
+    """``(1 - alpha) CE + alpha * multiplier * KL(p^d_T || softmax(z))`` with alpha 0.3, multiplier 2:
+    ``ce: {weight: 0.7}, tf_reg: {loss: kd, T: 1, alpha: 1, weight: 0.6}``; the unlabelled row adds 0."""
     g = torch.Generator().manual_seed(0)
-    z = torch.randn(4, 5, generator=g, requires_grad=True)
+    x = torch.randn(4, 6, generator=g)
     y = torch.tensor([1, 4, -1, 0])
-    loss = tf_reg_loss(z, y, a=0.95, T=4.0)
+    losses = {"ce": {"weight": 0.7}, "tf_reg": {"loss": "kd", "T": 1.0, "alpha": 1.0, "weight": 0.6}}
+    torch.manual_seed(0)
+    task = TfKD.task(fake_ctx({"name": "tfkd", "params": {"a": 0.95, "T": 4.0}}, losses, k=5), 0,
+                     TfKD.Params(a=0.95, T=4.0))
+    student = task.flow.student
+    (teacher,) = task.teachers
+    assert isinstance(teacher, Virtual) and (teacher.a, teacher.T) == (0.95, 4.0)
+    assert task.fingerprint() is None  # no network teaches: nothing to check on resume
+    b = Batch(x.clone().requires_grad_(), y, torch.arange(4))
+    task.setup(b)
+    total, terms = task.module(b, 0.0)
+    assert set(terms) == {"ce", "tf_reg"}
+
+    z = student(x)
     keep = y >= 0
     q = virtual_teacher(y, 5, 0.95, 4.0)[keep]
-    hand = (q * (q.log() - F.log_softmax(z[keep], -1))).sum(-1).mean()  # student not softened
-    assert loss.item() == pytest.approx(hand.item(), rel=1e-5)
-    loss.backward()
-    assert not z.grad[2].any()  # the unlabelled row is ignored
+    hand = (q * (q.log() - F.log_softmax(z[keep], -1))).sum(-1).sum() / 4  # student not softened
+    assert terms["tf_reg"].item() == pytest.approx(hand.item(), rel=1e-5)
+    ce = F.cross_entropy(z, y, ignore_index=-1)
+    assert total.item() == pytest.approx((0.7 * ce + 0.6 * hand).item(), rel=1e-5)
 
-    objective = tfkd_objective(build_objective({"ce": {}}), a=0.95, T=4.0, alpha=0.3, multiplier=2.0)
-    scheme = TfKD(nn.Identity(), objective)
-    batch = Batch(z.detach(), y, torch.arange(4))
-    total, terms = scheme.module(batch, None, 0.0)
-    ce = F.cross_entropy(z.detach(), y, ignore_index=-1)
-    assert total.item() == pytest.approx((0.7 * ce + 0.3 * 2.0 * hand).item(), rel=1e-5)
-    assert set(terms) == {"ce", "tf_reg"}
-    assert scheme.teacher is None and scheme.teacher_hash() is None
+    views = task.flow.compute_views(b)  # the virtual term alone: the unlabelled row is ignored
+    task.flow.objective.terms["tf_reg"](views["student"], teacher(b, views), b).backward()
+    assert b.x.grad[2].abs().max() < 1e-8 and b.x.grad[0].abs().min() > 1e-4  # its own prediction: 0 up to rounding
 
 
-def test_tfkd_bad_params_fail_clearly(tmp_path):
+def test_tfkd_bad_params_fail_clearly():
     with pytest.raises(ConfigError, match=r"scheme\.params\.a.*less than 1"):
         check_config(tiny({"name": "tfkd", "params": {"a": 1.0}}))
-    with pytest.raises(ConfigError, match=r"scheme\.params\.alpha.*less than or equal to 1"):
-        check_config(tiny({"name": "tfkd", "params": {"alpha": 1.5}}))
+    with pytest.raises(ConfigError, match=r"scheme\.params\.alpha: not a parameter of scheme 'tfkd' any more; "
+                                          r".*ce: \{weight: 1 - alpha\}"):
+        check_config(tiny({"name": "tfkd", "params": {"alpha": 0.5}}))
+    with pytest.raises(ConfigError, match=r"scheme\.params\.multiplier: not a parameter .*losses\.tf_reg\.weight"):
+        check_config(tiny({"name": "tfkd", "params": {"multiplier": 2.0}}))
     with pytest.raises(ConfigError, match=r"scheme\.params\.temperature: unknown parameter"):
         check_config(tiny({"name": "tfkd", "params": {"temperature": 2}}))
-    with pytest.raises(ConfigError, match=r"losses\.kd.*needs one"):
-        compare(tiny("tfkd", losses={"kd": {}}), out=tmp_path / "r", progress=False)
-    with pytest.raises(ConfigError, match=r"losses\.tf_reg.*reserved"):
-        tfkd_objective(build_objective({"tf_reg": {"loss": "ce"}}), 0.9, 1.0, 0.5, 1.0)
+    with pytest.raises(ConfigError, match=r"scheme 'tfkd': none of the losses \['ce'\] reads a teacher"):
+        TfKD.check(fake_ctx("tfkd", {"ce": {}}), 0, TfKD.Params())
+    fitnet = {"ce": {}, "fitnet": {"student_taps": ["fc:input"], "teacher_taps": ["fc:input"]}}
+    with pytest.raises(ConfigError, match=r"virtual teacher.*has no features"):
+        TfKD.check(fake_ctx("tfkd", fitnet), 0, TfKD.Params())
 
 
 # ---------------------------------------------------------------- end to end

@@ -5,59 +5,50 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import pytest
-import torch.nn.functional as F
 from pydantic import Field
-from torch import nn
 
-from darkknowledge.build import check_config
+from darkknowledge.runs.build import check_config
 from darkknowledge.cli import main
 from darkknowledge.commands import compare, distill
 from darkknowledge.config import load_config
 from darkknowledge.errors import ConfigError, RegistryError
-from darkknowledge.losses.kd import kd_soft_loss
-from darkknowledge.schemes import SCHEMES, Scheme, register_scheme
-from darkknowledge.schemes.context import SchemeContext
+from darkknowledge.schemes import SCHEMES, Context, Scheme, SchemeParams, register_scheme
+from darkknowledge.schemes.task import FlowTask
+from darkknowledge.teachers.flow import Flow, Link
+from darkknowledge.teachers.peers import Peer
 from helpers import TINY, results
 
 
-class _Pair(nn.Module):
-    def __init__(self, a: nn.Module, b: nn.Module, weight: float) -> None:
-        super().__init__()
-        self.a, self.b, self.weight = a, b, weight
+class PairTask(FlowTask):
+    """The pair's task; counts the optimizer steps the engine reports."""
 
-    def forward(self, batch: Any, teacher: Any, epoch_progress: float = 0.0):
-        za, zb = self.a(batch.x), self.b(batch.x)  # (B, K) each
-        ce = F.cross_entropy(za, batch.y, ignore_index=-1) + F.cross_entropy(zb, batch.y, ignore_index=-1)
-        kl = kd_soft_loss(za, zb.detach(), 2.0)
-        return ce + self.weight * kl, {"ce": ce.detach(), "kl": kl.detach()}
+    def __init__(self, flow: Flow) -> None:
+        super().__init__(flow, {"student": flow.student, "partner": flow.partner})
+        self.steps = 0
+
+    def after_step(self, part: str = "main") -> None:
+        super().after_step(part)
+        self.steps += 1
+
+
+class PairParams(SchemeParams):
+    weight: Annotated[float, Field(ge=0)] = Field(default=1.0, description="weight of the student's kd term")
 
 
 class PairScheme(Scheme):
-    """A two-model test scheme: model a learns from b; both are evaluated."""
+    """A two-model test scheme: the student learns from the partner (a peer, detached); both are evaluated."""
 
     citation = "test"
     summary = "a learns from b"
-
-    def __init__(self, a: nn.Module, b: nn.Module, weight: float) -> None:
-        self._module = _Pair(a, b, weight)
-        self.steps = 0
-
-    @property
-    def module(self) -> nn.Module:
-        return self._module
+    Params = PairParams
 
     @classmethod
-    def build(cls, ctx: SchemeContext, seed: int, *, weight: Annotated[float, Field(ge=0)] = 1.0) -> PairScheme:
-        return cls(ctx.student(seed), ctx.model(None, seed + 100, where="peer"), weight)
-
-    def after_step(self) -> None:
-        self.steps += 1
-
-    def eval_models(self) -> dict[str, nn.Module]:
-        return {"student": self._module.a, "partner": self._module.b}
-
-    def describe(self) -> dict[str, Any]:
-        return {"losses": ["ce", "kl"], "adapter_params": 0}
+    def task(cls, ctx: Context, seed: int, params: PairParams) -> PairTask:
+        student, partner = ctx.student(seed), ctx.model(None, seed + 100, where="peer")
+        taught = ctx.objective({"ce": {}, "kd": {"T": 2.0, "alpha": 1.0, "weight": params.weight}})
+        links = [Link("student", taught, Peer("partner", partner)),
+                 Link("partner", ctx.objective({"ce": {}}), suffix="@partner")]
+        return PairTask(Flow({"student": student, "partner": partner}, links))
 
 
 @pytest.fixture
@@ -92,14 +83,14 @@ def test_unknown_scheme_and_bad_params_fail_before_running(pair_scheme):
 
 
 def test_a_scheme_runs_as_a_stage_with_a_row_per_evaluated_model(tmp_path, pair_scheme, monkeypatch):
-    made: list[PairScheme] = []
-    build = PairScheme.build.__func__
+    made: list[PairTask] = []
+    task = PairScheme.task.__func__
 
-    def spy(cls, ctx, seed, **params):
-        made.append(build(cls, ctx, seed, **params))
+    def spy(cls, ctx, seed, params):
+        made.append(task(cls, ctx, seed, params))
         return made[-1]
 
-    monkeypatch.setattr(PairScheme, "build", classmethod(spy))
+    monkeypatch.setattr(PairScheme, "task", classmethod(spy))
     cfg = tiny(scheme={"name": "test_pair", "params": {"weight": 0.5}}, teacher=None)
     res = compare(cfg, out=tmp_path / "run", progress=False)
     roles = [r["role"] for r in res["rows"]]
@@ -108,7 +99,8 @@ def test_a_scheme_runs_as_a_stage_with_a_row_per_evaluated_model(tmp_path, pair_
     assert len(made) == 2  # a dry build checks the recipe before any training, then the real one
     assert made[1].steps == entries["test_pair-s0"]["steps"] == 16  # after_step once per optimizer step (800 / 50)
     assert entries["test_pair-s0:partner"]["member_of"] == "test_pair-s0"
-    assert made[1].module.weight == 0.5
+    assert made[1].flow.objective.schedules["kd"].weight == 0.5
+    assert entries["test_pair-s0"]["losses"] == ["ce", "ce@partner", "kd"]  # the partner's terms are suffixed
     assert "| mlp | partner | test_pair |" in res["report"].read_text()
     student = next(r for r in res["rows"] if r["role"] == "student")
     assert student["method"] == "test_pair"
@@ -139,18 +131,21 @@ def test_list_and_explain_schemes(capsys, pair_scheme):
 
 
 def test_a_scheme_that_cannot_be_built_fails_before_any_training(tmp_path, pair_scheme, monkeypatch):
-    def broken(cls, ctx, seed, **params):
+    def broken(cls, ctx, seed, params):
         raise ConfigError("scheme.params.stages.0: no module 'blocks.9'")
 
-    monkeypatch.setattr(PairScheme, "build", classmethod(broken))
+    monkeypatch.setattr(PairScheme, "task", classmethod(broken))
     with pytest.raises(ConfigError, match="blocks.9"):
         compare(tiny(scheme="test_pair", teacher=None), out=tmp_path / "run", progress=False)
     assert not list((tmp_path / "run").rglob("*.pt"))  # not even the baseline trained
 
 
-def test_every_scheme_takes_the_transfer_switch(tmp_path, pair_scheme):
-    with pytest.raises(ConfigError, match=r"scheme\.params\.transfer: must be true or false \(got 'yes'\)"):
+def test_the_transfer_switch_is_true_or_false(pair_scheme):
+    with pytest.raises(ConfigError, match=r"scheme\.params\.transfer: .*(true or false|boolean).*\(got 'yes'\)"):
         check_config(tiny(scheme={"name": "test_pair", "params": {"transfer": "yes"}}))
+
+
+def test_every_scheme_takes_the_transfer_switch(tmp_path, pair_scheme):
     data = {"params": {"num_samples": 1000, "transfer_samples": 200}}
     off = distill(tiny(scheme="test_pair", teacher=None, data=data), out=tmp_path / "off", progress=False)
     on = distill(tiny(scheme={"name": "test_pair", "params": {"transfer": True}}, teacher=None, data=data),

@@ -27,18 +27,30 @@ FRAMEWORK_ARGS = ("root", "split_seed")
 """Builder arguments supplied by ``load_dataset`` itself, not by ``data.params``."""
 
 
-def register_dataset(name: str) -> Callable[[DatasetBuilder], DatasetBuilder]:
+Example = Callable[[Path, int], dict[str, Any]]
+"""``example(root, variant) -> data.params``: writes (or selects) a tiny instance of the dataset
+under ``root`` and returns the params that load it; another ``variant`` gives other data."""
+
+
+def register_dataset(name: str, example: Example | None = None) -> Callable[[DatasetBuilder], DatasetBuilder]:
     """Decorator registering a dataset builder under ``name``.
 
     The builder is called as ``builder(root=Path, split_seed=int, **params)`` and returns a
     ``DataBundle`` (its ``info.fingerprint`` may be empty: ``load_dataset`` fills it in).
-    Declare each param with a type hint and a default so recipes are validated.
+    Declare each param with a type hint and a default so recipes are validated. ``example``
+    makes a tiny instance offline (e.g. a few random images in the dataset's file format): the
+    contract tests run every registered dataset through it.
 
     Example:
-        >>> @register_dataset("toy")
+        >>> @register_dataset("toy", example=lambda root, variant: {"n": 10 + variant})
         ... def toy(*, root: Path, split_seed: int, n: int = 100) -> DataBundle: ...
     """
-    return DATASETS.register(name)
+
+    def decorator(builder: DatasetBuilder) -> DatasetBuilder:
+        builder.example = example  # type: ignore[attr-defined]
+        return DATASETS.register(name)(builder)
+
+    return decorator
 
 
 def list_datasets() -> list[str]:

@@ -14,6 +14,7 @@ from torch import nn
 from darkknowledge.data.batch import UNLABELED, Batch
 from darkknowledge.engine.device import autocast
 from darkknowledge.engine.distributed import DistContext
+from darkknowledge.losses.base import run_model
 
 
 @torch.inference_mode()
@@ -36,7 +37,7 @@ def evaluate(
     try:
         for batch in batches:
             with autocast(batch.x.device, amp):
-                logits = model(batch.x)  # (B, K)
+                logits = run_model(model, batch.x)  # (B, K)
             logits = logits.float()
             num_classes = logits.shape[-1]
             keep = batch.y != UNLABELED

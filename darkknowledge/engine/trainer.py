@@ -1,10 +1,11 @@
-"""The one training loop that serves every scheme.
+"""The one training loop that serves every task.
 
-Per step: the scheme computes the loss (teacher outputs under inference mode, then the
-trainable module's forward), the engine does autocast, backward, gradient accumulation
-(``no_sync`` under DDP), clipping, the optimizer and the per-step LR schedule. Per epoch:
-evaluation of every model the scheme names, ``metrics.jsonl``, ``last.pt`` and ``best.pt``.
-Loss values stay on the device until logged (no per-step host syncs).
+Per batch, for each trainable part due at that batch: the task computes the loss (its
+``training_step``), the engine does autocast, backward, gradient accumulation (``no_sync``
+under DDP), clipping, the part's optimizer and its per-step LR schedule. Per epoch: evaluation
+of every model the task names, ``metrics.jsonl``, ``last.pt`` and ``best.pt``. Loss values stay
+on the device until the epoch's one host sync. The engine knows tasks only through
+:class:`~darkknowledge.engine.task.Task`.
 """
 
 from __future__ import annotations
@@ -22,16 +23,15 @@ from torch import nn
 
 from darkknowledge.config import TrainConfig
 from darkknowledge.engine.checkpoint import atomic_save, capture_rng, restore_rng, safe_load
-from darkknowledge.engine.device import amp_dtype, autocast, make_grad_scaler
+from darkknowledge.engine.device import amp_dtype, autocast
 from darkknowledge.engine.distributed import DistContext
 from darkknowledge.engine.host_memory import retain_freed_host_memory
-from darkknowledge.engine.lean_step import LeanStep
 from darkknowledge.engine.metrics import MetricsLog, evaluate
-from darkknowledge.engine.optim import build_optimizer, build_scheduler, load_optimizer_state
 from darkknowledge.engine.progress import Progress
-from darkknowledge.errors import CheckpointError
+from darkknowledge.engine.stepper import PartStepper
+from darkknowledge.engine.task import Part, Task
+from darkknowledge.errors import CheckpointError, ConfigError
 from darkknowledge.losses.base import SetupInfo
-from darkknowledge.schemes.base import Scheme
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ class StageResult:
         best: Best epoch of the primary model: ``{"epoch", "top1", "selected_on"}``.
         history: One record per evaluation.
         train_seconds: Wall time spent training (evaluation excluded), across resumes.
+        steps: Optimizer steps (one part), or batches trained on (several parts).
+        epoch_seconds: Training wall time of each epoch run by this call (evaluation excluded).
     """
 
     stage: str
@@ -55,14 +57,32 @@ class StageResult:
     train_seconds: float = 0.0
     steps: int = 0
     epoch_seconds: list[float] = field(default_factory=list)
-    """Training wall time of each epoch run by this call (evaluation excluded)."""
+
+
+def check_parts(parts: list[Part], module: nn.Module) -> None:
+    """Part names unique, parameters of each part inside ``module`` and in one part only."""
+    names = [p.name for p in parts]
+    if not parts or len(set(names)) != len(names):
+        raise ConfigError(f"a task needs parts with distinct names, got {names}")
+    owned = {id(p) for p in module.parameters()}
+    seen: dict[int, str] = {}
+    for part in parts:
+        for p in part.module.parameters():
+            if not p.requires_grad:
+                continue
+            if id(p) not in owned:
+                raise ConfigError(f"part {part.name!r} holds parameters outside the task's module")
+            if id(p) in seen:
+                raise ConfigError(f"parts {seen[id(p)]!r} and {part.name!r} share a parameter; give each "
+                                  "parameter to one part")
+            seen[id(p)] = part.name
 
 
 class Trainer:
-    """Trains a :class:`Scheme`.
+    """Trains a :class:`~darkknowledge.engine.task.Task`.
 
     Args:
-        scheme: Owns the trainable module and the frozen teachers.
+        task: Owns the trainable module (and whatever teaches it).
         train_loader: A ``BatchLoader`` of training batches (``set_epoch``/``iter_from``).
         eval_loader: Test batches (the reported accuracy).
         cfg: Optimisation and engine settings.
@@ -78,7 +98,7 @@ class Trainer:
 
     def __init__(
         self,
-        scheme: Scheme,
+        task: Task,
         train_loader: Any,
         eval_loader: Any,
         cfg: TrainConfig,
@@ -92,7 +112,7 @@ class Trainer:
         config: dict[str, Any] | None = None,
         progress: bool = True,
     ) -> None:
-        self.scheme, self.cfg, self.device, self.stage = scheme, cfg, device, stage
+        self.task, self.cfg, self.device, self.stage = task, cfg, device, stage
         self.train_loader, self.eval_loader, self.val_loader = train_loader, eval_loader, val_loader
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.dist = dist or DistContext()
@@ -110,45 +130,52 @@ class Trainer:
         if path is not None and self.dist.is_main:
             atomic_save(payload, path)
 
-    def _state(self, epoch: int, batch: int, step: int, result: StageResult, opt, sched, scaler) -> dict[str, Any]:
+    def _state(self, epoch: int, batch: int, step: int, result: StageResult,
+               steppers: dict[str, PartStepper]) -> dict[str, Any]:
         return {
-            "format": 1,
+            "format": 2,
             "kind": "train",
             "stage": self.stage,
-            "module": self.scheme.module.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
+            "module": self.task.module.state_dict(),
+            "parts": {name: s.state_dict() for name, s in steppers.items()},
             "epoch": epoch,
             "batch": batch,
             "step": step,
             "rng": capture_rng(),
             "config": self.config,
-            "teacher_hash": self.scheme.teacher_hash(),
+            "teacher_hash": self.task.fingerprint(),
             "history": result.history,
             "best": result.best,
             "last": result.last,
             "train_seconds": result.train_seconds,
         }
 
-    def _resume(self, opt, sched, scaler, result: StageResult) -> tuple[int, int, int]:
+    def _resume(self, steppers: dict[str, PartStepper], result: StageResult) -> tuple[int, int, int]:
         path = self._ckpt("last.pt")
         if path is None or not path.is_file():
             log.info("[%s] no checkpoint to resume from; starting fresh", self.stage)
             return 0, 0, 0
         state = safe_load(path, map_location=self.device)
-        ours, theirs = self.scheme.teacher_hash(), state.get("teacher_hash")
+        ours, theirs = self.task.fingerprint(), state.get("teacher_hash")
         if ours != theirs:
             raise CheckpointError(
                 f"refusing to resume {str(path)!r}: it was trained with teacher weights {theirs}, "
                 f"but this run's teacher has {ours}. Resuming would mix two teachers' knowledge; "
                 "use the original teacher, or start a new run folder with --out."
             )
-        self.scheme.module.load_state_dict(state["module"])
-        load_optimizer_state(opt, state["optimizer"], self.scheme.module)
-        sched.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
+        parts = state.get("parts")
+        if parts is None:  # format 1: one optimizer, saved under its own keys
+            parts = {next(iter(steppers)): {k: state.get(k) for k in ("optimizer", "scheduler", "scaler")}}
+        if set(parts) != set(steppers):
+            raise CheckpointError(f"refusing to resume {str(path)!r}: it holds the parts {sorted(parts)}, "
+                                  f"this task trains {sorted(steppers)}")
+        try:
+            self.task.module.load_state_dict(state["module"])
+        except RuntimeError as exc:
+            raise CheckpointError(f"cannot resume {str(path)!r}: its weights do not fit this stage's models (a "
+                                  f"checkpoint of another recipe, or of an older darkknowledge?): {exc}") from None
+        for name, stepper in steppers.items():
+            stepper.load_state_dict(parts[name], stepper.part.module)
         restore_rng(state["rng"])
         result.history, result.best = list(state["history"]), dict(state["best"])
         result.last, result.train_seconds = dict(state["last"]), float(state["train_seconds"])
@@ -157,14 +184,14 @@ class Trainer:
 
     # ---------------------------------------------------------------- evaluation
     def _evaluate(self, result: StageResult, epoch: int, step: int) -> None:
-        models = self.scheme.eval_models()
+        models = self.task.eval_models()
         test = {name: evaluate(m, self.eval_loader, self.dist, self.amp) for name, m in models.items()}
         val = (
             {name: evaluate(m, self.val_loader, self.dist, self.amp) for name, m in models.items()}
             if self.val_loader is not None
             else None
         )
-        primary = self.scheme.primary
+        primary = self.task.primary
         record = {"stage": self.stage, "epoch": epoch + 1, "step": step, "test": test}
         if val is not None:
             record["val"] = val
@@ -174,113 +201,160 @@ class Trainer:
         score = (val or test)[primary]["top1"]
         if not result.best or score > result.best["score"]:
             result.best = {"epoch": epoch + 1, "score": score, "top1": test[primary]["top1"], "selected_on": selected_on}
-            self._save("best.pt", {"format": 1, "kind": "best", "module": self.scheme.module.state_dict(), "best": result.best})
+            self._save("best.pt", {"format": 2, "kind": "best", "module": self.task.module.state_dict(),
+                                   "best": result.best})
         self.metrics.write({**record, "kind": "eval"})
 
-    def _epoch_means(self, logged: dict[str, list[torch.Tensor]], n_batches: int) -> dict[str, float]:
-        """Mean of each logged term over the epoch's batches, averaged over ranks."""
+    def _epoch_means(self, logged: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+        """Mean of each logged term over the epoch's steps that logged it, averaged over ranks."""
         if not logged:
             return {}
         keys = sorted(logged)
-        stacked = torch.stack([torch.stack(logged[k]).float().sum() for k in keys]) / max(1, n_batches)
+        stacked = torch.stack([torch.stack(logged[k]).float().sum() / len(logged[k]) for k in keys])
         stacked = self.dist.all_reduce_sum(stacked) / self.dist.world_size
         return dict(zip(keys, stacked.tolist()))
 
     # ---------------------------------------------------------------- training
-    def fit(self, resume: bool = False) -> StageResult:
-        """Train for ``cfg.epochs`` (continuing from ``last.pt`` when ``resume``)."""
-        cfg, device, loader = self.cfg, self.device, self.train_loader
-        if device.type == "cpu" and cfg.keep_host_memory:
+    def _start(self, resume: bool) -> None:
+        """Device, data, dry run, pre-training stages, memory format, compilation."""
+        cfg, task, loader = self.cfg, self.task, self.train_loader
+        if self.device.type == "cpu" and cfg.keep_host_memory:
             retain_freed_host_memory()  # no page faults for each step's re-allocated activations
-        self.scheme.to(device)
-        self.scheme.attach(loader, self.dist)  # e.g. a teacher-output cache; before the first batch is drawn
+        task.to(self.device)
+        task.attach(loader, self.dist)  # e.g. a teacher-output cache; before the first batch is drawn
         loader.set_epoch(0)
         first = next(iter(loader))
-        info = SetupInfo(num_samples=len(loader.data), batch_size=len(first), epochs=cfg.epochs)
-        self.scheme.setup(first, info)  # dry run: shapes, adapters, early errors
+        task.setup(first, SetupInfo(num_samples=len(loader.data), batch_size=len(first), epochs=cfg.epochs))
         ckpt = self._ckpt("last.pt")
         if not (resume and ckpt is not None and ckpt.is_file()):
-            self.scheme.prepare(loader)  # losses' pre-training stages; a resumed run has them in last.pt
+            task.prepare(loader)  # losses' pre-training stages; a resumed run has them in last.pt
             loader.set_epoch(0)
         if cfg.channels_last:
-            self.scheme.channels_last()
+            task.channels_last()
             loader.channels_last = True
         if cfg.compile:
-            self.scheme.compile()
-        module = self.scheme.module
+            task.compile()
+
+    def fit(self, resume: bool = False) -> StageResult:
+        """Train for ``cfg.epochs`` (continuing from ``last.pt`` when ``resume``)."""
+        cfg, device, loader, task = self.cfg, self.device, self.train_loader, self.task
+        self._start(resume)
+        module = task.module
+        parts = task.parts()
+        check_parts(parts, module)
+        several = len(parts) > 1
+        if several and cfg.grad_accum > 1:
+            raise ConfigError(f"train.grad_accum={cfg.grad_accum}: a task with several optimizers "
+                              f"({', '.join(p.name for p in parts)}) steps every part on whole batches; "
+                              "set grad_accum to 1")
         model: nn.Module = module
         if self.dist.enabled:
             ids = [device.index] if device.type == "cuda" else None
-            model = nn.parallel.DistributedDataParallel(module, device_ids=ids)
-        opt = build_optimizer(module, cfg.optimizer)
-        trained = [p for group in opt.param_groups for p in group["params"]]
-        for p in trained:  # no gradient left over from setup; later reset after every step
+            # several parts: each step's loss uses only some parameters
+            model = nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=several)
+        n_batches = len(loader)
+        steppers = {p.name: PartStepper(p, cfg, math.ceil(n_batches / (p.every if several else cfg.grad_accum)),
+                                        device, self.amp) for p in parts}
+        trained = [p for s in steppers.values() for p in s.params]
+        for p in trained:  # no gradient left over from setup
             p.grad = None
-        steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
-        sched = build_scheduler(opt, cfg.scheduler, steps_per_epoch, cfg.epochs)
-        scaler = make_grad_scaler(device, self.amp)
         result = StageResult(self.stage)
-        start_epoch, start_batch, step = self._resume(opt, sched, scaler, result) if resume else (0, 0, 0)
-        stepper = LeanStep(opt)  # after the resume: it keeps the optimizer's (loaded) state tensors
+        start_epoch, start_batch, step = self._resume(steppers, result) if resume else (0, 0, 0)
+        run_epoch = self._epoch_of_parts if several else self._epoch_of_one
 
         for epoch in range(start_epoch, cfg.epochs):
             loader.set_epoch(epoch)
             module.train()
-            t0 = epoch_start = time.perf_counter()
+            t0 = time.perf_counter()
+            stream = task.batches(loader.iter_from(start_batch) if start_batch else iter(loader))
             logged: dict[str, list[torch.Tensor]] = {}  # per-step values, summed once per epoch (no per-step ops)
-            n_batches = len(loader)
-            batches = self.scheme.batches(loader.iter_from(start_batch) if start_batch else iter(loader))
-            first_batch = start_batch
-            for b, batch in enumerate(self.progress.epoch(batches, epoch, cfg.epochs, n_batches, start_batch), start_batch):
-                boundary = (b + 1) % cfg.grad_accum == 0 or b + 1 == n_batches
-                sync = boundary or not self.dist.enabled
-                with model.no_sync() if not sync else contextlib.nullcontext():
-                    with autocast(device, self.amp):
-                        loss, terms = self.scheme.training_step(model, batch, epoch + b / n_batches)
-                    scaled = loss / cfg.grad_accum if cfg.grad_accum > 1 else loss
-                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                for k, v in (("loss", loss.detach()), *terms.items()):
-                    logged.setdefault(k, []).append(v)
-                if self.progress.enabled and (b - start_batch) % 25 == 0:  # a host sync only for the display
-                    self.progress.show({k: float(torch.stack(v).float().mean()) for k, v in logged.items()})
-                if not boundary:
-                    continue
-                if scaler is not None:
-                    scaler.unscale_(opt)
-                if cfg.clip_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.clip_grad_norm)
-                if scaler is not None:
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    stepper.step()
-                for p in trained:  # opt.zero_grad(set_to_none=True) without its per-call overhead
-                    p.grad = None
-                sched.step()
-                self.scheme.after_step()
-                step += 1
-                if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and b + 1 < n_batches:
-                    result.train_seconds += time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                    self._save("last.pt", self._state(epoch, b + 1, step, result, opt, sched, scaler))
+            timer = {"t0": t0}
+            step = run_epoch(model, steppers, stream, epoch, start_batch, n_batches, step, logged, result, timer)
+            means = self._epoch_means(logged)  # one host sync per epoch (waits for the device)
             start_batch = 0
-            means = self._epoch_means(logged, n_batches - first_batch)  # one host sync per epoch (waits for the device)
-            result.train_seconds += time.perf_counter() - t0
-            result.epoch_seconds.append(time.perf_counter() - epoch_start)
-            if not math.isfinite(means.get("loss", 0.0)):
+            result.train_seconds += time.perf_counter() - timer["t0"]
+            result.epoch_seconds.append(time.perf_counter() - t0)
+            bad = {k: v for k, v in means.items() if k.endswith("loss") and not math.isfinite(v)}
+            if bad:
                 raise FloatingPointError(
-                    f"[{self.stage}] the loss became {means['loss']} in epoch {epoch + 1}; "
+                    f"[{self.stage}] the loss became {bad} in epoch {epoch + 1}; "
                     "lower the learning rate, enable train.clip_grad_norm, or check the loss weights"
                 )
+            lrs = {f"lr/{n}": s.lr for n, s in steppers.items()} if several else {}
             self.metrics.write({"kind": "train", "stage": self.stage, "epoch": epoch + 1, "step": step,
-                                "lr": opt.param_groups[0]["lr"], **{f"train/{k}": v for k, v in means.items()}})
+                                "lr": next(iter(steppers.values())).lr, **lrs,
+                                **{f"train/{k}": v for k, v in means.items()}})
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                 self._evaluate(result, epoch, step)
-            shown = {**means, "acc": result.last.get(self.scheme.primary, {}).get("top1", float("nan"))}
+            shown = {**means, "acc": result.last.get(task.primary, {}).get("top1", float("nan"))}
             done = epoch + 1 - start_epoch
             eta = result.train_seconds / max(1, epoch + 1) * (cfg.epochs - epoch - 1) if done else 0.0
             self.progress.epoch_done(epoch, cfg.epochs, shown, eta)
-            self._save("last.pt", self._state(epoch + 1, 0, step, result, opt, sched, scaler))
+            self._save("last.pt", self._state(epoch + 1, 0, step, result, steppers))
         result.steps = step
         return result
 
+    def _log(self, logged: dict[str, list[torch.Tensor]], values: dict[str, torch.Tensor], b: int, start: int) -> None:
+        for k, v in values.items():
+            logged.setdefault(k, []).append(v)
+        if self.progress.enabled and (b - start) % 25 == 0:  # a host sync only for the display
+            self.progress.show({k: float(torch.stack(v).float().mean()) for k, v in logged.items()})
+
+    def _checkpoint_within(self, epoch: int, b: int, n_batches: int, step: int, result: StageResult,
+                           steppers: dict[str, PartStepper], timer: dict[str, float]) -> None:
+        every = self.cfg.checkpoint_every_steps
+        if every and step % every == 0 and b + 1 < n_batches:
+            now = time.perf_counter()
+            result.train_seconds += now - timer["t0"]
+            timer["t0"] = now
+            self._save("last.pt", self._state(epoch, b + 1, step, result, steppers))
+
+    def _epoch_of_one(self, model: nn.Module, steppers: dict[str, PartStepper], stream: Any, epoch: int,
+                      start: int, n_batches: int, step: int, logged: dict[str, list[torch.Tensor]],
+                      result: StageResult, timer: dict[str, float]) -> int:
+        """One epoch of a one-part task, with gradient accumulation."""
+        cfg, task = self.cfg, self.task
+        (stepper,) = steppers.values()
+        for b, batch in enumerate(self.progress.epoch(stream, epoch, cfg.epochs, n_batches, start), start):
+            boundary = (b + 1) % cfg.grad_accum == 0 or b + 1 == n_batches
+            with model.no_sync() if self.dist.enabled and not boundary else contextlib.nullcontext():
+                with autocast(self.device, self.amp):
+                    loss, terms = task.training_step(model, batch, epoch + b / n_batches)
+                stepper.backward(loss, cfg.grad_accum)
+            self._log(logged, {"loss": loss.detach(), **terms}, b, start)
+            if not boundary:
+                continue
+            stepper.step()
+            task.after_step()
+            step += 1
+            self._checkpoint_within(epoch, b, n_batches, step, result, steppers, timer)
+        return step
+
+    def _epoch_of_parts(self, model: nn.Module, steppers: dict[str, PartStepper], stream: Any, epoch: int,
+                        start: int, n_batches: int, step: int, logged: dict[str, list[torch.Tensor]],
+                        result: StageResult, timer: dict[str, float]) -> int:
+        """One epoch of a task with several parts: each due part steps on the batch in turn.
+
+        ``step`` counts batches; a part due at batch ``n`` of the stage steps there (``Part.every``).
+        Before each part's loss every gradient is reset, so a part's step sees only its own loss
+        (the losses of other parts may also reach its parameters; those gradients are dropped).
+        """
+        cfg, task = self.cfg, self.task
+        for b, batch in enumerate(self.progress.epoch(stream, epoch, cfg.epochs, n_batches, start), start):
+            values: dict[str, torch.Tensor] = {}
+            for stepper in steppers.values():
+                part = stepper.part
+                if not part.due(epoch * n_batches + b):
+                    continue
+                for other in steppers.values():
+                    other.zero_grad()
+                with autocast(self.device, self.amp):
+                    loss, terms = task.training_step(model, batch, epoch + b / n_batches, part.name)
+                stepper.backward(loss)
+                stepper.step()
+                task.after_step(part.name)
+                values.update({f"{part.name}/loss": loss.detach(), **{f"{part.name}/{k}": v for k, v in terms.items()}})
+            self._log(logged, values, b, start)
+            step += 1
+            self._checkpoint_within(epoch, b, n_batches, step, result, steppers, timer)
+        return step

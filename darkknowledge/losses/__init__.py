@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from darkknowledge.discovery import import_modules
+from darkknowledge.errors import ConfigError
 from darkknowledge.losses.base import DistillLoss, Needs, Outputs, SetupInfo
 from darkknowledge.registry import Registry
 from darkknowledge.validation import validate_kwargs
@@ -30,7 +32,12 @@ def create_loss(name: str, where: str | None = None, **params: Any) -> DistillLo
         **params: The loss's own parameters (e.g. ``T=4.0``).
     """
     cls = LOSSES.get(name)
-    checked = validate_kwargs(cls, params, where=where or f"losses.{name}")
+    where = where or f"losses.{name}"
+    for old, new in cls.renamed.items():
+        if old in params:
+            raise ConfigError(f"{where}.{old}: renamed to {new!r} (every loss calls its temperature T); "
+                              f"write {new}: {params[old]!r}")
+    checked = validate_kwargs(cls, params, where=where)
     return cls(**checked)
 
 
@@ -39,17 +46,6 @@ def list_losses() -> list[str]:
     return LOSSES.names()
 
 
-def _import_methods() -> None:
-    """Import every method module in this package so that each registers itself."""
-    import importlib
-    import pkgutil
-
-    infrastructure = {"base", "objective", "adapters", "feature", "scalar"}
-    for info in pkgutil.iter_modules(__path__):
-        if info.name not in infrastructure and not info.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{info.name}")
-
-
-_import_methods()
+import_modules(__name__, __path__)  # every method file registers itself
 
 __all__ = ["LOSSES", "DistillLoss", "Needs", "Outputs", "SetupInfo", "create_loss", "list_losses", "register_loss"]

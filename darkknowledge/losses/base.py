@@ -3,7 +3,10 @@
 Life of a loss inside a run:
 
 1. ``bind(student, teacher)`` — resolve which module paths to tap (explicit paths, or the
-   models' default ``feature_taps()``) and return :class:`Needs`. Nothing runs yet.
+   models' default ``feature_taps()``) and return :class:`Needs`. Nothing runs yet. ``teacher``
+   is the module whose paths the teacher taps name, or None when the teacher has no features
+   (a mixture of soft labels, a virtual teacher); whether a teacher exists at all is checked
+   by whoever feeds the loss (``darkknowledge.teachers.flow.Link``).
 2. ``setup(student_out, teacher_out, info)`` — called once with the outputs of a dry run on
    one batch (and facts about the data, :class:`SetupInfo`), so the loss can read shapes and
    build adapters (its own ``nn.Module`` children). Adapters live inside the trainable
@@ -15,9 +18,9 @@ Life of a loss inside a run:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -35,8 +38,9 @@ class Needs:
     Attributes:
         teacher: Needs teacher outputs at all (False: the teacher forward is skipped).
         teacher_logits: Needs the teacher's logits.
-        labels: Needs ground-truth labels.
-        indices: Needs dataset indices of the samples (memory banks, caches).
+        labels: Needs ground-truth labels (a user's loop must pass them; a run's training data
+            must hold some).
+        indices: Needs dataset indices of the samples (memory banks; a user's loop must pass them).
         student_taps: Student module paths whose features are read.
         teacher_taps: Teacher module paths whose features are read.
     """
@@ -91,6 +95,24 @@ class Outputs:
             raise KeyError(f"feature {path!r} was not captured; captured: {sorted(self.features)}") from None
 
 
+def logits_of(output: Any) -> torch.Tensor:
+    """A model's logits: the output itself, its ``logits`` (Hugging Face outputs), or its first item."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise ShapeError(f"cannot find logits in a model output of type {type(output).__name__}; return a tensor "
+                     "(B, K), an object with .logits, or a tuple whose first item is the logits")
+
+
+def run_model(model: nn.Module, x: Any) -> torch.Tensor:
+    """``model(x)``'s logits; a mapping ``x`` (e.g. a tokenizer's output) is passed as keyword arguments."""
+    return logits_of(model(**x) if isinstance(x, Mapping) else model(x))
+
+
 class DistillLoss(nn.Module):
     """Base class of every registered loss term.
 
@@ -101,16 +123,35 @@ class DistillLoss(nn.Module):
         knowledge: One of ``label``, ``response``, ``feature``, ``relation``.
         citation: The paper (authors, title, venue year) the loss implements.
         needs_spec: Static needs; :meth:`bind` may refine them (e.g. with tap paths).
+        T: The loss's temperature, when it has one. Every loss calls its temperature ``T``
+            (the paper's ``tau`` or ``lambda`` included), so a scheme that must know it (e.g.
+            to mix teachers' soft labels at the loss's temperature) reads it here.
+        renamed: Former parameter names -> current ones (a recipe using an old name gets an
+            error that names the new one).
     """
 
     knowledge: ClassVar[str] = "response"
     citation: ClassVar[str] = ""
     needs_spec: ClassVar[Needs] = Needs()
+    renamed: ClassVar[dict[str, str]] = {}
+    T: float | None = None
+
+    @classmethod
+    def reads_teacher(cls) -> bool:
+        """Whether the loss reads teacher outputs (known before binding)."""
+        return cls.needs_spec.teacher
+
+    @classmethod
+    def has_pretrain(cls) -> bool:
+        """Whether the loss trains something on fixed teacher outputs before training."""
+        return cls.pretrain is not DistillLoss.pretrain
+
+    def softening_temperature(self) -> float | None:
+        """The temperature at which the loss softens the teacher's logits (None: it reads none)."""
+        return float(self.T) if self.T is not None and self.needs_spec.teacher_logits else None
 
     def bind(self, student: nn.Module, teacher: nn.Module | None) -> Needs:
         """Resolve tap paths against the models and return this loss's needs."""
-        if self.needs_spec.teacher and teacher is None:
-            raise ShapeError(f"loss {type(self).__name__} needs a teacher, but the run has none")
         return self.needs_spec
 
     def setup(self, student: Outputs, teacher: Outputs | None, info: SetupInfo) -> None:

@@ -18,8 +18,9 @@ following the authors' code (HobbitLong/RepDistiller ``crd/criterion.py``, ``crd
   ``L_CRD = L(h_s) + L(h_t)``.
 
 Defaults (RepDistiller ``train_student.py``): ``feat_dim=128``, ``nce_k=16384`` (capped at
-``N - 1``), ``nce_t=0.07``, ``nce_m=0.5``; RepDistiller weighs CRD with ``beta=0.8`` beside CE
-(``-r 1``) and, for CRD+KD, KD (``-a 1``) — set in the recipe.
+``N - 1``), ``T=0.07`` (RepDistiller's ``nce_t``, the contrastive temperature ``tau``),
+``nce_m=0.5``; RepDistiller weighs CRD with ``beta=0.8`` beside CE (``-r 1``) and, for CRD+KD,
+KD (``-a 1``) — set in the recipe.
 
 Differences from RepDistiller, each deliberate:
 
@@ -182,7 +183,7 @@ class CRD(FeatureLoss):
     Args:
         feat_dim: Embedding width (RepDistiller: 128).
         nce_k: Negatives per positive (RepDistiller: 16384); capped at ``num_samples - 1``.
-        nce_t: Temperature ``tau`` (RepDistiller: 0.07).
+        T: The contrastive temperature ``tau`` (RepDistiller's ``nce_t``: 0.07).
         nce_m: Momentum of the memory update (RepDistiller: 0.5).
         student_taps: One student module path (default: the penultimate feature).
         teacher_taps: One teacher module path (default: the penultimate feature).
@@ -192,18 +193,19 @@ class CRD(FeatureLoss):
     citation = "Tian, Krishnan, Isola. Contrastive Representation Distillation. ICLR 2020."
     default_taps = "penultimate"
     uses_indices = True
+    renamed = {"nce_t": "T"}
 
     def __init__(
         self,
         feat_dim: Annotated[int, Field(ge=1)] = 128,
         nce_k: Annotated[int, Field(ge=1)] = 16384,
-        nce_t: Annotated[float, Field(gt=0.0)] = 0.07,
+        T: Annotated[float, Field(gt=0.0)] = 0.07,
         nce_m: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5,
         student_taps: list[str] | None = None,
         teacher_taps: list[str] | None = None,
     ) -> None:
         super().__init__(student_taps, teacher_taps)
-        self.feat_dim, self.nce_k, self.nce_t, self.nce_m = feat_dim, nce_k, nce_t, nce_m
+        self.feat_dim, self.nce_k, self.T, self.nce_m = feat_dim, nce_k, T, nce_m
         self.num_samples = 0
         self.k = 0
         self.register_buffer("z", torch.full((2,), -1.0))  # (Z_s, Z_t); < 0 until the first batch
@@ -249,8 +251,8 @@ class CRD(FeatureLoss):
             v_t = self.embed_t(f_t.detach().float())  # (B, d), unit rows
             neg = sample_negatives(idx, self.num_samples, self.k)  # (B, K)
             index = torch.cat([idx.unsqueeze(1), neg], dim=1)  # (B, K+1), positive first
-            out_s = contrast_scores(v_s, self.memory_t, index, self.nce_t)  # (B, K+1): student anchor
-            out_t = contrast_scores(v_t, self.memory_s, index, self.nce_t)  # (B, K+1): teacher anchor
+            out_s = contrast_scores(v_s, self.memory_t, index, self.T)  # (B, K+1): student anchor
+            out_t = contrast_scores(v_t, self.memory_s, index, self.T)  # (B, K+1): teacher anchor
             z = self._normalizers(out_s, out_t)  # (2,)
             loss = nce_loss(out_s / z[0], self.num_samples) + nce_loss(out_t / z[1], self.num_samples)
             self._update_memory(idx, v_s.detach(), v_t.detach())

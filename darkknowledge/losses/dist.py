@@ -1,13 +1,13 @@
 """DIST: distillation by correlation of predictions (inter- and intra-class relations).
 
 Huang, You, Wang, Qian & Xu, "Knowledge Distillation from A Stronger Teacher",
-NeurIPS 2022 (arXiv:2205.10536), Sec. 3. With ``Y = softmax(Z / tau)`` row-wise for the
+NeurIPS 2022 (arXiv:2205.10536), Sec. 3. With ``Y = softmax(Z / T)`` (the paper's ``tau``) row-wise for the
 student (``Y^s``) and the teacher (``Y^t``), both ``(B, K)``, and the Pearson distance
 ``d_p(u, v) = 1 - rho_p(u, v)``:
 
     L_inter = 1/B * sum_i d_p(Y^s_{i,:}, Y^t_{i,:})     (Eq. 5: each sample's class ranking)
     L_intra = 1/K * sum_j d_p(Y^s_{:,j}, Y^t_{:,j})     (Eq. 6: each class across the batch)
-    L_DIST  = tau^2 * (beta * L_inter + gamma * L_intra)     (Eq. 7, without the CE term)
+    L_DIST  = T^2 * (beta * L_inter + gamma * L_intra)     (Eq. 7, without the CE term)
 
 ``rho_p(u, v) = <u - mean(u), v - mean(v)> / (||u - mean(u)|| * ||v - mean(v)|| + eps)``,
 ``eps = 1e-8`` as in the authors' code (hunto/image_classification_sota
@@ -19,9 +19,9 @@ Shapes: student and teacher logits ``(B, K)``. Needs no labels. The intra-class 
 needs ``B >= 2`` (with one sample it is the constant 1: a column of one value has no
 correlation).
 
-Defaults ``beta = gamma = tau = 1`` are the authors' classification code and the paper's
+Defaults ``beta = gamma = T = 1`` are the authors' classification code and the paper's
 ImageNet setting (CE weight 1, DIST weight 1). For CIFAR-100 the paper reports
-``tau = 4``, ``beta = gamma = 2`` (as reproduced by mdistiller-based implementations;
+``T = 4``, ``beta = gamma = 2`` (as reproduced by mdistiller-based implementations;
 not verified against the authors' repository here).
 """
 
@@ -80,26 +80,26 @@ def intra_class_relation(y_s: torch.Tensor, y_t: torch.Tensor) -> torch.Tensor:
 
 
 def dist_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float, gamma: float, tau: float
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float, gamma: float, T: float
 ) -> torch.Tensor:
-    """``tau^2 * (beta * L_inter + gamma * L_intra)`` on ``softmax(z / tau)`` (Eq. 7).
+    """``T^2 * (beta * L_inter + gamma * L_intra)`` on ``softmax(z / T)`` (Eq. 7).
 
     Args:
         student_logits: ``(B, K)``.
         teacher_logits: ``(B, K)``; treated as a constant.
         beta: Weight of the inter-class (per sample) relation.
         gamma: Weight of the intra-class (per class) relation.
-        tau: Temperature > 0.
+        T: Temperature > 0 (the paper's ``tau``).
 
     Returns:
         Scalar, >= 0; ~0 when the logits are equal.
     """
     dtype = torch.promote_types(student_logits.dtype, torch.float32)  # fp16/bf16 -> fp32
-    y_s = torch.softmax(student_logits.to(dtype) / tau, dim=1)  # (B, K)
-    y_t = torch.softmax(teacher_logits.to(dtype) / tau, dim=1)  # (B, K)
+    y_s = torch.softmax(student_logits.to(dtype) / T, dim=1)  # (B, K)
+    y_t = torch.softmax(teacher_logits.to(dtype) / T, dim=1)  # (B, K)
     inter = inter_class_relation(y_s, y_t)  # scalar
     intra = intra_class_relation(y_s, y_t)  # scalar
-    return (tau * tau) * (beta * inter + gamma * intra)
+    return (T * T) * (beta * inter + gamma * intra)
 
 
 @register_loss("dist")
@@ -111,26 +111,27 @@ class DIST(DistillLoss):
     Args:
         beta: Inter-class weight (authors' code and ImageNet: 1; CIFAR-100: 2).
         gamma: Intra-class weight (authors' code and ImageNet: 1; CIFAR-100: 2).
-        tau: Softmax temperature (authors' code and ImageNet: 1; CIFAR-100: 4).
+        T: Softmax temperature, the paper's ``tau`` (authors' code and ImageNet: 1; CIFAR-100: 4).
     """
 
     knowledge = "response"
     citation = "Huang, You, Wang, Qian, Xu. Knowledge Distillation from A Stronger Teacher. NeurIPS 2022."
     needs_spec = Needs(teacher=True, teacher_logits=True)
+    renamed = {"tau": "T"}
 
     def __init__(
         self,
         beta: Annotated[float, Field(ge=0.0)] = 1.0,
         gamma: Annotated[float, Field(ge=0.0)] = 1.0,
-        tau: Annotated[float, Field(gt=0.0)] = 1.0,
+        T: Annotated[float, Field(gt=0.0)] = 1.0,
     ) -> None:
         super().__init__()
         self.beta = beta
         self.gamma = gamma
-        self.tau = tau
+        self.T = T
 
     def setup(self, student: Outputs, teacher: Outputs | None, info: SetupInfo) -> None:
         check_logits_match(student, teacher, "dist")
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> torch.Tensor:
-        return dist_loss(student.logits, teacher.logits, self.beta, self.gamma, self.tau)
+        return dist_loss(student.logits, teacher.logits, self.beta, self.gamma, self.T)

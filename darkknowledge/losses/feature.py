@@ -114,7 +114,7 @@ class FeatureLoss(DistillLoss):
     def bind(self, student: nn.Module, teacher: nn.Module | None) -> Needs:
         name = getattr(self, "registry_name", type(self).__name__)
         if teacher is None:
-            raise ConfigError(f"loss {name!r} reads teacher features, but the run has no teacher")
+            raise ConfigError(f"loss {name!r} reads teacher features, but its teacher has none")
         s = self.student_taps or default_paths(student, self.default_taps, "student")
         t = self.teacher_taps or default_paths(teacher, self.default_taps, "teacher")
         if len(s) != len(t):

@@ -82,6 +82,9 @@ class FitNet(FeatureLoss):
         relu: End the regressor with a ReLU, matching post-ReLU hints (paper: same non-linearity
             as the hint layer; RepDistiller ``ConvReg(use_relu=True)``). Set False when the
             teacher tap is pre-activation.
+        regressor: Build the regressor (default). False matches the guided feature to the hint
+            directly (same shapes required): for students whose own layers already map to the
+            teacher's feature (BYOT's head bottlenecks, a residual connector).
         student_taps: Student (guided) module paths (default: the middle stage).
         teacher_taps: Teacher (hint) module paths, one per student path.
     """
@@ -93,11 +96,13 @@ class FitNet(FeatureLoss):
     def __init__(
         self,
         relu: bool = True,
+        regressor: bool = True,
         student_taps: list[str] | None = None,
         teacher_taps: list[str] | None = None,
     ) -> None:
         super().__init__(student_taps, teacher_taps)
         self.relu = relu
+        self.regressor = regressor
         self.regressors = nn.ModuleList()
 
     def bind(self, student: nn.Module, teacher: nn.Module | None) -> Needs:
@@ -117,6 +122,12 @@ class FitNet(FeatureLoss):
                     f"losses.fitnet: student tap {sp!r} {tuple(f_s.shape)} and teacher tap {tp!r} {tuple(f_t.shape)} "
                     "differ in rank; pair a feature map with a feature map or a vector with a vector"
                 )
+            if not self.regressor:
+                if s_shape != t_shape:
+                    raise ShapeError(f"losses.fitnet: regressor: false needs equal shapes, but student tap {sp!r} "
+                                     f"is {tuple(f_s.shape)} and teacher tap {tp!r} {tuple(f_t.shape)}")
+                regressors.append(nn.Identity())
+                continue
             reg = build_adapter(s_shape, t_shape, batch_norm=True, identity_if_equal=False)
             regressors.append(nn.Sequential(reg, nn.ReLU()) if self.relu else reg)
         self.regressors = nn.ModuleList(regressors)

@@ -18,12 +18,12 @@ from typing import Annotated
 import torch
 import torch.nn.functional as F
 from pydantic import Field
+from torch import nn
 
 from darkknowledge.data.batch import Batch
-from darkknowledge.losses import register_loss
+from darkknowledge.losses import fused, register_loss
 from darkknowledge.losses.base import DistillLoss, Needs, Outputs, SetupInfo, check_logits_match
 from darkknowledge.losses.ce import cross_entropy
-from darkknowledge.losses.scalar import scalar_for
 
 
 def soft_log_probs(logits: torch.Tensor, T: float) -> torch.Tensor:
@@ -38,29 +38,11 @@ def soft_log_probs(logits: torch.Tensor, T: float) -> torch.Tensor:
     """
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    if T != 1.0:
-        logits = logits * scalar_for(1.0 / T, logits)  # (B, K); a 0-d constant, no per-call wrap
-    return torch.log_softmax(logits, dim=-1)
-
-
-def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
-    """``sum_b KL(p_t^T || p_s^T)`` over the batch (not averaged, not times ``T^2``).
-
-    Args:
-        student_logits: ``(B, K)``.
-        teacher_logits: ``(B, K)``; a constant unless it requires grad.
-        T: Temperature > 0.
-
-    Returns:
-        Scalar, >= 0.
-    """
-    log_p_s = soft_log_probs(student_logits, T)  # (B, K)
-    log_p_t = soft_log_probs(teacher_logits, T)  # (B, K)
-    return F.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True)  # sum p_t (log p_t - log p_s)
+    return F.log_softmax(logits / T, dim=-1)
 
 
 def kd_soft_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
-    """``T^2 * KL(p_t || p_s)`` with temperature ``T``, averaged over the batch.
+    """``T^2 * KL(p_t^T || p_s^T)``, averaged over the batch.
 
     Args:
         student_logits: ``(B, K)``.
@@ -70,20 +52,16 @@ def kd_soft_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: 
     Returns:
         Scalar, >= 0; exactly 0 when the logits are equal (and for an empty batch).
     """
-    n = max(1, student_logits.shape[0])
-    return kl_sum(student_logits, teacher_logits, T) * scalar_for(T * T / n, student_logits)
+    log_p_s = soft_log_probs(student_logits, T)  # (B, K)
+    log_p_t = soft_log_probs(teacher_logits, T)  # (B, K)
+    kl = F.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True)  # sum_b sum_k p_t (log p_t - log p_s)
+    return T * T * kl / max(1, student_logits.shape[0])
 
 
 def kd_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, T: float, alpha: float,
-    all_labeled: bool = False,
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, T: float, alpha: float
 ) -> torch.Tensor:
     """``alpha * T^2 * KL(p_t || p_s) + (1 - alpha) * CE(z_s, y)``, batch means (Hinton 2015).
-
-    The value and gradient of :func:`kd_soft_loss` and :func:`~darkknowledge.losses.ce.cross_entropy`
-    mixed, with fewer tensor ops on the hot path: when every label is known (``all_labeled``)
-    the two sums are added with one ``add`` and scaled once (tiny students on a CPU spend a
-    quarter of a step on the KD loss's ops).
 
     Args:
         student_logits: ``(B, K)``.
@@ -91,21 +69,14 @@ def kd_loss(
         labels: ``(B,)``; ``-1`` marks an unlabelled sample (soft term only).
         T: Temperature > 0.
         alpha: Weight of the soft term, in ``[0, 1]``.
-        all_labeled: The caller knows no label is -1 (``Batch.labeled``).
 
     Returns:
         Scalar.
     """
-    n = student_logits.shape[0]
-    kl = kl_sum(student_logits, teacher_logits, T)
-    if alpha < 1.0 and all_labeled and n:
-        ce = F.cross_entropy(student_logits, labels, reduction="sum")  # sum over the batch
-        mixed = torch.add(ce, kl, alpha=alpha * T * T / (1.0 - alpha))  # ce + a T^2/(1-a) * kl
-        return mixed * scalar_for((1.0 - alpha) / n, student_logits)
-    soft = kl * scalar_for(alpha * T * T / max(1, n), student_logits)
+    soft = kd_soft_loss(student_logits, teacher_logits, T)
     if alpha >= 1.0:
-        return soft
-    return soft + (1.0 - alpha) * cross_entropy(student_logits, labels, all_labeled=all_labeled)
+        return alpha * soft
+    return alpha * soft + (1.0 - alpha) * cross_entropy(student_logits, labels)
 
 
 @register_loss("kd")
@@ -134,8 +105,14 @@ class KD(DistillLoss):
         self.T = T
         self.alpha = alpha
 
+    def bind(self, student: nn.Module, teacher: nn.Module | None) -> Needs:
+        """Labels are read only by the cross-entropy part (``alpha < 1``)."""
+        return Needs(teacher=True, teacher_logits=True, labels=self.alpha < 1.0)
+
     def setup(self, student: Outputs, teacher: Outputs | None, info: SetupInfo) -> None:
         check_logits_match(student, teacher, "kd")
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> torch.Tensor:
-        return kd_loss(student.logits, teacher.logits, batch.y, self.T, self.alpha, batch.labeled)
+        if fused.ENABLED:  # the same value and gradient in fewer ops (losses/fused.py)
+            return fused.kd_loss(student.logits, teacher.logits, batch.y, self.T, self.alpha, batch.labeled)
+        return kd_loss(student.logits, teacher.logits, batch.y, self.T, self.alpha)

@@ -4,7 +4,8 @@ Yang, Zeng, Zhang, Li & Yu, "From Knowledge Distillation to Self-Knowledge Disti
 A Unified Approach with Normalized Loss and Customized Soft Labels", ICCV 2023
 (arXiv:2303.13005), Sec. 3.2, Eq. (8). With target class ``t``, ``T_i = softmax(z_t)_i``,
 ``S_i = softmax(z_s)_i`` (temperature 1) and ``N(.)`` the softmax over the non-target
-logits only, at temperature ``lambda`` (``temp``)::
+logits only, at temperature ``lambda`` (the parameter ``T``, the one name every loss gives
+its temperature; ``T_t`` below is the paper's teacher target probability, not a temperature)::
 
     L_NKD = - T_t * log S_t  -  gamma * lambda^2 * sum_{i != t} N(T^lambda)_i * log N(S^lambda)_i
 
@@ -24,8 +25,8 @@ Shapes: logits ``(B, K)`` with ``K >= 2``; labels ``(B,)``. An unlabelled sample
 takes the teacher's arg-max class as its target (our choice; NKD's self-KD variant and the
 paper assume labels).
 
-Defaults ``temp = 1``, ``gamma = 1.5``: the authors' code and ImageNet setting; their
-CIFAR-100 config uses ``temp = 3``, ``gamma = 3.5``.
+Defaults ``T = 1``, ``gamma = 1.5``: the authors' code and ImageNet setting; their
+CIFAR-100 config uses ``T = 3``, ``gamma = 3.5``.
 """
 
 from __future__ import annotations
@@ -44,15 +45,15 @@ from darkknowledge.losses.dkd import split_target, targets_or_teacher_argmax
 
 
 def nkd_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, temp: float, gamma: float
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, T: float, gamma: float
 ) -> torch.Tensor:
-    """``mean_b[-T_t log S_t - gamma temp^2 sum_{i!=t} N(T)_i log N(S)_i]`` (Eq. 8).
+    """``mean_b[-T_t log S_t - gamma T^2 sum_{i!=t} N(T)_i log N(S)_i]`` (Eq. 8).
 
     Args:
         student_logits: ``(B, K)``.
         teacher_logits: ``(B, K)``; treated as a constant.
         target: ``(B,)`` target classes in ``[0, K)``.
-        temp: Temperature of the non-target part (``lambda``) > 0.
+        T: Temperature of the non-target part (the paper's ``lambda``) > 0.
         gamma: Weight of the non-target part.
 
     Returns:
@@ -68,21 +69,21 @@ def nkd_loss(
     loss_target = -(t_t * log_s_t).mean()  # scalar
     _, zo_s = split_target(z_s, target)  # (B, K-1)
     _, zo_t = split_target(z_t, target)  # (B, K-1)
-    log_n_s = F.log_softmax(zo_s / temp, dim=-1)  # (B, K-1)
-    n_t = torch.softmax(zo_t / temp, dim=-1)  # (B, K-1)
-    loss_non = -gamma * temp * temp * (n_t * log_n_s).sum(-1).mean()  # scalar
+    log_n_s = F.log_softmax(zo_s / T, dim=-1)  # (B, K-1)
+    n_t = torch.softmax(zo_t / T, dim=-1)  # (B, K-1)
+    loss_non = -gamma * T * T * (n_t * log_n_s).sum(-1).mean()  # scalar
     return loss_target + loss_non
 
 
 @register_loss("nkd")
 class NKD(DistillLoss):
-    """Normalized KD: soft target CE ``-T_t log S_t`` + normalized non-target CE at ``temp``.
+    """Normalized KD: soft target CE ``-T_t log S_t`` + normalized non-target CE at ``T``.
 
     Use it beside a ``ce`` term (weight 1 in the authors' code). Shapes: logits ``(B, K)``,
     labels ``(B,)`` (``-1`` -> the teacher's arg-max class).
 
     Args:
-        temp: Non-target temperature ``lambda`` (authors' code / ImageNet: 1; CIFAR-100: 3).
+        T: Non-target temperature, the paper's ``lambda`` (authors' code / ImageNet: 1; CIFAR-100: 3).
         gamma: Non-target weight (authors' code / ImageNet: 1.5; CIFAR-100: 3.5).
     """
 
@@ -92,14 +93,15 @@ class NKD(DistillLoss):
         "A Unified Approach with Normalized Loss and Customized Soft Labels. ICCV 2023."
     )
     needs_spec = Needs(teacher=True, teacher_logits=True, labels=True)
+    renamed = {"temp": "T"}
 
     def __init__(
         self,
-        temp: Annotated[float, Field(gt=0.0)] = 1.0,
+        T: Annotated[float, Field(gt=0.0)] = 1.0,
         gamma: Annotated[float, Field(ge=0.0)] = 1.5,
     ) -> None:
         super().__init__()
-        self.temp = temp
+        self.T = T
         self.gamma = gamma
 
     def setup(self, student: Outputs, teacher: Outputs | None, info: SetupInfo) -> None:
@@ -109,4 +111,4 @@ class NKD(DistillLoss):
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> torch.Tensor:
         target = targets_or_teacher_argmax(batch.y, teacher.logits)  # (B,)
-        return nkd_loss(student.logits, teacher.logits, target, self.temp, self.gamma)
+        return nkd_loss(student.logits, teacher.logits, target, self.T, self.gamma)

@@ -7,38 +7,51 @@ A recipe's ``losses:`` mapping becomes one :class:`Objective`::
       kd: {T: 4, alpha: 1.0, weight: 0.9}
       kd_hot: {loss: kd, T: 8, warmup_epochs: 5}   # a second kd term under its own name
 
-Reserved keys per term: ``loss`` (registry name, default: the term's name), ``weight``
-(default 1), ``warmup_epochs`` (linear ramp of the weight from 0, default 0 = constant), and
-``start_epoch``/``stop_epoch`` (the term is active in ``[start, stop)`` epochs; e.g. a FitNets
-hint stage: ``hint: {stop_epoch: 5}`` with ``kd: {start_epoch: 5}``). Everything else goes to
-the loss's constructor and is validated against it.
+Each term is parsed once (:func:`parse_term`): ``loss`` (registry name, default: the term's
+name), the schedule (:class:`TermSchedule`: ``weight``, ``warmup_epochs`` with
+``warmup_shape``, ``start_epoch``, ``stop_epoch``), and everything else, the loss's own
+parameters, validated against its constructor. The schedule is the one vocabulary every
+scheme uses: a cohort's burn-in is ``start_epoch``, ONE's sigmoid ramp-up is
+``warmup_shape: sigmoid``, FitNets' hint stage is ``stop_epoch``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Literal
 
+import pydantic
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from darkknowledge.data.batch import Batch
 from darkknowledge.errors import ConfigError
 from darkknowledge.losses import create_loss
 from darkknowledge.losses.base import DistillLoss, Needs, Outputs, SetupInfo
+from darkknowledge.validation import format_validation_error
 
-RESERVED = ("loss", "weight", "warmup_epochs", "start_epoch", "stop_epoch")
 
+class TermSchedule(BaseModel):
+    """When and how strongly a term counts (epochs are fractional: ``epoch + batch / batches``).
 
-@dataclass(frozen=True)
-class TermSchedule:
-    """When and how strongly a term counts: ``weight``, linear warm-up, active epoch window."""
+    Attributes:
+        weight: The term's weight once fully on.
+        warmup_epochs: Epochs from ``start_epoch`` over which the weight ramps up from 0 (0: none).
+        warmup_shape: ``linear`` ramp, or ``sigmoid``: ``exp(-5 (1 - t)^2)`` (Laine & Aila 2017,
+            the ramp-up of ONE's and the mean teacher's authors' code).
+        start_epoch: The term is off before this epoch (e.g. a burn-in of cross-entropy alone).
+        stop_epoch: The term is off from this epoch on (None: never), e.g. FitNets' hint stage.
+    """
 
-    weight: float = 1.0
-    warmup_epochs: float = 0.0
-    start_epoch: float = 0.0
-    stop_epoch: float | None = None
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    weight: float = Field(default=1.0, ge=0.0)
+    warmup_epochs: float = Field(default=0.0, ge=0.0)
+    warmup_shape: Literal["linear", "sigmoid"] = "linear"
+    start_epoch: float = Field(default=0.0, ge=0.0)
+    stop_epoch: float | None = Field(default=None, ge=0.0)
 
     def __call__(self, epoch_progress: float) -> float:
         """Weight at ``epoch_progress`` (epochs done, fractional)."""
@@ -46,12 +59,38 @@ class TermSchedule:
             return 0.0
         if self.warmup_epochs <= 0:
             return self.weight
-        return self.weight * min(1.0, (epoch_progress - self.start_epoch) / self.warmup_epochs)
+        t = min(1.0, (epoch_progress - self.start_epoch) / self.warmup_epochs)
+        return self.weight * (t if self.warmup_shape == "linear" else math.exp(-5.0 * (1.0 - t) ** 2))
+
+
+SCHEDULE_KEYS = tuple(TermSchedule.model_fields)
+"""Keys of a term that schedule it; every other key (but ``loss``) is a parameter of the loss."""
 
 
 def term_weight(weight: float, warmup_epochs: float, epoch_progress: float) -> float:
     """Weight of a term at ``epoch_progress``: linear warm-up then constant."""
-    return TermSchedule(weight, warmup_epochs)(epoch_progress)
+    return TermSchedule(weight=weight, warmup_epochs=warmup_epochs)(epoch_progress)
+
+
+def parse_term(name: str, raw: Mapping[str, Any] | None, where: str = "losses") -> tuple[DistillLoss, TermSchedule]:
+    """One term of a ``losses:`` mapping: the loss (its parameters validated) and its schedule.
+
+    Raises:
+        ConfigError: Unknown loss, unknown or ill-typed parameter or schedule key (the message
+            names ``<where>.<name>.<key>``).
+    """
+    if raw is not None and not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}.{name}: expected a mapping of parameters, e.g. {{T: 4}}, got {raw!r}")
+    params = dict(raw or {})
+    loss_name = params.pop("loss", name)
+    if not isinstance(loss_name, str):
+        raise ConfigError(f"{where}.{name}.loss: expected a loss name, got {loss_name!r}")
+    schedule = {k: params.pop(k) for k in SCHEDULE_KEYS if k in params}
+    try:
+        sched = TermSchedule(**schedule)
+    except pydantic.ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, f"{where}.{name}")) from None
+    return create_loss(loss_name, where=f"{where}.{name}", **params), sched
 
 
 class Objective(nn.Module):
@@ -71,21 +110,24 @@ class Objective(nn.Module):
         self._needs: Needs | None = None
 
     @classmethod
-    def from_config(cls, losses: Mapping[str, Mapping[str, Any]]) -> Objective:
-        """Build from a recipe's ``losses:`` mapping (validated; see module docstring)."""
-        terms, schedules = {}, {}
-        for name, raw in losses.items():
-            raw = dict(raw or {})
-            loss_name = raw.pop("loss", name)
-            sched = {k: raw.pop(k) for k in RESERVED[1:] if k in raw}
-            for key, value in sched.items():
-                if value is None and key == "stop_epoch":
-                    continue
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                    raise ConfigError(f"losses.{name}.{key}: must be a number >= 0 (got {value!r})")
-            terms[name] = create_loss(loss_name, where=f"losses.{name}", **raw)
-            schedules[name] = TermSchedule(**{k: float(v) if v is not None else None for k, v in sched.items()})
-        return cls(terms, schedules)
+    def from_config(cls, losses: Mapping[str, Mapping[str, Any] | None], where: str = "losses") -> Objective:
+        """Build from a recipe's ``losses:`` mapping (each term parsed by :func:`parse_term`)."""
+        parsed = {name: parse_term(name, raw, where) for name, raw in losses.items()}
+        return cls({n: p[0] for n, p in parsed.items()}, {n: p[1] for n, p in parsed.items()})
+
+    def subset(self, names: Iterable[str]) -> Objective | None:
+        """An objective of some of these terms (the same modules and schedules), or None if empty."""
+        names = [n for n in self.terms if n in set(names)]
+        return Objective({n: self.terms[n] for n in names}, {n: self.schedules[n] for n in names}) if names else None
+
+    def teacher_terms(self) -> list[str]:
+        """Names of the terms that read teacher outputs."""
+        return [n for n, t in self.terms.items() if t.reads_teacher()]
+
+    def temperatures(self) -> dict[str, float]:
+        """``{term: T}`` of the terms that soften the teacher's logits at a temperature."""
+        temps = {n: t.softening_temperature() for n, t in self.terms.items()}
+        return {n: T for n, T in temps.items() if T is not None}
 
     def bind(self, student: nn.Module, teacher: nn.Module | None) -> Needs:
         """Bind every term to the models; returns the union of their needs."""

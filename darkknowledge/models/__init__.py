@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import nn
 
+from darkknowledge.discovery import import_modules
 from darkknowledge.errors import ConfigError
 from darkknowledge.models._common import to_jsonable
 from darkknowledge.models._registry import MODELS, register_model
@@ -121,5 +122,4 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-# Import the zoo so every builder registers itself.
-from darkknowledge.models import cnn1d, cnn2d, mlp, residual_pair, resnet_cifar, wrn  # noqa: E402, F401
+import_modules(__name__, __path__)  # every zoo file registers its builders

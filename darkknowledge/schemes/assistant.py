@@ -34,12 +34,11 @@ from torch import nn
 from darkknowledge.config import ModelConfig
 from darkknowledge.errors import ConfigError
 from darkknowledge.models import count_params
-from darkknowledge.schemes import register_scheme
-from darkknowledge.schemes.base import Scheme
-from darkknowledge.schemes.chain import Link, run_chain
+from darkknowledge.schemes.base import Scheme, SchemeParams, register_scheme
+from darkknowledge.schemes.chain import Stage, run_chain
 
 if TYPE_CHECKING:
-    from darkknowledge.schemes.context import SchemeContext
+    from darkknowledge.schemes.context import Context
 
 log = logging.getLogger(__name__)
 Spacing = Literal["geometric", "linear"]
@@ -182,6 +181,22 @@ def check_sizes(sizes: list[tuple[str, int]]) -> None:
                               "or a larger gap between teacher and student")
 
 
+class AssistantParams(SchemeParams):
+    """``scheme.params`` of ``assistant``."""
+
+    assistants: list[ModelConfig] | None = Field(default=None, description="explicit assistant specs, largest "
+                                                  "(next to the teacher) first")
+    num_assistants: Annotated[int, Field(ge=1, le=8)] = Field(default=1, description="how many assistants to "
+                                                              "interpolate when assistants is not given")
+    spacing: Spacing = Field(default="geometric", description="width interpolation: geometric or linear")
+    assistant_train: dict[str, Any] | None = Field(default=None, description="overrides of train for the "
+                                                   "assistant stages")
+    assistant_losses: dict[str, dict[str, Any] | None] | None = Field(default=None, description="losses of the "
+                                                                      "assistant stages (default: the recipe's losses)")
+    plain_kd: bool = Field(default=False, description="also distill a student from the teacher directly (same "
+                           "init), as a comparison row")
+
+
 @register_scheme("assistant")
 class TeacherAssistant(Scheme):
     """TAKD: the pre-trained teacher teaches assistant 1, which teaches assistant 2 ..., the last teaches the student."""
@@ -194,31 +209,14 @@ class TeacherAssistant(Scheme):
         "the student is distilled from the last assistant, never from the teacher directly",
     )
 
-    @classmethod
-    def run(
-        cls,
-        ctx: SchemeContext,
-        seed: int,
-        *,
-        assistants: list[ModelConfig] | None = None,
-        num_assistants: Annotated[int, Field(ge=1, le=8)] = 1,
-        spacing: Spacing = "geometric",
-        assistant_train: dict[str, Any] | None = None,
-        assistant_losses: dict[str, dict[str, Any]] | None = None,
-        plain_kd: bool = False,
-    ) -> list[dict[str, Any]]:
-        """Train the chain for ``seed``; the student's entry comes first.
+    example: ClassVar[dict[str, Any]] = {"scheme": {"params": {"assistants": [{"name": "mlp", "params": {"hidden": [24]}}]}}}
+    Params = AssistantParams
 
-        Args:
-            ctx: The run's context (recipe teacher, student, losses).
-            seed: Seed of the data order and of every model's initialisation.
-            assistants: Explicit assistant specs, largest (next to the teacher) first.
-            num_assistants: How many assistants to interpolate when ``assistants`` is not given.
-            spacing: Width interpolation, ``geometric`` or ``linear``.
-            assistant_train: Overrides of ``train`` for the assistant stages.
-            assistant_losses: Losses of the assistant stages (default: the recipe's ``losses``).
-            plain_kd: Also distill a student from the teacher directly (same init), as a comparison row.
-        """
+    @classmethod
+    def run(cls, ctx: Context, seed: int, params: Any) -> list[dict[str, Any]]:
+        """Train the chain for ``seed``; the student's entry comes first."""
+        assistants, num_assistants, spacing = params.assistants, params.num_assistants, params.spacing
+        assistant_losses, assistant_train, plain_kd = params.assistant_losses, params.assistant_train, params.plain_kd
         teacher = ctx.teacher()
         student = ctx.student(seed)
         specs = list(assistants) if assistants else interpolate_assistants(
@@ -237,15 +235,15 @@ class TeacherAssistant(Scheme):
         transfer = ctx.uses_transfer(cls)
         links, prev, prev_name = [], teacher, "teacher"
         for i, model in enumerate(models, 1):
-            links.append(Link(part=f"ta{i}", model=model, teacher=prev, losses=assistant_losses or ctx.cfg.losses,
+            links.append(Stage(part=f"ta{i}", model=model, teacher=prev, losses=assistant_losses or ctx.cfg.losses,
                               role=f"assistant{i}", train_cfg=ta_cfg, with_transfer=transfer, label=cls.registry_name,
                               where=f"scheme.params.assistants.{i - 1}", teacher_name=prev_name))
             prev, prev_name = model, f"assistant{i}"
-        links.append(Link(part=None, model=student, teacher=prev, losses=ctx.cfg.losses, role="student",
+        links.append(Stage(part=None, model=student, teacher=prev, losses=ctx.cfg.losses, role="student",
                           with_transfer=transfer, label=cls.registry_name, where="losses", teacher_name=prev_name))
         entries = run_chain(ctx, seed, links)
         if plain_kd:
-            direct = Link(part="kd", model=ctx.student(seed), teacher=teacher, losses=ctx.cfg.losses, role="direct_kd",
+            direct = Stage(part="kd", model=ctx.student(seed), teacher=teacher, losses=ctx.cfg.losses, role="direct_kd",
                           with_transfer=transfer, label="+".join(ctx.cfg.losses), where="losses", teacher_name="teacher")
             entries += run_chain(ctx, seed, [direct])
         return entries

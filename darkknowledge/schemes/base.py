@@ -1,63 +1,78 @@
-"""The ``Scheme`` interface: a scheme owns the topology (who teaches whom).
+"""The ``Scheme`` interface: a scheme is a plan of who teaches whom, in which stages.
 
-The engine is the same for every scheme. A scheme provides:
+A scheme says which trainable models exist, which teacher (a
+:class:`~darkknowledge.teachers.base.Teacher`: a frozen model, a mixture, an EMA, a peer, ...)
+feeds which student through which objective (the recipe's ``losses``), and how stages follow
+one another. It computes no loss itself: losses own the math, teachers provide outputs, and
+the engine trains the :class:`~darkknowledge.engine.task.Task` a plan makes.
 
-* ``module``: one ``nn.Module`` holding everything trainable (students, peers, adapters,
-  heads). The optimizer, DDP and checkpoints see exactly this module. Its ``forward(batch,
-  teacher_out, epoch_progress)`` returns ``(loss, {term: value})`` so that, under DDP, every
-  trainable parameter is used inside the wrapped forward.
-* ``setup(batch, info)``: a dry run on one batch before the optimizer exists (shapes,
-  adapters, early errors such as a class-count mismatch).
-* ``prepare(loader)``: optional pre-training stages of the losses (not run on resume).
-* ``teacher_outputs(batch)``: the frozen side of a step (``None`` when nothing needs it).
-* ``eval_models()``: the models whose accuracy is reported; ``primary`` names the headline.
-* ``teacher_hash()``: identity of the frozen teachers, stored in checkpoints so a resume
-  with a different teacher is refused.
+* ``task(ctx, seed, params)`` makes the one stage of a single-stage scheme (usually a
+  :class:`~darkknowledge.schemes.task.FlowTask` over a :class:`~darkknowledge.teachers.flow.Flow`);
+* ``run(ctx, seed, params)`` trains the scheme for one seed and returns the results entries;
+  multi-stage schemes (generations, assistant chains, pipelines) override it and call
+  ``ctx.train`` once per stage, each stage resumable on its own.
 
-A scheme needing two optimizers (adversarial, data-free) overrides ``training_step`` only;
-one that updates weights outside the gradient (an EMA teacher) overrides ``after_step``.
-
-How a scheme is *run* from a recipe is a class method: ``build(ctx, seed, **params)``
-makes the instance of one stage from a :class:`~darkknowledge.schemes.context.SchemeContext`
-(models, teachers, objective, data); ``run(ctx, seed, **params)`` trains it as one stage and
-returns the results entries. Multi-stage schemes (born-again generations, teacher-assistant
-chains, pipelines) override ``run`` and call ``ctx.train`` once per stage; each stage is
-resumable on its own. The user's ``scheme.params`` are the keyword arguments of ``run``
-when it is overridden, else of ``build``; they are validated before anything runs.
+Parameters are typed once: each scheme declares ``Params``, a pydantic model (every scheme's
+params include ``transfer``), validated by :func:`resolve_scheme` before anything runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-from torch import nn
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from darkknowledge.data.batch import Batch
-from darkknowledge.losses.base import SetupInfo
-from darkknowledge.errors import ConfigError
+from darkknowledge.errors import ConfigError, did_you_mean
 from darkknowledge.registry import Registry
-from darkknowledge.validation import validate_kwargs
+from darkknowledge.validation import format_validation_error
 
 if TYPE_CHECKING:
-    from darkknowledge.schemes.context import SchemeContext
+    from darkknowledge.engine.task import Task
+    from darkknowledge.schemes.context import Context
 
 SCHEMES: Registry[type[Scheme]] = Registry("scheme")
-TRANSFER = "transfer"
-"""``scheme.params.transfer``: a parameter of every scheme (feed the transfer set or not)."""
 
 
-def resolve_scheme(name: str, params: dict[str, Any]) -> tuple[type[Scheme], dict[str, Any], bool | None]:
-    """The scheme class, its validated params, and the recipe's ``transfer`` choice (None: the
-    scheme's default). Raises ``ConfigError`` naming the bad key and the valid ones."""
+class SchemeParams(BaseModel):
+    """``scheme.params`` common to every scheme; each scheme's ``Params`` extends it."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    transfer: StrictBool | None = Field(default=None, description="the students also read the unlabeled transfer set "
+                                  "(default: the scheme's own choice)")
+
+
+MOVED_TO_LOSSES = {
+    "T": "the temperature is the loss's: losses.<term>.T (e.g. losses: {kd: {T: 3, alpha: 1}})",
+    "weight": "a term's weight is the loss's: losses.<term>.weight",
+    "burn_in": "a burn-in is the term's schedule: losses.<term>.start_epoch",
+    "rampup": "a ramp-up is the term's schedule: losses.<term>.warmup_epochs (with warmup_shape: sigmoid)",
+    "alpha": "the weights of the terms are the losses': losses.<term>.weight",
+}
+"""Scheme parameters that became loss parameters; a recipe that still sets them is told where."""
+
+
+def resolve_scheme(name: str, params: dict[str, Any]) -> tuple[type[Scheme], SchemeParams]:
+    """The scheme class and its validated params.
+
+    Raises:
+        RegistryError: Unknown scheme (with close names).
+        ConfigError: A bad key or value, naming ``scheme.params.<key>`` and what is valid.
+    """
     cls = SCHEMES.get(name)
-    params = dict(params)
-    transfer = params.pop(TRANSFER, None)
-    if transfer is not None and not isinstance(transfer, bool):
-        raise ConfigError(f"scheme.params.transfer: must be true or false (got {transfer!r})")
-    checked = validate_kwargs(cls.params_fn(), params, "scheme.params", exclude=("ctx", "seed"))
-    return cls, checked, transfer
+    fields = cls.Params.model_fields
+    for key in params:
+        if key in fields:
+            continue
+        if key in cls.moved:
+            raise ConfigError(f"scheme.params.{key}: not a parameter of scheme {name!r} any more; {cls.moved[key]}")
+        raise ConfigError(f"scheme.params.{key}: unknown parameter {key!r}.{did_you_mean(key, fields)} "
+                          f"Valid parameters: {', '.join(fields)}.")
+    try:
+        return cls, cls.Params(**params)
+    except pydantic.ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, "scheme.params")) from None
 
 
 class Scheme:
@@ -68,106 +83,52 @@ class Scheme:
     """Paper(s), shown by ``dk list schemes``."""
     summary: ClassVar[str] = ""
     """One line: how knowledge flows."""
-    primary: str = "student"
+    report_notes: ClassVar[tuple[str, ...]] = ()
     default_transfer: ClassVar[bool] = False
     """Whether the scheme's students also read the unlabeled transfer set unless the recipe
     says otherwise (``scheme.params.transfer``)."""
+    Params: ClassVar[type[SchemeParams]] = SchemeParams
+    moved: ClassVar[dict[str, str]] = {}
+    """Former parameters of this scheme and where they went (for a clear error)."""
+    example: ClassVar[dict[str, Any]] = {}
+    """Recipe keys, merged over a small MNIST-1D recipe (a ``cnn1d`` teacher, an ``mlp`` student,
+    ``losses: {ce: {}, kd: {T: 4, alpha: 1}}``), with which the scheme trains: the contract tests
+    run every registered scheme with it (``scheme.params`` go under ``scheme: {params: ...}``)."""
 
-    # ------------------------------------------------------------ from a recipe
     @classmethod
-    def build(cls, ctx: SchemeContext, seed: int, **params: Any) -> Scheme:
-        """Make this scheme's one stage for ``seed`` from the run's context."""
-        raise NotImplementedError(f"scheme {cls.__name__} does not implement build()")
+    def task(cls, ctx: Context, seed: int, params: Any) -> Task:
+        """The one stage of a single-stage scheme for ``seed``."""
+        raise NotImplementedError(f"scheme {cls.__name__} implements neither task() nor run()")
 
     @classmethod
-    def run(cls, ctx: SchemeContext, seed: int, **params: Any) -> list[dict[str, Any]]:
+    def label(cls, ctx: Context, params: Any) -> str:
+        """The report's method column of the scheme's student."""
+        return cls.registry_name
+
+    @classmethod
+    def run(cls, ctx: Context, seed: int, params: Any) -> list[dict[str, Any]]:
         """Train the scheme for one seed; returns the results entries (primary first)."""
-        scheme = cls.build(ctx, seed, **params)
-        return ctx.train(ctx.stage_name(seed), scheme, seed, with_transfer=ctx.uses_transfer(cls))
+        task = cls.task(ctx, seed, params)
+        return ctx.train(ctx.stage_name(seed), task, seed, with_transfer=ctx.uses_transfer(cls),
+                         label=cls.label(ctx, params))
 
     @classmethod
-    def check(cls, ctx: SchemeContext, seed: int, **params: Any) -> None:
+    def check(cls, ctx: Context, seed: int, params: Any) -> None:
         """Fail before any training when the scheme cannot be built from this recipe.
 
         ``dk run`` calls it before the first baseline. The default builds (and discards) the
-        stage of a single-stage scheme; multi-stage schemes validate in ``run`` before their
-        first stage, and may override this to check earlier.
+        stage of a single-stage scheme; multi-stage schemes check in ``run`` before their first
+        stage, and may override this to check earlier.
         """
         if cls.run.__func__ is Scheme.run.__func__:  # type: ignore[attr-defined]
-            cls.build(ctx, seed, **params)
+            cls.task(ctx, seed, params).release()
 
-    @classmethod
-    def params_fn(cls) -> Any:
-        """The function whose keyword arguments are this scheme's ``scheme.params``."""
-        return cls.run if cls.run.__func__ is not Scheme.run.__func__ else cls.build  # type: ignore[attr-defined]
 
-    # ------------------------------------------------------------ one stage
+def register_scheme(name: str):  # noqa: ANN201 - decorator
+    """Register a :class:`Scheme` subclass under ``name``."""
 
-    @property
-    def module(self) -> nn.Module:
-        """Everything trainable, in one module."""
-        raise NotImplementedError
+    def decorator(cls: type[Scheme]) -> type[Scheme]:
+        cls.registry_name = name
+        return SCHEMES.register(name)(cls)
 
-    def attach(self, loader: Any, dist: Any = None) -> None:
-        """Called with the training loader at the start of every fit, resumed or not (e.g. to
-        load or build a teacher-output cache and let the loader replay its views)."""
-
-    def batches(self, stream: Iterator[Batch]) -> Iterator[Batch]:
-        """The epoch's training batches as the steps will see them (default: ``stream``).
-        A scheme may look ahead, e.g. to run a live teacher on several batches at once."""
-        return stream
-
-    def setup(self, batch: Batch, info: SetupInfo | None = None) -> None:
-        """Dry run on one batch: probe shapes, build adapters, fail early on misfits."""
-
-    def prepare(self, loader: Iterable[Batch]) -> None:
-        """Pre-training stages before the first epoch (skipped when resuming)."""
-
-    def to(self, device: torch.device) -> Scheme:
-        """Move the trainable module and any frozen parts to ``device``."""
-        self.module.to(device)
-        return self
-
-    def teacher_outputs(self, batch: Batch) -> Any:
-        """Frozen teachers' outputs for this batch, or None."""
-        return None
-
-    def training_step(self, model: nn.Module, batch: Batch, epoch_progress: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss of one step. ``model`` is ``module``, possibly DDP-wrapped."""
-        return model(batch, self.teacher_outputs(batch), epoch_progress)
-
-    def compile(self) -> None:
-        """``torch.compile`` the evaluated models in place (``train.compile: true``); state-dict
-        keys, hooks and checkpoints are unchanged."""
-        for model in {id(m): m for m in self.eval_models().values()}.values():
-            model.compile()
-
-    def channels_last(self) -> None:
-        """Use the ``channels_last`` memory format for every model (``train.channels_last``)."""
-        self.module.to(memory_format=torch.channels_last)
-
-    def after_step(self) -> None:
-        """Called after every optimizer step (e.g. to update an EMA teacher)."""
-
-    def eval_models(self) -> dict[str, nn.Module]:
-        """Models to evaluate each epoch, by name; must contain ``primary``.
-
-        Names other than ``primary`` become extra rows of the report (peers, heads, ensembles).
-        """
-        raise NotImplementedError
-
-    def export_model(self) -> nn.Module:
-        """The deployable model written to ``model.pt`` (default: the primary evaluated model).
-
-        Must be rebuildable from its zoo spec (``dk_name``/``dk_params``) for ``dk eval``.
-        """
-        return self.eval_models()[self.primary]
-
-    def teacher_hash(self) -> str | None:
-        """Hash of the frozen teachers' weights (None when there is none)."""
-        return None
-
-    def describe(self) -> dict[str, Any]:
-        """Facts for reports: ``losses`` (term names) and ``adapter_params`` (trainable
-        parameters beyond the exported model: adapters, heads, peers)."""
-        return {}
+    return decorator

@@ -17,6 +17,9 @@ born-again network ensemble (BANE, Sec. 3.1) averages the generations' predictio
 (the paper's ``f^k(x) = 1/k sum_{i=1..k} f(x, theta_i)`` with its first model = our
 generation 0). Tf-KD_self (Yuan et al., CVPR 2020) is this scheme with ``generations: 1``.
 
+Plan: one stage per generation, an offline stage whose frozen teacher is the previous
+generation (:func:`~darkknowledge.schemes.offline.offline_task`).
+
 Initialisation: generation 0 starts exactly as the seed's baseline (``ctx.student(seed)``);
 generation ``k >= 1`` starts from seed ``generation_seed(seed, k) = seed + 7919 * k``, so every
 generation has its own fresh initialisation, reproducible per seed. Every generation sees
@@ -28,20 +31,17 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from darkknowledge.build import make_loaders, model_spec
-from darkknowledge.engine.checkpoint import load_exported
-from darkknowledge.engine.metrics import evaluate
 from darkknowledge.models import count_params
-from darkknowledge.schemes import register_scheme
-from darkknowledge.schemes.offline import Offline
+from darkknowledge.models.ensemble import ProbabilityEnsemble
+from darkknowledge.schemes.base import Scheme, SchemeParams, register_scheme
+from darkknowledge.schemes.offline import offline_task
+from darkknowledge.teachers.frozen import Frozen
 
 if TYPE_CHECKING:
-    from darkknowledge.schemes.context import SchemeContext
+    from darkknowledge.schemes.context import Context
 
 log = logging.getLogger(__name__)
 
@@ -54,42 +54,17 @@ def generation_seed(seed: int, k: int) -> int:
     return seed + SEED_STRIDE * k
 
 
-def ensemble_log_probs(logits: list[torch.Tensor]) -> torch.Tensor:
-    """``log( mean_i softmax(z_i) )``: the log of the averaged class distributions.
+class BornAgainParams(SchemeParams):
+    """``scheme.params`` of ``born_again``."""
 
-    Args:
-        logits: One ``(B, K)`` tensor per member.
-
-    Returns:
-        ``(B, K)`` log-probabilities (argmax = the ensemble's prediction; usable as logits).
-    """
-    stacked = torch.stack([F.log_softmax(z.float(), dim=-1) for z in logits])  # (M, B, K)
-    return torch.logsumexp(stacked, dim=0) - torch.log(torch.tensor(float(len(logits))))  # (B, K)
-
-
-class GenerationEnsemble(nn.Module):
-    """Eval-only view averaging the members' softmax (BANE); returns log-probabilities.
-
-    It is never part of a scheme's trainable ``module``: it only wraps trained generations.
-    """
-
-    def __init__(self, members: list[nn.Module]) -> None:
-        super().__init__()
-        if not members:
-            raise ValueError("an ensemble needs at least one member")
-        self.members = nn.ModuleList(members)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ensemble_log_probs([m(x) for m in self.members])  # (B, K)
+    generations: Annotated[int, Field(ge=1, le=20)] = Field(default=2, description="K, the born-again generations "
+                                                            "after generation 0")
+    ensemble: bool = Field(default=True, description="also report the ensemble of all generations (BANE)")
 
 
 @register_scheme("born_again")
-class BornAgain(Offline):
-    """Born-again networks: K generations of the recipe's student, gen k taught by gen k-1.
-
-    Each generation is one resumable stage of an offline scheme (the previous generation is
-    its frozen teacher); ``run`` chains them. The last generation is the reported student.
-    """
+class BornAgain(Scheme):
+    """Born-again networks: K generations of the recipe's student, gen k taught by gen k-1."""
 
     citation = "Furlanello et al., Born-Again Neural Networks, ICML 2018."
     summary = "generation k (fresh init, same architecture) is taught by generation k-1, frozen"
@@ -97,23 +72,12 @@ class BornAgain(Offline):
         "born_again: the baseline is generation 0 (the student alone); 'student' is the last generation, "
         "'genK' rows the intermediate ones, 'ensemble' the average of all generations' softmax (BANE).",
     )
+    example: ClassVar[dict[str, Any]] = {"teacher": None, "scheme": {"params": {"generations": 1}}}
+    Params = BornAgainParams
 
     @classmethod
-    def run(  # type: ignore[override]
-        cls,
-        ctx: SchemeContext,
-        seed: int,
-        *,
-        generations: Annotated[int, Field(ge=1, le=20)] = 2,
-        ensemble: bool = True,
-    ) -> list[dict[str, Any]]:
+    def run(cls, ctx: Context, seed: int, params: Any) -> list[dict[str, Any]]:
         """Train generation 0 (or reuse the seed's baseline), then generations 1..K.
-
-        Args:
-            ctx: The run's context.
-            seed: The run seed.
-            generations: K, the number of born-again generations after generation 0.
-            ensemble: Also report the ensemble of all generations (BANE) as an ``ensemble`` row.
 
         Returns:
             The results entries: the last generation first, then the earlier generations'
@@ -125,54 +89,43 @@ class BornAgain(Offline):
         transfer = ctx.uses_transfer(False)
         models = [cls._generation_zero(ctx, seed)]
         entries: list[dict[str, Any]] = []
-        for k in range(1, generations + 1):
+        for k in range(1, params.generations + 1):
             student = ctx.model(None, seed=generation_seed(seed, k), where="student")
-            scheme = cls(student, ctx.objective(), teacher=models[-1])
-            role = "student" if k == generations else f"gen{k}"
+            task = offline_task(student, ctx.objective(), Frozen(models[-1], f"gen{k - 1}"))
+            role = "student" if k == params.generations else f"gen{k}"
             stage = ctx.stage_name(seed, f"gen{k}")
-            entries.append(ctx.train(stage, scheme, seed, role=role, label="born_again", with_transfer=transfer)[0])
+            entries.append(ctx.train(stage, task, seed, role=role, label="born_again", with_transfer=transfer)[0])
             models.append(ctx.exports[stage])
         out = [entries[-1], *entries[:-1]]
-        if ensemble and len(models) > 1:
+        if params.ensemble and len(models) > 1:
             out.append(cls._evaluate_ensemble(ctx, seed, models, entries[-1]))
         return out
 
     @staticmethod
-    def _generation_zero(ctx: SchemeContext, seed: int) -> nn.Module:
+    def _generation_zero(ctx: Context, seed: int) -> nn.Module:
         """The seed's baseline when ``dk run`` trained it already (same init, same training),
         else a new stage ``born_again-gen0-s<seed>``."""
         model = ctx.student(seed)
         baseline = f"baseline-s{seed}"
-        stage_dir = ctx.session.run.stage_dir(baseline)
-        if ctx.session.run.result(baseline) is not None and stage_dir is not None:
-            ctx.session.dist.barrier()  # the main rank writes model.pt; let it finish first
-            path = stage_dir / "model.pt"
-            if path.is_file():
-                _, state = load_exported(path)
-                model.load_state_dict(state)
-                log.info("[born_again] generation 0 of seed %d is the baseline %s", seed, baseline)
-                ctx.exports[baseline] = model
-                return model
+        if ctx.reuse(baseline, model):
+            log.info("[born_again] generation 0 of seed %d is the baseline %s", seed, baseline)
+            ctx.exports[baseline] = model
+            return model
         stage = ctx.stage_name(seed, "gen0")
         ctx.train_alone(stage, model, seed, role="gen0")
         return ctx.exports[stage]
 
     @staticmethod
-    def _evaluate_ensemble(ctx: SchemeContext, seed: int, models: list[nn.Module],
-                           last: dict[str, Any]) -> dict[str, Any]:
+    def _evaluate_ensemble(ctx: Context, seed: int, models: list[nn.Module], last: dict[str, Any]) -> dict[str, Any]:
         """Evaluate the BANE on the test split and record it as the ``ensemble`` row."""
-        s = ctx.session
-        view = GenerationEnsemble(models).to(s.device)
-        _, test_loader, _ = make_loaders(ctx.cfg, s.bundle, seed, s.device, s.dist)
-        metrics = evaluate(view, test_loader, s.dist)
-        view.to(torch.device("cpu"))
+        metrics = ctx.evaluate(ProbabilityEnsemble(models), seed)
         entry = {
-            "name": f"{last['name']}:ensemble", "role": "ensemble", "model": model_spec(models[0])["name"],
+            "name": f"{last['name']}:ensemble", "role": "ensemble", "model": last.get("model"),
             "seed": seed, "scheme": "born_again", "method": f"born_again(ensemble of {len(models)})",
             "epochs": last.get("epochs"), "steps": 0, "train_seconds": 0.0, "losses": last.get("losses", []),
             "params": sum(count_params(m) for m in models), "extra_params": 0, "member_of": last["name"],
             "last_acc": metrics["top1"], "last_top5": metrics.get("top5"), "best_acc": None,
             "best_selected_on": last.get("best_selected_on"),  # no best epoch of its own; keeps the protocol line
         }
-        s.run.add_result(entry, ctx.cfg.name)
+        ctx.record(entry)
         return entry

@@ -9,14 +9,26 @@ network's own classifier (the deepest, ``C``) teaches every shallower head ``i``
         + sum_{i < C} [ (1 - a) * CE(q_i, y) + a * T^2 * KL(q_C^T || q_i^T) + l * ||F_i - F_C||^2 ]
 
 ``q^T`` are softmaxes at temperature ``T``; ``F_i`` is head ``i``'s bottleneck output and
-``F_C`` the network's penultimate feature (the input of ``fc``). Only the deepest classifier
-teaches: ``q_C`` and ``F_C`` are detached in the KL and feature terms, so the distillation
-terms train the heads and the shallow stages below them, never the deepest classifier. As in
-the authors' code the ``(1 - a)`` factor applies to every cross-entropy, the deepest one
-included. ``||F_i - F_C||^2`` is averaged over the feature's elements (a mean squared error)
-so that ``l`` does not depend on the feature width. Defaults follow the paper's code
-(``a = 0.3``, ``l = 0.03``, ``T = 3``). The heads are removed at export; the report shows
-each head's accuracy (an early-exit view).
+``F_C`` the network's penultimate feature (the input of ``fc``).
+
+Plan: the network is the view ``student``, each head a view ``headN`` computed from the
+network's tapped stage; the network's outputs, detached, teach every head
+(:class:`~darkknowledge.teachers.peers.Peer`: only the deepest classifier teaches, and the
+distillation terms train the heads and the stages below them, never the deepest classifier).
+What each classifier learns is the recipe's ``losses``: the terms that read no teacher apply
+to every classifier (``ce: {weight: 1 - a}``, the deepest one included, as in the authors'
+code), the terms that read one to the heads. The paper's objective is::
+
+    losses:
+      ce: {weight: 0.7}                                      # (1 - a) CE
+      kd: {T: 3, alpha: 1.0, weight: 0.3}                    # a T^2 KL(q_C^T || q_i^T)
+      feat: {loss: fitnet, regressor: false, relu: false,    # l ||F_i - F_C||^2 (mean squared error)
+             student_taps: [fc:input], teacher_taps: [fc:input], weight: 0.03}
+
+(``a = 0.3``, ``l = 0.03``, ``T = 3``: the paper's code). Any other loss works the same way
+(DKD, DIST, a relation loss on the heads' penultimate features). A head's module paths are
+``bottleneck`` and ``fc`` (``fc:input`` is its feature ``F_i``). The heads are removed at
+export; the report shows each head's accuracy (an early-exit view).
 """
 
 from __future__ import annotations
@@ -25,23 +37,23 @@ import logging
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
 from darkknowledge.data.batch import Batch
 from darkknowledge.errors import ConfigError, ShapeError
-from darkknowledge.losses.base import SetupInfo
-from darkknowledge.losses.ce import cross_entropy
-from darkknowledge.losses.kd import kd_soft_loss
+from darkknowledge.losses.base import Outputs
 from darkknowledge.models import count_params, default_taps
-from darkknowledge.schemes import register_scheme
-from darkknowledge.schemes.base import Scheme
+from darkknowledge.schemes.base import MOVED_TO_LOSSES, Scheme, SchemeParams, register_scheme
 from darkknowledge.schemes.heads import AuxHead, BottleneckKind, HeadView, make_head
-from darkknowledge.taps import FeatureTaps, probe_shapes, resolve_tap, unwrap
+from darkknowledge.schemes.task import FlowTask
+from darkknowledge.schemes.wiring import require_teacher_terms, taught
+from darkknowledge.taps import probe_shapes, resolve_tap, unwrap
+from darkknowledge.teachers.flow import Flow
+from darkknowledge.teachers.peers import Peer
 
 if TYPE_CHECKING:
-    from darkknowledge.schemes.context import SchemeContext
+    from darkknowledge.schemes.context import Context
 
 log = logging.getLogger(__name__)
 
@@ -49,94 +61,81 @@ PENULTIMATE = "fc:input"
 """The deepest feature ``F_C``: the input of the network's classifier ``fc``."""
 
 
-def byot_loss(
-    deep_logits: torch.Tensor,
-    deep_feat: torch.Tensor,
-    head_logits: list[torch.Tensor],
-    head_feats: list[torch.Tensor],
-    y: torch.Tensor,
-    alpha: float,
-    lam: float,
-    T: float,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The BYOT objective (module docstring): the deepest classifier teaches every head.
-
-    Args:
-        deep_logits: The network's own logits ``q_C`` ``(B, K)``.
-        deep_feat: The network's penultimate feature ``F_C`` ``(B, D)``.
-        head_logits: Each shallow head's logits ``(B, K)``.
-        head_feats: Each shallow head's bottleneck output ``(B, D)``.
-        y: Labels ``(B,)``; ``-1`` (unlabelled) is ignored by the cross-entropies.
-        alpha: Weight ``a`` of the KL term against the cross-entropies, in ``[0, 1]``.
-        lam: Weight ``l`` of the feature term.
-        T: Temperature of the KL term.
-
-    Returns:
-        ``(total, terms)`` with unweighted, detached ``ce`` (deepest), ``ce_heads``, ``kl`` and
-        ``feat`` (the last three summed over heads).
-    """
-    teacher_logits, teacher_feat = deep_logits.detach(), deep_feat.detach()  # only the deepest teaches
-    ce = cross_entropy(deep_logits, y)
-    zero = deep_logits.new_zeros(())
-    ce_heads, kl, feat = zero, zero, zero
-    for logits, f in zip(head_logits, head_feats):
-        ce_heads = ce_heads + cross_entropy(logits, y)
-        kl = kl + kd_soft_loss(logits, teacher_logits, T)  # T^2 KL(q_C^T || q_i^T)
-        feat = feat + F.mse_loss(f.float(), teacher_feat.float())  # mean over (B, D)
-    total = (1.0 - alpha) * (ce + ce_heads) + alpha * kl + lam * feat
-    return total, {"ce": ce.detach(), "ce_heads": ce_heads.detach(), "kl": kl.detach(), "feat": feat.detach()}
+def check_stages(net: nn.Module, stages: list[str] | None) -> tuple[list[str], str | None]:
+    """The heads' stages (default: every stage of ``feature_taps()`` but the deepest) and the deepest stage."""
+    deepest = default_taps(net)
+    if stages is None:
+        if len(deepest) < 2:
+            raise ConfigError(f"byot: model {type(net).__name__} lists {len(deepest)} stage(s) in feature_taps(); "
+                              "set scheme.params.stages to module paths for the heads")
+        stages = deepest[:-1]
+    if not stages:
+        raise ConfigError("byot: scheme.params.stages is empty; give at least one module path for a head")
+    if len(set(stages)) != len(stages):
+        raise ConfigError(f"byot: scheme.params.stages lists a path twice: {stages}")
+    for s in stages:
+        resolve_tap(net, s)  # unknown paths: TapError naming the closest valid paths
+    resolve_tap(net, PENULTIMATE)
+    return list(stages), (deepest[-1] if deepest else None)
 
 
-class BYOTModule(nn.Module):
-    """The network plus its auxiliary heads (built in :meth:`build_heads`), trained together.
+def build_heads(net: nn.Module, stages: list[str], deep_stage: str | None, sample: torch.Tensor,
+                bottleneck: BottleneckKind, width: int | None) -> list[AuxHead]:
+    """One head per stage, sized by a dry run of ``net`` on ``sample``."""
+    paths = list(dict.fromkeys([*stages, PENULTIMATE] + ([deep_stage] if deep_stage else [])))
+    shapes = probe_shapes(net, sample, paths)
+    dim_shape = shapes[PENULTIMATE]
+    if len(dim_shape) != 1:
+        raise ShapeError(f"byot: the penultimate feature 'fc:input' has shape {dim_shape}; expected (D,)")
+    was_training = net.training
+    net.eval()
+    with torch.no_grad():
+        num_classes = int(net(sample[:1]).shape[-1])  # (1, K)
+    net.train(was_training)
+    map_shape = shapes.get(deep_stage) if deep_stage else None
+    return [make_head(bottleneck, shapes[stage], map_shape, dim_shape[0], num_classes, width,
+                      where=f"byot head{i + 1} at {stage!r}") for i, stage in enumerate(stages)]
 
-    ``forward`` runs the network once with taps on the head stages and on ``fc:input``, applies
-    every head and returns the BYOT loss, so under DDP every parameter is used in the forward.
-    """
 
-    def __init__(self, net: nn.Module, stages: list[str], alpha: float, lam: float, T: float) -> None:
-        super().__init__()
-        self.net = net
+class BYOTFlow(Flow):
+    """The network (view ``student``) and its heads (views ``head1``...), run on the network's stages."""
+
+    def __init__(self, net: nn.Module, heads: list[AuxHead], stages: list[str], links: list[Any]) -> None:
         self.stages = list(stages)
-        self.alpha, self.lam, self.T = alpha, lam, T
-        self.heads = nn.ModuleList()
-        self.taps = FeatureTaps(net, [*self.stages, PENULTIMATE])
-        self.taps.active = False  # record only inside the training forward, not when evaluating
+        self.head_views = [f"head{i + 1}" for i in range(len(heads))]
+        super().__init__({"student": net, **dict(zip(self.head_views, heads))}, links,
+                         extra_taps={"student": self.stages})
 
-    def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """``(deep logits (B, K), F_C (B, D), head logits [(B, K)], head features [(B, D)])``."""
-        self.taps.active = True
-        try:
-            logits = self.net(x)  # (B, K)
-        finally:
-            self.taps.active = False
-        feats = self.taps.pop()
-        deep = feats[PENULTIMATE].flatten(1)  # (B, D)
-        outs = [head(feats[s]) for s, head in zip(self.stages, self.heads)]
-        return logits, deep, [o[1] for o in outs], [o[0] for o in outs]
+    def compute_views(self, batch: Batch) -> dict[str, Outputs]:
+        net = self.run_view("student", batch.x)
+        views = {"student": net}
+        for name, stage in zip(self.head_views, self.stages):
+            taps = self.taps.get(name)
+            if taps is not None:
+                taps.active = True
+            try:
+                _, logits = self._modules[name](net.feature(stage))  # (B, D), (B, K)
+            finally:
+                if taps is not None:
+                    taps.active = False
+            views[name] = Outputs(logits=logits, features=taps.pop() if taps is not None else {})
+        return views
 
-    def forward(self, batch: Batch, teacher: Any = None, epoch_progress: float = 0.0
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if len(self.heads) != len(self.stages):
-            raise RuntimeError("BYOT heads are not built yet: call BYOT.setup(batch) first")
-        logits, deep, head_logits, head_feats = self.outputs(batch.x)
-        return byot_loss(logits, deep, head_logits, head_feats, batch.y, self.alpha, self.lam, self.T)
+
+class BYOTParams(SchemeParams):
+    """``scheme.params`` of ``byot``."""
+
+    stages: list[str] | None = Field(default=None, description="module paths of the stages that get a head "
+                                     "(default: every stage of feature_taps() but the deepest)")
+    bottleneck: BottleneckKind = Field(default="conv", description="conv (strided convs to the deepest stage's map) "
+                                       "or mlp")
+    width: Annotated[int, Field(ge=1)] | None = Field(default=None, description="bottleneck width (default: the "
+                                                      "deepest stage's channels, or D for mlp)")
 
 
 @register_scheme("byot")
 class BYOT(Scheme):
-    """Self-distillation: the network's deepest classifier teaches auxiliary heads at its stages.
-
-    Args:
-        net: The network (a zoo model with a classifier ``fc``).
-        stages: Module paths of the stages that get a head (default: every stage of
-            ``feature_taps()`` but the deepest).
-        alpha: KL weight ``a`` (cross-entropies get ``1 - a``).
-        lam: Feature-term weight ``l``.
-        T: KL temperature.
-        bottleneck: ``conv`` (strided convs to the deepest stage's map) or ``mlp``.
-        width: Bottleneck width (default: the deepest stage's channels, or ``D`` for ``mlp``).
-    """
+    """Self-distillation: the network's deepest classifier teaches auxiliary heads at its stages."""
 
     citation = ("Zhang et al., Be Your Own Teacher: Improve the Performance of Convolutional Neural Networks "
                 "via Self Distillation, ICCV 2019.")
@@ -146,93 +145,39 @@ class BYOT(Scheme):
          "'headN' rows are early exits (the network up to stage N plus that head); their params column counts "
          "the whole network"),
     )
+    example: ClassVar[dict[str, Any]] = {"teacher": None, "student": {"name": "cnn1d", "params": {"channels": 8}},
+                                         "losses": {"ce": {"weight": 0.7}, "kd": {"T": 3.0, "alpha": 1.0, "weight": 0.3}}}
+    Params = BYOTParams
+    moved = {**{k: MOVED_TO_LOSSES[k] for k in ("T", "alpha")},
+             "lam": "the feature term is a loss: losses.feat: {loss: fitnet, regressor: false, ...} with its weight"}
 
     @classmethod
-    def build(
-        cls,
-        ctx: SchemeContext,
-        seed: int,
-        stages: list[str] | None = None,
-        alpha: Annotated[float, Field(ge=0.0, le=1.0)] = 0.3,
-        lam: Annotated[float, Field(ge=0.0)] = 0.03,
-        T: Annotated[float, Field(gt=0.0)] = 3.0,
-        bottleneck: BottleneckKind = "conv",
-        width: Annotated[int, Field(ge=1)] | None = None,
-    ) -> BYOT:
-        """The recipe's student (the baseline's init of ``seed``) with heads at ``stages``."""
-        return cls(ctx.student(seed), stages, alpha=alpha, lam=lam, T=T, bottleneck=bottleneck, width=width)
+    def task(cls, ctx: Context, seed: int, params: Any) -> FlowTask:
+        """The recipe's student (the baseline's init of ``seed``) with heads at ``params.stages``."""
+        require_teacher_terms(ctx.objective(), "byot", "kd: {T: 3, alpha: 1, weight: 0.3}")
+        return byot_task(ctx.student(seed), ctx.objective, params.stages, params.bottleneck, params.width,
+                         torch.zeros(2, *ctx.info.input_shape))
 
-    def __init__(self, net: nn.Module, stages: list[str] | None = None, alpha: float = 0.3, lam: float = 0.03,
-                 T: float = 3.0, bottleneck: BottleneckKind = "conv", width: int | None = None) -> None:
-        net = unwrap(net)
-        deepest = default_taps(net)
-        if stages is None:
-            if len(deepest) < 2:
-                raise ConfigError(f"byot: model {type(net).__name__} lists {len(deepest)} stage(s) in feature_taps(); "
-                                  "set scheme.params.stages to module paths for the heads")
-            stages = deepest[:-1]
-        if not stages:
-            raise ConfigError("byot: scheme.params.stages is empty; give at least one module path for a head")
-        if len(set(stages)) != len(stages):
-            raise ConfigError(f"byot: scheme.params.stages lists a path twice: {stages}")
-        for s in stages:
-            resolve_tap(net, s)  # unknown paths: TapError naming the closest valid paths
-        resolve_tap(net, PENULTIMATE)
-        self.deep_stage = deepest[-1] if deepest else None
-        self.bottleneck, self.width = bottleneck, width
-        if bottleneck not in ("conv", "mlp"):
-            raise ConfigError(f"byot: unknown bottleneck {bottleneck!r}; valid: 'conv', 'mlp'")
-        self._module = BYOTModule(net, list(stages), alpha, lam, T)
-        self._views: dict[str, HeadView] = {}
 
-    @property
-    def module(self) -> nn.Module:
-        return self._module
-
-    @property
-    def net(self) -> nn.Module:
-        return self._module.net
-
-    def setup(self, batch: Batch, info: SetupInfo | None = None) -> None:
-        """Probe the stage shapes on one batch and build one head per stage (once)."""
-        m = self._module
-        if len(m.heads) == len(m.stages):
-            return
-        paths = [*m.stages, PENULTIMATE] + ([self.deep_stage] if self.deep_stage else [])
-        shapes = probe_shapes(m.net, batch.x, list(dict.fromkeys(paths)))
-        dim_shape = shapes[PENULTIMATE]
-        if len(dim_shape) != 1:
-            raise ShapeError(f"byot: the penultimate feature 'fc:input' has shape {dim_shape}; expected (D,)")
-        was_training = m.net.training
-        m.net.eval()
-        with torch.no_grad():
-            num_classes = int(m.net(batch.x[:1]).shape[-1])  # (1, K)
-        m.net.train(was_training)
-        map_shape = shapes.get(self.deep_stage) if self.deep_stage else None
-        for i, stage in enumerate(m.stages):
-            head = make_head(self.bottleneck, shapes[stage], map_shape, dim_shape[0], num_classes,
-                             self.width, where=f"byot head{i + 1} at {stage!r}")
-            m.heads.append(head.to(batch.x.device))
-        log.info("byot: %d heads at %s (%d params)", len(m.heads), m.stages, count_params(m.heads))
-
-    def eval_models(self) -> dict[str, nn.Module]:
-        """``student`` (the network alone) and ``head1``... (early exits), once the heads exist."""
-        m = self._module
-        models: dict[str, nn.Module] = {"student": m.net}
-        for i, (stage, head) in enumerate(zip(m.stages, m.heads)):
-            view = self._views.get(stage)
-            if view is None or view.head is not head:
-                view = self._views[stage] = HeadView(m.net, stage, head)
-            models[f"head{i + 1}"] = view
-        return models
-
-    def export_model(self) -> nn.Module:
-        """The bare network (no heads): rebuildable from its zoo spec."""
-        return self._module.net
-
-    def heads(self) -> list[AuxHead]:
-        """The auxiliary heads, shallow to deep (empty before :meth:`setup`)."""
-        return list(self._module.heads)
-
-    def describe(self) -> dict[str, Any]:
-        return {"losses": ["ce", "ce_heads", "kl", "feat"], "adapter_params": count_params(self._module.heads)}
+def byot_task(net: nn.Module, make: Any, stages: list[str] | None, bottleneck: BottleneckKind,
+              width: int | None, sample: torch.Tensor) -> FlowTask:
+    """BYOT's plan for ``net``: heads at ``stages``, each taught by the network through ``make()``."""
+    net = unwrap(net)
+    if bottleneck not in ("conv", "mlp"):
+        raise ConfigError(f"byot: unknown bottleneck {bottleneck!r}; valid: 'conv', 'mlp'")
+    stages, deep_stage = check_stages(net, stages)
+    heads = build_heads(net, stages, deep_stage, sample, bottleneck, width)
+    log.info("byot: %d heads at %s (%d params)", len(heads), stages, sum(count_params(h) for h in heads))
+    teacher = Peer("student", net, name="the deepest classifier")
+    links: list[Any] = taught("student", make, [], untaught=True)
+    if not links:
+        raise ConfigError(f"scheme 'byot': the network's own classifier learns from the terms that read no teacher "
+                          f"(the paper's (1 - a) CE), but none of the losses {list(make().terms)} is one; add "
+                          "ce: {weight: 0.7}")
+    for i in range(len(heads)):
+        links += taught(f"head{i + 1}", make, [teacher], suffix=f"@head{i + 1}")
+    flow = BYOTFlow(net, heads, stages, links)
+    evaluate: dict[str, nn.Module] = {"student": net}
+    for i, (stage, head) in enumerate(zip(stages, heads)):
+        evaluate[f"head{i + 1}"] = HeadView(net, stage, head)
+    return FlowTask(flow, evaluate, export=net)

@@ -18,24 +18,19 @@ from torch import nn
 
 from darkknowledge.config import TrainConfig
 from darkknowledge.errors import ConfigError
-from darkknowledge.schemes.offline import Offline
-from darkknowledge.taps import validate_taps
+from darkknowledge.schemes.offline import offline_task
+from darkknowledge.schemes.task import FlowTask
+from darkknowledge.teachers.frozen import Frozen
 
 if TYPE_CHECKING:
-    from darkknowledge.schemes.context import SchemeContext
+    from darkknowledge.schemes.context import Context
 
 log = logging.getLogger(__name__)
 CE_ONLY: dict[str, dict[str, Any]] = {"ce": {}}
 
 
-class ChainStage(Offline):
-    """One link's stage: offline distillation recorded under the running scheme's name."""
-
-    registry_name = ""  # unregistered: ``ctx.train`` records the chain's scheme (assistant, pipeline)
-
-
 @dataclass
-class Link:
+class Stage:
     """One stage of a chain.
 
     Attributes:
@@ -63,26 +58,24 @@ class Link:
     teacher_name: str | None = None
 
 
-def check_link(ctx: SchemeContext, link: Link) -> None:
+def link_task(ctx: Context, link: Stage) -> FlowTask:
+    """The offline stage of a link: its model taught by its (frozen) teacher through its losses."""
+    objective = ctx.objective(link.losses if link.losses is not None else CE_ONLY, where=link.where)
+    teacher = Frozen(link.teacher, link.teacher_name or "teacher") if link.teacher is not None else None
+    return offline_task(link.model, objective, teacher, where=link.where)
+
+
+def check_link(ctx: Context, link: Stage) -> None:
     """Fail before any training when a link's losses and teacher do not fit together.
 
     Raises:
         ConfigError: Losses that need a teacher on a link without one.
         TapError: Feature taps that name no module of the link's models.
     """
-    objective = ctx.objective(link.losses if link.losses is not None else CE_ONLY)
-    wanting = [name for name, term in objective.terms.items() if getattr(term, "needs_spec", None) is not None
-               and term.needs_spec.teacher]
-    if wanting and link.teacher is None:
-        raise ConfigError(f"{link.where}: losses {wanting} need a teacher, but this stage has none; "
-                          "set its `teacher:` to an earlier stage or 'teacher', or use losses without a teacher")
-    needs = objective.bind(link.model, link.teacher)
-    validate_taps(link.model, needs.student_taps)
-    if link.teacher is not None and needs.teacher:
-        validate_taps(link.teacher, needs.teacher_taps)
+    link_task(ctx, link).release()
 
 
-def run_chain(ctx: SchemeContext, seed: int, links: Sequence[Link]) -> list[dict[str, Any]]:
+def run_chain(ctx: Context, seed: int, links: Sequence[Stage]) -> list[dict[str, Any]]:
     """Train ``links`` in order, each as one resumable stage.
 
     Args:
@@ -99,10 +92,9 @@ def run_chain(ctx: SchemeContext, seed: int, links: Sequence[Link]) -> list[dict
         check_link(ctx, link)
     per_link: list[list[dict[str, Any]]] = []
     for link in links:
-        objective = ctx.objective(link.losses if link.losses is not None else CE_ONLY)
-        scheme = ChainStage(link.model, objective, teacher=link.teacher)
+        task = link_task(ctx, link)  # built now: its teacher is frozen with the weights an earlier link trained
         stage = ctx.stage_name(seed, link.part)
         log.info("[%s] %s taught by %s", stage, link.role, link.teacher_name or "labels alone")
-        per_link.append(ctx.train(stage, scheme, seed, role=link.role, train_cfg=link.train_cfg,
+        per_link.append(ctx.train(stage, task, seed, role=link.role, train_cfg=link.train_cfg,
                                   with_transfer=link.with_transfer, label=link.label or None))
     return [entry for entries in reversed(per_link) for entry in entries]

@@ -9,111 +9,68 @@ and for a cohort of ``K`` networks (Sec. 3.3)::
 
     L_thetak = L_Ck + 1/(K-1) * sum_{l != k} D_KL(p_l || p_k)
 
-where ``L_Ck`` is peer ``k``'s cross-entropy and ``p_l`` the other peers' predictions,
-constants for peer ``k``'s update. Here ``D_KL`` is :func:`~darkknowledge.losses.kd.kd_soft_loss`
-(``T^2 KL`` at temperature ``T``; DML uses ``T = 1``) scaled by ``weight``.
+with the other peers' predictions ``p_l`` constants for peer ``k``'s update.
 
-Implementation: one module holds every peer; its forward computes each peer's logits once
-and returns ``sum_k L_thetak`` with the others' logits detached, so each peer receives exactly
-its own gradient and keeps its own optimizer state (see :mod:`darkknowledge.schemes.cohort`).
-The paper updates the peers in turn within a step (Algorithm 1); here they step
-simultaneously on the same predictions, the usual implementation for ``K > 2``. Unlabelled
-transfer samples (``y == -1``) contribute to the KL terms only.
+Plan: every peer is a view; each other peer, detached, is one of its teachers
+(:class:`~darkknowledge.teachers.peers.Peer`), and the recipe's ``losses`` are what it learns:
+the terms that read no teacher (``ce`` = ``L_Ck``) once, the terms that read one (the paper's
+``D_KL`` is ``kd: {T: 1, alpha: 1}``) averaged over its teachers. Any loss works: DKD, DIST,
+feature losses (one set of adapters per pair of peers), relation losses. Unlabelled transfer
+samples (``y == -1``) count in the teacher terms only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-from pydantic import Field
-from torch import nn
-
-from darkknowledge.data.batch import Batch
-from darkknowledge.schemes import register_scheme
-from darkknowledge.schemes.cohort import (
-    CohortScheme,
-    build_peers,
-    burn_in_factor,
-    cohort_ce,
-    peer_kl,
-)
+from darkknowledge.models.ensemble import ProbabilityEnsemble
+from darkknowledge.schemes.base import Scheme, register_scheme
+from darkknowledge.schemes.cohort import COHORT_MOVED, CohortParams, build_peers, peer_names, view_suffix
+from darkknowledge.schemes.task import FlowTask
+from darkknowledge.schemes.wiring import require_teacher_terms, taught
+from darkknowledge.teachers.flow import Flow
+from darkknowledge.teachers.peers import Peer
 
 if TYPE_CHECKING:
-    from darkknowledge.schemes.context import SchemeContext
+    from torch import nn
+
+    from darkknowledge.schemes.context import Context
 
 
-class MutualCohort(nn.Module):
-    """Every peer plus the DML objective: ``sum_k CE_k + weight * KL_k`` (others detached).
-
-    Args:
-        peers: ``N >= 2`` models with the same class count.
-        T: Temperature of the KL terms.
-        weight: Weight of the KL terms (DML: 1).
-        burn_in: Epochs of cross-entropy alone before the KL terms start (DML: 0).
-    """
-
-    def __init__(self, peers: Sequence[nn.Module], T: float = 1.0, weight: float = 1.0, burn_in: float = 0.0) -> None:
-        super().__init__()
-        self.peers = nn.ModuleList(peers)
-        self.T, self.weight, self.burn_in = T, weight, burn_in
-
-    def forward(self, batch: Batch, teacher: Any = None,
-                epoch_progress: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits = [p(batch.x) for p in self.peers]  # N x (B, K)
-        ce = torch.stack(cohort_ce(logits, batch.y)).sum()
-        w = self.weight * burn_in_factor(epoch_progress, self.burn_in)
-        if w == 0.0:  # before burn-in: no distillation term at all
-            return ce, {"ce": ce.detach(), "kl": torch.zeros_like(ce).detach()}
-        kl = torch.stack(peer_kl(logits, self.T)).sum()
-        return ce + w * kl, {"ce": ce.detach(), "kl": kl.detach()}
+def mutual_task(ctx: Context, peers: list[nn.Module], names: list[str], ensemble: bool = True) -> FlowTask:
+    """Every peer taught by every other peer (detached), the recipe's ``losses`` averaged over them."""
+    require_teacher_terms(ctx.objective(), ctx.cfg.scheme.name)
+    teachers = [Peer(name, model) for name, model in zip(names, peers)]
+    links = []
+    for k, name in enumerate(names):
+        others = [t for j, t in enumerate(teachers) if j != k]
+        links += taught(name, ctx.objective, others, mode="mean", suffix=view_suffix(name))
+    flow = Flow(dict(zip(names, peers)), links)
+    evaluate = dict(zip(names, peers))
+    if ensemble:
+        evaluate["ensemble"] = ProbabilityEnsemble(peers)
+    return FlowTask(flow, evaluate)
 
 
 @register_scheme("mutual")
-class Mutual(CohortScheme):
-    """Deep mutual learning (DML): ``N >= 2`` peers of any architectures teach each other.
-
-    Args:
-        peers: The cohort (peer 0 is the primary, exported model).
-        T: Temperature of the KL terms.
-        weight: Weight of each peer's KL term.
-        burn_in: Epochs of cross-entropy alone before the KL terms start.
-    """
+class Mutual(Scheme):
+    """Deep mutual learning (DML): ``N >= 2`` peers of any architectures teach each other."""
 
     citation = "Zhang, Xiang, Hospedales, Lu. Deep Mutual Learning. CVPR 2018."
-    summary = "a cohort of peers trained together, each with CE + KL towards the others' (detached) predictions"
+    summary = "a cohort of peers trained together, each learning the losses from the others' (detached) predictions"
     report_notes: ClassVar[tuple[str, ...]] = (
         (
-            "mutual: every peer is trained with CE + KL to the other peers' predictions in one simultaneous step; "
-            "'student' is peer 0 (same initialisation as the baseline), 'ensemble' averages the peers' probabilities"
+            "mutual: every peer learns the recipe's losses from the other peers' predictions in one simultaneous "
+            "step; 'student' is peer 0 (same initialisation as the baseline), 'ensemble' averages the peers' "
+            "probabilities"
         ),
     )
-
-    def __init__(self, peers: Sequence[nn.Module], T: float = 1.0, weight: float = 1.0, burn_in: float = 0.0) -> None:
-        self._module = MutualCohort(peers, T, weight, burn_in)
-        self._init_ensemble()
+    example: ClassVar[dict[str, Any]] = {"teacher": None}
+    Params = CohortParams
+    moved = COHORT_MOVED
 
     @classmethod
-    def build(
-        cls,
-        ctx: SchemeContext,
-        seed: int,
-        peers: list[dict[str, Any]] | None = None,
-        n: Annotated[int, Field(ge=2)] | None = None,
-        T: Annotated[float, Field(gt=0.0)] = 1.0,
-        weight: Annotated[float, Field(ge=0.0)] = 1.0,
-        burn_in: Annotated[float, Field(ge=0.0)] = 0.0,
-    ) -> Mutual:
-        """The cohort of ``seed``.
-
-        Args:
-            ctx: The run's context.
-            seed: Run seed (peer 0 gets the baseline's initialisation).
-            peers: Model specs ``{name, params}`` (default: ``n`` copies of the recipe's student).
-            n: Number of peers (default 2, or ``len(peers)``).
-            T: Softmax temperature of the KL terms (paper: 1).
-            weight: Weight of each peer's KL term (paper: 1).
-            burn_in: Epochs of cross-entropy alone before mutual learning starts (paper: 0).
-        """
-        return cls(build_peers(ctx, seed, peers, n), T=T, weight=weight, burn_in=burn_in)
+    def task(cls, ctx: Context, seed: int, params: Any) -> FlowTask:
+        """The cohort of ``seed`` (peer 0 with the baseline's initialisation)."""
+        peers = build_peers(ctx, seed, params.peers, params.n)
+        return mutual_task(ctx, peers, peer_names(len(peers)))

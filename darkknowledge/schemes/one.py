@@ -5,56 +5,48 @@ Lan, Zhu & Gong, "Knowledge Distillation by On-the-Fly Native Ensemble", NeurIPS
 over the branches, computed from the trunk's feature ``x``, weights the branch logits into
 the teacher ``z_e = sum_i g_i z_i``, and the overall loss is::
 
-    L = sum_i CE(z_i, y) + CE(z_e, y) + weight * T^2 * sum_i KL( p_e^T || p_i^T )
+    L = sum_i CE(z_i, y) + CE(z_e, y) + T^2 * sum_i KL( p_e^T || p_i^T )
 
 The teacher is detached in the KL terms: in the authors' code (``loss/kl_loss.py`` of
 Lan1991Xu/ONE_NeurIPS2018) the target distribution is built from ``label.data`` with
 ``requires_grad=False``, so the KL terms train the branches only, while ``CE(z_e)`` trains the
 gate and (through ``z_i``) the branches. The authors' code uses ``T = 3`` and ramps the KL
-weight up with a sigmoid schedule (``rampup``).
+weight up with a sigmoid schedule (here the term's ``warmup_epochs`` with ``warmup_shape: sigmoid``).
+
+Plan: the peers are views, and so is the gated ensemble (``ensemble``, trainable: its gate
+learns from the terms that read no teacher, ``CE(z_e)``); each peer is taught by the
+ensemble, detached (a :class:`~darkknowledge.teachers.peers.Peer`), through the recipe's
+``losses``. The ensemble's features, for feature and relation losses, are the gate-weighted
+sums of the peers' features (peers of one architecture).
 
 Peers instead of branches: our peers are independent models (any architectures) without a
 shared trunk, so the gate reads a tapped feature of peer 0 (``gate_tap``, default
 ``fc:input``, its penultimate feature; maps are averaged over their spatial axes). That
 feature is *detached* before the gate: the gate learns from ``CE(z_e)`` without pushing its
-own gradient into peer 0's representation, so every peer's representation is trained by
-its own terms and by ``CE(z_e)`` through its logits only. Unlabelled transfer samples get
-the KL terms only.
+own gradient into peer 0's representation.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
 from darkknowledge.data.batch import Batch
-from darkknowledge.errors import ShapeError
-from darkknowledge.losses.base import SetupInfo
-from darkknowledge.losses.ce import cross_entropy
-from darkknowledge.losses.kd import kd_soft_loss
-from darkknowledge.schemes import register_scheme
-from darkknowledge.schemes.cohort import CohortScheme, build_peers, cohort_ce
-from darkknowledge.taps import FeatureTaps, validate_taps
+from darkknowledge.errors import ConfigError, ShapeError
+from darkknowledge.losses.base import Outputs, SetupInfo
+from darkknowledge.schemes.base import Scheme, register_scheme
+from darkknowledge.schemes.cohort import COHORT_MOVED, CohortParams, build_peers, peer_names, view_suffix
+from darkknowledge.schemes.task import FlowTask
+from darkknowledge.schemes.wiring import require_teacher_terms, taught
+from darkknowledge.teachers.flow import Flow
+from darkknowledge.teachers.peers import Peer
 
 if TYPE_CHECKING:
-    from darkknowledge.schemes.context import SchemeContext
-
-
-def sigmoid_rampup(epoch_progress: float, length: float) -> float:
-    """``exp(-5 (1 - t)^2)`` with ``t = min(1, epoch_progress / length)``; 1 when ``length == 0``.
-
-    The ramp-up of the KL weight in the ONE authors' code (from Laine & Aila 2017).
-    """
-    if length <= 0:
-        return 1.0
-    t = min(1.0, max(0.0, epoch_progress / length))
-    return math.exp(-5.0 * (1.0 - t) ** 2)
+    from darkknowledge.schemes.context import Context
 
 
 def pool_feature(feature: torch.Tensor) -> torch.Tensor:
@@ -64,20 +56,21 @@ def pool_feature(feature: torch.Tensor) -> torch.Tensor:
     return feature.flatten(2).mean(dim=-1) if feature.dim() > 2 else feature
 
 
-def gated_logits(logits: Sequence[torch.Tensor], gate: torch.Tensor) -> torch.Tensor:
-    """ONE's teacher logits ``z_e = sum_i g_i z_i``.
+def gated_logits(values: Sequence[torch.Tensor], gate: torch.Tensor) -> torch.Tensor:
+    """ONE's teacher ``z_e = sum_i g_i z_i`` (also for features: ``sum_i g_i f_i``).
 
     Args:
-        logits: ``N`` tensors ``(B, K)``.
+        values: ``N`` tensors ``(B, K)`` (or ``(B, *S)``).
         gate: ``(B, N)`` weights (rows sum to 1).
 
     Returns:
-        ``(B, K)``.
+        ``(B, K)`` (or ``(B, *S)``).
     """
-    z = torch.stack(list(logits), dim=1)  # (B, N, K)
+    z = torch.stack(list(values), dim=1)  # (B, N, *S)
     if gate.shape != z.shape[:2]:
         raise ShapeError(f"gate {tuple(gate.shape)} does not match {z.shape[1]} peers x batch {z.shape[0]}")
-    return (gate.unsqueeze(-1).to(z.dtype) * z).sum(dim=1)  # (B, K)
+    g = gate.reshape(*gate.shape, *([1] * (z.dim() - 2))).to(z.dtype)  # (B, N, 1, ...)
+    return (g * z).sum(dim=1)  # (B, *S)
 
 
 class Gate(nn.Module):
@@ -97,134 +90,106 @@ class Gate(nn.Module):
         return F.softmax(F.relu(self.bn(self.fc(feature))), dim=-1)  # (B, D) -> (B, N)
 
 
-class ONECohort(nn.Module):
-    """The peers, the gate (built by :meth:`build_gate`) and ONE's objective.
+class ONEFlow(Flow):
+    """The peers, the gate, and the gated ensemble as a view computed from the peers.
 
-    Args:
-        peers: ``N >= 2`` models; peer 0's ``gate_tap`` feeds the gate.
-        gate_tap: Tap path in peer 0 (default ``fc:input``).
-        T: Temperature of the KL terms.
-        weight: Weight of the KL terms.
-        rampup: Epochs of the sigmoid ramp-up of the KL weight (0: none).
+    The gate is built by the dry run (``setup``), sized by peer 0's feature at ``gate_tap``, as
+    adapters are: like the ONE authors' code it is initialised after the peers and the data.
     """
 
-    def __init__(self, peers: Sequence[nn.Module], gate_tap: str = "fc:input", T: float = 3.0,
-                 weight: float = 1.0, rampup: float = 0.0) -> None:
-        super().__init__()
-        self.peers = nn.ModuleList(peers)
-        validate_taps(self.peers[0], [gate_tap])
-        self.gate_tap, self.T, self.weight, self.rampup = gate_tap, T, weight, rampup
-        self.taps = FeatureTaps(self.peers[0], [gate_tap])
-        self.taps.active = False  # record only inside outputs(), not when peer 0 is evaluated alone
+    def __init__(self, peers: dict[str, nn.Module], gate_tap: str, links: list[Any]) -> None:
+        self.peer_views, self.gate_tap = list(peers), gate_tap
+        self.ensemble_taps: tuple[str, ...] = ()
+        first = next(iter(peers.values()))
+        super().__init__(peers, links, tap_models={"ensemble": first}, extra_taps={self.peer_views[0]: [gate_tap]})
         self.gate: Gate | None = None
 
-    def build_gate(self, x: torch.Tensor) -> None:
-        """Create the gate for the width of peer 0's tapped feature on inputs ``x``."""
-        with torch.no_grad():
-            _, feature = self.outputs(x, need_gate=False)
-        self.gate = Gate(int(feature.shape[-1]), len(self.peers)).to(x.device)
+    def setup(self, batch: Batch, info: SetupInfo | None = None) -> None:
+        """Build the gate for the width of peer 0's (pooled) feature, then the dry run."""
+        if self.gate is None:
+            was_training = self.training
+            self.eval()
+            try:
+                with torch.no_grad():
+                    feature = pool_feature(self.run_view(self.peer_views[0], batch.x).feature(self.gate_tap))
+            finally:
+                self.train(was_training)
+            self.gate = Gate(int(feature.shape[-1]), len(self.peer_views)).to(feature.device)
+        super().setup(batch, info)
 
-    def outputs(self, x: torch.Tensor, need_gate: bool = True) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Every peer's logits and the detached, pooled gate feature of peer 0."""
-        self.taps.active = True
-        try:
-            first = self.peers[0](x)  # (B, K)
-        finally:
-            self.taps.active = False
-        feature = pool_feature(self.taps.pop()[self.gate_tap]).detach()  # (B, D), no gradient into peer 0
-        if need_gate and self.gate is None:
-            raise RuntimeError("ONE's gate is built by the scheme's setup(); call setup(batch) first")
-        return [first, *(p(x) for p in self.peers[1:])], feature
+    def route_taps(self, wanted: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        """The ensemble's taps are recorded on every peer and mixed by the gate."""
+        self.ensemble_taps = wanted.pop("ensemble", ())
+        for view in self.peer_views:
+            wanted[view] = tuple(dict.fromkeys(wanted.get(view, ()) + self.ensemble_taps))
+        return wanted
 
-    def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The gated ensemble ``z_e`` ``(B, K)`` (used for evaluation)."""
-        logits, feature = self.outputs(x)
-        return gated_logits(logits, self.gate(feature))
-
-    def forward(self, batch: Batch, teacher: Any = None,
-                epoch_progress: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits, feature = self.outputs(batch.x)  # N x (B, K), (B, D)
+    def ensemble(self, peers: dict[str, Outputs]) -> Outputs:
+        """``z_e = sum_i g_i z_i`` (and the gated features) from the peers' outputs."""
+        outs = [peers[v] for v in self.peer_views]
+        if self.gate is None:
+            raise RuntimeError("ONE's gate is built by the dry run: call setup(batch) first")
+        feature = pool_feature(outs[0].feature(self.gate_tap)).detach()  # (B, D): no gradient into peer 0
         gate = self.gate(feature)  # (B, N)
-        z_e = gated_logits(logits, gate)  # (B, K): CE(z_e) trains the gate and every peer
-        ce = torch.stack(cohort_ce(logits, batch.y)).sum()
-        ce_e = cross_entropy(z_e, batch.y, all_labeled=batch.labeled)
-        target = z_e.detach()  # ONE's KL target is a constant (authors' code: label.data)
-        kl = torch.stack([kd_soft_loss(z, target, self.T) for z in logits]).sum()
-        w = self.weight * sigmoid_rampup(epoch_progress, self.rampup)
-        return ce + ce_e + w * kl, {"ce": ce.detach(), "ce_ensemble": ce_e.detach(), "kl": kl.detach()}
+        feats = {p: gated_logits([o.feature(p) for o in outs], gate) for p in self.ensemble_taps}
+        return Outputs(logits=gated_logits([o.logits for o in outs], gate), features=feats)  # (B, K)
+
+    def compute_views(self, batch: Batch) -> dict[str, Outputs]:
+        views = {v: self.run_view(v, batch.x) for v in self.peer_views}
+        views["ensemble"] = self.ensemble(views)
+        return views
 
 
 class GatedEnsemble(nn.Module):
     """Evaluation view of ONE's teacher ``z_e`` (kept outside the trainable module's tree)."""
 
-    def __init__(self, cohort: ONECohort) -> None:
+    def __init__(self, flow: ONEFlow) -> None:
         super().__init__()
-        self.cohort = cohort
+        self.flow = flow
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.cohort.teacher_logits(x)
+        views = {v: self.flow.run_view(v, x) for v in self.flow.peer_views}
+        return self.flow.ensemble(views).logits
+
+
+class ONEParams(CohortParams):
+    """``scheme.params`` of ``one``."""
+
+    gate_tap: str = "fc:input"
 
 
 @register_scheme("one")
-class ONE(CohortScheme):
-    """ONE: a learned gate ensembles the peers' logits on the fly; the ensemble teaches them.
-
-    Args:
-        peers: The cohort (peer 0 is the primary, exported model and feeds the gate).
-        gate_tap: Tap path of peer 0 read by the gate.
-        T: Temperature of the KL terms (authors' code: 3).
-        weight: Weight of the KL terms.
-        rampup: Epochs of the sigmoid ramp-up of the KL weight.
-    """
+class ONE(Scheme):
+    """ONE: a learned gate ensembles the peers' logits on the fly; the ensemble teaches them."""
 
     citation = "Lan, Zhu, Gong. Knowledge Distillation by On-the-Fly Native Ensemble (ONE). NeurIPS 2018."
-    summary = "a gate weights the peers' logits into an online teacher (trained by CE) that teaches every peer by KL"
-    loss_terms = ("ce", "ce_ensemble", "kl")
+    summary = "a gate weights the peers' logits into an online teacher (trained by CE) that teaches every peer"
     report_notes: ClassVar[tuple[str, ...]] = (
         (
             "one: peers are independent models (no shared trunk); the gate reads peer 0's penultimate feature (detached); "
             "'ensemble' is the gated teacher z_e = sum_i g_i z_i, 'student' is peer 0 (same initialisation as the baseline)"
         ),
     )
-
-    def __init__(self, peers: Sequence[nn.Module], gate_tap: str = "fc:input", T: float = 3.0,
-                 weight: float = 1.0, rampup: float = 0.0) -> None:
-        self._module = ONECohort(peers, gate_tap, T, weight, rampup)
-        self._ensemble = GatedEnsemble(self._module)
-
-    def setup(self, batch: Batch, info: SetupInfo | None = None) -> None:
-        """Check the peers' class counts and build the gate for peer 0's feature width."""
-        super().setup(batch, info)
-        if self._module.gate is None:
-            was_training = self._module.training
-            self._module.eval()
-            try:
-                self._module.build_gate(batch.x)
-            finally:
-                self._module.train(was_training)
+    example: ClassVar[dict[str, Any]] = {"teacher": None, "scheme": {"params": {"n": 3}}}
+    Params = ONEParams
+    moved = COHORT_MOVED
 
     @classmethod
-    def build(
-        cls,
-        ctx: SchemeContext,
-        seed: int,
-        peers: list[dict[str, Any]] | None = None,
-        n: Annotated[int, Field(ge=2)] | None = None,
-        gate_tap: str = "fc:input",
-        T: Annotated[float, Field(gt=0.0)] = 3.0,
-        weight: Annotated[float, Field(ge=0.0)] = 1.0,
-        rampup: Annotated[float, Field(ge=0.0)] = 0.0,
-    ) -> ONE:
-        """The cohort of ``seed``.
+    def task(cls, ctx: Context, seed: int, params: Any) -> FlowTask:
+        """The cohort of ``seed`` (the gate is built by the dry run)."""
+        require_teacher_terms(ctx.objective(), "one")
+        peers = build_peers(ctx, seed, params.peers, params.n)
+        names = peer_names(len(peers))
+        teacher = Peer("ensemble", peers[0])
+        links: list[Any] = taught("ensemble", ctx.objective, [], untaught=True, suffix="@ensemble")
+        if not links:
+            raise ConfigError(f"scheme 'one': the gated ensemble learns from the terms that read no teacher (the "
+                              f"paper's CE(z_e)), but none of the losses {list(ctx.objective().terms)} is one; "
+                              "add ce: {}")
+        for name in names:
+            links += taught(name, ctx.objective, [teacher], suffix=view_suffix(name))
+        flow = ONEFlow(dict(zip(names, peers)), params.gate_tap, links)
+        return FlowTask(flow, {**dict(zip(names, peers)), "ensemble": GatedEnsemble(flow)})
 
-        Args:
-            ctx: The run's context.
-            seed: Run seed (peer 0 gets the baseline's initialisation).
-            peers: Model specs ``{name, params}`` (default: ``n`` copies of the recipe's student).
-            n: Number of peers (default 2, or ``len(peers)``; the paper uses 3 branches).
-            gate_tap: Peer 0's feature read by the gate (a tap path, e.g. ``fc:input``, ``blocks.0``).
-            T: Softmax temperature of the KL terms.
-            weight: Weight of the KL terms.
-            rampup: Epochs of sigmoid ramp-up of the KL weight (0: full weight from the start).
-        """
-        return cls(build_peers(ctx, seed, peers, n), gate_tap=gate_tap, T=T, weight=weight, rampup=rampup)
+
+__all__ = ["ONE", "GatedEnsemble", "Gate", "gated_logits", "pool_feature"]

@@ -22,14 +22,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from darkknowledge.config import ModelConfig
 from darkknowledge.errors import ConfigError
-from darkknowledge.schemes import register_scheme
-from darkknowledge.schemes.base import Scheme
-from darkknowledge.schemes.chain import Link, run_chain
+from darkknowledge.schemes.base import Scheme, SchemeParams, register_scheme
+from darkknowledge.schemes.chain import Stage, run_chain
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from darkknowledge.schemes.context import SchemeContext
+    from darkknowledge.schemes.context import Context
 
 RESERVED = ("teacher", "student", "baseline")
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
@@ -52,7 +51,7 @@ class PipelineStage(BaseModel):
     name: str
     model: ModelConfig | Literal["student"] = "student"
     teacher: str | None = None
-    losses: dict[str, dict[str, Any]] | None = None
+    losses: dict[str, dict[str, Any] | None] | None = None
     train: dict[str, Any] = Field(default_factory=dict)
     with_transfer: bool | None = None
 
@@ -92,6 +91,12 @@ def check_stages(stages: list[PipelineStage], has_teacher: bool) -> None:
         seen.append(stage.name)
 
 
+class PipelineParams(SchemeParams):
+    """``scheme.params`` of ``pipeline``."""
+
+    stages: list[PipelineStage] = Field(description="the stages, in training order; the last is the student")
+
+
 @register_scheme("pipeline")
 class Pipeline(Scheme):
     """Explicit stages, each taught by an earlier stage (or the recipe teacher, or nobody)."""
@@ -103,18 +108,20 @@ class Pipeline(Scheme):
         "after them",
     )
 
-    @classmethod
-    def run(cls, ctx: SchemeContext, seed: int, *, stages: list[PipelineStage]) -> list[dict[str, Any]]:
-        """Train the stages for ``seed`` in order; the last stage's entry comes first.
+    example: ClassVar[dict[str, Any]] = {"scheme": {"params": {"stages": [
+        {"name": "mid", "model": {"name": "mlp", "params": {"hidden": [24]}}, "teacher": "teacher",
+         "losses": {"kd": {"alpha": 1.0}}},
+        {"name": "last", "teacher": "mid", "losses": {"ce": {}, "kd": {"alpha": 1.0}}}]}}}
+    Params = PipelineParams
 
-        Args:
-            ctx: The run's context.
-            seed: Seed of the data order and of every stage model's initialisation.
-            stages: The pipeline (see :class:`PipelineStage`).
-        """
+    @classmethod
+    def run(cls, ctx: Context, seed: int, params: Any) -> list[dict[str, Any]]:
+        """Train the stages (``params.stages``, see :class:`PipelineStage`) for ``seed`` in order;
+        the last stage's entry comes first."""
+        stages = params.stages
         check_stages(stages, ctx.cfg.teacher is not None)
         models: dict[str, nn.Module] = {}
-        links: list[Link] = []
+        links: list[Stage] = []
         for i, stage in enumerate(stages):
             where = f"scheme.params.stages.{i}"
             last = i == len(stages) - 1
@@ -123,7 +130,7 @@ class Pipeline(Scheme):
             teacher = None if stage.teacher is None else ctx.teacher() if stage.teacher == "teacher" \
                 else models[stage.teacher]
             transfer = stage.with_transfer if stage.with_transfer is not None else teacher is not None
-            links.append(Link(part=None if last else stage.name, model=model, teacher=teacher, losses=stage.losses,
+            links.append(Stage(part=None if last else stage.name, model=model, teacher=teacher, losses=stage.losses,
                               role="student" if last else stage.name,
                               train_cfg=ctx.train_cfg(stage.train, f"{where}.train") if stage.train else None,
                               with_transfer=transfer, label=cls.registry_name, where=f"{where}.losses",

@@ -1,5 +1,13 @@
-"""Teachers: frozen models that provide outputs to the losses."""
+"""Teachers: anything that provides teacher outputs to an objective (see ``teachers.base``)."""
 
-from darkknowledge.teachers.frozen import FrozenTeacher
+from darkknowledge.teachers.base import Teacher
+from darkknowledge.teachers.ema import EMA
+from darkknowledge.teachers.ensemble import Ensemble
+from darkknowledge.teachers.flow import Flow, Group, Link
+from darkknowledge.teachers.frozen import Frozen, FrozenTeacher
+from darkknowledge.teachers.mixture import Mixture
+from darkknowledge.teachers.peers import Peer
+from darkknowledge.teachers.virtual import Virtual
 
-__all__ = ["FrozenTeacher"]
+__all__ = ["EMA", "Ensemble", "Flow", "Frozen", "FrozenTeacher", "Group", "Link", "Mixture", "Peer", "Teacher",
+           "Virtual"]

@@ -45,7 +45,7 @@ import torch
 
 from darkknowledge.data.augment import Augment, AugmentParams
 from darkknowledge.data.batch import Batch, to_device
-from darkknowledge.data.bundle import TensorData
+from darkknowledge.data.tensors import TensorData
 from darkknowledge.data.cache import cache_dir
 from darkknowledge.data.fingerprint import update_with_tensor
 from darkknowledge.data.seeds import make_generator

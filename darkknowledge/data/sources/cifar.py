@@ -114,7 +114,34 @@ def load_cifar(
     return DataBundle(train=train, test=test, info=info)
 
 
-@register_dataset("cifar10")
+def write_batch(path: Path, data: np.ndarray, labels: np.ndarray, label_key: str) -> None:
+    """Write one CIFAR batch file as the originals are laid out: a pickled dict with ``data``
+    ``(N, 3072)`` uint8 (R, G, B planes, row-major) and the labels under ``label_key``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    batch = {b"data": np.ascontiguousarray(data.reshape(len(data), -1), dtype=np.uint8),
+             label_key.encode(): [int(v) for v in labels]}
+    with path.open("wb") as f:
+        pickle.dump(batch, f, protocol=2)
+
+
+def cifar_example(folder: str, train_files: list[str], test_files: list[str], label_key: str,
+                  num_classes: int) -> Any:
+    """An ``example`` for a CIFAR dataset: 4 random images per batch file under ``<root>/<folder>``."""
+
+    def example(root: Path, variant: int = 0) -> dict[str, Any]:
+        rng = np.random.default_rng(variant)
+        for name in train_files + test_files:
+            write_batch(root / folder / name, rng.integers(0, 256, (4, *IMAGE_SHAPE), dtype=np.uint8),
+                        rng.integers(0, num_classes, 4), label_key)
+        return {}
+
+    return example
+
+
+CIFAR10_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
+
+
+@register_dataset("cifar10", example=cifar_example("cifar-10-batches-py", CIFAR10_TRAIN, ["test_batch"], "labels", 10))
 def cifar10(*, root: Path, split_seed: int, download: bool = False) -> DataBundle:
     """CIFAR-10, ``uint8`` ``(3, 32, 32)``, from ``<root>/cifar-10-batches-py/``.
 
@@ -124,13 +151,12 @@ def cifar10(*, root: Path, split_seed: int, download: bool = False) -> DataBundl
         download: Fetch the files with torchvision when they are missing.
     """
     del split_seed
-    train_files = [f"data_batch_{i}" for i in range(1, 6)]
     return load_cifar(
-        "cifar10", "CIFAR10", "cifar-10-batches-py", train_files, ["test_batch"], "labels", 10, root, download
+        "cifar10", "CIFAR10", "cifar-10-batches-py", CIFAR10_TRAIN, ["test_batch"], "labels", 10, root, download
     )
 
 
-@register_dataset("cifar100")
+@register_dataset("cifar100", example=cifar_example("cifar-100-python", ["train"], ["test"], "fine_labels", 100))
 def cifar100(*, root: Path, split_seed: int, download: bool = False) -> DataBundle:
     """CIFAR-100 (fine labels), ``uint8`` ``(3, 32, 32)``, from ``<root>/cifar-100-python/``.
 

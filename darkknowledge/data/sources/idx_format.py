@@ -1,4 +1,4 @@
-"""Reader of the IDX format used by MNIST and Fashion-MNIST (optionally gzip-compressed)."""
+"""The IDX format used by MNIST and Fashion-MNIST (optionally gzip-compressed): reader and writer."""
 
 from __future__ import annotations
 
@@ -59,3 +59,12 @@ def read_idx(path: Path) -> np.ndarray:
     array = np.frombuffer(raw, dtype=dtype, count=count, offset=header).reshape(dims)
     return array.astype(dtype.newbyteorder("="), copy=True)  # writable, native order
 
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write ``uint8`` ``array`` as IDX (magic ``0x0000 0x08 <ndim>``, big-endian uint32 dims, the
+    bytes in C order), gzip-compressed when ``path`` ends in ``.gz``."""
+    header = struct.pack(">I", 0x0800 | array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(payload) if path.suffix == ".gz" else payload)

@@ -84,7 +84,20 @@ def read_split(split_dir: Path, classes: list[str], image_size: int) -> TensorDa
     return TensorData(x, torch.tensor(labels, dtype=torch.int64))
 
 
-@register_dataset("image_folder")
+def example(root: Path, variant: int = 0) -> dict[str, Any]:
+    """Three classes of two 6x6 PNG images each in ``train/`` and ``test/`` (needs pillow)."""
+    image = _pil_image()
+    rng = np.random.default_rng(variant)
+    for split in ("train", "test"):
+        for name in ("ant", "bee", "cat"):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(2):
+                image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    return {"image_size": 8}
+
+
+@register_dataset("image_folder", example=example)
 def image_folder(
     *,
     root: Path,

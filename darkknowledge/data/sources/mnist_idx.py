@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from darkknowledge.data.bundle import DataBundle, DatasetInfo, TensorData
@@ -17,7 +20,7 @@ from darkknowledge.data.sources.common import (
     missing_files_error,
     torchvision_download,
 )
-from darkknowledge.data.sources.idx_format import read_idx
+from darkknowledge.data.sources.idx_format import read_idx, write_idx
 
 NUM_CLASSES = 10
 SPLIT_FILES = {
@@ -79,7 +82,22 @@ def load_idx_dataset(dataset: str, tv_class: str, root: Path, download: bool) ->
     return DataBundle(train=train, test=test, info=info)
 
 
-@register_dataset("mnist")
+def idx_example(folder: str, n_train: int = 12, n_test: int = 5) -> Callable[[Path, int], dict[str, Any]]:
+    """An ``example`` for an MNIST-style dataset: random 28x28 images in IDX files under
+    ``<root>/<folder>/raw`` (``variant`` seeds them)."""
+
+    def example(root: Path, variant: int = 0) -> dict[str, Any]:
+        rng = np.random.default_rng(variant)
+        for split, n in (("train", n_train), ("test", n_test)):
+            images, labels = SPLIT_FILES[split]
+            write_idx(raw_dir(root, folder) / images, rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+            write_idx(raw_dir(root, folder) / labels, rng.integers(0, NUM_CLASSES, n, dtype=np.uint8))
+        return {}
+
+    return example
+
+
+@register_dataset("mnist", example=idx_example("MNIST"))
 def mnist(*, root: Path, split_seed: int, download: bool = False) -> DataBundle:
     """MNIST digits, ``uint8`` ``(1, 28, 28)``, from ``<root>/MNIST/raw/*-idx?-ubyte[.gz]``.
 
@@ -92,7 +110,7 @@ def mnist(*, root: Path, split_seed: int, download: bool = False) -> DataBundle:
     return load_idx_dataset("mnist", "MNIST", root, download)
 
 
-@register_dataset("fashion_mnist")
+@register_dataset("fashion_mnist", example=idx_example("FashionMNIST"))
 def fashion_mnist(*, root: Path, split_seed: int, download: bool = False) -> DataBundle:
     """Fashion-MNIST, ``uint8`` ``(1, 28, 28)``, from ``<root>/FashionMNIST/raw/``.
 

@@ -16,7 +16,7 @@ NUM_CLASSES = 10
 MAX_PIXEL = 16.0  # load_digits pixels are integers 0..16
 
 
-@register_dataset("digits")
+@register_dataset("digits", example=lambda root, variant: {"test_fraction": 0.2 + 0.1 * variant})
 def digits(
     *,
     root: Path,

@@ -18,7 +18,7 @@ from darkknowledge.data import Augment, BatchLoader, DataBundle, DatasetInfo, Te
 from darkknowledge.engine.checkpoint import load_exported
 from darkknowledge.engine.distributed import DistContext
 from darkknowledge.errors import CheckpointError, ConfigError
-from darkknowledge.losses.objective import RESERVED, Objective
+from darkknowledge.losses.objective import Objective
 from darkknowledge.models import MODELS, create_model
 from darkknowledge.validation import validate_kwargs
 
@@ -31,9 +31,12 @@ def seed_everything(seed: int) -> None:
 
 
 def check_config(cfg: RunConfig) -> None:
-    """Check every registry name and params mapping of ``cfg`` without building anything."""
+    """Check every registry name and params mapping of ``cfg`` without loading data or training.
+
+    The losses are parsed (and their parameters validated) by the one parser that builds them
+    (``Objective.from_config``); a term's schedule keys are typed there too.
+    """
     from darkknowledge.data import DATASETS
-    from darkknowledge.losses import LOSSES
     from darkknowledge.schemes.base import resolve_scheme
 
     resolve_scheme(cfg.scheme.name, cfg.scheme.params)
@@ -41,12 +44,8 @@ def check_config(cfg: RunConfig) -> None:
     for where, spec in (("student", cfg.student), *cfg.all_teachers()):
         if spec is not None and ":" not in spec.name:
             validate_kwargs(MODELS.get(spec.name), spec.params, f"{where}.params")
-    for name, raw in cfg.losses.items():
-        params = dict(raw or {})
-        cls = LOSSES.get(params.pop("loss", name))
-        for key in RESERVED[1:]:
-            params.pop(key, None)
-        validate_kwargs(cls, params, f"losses.{name}")
+    if cfg.losses:
+        build_objective(cfg.losses)
     for where, spec in cfg.all_teachers():
         cfg.teacher_train(spec, where)
 
@@ -133,5 +132,6 @@ def model_spec(model: nn.Module) -> dict[str, Any]:
     return {"name": name, "params": params}
 
 
-def build_objective(losses: dict[str, Any]) -> Objective:
-    return Objective.from_config({k: dict(v or {}) for k, v in losses.items()})
+def build_objective(losses: dict[str, Any], where: str = "losses") -> Objective:
+    """The objective of a ``losses:`` mapping (each term parsed and validated once)."""
+    return Objective.from_config(losses, where=where)

@@ -1,4 +1,4 @@
-"""Aggregation math of the ``multi_teacher`` scheme: per-teacher weights and mixed soft labels.
+"""Mixing several teachers: per-teacher weights and mixed soft labels (pure functions).
 
 Every function is pure (tensors in, tensors out). ``K`` below is the number of *classes*,
 ``N`` the number of *teachers* and ``B`` the batch size.

@@ -16,17 +16,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from darkknowledge.build import build_data, build_model, build_objective, make_loaders, model_spec, seed_everything
 from darkknowledge.config import RunConfig, TeacherConfig, TrainConfig
 from darkknowledge.data import DataBundle, cache_dir
 from darkknowledge.engine.checkpoint import export_model, load_exported, read_export, state_hash
 from darkknowledge.engine.device import select_device, set_deterministic
 from darkknowledge.engine.distributed import init_distributed
 from darkknowledge.engine.metrics import MetricsLog
+from darkknowledge.engine.task import Task
 from darkknowledge.engine.trainer import Trainer
 from darkknowledge.models import count_params
-from darkknowledge.rundir import RunDir
-from darkknowledge.schemes.base import Scheme
+from darkknowledge.runs.build import build_data, build_model, build_objective, make_loaders, model_spec, seed_everything
+from darkknowledge.runs.rundir import RunDir
+from darkknowledge.schemes.offline import offline_task
 
 log = logging.getLogger(__name__)
 
@@ -65,19 +66,19 @@ class Session:
         self,
         stage: str,
         role: str,
-        scheme: Scheme,
+        task: Task,
         seed: int,
         train_cfg: TrainConfig | None = None,
         with_transfer: bool = False,
         label: str | None = None,
         scheme_name: str = "offline",
     ) -> list[dict[str, Any]]:
-        """Train ``scheme`` as one resumable stage; its models are trained in place.
+        """Train ``task`` as one resumable stage; its models are trained in place.
 
         Args:
             stage: Stage name (run-folder subdirectory, results entry name).
             role: Role of the primary model in the report (``teacher``, ``baseline``, ``student``).
-            scheme: The stage's scheme instance.
+            task: The stage's task (e.g. a scheme's plan).
             seed: Seed of the data order (and recorded in the entry).
             train_cfg: Training settings (default: the run's ``train``).
             with_transfer: Append the unlabeled transfer set to the training data.
@@ -90,7 +91,7 @@ class Session:
         """
         done = self.run.result(stage) if self.resume else None
         stage_dir = self.run.stage_dir(stage)
-        export = scheme.export_model()
+        export = task.export_model()
         if done is not None and stage_dir is not None and (stage_dir / "model.pt").is_file():
             _, state = load_exported(stage_dir / "model.pt")
             export.load_state_dict(state)
@@ -103,16 +104,17 @@ class Session:
             self.cfg, self.bundle, seed, self.device, self.dist, with_transfer=with_transfer
         )
         trainer = Trainer(
-            scheme, train_loader, test_loader, train_cfg, self.device, stage=stage,
+            task, train_loader, test_loader, train_cfg, self.device, stage=stage,
             run_dir=stage_dir, val_loader=val_loader, dist=self.dist, metrics=self.metrics,
             config=self.cfg.model_dump(mode="json"), progress=self.progress,
         )
         result = trainer.fit(resume=self.resume)
-        scheme.to(torch.device("cpu"))
-        primary = scheme.primary
+        task.to(torch.device("cpu"))
+        primary = task.primary
         log.info("[%s] done: test acc %.2f (best-epoch %.2f), %.1fs", stage, result.last[primary]["top1"],
                  result.best["top1"], result.train_seconds)
-        models = scheme.eval_models()
+        models = task.eval_models()
+        facts = task.describe()
         common = {
             "seed": seed,
             "scheme": scheme_name,
@@ -120,7 +122,7 @@ class Session:
             "epochs": train_cfg.epochs,
             "steps": result.steps,
             "train_seconds": round(result.train_seconds, 3),
-            "losses": sorted(scheme.describe().get("losses", ())),
+            "losses": sorted(facts.get("losses", ())),
             "train_samples": len(train_loader.data) if hasattr(train_loader, "data") else None,
             "transfer": bool(with_transfer and self.cfg.data.use_transfer and self.bundle.transfer is not None
                              and len(self.bundle.transfer)),
@@ -128,13 +130,13 @@ class Session:
         entry = {
             "name": stage, "role": role, "model": model_spec(export)["name"], **common,
             "params": count_params(export),
-            "extra_params": scheme.describe().get("adapter_params", 0),
+            "extra_params": facts.get("adapter_params", 0),
             **_accuracies(result.last[primary]),
             "best_acc": result.best["top1"], "best_epoch": result.best["epoch"],
             "best_selected_on": result.best["selected_on"],
         }
-        if "cache" in scheme.describe():
-            entry["teacher_cache"] = scheme.describe()["cache"]
+        if "cache" in facts:
+            entry["teacher_cache"] = facts["cache"]
         entries = [entry]
         for name, member in models.items():
             if name == primary:
@@ -156,10 +158,8 @@ class Session:
     def train_alone(self, stage: str, role: str, model: nn.Module, seed: int,
                     train_cfg: TrainConfig | None = None) -> dict[str, Any]:
         """Train ``model`` with cross-entropy alone (a teacher or a baseline); its entry."""
-        from darkknowledge.schemes.offline import Offline
-
-        scheme = Offline(model, build_objective({"ce": {}}))
-        return self.train_stage(stage, role, scheme, seed, train_cfg=train_cfg)[0]
+        task = offline_task(model, build_objective({"ce": {}}))
+        return self.train_stage(stage, role, task, seed, train_cfg=train_cfg)[0]
 
     # ------------------------------------------------------------------ teacher
     def teacher_key(self, spec: TeacherConfig | None = None, where: str = "teacher") -> str:

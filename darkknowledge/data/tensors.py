@@ -1,0 +1,82 @@
+"""A dataset held as two tensors in memory, indexed per batch by the loader."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset
+
+from darkknowledge.data.batch import UNLABELED
+from darkknowledge.errors import ConfigError
+
+
+class TensorData(Dataset):
+    """A dataset held as two tensors; the loader indexes them directly per batch.
+
+    Args:
+        x: Inputs ``(N, *input_shape)``; ``uint8`` images ``(N, C, H, W)`` are kept as
+            ``uint8`` to save memory (the loader scales them to ``[0, 1]``), anything else
+            should be floating point.
+        y: Integer labels ``(N,)``, cast to ``int64``; ``UNLABELED`` (-1) marks samples
+            without a label.
+
+    Raises:
+        ConfigError: Mismatched lengths, non-integer labels or labels below -1.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if x.ndim < 1 or y.ndim != 1 or x.shape[0] != y.shape[0]:
+            raise ConfigError(
+                "TensorData needs x (N, ...) and y (N,) of the same length "
+                f"(got x {tuple(x.shape)}, y {tuple(y.shape)})"
+            )
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise ConfigError(f"TensorData labels must be integers (got {y.dtype})")
+        y = y.to(torch.int64)
+        lowest = int(y.min()) if y.numel() else 0
+        if lowest < UNLABELED:
+            raise ConfigError(f"TensorData labels must be >= {UNLABELED} (got {lowest})")
+        self.x = x
+        self.y = y
+        self.all_labeled = lowest != UNLABELED
+        """No sample is ``UNLABELED`` (batches then say ``labeled=True``)."""
+        self._copies: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of ``x`` and ``y``."""
+        return self.x.element_size() * self.x.numel() + self.y.element_size() * self.y.numel()
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, y)`` on ``device``: copied there on the first call and kept, so every loader
+        over this data (train, evaluation, cache build) shares one copy."""
+        if self.x.device == device:
+            return self.x, self.y
+        key = str(device)
+        if key not in self._copies:
+            self._copies[key] = (self.x.to(device), self.y.to(device))
+        return self._copies[key]
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[index], self.y[index]
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one input, e.g. ``(3, 32, 32)``."""
+        return tuple(self.x.shape[1:])
+
+    @property
+    def num_labeled(self) -> int:
+        """Number of samples whose label is not ``UNLABELED``."""
+        return int((self.y != UNLABELED).sum())
+
+    def subset(self, indices: torch.Tensor) -> TensorData:
+        """A new ``TensorData`` with the samples at ``indices`` (in that order)."""
+        indices = torch.as_tensor(indices, dtype=torch.int64)  # (M,)
+        return TensorData(self.x[indices], self.y[indices])
+
+    def __repr__(self) -> str:
+        shape = tuple(self.x.shape)
+        return f"TensorData(n={len(self)}, x={shape} {self.x.dtype}, labeled={self.num_labeled})"
