@@ -1,0 +1,1 @@
+"""Runs: sessions, the objects a config builds, run folders, the context schemes plan with, reports."""
