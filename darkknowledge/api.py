@@ -9,6 +9,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +21,20 @@ from darkknowledge.config import ModelConfig, RunConfig, deep_merge, validate_co
 from darkknowledge.data import DataBundle, DatasetInfo, TensorData
 from darkknowledge.data.fingerprint import fingerprint
 from darkknowledge.errors import ConfigError
-from darkknowledge.runs.build import build_model, build_objective, check_config, model_spec, seed_everything
+from darkknowledge.runs.build import (
+    build_model,
+    build_objective,
+    check_config,
+    model_spec,
+    seed_everything,
+)
 from darkknowledge.runs.session import Session
 from darkknowledge.schemes.offline import offline_task
 
 DataLike = str | DataBundle | tuple
+
+_LOADING_KEYS = ("params", "root", "split_seed", "val_fraction")
+"""``data`` keys that say how a named dataset is loaded: meaningless for data given as objects."""
 
 
 def _bundle(data: DataLike, num_classes: int | None) -> tuple[dict[str, Any], DataBundle | None]:
@@ -32,29 +43,45 @@ def _bundle(data: DataLike, num_classes: int | None) -> tuple[dict[str, Any], Da
         return {"name": data}, None
     if isinstance(data, DataBundle):
         return {"name": data.info.name}, data
-    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(d, tuple) for d in data):
+    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(d, tuple) and len(d) == 2 for d in data):
         (x, y), (xt, yt) = data
         x, y, xt, yt = (torch.as_tensor(v) for v in (x, y, xt, yt))
-        k = num_classes or int(max(y.max(), yt.max())) + 1
+        train, test = TensorData(x, y), TensorData(xt, yt)  # checks lengths and integer labels
+        if tuple(xt.shape[1:]) != tuple(x.shape[1:]):
+            raise ConfigError(f"data: test inputs have shape {tuple(xt.shape[1:])} per sample but training inputs "
+                              f"{tuple(x.shape[1:])}; both splits must have the same input shape")
+        top = int(max(train.y.max(), test.y.max())) if len(train) and len(test) else -1
+        if num_classes is not None and not (isinstance(num_classes, int) and num_classes >= 2):
+            raise ConfigError(f"num_classes: expected an integer >= 2, got {num_classes!r}")
+        k = num_classes or top + 1
+        if top >= k:
+            raise ConfigError(f"data: label {top} is outside the class range 0..{k - 1} of num_classes={k}; "
+                              f"use labels 0..{k - 1} or num_classes >= {top + 1}")
+        if k < 2:
+            raise ConfigError(f"data: the labels hold {k} class(es); a classifier needs at least 2")
         info = DatasetInfo(name="tensors", num_classes=k, input_shape=tuple(x.shape[1:]),
                            fingerprint=fingerprint("tensors", {}, [("x", x), ("y", y), ("xt", xt), ("yt", yt)]))
-        return {"name": "tensors"}, DataBundle(train=TensorData(x, y.long()), test=TensorData(xt, yt.long()), info=info)
+        return {"name": "tensors"}, DataBundle(train=train, test=test, info=info)
     raise ConfigError(
         f"data: expected a dataset name (see `dk list datasets`), a DataBundle, or ((x, y), (x_test, y_test)) "
         f"tensors; got {type(data).__name__}"
     )
 
 
-def _model_cfg(model: str | nn.Module) -> tuple[dict[str, Any], nn.Module | None]:
+def _model_cfg(model: str | nn.Module, where: str) -> tuple[dict[str, Any], nn.Module | None]:
     if isinstance(model, str):
         return {"name": model}, None
     if isinstance(model, nn.Module):
         return {"name": getattr(model, "dk_name", type(model).__name__)}, model
-    raise ConfigError(f"expected a model name or an nn.Module, got {type(model).__name__}")
+    raise ConfigError(f"{where}: expected a model name (see `dk list models`) or an nn.Module, "
+                      f"got {type(model).__name__}")
 
 
 def _config(data_cfg: dict[str, Any], epochs: int, batch_size: int | None, lr: float | None, optimizer: str | None,
             seed: int, config: dict[str, Any] | None, **parts: Any) -> RunConfig:
+    if config is not None and not isinstance(config, dict):
+        raise ConfigError(f"config: expected a mapping of config keys, e.g. {{'train': {{'amp': 'bf16'}}}}; "
+                          f"got {type(config).__name__}")
     raw: dict[str, Any] = {"name": "api", "seed": seed, "data": data_cfg, "train": {"epochs": epochs}, **parts}
     if batch_size is not None:
         raw["data"]["batch_size"] = batch_size
@@ -63,12 +90,38 @@ def _config(data_cfg: dict[str, Any], epochs: int, batch_size: int | None, lr: f
         opt["lr"] = lr
     if optimizer is not None:
         opt["name"] = optimizer
-    return validate_config(deep_merge(raw, config or {}))
+    cfg = validate_config(deep_merge(raw, config or {}))
+    if (config or {}).get("seeds") is not None:
+        raise ConfigError(f"config.seeds: the Python API trains one seed (seed={seed}); "
+                          "pass seed=..., or call it once per seed")
+    return cfg
+
+
+def _check(cfg: RunConfig, bundle: DataBundle | None, given: dict[str, nn.Module]) -> None:
+    """Every name and parameter the config holds, checked before data is loaded or anything trained.
+
+    With everything named, these are a recipe's checks (``check_config``). A model or data
+    passed as an object has nothing to look up; config keys that would only shape a named
+    model or dataset are an error there, not silently ignored.
+    """
+    for where, module in given.items():
+        spec = cfg.student if where == "student" else cfg.teacher
+        extra = sorted(k for k in spec.model_dump(exclude_defaults=True) if k != "name")
+        if extra or spec.name != _model_cfg(module, where)[0]["name"]:
+            keys = ", ".join(f"{where}.{k}" for k in extra or ["name"])
+            raise ConfigError(f"{keys}: the {where} is given as an nn.Module ({type(module).__name__}), so these "
+                              f"settings would not apply; drop them from config, or pass the {where} by name")
+    if bundle is not None:
+        set_keys = cfg.data.model_dump(exclude_defaults=True)
+        extra = [k for k in _LOADING_KEYS if k in set_keys]
+        if extra:
+            raise ConfigError(f"{', '.join('data.' + k for k in extra)}: the data is given as tensors or a "
+                              "DataBundle, so these loading settings would not apply; drop them, or pass a "
+                              "dataset name (`dk list datasets`)")
+    check_config(cfg, given=[*given, *(["data"] if bundle is not None else [])])
 
 
 def _session(cfg: RunConfig, bundle: DataBundle | None, out: str | Path | None, resume: bool) -> Session:
-    if bundle is None:
-        check_config(cfg)
     return Session(cfg, Path(out) if out is not None else None, resume=resume, progress=True, bundle=bundle)
 
 
@@ -77,6 +130,28 @@ def _instantiate(given: nn.Module | None, spec: dict[str, Any], s: Session, wher
         return given
     seed_everything(seed)
     return build_model(ModelConfig(**spec), s.bundle.info, where)
+
+
+@contextmanager
+def _lent(model: nn.Module | None) -> Iterator[None]:
+    """Lend a user's module to the run and give it back as it came, also on error: the
+    train/eval mode of every submodule, ``requires_grad`` of every parameter, and its device
+    (a frozen teacher is put in ``eval()`` without gradients, and moved to the run's device)."""
+    if model is None:
+        yield
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    devices = {t.device for t in [*model.parameters(), *model.buffers()]}
+    try:
+        yield
+    finally:
+        if len(devices) == 1:
+            model.to(next(iter(devices)))
+        for m, training in modes:
+            m.training = training
+        for p, requires_grad in grads:
+            p.requires_grad_(requires_grad)
 
 
 def distill(
@@ -110,26 +185,46 @@ def distill(
         resume: Continue the run in ``out``.
         config: Any further config keys as a nested mapping (e.g. ``{"train": {"amp": "bf16"}}``).
 
+    Defaults differ from the shipped recipes (``dk run``): ``epochs=10``, the optimizer's own
+    defaults (AdamW, lr 1e-3, no weight decay, cosine schedule), the dataset's default size, no
+    validation split and no unlabeled transfer set unless ``config`` asks for them
+    (e.g. ``{"data": {"params": {"transfer_samples": 20000}}}`` for MNIST-1D). A teacher
+    given by name trains with the same settings as the student unless ``config["teacher"]["train"]``
+    says otherwise.
+
     Returns:
-        ``{"model": trained student, "student": results entry, "teacher": teacher entry or None}``.
+        ``{"model": trained student, "student": results entry, "teacher": teacher entry or None,
+        "spec": the student's spec}``. A teacher given as a module comes back in the train/eval
+        mode, ``requires_grad`` state and device it came in, also when training fails.
+
+    Raises:
+        ConfigError: A bad name, parameter or config key (before any data is loaded or trained).
     """
     data_cfg, bundle = _bundle(data, num_classes)
-    s_cfg, s_mod = _model_cfg(student)
-    t_cfg, t_mod = _model_cfg(teacher)
+    s_cfg, s_mod = _model_cfg(student, "student")
+    t_cfg, t_mod = _model_cfg(teacher, "teacher")
     cfg = _config(data_cfg, epochs, batch_size, lr, optimizer, seed, config, student=s_cfg, teacher=t_cfg,
                   losses=losses or {"kd": {}})
+    if cfg.scheme.name != "offline":
+        raise ConfigError(f"scheme: dk.distill trains offline (a given teacher teaches the student); scheme "
+                          f"{cfg.scheme.name!r} runs from a recipe: `dk distill {cfg.scheme.name}` or "
+                          "darkknowledge.commands.distill(load_config(...))")
+    if cfg.teachers:
+        raise ConfigError("teachers: dk.distill takes one teacher; several teachers run from a recipe "
+                          "(`dk distill multi_teacher`)")
+    _check(cfg, bundle, {k: m for k, m in (("student", s_mod), ("teacher", t_mod)) if m is not None})
     s = _session(cfg, bundle, out, resume)
     t_entry = None
     if t_mod is None:
         t_mod, t_entry = s.teacher()
+        lent = None
+    else:
+        lent = t_mod
     model = _instantiate(s_mod, s_cfg, s, "student", seed)
     stage = "+".join(cfg.losses) + f"-s{seed}"
-    if cfg.scheme.name != "offline":
-        raise ConfigError(f"dk.distill trains offline (a given teacher teaches the student); scheme "
-                          f"{cfg.scheme.name!r} runs from a recipe: `dk distill {cfg.scheme.name}` or "
-                          "darkknowledge.commands.distill(load_config(...))")
-    task = offline_task(model, build_objective(cfg.losses), t_mod, cache=cfg.cache)
-    entry = s.train_stage(stage, "student", task, seed, with_transfer=True, label="+".join(cfg.losses))[0]
+    with _lent(lent):
+        task = offline_task(model, build_objective(cfg.losses), t_mod, cache=cfg.cache)
+        entry = s.train_stage(stage, "student", task, seed, with_transfer=True, label="+".join(cfg.losses))[0]
     return {"model": model, "student": entry, "teacher": t_entry, "spec": model_spec(model)}
 
 
@@ -148,15 +243,23 @@ def train(
     resume: bool = False,
     config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train ``model`` alone (cross-entropy by default); same arguments as :func:`distill`.
+    """Train ``model`` alone (cross-entropy by default); same arguments and defaults as :func:`distill`.
 
     Returns:
-        ``{"model": trained model, "result": results entry}``.
+        ``{"model": trained model, "result": results entry, "spec": its spec}``.
+
+    Raises:
+        ConfigError: A bad name, parameter or config key (before any data is loaded or trained).
     """
     data_cfg, bundle = _bundle(data, num_classes)
-    m_cfg, m_mod = _model_cfg(model)
+    m_cfg, m_mod = _model_cfg(model, "model")
     cfg = _config(data_cfg, epochs, batch_size, lr, optimizer, seed, config, student=m_cfg,
                   losses=losses or {"ce": {}})
+    unused = [k for k in ("teacher", "teachers", "scheme") if k in cfg.model_dump(exclude_defaults=True)]
+    if unused:
+        raise ConfigError(f"{', '.join(unused)}: dk.train trains one model alone, so these settings would not "
+                          "apply; use dk.distill for a teacher")
+    _check(cfg, bundle, {"student": m_mod} if m_mod is not None else {})
     s = _session(cfg, bundle, out, resume)
     net = _instantiate(m_mod, m_cfg, s, "model", seed)
     task = offline_task(net, build_objective(cfg.losses))

@@ -11,18 +11,39 @@
 RECIPE is a shipped recipe name (``quickstart``) or a YAML path. Every command takes dotted
 ``key=value`` overrides (``train.epochs=3 seed=1``), ``--out DIR`` and ``--resume``. The same
 command runs under ``torchrun --nproc_per_node=N -m darkknowledge.cli ...``.
+
+Errors and exit codes:
+
+- 0: done.
+- 2: bad input or a problem of the environment, told in one line ``dk: error: ...`` that names
+  the bad value and what would be valid: every ``DarkKnowledgeError`` (config, checkpoint,
+  data, divergence, a full disk met by an atomic write), and an ``OSError`` about a named
+  file (disk full or quota exceeded, permission denied, no such file, a file where a folder
+  should be). Argument errors (argparse) exit 2 too. ``--verbose`` (before or after the
+  command) adds the full traceback above that line.
+- 1: an unexpected exception: a bug in darkknowledge, not in the input. Its traceback is always
+  printed (it is what a bug report needs), followed by a line saying so.
+- 130: interrupted (Ctrl-C); the run continues with ``--resume``.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 from darkknowledge.errors import DarkKnowledgeError
+
+
+VERBOSE_HELP = "log every epoch even when not on a terminal; on an error, also print its traceback"
+
+DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+"""``errno`` values of a full disk or an exhausted quota."""
 
 
 def _out(text: str = "") -> None:
@@ -32,6 +53,7 @@ def _out(text: str = "") -> None:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dk", description="darkknowledge: knowledge distillation for any PyTorch model")
+    p.add_argument("--verbose", dest="verbose_all", action="store_true", help=VERBOSE_HELP)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_run_args(sp: argparse.ArgumentParser, recipe_optional: bool) -> None:
@@ -41,13 +63,15 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--out", help="run folder (default: runs/<name>, a new one per run)")
         sp.add_argument("--resume", action="store_true", help="continue the run in --out (or the latest runs/<name>*)")
         sp.add_argument("--quiet", action="store_true", help="no progress bars and no log lines")
-        sp.add_argument("--verbose", action="store_true", help="log every epoch even when not on a terminal")
+        sp.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
 
     with_run_args(sub.add_parser("run", help="compare baseline and distilled students over seeds"), True)
     with_run_args(sub.add_parser("distill", help="distill one student from the recipe's teacher"), False)
     tp = sub.add_parser("train", help="train the student (or teacher) alone with cross-entropy")
     with_run_args(tp, False)
-    tp.add_argument("--model", choices=("student", "teacher"), default="student")
+    tp.add_argument("--model", choices=("student", "teacher"), default="student",
+                    help="which model to train; the teacher trains with train + teacher.train and teacher.seed, "
+                         "and train.*/seed overrides apply to it (train.epochs=2: 2 epochs)")
     ep = sub.add_parser("eval", help="evaluate an exported model (student.pt / model.pt)")
     ep.add_argument("checkpoint")
     ep.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.name=mnist1d train.device=cpu")
@@ -59,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("--data", default="mnist1d", help="dataset whose input shape to probe with")
     lp = sub.add_parser("list", help="list registered losses, models, datasets, recipes, schemes")
     lp.add_argument("what", nargs="?", default="all", choices=("all", "losses", "models", "datasets", "recipes", "schemes"))
+    for other in (ep, xp, pp, lp):
+        other.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     return p
 
 
@@ -113,19 +139,55 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = list(args.overrides or []) + extra
-    _setup_logging(getattr(args, "quiet", False), getattr(args, "verbose", False))
+    verbose = bool(getattr(args, "verbose", False) or args.verbose_all)
+    _setup_logging(getattr(args, "quiet", False), verbose)
     try:
         return _dispatch(args)
     except DarkKnowledgeError as exc:
-        sys.stderr.write(f"dk: error: {exc}\n")
-        return 2
+        return _user_error(str(exc), verbose)
     except KeyboardInterrupt:
         sys.stderr.write("dk: interrupted; continue with --resume (same --out)\n")
         return 130
+    except Exception as exc:  # noqa: BLE001 - the last resort: say whose fault it is
+        message = _os_error_message(exc) if isinstance(exc, OSError) else None
+        if message is not None:
+            return _user_error(message, verbose)
+        traceback.print_exc()
+        sys.stderr.write(f"dk: internal error: {type(exc).__name__}; this is a bug in darkknowledge, not in your "
+                         "input. Please report it with the traceback above.\n")
+        return 1
     finally:
         from darkknowledge.engine.distributed import shutdown_distributed
 
         shutdown_distributed()
+
+
+def _user_error(message: str, verbose: bool) -> int:
+    """Print ``dk: error: MESSAGE`` (after the traceback with ``--verbose``); the exit code 2."""
+    if verbose:
+        traceback.print_exc()
+    sys.stderr.write(f"dk: error: {message}\n")
+    return 2
+
+
+def _os_error_message(exc: OSError) -> str | None:
+    """One line for an ``OSError`` that is the environment's, not a bug: a full disk, or a named
+    file that cannot be used as asked; None for any other."""
+    name = exc.filename
+    if exc.errno in DISK_FULL:
+        where = f" while writing {name}" if name else ""
+        return (f"disk full{where}: no space left on the device (or quota exceeded). Free some space, or point "
+                "--out / DK_CACHE at another disk, then continue with --resume (same --out)")
+    if name is None:
+        return None
+    reasons = {errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+               errno.EROFS: "read-only file system", errno.ENOENT: "no such file or directory",
+               errno.ENOTDIR: "a part of the path is a file, not a folder", errno.EISDIR: "it is a folder, not a file",
+               errno.EEXIST: "it exists already (as a file)", errno.ENAMETOOLONG: "the name is too long"}
+    reason = reasons.get(exc.errno)
+    if reason is None:
+        return None
+    return f"cannot use {name}: {reason}; check the path (--out, the recipe, a checkpoint) and its permissions"
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -170,7 +232,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                 _out(f"  {member['role']}: test acc {member['last_acc']:.2f}")
             _out(f"run folder: {res['run_dir']}  student: {res['exported']}")
     elif args.command == "train":
-        res = commands.train(cfg, args.out, args.resume, progress, which=args.model)
+        res = commands.train(cfg, args.out, args.resume, progress, which=args.model, overrides=overrides)
         if main_rank:
             st = res["student"]
             _out(f"{st['name']}: test acc {st['last_acc']:.2f} (best {st['best_acc']:.2f}), {st['train_seconds']:.1f}s")

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from darkknowledge.config import RunConfig
+from darkknowledge.config import RunConfig, apply_overrides, parse_override, validate_config
 from darkknowledge.engine.checkpoint import export_model, read_export
 from darkknowledge.engine.distributed import DistContext, init_distributed
 from darkknowledge.engine.metrics import evaluate
+from darkknowledge.errors import ConfigError
 from darkknowledge.runs.build import build_model, check_config, model_spec, seed_everything
 from darkknowledge.runs.context import RunContext
+from darkknowledge.runs.preflight import PreflightContext, preflight
 from darkknowledge.runs.report import group_rows, render_report, table_lines, verdict
 from darkknowledge.runs.rundir import choose_run_dir
 from darkknowledge.runs.session import Session
@@ -20,10 +23,19 @@ from darkknowledge.schemes.base import resolve_scheme
 log = logging.getLogger(__name__)
 
 
-def _session(cfg: RunConfig, out: str | Path | None, resume: bool, progress: bool) -> Session:
+def _session(cfg: RunConfig, out: str | Path | None, resume: bool, progress: bool,
+             plan: Callable[[PreflightContext], Any] | None = None, transfer: bool | None = None,
+             command: str = "run", model: str | None = None) -> Session:
+    """The run's session, after every check that needs no training: the config's names and
+    params, the run folder to use (``--resume`` without ``--out`` finds the latest folder of
+    the same ``command``, ``--model`` and recipe), then the preflight (``plan`` dry-run on one
+    batch per stage), before the run folder is written. The session then locks the folder and
+    checks it (a resume against the recorded config and command, see ``runs/resume.py``)."""
     check_config(cfg)  # every name and param checked before anything is built or written
-    run_dir = choose_run_dir(cfg.name, out, resume)
-    return Session(cfg, run_dir, resume=resume, progress=progress)
+    identity = {"command": command, "model": model}
+    run_dir = choose_run_dir(cfg.name, out, resume, identity={**identity, "name": cfg.name})
+    bundle = preflight(cfg, plan, transfer) if plan is not None else None
+    return Session(cfg, run_dir, resume=resume, progress=progress, bundle=bundle, identity=identity)
 
 
 def compare(cfg: RunConfig, out: str | Path | None = None, resume: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -34,9 +46,13 @@ def compare(cfg: RunConfig, out: str | Path | None = None, resume: bool = False,
         ``{"run_dir", "rows", "verdict", "report", "table"}``.
     """
     cls, params = resolve_scheme(cfg.scheme.name, cfg.scheme.params)
-    s = _session(cfg, out, resume, progress)
+
+    def plan(ctx: RunContext, seed: int = cfg.seeds[0]) -> None:
+        ctx.train_alone(f"baseline-s{seed}", ctx.student(seed), seed, role="baseline")
+        cls.run(ctx, seed, params)
+
+    s = _session(cfg, out, resume, progress, plan, params.transfer, command="run")
     ctx = RunContext(s, transfer=params.transfer)
-    cls.check(ctx, cfg.seeds[0], params)  # scheme-specific errors (bad stage paths, peers) before any training
     for seed in cfg.seeds:
         s.train_alone(f"baseline-s{seed}", "baseline", ctx.student(seed), seed)
         cls.run(ctx, seed, params)
@@ -64,7 +80,8 @@ def compare(cfg: RunConfig, out: str | Path | None = None, resume: bool = False,
 def distill(cfg: RunConfig, out: str | Path | None = None, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """``dk distill``: the recipe's scheme for one seed (``cfg.seed``); exports ``student.pt``."""
     cls, params = resolve_scheme(cfg.scheme.name, cfg.scheme.params)
-    s = _session(cfg, out, resume, progress)
+    s = _session(cfg, out, resume, progress, lambda ctx: cls.run(ctx, cfg.seed, params), params.transfer,
+                 command="distill")
     ctx = RunContext(s, transfer=params.transfer)
     entries = cls.run(ctx, cfg.seed, params)
     entry = entries[0]
@@ -76,18 +93,71 @@ def distill(cfg: RunConfig, out: str | Path | None = None, resume: bool = False,
 
 
 def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False, progress: bool = True,
-          which: str = "student") -> dict[str, Any]:
-    """``dk train``: the config's student (or teacher) alone with cross-entropy."""
-    spec = cfg.student if which == "student" else cfg.teacher
-    if spec is None:
-        raise ValueError(f"recipe {cfg.name!r} has no {which} section")
-    s = _session(cfg, out, resume, progress)
-    seed_everything(cfg.seed)
+          which: str = "student", overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """``dk train``: the config's student (or teacher) alone with cross-entropy.
+
+    The student trains with ``train`` and ``seed``. The teacher trains as ``dk run`` would
+    train it: ``train`` with ``teacher.train`` merged over it, seeded with ``teacher.seed``;
+    command-line ``overrides`` of ``train.*`` and ``seed`` are about the model being trained,
+    so for the teacher they apply on top of those (``train.epochs=2`` trains the teacher
+    2 epochs, ``seed=1`` sets ``teacher.seed``) and the run folder's ``config.yaml`` records them
+    as ``teacher.train`` / ``teacher.seed``. It is recorded with role ``teacher``.
+
+    Args:
+        cfg: The validated config (``overrides`` already applied).
+        out: The run folder (default: a new ``runs/<name>[-N]``).
+        resume: Continue the run in ``out``.
+        progress: Show progress bars on a terminal.
+        which: ``student`` or ``teacher``.
+        overrides: The command line's ``key=value`` overrides.
+
+    Returns:
+        ``{"run_dir", "student": the results entry, "exported": the model file, "model"}``.
+
+    Raises:
+        ConfigError: ``which`` is neither, or the recipe has no such model.
+    """
+    if which not in ("student", "teacher"):
+        raise ConfigError(f"--model {which!r}: expected 'student' or 'teacher'")
+    if which == "teacher":
+        if cfg.teacher is None:
+            raise ConfigError(f"--model teacher: recipe {cfg.name!r} has no `teacher:` section to train")
+        if cfg.teacher.checkpoint:
+            raise ConfigError(f"--model teacher: teacher.checkpoint is set ({cfg.teacher.checkpoint!r}), so the "
+                              "teacher is already trained; drop teacher.checkpoint to train it here")
+        cfg = _teacher_overrides(cfg, overrides)
+    if which == "teacher":
+        spec, seed, role, train_cfg = cfg.teacher, cfg.teacher.seed, "teacher", cfg.teacher_train()
+    else:
+        spec, seed, role, train_cfg = cfg.student, cfg.seed, "baseline", cfg.train
+
+    def plan(ctx: RunContext) -> None:
+        seed_everything(seed)
+        ctx.train_alone(f"{which}-ce-s{seed}", build_model(spec, ctx.info, which), seed, role=role, train_cfg=train_cfg)
+
+    s = _session(cfg, out, resume, progress, plan, command="train", model=which)
+    seed_everything(seed)
     model = build_model(spec, s.bundle.info, which)
-    train_cfg = cfg.train if which == "student" else cfg.teacher_train()
-    entry = s.train_alone(f"{which}-ce-s{cfg.seed}", "baseline", model, cfg.seed, train_cfg=train_cfg)
+    entry = s.train_alone(f"{which}-ce-s{seed}", role, model, seed, train_cfg=train_cfg)
     exported = _export(s, model, entry, name=f"{which}.pt")
     return {"run_dir": s.run.path, "student": entry, "exported": exported, "model": model}
+
+
+def _teacher_overrides(cfg: RunConfig, overrides: Sequence[str]) -> RunConfig:
+    """``cfg`` with the ``train.*`` and ``seed`` overrides also set as ``teacher.train.*`` / ``teacher.seed``."""
+    moved = []
+    for text in overrides:
+        path, _ = parse_override(text)
+        value = text.partition("=")[2]
+        if path[0] == "train":
+            moved.append(f"teacher.{'.'.join(path)}={value}")
+        elif path == ["seed"]:
+            moved.append(f"teacher.seed={value}")
+    if not moved:
+        return cfg
+    moved_cfg = validate_config(apply_overrides(cfg.model_dump(mode="json"), moved))
+    moved_cfg.teacher_train()  # the merged settings, checked before anything is built
+    return moved_cfg
 
 
 def _export(s: Session, model: Any, entry: dict[str, Any], name: str = "student.pt") -> Path | None:
@@ -98,21 +168,67 @@ def _export(s: Session, model: Any, entry: dict[str, Any], name: str = "student.
 
 
 def evaluate_checkpoint(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``dk eval``: rebuild an exported model and evaluate it on its dataset's test split."""
-    from darkknowledge.config import ModelConfig, validate_config
-    from darkknowledge.runs.build import build_data, make_loaders
-    from darkknowledge.engine.device import select_device
+    """``dk eval``: rebuild an exported model and evaluate it on its dataset's test split.
 
-    payload = read_export(path)
+    Args:
+        path: An exported model (``student.pt``, a stage's ``model.pt``).
+        overrides: Raw config keys merged over the export's recorded ``data`` section (e.g.
+            ``{"data": {"name": "digits"}}``); naming another dataset drops the recorded
+            ``data.params``, which belong to the recorded dataset.
+
+    Raises:
+        CheckpointError: The file is unreadable or malformed, holds a custom (non-zoo) model,
+            its weights do not fit its spec, or it was trained on inputs of another shape or
+            with another number of classes than the dataset it is evaluated on.
+        ConfigError: Bad overrides.
+    """
+    from darkknowledge.config import ModelConfig, deep_merge, validate_config
+    from darkknowledge.engine.checkpoint import check_export_fits, load_weights
+    from darkknowledge.engine.device import select_device
+    from darkknowledge.errors import CheckpointError
+    from darkknowledge.runs.build import build_data, make_loaders
+
+    hint = "Give `dk eval` a model exported by `dk distill`/`dk train` (student.pt) or a stage's model.pt."
+    payload = read_export(path, hint=hint)
     spec, state = payload["spec"], payload["state_dict"]
-    raw = {"data": payload.get("data") or {}, **(overrides or {})}
-    cfg = validate_config(raw)
+    if spec.get("custom"):
+        raise CheckpointError(f"{str(path)!r} holds a custom model ({spec['name']}), which `dk eval` cannot rebuild: "
+                              "load its weights into your own class with darkknowledge.engine.checkpoint.load_exported")
+    recorded = payload.get("data") if isinstance(payload.get("data"), dict) else {}
+    overrides = dict(overrides or {})
+    data_over = overrides.get("data") if isinstance(overrides.get("data"), dict) else {}
+    if data_over.get("name", recorded.get("name")) != recorded.get("name"):
+        recorded = {k: v for k, v in recorded.items() if k != "params"}  # the recorded dataset's own params
+    cfg = validate_config(deep_merge({"data": recorded}, overrides))
     dist: DistContext = init_distributed("cpu")
     device = select_device(cfg.train.device)
     bundle = build_data(cfg)
-    model = build_model(ModelConfig(name=spec["name"], params=spec.get("params", {})), bundle.info, "model")
-    model.load_state_dict(state)
+    info = bundle.info
+    check_export_fits(payload, path, info.name, info.input_shape, info.num_classes)
+    model = build_model(ModelConfig(name=spec["name"], params=spec.get("params", {})), info, "model")
+    load_weights(model, state, path)
     model.to(device)
     _, test_loader, _ = make_loaders(cfg, bundle, 0, device, dist)
+    _probe(model, next(iter(test_loader)).x[:2], path, info.name)
     metrics = evaluate(model, test_loader, dist)
     return {"model": spec["name"], "params": spec.get("params", {}), "data": cfg.data.name, **metrics}
+
+
+def _probe(model: Any, x: Any, path: str | Path, dataset: str) -> None:
+    """Run ``model`` on two test inputs: a model whose spec records no input shape (an external
+    one) and that cannot take this dataset's inputs fails here in one line, not mid-evaluation."""
+    import torch
+
+    from darkknowledge.errors import CheckpointError
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    except RuntimeError as exc:
+        first = " ".join(str(exc).split())[:200]
+        raise CheckpointError(f"the model in {str(path)!r} cannot take dataset {dataset!r}'s inputs of shape "
+                              f"{tuple(x.shape[1:])}: {first}") from None
+    finally:
+        model.train(was_training)

@@ -18,10 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from darkknowledge.errors import ConfigError, did_you_mean
 from darkknowledge.validation import format_validation_error
+from darkknowledge.yamlio import load_yaml
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # lr=.inf is a mistake
 
 
 class ModelConfig(_Strict):
@@ -181,7 +182,14 @@ class RunConfig(_Strict):
 
 
 def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """Recursively merge ``over`` into a copy of ``base``."""
+    """Recursively merge ``over`` into a copy of ``base``.
+
+    Raises:
+        ConfigError: ``over`` (or ``base``) is not a mapping.
+    """
+    for side in (base, over):
+        if not isinstance(side, Mapping):
+            raise ConfigError(f"expected a mapping of config keys to merge, got {type(side).__name__} {side!r:.80}")
     out = copy.deepcopy(dict(base))
     for k, v in over.items():
         if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
@@ -192,20 +200,39 @@ def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, An
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """Parse ``"train.epochs=3"`` into ``(["train", "epochs"], 3)`` (value read as YAML)."""
+    """Parse ``"train.epochs=3"`` into ``(["train", "epochs"], 3)`` (value read as YAML).
+
+    A value that is not valid YAML (``lr=[0.1``, ``x=!!int abc``, a date that does not
+    exist) is kept as the text it is; validation then names the key that wanted otherwise.
+
+    Raises:
+        ConfigError: No ``=``, an empty key, or an empty part in a dotted key (``train..epochs``).
+    """
+    if not isinstance(text, str):
+        raise ConfigError(f"override {text!r}: expected a KEY=VALUE string, e.g. train.epochs=3")
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.epochs=3")
+    path = [part.strip() for part in key.strip().split(".")]
+    if not all(path):
+        raise ConfigError(f"override {text!r}: the key {key.strip()!r} has an empty part; "
+                          "expected dotted names, e.g. train.optimizer.lr=0.01")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+        value = load_yaml(raw) if raw.strip() else None
+    except yaml.YAMLError:  # load_yaml turns PyYAML's other errors (bad tagged scalars, deep nesting) into it
         value = raw
-    return key.strip().split("."), value
+    return path, value
 
 
-def apply_overrides(cfg: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Set each dotted ``key=value`` in a copy of the raw config mapping."""
-    out = copy.deepcopy(cfg)
+def apply_overrides(cfg: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Set each dotted ``key=value`` in a copy of the raw config mapping.
+
+    Raises:
+        ConfigError: A malformed override, or a key path through a value that is not a mapping.
+    """
+    if isinstance(overrides, str):
+        raise ConfigError(f"overrides: expected a list of KEY=VALUE strings, got the string {overrides!r}")
+    out = copy.deepcopy(dict(cfg))
     for text in overrides:
         path, value = parse_override(text)
         node = out
@@ -214,20 +241,59 @@ def apply_overrides(cfg: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
             if nxt is None:
                 nxt = node[part] = {}
             if not isinstance(nxt, dict):
-                raise ConfigError(f"override {text!r}: {'.'.join(path[: i + 1])} is not a mapping")
+                raise ConfigError(f"override {text!r}: {'.'.join(path[: i + 1])} is not a mapping "
+                                  f"(it is {type(nxt).__name__} {nxt!r:.80})")
             node = nxt
         node[path[-1]] = value
     return out
 
 
+_PLAIN = (str, int, float, bool, type(None))
+_MAX_DEPTH = 64
+
+
+def _check_plain(value: Any, path: str, seen: tuple[int, ...] = ()) -> None:
+    """A config holds plain data: strings, numbers, booleans, null, lists and mappings with
+    string keys, nested at most ``_MAX_DEPTH`` deep and never containing itself.
+
+    YAML can produce more (``!!binary``, ``!!set``, dates, an alias that refers to its own
+    anchor); such a value could not be written to ``config.yaml`` or compared on resume.
+    """
+    where = path or "the config"
+    if isinstance(value, _PLAIN):
+        return
+    if not isinstance(value, (Mapping, list, tuple)):
+        raise ConfigError(f"{where}: a config value must be a number, string, boolean, null, list or mapping; "
+                          f"got {type(value).__name__} {value!r:.80} (quote it in YAML to keep it as text)")
+    if id(value) in seen:
+        raise ConfigError(f"{where}: the value contains itself (a YAML alias inside its own anchor)")
+    if len(seen) >= _MAX_DEPTH:
+        raise ConfigError(f"{where}: nested deeper than {_MAX_DEPTH} levels")
+    inner = (*seen, id(value))
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ConfigError(f"{where}: keys must be strings, got {type(k).__name__} {k!r:.80}")
+            _check_plain(v, f"{path}.{k}" if path else k, inner)
+    else:
+        for i, v in enumerate(value):
+            _check_plain(v, f"{path}.{i}" if path else str(i), inner)
+
+
 def validate_config(raw: Mapping[str, Any]) -> RunConfig:
-    """Validate a raw mapping into a :class:`RunConfig` (key paths and values in errors)."""
+    """Validate a raw mapping into a :class:`RunConfig` (key paths and values in errors).
+
+    Raises:
+        ConfigError: Not a mapping, not plain data, an unknown key, or a bad value.
+    """
     if not isinstance(raw, Mapping):
         raise ConfigError(f"a recipe must be a mapping of keys, got {type(raw).__name__}")
     fields = RunConfig.model_fields
     for key in raw:
         if key not in fields:
-            raise ConfigError(f"{key}: unknown key.{did_you_mean(str(key), fields)} Valid keys: {', '.join(fields)}.")
+            shown = key if isinstance(key, str) and key.isprintable() else repr(key)
+            raise ConfigError(f"{shown}: unknown key.{did_you_mean(str(key), fields)} Valid keys: {', '.join(fields)}.")
+    _check_plain(raw, "")
     try:
         return RunConfig(**raw)
     except pydantic.ValidationError as exc:
@@ -264,7 +330,13 @@ def read_recipe(name_or_path: str) -> dict[str, Any]:
     if path.suffix in (".yaml", ".yml") or path.is_file():  # a folder named like a recipe (a run folder) is not one
         if not path.is_file():
             raise ConfigError(f"recipe file {str(path)!r} does not exist")
-        text = path.read_text()
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"recipe file {str(path)!r} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
+                              f"offset {exc.start}); save it as UTF-8") from None
+        except OSError as exc:
+            raise ConfigError(f"recipe file {str(path)!r} cannot be read: {exc.strerror or exc}") from None
     else:
         names = recipe_names()
         if name_or_path not in names:
@@ -274,9 +346,12 @@ def read_recipe(name_or_path: str) -> dict[str, Any]:
             )
         text = resources.files("darkknowledge.recipes").joinpath(f"{name_or_path}.yaml").read_text()
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = load_yaml(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"recipe {name_or_path!r} is not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise ConfigError(f"recipe {name_or_path!r} is not valid YAML{where}: {problem}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe {name_or_path!r} must be a mapping of keys")
     return raw
@@ -292,6 +367,7 @@ def load_config(recipe: str | Mapping[str, Any] | None = None, overrides: Sequen
     if recipe is None:
         raw: dict[str, Any] = {}
     elif isinstance(recipe, Mapping):
+        _check_plain(recipe, "")  # before copying: a self-containing or very deep mapping fails here, clearly
         raw = copy.deepcopy(dict(recipe))
     else:
         raw = read_recipe(recipe)

@@ -33,6 +33,10 @@ class CheckpointError(DarkKnowledgeError, RuntimeError):
     """A checkpoint cannot be read or does not belong to this run."""
 
 
+class DivergenceError(DarkKnowledgeError, FloatingPointError):
+    """Training diverged: a loss, gradient or weight became NaN or infinite."""
+
+
 def close_matches(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:
     """Return up to ``n`` candidates closest to ``name`` (best first).
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -23,3 +25,14 @@ def toy_tensors() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor
         return centers[y] + torch.randn(n, 8, generator=g), y
 
     return make(256), make(128)
+
+
+@pytest.fixture()
+def restore_logging():
+    """``dk`` run in this process points logging at the captured stderr; put it back afterwards."""
+    root, ours = logging.getLogger(), logging.getLogger("darkknowledge")
+    handlers, levels = root.handlers[:], (root.level, ours.level)
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(levels[0])
+    ours.setLevel(levels[1])

@@ -43,3 +43,24 @@ def results(run_dir: Path) -> dict[str, dict[str, Any]]:
     """``results.json`` entries by name."""
     data = json.loads((run_dir / "results.json").read_text())
     return {m["name"]: m for m in data["models"]}
+
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+"""For a 2-process DDP test and its 1-process reference alike: ``torchrun`` gives each rank one
+thread when OMP_NUM_THREADS is unset (and keeps any inherited value), while a plain process uses
+every core; other thread counts pick other kernels (the weights then differ at the 1e-8 level
+for another reason than the gradient averaging under test) and 2 ranks x N threads
+oversubscribe a 2-core machine."""
+
+
+def torchrun(*args: str, cwd: Path, env: dict[str, str] | None = None,
+             timeout: float = 600) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=2 -m darkknowledge.cli ARGS`` with one thread per
+    rank. ``--standalone`` binds its store to a port the OS picks (no port race between tests);
+    ``--local-addr`` gives the ranks the loopback address instead of a name looked up in DNS."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **ONE_THREAD, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "--local-addr=127.0.0.1", "-m", "darkknowledge.cli", *args],
+        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, check=False,
+    )

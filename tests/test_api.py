@@ -26,12 +26,13 @@ def test_train_then_distill_user_modules(toy_tensors, tmp_path):
 
     student = Tiny(8)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    teacher.eval()  # the user's choice of mode: it comes back in it
     out = dk.distill(student, teacher, toy_tensors, losses={"kd": {"T": 4.0}}, epochs=10, lr=0.01,
                      batch_size=32, out=tmp_path / "run")
     assert out["model"] is student
     assert out["student"]["last_acc"] > 80.0
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())  # the teacher stayed frozen
-    assert not teacher.training
+    assert not teacher.training and all(p.requires_grad for p in teacher.parameters())  # as it came
     assert (tmp_path / "run" / "results.json").is_file() and (tmp_path / "run" / "metrics.jsonl").is_file()
 
 

@@ -127,20 +127,16 @@ def test_speed_benchmark_prints_the_ratios(tmp_path):
 @pytest.mark.slow
 def test_the_cache_is_built_once_and_shared_under_ddp(tmp_path):
     from darkknowledge.engine.checkpoint import load_exported
-    from helpers import dk, results, write_recipe
+    from helpers import ONE_THREAD, dk, results, torchrun, write_recipe
 
     recipe = write_recipe(tmp_path / "r.yaml", cache=True, seeds=[0])
     env = {"DK_CACHE": str(tmp_path / "cache")}
     made = dk("train", str(recipe), "--model", "teacher", "--out", "t", "--quiet", cwd=tmp_path, env=env)
     assert made.returncode == 0, made.stderr
     teacher = f"teacher.checkpoint={tmp_path / 't' / 'teacher.pt'}"
-    single = dk("distill", str(recipe), teacher, "--out", "single", "--quiet", cwd=tmp_path, env=env)
+    single = dk("distill", str(recipe), teacher, "--out", "single", "--quiet", cwd=tmp_path, env={**env, **ONE_THREAD})
     assert single.returncode == 0, single.stderr
-    ddp = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "darkknowledge.cli", "distill", str(recipe), teacher, "--out", "ddp", "--quiet"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**__import__("os").environ, **env},
-    )
+    ddp = torchrun("distill", str(recipe), teacher, "--out", "ddp", "--quiet", cwd=tmp_path, env=env)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     a, b = results(tmp_path / "single")["kd-s0"], results(tmp_path / "ddp")["kd-s0"]
     assert a["teacher_cache"]["path"] == b["teacher_cache"]["path"]  # the same teacher on the same data: one cache

@@ -37,7 +37,7 @@ def test_every_scheme_feeds_every_loss_it_can(scheme, loss, tmp_path):
     if (scheme, loss) in CANNOT:
         with pytest.raises(ConfigError, match=CANNOT[scheme, loss]):
             commands.distill(cfg, out=tmp_path / "run", progress=False)
-        assert not any(p.name.startswith(scheme) for p in (tmp_path / "run").iterdir())  # no student stage began
+        assert not (tmp_path / "run").exists()  # the preflight refused it: no teacher trained, nothing written
         return
     out = commands.distill(cfg, out=tmp_path / "run", progress=False)
     assert any(t.split("@")[0] == loss for t in out["student"]["losses"]), out["student"]["losses"]

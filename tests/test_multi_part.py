@@ -109,7 +109,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(HERE / "multipart_task.py"), str(tmp_path / "two.pt")],
+                          "--local-addr=127.0.0.1", str(HERE / "multipart_task.py"), str(tmp_path / "two.pt")],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from typing import Any
 
 import pytest
@@ -21,7 +19,7 @@ from darkknowledge.engine.trainer import Trainer
 from darkknowledge.errors import ConfigError
 from darkknowledge.models.ensemble import ProbabilityEnsemble
 from darkknowledge.schemes.born_again import generation_seed
-from helpers import TINY, dk, results
+from helpers import TINY, dk, results, torchrun
 
 
 def tiny(**changes: Any):
@@ -170,9 +168,7 @@ def test_born_again_recipe_runs_end_to_end(tmp_path):
 def test_born_again_under_two_process_ddp(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(tiny().model_dump(mode="json")))
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "darkknowledge.cli", "run", str(recipe), "--out", "ddp", "--quiet"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    ddp = torchrun("run", str(recipe), "--out", "ddp", "--quiet", cwd=tmp_path)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     entries = results(tmp_path / "ddp")
     assert "born_again-gen0-s0" not in entries  # both ranks reused the baseline as generation 0

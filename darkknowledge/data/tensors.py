@@ -34,7 +34,8 @@ class TensorData(Dataset):
         y = y.to(torch.int64)
         lowest = int(y.min()) if y.numel() else 0
         if lowest < UNLABELED:
-            raise ConfigError(f"TensorData labels must be >= {UNLABELED} (got {lowest})")
+            raise ConfigError(f"label {lowest} is not a class index: labels must be >= 0, or {UNLABELED} for a "
+                              "sample without a label")
         self.x = x
         self.y = y
         self.all_labeled = lowest != UNLABELED

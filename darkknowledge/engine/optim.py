@@ -130,8 +130,9 @@ class StepSchedule:
         return {"last_epoch": self.last_epoch, "base_lrs": list(self.base_lrs)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue at the saved step. The base rates stay this schedule's own (the config's): a
+        resume with a lower ``lr`` takes effect from the saved step on, not the saved rates."""
         self.last_epoch = int(state["last_epoch"])
-        self.base_lrs = [float(v) for v in state.get("base_lrs", self.base_lrs)]
         self._applied = None
         self._apply()
 

@@ -1,7 +1,8 @@
 """One trainable part's optimizer step: scaling, clipping, the update, the LR schedule.
 
-The training loop reads ``stepper.backward(loss)`` then ``stepper.step()``. Behind that plain
-call sit the fast paths: the update goes through :class:`~darkknowledge.engine.lean_step.LeanStep`
+The training loop reads ``stepper.backward(loss)`` then ``stepper.step()``, or its two halves
+``unscale_and_clip()`` and ``update()`` with the divergence check in between. Behind those plain
+calls sit the fast paths: the update goes through :class:`~darkknowledge.engine.lean_step.LeanStep`
 (torch's fused kernel called directly once the optimizer's state exists), gradients are reset
 by setting them to None without ``Optimizer.zero_grad``'s per-call overhead, and the LR
 schedule only writes the groups when the rate changes. Each computes what the plain path
@@ -50,10 +51,24 @@ class PartStepper:
 
     def step(self) -> None:
         """Clip, update, reset the gradients, advance the LR schedule."""
+        self.unscale_and_clip()
+        self.update()
+
+    def unscale_and_clip(self) -> torch.Tensor | None:
+        """Unscale the gradients (fp16 grad scaler) and clip them (``train.clip_grad_norm``).
+
+        Returns:
+            The gradients' total norm (a 0-d tensor on the device) when clipping computed it and
+            no grad scaler runs, else None: a scaler skips steps with non-finite gradients
+            itself, so an infinite norm there is not a divergence.
+        """
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        if self.clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip) if self.clip is not None else None
+        return norm if self.scaler is None else None
+
+    def update(self) -> None:
+        """Update (after :meth:`unscale_and_clip`), reset the gradients, advance the LR schedule."""
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()

@@ -4,7 +4,9 @@ Per batch, for each trainable part due at that batch: the task computes the loss
 ``training_step``), the engine does autocast, backward, gradient accumulation (``no_sync``
 under DDP), clipping, the part's optimizer and its per-step LR schedule. Per epoch: evaluation
 of every model the task names, ``metrics.jsonl``, ``last.pt`` and ``best.pt``. Loss values stay
-on the device until the epoch's one host sync. The engine knows tasks only through
+on the device until the epoch's one host sync, except for the divergence check
+(:mod:`~darkknowledge.engine.divergence`: every step on the CPU, batched on accelerators, and
+always before a checkpoint is written, so none holds a NaN). The engine knows tasks only through
 :class:`~darkknowledge.engine.task.Task`.
 """
 
@@ -25,6 +27,7 @@ from darkknowledge.config import TrainConfig
 from darkknowledge.engine.checkpoint import atomic_save, capture_rng, restore_rng, safe_load
 from darkknowledge.engine.device import amp_dtype, autocast
 from darkknowledge.engine.distributed import DistContext
+from darkknowledge.engine.divergence import DivergenceWatch, named_state
 from darkknowledge.engine.host_memory import retain_freed_host_memory
 from darkknowledge.engine.metrics import MetricsLog, evaluate
 from darkknowledge.engine.progress import Progress
@@ -129,6 +132,12 @@ class Trainer:
         path = self._ckpt(name)
         if path is not None and self.dist.is_main:
             atomic_save(payload, path)
+
+    def _save_last(self, payload: dict[str, Any], step: int) -> None:
+        """Write ``last.pt`` (its state passed the divergence check) and remember it as the last good one."""
+        self._save("last.pt", payload)
+        if self.run_dir is not None:
+            self._watch.saved(step)
 
     def _state(self, epoch: int, batch: int, step: int, result: StageResult,
                steppers: dict[str, PartStepper]) -> dict[str, Any]:
@@ -260,6 +269,12 @@ class Trainer:
             p.grad = None
         result = StageResult(self.stage)
         start_epoch, start_batch, step = self._resume(steppers, result) if resume else (0, 0, 0)
+        self._watch = DivergenceWatch(
+            self.stage, device, lambda: named_state(module, {n: s.optimizer for n, s in steppers.items()}),
+            self.dist, can_resume=self.run_dir is not None,
+            lr=lambda part: (steppers[part] if part else next(iter(steppers.values()))).lr)
+        ckpt = self._ckpt("last.pt")
+        self._watch.start(step, saved=resume and ckpt is not None and ckpt.is_file())
         run_epoch = self._epoch_of_parts if several else self._epoch_of_one
 
         for epoch in range(start_epoch, cfg.epochs):
@@ -270,16 +285,11 @@ class Trainer:
             logged: dict[str, list[torch.Tensor]] = {}  # per-step values, summed once per epoch (no per-step ops)
             timer = {"t0": t0}
             step = run_epoch(model, steppers, stream, epoch, start_batch, n_batches, step, logged, result, timer)
+            self._watch.check(step)  # every loss of the epoch and the state after it, before best.pt/last.pt
             means = self._epoch_means(logged)  # one host sync per epoch (waits for the device)
             start_batch = 0
             result.train_seconds += time.perf_counter() - timer["t0"]
             result.epoch_seconds.append(time.perf_counter() - t0)
-            bad = {k: v for k, v in means.items() if k.endswith("loss") and not math.isfinite(v)}
-            if bad:
-                raise FloatingPointError(
-                    f"[{self.stage}] the loss became {bad} in epoch {epoch + 1}; "
-                    "lower the learning rate, enable train.clip_grad_norm, or check the loss weights"
-                )
             lrs = {f"lr/{n}": s.lr for n, s in steppers.items()} if several else {}
             self.metrics.write({"kind": "train", "stage": self.stage, "epoch": epoch + 1, "step": step,
                                 "lr": next(iter(steppers.values())).lr, **lrs,
@@ -290,7 +300,7 @@ class Trainer:
             done = epoch + 1 - start_epoch
             eta = result.train_seconds / max(1, epoch + 1) * (cfg.epochs - epoch - 1) if done else 0.0
             self.progress.epoch_done(epoch, cfg.epochs, shown, eta)
-            self._save("last.pt", self._state(epoch + 1, 0, step, result, steppers))
+            self._save_last(self._state(epoch + 1, 0, step, result, steppers), step)
         result.steps = step
         return result
 
@@ -304,16 +314,17 @@ class Trainer:
                            steppers: dict[str, PartStepper], timer: dict[str, float]) -> None:
         every = self.cfg.checkpoint_every_steps
         if every and step % every == 0 and b + 1 < n_batches:
+            self._watch.check(step)  # never a non-finite checkpoint
             now = time.perf_counter()
             result.train_seconds += now - timer["t0"]
             timer["t0"] = now
-            self._save("last.pt", self._state(epoch, b + 1, step, result, steppers))
+            self._save_last(self._state(epoch, b + 1, step, result, steppers), step)
 
     def _epoch_of_one(self, model: nn.Module, steppers: dict[str, PartStepper], stream: Any, epoch: int,
                       start: int, n_batches: int, step: int, logged: dict[str, list[torch.Tensor]],
                       result: StageResult, timer: dict[str, float]) -> int:
         """One epoch of a one-part task, with gradient accumulation."""
-        cfg, task = self.cfg, self.task
+        cfg, task, watch = self.cfg, self.task, self._watch
         (stepper,) = steppers.values()
         for b, batch in enumerate(self.progress.epoch(stream, epoch, cfg.epochs, n_batches, start), start):
             boundary = (b + 1) % cfg.grad_accum == 0 or b + 1 == n_batches
@@ -321,12 +332,15 @@ class Trainer:
                 with autocast(self.device, self.amp):
                     loss, terms = task.training_step(model, batch, epoch + b / n_batches)
                 stepper.backward(loss, cfg.grad_accum)
+            watch.observe(epoch, step + 1, loss, terms)
             self._log(logged, {"loss": loss.detach(), **terms}, b, start)
             if not boundary:
                 continue
-            stepper.step()
+            watch.before_update(stepper.unscale_and_clip())  # on the CPU: raises before a non-finite update
+            stepper.update()
             task.after_step()
             step += 1
+            watch.after_update(step)
             self._checkpoint_within(epoch, b, n_batches, step, result, steppers, timer)
         return step
 
@@ -339,7 +353,7 @@ class Trainer:
         Before each part's loss every gradient is reset, so a part's step sees only its own loss
         (the losses of other parts may also reach its parameters; those gradients are dropped).
         """
-        cfg, task = self.cfg, self.task
+        cfg, task, watch = self.cfg, self.task, self._watch
         for b, batch in enumerate(self.progress.epoch(stream, epoch, cfg.epochs, n_batches, start), start):
             values: dict[str, torch.Tensor] = {}
             for stepper in steppers.values():
@@ -351,10 +365,13 @@ class Trainer:
                 with autocast(self.device, self.amp):
                     loss, terms = task.training_step(model, batch, epoch + b / n_batches, part.name)
                 stepper.backward(loss)
-                stepper.step()
+                watch.observe(epoch, step + 1, loss, terms, part.name)
+                watch.before_update(stepper.unscale_and_clip())
+                stepper.update()
                 task.after_step(part.name)
                 values.update({f"{part.name}/loss": loss.detach(), **{f"{part.name}/{k}": v for k, v in terms.items()}})
             self._log(logged, values, b, start)
             step += 1
+            watch.after_update(step)
             self._checkpoint_within(epoch, b, n_batches, step, result, steppers, timer)
         return step

@@ -7,6 +7,7 @@ params, bad tap paths, teacher/student mismatch), before any checkpoint is writt
 from __future__ import annotations
 
 import random
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,7 @@ from torch import nn
 
 from darkknowledge.config import ModelConfig, RunConfig
 from darkknowledge.data import Augment, BatchLoader, DataBundle, DatasetInfo, TensorData, load_dataset
-from darkknowledge.engine.checkpoint import load_exported
+from darkknowledge.engine.checkpoint import load_exported, load_weights
 from darkknowledge.engine.distributed import DistContext
 from darkknowledge.errors import CheckpointError, ConfigError
 from darkknowledge.losses.objective import Objective
@@ -30,24 +31,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_config(cfg: RunConfig) -> None:
+def check_config(cfg: RunConfig, given: Collection[str] = ()) -> None:
     """Check every registry name and params mapping of ``cfg`` without loading data or training.
 
     The losses are parsed (and their parameters validated) by the one parser that builds them
     (``Objective.from_config``); a term's schedule keys are typed there too.
+
+    Args:
+        cfg: The validated config.
+        given: Config paths whose object the caller passes itself (``data``, ``student``,
+            ``teacher``): nothing to look up for them (the Python API).
     """
     from darkknowledge.data import DATASETS
     from darkknowledge.schemes.base import resolve_scheme
 
     resolve_scheme(cfg.scheme.name, cfg.scheme.params)
-    validate_kwargs(DATASETS.get(cfg.data.name), cfg.data.params, "data.params", exclude=("root", "split_seed"))
+    if "data" not in given:
+        validate_kwargs(DATASETS.get(cfg.data.name), cfg.data.params, "data.params", exclude=("root", "split_seed"))
     for where, spec in (("student", cfg.student), *cfg.all_teachers()):
-        if spec is not None and ":" not in spec.name:
+        if spec is not None and where not in given and ":" not in spec.name:
             validate_kwargs(MODELS.get(spec.name), spec.params, f"{where}.params")
     if cfg.losses:
         build_objective(cfg.losses)
     for where, spec in cfg.all_teachers():
-        cfg.teacher_train(spec, where)
+        if where not in given:
+            cfg.teacher_train(spec, where)
 
 
 def build_data(cfg: RunConfig) -> DataBundle:
@@ -116,10 +124,7 @@ def build_model(spec: ModelConfig, info: DatasetInfo, where: str = "student") ->
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     if spec.checkpoint:
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
-            raise CheckpointError(f"{where}.checkpoint {spec.checkpoint!r} does not fit {spec.name!r}: {exc}") from None
+        load_weights(model, state, spec.checkpoint, where=f"{where}.checkpoint")  # one line if they do not fit
     return model
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from darkknowledge.config import ModelConfig, RunConfig, TeacherConfig, TrainConfig, deep_merge
 from darkknowledge.data import DatasetInfo
-from darkknowledge.engine.checkpoint import load_exported
+from darkknowledge.engine.checkpoint import load_exported, load_weights
 from darkknowledge.engine.metrics import evaluate
 from darkknowledge.engine.task import Task
 from darkknowledge.errors import ConfigError
@@ -146,7 +146,7 @@ class RunContext(Context):
         if not path.is_file():
             return False
         _, state = load_exported(path)
-        model.load_state_dict(state)
+        load_weights(model, state, path, where=f"stage {stage!r}'s model")
         return True
 
     def evaluate(self, model: nn.Module, seed: int) -> dict[str, float]:

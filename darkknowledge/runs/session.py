@@ -3,6 +3,25 @@
 A *stage* trains one model (a teacher, a baseline, a distilled student) with the one
 engine and records one entry in ``results.json``. On ``--resume`` a finished stage is
 skipped (its model is reloaded) and an unfinished one continues from its ``last.pt``.
+
+The session holds its run folder's lock from the start (one writer per folder, see
+:mod:`~darkknowledge.runs.lock`) and, before anything is built, checks that the folder may be
+written, or resumed (:mod:`~darkknowledge.runs.resume`).
+
+Resuming a finished stage:
+
+- Its teacher must be the one it was trained with: each entry records its teacher weights'
+  hash (``teacher_hash``); another teacher is refused (delete the stage folder to train the
+  stage again against the new one).
+- ``train.epochs`` larger than the stage ran *extends* it: it continues from its ``last.pt``
+  for the extra epochs, and its entry records the new count (and ``extended_from``). The LR
+  schedule is the config's over the new epoch count, taken up at the step reached: ``constant``,
+  ``step`` and ``multistep`` schedules (and warm-up) do not depend on the total and continue
+  exactly as a run planned that long from the start; ``cosine`` does, so the rate jumps from
+  its end value back to its value at that point of the longer cosine and decays to its floor at
+  the new last epoch (a warm restart; a warning says so). A smaller ``train.epochs`` is refused.
+- A ``model.pt`` that cannot be read is rebuilt from the stage's ``last.pt`` (its final weights),
+  with a warning; a stage folder that is gone is trained again from the start.
 """
 
 from __future__ import annotations
@@ -10,6 +29,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +38,21 @@ import torch
 from torch import nn
 
 from darkknowledge.config import RunConfig, TeacherConfig, TrainConfig
-from darkknowledge.data import DataBundle, cache_dir
-from darkknowledge.engine.checkpoint import export_model, load_exported, read_export, state_hash
+from darkknowledge.data import DataBundle, DatasetInfo, cache_dir
+from darkknowledge.engine.checkpoint import (
+    check_export_fits, export_model, load_weights, read_export, state_hash,
+)
 from darkknowledge.engine.device import select_device, set_deterministic
 from darkknowledge.engine.distributed import init_distributed
 from darkknowledge.engine.metrics import MetricsLog
 from darkknowledge.engine.task import Task
 from darkknowledge.engine.trainer import Trainer
+from darkknowledge.errors import CheckpointError, ConfigError, DarkKnowledgeError
 from darkknowledge.models import count_params
 from darkknowledge.runs.build import build_data, build_model, build_objective, make_loaders, model_spec, seed_everything
-from darkknowledge.runs.rundir import RunDir
+from darkknowledge.runs.lock import RunLock
+from darkknowledge.runs.resume import FinishedStage, open_run_folder
+from darkknowledge.runs.rundir import RunDir, read_identity
 from darkknowledge.schemes.offline import offline_task
 
 log = logging.getLogger(__name__)
@@ -41,6 +67,15 @@ class Session:
         resume: Continue the run in ``run_dir``.
         progress: Show progress bars on a terminal.
         bundle: Data already loaded (the Python API passes its own); else built from ``cfg``.
+        identity: What writes the folder, recorded in ``run.json`` and checked by ``--resume``:
+            ``{"command": "run" | "distill" | "train", "model": "student" | "teacher" | None}``
+            (default: the Python API); the recipe name is added.
+
+    Raises:
+        ConfigError: ``resume`` without a run folder, an unusable folder, a folder that holds
+            another run (without ``resume``), or a config that differs from the recorded one.
+        CheckpointError: The folder was written by another command.
+        RunFolderBusyError: Another process writes the folder.
     """
 
     def __init__(
@@ -50,16 +85,55 @@ class Session:
         resume: bool = False,
         progress: bool = True,
         bundle: DataBundle | None = None,
+        identity: Mapping[str, Any] | None = None,
     ) -> None:
         self.cfg, self.resume, self.progress = cfg, resume, progress
+        if resume and run_dir is None:
+            raise ConfigError("resume: there is no run folder to continue; give the folder of the run (--out DIR, "
+                              "or out= in the Python API)")
         wants_cuda = cfg.train.device.startswith("cuda") or (cfg.train.device == "auto" and torch.cuda.is_available())
         self.dist = init_distributed("cuda" if wants_cuda else "cpu")
+        self.identity = {"command": "api", "model": None, **(identity or {}), "name": cfg.name}
+        self.lock = self._open_run_folder(run_dir)
         self.device = select_device(cfg.train.device, self.dist.local_rank if self.dist.enabled else None)
         set_deterministic(cfg.train.deterministic)
         self.bundle = bundle if bundle is not None else build_data(cfg)
-        self.run = RunDir(run_dir, writer=self.dist.is_main)
+        self.run = RunDir(self._run_dir, writer=self.dist.is_main, fresh=not resume)
         self.metrics = MetricsLog(self.run.metrics_path)
         self.run.write_config(cfg.model_dump(mode="json"))
+        if self.run.path is not None and read_identity(self.run.path) is None:
+            self.run.write_identity({**self.identity, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+    def _open_run_folder(self, run_dir: Path | None) -> RunLock | None:
+        """Rank 0 locks and checks the folder (rank 0's choice of folder holds on every rank);
+        an error is raised on every rank."""
+        self._run_dir = Path(run_dir) if run_dir is not None else None
+        if self._run_dir is None:
+            return None
+        if self.dist.enabled:
+            self._run_dir = self.dist.broadcast_object(self._run_dir)
+        lock, error = None, None
+        if self.dist.is_main:
+            try:
+                lock = open_run_folder(self._run_dir, self.cfg.model_dump(mode="json"), self.identity, self.resume)
+            except DarkKnowledgeError as exc:
+                error = exc
+        if self.dist.enabled:
+            error = self.dist.broadcast_object(error)
+        if error is not None:
+            raise error
+        return lock
+
+    def close(self) -> None:
+        """Release the run folder's lock (also released when the session is collected or the process ends)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ stages
     def train_stage(
@@ -92,13 +166,14 @@ class Session:
         done = self.run.result(stage) if self.resume else None
         stage_dir = self.run.stage_dir(stage)
         export = task.export_model()
-        if done is not None and stage_dir is not None and (stage_dir / "model.pt").is_file():
-            _, state = load_exported(stage_dir / "model.pt")
-            export.load_state_dict(state)
-            log.info("[%s] finished earlier; reusing it", stage)
-            members = [r for r in self.run.results if r["name"].startswith(f"{stage}:")]
-            return [done, *members]
         train_cfg = train_cfg or self.cfg.train
+        extended_from = None
+        if done is not None and stage_dir is not None:
+            finished = FinishedStage(self.run.path, stage, done, stage_dir)
+            if finished.reusable(task, export, train_cfg.epochs, train_cfg.scheduler.name):
+                members = [r for r in self.run.results if r["name"].startswith(f"{stage}:")]
+                return [done, *members]
+            extended_from = finished.extended_from
         seed_everything(seed)
         train_loader, test_loader, val_loader = make_loaders(
             self.cfg, self.bundle, seed, self.device, self.dist, with_transfer=with_transfer
@@ -126,7 +201,10 @@ class Session:
             "train_samples": len(train_loader.data) if hasattr(train_loader, "data") else None,
             "transfer": bool(with_transfer and self.cfg.data.use_transfer and self.bundle.transfer is not None
                              and len(self.bundle.transfer)),
+            "teacher_hash": task.fingerprint(),  # a resume of this stage must see the same teacher
         }
+        if extended_from is not None:
+            common["extended_from"] = extended_from
         entry = {
             "name": stage, "role": role, "model": model_spec(export)["name"], **common,
             "params": count_params(export),
@@ -178,29 +256,43 @@ class Session:
 
     def teacher(self, spec: TeacherConfig | None = None, where: str = "teacher") -> tuple[nn.Module, dict[str, Any]]:
         """A teacher (default ``cfg.teacher``): loaded from its checkpoint, reused from the cache,
-        or trained now. ``where`` is its config path (``teacher``, ``teachers.0``) and stage name."""
+        or trained now. ``where`` is its config path (``teacher``, ``teachers.0``) and stage name.
+
+        A checkpoint is checked before it is used: readable, a well-formed export, trained on
+        inputs of this run's shape and classes (else ``CheckpointError`` naming both). A cached
+        trained teacher that cannot be read is deleted with a warning and trained again.
+        """
         cfg = self.cfg
         spec = spec if spec is not None else cfg.teacher
         if spec is None:
-            raise ValueError("this run has no teacher: add a `teacher:` section to the recipe")
+            raise ConfigError(f"this run has no {where}: add a `{where}:` section (a model name, or a checkpoint) "
+                              "to the recipe")
         info = self.bundle.info
         if spec.checkpoint:
+            hint = f"Point {where}.checkpoint at an exported model (student.pt, model.pt), or drop it to train one."
+            try:
+                payload = read_export(spec.checkpoint, hint=hint)
+                check_export_fits(payload, spec.checkpoint, info.name, info.input_shape, info.num_classes,
+                                  where=f"{where}.checkpoint")
+            except CheckpointError as exc:
+                text = str(exc)
+                raise CheckpointError(text if text.startswith(where) else f"{where}.checkpoint: {text}") from None
             model = build_model(spec, info, where)
             entry = {"name": where, "role": "teacher", "model": spec.name, "seed": None,
                      "params": count_params(model), "source": spec.checkpoint, "train_seconds": 0.0}
-            recorded = read_export(spec.checkpoint).get("result") or {}
+            recorded = payload.get("result") if isinstance(payload.get("result"), dict) else {}
             entry.update({k: recorded[k] for k in ("last_acc", "best_acc") if k in recorded})
             self.run.add_result(entry, cfg.name)
             return model, entry
         cached = cache_dir() / "teachers" / f"{spec.name}-{self.teacher_key(spec, where)}.pt"
         if spec.reuse and cached.is_file():
-            payload = read_export(cached)
-            model = build_model(spec, info, where)
-            model.load_state_dict(payload["state_dict"])
-            entry = {**payload["result"], "name": where, "reused_from": str(cached), "train_seconds": 0.0}
-            log.info("reusing the teacher trained earlier: %s (hash %s)", cached, state_hash(model))
-            self.run.add_result(entry, cfg.name)
-            return model, entry
+            reused = _reuse_teacher(cached, spec, info, where)
+            if reused is not None:
+                model, payload = reused
+                entry = {**payload["result"], "name": where, "reused_from": str(cached), "train_seconds": 0.0}
+                log.info("reusing the teacher trained earlier: %s (hash %s)", cached, state_hash(model))
+                self.run.add_result(entry, cfg.name)
+                return model, entry
         seed_everything(spec.seed)
         model = build_model(spec, info, where)
         entry = self.train_alone(where, "teacher", model, spec.seed, train_cfg=cfg.teacher_train(spec, where))
@@ -211,3 +303,21 @@ class Session:
 
 def _accuracies(metrics: dict[str, float]) -> dict[str, Any]:
     return {"last_acc": metrics["top1"], "last_top5": metrics.get("top5")}
+
+
+def _reuse_teacher(cached: Path, spec: TeacherConfig, info: DatasetInfo,
+                   where: str) -> tuple[nn.Module, dict[str, Any]] | None:
+    """The trained teacher in the cache file ``cached``, or None (with a warning, the file
+    deleted) when it cannot be read or does not fit: the caller then trains it again."""
+    try:
+        payload = read_export(cached)
+        if not isinstance(payload.get("result"), dict):
+            raise CheckpointError(f"{str(cached)!r} lacks the teacher's recorded result")
+        model = build_model(spec, info, where)
+        load_weights(model, payload["state_dict"], cached, where="cached teacher")
+    except (CheckpointError, ConfigError) as exc:
+        log.warning("the cached trained teacher %s is unreadable (%s); deleting it and training the teacher again",
+                    cached, exc)
+        cached.unlink(missing_ok=True)
+        return None
+    return model, payload

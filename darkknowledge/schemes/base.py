@@ -114,11 +114,12 @@ class Scheme:
 
     @classmethod
     def check(cls, ctx: Context, seed: int, params: Any) -> None:
-        """Fail before any training when the scheme cannot be built from this recipe.
+        """Fail when the scheme cannot be built from this recipe (builds and discards the stage
+        of a single-stage scheme; ``ctx.teacher()`` may train a teacher).
 
-        ``dk run`` calls it before the first baseline. The default builds (and discards) the
-        stage of a single-stage scheme; multi-stage schemes check in ``run`` before their first
-        stage, and may override this to check earlier.
+        The commands do more, before anything trains: their preflight
+        (:mod:`darkknowledge.runs.preflight`) plays ``run`` with a context whose stages are dry
+        runs on one batch.
         """
         if cls.run.__func__ is Scheme.run.__func__:  # type: ignore[attr-defined]
             cls.task(ctx, seed, params).release()

@@ -350,15 +350,47 @@ def load_or_build(teacher: Any, loader: Any, spec: CacheSpec, *, augment: Augmen
 
 
 def _valid(folder: Path, ingredients: dict[str, Any]) -> bool:
+    """Whether ``folder`` holds a whole cache made from ``ingredients``. A damaged one (an
+    unreadable or foreign ``meta.json``, a missing, truncated or misshapen array) is logged as a
+    warning and reported invalid, so the caller rebuilds it."""
     meta_path = folder / "meta.json"
     if not meta_path.is_file():
         return False
     try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError:
-        log.warning("teacher-output cache %s has an unreadable meta.json; rebuilding it", folder)
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        log.warning("teacher-output cache %s has an unreadable meta.json (%s); rebuilding it", folder, exc)
         return False
-    if meta.get("ingredients") != ingredients:
+    if not isinstance(meta, dict) or meta.get("ingredients") != ingredients:
         log.warning("teacher-output cache %s was made for another teacher, data or spec; rebuilding it", folder)
         return False
+    problem = _arrays_problem(folder, meta)
+    if problem:
+        log.warning("teacher-output cache %s is damaged (%s); rebuilding it", folder, problem)
+        return False
     return True
+
+
+def _arrays_problem(folder: Path, meta: dict[str, Any]) -> str:
+    """What is wrong with the arrays ``meta`` promises ('' when each is whole and of its shape)."""
+    try:
+        spec = CacheSpec(**{**meta["spec"], "taps": tuple(meta["spec"]["taps"])})
+        rows = (spec.views, int(meta["num_samples"]))
+        aug_keys = [str(k) for k in meta.get("aug_keys", ())]
+    except (KeyError, TypeError, ValueError) as exc:
+        return f"meta.json lacks or mistypes {exc}"
+    names = [f"feat.{i}" for i in range(len(spec.taps))] + [f"aug.{k}" for k in aug_keys]
+    if spec.logits:
+        names += ["topk_logp", "topk_index", "rest"] if spec.topk else ["logits"]
+    for name in names:
+        path = folder / f"{name}.npy"
+        if not path.is_file():
+            return f"{path.name} is missing"
+        try:
+            array = np.load(path, mmap_mode="r")  # reads the header; a truncated file cannot be mapped
+        except (OSError, ValueError, EOFError) as exc:
+            return f"{path.name} is unreadable or truncated: {exc}"
+        if tuple(array.shape[:2]) != rows:
+            return f"{path.name} has shape {tuple(array.shape)}, expected {rows} first"
+        del array
+    return ""

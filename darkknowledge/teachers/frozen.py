@@ -129,21 +129,33 @@ class Frozen(Teacher):
         if cfg is None or self.cache is not None:
             return
         augment = getattr(loader, "augment", None)
-        views = cached_views(cfg.views, augment)
-        if views is None:
+        spec = self.cache_spec(augment)
+        if spec is None:
             return
-        spec = CacheSpec(logits=self.need_logits if cfg.logits is None else cfg.logits,
-                         taps=self.taps if cfg.taps is None else tuple(cfg.taps),
-                         dtype=cfg.dtype, topk=cfg.topk, views=views)
-        spec.check_holds(self.need_logits, self.taps)
         builder = self.runner
         if spec.taps != self.taps or spec.logits != self.need_logits:
-            validate_taps(self.model, spec.taps)
             builder = FrozenTeacher(self.model, spec.taps, need_logits=spec.logits)
         self.cache = load_or_build(builder, loader, spec, augment=augment, seed=cfg.seed,
                                    memory_limit_mb=cfg.memory_limit_mb, dist=dist).to(loader.device)
         if augment is not None:
             loader.replay = self.cache.replay(loader.seed)
+
+    def cache_spec(self, augment: Any = None) -> CacheSpec | None:
+        """What the output cache will hold for data with ``augment`` (None: no cache, the teacher
+        runs live); checks it holds what the losses read and that its taps exist on the model."""
+        cfg = self.cache_cfg
+        if cfg is None:
+            return None
+        views = cached_views(cfg.views, augment)
+        if views is None:
+            return None
+        spec = CacheSpec(logits=self.need_logits if cfg.logits is None else cfg.logits,
+                         taps=self.taps if cfg.taps is None else tuple(cfg.taps),
+                         dtype=cfg.dtype, topk=cfg.topk, views=views)
+        spec.check_holds(self.need_logits, self.taps)
+        if spec.taps != self.taps:
+            validate_taps(self.model, spec.taps)
+        return spec
 
     def setup(self, batch: Batch) -> None:
         """A live teacher runs on ``cache.live_batches`` upcoming batches at once."""
