@@ -141,8 +141,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = list(args.overrides or []) + extra
     verbose = bool(getattr(args, "verbose", False) or args.verbose_all)
     _setup_logging(getattr(args, "quiet", False), verbose)
+    done = False
     try:
-        return _dispatch(args)
+        code = _dispatch(args)
+        done = True
+        return code
     except DarkKnowledgeError as exc:
         return _user_error(str(exc), verbose)
     except KeyboardInterrupt:
@@ -159,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         from darkknowledge.engine.distributed import shutdown_distributed
 
-        shutdown_distributed()
+        shutdown_distributed(wait=done)  # after a success every rank reaches it: leave together
 
 
 def _user_error(message: str, verbose: bool) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 
@@ -70,6 +71,21 @@ def current_context() -> DistContext:
     return DistContext()
 
 
-def shutdown_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown_distributed(wait: bool = False) -> None:
+    """Leave the process group (a no-op without one).
+
+    Args:
+        wait: Every rank is known to reach this call (the command succeeded): wait for them all
+            first. Rank 0 writes the run's files after the last collective; a rank that tore
+            gloo down and exited meanwhile could abort (SIGABRT, "terminate called without an
+            active exception") and make the launcher kill rank 0. What still holds the group
+            (a DDP reducer in a reference cycle) is collected while the interpreter is alive,
+            not at its finalization. On an error path ``wait`` is False: a rank may be stuck in
+            a collective that a barrier would pair with.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if wait and dist.get_world_size() > 1:
+        dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
