@@ -93,6 +93,12 @@ class Task:
     def attach(self, loader: Any, dist: Any = None) -> None:
         """The training loader (and distributed context), at the start of every fit."""
 
+    def dry_attach(self, loader: Any, dist: Any = None) -> None:
+        """``attach`` for a dry run (a preflight that takes no step): check what ``attach`` would
+        check, without building what only training needs (e.g. a teacher-output cache);
+        default: ``attach``."""
+        self.attach(loader, dist)
+
     def setup(self, batch: Batch, info: SetupInfo | None = None) -> None:
         """Dry run on one batch: probe shapes, build adapters, fail early on misfits."""
 

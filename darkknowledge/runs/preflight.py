@@ -36,7 +36,6 @@ from darkknowledge.runs.build import build_model, build_objective, make_loaders,
 from darkknowledge.runs.context import RunContext
 from darkknowledge.runs.session import Session
 from darkknowledge.schemes.offline import offline_task
-from darkknowledge.teachers.frozen import Frozen
 
 log = logging.getLogger(__name__)
 
@@ -102,14 +101,9 @@ def dry_run(session: Session, stage: str, task: Task, seed: int, train_cfg: Trai
     """
     train_loader, test_loader, _ = make_loaders(session.cfg, session.bundle, seed, session.device, session.dist,
                                                 with_transfer=with_transfer)
-    for teacher in getattr(task, "teachers", ()):
-        if isinstance(teacher, Frozen):
-            teacher.cache_spec(getattr(train_loader, "augment", None))
-            teacher.cache_cfg = None  # checked, not built: a dry run's teacher runs live
-            teacher.lookahead = False
     task.to(session.device)
     try:
-        task.attach(train_loader, session.dist)
+        task.dry_attach(train_loader, session.dist)  # caches checked, not built: a dry run's teachers run live
         train_loader.set_epoch(0)
         first = next(iter(train_loader))
         task.setup(first, SetupInfo(num_samples=len(train_loader.data), batch_size=len(first),

@@ -53,15 +53,25 @@ class FlowTask(Task):
 
     def attach(self, loader: Any, dist: Any = None) -> None:
         """Check the data gives what the losses read, then let the teachers (caches) and the flow see it."""
+        self._check_labels(loader)
+        for teacher in self.teachers:
+            teacher.attach(loader, dist)
+        self.flow.attach(loader)
+
+    def dry_attach(self, loader: Any, dist: Any = None) -> None:
+        """``attach`` without building the teachers' output caches (they are checked)."""
+        self._check_labels(loader)
+        for teacher in self.teachers:
+            teacher.dry_attach(loader)
+        self.flow.attach(loader)
+
+    def _check_labels(self, loader: Any) -> None:
         reading = [name for link in self.flow.links if link.needs is not None and link.needs.labels
                    for name, term in link.objective.terms.items() if term.needs_spec.labels]
         data = getattr(loader, "data", None)
         if reading and isinstance(data, TensorData) and data.num_labeled == 0:
             raise ConfigError(f"losses {sorted(set(reading))} read labels, but the training data has none; "
                               "use losses that read only the teacher (e.g. kd: {alpha: 1})")
-        for teacher in self.teachers:
-            teacher.attach(loader, dist)
-        self.flow.attach(loader)
 
     def setup(self, batch: Batch, info: SetupInfo | None = None) -> None:
         self.flow.setup(batch, info)

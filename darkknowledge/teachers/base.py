@@ -96,6 +96,10 @@ class Teacher:
     def attach(self, loader: Any, dist: Any = None) -> None:
         """The training loader, before the first batch (e.g. to build an output cache)."""
 
+    def dry_attach(self, loader: Any) -> None:
+        """``attach`` for a dry run: check, build nothing costly (default: ``attach``)."""
+        self.attach(loader)
+
     def setup(self, batch: Batch) -> None:
         """After the task's dry run on ``batch``."""
 

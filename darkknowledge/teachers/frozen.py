@@ -157,6 +157,12 @@ class Frozen(Teacher):
             validate_taps(self.model, spec.taps)
         return spec
 
+    def dry_attach(self, loader: Any) -> None:
+        """Check that the output cache would hold what the losses read, and build nothing: for the
+        rest of its (dry) life this teacher runs live, one batch at a time."""
+        self.cache_spec(getattr(loader, "augment", None))
+        self.cache_cfg, self.lookahead = None, False
+
     def setup(self, batch: Batch) -> None:
         """A live teacher runs on ``cache.live_batches`` upcoming batches at once."""
         n = live_batches(self.live_batches, batch) if self.cache is None and self.lookahead else 1
