@@ -68,6 +68,7 @@ class Distiller(nn.Module):
         self.needs = self.flow.links[0].needs
         adapting = [n for n, t in objective.terms.items() if t.knowledge in ADAPTING]
         self._ready = False
+        self._device: torch.device | None = None  # where the teachers were last moved
         if example is not None:
             self.setup(example)
         elif adapting:
@@ -98,11 +99,13 @@ class Distiller(nn.Module):
         return Batch(x, y, idx)
 
     def _follow(self, batch: Batch) -> None:
-        """Keep the teacher on the inputs' device (it is not a submodule, so ``.to()`` skips it)."""
-        if isinstance(self.teacher, Frozen):
-            device = batch.y.device
-            if next(self.teacher.model.parameters(), torch.empty(0, device=device)).device != device:
-                self.teacher.to(device)
+        """Keep the teachers (a mixture's members included) on the inputs' device: they are not
+        submodules, so ``.to()`` skips them. Moved only when the inputs' device changes."""
+        device = batch.y.device
+        if device != self._device:
+            for teacher in self.flow.teachers:
+                teacher.to(device)
+            self._device = device
 
     def setup(self, x: Any, y: torch.Tensor | None = None) -> None:
         """The dry run: the losses read the shapes of one batch and build their adapters."""
