@@ -33,7 +33,7 @@ from darkknowledge.schemes.offline import offline_task
 
 DataLike = str | DataBundle | tuple
 
-_LOADING_KEYS = ("params", "root", "split_seed", "val_fraction")
+_LOADING_KEYS = ("params", "root", "split_seed", "val_fraction", "holdout")
 """``data`` keys that say how a named dataset is loaded: meaningless for data given as objects."""
 
 

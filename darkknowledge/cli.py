@@ -7,6 +7,8 @@
     dk list [losses|models|datasets|recipes|schemes]
     dk explain NAME            a loss's or scheme's paper, equation, parameters
     dk pairs STUDENT TEACHER   stage-aligned tap pairs to paste into a feature loss
+    dk bench SUITE             every cell of a benchmark suite (resumable), then its tables
+    dk tune SUITE              each method's hyper-parameters, same trial budget, validation split only
 
 RECIPE is a shipped recipe name (``quickstart``) or a YAML path. Every command takes dotted
 ``key=value`` overrides (``train.epochs=3 seed=1``), ``--out DIR`` and ``--resume``. The same
@@ -82,7 +84,30 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("teacher", help="zoo model name")
     pp.add_argument("--data", default="mnist1d", help="dataset whose input shape to probe with")
     lp = sub.add_parser("list", help="list registered losses, models, datasets, recipes, schemes")
-    lp.add_argument("what", nargs="?", default="all", choices=("all", "losses", "models", "datasets", "recipes", "schemes"))
+    lp.add_argument("what", nargs="?", default="all",
+                    choices=("all", "losses", "models", "datasets", "recipes", "schemes", "suites"))
+    bp = sub.add_parser("bench", help="run a benchmark suite's cells (resumable) and write its tables")
+    tu = sub.add_parser("tune", help="tune every method of a suite with the same trial budget on validation data")
+    for sp in (bp, tu):
+        sp.add_argument("suite", help="shipped suite name (dk list suites) or a suite YAML file")
+        sp.add_argument("--out", help="bench folder: cells' run folders and the event log (default runs/bench/SUITE)")
+        sp.add_argument("--results", help="results folder: one JSON per cell, tables (default OUT/results)")
+        sp.add_argument("--only", nargs="+", metavar="PREFIX", help="cells whose id starts with PAIR or PAIR/METHOD")
+        sp.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override the suite's own keys, e.g. seeds=[0,1] budget.train.epochs=2")
+        sp.add_argument("--jobs", type=int, default=1, help="cells run in parallel (default 1)")
+        sp.add_argument("--executor", choices=("serial", "local", "submitit"), default=None,
+                        help="serial (default for --jobs 1), local processes (default for --jobs N), submitit")
+        sp.add_argument("--cluster", default=None, help="submitit cluster: slurm, local, debug (default: auto)")
+        sp.add_argument("--slurm", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="submitit parameters, e.g. slurm_partition=gpu gpus_per_node=1 timeout_min=600")
+        sp.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+    bp.add_argument("--status", action="store_true", help="say which cells are done, stale or to run; run nothing")
+    bp.add_argument("--tables", action="store_true", help="only (re)write the tables from the results; run nothing")
+    bp.add_argument("--readme", help="also rewrite this README's <!-- bench:SUITE --> block from the results")
+    tu.add_argument("--trials", type=int, default=None, help="trials per (pair, method), the same for every method "
+                    "(default: the suite's `trials`)")
+    tu.add_argument("--sampler-seed", type=int, default=0, help="seed of the search")
     for other in (ep, xp, pp, lp):
         other.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     return p
@@ -116,6 +141,11 @@ def _list(what: str) -> None:
     if what in ("all", "recipes"):
         _out("recipes:")
         _out("  " + ", ".join(recipe_names()))
+    if what in ("all", "suites"):
+        from darkknowledge.bench.suite import suite_names
+
+        _out("suites:  (dk bench NAME)")
+        _out("  " + ", ".join(suite_names()))
     if what in ("all", "schemes"):
         _out("schemes:  (name, how knowledge flows, citation; `dk explain NAME` for details)")
         for line in list_schemes_text():
@@ -205,6 +235,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         _out(describe.explain(args.loss) if args.command == "explain"
              else describe.pairs_text(args.student, args.teacher, args.data))
+        return 0
+    if args.command in ("bench", "tune"):
+        from darkknowledge.bench.command import bench_command
+
+        for line in bench_command(args):
+            _out(line)
         return 0
     if args.command == "eval":
         overrides = {}

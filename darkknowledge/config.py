@@ -15,6 +15,7 @@ from typing import Any, Literal
 import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 from darkknowledge.errors import ConfigError, did_you_mean
 from darkknowledge.validation import format_validation_error
@@ -54,12 +55,25 @@ class DataConfig(_Strict):
     batch_size: int = Field(default=128, gt=0, description="global batch (split across ranks)")
     eval_batch_size: int = Field(default=1024, gt=0)
     val_fraction: float = Field(default=0.0, ge=0.0, lt=1.0, description="carved from train; best/tuning use it")
+    holdout: Literal["test", "val"] = Field(default="test", description="the split a run evaluates on: the "
+                                            "dataset's test split, or (tuning) the validation split carved by "
+                                            "val_fraction, with the test split dropped unread")
     split_seed: int = 0
     use_transfer: bool = Field(default=True, description="add the unlabeled transfer set when distilling")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     num_workers: int = Field(default=0, ge=0)
     device_data_mb: float = Field(default=2048.0, ge=0.0, description="in-memory datasets up to this size are "
                                   "copied to the GPU once and indexed there (0: copy each batch from the host)")
+
+    @pydantic.model_validator(mode="after")
+    def _holdout_needs_val(self) -> DataConfig:
+        if self.holdout == "val" and self.val_fraction <= 0:
+            raise PydanticCustomError(
+                "holdout_without_val",
+                "data.holdout=val evaluates on the validation split carved by data.val_fraction, which is 0; "
+                "set data.val_fraction in (0, 1), e.g. data.val_fraction=0.1, or data.holdout=test",
+            )
+        return self
 
 
 class OptimizerConfig(_Strict):

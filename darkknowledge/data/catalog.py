@@ -74,6 +74,7 @@ def load_dataset(
     root: str | Path | None = None,
     split_seed: int = 0,
     val_fraction: float = 0.0,
+    holdout: str = "test",
     **params: Any,
 ) -> DataBundle:
     """Build the registered dataset ``name``.
@@ -85,6 +86,10 @@ def load_dataset(
             the validation split).
         val_fraction: Share of the training split moved into ``bundle.val`` (0 = none),
             chosen deterministically from ``split_seed``.
+        holdout: ``"test"``: ``bundle.test`` is the dataset's test split. ``"val"`` (tuning):
+            the test split is dropped unread as soon as the builder returns (no fingerprint,
+            label check or loader sees it); ``bundle.test`` is the validation split carved by
+            ``val_fraction`` (> 0) and ``bundle.val`` is None. The fingerprint differs.
         **params: The builder's own parameters (``data.params`` in a recipe).
 
     Returns:
@@ -93,11 +98,16 @@ def load_dataset(
 
     Raises:
         RegistryError: Unknown dataset (the message lists close names).
-        ConfigError: Unknown or ill-typed parameter, bad ``val_fraction``, missing files.
+        ConfigError: Unknown or ill-typed parameter, bad ``val_fraction`` or ``holdout``, missing files.
     """
     builder = DATASETS.get(name)
     checked = validate_kwargs(builder, params, where="data.params", exclude=FRAMEWORK_ARGS)
     check_fraction(val_fraction, "data.val_fraction")
+    if holdout not in ("test", "val"):
+        raise ConfigError(f"data.holdout: expected 'test' or 'val', got {holdout!r}")
+    if holdout == "val" and not val_fraction > 0:
+        raise ConfigError("data.holdout=val evaluates on the validation split carved by data.val_fraction, which "
+                          "is 0; set data.val_fraction in (0, 1), e.g. 0.1, or data.holdout=test")
     root_path = Path(root).expanduser() if root is not None else data_dir()
     try:
         bundle = builder(root=root_path, split_seed=split_seed, **checked)
@@ -109,22 +119,39 @@ def load_dataset(
     if not isinstance(bundle, DataBundle):
         raise TypeError(f"dataset builder {name!r} returned {type(bundle).__name__}, expected DataBundle")
 
+    if holdout == "val":  # the dataset's test split is dropped here, unread; the carved split takes its place
+        bundle = _carve(bundle, name, val_fraction, split_seed, as_test=True)
+
     resolved = {k: d for k, (_, d) in signature_fields(builder, FRAMEWORK_ARGS).items() if d is not ...}
     resolved.update(checked)
     identity = {"params": resolved, "split_seed": split_seed, "val_fraction": float(val_fraction)}
+    if holdout == "val":
+        identity["holdout"] = "val"  # other data is evaluated: another fingerprint (a teacher is not shared)
     fp = fingerprint(name, identity, _tensors_of(bundle))
 
-    if val_fraction > 0:
-        if bundle.val is not None:
-            raise ConfigError(
-                f"data.val_fraction: dataset {name!r} already has a validation split; set it to 0"
-            )
-        if not isinstance(bundle.train, TensorData):
-            raise ConfigError(
-                f"data.val_fraction: dataset {name!r} is not in memory, cannot carve a validation split"
-            )
-        keep, held = random_split(len(bundle.train), val_fraction, split_seed)
-        bundle = replace(bundle, train=bundle.train.subset(keep), val=bundle.train.subset(held))
+    if holdout == "test" and val_fraction > 0:
+        bundle = _carve(bundle, name, val_fraction, split_seed, as_test=False)
     bundle = replace(bundle, info=replace(bundle.info, fingerprint=fp))
     logger.info("%s", bundle.describe())
     return bundle
+
+
+def _carve(bundle: DataBundle, name: str, fraction: float, seed: int, as_test: bool) -> DataBundle:
+    """Move ``fraction`` of the training split into ``val``; with ``as_test`` into ``test``
+    instead, replacing the dataset's own test split without reading it (``val`` stays None).
+
+    Raises:
+        ConfigError: The dataset has its own validation split, or is not in memory.
+    """
+    where = "data.holdout=val" if as_test else "data.val_fraction"
+    if bundle.val is not None:
+        fix = "use data.holdout=test" if as_test else "set data.val_fraction to 0"
+        raise ConfigError(f"{where}: dataset {name!r} already has a validation split, so none is carved from "
+                          f"its training split; {fix}")
+    if not isinstance(bundle.train, TensorData):
+        raise ConfigError(f"{where}: dataset {name!r} is not in memory, cannot carve a validation split")
+    keep, held = random_split(len(bundle.train), fraction, seed)
+    train, held_out = bundle.train.subset(keep), bundle.train.subset(held)
+    if as_test:
+        return replace(bundle, train=train, val=None, test=held_out)
+    return replace(bundle, train=train, val=held_out)

@@ -49,6 +49,7 @@ from darkknowledge.losses import register_loss
 from darkknowledge.losses.adapters import build_adapter
 from darkknowledge.losses.base import Needs, Outputs, SetupInfo
 from darkknowledge.losses.feature import FeatureLoss, pre_activation_tap
+from darkknowledge.search_space import Range
 
 
 def ab_loss(connected: torch.Tensor, target: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
@@ -94,6 +95,10 @@ class AB(FeatureLoss):
         "Hidden Neurons. AAAI 2019."
     )
     default_taps = "stages"
+    search_space = {
+        "weight": Range(low=3e-4, high=3e-2, log=True),  # authors' code: 3 / 1000
+        "margin": Range(low=0.5, high=2.0, log=True),  # paper: 1
+    }
 
     def __init__(
         self,

@@ -43,6 +43,7 @@ from darkknowledge.errors import ShapeError
 from darkknowledge.losses import register_loss
 from darkknowledge.losses.base import Outputs, SetupInfo
 from darkknowledge.losses.feature import FeatureLoss
+from darkknowledge.search_space import Range
 
 
 def check_feature_map(x: torch.Tensor, where: str) -> None:
@@ -120,6 +121,9 @@ class AT(FeatureLoss):
         "Convolutional Neural Networks via Attention Transfer. ICLR 2017."
     )
     default_taps = "stages"
+    search_space = {
+        "weight": Range(low=10.0, high=3000.0, log=True),  # paper/RepDistiller: 1000
+    }
 
     def __init__(
         self,

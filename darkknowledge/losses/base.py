@@ -27,6 +27,7 @@ from torch import nn
 
 from darkknowledge.data.batch import Batch
 from darkknowledge.errors import ShapeError
+from darkknowledge.search_space import Range
 
 KNOWLEDGE_TYPES = ("label", "response", "feature", "relation")
 
@@ -128,12 +129,16 @@ class DistillLoss(nn.Module):
             to mix teachers' soft labels at the loss's temperature) reads it here.
         renamed: Former parameter names -> current ones (a recipe using an old name gets an
             error that names the new one).
+        search_space: What a tuner (``darkknowledge.bench.tune``) may try: ``{key: Range}``
+            where a key is an ``__init__`` parameter or ``weight`` (the term's weight in the
+            objective), with ranges from the paper's reported settings. Empty: nothing to tune.
     """
 
     knowledge: ClassVar[str] = "response"
     citation: ClassVar[str] = ""
     needs_spec: ClassVar[Needs] = Needs()
     renamed: ClassVar[dict[str, str]] = {}
+    search_space: ClassVar[dict[str, Range]] = {}
     T: float | None = None
 
     @classmethod

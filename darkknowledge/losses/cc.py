@@ -41,6 +41,7 @@ from darkknowledge.errors import ConfigError
 from darkknowledge.losses import register_loss
 from darkknowledge.losses.base import Outputs, SetupInfo
 from darkknowledge.losses.feature import FeatureLoss
+from darkknowledge.search_space import Range
 
 
 def taylor_rbf_correlation(embedding: torch.Tensor, gamma: float = 0.4, order: int = 2) -> torch.Tensor:
@@ -98,6 +99,10 @@ class CC(FeatureLoss):
     knowledge = "relation"
     citation = "Peng, Jin, Liu, Li, Wu, Liu, Zhou, Zhang. Correlation Congruence for Knowledge Distillation. ICCV 2019."
     default_taps = "penultimate"
+    search_space = {
+        "weight": Range(low=1.0, high=100.0, log=True),  # kernel form on raw features: 10-100
+        "gamma": Range(low=0.1, high=1.6, log=True),  # paper: 0.4
+    }
 
     def __init__(
         self,

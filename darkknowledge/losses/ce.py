@@ -45,6 +45,7 @@ class CrossEntropy(DistillLoss):
     knowledge = "label"
     citation = "Standard supervised cross-entropy (the student's hard-label term)."
     needs_spec = Needs(labels=True)
+    search_space = {}  # the hard-label term: nothing to tune
 
     def __init__(self, label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0) -> None:
         super().__init__()

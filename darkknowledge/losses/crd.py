@@ -59,6 +59,7 @@ from darkknowledge.errors import ConfigError, ShapeError
 from darkknowledge.losses import register_loss
 from darkknowledge.losses.base import Outputs, SetupInfo
 from darkknowledge.losses.feature import FeatureLoss
+from darkknowledge.search_space import Range
 
 EPS = 1e-7  # RepDistiller crd/criterion.py
 
@@ -194,6 +195,10 @@ class CRD(FeatureLoss):
     default_taps = "penultimate"
     uses_indices = True
     renamed = {"nce_t": "T"}
+    search_space = {
+        "weight": Range(low=0.2, high=3.2, log=True),  # paper/RepDistiller: 0.8
+        "T": Range(low=0.02, high=0.3, log=True),  # paper's temperature ablation; default 0.07
+    }
 
     def __init__(
         self,

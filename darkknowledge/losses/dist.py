@@ -35,6 +35,7 @@ from pydantic import Field
 from darkknowledge.data.batch import Batch
 from darkknowledge.losses import register_loss
 from darkknowledge.losses.base import DistillLoss, Needs, Outputs, SetupInfo, check_logits_match
+from darkknowledge.search_space import Range
 
 
 def pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -118,6 +119,11 @@ class DIST(DistillLoss):
     citation = "Huang, You, Wang, Qian, Xu. Knowledge Distillation from A Stronger Teacher. NeurIPS 2022."
     needs_spec = Needs(teacher=True, teacher_logits=True)
     renamed = {"tau": "T"}
+    search_space = {
+        "beta": Range(low=0.5, high=4.0, log=True),  # paper: 1 (ImageNet), 2 (CIFAR-100)
+        "gamma": Range(low=0.5, high=4.0, log=True),  # paper: 1 (ImageNet), 2 (CIFAR-100)
+        "T": Range(low=1.0, high=8.0, log=True),  # paper: 1 (ImageNet), 4 (CIFAR-100)
+    }
 
     def __init__(
         self,

@@ -42,6 +42,7 @@ from darkknowledge.data.batch import UNLABELED, Batch
 from darkknowledge.errors import ShapeError
 from darkknowledge.losses import register_loss
 from darkknowledge.losses.base import DistillLoss, Needs, Outputs, SetupInfo, check_logits_match
+from darkknowledge.search_space import Range
 
 
 def targets_or_teacher_argmax(labels: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -150,6 +151,10 @@ class DKD(DistillLoss):
     knowledge = "response"
     citation = "Zhao, Cui, Song, Qiu, Liang. Decoupled Knowledge Distillation. CVPR 2022."
     needs_spec = Needs(teacher=True, teacher_logits=True, labels=True)
+    search_space = {
+        "beta": Range(low=0.5, high=8.0, log=True),  # mdistiller: 8 (CIFAR-100), 0.5 (ImageNet)
+        "T": Range(low=1.0, high=8.0, log=True),  # mdistiller: 4 (CIFAR-100), 1 (ImageNet)
+    }
 
     def __init__(
         self,

@@ -46,6 +46,7 @@ from darkknowledge.losses import register_loss
 from darkknowledge.losses.adapters import build_adapter
 from darkknowledge.losses.base import Needs, Outputs, SetupInfo
 from darkknowledge.losses.feature import FeatureLoss
+from darkknowledge.search_space import Range
 
 
 def hint_loss(regressed: torch.Tensor, hint: torch.Tensor) -> torch.Tensor:
@@ -92,6 +93,9 @@ class FitNet(FeatureLoss):
     knowledge = "feature"
     citation = "Romero, Ballas, Kahou, Chassang, Gatta, Bengio. FitNets: Hints for Thin Deep Nets. ICLR 2015."
     default_taps = "stages"
+    search_space = {
+        "weight": Range(low=0.1, high=100.0, log=True),  # RepDistiller: 100 (mean, not the paper's sum)
+    }
 
     def __init__(
         self,

@@ -50,6 +50,7 @@ from darkknowledge.losses import register_loss
 from darkknowledge.losses.adapters import build_adapter
 from darkknowledge.losses.base import Needs, Outputs, SetupInfo
 from darkknowledge.losses.feature import FeatureLoss
+from darkknowledge.search_space import Range
 
 
 def pool_to(f: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
@@ -124,6 +125,9 @@ class FSP(FeatureLoss):
         "and Transfer Learning. CVPR 2017."
     )
     default_taps = "stages"
+    search_space = {
+        "weight": Range(low=1.0, high=100.0, log=True),  # RepDistiller: 50
+    }
 
     def __init__(
         self,

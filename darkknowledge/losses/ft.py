@@ -61,6 +61,7 @@ from darkknowledge.losses import register_loss
 from darkknowledge.losses.base import Outputs, SetupInfo
 from darkknowledge.losses.feature import FeatureLoss
 from darkknowledge.losses.vid import as_map, pool_to, paired_maps
+from darkknowledge.search_space import Range
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,9 @@ class FT(FeatureLoss):
         "Kim, Park, Kwak. Paraphrasing Complex Network: Network Compression via Factor Transfer. NeurIPS 2018."
     )
     default_taps = "last_stage"
+    search_space = {
+        "weight": Range(low=10.0, high=1000.0, log=True),  # RepDistiller: 200; authors: 500
+    }
 
     def __init__(
         self,

@@ -37,6 +37,7 @@ from darkknowledge.losses import register_loss
 from darkknowledge.losses.adapters import build_adapter
 from darkknowledge.losses.base import Outputs, SetupInfo
 from darkknowledge.losses.feature import FeatureLoss
+from darkknowledge.search_space import Range
 
 
 def icc_matrix(f: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -93,6 +94,9 @@ class ICKD(FeatureLoss):
         "Distillation. ICCV 2021."
     )
     default_taps = "last_stage"
+    search_space = {
+        "weight": Range(low=0.5, high=10.0, log=True),  # authors: 2.5
+    }
 
     def __init__(self, student_taps: list[str] | None = None, teacher_taps: list[str] | None = None) -> None:
         super().__init__(student_taps, teacher_taps)

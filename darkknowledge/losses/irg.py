@@ -49,6 +49,7 @@ from darkknowledge.errors import ConfigError, ShapeError
 from darkknowledge.losses import register_loss
 from darkknowledge.losses.base import Needs, Outputs, SetupInfo, check_logits_match
 from darkknowledge.losses.feature import FeatureLoss, default_paths
+from darkknowledge.search_space import Range
 
 
 def edge_matrix(f: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -147,6 +148,11 @@ class IRG(FeatureLoss):
     )
     default_taps = "last_stage"
     uses_logits = True
+    search_space = {
+        "vertex_weight": Range(low=0.1, high=10.0, log=True),  # paper's lambda_1..3 (defaults 1)
+        "edge_weight": Range(low=0.1, high=10.0, log=True),
+        "transform_weight": Range(low=0.1, high=10.0, log=True),
+    }
 
     def __init__(
         self,

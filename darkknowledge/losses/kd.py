@@ -24,6 +24,7 @@ from darkknowledge.data.batch import Batch
 from darkknowledge.losses import fused, register_loss
 from darkknowledge.losses.base import DistillLoss, Needs, Outputs, SetupInfo, check_logits_match
 from darkknowledge.losses.ce import cross_entropy
+from darkknowledge.search_space import Range
 
 
 def soft_log_probs(logits: torch.Tensor, T: float) -> torch.Tensor:
@@ -95,6 +96,10 @@ class KD(DistillLoss):
     knowledge = "response"
     citation = "Hinton, Vinyals, Dean. Distilling the Knowledge in a Neural Network. arXiv:1503.02531, 2015."
     needs_spec = Needs(teacher=True, teacher_logits=True, labels=True)
+    search_space = {
+        "T": Range(low=1.0, high=8.0, log=True),  # Hinton et al. 1-20; RepDistiller CIFAR-100: 4
+        "alpha": Range(low=0.1, high=1.0),  # RepDistiller: 0.9
+    }
 
     def __init__(
         self,

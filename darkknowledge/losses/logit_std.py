@@ -35,6 +35,7 @@ from darkknowledge.data.batch import Batch
 from darkknowledge.losses import register_loss
 from darkknowledge.losses.base import DistillLoss, Needs, Outputs, SetupInfo, check_logits_match
 from darkknowledge.losses.kd import kd_soft_loss
+from darkknowledge.search_space import Range
 
 
 def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -83,6 +84,10 @@ class LogitStandardizationKD(DistillLoss):
     knowledge = "response"
     citation = "Sun, Ren, Li, Wang, Cao. Logit Standardization in Knowledge Distillation. CVPR 2024."
     needs_spec = Needs(teacher=True, teacher_logits=True)
+    search_space = {
+        "T": Range(low=1.0, high=4.0, log=True),  # authors: base temperature 2 (some pairs 3)
+        "weight": Range(low=1.0, high=16.0, log=True),  # authors: KD weight 9
+    }
 
     def __init__(self, T: Annotated[float, Field(gt=0.0)] = 2.0) -> None:
         super().__init__()

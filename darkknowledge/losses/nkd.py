@@ -42,6 +42,7 @@ from darkknowledge.errors import ShapeError
 from darkknowledge.losses import register_loss
 from darkknowledge.losses.base import DistillLoss, Needs, Outputs, SetupInfo, check_logits_match
 from darkknowledge.losses.dkd import split_target, targets_or_teacher_argmax
+from darkknowledge.search_space import Range
 
 
 def nkd_loss(
@@ -94,6 +95,10 @@ class NKD(DistillLoss):
     )
     needs_spec = Needs(teacher=True, teacher_logits=True, labels=True)
     renamed = {"temp": "T"}
+    search_space = {
+        "T": Range(low=1.0, high=4.0, log=True),  # authors: 1 (ImageNet), 3 (CIFAR-100)
+        "gamma": Range(low=0.5, high=4.0, log=True),  # authors: 1.5 (ImageNet), 3.5 (CIFAR-100)
+    }
 
     def __init__(
         self,

@@ -38,6 +38,7 @@ from darkknowledge.losses import register_loss
 from darkknowledge.losses.at import check_feature_map, resize_to
 from darkknowledge.losses.base import Outputs, SetupInfo
 from darkknowledge.losses.feature import FeatureLoss
+from darkknowledge.search_space import Range
 
 
 def poly_kernel(a: torch.Tensor, b: torch.Tensor, degree: int = 2, c: float = 0.0) -> torch.Tensor:
@@ -89,6 +90,9 @@ class NST(FeatureLoss):
         "Huang, Wang. Like What You Like: Knowledge Distill via Neuron Selectivity Transfer. arXiv:1707.01219, 2017."
     )
     default_taps = "stages"
+    search_space = {
+        "weight": Range(low=5.0, high=100.0, log=True),  # RepDistiller: 50
+    }
 
     def __init__(
         self,

@@ -58,6 +58,7 @@ from darkknowledge.losses.base import Needs, Outputs, SetupInfo
 from darkknowledge.losses.feature import FeatureLoss, default_paths, pre_activation_tap
 from darkknowledge.losses.vid import as_map, paired_maps
 from darkknowledge.pairs import align_by_depth
+from darkknowledge.search_space import Range
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d}
 _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}
@@ -127,6 +128,9 @@ class OFD(FeatureLoss):
     knowledge = "feature"
     citation = "Heo, Kim, Yun, Park, Kwak, Choi. A Comprehensive Overhaul of Feature Distillation. ICCV 2019."
     default_taps = "stages"
+    search_space = {
+        "weight": Range(low=0.3, high=10.0, log=True),  # authors: 1 (the sum / 1000 B is built in)
+    }
 
     def __init__(
         self,

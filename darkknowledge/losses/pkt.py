@@ -38,6 +38,7 @@ from darkknowledge.errors import ShapeError
 from darkknowledge.losses import register_loss
 from darkknowledge.losses.base import Outputs, SetupInfo
 from darkknowledge.losses.feature import FeatureLoss
+from darkknowledge.search_space import Range
 
 
 def cosine_conditional(f: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -91,6 +92,9 @@ class PKT(FeatureLoss):
         "Passalis, Tefas. Learning Deep Representations with Probabilistic Knowledge Transfer. ECCV 2018."
     )
     default_taps = "penultimate"
+    search_space = {
+        "weight": Range(low=3000.0, high=100000.0, log=True),  # RepDistiller: 30000
+    }
 
     def __init__(
         self,

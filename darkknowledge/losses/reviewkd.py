@@ -52,6 +52,7 @@ from darkknowledge.errors import ShapeError
 from darkknowledge.losses import register_loss
 from darkknowledge.losses.base import Needs, Outputs, SetupInfo
 from darkknowledge.losses.feature import FeatureLoss, penultimate_tap
+from darkknowledge.search_space import Range
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d}
 _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}
@@ -146,6 +147,9 @@ class ReviewKD(FeatureLoss):
     knowledge = "feature"
     citation = "Chen, Liu, Zhao, Jia. Distilling Knowledge via Knowledge Review. CVPR 2021."
     default_taps = "stages"
+    search_space = {
+        "weight": Range(low=0.5, high=8.0, log=True),  # authors: 1
+    }
 
     def __init__(
         self,

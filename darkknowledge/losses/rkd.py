@@ -35,6 +35,7 @@ from darkknowledge.data.batch import Batch
 from darkknowledge.losses import register_loss
 from darkknowledge.losses.base import Outputs
 from darkknowledge.losses.feature import FeatureLoss
+from darkknowledge.search_space import Range
 
 
 def pairwise_distances(e: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -122,6 +123,10 @@ class RKD(FeatureLoss):
     knowledge = "relation"
     citation = "Park, Kim, Lu, Cho. Relational Knowledge Distillation. CVPR 2019."
     default_taps = "penultimate"
+    search_space = {
+        "w_d": Range(low=5.0, high=50.0, log=True),  # paper/RepDistiller: 25
+        "w_a": Range(low=10.0, high=100.0, log=True),  # paper/RepDistiller: 50
+    }
 
     def __init__(
         self,

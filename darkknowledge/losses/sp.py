@@ -26,6 +26,7 @@ from darkknowledge.data.batch import Batch
 from darkknowledge.losses import register_loss
 from darkknowledge.losses.base import Outputs
 from darkknowledge.losses.feature import FeatureLoss
+from darkknowledge.search_space import Range
 
 
 def similarity_matrix(feature: torch.Tensor) -> torch.Tensor:
@@ -74,6 +75,9 @@ class SP(FeatureLoss):
     knowledge = "relation"
     citation = "Tung, Mori. Similarity-Preserving Knowledge Distillation. ICCV 2019."
     default_taps = "last_stage"
+    search_space = {
+        "weight": Range(low=300.0, high=10000.0, log=True),  # paper/RepDistiller: 3000
+    }
 
     def __init__(self, student_taps: list[str] | None = None, teacher_taps: list[str] | None = None) -> None:
         super().__init__(student_taps, teacher_taps)

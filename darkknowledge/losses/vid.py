@@ -44,6 +44,7 @@ from darkknowledge.errors import ConfigError, ShapeError
 from darkknowledge.losses import register_loss
 from darkknowledge.losses.base import Outputs, SetupInfo
 from darkknowledge.losses.feature import FeatureLoss
+from darkknowledge.search_space import Range
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d}
 _POOL = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d}
@@ -130,6 +131,9 @@ class VID(FeatureLoss):
         "Ahn, Hu, Damianou, Lawrence, Dai. Variational Information Distillation for Knowledge Transfer. CVPR 2019."
     )
     default_taps = "stages"
+    search_space = {
+        "weight": Range(low=0.3, high=30.0, log=True),  # paper/RepDistiller: 1
+    }
 
     def __init__(
         self,

@@ -24,6 +24,26 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 
 
+def fan_out_init(model: nn.Module, linear_std: float | None = None) -> None:
+    """He (fan-out) normal init of every conv, BN weight 1 / bias 0, linear biases 0 (as the
+    WRN / RepDistiller CIFAR models do); linear weights normal with ``linear_std`` when given,
+    else left at PyTorch's default.
+    """
+    for m in model.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+            fan_out = math.prod(m.kernel_size) * m.out_channels
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            if linear_std is not None:
+                nn.init.normal_(m.weight, 0.0, linear_std)
+            nn.init.zeros_(m.bias)
+
+
 def make_activation(name: str, where: str) -> nn.Module:
     """Return a fresh (never in-place) activation module.
 

@@ -9,7 +9,6 @@ and any number of input channels; ``forward`` returns logits only.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Annotated
 
@@ -18,7 +17,12 @@ from pydantic import Field
 from torch import nn
 
 from darkknowledge.errors import ConfigError
-from darkknowledge.models._common import check_dropout, check_positive, image_channels
+from darkknowledge.models._common import (
+    check_dropout,
+    check_positive,
+    fan_out_init,
+    image_channels,
+)
 from darkknowledge.models._registry import register_model
 
 
@@ -120,15 +124,7 @@ class WideResNet(nn.Module):
         self.fc = nn.Linear(widths[3], num_classes)
         self.num_features = widths[3]
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        fan_out_init(self)
 
     def feature_taps(self) -> list[str]:
         """Stage outputs, shallow to deep: ``["block1", "block2", "block3"]``."""

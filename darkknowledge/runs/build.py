@@ -59,10 +59,11 @@ def check_config(cfg: RunConfig, given: Collection[str] = ()) -> None:
 
 
 def build_data(cfg: RunConfig) -> DataBundle:
-    """Load the configured dataset (with its validation split and transfer set)."""
+    """Load the configured dataset (with its validation split and transfer set); with
+    ``data.holdout=val`` the run evaluates on the validation split, never the test split."""
     return load_dataset(
         cfg.data.name, root=cfg.data.root, split_seed=cfg.data.split_seed,
-        val_fraction=cfg.data.val_fraction, **cfg.data.params,
+        val_fraction=cfg.data.val_fraction, holdout=cfg.data.holdout, **cfg.data.params,
     )
 
 

@@ -1,0 +1,1 @@
+"""`dk bench` and `dk tune`: suites of teacher-student pairs x methods x seeds, run resumably, tabled honestly."""
