@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,7 @@ def write_tables(bench: Any, readme: Path | None = None, figures: bool = True) -
     return written
 
 
-def readme_block(rows: list[dict[str, Any]], notes: list[str] = ()) -> str:  # type: ignore[assignment]
+def readme_block(rows: list[dict[str, Any]], notes: Sequence[str] = ()) -> str:
     """The compact table a README shows for a suite."""
     return tables.to_markdown_compact(rows) + "".join(f"\n> {n}\n" for n in notes)
 

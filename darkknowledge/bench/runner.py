@@ -138,11 +138,12 @@ class Bench:
         raw = self._raw(cell, teacher["checkpoint"] if teacher else None)
         return cell_key(check_cell_config(raw, cell.id), teacher["hash"] if teacher else None)
 
-    def task(self, cell: Cell) -> CellTask | None:
-        """The cell's task, or None while it waits for its teacher."""
+    def task(self, cell: Cell, teachers: dict[str, dict[str, Any] | None] | None = None) -> CellTask | None:
+        """The cell's task, or None while it waits for its teacher (``teachers``: the pairs'
+        :meth:`teacher_info`, when the caller has read them already)."""
         teacher = None
         if cell.kind != "teacher":
-            teacher = self.teacher_info(cell.pair)
+            teacher = teachers[cell.pair] if teachers is not None else self.teacher_info(cell.pair)
             if teacher is None and self._needs_teacher(cell):
                 return None
         raw = self._raw(cell, teacher["checkpoint"] if teacher else None)
@@ -161,12 +162,13 @@ class Bench:
     def status(self) -> Status:
         """Done, stale, to run and waiting cells (reads only the result files)."""
         st = Status()
+        teachers = {pair: self.teacher_info(pair) for pair in {c.pair for c in self.cells}}  # once per pair
         for cell in self.cells:
-            task = self.task(cell)
+            task = self.task(cell, teachers)
             res = read_result(cell.result_path(self.results))
             if task is None:
                 (st.stale if res is not None else st.waiting).append(cell)
-            elif res is None or res.get("status") == "failed":
+            elif res is None:
                 st.todo.append(cell)
             elif res.get("key") != task.key:
                 st.stale.append(cell)
