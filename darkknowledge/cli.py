@@ -41,7 +41,6 @@ from collections.abc import Sequence
 
 from darkknowledge.errors import DarkKnowledgeError
 
-
 VERBOSE_HELP = "log every epoch even when not on a terminal; on an error, also print its traceback"
 
 DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
@@ -77,15 +76,15 @@ def _parser() -> argparse.ArgumentParser:
     ep = sub.add_parser("eval", help="evaluate an exported model (student.pt / model.pt)")
     ep.add_argument("checkpoint")
     ep.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.name=mnist1d train.device=cpu")
-    xp = sub.add_parser("explain", help="a loss's or scheme's paper, equation and parameters")
+    xp = sub.add_parser("explain", help="a loss's, scheme's or synthesizer's paper, equation and parameters")
     xp.add_argument("loss")
     pp = sub.add_parser("pairs", help="propose stage-aligned student/teacher tap pairs")
     pp.add_argument("student", help="zoo model name")
     pp.add_argument("teacher", help="zoo model name")
     pp.add_argument("--data", default="mnist1d", help="dataset whose input shape to probe with")
-    lp = sub.add_parser("list", help="list registered losses, models, datasets, recipes, schemes")
+    lp = sub.add_parser("list", help="list registered losses, models, datasets, recipes, schemes, synthesizers")
     lp.add_argument("what", nargs="?", default="all",
-                    choices=("all", "losses", "models", "datasets", "recipes", "schemes", "suites"))
+                    choices=("all", "losses", "models", "datasets", "recipes", "schemes", "synthesizers", "suites"))
     bp = sub.add_parser("bench", help="run a benchmark suite's cells (resumable) and write its tables")
     tu = sub.add_parser("tune", help="tune every method of a suite with the same trial budget on validation data")
     for sp in (bp, tu):
@@ -125,7 +124,11 @@ def _split_overrides(args: argparse.Namespace) -> list[str]:
 def _list(what: str) -> None:
     from darkknowledge.config import recipe_names
     from darkknowledge.data import list_datasets
-    from darkknowledge.describe import list_losses_text, list_schemes_text
+    from darkknowledge.describe import (
+        list_losses_text,
+        list_schemes_text,
+        list_synthesizers_text,
+    )
     from darkknowledge.models import list_models
     if what in ("all", "losses"):
         _out("losses:  (name, knowledge, needs, citation; `dk explain NAME` for details)")
@@ -149,6 +152,10 @@ def _list(what: str) -> None:
     if what in ("all", "schemes"):
         _out("schemes:  (name, how knowledge flows, citation; `dk explain NAME` for details)")
         for line in list_schemes_text():
+            _out(line)
+    if what in ("all", "synthesizers"):
+        _out("synthesizers:  (inputs made from a teacher, for data-free schemes; `dk explain NAME`)")
+        for line in list_synthesizers_text():
             _out(line)
 
 

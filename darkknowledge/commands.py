@@ -15,6 +15,7 @@ from darkknowledge.errors import ConfigError
 from darkknowledge.runs.build import build_model, check_config, model_spec, seed_everything
 from darkknowledge.runs.context import RunContext
 from darkknowledge.runs.preflight import PreflightContext, preflight
+from darkknowledge.runs.parts_report import parts_sections
 from darkknowledge.runs.report import group_rows, render_report, table_lines, verdict
 from darkknowledge.runs.rundir import choose_run_dir
 from darkknowledge.runs.session import Session
@@ -72,7 +73,8 @@ def compare(cfg: RunConfig, out: str | Path | None = None, resume: bool = False,
     teachers = "+".join(spec.name for _, spec in cfg.all_teachers())
     head = f"{teachers} -> {cfg.student.name}" if teachers else cfg.student.name
     title = f"{cfg.name}: {head}" + (f" ({cfg.scheme.name})" if cfg.scheme.name != "offline" else "")
-    text = render_report(title, rows, notes)
+    sections = parts_sections(s.run.path, s.run.results) if s.run.path is not None and s.run.writer else []
+    text = render_report(title, rows, notes, sections)
     report = s.run.write_text("report.md", text)
     return {"run_dir": s.run.path, "rows": rows, "verdict": verdict(rows), "report": report, "table": table_lines(rows)}
 
@@ -208,7 +210,7 @@ def evaluate_checkpoint(path: str | Path, overrides: dict[str, Any] | None = Non
     model = build_model(ModelConfig(name=spec["name"], params=spec.get("params", {})), info, "model")
     load_weights(model, state, path)
     model.to(device)
-    _, test_loader, _ = make_loaders(cfg, bundle, 0, device, dist)
+    _, test_loader, _ = make_loaders(cfg, bundle, 0, device, dist, train=False)
     _probe(model, next(iter(test_loader)).x[:2], path, info.name)
     metrics = evaluate(model, test_loader, dist)
     return {"model": spec["name"], "params": spec.get("params", {}), "data": cfg.data.name, **metrics}

@@ -91,24 +91,59 @@ def list_schemes_text() -> list[str]:
     return lines
 
 
+def list_synthesizers_text() -> list[str]:
+    """Two lines per registered synthesiser: name and what it does, then the citation."""
+    from darkknowledge.synthesis import SYNTHESIZERS
+
+    lines = []
+    for name, cls in SYNTHESIZERS.items():
+        lines += [f"  {name:<14} {cls.summary}", f"  {'':<14} {cls.citation}"]
+    return lines
+
+
+def _documented(cls: type, name: str, kind: str) -> list[str]:
+    module_doc = inspect.getdoc(inspect.getmodule(cls)) or ""
+    class_doc = inspect.getdoc(cls) or ""
+    lines = [f"{name} ({kind}): {cls.summary} — {cls.citation}", ""]  # type: ignore[attr-defined]
+    if module_doc:
+        lines += [module_doc, ""]
+    if class_doc and class_doc not in module_doc:
+        lines += [class_doc, ""]
+    return lines
+
+
+def _param_lines(fields: dict[str, Any]) -> list[str]:
+    lines = []
+    for pname, f in fields.items():
+        default = ... if f.is_required() else (f.default_factory() if f.default_factory else f.default)
+        ann = _format_type(f.annotation) + "".join(f" {m!r}" for m in f.metadata)
+        lines.append(f"  {pname:<16} {_format_default(default):<14} {ann}" + (f"  {f.description}" if f.description else ""))
+    return lines
+
+
+def explain_synthesizer(name: str) -> str:
+    """Docstrings and parameters (with defaults) of synthesiser ``name``."""
+    from darkknowledge.synthesis import SYNTHESIZERS
+
+    cls = SYNTHESIZERS.get(name)
+    lines = _documented(cls, name, "synthesizer")
+    lines.append("parameters (recipe: scheme: {name: data_free, params: {synthesizer: {name: " + name
+                 + ", params: {...}}}}):")
+    lines += _param_lines(cls.Params.model_fields)
+    if name in recipe_names():
+        lines.append(f"recipe: dk run {name}")
+    return "\n".join(lines)
+
+
 def explain_scheme(name: str) -> str:
     """Docstrings and ``scheme.params`` (with defaults) of scheme ``name``."""
     from darkknowledge.schemes import SCHEMES
 
     cls = SCHEMES.get(name)
-    module_doc = inspect.getdoc(inspect.getmodule(cls)) or ""
-    class_doc = inspect.getdoc(cls) or ""
-    lines = [f"{name} (scheme): {cls.summary} — {cls.citation}", ""]
-    if module_doc:
-        lines += [module_doc, ""]
-    if class_doc and class_doc not in module_doc:
-        lines += [class_doc, ""]
+    lines = _documented(cls, name, "scheme")
     fields = cls.Params.model_fields
     lines.append("parameters (recipe: scheme: {name: " + name + ", params: {...}}):")
-    for pname, f in fields.items():
-        default = ... if f.is_required() else f.default
-        ann = _format_type(f.annotation) + "".join(f" {m!r}" for m in f.metadata)
-        lines.append(f"  {pname:<16} {_format_default(default):<14} {ann}" + (f"  {f.description}" if f.description else ""))
+    lines += _param_lines(fields)
     if cls.moved:
         lines.append("moved: " + "; ".join(f"{k}: {v}" for k, v in cls.moved.items()))
     if name in recipe_names():
@@ -117,18 +152,22 @@ def explain_scheme(name: str) -> str:
 
 
 def explain(name: str) -> str:
-    """``dk explain NAME``: a loss or a scheme."""
+    """``dk explain NAME``: a loss, a scheme or a synthesiser."""
     from darkknowledge.schemes import SCHEMES
+    from darkknowledge.synthesis import SYNTHESIZERS
 
     if name in SCHEMES and name not in LOSSES:
         return explain_scheme(name)
     if name in LOSSES:
         return explain_loss(name)
+    if name in SYNTHESIZERS:
+        return explain_synthesizer(name)
     from darkknowledge.errors import RegistryError, did_you_mean
 
-    known = sorted({*LOSSES.names(), *SCHEMES.names()})
-    raise RegistryError(f"unknown loss or scheme {name!r}.{did_you_mean(name, known)} "
-                        f"Losses: {', '.join(LOSSES.names())}. Schemes: {', '.join(SCHEMES.names())}.")
+    known = sorted({*LOSSES.names(), *SCHEMES.names(), *SYNTHESIZERS.names()})
+    raise RegistryError(f"unknown loss, scheme or synthesizer {name!r}.{did_you_mean(name, known)} "
+                        f"Losses: {', '.join(LOSSES.names())}. Schemes: {', '.join(SCHEMES.names())}. "
+                        f"Synthesizers: {', '.join(SYNTHESIZERS.names())}.")
 
 
 def pairs_text(student: str, teacher: str, data: str) -> str:

@@ -114,6 +114,11 @@ class Distiller(nn.Module):
         batch = Batch(x, labels, torch.arange(n, device=device))
         self._follow(batch)
         self.flow.setup(batch, SetupInfo(num_samples=n, batch_size=n))
+        adversarial = sorted(self.flow.adversaries())
+        if adversarial:  # one loss and one optimizer over parameters() would train them the wrong way
+            raise ConfigError(f"Distiller: losses with a discriminator ({', '.join(a[2:] for a in adversarial)}) need "
+                              "a second optimizer stepping against the student; train them with dk.distill or a "
+                              "recipe (the engine steps each discriminator as its own part)")
         self._ready = True
 
     def forward(self, x: Any, y: torch.Tensor | None = None, idx: torch.Tensor | None = None,

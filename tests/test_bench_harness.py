@@ -193,7 +193,7 @@ def test_cli_reports_a_bad_suite_in_one_line(tmp_path: Path) -> None:
 def test_shipped_suites_build_every_cell(name: str) -> None:
     suite = load_suite(name)
     bench = Bench(suite, Path("/nonexistent/never-written"))
-    assert len(suite.seeds) >= 5
+    assert len(suite.seeds) >= 3  # mean ± std and paired CIs over seeds (the CPU-heavy data-free suites: 3)
     kinds = {c.kind for c in bench.cells}
     assert "baseline" in kinds and "method" in kinds
     for pair in suite.pairs:  # every pair: the student alone and kd on every seed

@@ -13,10 +13,12 @@ import torch
 from darkknowledge import commands
 from darkknowledge.config import deep_merge, load_config
 from darkknowledge.engine.checkpoint import load_exported
+from darkknowledge.engine.task import MAIN, Task
 from darkknowledge.losses.base import SetupInfo
 from darkknowledge.runs.build import make_loaders
 from darkknowledge.runs.context import RunContext
 from darkknowledge.schemes import SCHEMES
+from darkknowledge.schemes.synthetic import STUDENT, SyntheticTask
 from darkknowledge.schemes.task import FlowTask
 
 BASE: dict[str, Any] = {
@@ -39,22 +41,34 @@ def recipe(name: str, **changes: Any):
     return load_config(deep_merge(raw, changes))
 
 
-def check_gradients(ctx: RunContext, task: FlowTask, seed: int, with_transfer: bool) -> None:
-    """One step on one batch: every trainable parameter gets a gradient, no frozen teacher does."""
+def check_gradients(ctx: RunContext, task: Task, seed: int, with_transfer: bool) -> None:
+    """One step of every part on one batch: every trainable parameter gets a gradient from its
+    part's loss (generators and discriminators included), no frozen teacher does."""
     s = ctx.session
-    loader, _, _ = make_loaders(ctx.cfg, s.bundle, seed, s.device, s.dist, with_transfer=with_transfer)
+    loader = task.training_data(seed, s.device, s.dist)  # a task's own batches (latent codes), or the split's
+    if loader is None:
+        loader, _, _ = make_loaders(ctx.cfg, s.bundle, seed, s.device, s.dist, with_transfer=with_transfer)
     task.to(s.device)
     task.attach(loader, s.dist)
     loader.set_epoch(0)
     batch = next(iter(loader))
     task.setup(batch, SetupInfo(num_samples=len(loader.data), batch_size=len(batch)))
     task.module.train()
-    loss, terms = task.training_step(task.module, batch, 0.0)
-    loss.backward()
-    assert torch.isfinite(loss) and set(terms) <= set(task.describe()["losses"])
-    missing = [n for n, p in task.module.named_parameters() if p.requires_grad and p.grad is None]
+    parts = task.parts()
+    missing = []
+    for i, part in enumerate(parts):
+        loss, terms = task.training_step(task.module, batch, 0.0, part.name)
+        loss.backward()
+        assert torch.isfinite(loss), part.name
+        if part.name in (MAIN, STUDENT):
+            assert set(terms) <= set(task.describe()["losses"])
+        missing += [n for n, p in part.module.named_parameters()
+                    if p.requires_grad and p.grad is None and id(p) in {id(q) for q in part.parameters()}]
+        for later in parts[i + 1:]:  # the next part's step starts from zero gradients, as in the engine
+            later.module.zero_grad(set_to_none=True)
     assert not missing, f"trainable parameters without a gradient (DDP needs them all): {missing}"
-    for teacher in task.teachers:
+    teachers = getattr(task, "teachers", None) or [task.teacher]  # type: ignore[attr-defined]
+    for teacher in teachers:
         if teacher.standalone and teacher.model is not None:  # a frozen model
             assert all(p.grad is None and not p.requires_grad for p in teacher.model.parameters()), teacher.name
     task.module.zero_grad(set_to_none=True)
@@ -91,18 +105,23 @@ def test_interrupted_run_resumes_to_identical_weights(name, tmp_path, monkeypatc
     cfg = recipe(name)
     commands.distill(cfg, out=tmp_path / "ref", progress=False)  # also trains (and keeps) any teacher
     total = training_steps(tmp_path / "ref")
-    original, calls = FlowTask.training_step, {"n": 0}
+    calls = {"n": 0}
+    originals = {cls: cls.training_step for cls in (FlowTask, SyntheticTask)}
 
-    def interrupt(self, model, batch, progress, part="main"):
-        calls["n"] += 1
-        if calls["n"] == total - 1:  # in the last epoch of the last stage, after its first checkpoint
-            raise KeyboardInterrupt
-        return original(self, model, batch, progress)
+    def interrupting(original):
+        def interrupt(self, model, batch, progress, part=MAIN):
+            calls["n"] += 1
+            if calls["n"] == total - 1:  # in the last epoch of the last stage, after its first checkpoint
+                raise KeyboardInterrupt  # (several parts: one call per part and batch, so a little earlier)
+            return original(self, model, batch, progress, part)
+        return interrupt
 
-    monkeypatch.setattr(FlowTask, "training_step", interrupt)
+    for cls, original in originals.items():
+        monkeypatch.setattr(cls, "training_step", interrupting(original))
     with pytest.raises(KeyboardInterrupt):
         commands.distill(cfg, out=tmp_path / "cut", progress=False)
-    monkeypatch.setattr(FlowTask, "training_step", original)
+    for cls, original in originals.items():
+        monkeypatch.setattr(cls, "training_step", original)
     commands.distill(cfg, out=tmp_path / "cut", resume=True, progress=False)
     _, a = load_exported(tmp_path / "ref" / "student.pt")
     _, b = load_exported(tmp_path / "cut" / "student.pt")

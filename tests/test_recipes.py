@@ -33,6 +33,10 @@ def test_recipe_runs_end_to_end(name, tmp_path):
     overrides = SMALL if full.data.name == "mnist1d" else SMALL[2:]
     if full.teacher is None:
         overrides = [o for o in overrides if not o.startswith("teacher.")]
+    if full.scheme.name == "data_free":  # a few synthesised batches (and inversion steps) per epoch
+        overrides = [*overrides, "scheme.params.steps_per_epoch=2"]
+        if full.scheme.params["synthesizer"]["name"] == "deepinversion":
+            overrides.append("scheme.params.synthesizer.params.iterations=3")
     cfg = load_config(name, overrides)
     out = commands.distill(cfg, out=tmp_path / name, progress=False)
     entry = out["student"]

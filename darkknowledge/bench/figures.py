@@ -1,47 +1,22 @@
 """Benchmark figures from the rows of :func:`darkknowledge.bench.tables.summarize`, written as PNG.
 
-matplotlib is optional: it is imported inside the functions, and a missing one is one
-:class:`~darkknowledge.errors.ConfigError` saying how to install it. Figures are drawn on the
-non-interactive Agg canvas (pyplot and its global backend are never touched) and written
-atomically: a crash leaves the previous PNG or the new one, never half a file.
+matplotlib is optional (:mod:`darkknowledge.plotting`: a missing one is one clear error); figures
+are drawn on the Agg canvas and written atomically.
 """
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
-from darkknowledge.atomic import atomic_write
 from darkknowledge.errors import ConfigError
+from darkknowledge.plotting import new_figure, save_png
 
 BASELINE_COLOR = "#7f7f7f"  # the student trained alone
 KD_COLOR = "#ff7f0e"  # vanilla KD
 METHOD_COLOR = "#1f77b4"
 _PAIR_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
-
-
-def _new_figure(width: float, height: float) -> Any:
-    """A matplotlib Figure on an Agg canvas; ConfigError when matplotlib is not installed."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as exc:
-        raise ConfigError("bench figures need matplotlib, which is not installed: pip install matplotlib "
-                          f"(the tables need nothing more). Import error: {exc}") from None
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig: Any, path: str | Path) -> Path:
-    """Render ``fig`` to PNG bytes, then write them to ``path`` atomically."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    data = buf.getvalue()
-    return atomic_write(path, lambda f: f.write(data))
 
 
 def _color(row: Mapping) -> str:
@@ -82,7 +57,7 @@ def bar_chart(rows: Sequence[Mapping], path: str | Path) -> Path:
     widest = max(len(rs) for rs in pairs.values())
     ncols = min(3, len(pairs)) if widest <= 8 else 1  # many methods: one pair per row, readable labels
     nrows = math.ceil(len(pairs) / ncols)
-    fig = _new_figure(ncols * max(3.5, min(0.3 * widest + 1.5, 14.0)), nrows * 3.6)
+    fig = new_figure(ncols * max(3.5, min(0.3 * widest + 1.5, 14.0)), nrows * 3.6)
     for i, (pair, prows) in enumerate(pairs.items()):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         means = [r["last_mean"] for r in prows]
@@ -109,7 +84,7 @@ def bar_chart(rows: Sequence[Mapping], path: str | Path) -> Path:
     fig.suptitle("mean ± sample std over seeds; grey: student alone, orange: vanilla KD, dashed: teacher",
                  fontsize=9)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def cost_plot(rows: Sequence[Mapping], path: str | Path) -> Path:
@@ -136,7 +111,7 @@ def cost_plot(rows: Sequence[Mapping], path: str | Path) -> Path:
         raise ConfigError("cost_plot: no baseline or method row has both a mean accuracy and a train time; "
                           "nothing to plot")
     names = list(dict.fromkeys(p for p, _ in points))
-    fig = _new_figure(8.0, 4.2 * len(names))  # one panel per pair: methods labelled by name alone
+    fig = new_figure(8.0, 4.2 * len(names))  # one panel per pair: methods labelled by name alone
     times = [r["train_s_mean"] for _, r in points]
     for k, name in enumerate(names):
         ax = fig.add_subplot(len(names), 1, k + 1)
@@ -159,4 +134,4 @@ def cost_plot(rows: Sequence[Mapping], path: str | Path) -> Path:
     fig.suptitle("accuracy (mean ± sample std) against training cost; square: student alone, diamond: "
                  "vanilla KD", fontsize=9)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -15,8 +15,8 @@ from darkknowledge.config import OptimizerConfig, SchedulerConfig
 log = logging.getLogger(__name__)
 
 
-def build_optimizer(module: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """SGD, Adam or AdamW over ``module``'s trainable parameters.
+def build_optimizer(module: nn.Module | Iterable[nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """SGD, Adam or AdamW over ``module``'s trainable parameters (or over these parameters).
 
     Weight decay is not applied to biases and normalisation parameters (1-D tensors); without
     weight decay all parameters share one group. With ``cfg.fused`` the update runs in torch's
@@ -25,7 +25,7 @@ def build_optimizer(module: nn.Module, cfg: OptimizerConfig) -> torch.optim.Opti
     or where it is unavailable, torch's default implementation.
     """
     decay, no_decay = [], []
-    for p in module.parameters():
+    for p in module.parameters() if isinstance(module, nn.Module) else module:
         if p.requires_grad:
             (no_decay if p.ndim <= 1 and cfg.weight_decay else decay).append(p)
     groups = [

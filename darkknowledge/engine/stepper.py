@@ -19,7 +19,11 @@ from torch import nn
 from darkknowledge.config import TrainConfig
 from darkknowledge.engine.device import make_grad_scaler
 from darkknowledge.engine.lean_step import LeanStep
-from darkknowledge.engine.optim import build_optimizer, build_scheduler, load_optimizer_state
+from darkknowledge.engine.optim import (
+    build_optimizer,
+    build_scheduler,
+    load_optimizer_state,
+)
 from darkknowledge.engine.task import Part
 
 
@@ -37,7 +41,7 @@ class PartStepper:
     def __init__(self, part: Part, cfg: TrainConfig, steps_per_epoch: int, device: torch.device,
                  amp: torch.dtype | None) -> None:
         self.part = part
-        self.optimizer = build_optimizer(part.module, part.optimizer or cfg.optimizer)
+        self.optimizer = build_optimizer(part.parameters(), part.optimizer or cfg.optimizer)
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.scheduler = build_scheduler(self.optimizer, part.scheduler or cfg.scheduler, steps_per_epoch, cfg.epochs)
         self.scaler = make_grad_scaler(device, amp)

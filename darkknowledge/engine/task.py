@@ -4,6 +4,9 @@ A *task* is one stage's work: everything it trains lives in one ``module`` (stud
 adapters, heads, generators; also state that is checkpointed but not optimised, such as an EMA
 copy), which is what DDP wraps and what ``last.pt`` holds. The trainer calls, in order:
 
+* ``training_data(seed, device, dist)`` before anything else: None (the stage's loader over the
+  training split) or the task's own batches (a data-free task's latent codes: the training
+  split is then never read).
 * ``attach(loader, dist)`` once per fit, resumed or not: the training data the task will see.
   A task may prepare from it what depends on the data (a teacher-output cache and the views
   the loader replays, a sampler of same-class partners, a synthesiser's sample pool).
@@ -16,6 +19,8 @@ copy), which is what DDP wraps and what ``last.pt`` holds. The trainer calls, in
 * per batch and per trainable ``Part`` due at that batch: ``training_step(model, batch,
   epoch_progress, part)`` returns ``(loss, {term: value})``; the engine does autocast,
   backward, clipping, the part's optimizer and LR schedule, then ``after_step(part)``.
+* ``saved(step)`` after each ``last.pt`` is written (state that lives outside the checkpoint,
+  such as a sample pool on disk, may drop what no resume can need any more).
 * ``eval_models()`` after each epoch; ``export_model()`` at the end.
 
 Several trainable parts (``parts()``) each get their own optimizer, LR schedule and step ratio
@@ -58,6 +63,8 @@ class Part:
         scheduler: Its LR schedule (None: the stage's ``train.scheduler``).
         every: The part takes a step on every ``every``-th batch (1: each batch). Within a batch
             the parts step in the order ``parts()`` lists them.
+        exclude: Submodules of ``module`` whose parameters belong to other parts (e.g. a
+            discriminator inside the flow it judges): this part's optimizer leaves them alone.
     """
 
     name: str
@@ -65,10 +72,16 @@ class Part:
     optimizer: OptimizerConfig | None = None
     scheduler: SchedulerConfig | None = None
     every: int = 1
+    exclude: tuple[nn.Module, ...] = ()
 
     def __post_init__(self) -> None:
         if self.every < 1:
             raise ConfigError(f"part {self.name!r}: every must be >= 1 (got {self.every})")
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters this part's optimizer updates (``module``'s, less ``exclude``'s)."""
+        excluded = {id(p) for m in self.exclude for p in m.parameters()}
+        return [p for p in self.module.parameters() if p.requires_grad and id(p) not in excluded]
 
     def due(self, batch_number: int) -> bool:
         """Whether this part steps at the ``batch_number``-th batch of the stage (0-based)."""
@@ -89,6 +102,11 @@ class Task:
     def parts(self) -> list[Part]:
         """The trainable parts; default: one part over the whole ``module``."""
         return [Part(MAIN, self.module)]
+
+    def training_data(self, seed: int, device: torch.device, dist: Any = None) -> Any:
+        """The task's own training loader (``set_epoch``, ``iter_from``, ``len``, ``data``), or None
+        for the stage's loader over the training split (the default)."""
+        return None
 
     def attach(self, loader: Any, dist: Any = None) -> None:
         """The training loader (and distributed context), at the start of every fit."""
@@ -117,6 +135,9 @@ class Task:
 
     def after_step(self, part: str = MAIN) -> None:
         """Called after every optimizer step of ``part`` (e.g. to update an EMA teacher)."""
+
+    def saved(self, step: int) -> None:
+        """Called after ``last.pt`` was written at ``step`` (a resume starts from there at the earliest)."""
 
     def eval_models(self) -> dict[str, nn.Module]:
         """Models evaluated each epoch, by name; must contain ``primary``."""

@@ -24,7 +24,12 @@ import torch
 from torch import nn
 
 from darkknowledge.config import TrainConfig
-from darkknowledge.engine.checkpoint import atomic_save, capture_rng, restore_rng, safe_load
+from darkknowledge.engine.checkpoint import (
+    atomic_save,
+    capture_rng,
+    restore_rng,
+    safe_load,
+)
 from darkknowledge.engine.device import amp_dtype, autocast
 from darkknowledge.engine.distributed import DistContext
 from darkknowledge.engine.divergence import DivergenceWatch, named_state
@@ -70,9 +75,7 @@ def check_parts(parts: list[Part], module: nn.Module) -> None:
     owned = {id(p) for p in module.parameters()}
     seen: dict[int, str] = {}
     for part in parts:
-        for p in part.module.parameters():
-            if not p.requires_grad:
-                continue
+        for p in part.parameters():
             if id(p) not in owned:
                 raise ConfigError(f"part {part.name!r} holds parameters outside the task's module")
             if id(p) in seen:
@@ -138,6 +141,7 @@ class Trainer:
         self._save("last.pt", payload)
         if self.run_dir is not None:
             self._watch.saved(step)
+            self.task.saved(step)
 
     def _state(self, epoch: int, batch: int, step: int, result: StageResult,
                steppers: dict[str, PartStepper]) -> dict[str, Any]:

@@ -14,6 +14,10 @@ Life of a loss inside a run:
 3. ``pretrain(teacher_batches)`` — optional, once before training (not on resume): losses
    whose paper trains a module on the teacher's features first (e.g. FT's paraphraser).
 4. ``forward(student_out, teacher_out, batch)`` — a scalar, every step.
+5. ``adversary()`` — optional, after ``setup``: a trainable module the loss brings with its own
+   optimizer and objective (a discriminator, :class:`Adversary`). The engine trains it as a part
+   of its own (its optimizer, its step ratio) on the outputs of the step that just ran,
+   detached; the loss's ``forward`` is the student's side of the game.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from darkknowledge.config import OptimizerConfig
 from darkknowledge.data.batch import Batch
 from darkknowledge.errors import ShapeError
 from darkknowledge.search_space import Range
@@ -94,6 +99,24 @@ class Outputs:
             return self.features[path]
         except KeyError:
             raise KeyError(f"feature {path!r} was not captured; captured: {sorted(self.features)}") from None
+
+
+@dataclass(frozen=True)
+class Adversary:
+    """A trainable module a loss brings, trained by its own optimizer against the student.
+
+    Attributes:
+        module: The adversary (a discriminator); a child module of the loss.
+        loss: Its objective, minimised by its optimizer: ``loss(student, teacher, batch)`` on
+            the outputs of the step that just ran (detached from the student's graph).
+        optimizer: Its optimizer settings (None: the stage's ``train.optimizer``).
+        every: It steps on every ``every``-th batch (1: each batch), after the student's step.
+    """
+
+    module: nn.Module
+    loss: Callable[[Outputs, Outputs | None, Batch], torch.Tensor]
+    optimizer: OptimizerConfig | None = None
+    every: int = 1
 
 
 def logits_of(output: Any) -> torch.Tensor:
@@ -172,6 +195,11 @@ class DistillLoss(nn.Module):
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> torch.Tensor:
         """Return a scalar loss for one batch."""
         raise NotImplementedError
+
+    def adversary(self) -> Adversary | None:
+        """The module this loss trains against the student with its own optimizer (after
+        ``setup``), or None (the default: the loss has no adversary)."""
+        return None
 
 
 def check_logits_match(student: Outputs, teacher: Outputs | None, loss_name: str) -> None:

@@ -18,7 +18,7 @@ def _conv_out_len(length: int, kernel_size: int, stride: int, padding: int) -> i
 
 
 class CNN1d(nn.Module):
-    """``depth`` blocks of (Conv1d, ReLU), flattened, then a linear classifier.
+    """``depth`` blocks of (Conv1d, BatchNorm1d if enabled, ReLU), flattened, then a linear classifier.
 
     The first conv has stride 1, the others stride 2 (each halves the length); all use
     ``padding = kernel_size // 2``. This follows the MNIST-1D paper's small CNN.
@@ -33,6 +33,8 @@ class CNN1d(nn.Module):
         channels: Channels of every conv layer.
         depth: Number of conv layers.
         kernel_size: Kernel size of every conv layer.
+        batch_norm: Put a BatchNorm1d after each conv (data-free methods such as DeepInversion
+            read a teacher's batch-norm statistics).
     """
 
     def __init__(
@@ -43,6 +45,7 @@ class CNN1d(nn.Module):
         channels: int = 32,
         depth: int = 3,
         kernel_size: int = 5,
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
         padding = kernel_size // 2
@@ -50,12 +53,9 @@ class CNN1d(nn.Module):
         width, cur_len = in_channels, length
         for i in range(depth):
             stride = 1 if i == 0 else 2
-            blocks.append(
-                nn.Sequential(
-                    nn.Conv1d(width, channels, kernel_size, stride=stride, padding=padding),
-                    nn.ReLU(),
-                )
-            )
+            conv = nn.Conv1d(width, channels, kernel_size, stride=stride, padding=padding, bias=not batch_norm)
+            norm = [nn.BatchNorm1d(channels)] if batch_norm else []
+            blocks.append(nn.Sequential(conv, *norm, nn.ReLU()))
             width = channels
             cur_len = _conv_out_len(cur_len, kernel_size, stride, padding)  # >= 1 with this padding
         self.blocks = nn.Sequential(*blocks)
@@ -82,6 +82,7 @@ def cnn1d(
     channels: Annotated[int, Field(ge=1)] = 32,
     depth: Annotated[int, Field(ge=1)] = 3,
     kernel_size: Annotated[int, Field(ge=1)] = 5,
+    batch_norm: bool = False,
 ) -> CNN1d:
     """Build a small 1-D CNN (MNIST-1D style).
 
@@ -91,6 +92,7 @@ def cnn1d(
         channels: Channels of every conv layer.
         depth: Number of conv layers (first stride 1, the rest stride 2).
         kernel_size: Kernel size of every conv layer.
+        batch_norm: A BatchNorm1d after each conv (the conv then has no bias).
 
     Returns:
         The model; taps ``blocks.0`` ... , penultimate feature ``fc:input``.
@@ -98,4 +100,4 @@ def cnn1d(
     where = "model 'cnn1d'"
     check_positive(where, num_classes=num_classes, channels=channels, depth=depth, kernel_size=kernel_size)
     in_channels, length = sequence_channels_length(where, input_shape)
-    return CNN1d(in_channels, length, num_classes, channels, depth, kernel_size)
+    return CNN1d(in_channels, length, num_classes, channels, depth, kernel_size, batch_norm)

@@ -18,7 +18,7 @@ logits only (features come from hooks). The blocks are the zoo's CIFAR-ResNet Ba
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
@@ -32,33 +32,42 @@ _WIDTHS = (64, 128, 256, 512)
 
 
 class ResNetImageNet(nn.Module):
-    """A four-stage ResNet of BasicBlocks with the ImageNet stem.
+    """A four-stage ResNet of BasicBlocks with the ImageNet stem (or the CIFAR one).
 
     Stage taps ``layer1`` ... ``layer4`` (post-ReLU stage outputs, 64/128/256/512 channels at
-    H/4, H/8, H/16, H/32); ``"fc:input"`` is the pooled penultimate feature ``(B, 512)``.
+    H/4, H/8, H/16, H/32; with the CIFAR stem at H, H/2, H/4, H/8); ``"fc:input"`` is the pooled
+    penultimate feature ``(B, 512)``.
 
     Args:
         blocks: Number of BasicBlocks in each of the four stages.
         num_classes: Number of output logits.
         in_channels: Channels of the input image.
+        stem: ``imagenet`` (7x7 stride-2 conv, 3x3 stride-2 max pool, Kaiming fan-out init as
+            torchvision) or ``cifar`` (3x3 stride-1 conv, no pooling, PyTorch's default init: the
+            kuangliu/pytorch-cifar ResNets, :mod:`darkknowledge.models.resnet_cifar_kl`).
     """
 
-    def __init__(self, blocks: Sequence[int], num_classes: int = 1000, in_channels: int = 3) -> None:
+    def __init__(self, blocks: Sequence[int], num_classes: int = 1000, in_channels: int = 3,
+                 stem: Literal["imagenet", "cifar"] = "imagenet") -> None:
         super().__init__()
         if len(blocks) != 4 or any(n < 1 for n in blocks):
             raise ValueError(f"blocks must be four counts >= 1, got {list(blocks)}")
         self.inplanes = _WIDTHS[0]
-        self.conv1 = nn.Conv2d(in_channels, _WIDTHS[0], kernel_size=7, stride=2, padding=3, bias=False)
+        if stem == "cifar":
+            self.conv1 = nn.Conv2d(in_channels, _WIDTHS[0], kernel_size=3, stride=1, padding=1, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(in_channels, _WIDTHS[0], kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(_WIDTHS[0])
         self.relu = nn.ReLU()
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if stem == "imagenet" else nn.Identity()
         self.layer1 = self._make_layer(_WIDTHS[0], blocks[0])
         self.layer2 = self._make_layer(_WIDTHS[1], blocks[1], stride=2)
         self.layer3 = self._make_layer(_WIDTHS[2], blocks[2], stride=2)
         self.layer4 = self._make_layer(_WIDTHS[3], blocks[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(_WIDTHS[3] * BasicBlock.expansion, num_classes)
-
+        if stem == "cifar":
+            return  # PyTorch's default init, as kuangliu's and DAFL's code
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -88,26 +97,27 @@ class ResNetImageNet(nn.Module):
         """Map ``(B, C, H, W)`` (or ``(B, H, W)``) images to ``(B, num_classes)`` logits."""
         if x.dim() == 3:
             x = x.unsqueeze(1)  # (B, 1, H, W)
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, 64, H/4, W/4)
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, 64, H/4, W/4); CIFAR stem: (B, 64, H, W)
         x = self.layer1(x)  # (B, 64, H/4, W/4)
         x = self.layer2(x)  # (B, 128, H/8, W/8)
         x = self.layer3(x)  # (B, 256, H/16, W/16)
-        x = self.layer4(x)  # (B, 512, H/32, W/32)
+        x = self.layer4(x)  # (B, 512, H/32, W/32); CIFAR stem: (B, 512, H/8, W/8)
         x = torch.flatten(self.avgpool(x), 1)  # (B, 512)
         return self.fc(x)  # (B, num_classes)
 
 
 def build_resnet_imagenet(
-    name: str, blocks: Sequence[int], num_classes: int, input_shape: Sequence[int]
+    name: str, blocks: Sequence[int], num_classes: int, input_shape: Sequence[int],
+    stem: Literal["imagenet", "cifar"] = "imagenet",
 ) -> ResNetImageNet:
-    """Check the framework-filled params and build an ImageNet ResNet.
+    """Check the framework-filled params and build a four-stage ResNet (ImageNet or CIFAR stem).
 
     Raises:
         ConfigError: Bad ``num_classes`` or ``input_shape``.
     """
     where = f"model {name!r}"
     check_positive(where, num_classes=num_classes)
-    return ResNetImageNet(blocks, num_classes, image_channels(where, input_shape))
+    return ResNetImageNet(blocks, num_classes, image_channels(where, input_shape), stem)
 
 
 NumClasses = Annotated[int, Field(ge=1)]

@@ -15,7 +15,14 @@ import torch
 from torch import nn
 
 from darkknowledge.config import ModelConfig, RunConfig
-from darkknowledge.data import Augment, BatchLoader, DataBundle, DatasetInfo, TensorData, load_dataset
+from darkknowledge.data import (
+    Augment,
+    BatchLoader,
+    DataBundle,
+    DatasetInfo,
+    TensorData,
+    load_dataset,
+)
 from darkknowledge.engine.checkpoint import load_exported, load_weights
 from darkknowledge.engine.distributed import DistContext
 from darkknowledge.errors import CheckpointError, ConfigError
@@ -74,8 +81,24 @@ def make_loaders(
     device: torch.device,
     dist: DistContext,
     with_transfer: bool = False,
-) -> tuple[BatchLoader, BatchLoader, BatchLoader | None]:
-    """Train (optionally with the unlabeled transfer set appended), test and val loaders."""
+    train: bool = True,
+) -> tuple[BatchLoader | None, BatchLoader, BatchLoader | None]:
+    """Train (optionally with the unlabeled transfer set appended), test and val loaders.
+
+    With ``train=False`` the training split is not touched (a task that brings its own training
+    batches, e.g. a data-free student's synthetic ones) and the first loader is None.
+    """
+    norm = bundle.info.normalization
+    common: dict[str, Any] = dict(rank=dist.rank, world_size=dist.world_size, normalize=norm, device=device,
+                                  device_data_mb=cfg.data.device_data_mb)
+    test_loader = BatchLoader(bundle.test, cfg.data.eval_batch_size, shuffle=False, **common)
+    val_loader = (
+        BatchLoader(bundle.val, cfg.data.eval_batch_size, shuffle=False, **common)
+        if bundle.val is not None and len(bundle.val)
+        else None
+    )
+    if not train:
+        return None, test_loader, val_loader
     train = bundle.train
     if with_transfer and cfg.data.use_transfer and bundle.transfer is not None and len(bundle.transfer):
         if not (isinstance(train, TensorData) and isinstance(bundle.transfer, TensorData)):
@@ -83,17 +106,8 @@ def make_loaders(
         train = TensorData(torch.cat([train.x, bundle.transfer.x]), torch.cat([train.y, bundle.transfer.y]))
     aug_cfg = cfg.data.augment
     augment = Augment(**aug_cfg.model_dump()) if aug_cfg.enabled() else None
-    norm = bundle.info.normalization
-    common: dict[str, Any] = dict(rank=dist.rank, world_size=dist.world_size, normalize=norm, device=device,
-                                  device_data_mb=cfg.data.device_data_mb)
     train_loader = BatchLoader(train, cfg.data.batch_size, shuffle=True, seed=seed, augment=augment,
                                num_workers=cfg.data.num_workers, **common)
-    test_loader = BatchLoader(bundle.test, cfg.data.eval_batch_size, shuffle=False, **common)
-    val_loader = (
-        BatchLoader(bundle.val, cfg.data.eval_batch_size, shuffle=False, **common)
-        if bundle.val is not None and len(bundle.val)
-        else None
-    )
     return train_loader, test_loader, val_loader
 
 

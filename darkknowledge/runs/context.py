@@ -10,19 +10,31 @@ one engine, recorded in ``results.json``.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pydantic
 from torch import nn
 
-from darkknowledge.config import ModelConfig, RunConfig, TeacherConfig, TrainConfig, deep_merge
+from darkknowledge.config import (
+    ModelConfig,
+    RunConfig,
+    TeacherConfig,
+    TrainConfig,
+    deep_merge,
+)
 from darkknowledge.data import DatasetInfo
-from darkknowledge.engine.checkpoint import load_exported, load_weights
+from darkknowledge.engine.checkpoint import atomic_save, load_exported, load_weights
 from darkknowledge.engine.metrics import evaluate
 from darkknowledge.engine.task import Task
 from darkknowledge.errors import ConfigError
 from darkknowledge.losses.objective import Objective
-from darkknowledge.runs.build import build_model, build_objective, make_loaders, seed_everything
+from darkknowledge.runs.build import (
+    build_model,
+    build_objective,
+    make_loaders,
+    seed_everything,
+)
 from darkknowledge.schemes.context import Context
 from darkknowledge.teachers.frozen import Frozen
 from darkknowledge.validation import format_validation_error
@@ -152,7 +164,7 @@ class RunContext(Context):
     def evaluate(self, model: nn.Module, seed: int) -> dict[str, float]:
         s = self.session
         model.to(s.device)
-        _, test_loader, _ = make_loaders(self.cfg, s.bundle, seed, s.device, s.dist)
+        _, test_loader, _ = make_loaders(self.cfg, s.bundle, seed, s.device, s.dist, train=False)
         try:
             return evaluate(model, test_loader, s.dist)
         finally:
@@ -160,3 +172,13 @@ class RunContext(Context):
 
     def record(self, entry: dict[str, Any]) -> None:
         self.session.run.add_result(entry, self.cfg.name)
+
+    def stage_dir(self, stage: str) -> Path | None:
+        return self.session.run.stage_dir(stage)
+
+    def write_file(self, stage: str, name: str, payload: Any) -> Path | None:
+        folder = self.stage_dir(stage)
+        if folder is None or not self.session.dist.is_main:
+            return None
+        atomic_save(payload, folder / name)
+        return folder / name

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,7 +33,12 @@ from darkknowledge.data.batch import Batch
 from darkknowledge.engine.task import Task
 from darkknowledge.errors import ShapeError
 from darkknowledge.losses.base import SetupInfo, run_model
-from darkknowledge.runs.build import build_model, build_objective, make_loaders, seed_everything
+from darkknowledge.runs.build import (
+    build_model,
+    build_objective,
+    make_loaders,
+    seed_everything,
+)
 from darkknowledge.runs.context import RunContext
 from darkknowledge.runs.session import Session
 from darkknowledge.schemes.offline import offline_task
@@ -42,6 +48,12 @@ log = logging.getLogger(__name__)
 
 class PreflightContext(RunContext):
     """A :class:`RunContext` whose stages are dry runs on one batch (nothing trains or is written)."""
+
+    def stage_dir(self, stage: str) -> Path | None:
+        return None  # a dry run writes nothing
+
+    def write_file(self, stage: str, name: str, payload: Any) -> Path | None:
+        return None
 
     def _pretrained(self, spec: TeacherConfig, where: str) -> nn.Module:
         """A teacher from a checkpoint is opened and checked; one the run would train is played
@@ -72,7 +84,7 @@ class PreflightContext(RunContext):
 
     def evaluate(self, model: nn.Module, seed: int) -> dict[str, float]:
         s = self.session
-        _, test_loader, _ = make_loaders(self.cfg, s.bundle, seed, s.device, s.dist)
+        _, test_loader, _ = make_loaders(self.cfg, s.bundle, seed, s.device, s.dist, train=False)
         model.to(s.device)
         try:
             _forward_once(model, next(iter(test_loader)))
@@ -99,8 +111,10 @@ def dry_run(session: Session, stage: str, task: Task, seed: int, train_cfg: Trai
 
     Teachers' output caches are checked (they hold what the losses read) but not built.
     """
+    own = task.training_data(seed, session.device, session.dist)
     train_loader, test_loader, _ = make_loaders(session.cfg, session.bundle, seed, session.device, session.dist,
-                                                with_transfer=with_transfer)
+                                                with_transfer=with_transfer, train=own is None)
+    train_loader = own if own is not None else train_loader
     task.to(session.device)
     try:
         task.dry_attach(train_loader, session.dist)  # caches checked, not built: a dry run's teachers run live

@@ -101,8 +101,9 @@ def table_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def render_report(title: str, rows: Sequence[dict[str, Any]], notes: Sequence[str] = ()) -> str:
-    """The ``report.md`` text: table, verdict and protocol notes."""
+def render_report(title: str, rows: Sequence[dict[str, Any]], notes: Sequence[str] = (),
+                  sections: Sequence[str] = ()) -> str:
+    """The ``report.md`` text: table, verdict, protocol notes, then further sections (Markdown lines)."""
     selected = {r["selected_on"] for r in rows}
     parts = [f"# {title}", "", *table_lines(rows), "", f"**Verdict.** {verdict(rows)}", ""]
     parts.append("Protocol: accuracy is top-1 on the test split at the last epoch, mean ± sample std over the "
@@ -111,4 +112,6 @@ def render_report(title: str, rows: Sequence[dict[str, Any]], notes: Sequence[st
                  "start from the same initialisation and train with the same epochs and optimizer ('steps' counts optimizer "
                  "steps: a student that also reads an unlabeled transfer set takes more of them per epoch).")
     parts += [f"- {n}" for n in notes]
+    if sections:
+        parts += ["", *sections]
     return "\n".join(parts) + "\n"

@@ -40,7 +40,11 @@ from torch import nn
 from darkknowledge.config import RunConfig, TeacherConfig, TrainConfig
 from darkknowledge.data import DataBundle, DatasetInfo, cache_dir
 from darkknowledge.engine.checkpoint import (
-    check_export_fits, export_model, load_weights, read_export, state_hash,
+    check_export_fits,
+    export_model,
+    load_weights,
+    read_export,
+    state_hash,
 )
 from darkknowledge.engine.device import select_device, set_deterministic
 from darkknowledge.engine.distributed import init_distributed
@@ -49,7 +53,14 @@ from darkknowledge.engine.task import Task
 from darkknowledge.engine.trainer import Trainer
 from darkknowledge.errors import CheckpointError, ConfigError, DarkKnowledgeError
 from darkknowledge.models import count_params
-from darkknowledge.runs.build import build_data, build_model, build_objective, make_loaders, model_spec, seed_everything
+from darkknowledge.runs.build import (
+    build_data,
+    build_model,
+    build_objective,
+    make_loaders,
+    model_spec,
+    seed_everything,
+)
 from darkknowledge.runs.lock import RunLock
 from darkknowledge.runs.resume import FinishedStage, open_run_folder
 from darkknowledge.runs.rundir import RunDir, read_identity
@@ -175,9 +186,11 @@ class Session:
                 return [done, *members]
             extended_from = finished.extended_from
         seed_everything(seed)
+        own = task.training_data(seed, self.device, self.dist)  # e.g. synthetic batches: the split is not read
         train_loader, test_loader, val_loader = make_loaders(
-            self.cfg, self.bundle, seed, self.device, self.dist, with_transfer=with_transfer
+            self.cfg, self.bundle, seed, self.device, self.dist, with_transfer=with_transfer, train=own is None
         )
+        train_loader = own if own is not None else train_loader
         trainer = Trainer(
             task, train_loader, test_loader, train_cfg, self.device, stage=stage,
             run_dir=stage_dir, val_loader=val_loader, dist=self.dist, metrics=self.metrics,
@@ -199,7 +212,7 @@ class Session:
             "train_seconds": round(result.train_seconds, 3),
             "losses": sorted(facts.get("losses", ())),
             "train_samples": len(train_loader.data) if hasattr(train_loader, "data") else None,
-            "transfer": bool(with_transfer and self.cfg.data.use_transfer and self.bundle.transfer is not None
+            "transfer": bool(own is None and with_transfer and self.cfg.data.use_transfer and self.bundle.transfer is not None
                              and len(self.bundle.transfer)),
             "teacher_hash": task.fingerprint(),  # a resume of this stage must see the same teacher
         }
@@ -215,6 +228,9 @@ class Session:
         }
         if "cache" in facts:
             entry["teacher_cache"] = facts["cache"]
+        for key in ("synthesizer", "generator_params"):
+            if key in facts:
+                entry[key] = facts[key]
         entries = [entry]
         for name, member in models.items():
             if name == primary:

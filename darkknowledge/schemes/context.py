@@ -11,6 +11,7 @@ scheme imports nothing from it.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -102,4 +103,14 @@ class Context:
 
     def record(self, entry: dict[str, Any]) -> None:
         """Add an entry to the run's results."""
+        raise NotImplementedError
+
+    def stage_dir(self, stage: str) -> Path | None:
+        """The folder of stage ``stage`` (its checkpoints; a stage may keep files of its own there,
+        e.g. a sample pool), or None when nothing is written (no run folder, a dry run)."""
+        raise NotImplementedError
+
+    def write_file(self, stage: str, name: str, payload: Any) -> Path | None:
+        """Write ``payload`` (``torch.save``, atomically) as ``<stage folder>/<name>`` on the main
+        process; the path, or None when nothing is written."""
         raise NotImplementedError

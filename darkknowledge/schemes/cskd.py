@@ -35,6 +35,7 @@ from torch import nn
 
 from darkknowledge.data.batch import Batch
 from darkknowledge.data.tensors import TensorData
+from darkknowledge.engine.task import MAIN
 from darkknowledge.errors import ConfigError
 from darkknowledge.losses.base import Outputs, SetupInfo
 from darkknowledge.schemes.base import MOVED_TO_LOSSES, Scheme, register_scheme
@@ -92,9 +93,11 @@ class CSKDFlow(Flow):
                                   "attach(loader); cskd draws the partners from that data")
         super().setup(batch, info)
 
-    def forward(self, batch: Batch, epoch_progress: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        self._step_key = round(epoch_progress * 1_000_000)  # the draw of this step (the same on every rank)
-        return super().forward(batch, epoch_progress)
+    def forward(self, batch: Batch, epoch_progress: float = 0.0,
+                part: str = MAIN) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if part == MAIN:
+            self._step_key = round(epoch_progress * 1_000_000)  # the draw of this step (the same on every rank)
+        return super().forward(batch, epoch_progress, part)
 
     def compute_views(self, batch: Batch) -> dict[str, Outputs]:
         if self.partners is None:

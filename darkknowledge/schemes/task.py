@@ -16,7 +16,7 @@ from torch import nn
 
 from darkknowledge.data.batch import Batch
 from darkknowledge.data.tensors import TensorData
-from darkknowledge.engine.task import Task
+from darkknowledge.engine.task import MAIN, Part, Task
 from darkknowledge.errors import ConfigError
 from darkknowledge.losses.base import SetupInfo
 from darkknowledge.models import count_params
@@ -45,6 +45,19 @@ class FlowTask(Task):
     @property
     def module(self) -> nn.Module:
         return self.flow
+
+    def parts(self) -> list[Part]:
+        """One part (the flow), or the flow less its adversaries then one part per adversary
+        (a discriminator steps after each student step, with its own optimizer and ratio)."""
+        adversaries = self.flow.adversaries()
+        if not adversaries:
+            return [Part(MAIN, self.flow)]
+        return [Part(MAIN, self.flow, exclude=tuple(a.module for _, a in adversaries.values())),
+                *(Part(name, a.module, a.optimizer, every=a.every) for name, (_, a) in adversaries.items())]
+
+    def training_step(self, model: nn.Module, batch: Batch, epoch_progress: float,
+                      part: str = MAIN) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return model(batch, epoch_progress) if part == MAIN else model(batch, epoch_progress, part)
 
     @property
     def teachers(self) -> list[Any]:

@@ -10,7 +10,10 @@ A :class:`Flow` is the trainable module of a stage. It holds
   learning's peers, one loss per teacher), or one drawn per step (a random teacher).
 
 Each step computes every view once (``compute_views``), asks each link's teacher for its outputs
-(online teachers are made from the step's views, detached) and sums the objectives. Losses own
+(online teachers are made from the step's views, detached) and sums the objectives. A term
+that brings an adversary (a discriminator, :class:`~darkknowledge.losses.base.Adversary`) makes
+the flow a task of several parts: the student's step keeps its view's and its teacher's outputs,
+detached, and the adversary's own step (``forward(..., part=name)``) learns from them. Losses own
 the math, teachers provide outputs; which views exist and who teaches whom is the scheme's
 plan, and a scheme whose views are not plain forward passes (heads on tapped stages, a gated
 ensemble, a model run on two halves of a batch) overrides ``compute_views`` only.
@@ -26,11 +29,12 @@ import torch
 from torch import nn
 
 from darkknowledge.data.batch import Batch
+from darkknowledge.engine.task import MAIN
 from darkknowledge.errors import ConfigError, ShapeError
-from darkknowledge.losses.base import Needs, Outputs, SetupInfo, run_model
+from darkknowledge.losses.base import Adversary, Needs, Outputs, SetupInfo, run_model
 from darkknowledge.losses.objective import Objective
 from darkknowledge.taps import FeatureTaps, unwrap, validate_taps
-from darkknowledge.teachers.base import Teacher
+from darkknowledge.teachers.base import Teacher, detached
 from darkknowledge.teachers.mix import draw_teacher
 
 Mode = Literal["sum", "mean", "draw"]
@@ -183,6 +187,8 @@ class Flow(nn.Module):
                 self.taps[view].active = False  # record only inside a training step, not when evaluating
         one = self.groups[0] if len(self.groups) == 1 else None
         self._one = one.links[0] if one is not None and len(one.links) == 1 and not one.links[0].suffix else None
+        self._adversaries: dict[str, tuple[int, Adversary]] | None = None  # known after setup
+        self._kept: dict[int, tuple[Outputs, Outputs | None, Batch]] = {}  # the last step's outputs, detached
 
     def tap_model(self, view: str) -> nn.Module:
         """The module whose paths the view's taps name."""
@@ -207,9 +213,47 @@ class Flow(nn.Module):
         """This step's outputs of every view (default: each view's model on ``batch.x``)."""
         return {name: self.run_view(name, batch.x) for name in self.view_names}
 
-    def forward(self, batch: Batch, epoch_progress: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``(loss, {term: value})`` of one step; values stay on the device."""
+    def adversaries(self) -> dict[str, tuple[int, Adversary]]:
+        """The adversaries the terms bring (after ``setup``), by part name ``d_<term><suffix>``,
+        each with the index of its link."""
+        if self._adversaries:
+            return self._adversaries
+        found = {}
+        for i, link in enumerate(self.links):
+            for name, term in link.objective.terms.items():
+                adversary = term.adversary()  # None before the term's setup built it
+                if adversary is not None:
+                    found[f"d_{name}{link.suffix}"] = (i, adversary)
+        self._adversaries = found or None  # kept once found; asked again while none is
+        return found
+
+    def _keep(self, views: Mapping[str, Outputs], batch: Batch) -> None:
+        """Keep, detached, what the adversaries learn from: each adversarial link's view and teacher outputs."""
+        for i in {i for i, _ in self.adversaries().values()}:
+            link = self.links[i]
+            out = views[link.view]
+            teacher = link.teacher(batch, views) if link.teacher is not None else None
+            self._kept[i] = (detached(out, True, tuple(out.features)),
+                             None if teacher is None else detached(teacher, teacher.logits is not None,
+                                                                   tuple(teacher.features)), batch)
+
+    def adversary_step(self, part: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of adversary ``part`` on the outputs the last student step kept."""
+        i, adversary = self.adversaries()[part]
+        if i not in self._kept:
+            raise RuntimeError(f"part {part!r} steps after the student's step of the same batch; none ran yet")
+        student, teacher, batch = self._kept[i]
+        return adversary.loss(student, teacher, batch), {}
+
+    def forward(self, batch: Batch, epoch_progress: float = 0.0,
+                part: str = MAIN) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(loss, {term: value})`` of one step of ``part`` (the student's, or an adversary's);
+        values stay on the device."""
+        if part != MAIN:
+            return self.adversary_step(part)
         views = self.compute_views(batch)
+        if self._adversaries:
+            self._keep(views, batch)
         if self._one is not None:
             return self._one(views, batch, epoch_progress)
         total: torch.Tensor | None = None
