@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from darkknowledge.bench.cells import Cell
+from darkknowledge.bench.execute import prepare_work_dir, run_cell
 from darkknowledge.bench.runner import Bench
 from darkknowledge.bench.suite import load_suite, suite_names
 from darkknowledge.errors import ConfigError
@@ -132,6 +133,21 @@ def test_changed_recipe_makes_its_cells_stale(tmp_path: Path) -> None:
     assert rerun == ["cnn-mlp/dkd/s0"]
     res = json.loads(Cell("cnn-mlp", "dkd", 0).result_path(bench2.results).read_text())
     assert res["config"]["losses"]["dkd"]["beta"] == 2.0
+
+
+def test_cell_killed_after_training_before_its_result_resumes_its_run(tmp_path: Path) -> None:
+    """A kill between a cell's trained stage and its result file: the next bench resumes that run
+    folder (it does not start a fresh run there, which would refuse the folder and mark the cell n/a)."""
+    small = {**SMALL, "seeds": [0], "pairs": {"cnn-mlp": SMALL["pairs"]["cnn-mlp"]}, "methods": {}}
+    bench = Bench(load_suite(str(write_suite(tmp_path, small))), tmp_path / "b")
+    task = bench.task(Cell("cnn-mlp", "teacher"))
+    first = run_cell(task)
+    assert first["status"] == "done"
+    Path(task.result_path).unlink()  # the kill landed after the run trained, before the result was written
+    assert prepare_work_dir(task), "the cell's started run folder was not recognised"
+    again = run_cell(task)
+    assert again["status"] == "done", again.get("reason")
+    assert again["last_acc"] == first["last_acc"] and again["hash"] == first["hash"]
 
 
 def test_inapplicable_method_is_recorded_not_applicable(tmp_path: Path) -> None:

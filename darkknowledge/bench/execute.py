@@ -37,6 +37,8 @@ maps on a student without them): the preflight raises them before anything train
 
 CELL_FILE = "cell.json"
 """The key of the config a cell's run folder was started with (a stale folder is discarded)."""
+RUN_DIR = "run"
+"""The run folder inside a cell's work folder (``dk train``/``dk distill``'s ``--out``)."""
 
 
 def prepare_work_dir(task: CellTask) -> bool:
@@ -53,7 +55,7 @@ def prepare_work_dir(task: CellTask) -> bool:
         except (OSError, ValueError):
             same = False
         if same:
-            return (work / "run.json").is_file()
+            return (work / RUN_DIR / "run.json").is_file()
     if work.exists():
         log.info("%s: discarding the run folder of an earlier config", task.cell.id)
         shutil.rmtree(work)
@@ -81,7 +83,7 @@ def run_cell(task: CellTask, threads: int | None = None) -> dict[str, Any]:
     resume = prepare_work_dir(task)
     start = time.perf_counter()
     cfg = check_cell_config(task.config, cell.id)
-    out = Path(task.work_dir) / "run"
+    out = Path(task.work_dir) / RUN_DIR
     try:
         if cell.kind == "teacher":
             res = train(cfg, out, resume, False, which="teacher")
