@@ -19,6 +19,7 @@ from torch import nn
 
 from darkknowledge.config import ModelConfig, RunConfig, deep_merge, validate_config
 from darkknowledge.data import DataBundle, DatasetInfo, TensorData
+from darkknowledge.data.batch import INPUT_ATTR
 from darkknowledge.data.fingerprint import fingerprint
 from darkknowledge.errors import ConfigError
 from darkknowledge.runs.build import (
@@ -106,7 +107,8 @@ def _check(cfg: RunConfig, bundle: DataBundle | None, given: dict[str, nn.Module
     """
     for where, module in given.items():
         spec = cfg.student if where == "student" else cfg.teacher
-        extra = sorted(k for k in spec.model_dump(exclude_defaults=True) if k != "name")
+        # `input` (the view it reads on a paired dataset) applies to a given module too
+        extra = sorted(k for k in spec.model_dump(exclude_defaults=True) if k not in ("name", "input"))
         if extra or spec.name != _model_cfg(module, where)[0]["name"]:
             keys = ", ".join(f"{where}.{k}" for k in extra or ["name"])
             raise ConfigError(f"{keys}: the {where} is given as an nn.Module ({type(module).__name__}), so these "
@@ -127,9 +129,18 @@ def _session(cfg: RunConfig, bundle: DataBundle | None, out: str | Path | None, 
 
 def _instantiate(given: nn.Module | None, spec: dict[str, Any], s: Session, where: str, seed: int) -> nn.Module:
     if given is not None:
-        return given
+        return _reads_view(given, spec.get("input"), s, where)
     seed_everything(seed)
     return build_model(ModelConfig(**spec), s.bundle.info, where)
+
+
+def _reads_view(model: nn.Module, view: str | None, s: Session, where: str) -> nn.Module:
+    """On a paired dataset, mark a given module with the view it reads (``config: {where: {input: VIEW}}``)."""
+    if s.bundle.info.views is not None:
+        view = view or s.bundle.info.view
+        s.bundle.info.input_shape_of(view, f"{where}.input")
+        setattr(model, INPUT_ATTR, view)
+    return model
 
 
 @contextmanager
@@ -219,8 +230,8 @@ def distill(
         t_mod, t_entry = s.teacher()
         lent = None
     else:
-        lent = t_mod
-    model = _instantiate(s_mod, s_cfg, s, "student", seed)
+        lent = _reads_view(t_mod, cfg.teacher.input if cfg.teacher else None, s, "teacher")
+    model = _instantiate(s_mod, {**s_cfg, "input": cfg.student.input}, s, "student", seed)
     stage = "+".join(cfg.losses) + f"-s{seed}"
     with _lent(lent):
         task = offline_task(model, build_objective(cfg.losses), t_mod, cache=cfg.cache)
@@ -261,7 +272,7 @@ def train(
                           "apply; use dk.distill for a teacher")
     _check(cfg, bundle, {"student": m_mod} if m_mod is not None else {})
     s = _session(cfg, bundle, out, resume)
-    net = _instantiate(m_mod, m_cfg, s, "model", seed)
+    net = _instantiate(m_mod, {**m_cfg, "input": cfg.student.input}, s, "model", seed)
     task = offline_task(net, build_objective(cfg.losses))
     entry = s.train_stage(f"{m_cfg['name']}-s{seed}", "baseline", task, seed, label="+".join(cfg.losses))[0]
     return {"model": net, "result": entry, "spec": model_spec(net)}

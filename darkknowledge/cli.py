@@ -82,9 +82,11 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("student", help="zoo model name")
     pp.add_argument("teacher", help="zoo model name")
     pp.add_argument("--data", default="mnist1d", help="dataset whose input shape to probe with")
-    lp = sub.add_parser("list", help="list registered losses, models, datasets, recipes, schemes, synthesizers")
+    lp = sub.add_parser("list", help="list registered losses, models, datasets, views, recipes, schemes, "
+                                     "synthesizers")
     lp.add_argument("what", nargs="?", default="all",
-                    choices=("all", "losses", "models", "datasets", "recipes", "schemes", "synthesizers", "suites"))
+                    choices=("all", "losses", "models", "datasets", "views", "recipes", "schemes", "synthesizers",
+                             "suites"))
     bp = sub.add_parser("bench", help="run a benchmark suite's cells (resumable) and write its tables")
     tu = sub.add_parser("tune", help="tune every method of a suite with the same trial budget on validation data")
     for sp in (bp, tu):
@@ -141,6 +143,11 @@ def _list(what: str) -> None:
     if what in ("all", "datasets"):
         _out("datasets:")
         _out("  " + ", ".join(list_datasets()))
+    if what in ("all", "views"):
+        from darkknowledge.data.views import list_view_transforms
+
+        _out("views:  (transforms that derive a view for cross-modal runs: data.views.NAME.transform)")
+        _out("  " + ", ".join(list_view_transforms()))
     if what in ("all", "recipes"):
         _out("recipes:")
         _out("  " + ", ".join(recipe_names()))

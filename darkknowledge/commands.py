@@ -63,6 +63,7 @@ def compare(cfg: RunConfig, out: str | Path | None = None, resume: bool = False,
         notes.append(f"the distilled student also sees {len(s.bundle.transfer)} unlabeled transfer samples "
                      "(teacher soft labels only); the baseline cannot use them without labels")
     notes += [n for n in getattr(cls, "report_notes", ())]
+    notes += view_notes(cfg, s.bundle.info)
     described = [e["teacher_cache"] for e in s.run.results if e.get("teacher_cache")]
     flat = [c for d in described for c in (d if isinstance(d, list) else [d])]  # multi_teacher: one per teacher
     caches = {c["path"]: c for c in flat}
@@ -206,11 +207,12 @@ def evaluate_checkpoint(path: str | Path, overrides: dict[str, Any] | None = Non
     device = select_device(cfg.train.device)
     bundle = build_data(cfg)
     info = bundle.info
-    check_export_fits(payload, path, info.name, info.input_shape, info.num_classes)
-    model = build_model(ModelConfig(name=spec["name"], params=spec.get("params", {})), info, "model")
+    view = spec.get("input")  # a cross-modal student reads its own view of the data
+    check_export_fits(payload, path, info.name, info.input_shape_of(view, "model input"), info.num_classes)
+    model = build_model(ModelConfig(name=spec["name"], params=spec.get("params", {}), input=view), info, "model")
     load_weights(model, state, path)
     model.to(device)
-    _, test_loader, _ = make_loaders(cfg, bundle, 0, device, dist, train=False)
+    _, test_loader, _ = make_loaders(cfg, bundle, 0, device, dist, train=False, primary=view)
     _probe(model, next(iter(test_loader)).x[:2], path, info.name)
     metrics = evaluate(model, test_loader, dist)
     return {"model": spec["name"], "params": spec.get("params", {}), "data": cfg.data.name, **metrics}
@@ -234,3 +236,15 @@ def _probe(model: Any, x: Any, path: str | Path, dataset: str) -> None:
                               f"{tuple(x.shape[1:])}: {first}") from None
     finally:
         model.train(was_training)
+
+
+def view_notes(cfg: RunConfig, info: Any) -> list[str]:
+    """On a paired dataset: which view each model reads (the baseline and the student read the
+    student's; only the teacher reads its own, at training time)."""
+    if info.views is None:
+        return []
+    reads = [f"{where} reads `{spec.input or info.view}` {info.input_shape_of(spec.input)}"
+             for where, spec in [("student (and the baseline)", cfg.student), *cfg.all_teachers()] if spec is not None]
+    return ["cross-modal: " + "; ".join(reads) + ". The student and the baseline are trained and evaluated on the "
+            "student's view only: the baseline is the student alone on its modality with the labels it has, the "
+            "student is taught across modalities"]

@@ -32,6 +32,8 @@ class ModelConfig(_Strict):
     name: str = Field(description="registry name, see `dk list models`")
     params: dict[str, Any] = Field(default_factory=dict, description="builder keyword arguments")
     checkpoint: str | None = Field(default=None, description="weights to load (exported .pt)")
+    input: str | None = Field(default=None, description="the data view it reads on a paired dataset (cross-modal: "
+                              "data.views or the dataset's stored views); default the stored input")
 
 
 class AugmentConfig(_Strict):
@@ -61,6 +63,8 @@ class DataConfig(_Strict):
     split_seed: int = 0
     use_transfer: bool = Field(default=True, description="add the unlabeled transfer set when distilling")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    views: dict[str, dict[str, Any]] = Field(default_factory=dict, description="derived views for cross-modal runs: "
+                                             "{name: {source: VIEW, transform: NAME, params: {...}}}")
     num_workers: int = Field(default=0, ge=0)
     device_data_mb: float = Field(default=2048.0, ge=0.0, description="in-memory datasets up to this size are "
                                   "copied to the GPU once and indexed there (0: copy each batch from the host)")

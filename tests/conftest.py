@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -25,6 +26,16 @@ def toy_tensors() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor
         return centers[y] + torch.randn(n, 8, generator=g), y
 
     return make(256), make(128)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny convolutions run fastest (and steadiest on shared cores) in one thread; a module uses it
+    with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture()

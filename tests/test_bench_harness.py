@@ -230,3 +230,14 @@ def test_pair_overrides_reach_only_their_pair(tmp_path: Path) -> None:
     suite["pairs"]["cnn-mlp"]["overrides"] = {"fitnet": {"losses.fitnet.weight": 5}}
     with pytest.raises(ConfigError, match="no method 'fitnet' runs on pair 'cnn-mlp'"):
         load_suite(str(write_suite(tmp_path, suite)))
+
+
+def test_a_pairs_views_reach_its_cells() -> None:
+    """Cross-modal pairs: the teacher's and the student's views (and the derived views) are part of
+    every cell's config, so a cell's teacher reads the view it was trained on."""
+    bench = Bench(load_suite("cross-modal"), Path("/nonexistent/never-written"))
+    raw = bench._raw(Cell("pi-300", "gd_t10", 0), "/some/teacher.pt")
+    assert raw["teacher"] == {"name": "mlp", "params": {"hidden": [20, 20]}, "input": "image",
+                              "checkpoint": "/some/teacher.pt"}
+    assert raw["student"]["input"] == "small" and raw["data"]["views"]["small"]["transform"] == "downsample"
+    assert bench._raw(Cell("pi-300", "teacher"), None)["teacher"]["input"] == "image"

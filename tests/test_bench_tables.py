@@ -228,6 +228,11 @@ def test_markdown_compact_one_line_per_pair_and_method():
     m, lo, hi = expected_ci([5.0, 2.0])
     assert any(ln.startswith("| resnet-tiny | kd |") and f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}] | 2/2 |" in ln
                for ln in lines)
+    kd_line = next(ln for ln in lines if ln.startswith("| cnn1d-mlp | kd |"))
+    assert kd_line.endswith("| 73.33 (CRD: single run, last epoch) |")  # the paper's number beside ours
+    assert {ln.replace("\\|", "").count("|") for ln in lines} == {12}
+    plain = _table_lines(to_markdown_compact(summarize(cells())))
+    assert {ln.replace("\\|", "").count("|") for ln in plain} == {11}  # no papers' numbers: no column
 
 
 def test_figures_write_png_files(tmp_path):

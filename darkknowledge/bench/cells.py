@@ -169,7 +169,7 @@ def student_config(suite: Suite, pair: str, method: str, seed: int, teacher_chec
     raw.update({"name": f"{suite.name}-{pair}-{method}", "seed": seed, "seeds": [seed], "data": _data(suite, pair),
                 "student": dict(p.student), "train": _budget(suite, pair).get("train", {})})
     if "teacher" in raw and method != BASELINE and suite.method(method).teacher == "pair":
-        teacher = {k: v for k, v in p.teacher.items() if k in ("name", "params")}
+        teacher = {k: v for k, v in p.teacher.items() if k in ("name", "params", "input")}  # input: its view
         if teacher_checkpoint is not None:
             teacher["checkpoint"] = teacher_checkpoint
         raw["teacher"] = teacher

@@ -355,8 +355,7 @@ def to_markdown(rows: Sequence[Mapping], title: str | None = None) -> str:
                 best += " (test-selected)"
                 notes.append(f"- `{_name(r)}`: its best-epoch column was selected on the **test** split (no "
                              "validation split); it is optimistic and not comparable to val-selected numbers.")
-            pub = ("—" if r["published_value"] is None
-                   else f"{r['published_value']:.2f} ({_esc(r['published_protocol'])})")
+            pub = _published(r)
             seeds = ",".join("–" if s is None else str(s) for s in r["seeds"]) or "—"
             cells = [_name(r), _esc(r["hp"] or "—"), _esc(seeds), _acc(r), best, _delta(r, "d_baseline"),
                      _wins(r, "d_baseline"), _delta(r, "d_kd"), _wins(r, "d_kd"), _secs(r["train_s_mean"]),
@@ -377,24 +376,34 @@ def to_markdown(rows: Sequence[Mapping], title: str | None = None) -> str:
 
 
 def to_markdown_compact(rows: Sequence[Mapping]) -> str:
-    """One line per (pair, method), member rows left out, costs included: for a README."""
+    """One line per (pair, method), member rows left out, costs included: for a README (with a
+    ``published`` column when the suite gives papers' numbers)."""
     pct = f"{(rows[0]['ci_level'] or 0.95):.0%}" if rows else "95%"
+    pub = any(r.get("published_value") is not None for r in rows)
     out = [f"| pair | method | acc (last), mean ± std | seeds | Δ student [{pct} CI] | wins | Δ KD [{pct} CI] | "
-           "train s | teacher s | +params |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "train s | teacher s | +params |" + (" published |" if pub else ""),
+           "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if pub else "")]
     for r in rows:
         if r["kind"] == "member":
             continue
+        paper = f" {_published(r)} |" if pub else ""
         if r["kind"] == "teacher":
             out.append(f"| {_esc(r['pair'])} | {_name(r)} | {_acc(r)} | — | — | — | — | {_secs(r['train_s_mean'])} "
-                       "| — | — |")
+                       f"| — | — |{paper}")
             continue
         out.append(f"| {_esc(r['pair'])} | {_name(r)} | {_acc(r)} | {r['n']} | {_delta(r, 'd_baseline')} | "
                    f"{_wins(r, 'd_baseline')} | {_delta(r, 'd_kd')} | {_secs(r['train_s_mean'])} | "
-                   f"{_secs(r['teacher_s_mean'])} | {_count(r['extra_params'])} |")
+                   f"{_secs(r['teacher_s_mean'])} | {_count(r['extra_params'])} |{paper}")
     out += ["", ("Last-epoch test accuracy, mean ± sample std over seeds; Δ = paired difference to the same-budget "
                  f"student trained alone (`ce`) and to KD, with a {pct} t-interval over seeds; wins = seeds ahead "
                  "of the student alone; train s = mean training seconds per seed; teacher s = teacher-output cache "
                  "or in-cell teacher training seconds; +params = parameters the method adds during training "
-                 "(adapters, heads, embeddings).")]
+                 "(adapters, heads, embeddings)." + (" Published: the paper's number for that cell and how it was "
+                                                     "measured." if pub else ""))]
     return "\n".join(out) + "\n"
+
+
+def _published(r: Mapping) -> str:
+    if r.get("published_value") is None:
+        return "—"
+    return f"{r['published_value']:.2f} ({_esc(r['published_protocol'])})"

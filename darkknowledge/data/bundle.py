@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import Dataset
 
@@ -11,6 +11,9 @@ from darkknowledge.data.batch import UNLABELED
 from darkknowledge.data.loader import BatchLoader
 from darkknowledge.data.tensors import TensorData
 from darkknowledge.errors import ConfigError
+
+if TYPE_CHECKING:
+    from darkknowledge.data.view_plan import ViewPlan
 
 __all__ = ["DataBundle", "DatasetInfo", "TensorData"]
 
@@ -29,6 +32,10 @@ class DatasetInfo:
         fingerprint: Short sha256 over the dataset's identity (name, parameters, data bytes);
             caches and checkpoints compare it to detect changed data.
         class_names: Names of the classes where known (e.g. an image folder's directories).
+        view: Name of the stored input's view (``image``, ``signal``; ``input`` by default), what a
+            model's ``input:`` names on a paired dataset.
+        views: Every view of a paired dataset (stored and derived, see
+            :mod:`darkknowledge.data.paired`); None when ``x`` is the only one.
     """
 
     name: str
@@ -38,6 +45,18 @@ class DatasetInfo:
     std: tuple[float, ...] | None = None
     fingerprint: str = ""
     class_names: tuple[str, ...] = field(default=())
+    view: str = "input"
+    views: ViewPlan | None = None
+
+    def input_shape_of(self, view: str | None, where: str = "input") -> tuple[int, ...]:
+        """The per-sample shape of view ``view`` (None: the stored input's)."""
+        if view is None or view == self.view:
+            return tuple(self.input_shape)
+        if self.views is None:
+            raise ConfigError(f"{where}={view!r}: dataset {self.name!r} has one view, {self.view!r}; derive others "
+                              "under data.views: {NAME: {source, transform, params}}")
+        self.views.check(view, where)
+        return self.views.shapes[view]
 
     @property
     def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:

@@ -65,6 +65,7 @@ def _tensors_of(bundle: DataBundle) -> list[tuple[str, Any]]:
         data = getattr(bundle, split)
         if isinstance(data, TensorData):
             out += [(f"{split}.x", data.x), (f"{split}.y", data.y)]
+            out += [(f"{split}.views.{k}", v) for k, v in sorted(data.views.items())]
     return out
 
 

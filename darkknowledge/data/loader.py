@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -29,6 +29,9 @@ from darkknowledge.data.batch import UNLABELED, Batch, to_device
 from darkknowledge.data.tensors import TensorData
 from darkknowledge.data.seeds import AUGMENT_STREAM, PERMUTATION_STREAM, make_generator
 from darkknowledge.errors import ConfigError
+
+if TYPE_CHECKING:
+    from darkknowledge.data.view_plan import ViewPlan
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +81,9 @@ class BatchLoader:
             accelerator ``device`` once and indexed there (kept for every loader over the
             same data): no per-batch host indexing, pinning or copy. 0 keeps it on the host.
         num_workers: Worker processes for the generic-dataset path (ignored for ``TensorData``).
+        views: The view plan of a paired dataset (``DatasetInfo.views``), or None.
+        inputs: The views each batch carries in ``Batch.inputs`` (the run's models' views).
+        primary: The view delivered as ``Batch.x`` (the trained model's); None: the stored input.
 
     Raises:
         ConfigError: Bad batch size, rank or world size, or seed.
@@ -103,6 +109,9 @@ class BatchLoader:
         device: torch.device | str = "cpu",
         num_workers: int = 0,
         device_data_mb: float = DEVICE_DATA_MB,
+        views: ViewPlan | None = None,
+        inputs: Sequence[str] = (),
+        primary: str | None = None,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1 (got {batch_size})")
@@ -131,6 +140,8 @@ class BatchLoader:
         self._num_samples = len(data)  # type: ignore[arg-type]
         self._norm = self._norm_tensors(normalize)
         self._normalize_arg = normalize
+        self.views, self.inputs, self.primary = views, tuple(dict.fromkeys(inputs)), primary
+        self._stored_views = self._check_views()
         self.replay: Replay | None = None
         self.channels_last = False
         """Deliver 4-D inputs in the ``channels_last`` memory format."""
@@ -142,9 +153,29 @@ class BatchLoader:
         kwargs = dict(batch_size=self.batch_size, shuffle=self.shuffle, seed=self.seed, drop_last=self.drop_last,
                       rank=self.rank, world_size=self.world_size, augment=self.augment,
                       normalize=self._normalize_arg, device=self.device, num_workers=self.num_workers,
-                      device_data_mb=self.device_data_mb)
+                      device_data_mb=self.device_data_mb, views=self.views, inputs=self.inputs,
+                      primary=self.primary)
         kwargs.update(changes)
         return BatchLoader(self.data, **kwargs)
+
+    def _check_views(self) -> list[str]:
+        """The stored views the batches need; a clear error for a view the data cannot give."""
+        wanted = set(self.inputs) | ({self.primary} if self.primary else set())
+        if not wanted:
+            return []
+        if self.views is None:
+            raise ConfigError(f"loader: input views {sorted(wanted)} asked of data without views")
+        for name in sorted(wanted):
+            self.views.check(name, "loader input")
+        if self.primary is not None and self.primary not in self.inputs:
+            self.inputs = (*self.inputs, self.primary)
+        stored, _ = self.views.needs(self.inputs)
+        have = set(self.data.views) if isinstance(self.data, TensorData) else set()
+        missing = [n for n in stored if n not in have]
+        if missing:
+            raise ConfigError(f"loader: the data lacks the stored view {missing[0]!r} that view(s) {sorted(wanted)} "
+                              f"need (it holds {sorted(have) or 'none'})")
+        return stored
 
     @staticmethod
     def _norm_tensors(
@@ -248,9 +279,11 @@ class BatchLoader:
         sources = shares
         if home.type != "cpu" and shares:  # the epoch's indices in one copy, not one blocking copy per batch
             sources = list(to_device(torch.cat(shares), home).split([len(t) for t in shares]))  # (b,) each
+        views_all = data.views_on(self.device) if self.data_on_device() else data.views
         for (k, _, (lo, hi)), local, source in zip(plan, shares, sources):
             x, y = x_all.index_select(0, source), y_all.index_select(0, source)  # a few times cheaper than x_all[source]
-            yield self._finish(epoch, k, lo, hi, x, y, source, data.all_labeled, host_idx=local)
+            stored = {n: views_all[n].index_select(0, source) for n in self._stored_views}  # (b, *view shape) each
+            yield self._finish(epoch, k, lo, hi, x, y, source, data.all_labeled, host_idx=local, stored=stored)
 
     def _iter_dataset(self, epoch: int, plan: _Plan) -> Iterator[Batch]:
         nonempty = [global_idx[lo:hi].tolist() for _, global_idx, (lo, hi) in plan if hi > lo]
@@ -274,7 +307,7 @@ class BatchLoader:
 
     def _finish(
         self, epoch: int, k: int, lo: int, hi: int, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor,
-        labeled: bool, host_idx: torch.Tensor | None = None,
+        labeled: bool, host_idx: torch.Tensor | None = None, stored: dict[str, torch.Tensor] | None = None,
     ) -> Batch:
         """Move a raw batch to the device, scale, augment and normalise it (``host_idx``: the
         same indices as ``idx`` on the CPU, when ``idx`` is already on the device)."""
@@ -300,10 +333,15 @@ class BatchLoader:
             x = self.augment.apply(x, params_to(slice_params(params, lo, hi), x.device, non_blocking=True))
         if self._norm is not None:
             x = self._normalize(x)
+        inputs = None
+        if self.views is not None and self.inputs:
+            stored = {n: to_device(v, device).float() for n, v in (stored or {}).items()}
+            inputs = self.views.compute(x, stored, self.inputs)  # {view: (b, *view shape)}
+            x = inputs[self.primary] if self.primary is not None else x
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         host_idx = idx_cpu if idx_cpu.device.type == "cpu" else None
-        return Batch(x, y, idx, view, labeled, host_idx=host_idx, host_view=host_view)
+        return Batch(x, y, idx, view, labeled, host_idx=host_idx, host_view=host_view, inputs=inputs)
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         assert self._norm is not None

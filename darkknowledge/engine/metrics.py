@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from darkknowledge.data.batch import UNLABELED, Batch
+from darkknowledge.data.batch import UNLABELED, Batch, model_input
 from darkknowledge.engine.device import autocast
 from darkknowledge.engine.distributed import DistContext
 from darkknowledge.losses.base import run_model
@@ -37,7 +37,7 @@ def evaluate(
     try:
         for batch in batches:
             with autocast(batch.x.device, amp):
-                logits = run_model(model, batch.x)  # (B, K)
+                logits = run_model(model, model_input(batch, model))  # (B, K): on its own view
             logits = logits.float()
             num_classes = logits.shape[-1]
             keep = batch.y != UNLABELED

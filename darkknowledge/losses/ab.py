@@ -46,7 +46,7 @@ from torch import nn
 from darkknowledge.data.batch import Batch
 from darkknowledge.errors import ShapeError
 from darkknowledge.losses import register_loss
-from darkknowledge.losses.adapters import build_adapter
+from darkknowledge.losses.adapters import CROSS_RANK_PAIRS, build_adapter
 from darkknowledge.losses.base import Needs, Outputs, SetupInfo
 from darkknowledge.losses.feature import FeatureLoss, pre_activation_tap
 from darkknowledge.search_space import Range
@@ -77,11 +77,11 @@ def ab_loss(connected: torch.Tensor, target: torch.Tensor, margin: float = 1.0) 
 class AB(FeatureLoss):
     """Activation-boundary transfer: ``sum_i 2^(i-n+1) * ab_loss(r_i(s_i), t_i, m)``.
 
-    Shapes: each pair ``(B, C_s, *S_s) -> (B, C_t, *S_t)`` or ``(B, D_s) -> (B, D_t)``; a
-    connector (1x1 conv + BN or Linear) per pair is built in :meth:`setup` and trained with the
-    student. Default taps: every stage, resolved to pre-ReLU values where possible (see module
-    docstring). The paper uses AB as an initialization stage: ``stop_epoch: N`` on this term,
-    ``start_epoch: N`` on ``ce``/``kd``.
+    Shapes: each pair ``(B, C_s, *S_s) -> (B, C_t, *S_t)`` (same rank, or a sequence against a
+    map either way) or ``(B, D_s) -> (B, D_t)``; a connector (1x1 conv + BN or Linear) per pair
+    is built in :meth:`setup` and trained with the student. Default taps: every stage, resolved
+    to pre-ReLU values where possible (see module docstring). The paper uses AB as an
+    initialization stage: ``stop_epoch: N`` on this term, ``start_epoch: N`` on ``ce``/``kd``.
 
     Args:
         margin: Margin ``m`` of the activation boundary (paper: 1.0).
@@ -131,10 +131,11 @@ class AB(FeatureLoss):
         connectors = []
         for (sp, tp), f_s, f_t in zip(self.pairs, self.student_features(student), self.teacher_features(teacher)):
             s_shape, t_shape = tuple(f_s.shape[1:]), tuple(f_t.shape[1:])
-            if len(s_shape) != len(t_shape):
+            if len(s_shape) != len(t_shape) and (len(s_shape), len(t_shape)) not in CROSS_RANK_PAIRS:
                 raise ShapeError(
                     f"losses.ab: student tap {sp!r} {tuple(f_s.shape)} and teacher tap {tp!r} {tuple(f_t.shape)} "
-                    "differ in rank; pair a feature map with a feature map or a vector with a vector"
+                    "differ in rank; pair a feature map or sequence with a feature map or sequence "
+                    "((B, C, L) <-> (B, C, H, W) is adapted), or a vector with a vector"
                 )
             connectors.append(build_adapter(s_shape, t_shape, batch_norm=True, identity_if_equal=False))
         self.connectors = nn.ModuleList(connectors)

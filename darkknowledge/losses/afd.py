@@ -47,7 +47,8 @@ optimizer for the networks too; here the student's side is part of the student's
 (scale it with the term's weight).
 
 Shapes: student tap ``(B, C_s, *S_s)``, teacher tap ``(B, C_t, *S_t)`` of the same rank
-(``(B, C, L)``, ``(B, C, H, W)``, or vectors ``(B, D)``).
+(``(B, C, L)``, ``(B, C, H, W)``, or vectors ``(B, D)``), or a sequence against a map either
+way (cross-modal; see :mod:`darkknowledge.losses.adapters`).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ from darkknowledge.config import OptimizerConfig
 from darkknowledge.data.batch import Batch
 from darkknowledge.errors import ConfigError, ShapeError
 from darkknowledge.losses import register_loss
-from darkknowledge.losses.adapters import build_adapter
+from darkknowledge.losses.adapters import CROSS_RANK_PAIRS, build_adapter
 from darkknowledge.losses.base import Adversary, Outputs, SetupInfo
 from darkknowledge.losses.feature import FeatureLoss
 from darkknowledge.losses.gan import (
@@ -172,10 +173,11 @@ class AFD(FeatureLoss):
         adapters, discriminators = [], []
         for (sp, tp), f_s, f_t in zip(self.pairs, self.student_features(student), self.teacher_features(teacher)):
             s_shape, t_shape = tuple(f_s.shape[1:]), tuple(f_t.shape[1:])
-            if len(s_shape) != len(t_shape) or len(t_shape) not in (1, 2, 3):
+            cross = (len(s_shape), len(t_shape)) in CROSS_RANK_PAIRS
+            if (len(s_shape) != len(t_shape) and not cross) or len(t_shape) not in (1, 2, 3):
                 raise ShapeError(f"losses.afd: student tap {sp!r} {tuple(f_s.shape)} and teacher tap {tp!r} "
-                                 f"{tuple(f_t.shape)}: pair feature maps (B, C, L) / (B, C, H, W) of the same rank, "
-                                 "or vectors (B, D)")
+                                 f"{tuple(f_t.shape)}: pair feature maps (B, C, L) / (B, C, H, W) (of the same rank, "
+                                 "or a sequence with a map), or vectors (B, D)")
             adapters.append(build_adapter(s_shape, t_shape, batch_norm=True, identity_if_equal=True))
             discriminators.append(FeatureDiscriminator(t_shape, self.hidden, self.layers))
         self.adapters = nn.ModuleList(adapters)

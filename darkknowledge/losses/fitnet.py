@@ -15,10 +15,12 @@ all elements (``MSELoss``) instead of the paper's half sum; the scale goes into 
 weight (RepDistiller CIFAR-100: 100).
 
 Shapes: student tap ``(B, C_s, *S_s)`` or ``(B, D_s)``; teacher tap ``(B, C_t, *S_t)`` or
-``(B, D_t)`` of the same rank. Default taps: FitNets uses one (guided, hint) pair in the middle
-of the networks (RepDistiller: ``hint_layer=2`` of 5 features = the middle stage), so
-without explicit taps only the middle pair of the depth-aligned stages is kept (the shallower
-one for an even count). Explicit ``student_taps``/``teacher_taps`` keep every pair (summed).
+``(B, D_t)`` of the same rank, or a sequence ``(B, C_s, L_s)`` against a map
+``(B, C_t, H_t, W_t)`` either way (cross-modal; see :mod:`darkknowledge.losses.adapters`).
+Default taps: FitNets uses one (guided, hint) pair in the middle of the networks
+(RepDistiller: ``hint_layer=2`` of 5 features = the middle stage), so without explicit taps
+only the middle pair of the depth-aligned stages is kept (the shallower one for an even count).
+Explicit ``student_taps``/``teacher_taps`` keep every pair (summed).
 
 **Hint pre-stage** (paper Sec. 2.3, Algorithm 1): stage 1 trains the student up to the
 guided layer and the regressor on the hint loss alone; stage 2 trains the whole student with
@@ -43,7 +45,7 @@ from torch import nn
 from darkknowledge.data.batch import Batch
 from darkknowledge.errors import ShapeError
 from darkknowledge.losses import register_loss
-from darkknowledge.losses.adapters import build_adapter
+from darkknowledge.losses.adapters import CROSS_RANK_PAIRS, build_adapter
 from darkknowledge.losses.base import Needs, Outputs, SetupInfo
 from darkknowledge.losses.feature import FeatureLoss
 from darkknowledge.search_space import Range
@@ -121,10 +123,11 @@ class FitNet(FeatureLoss):
         regressors = []
         for (sp, tp), f_s, f_t in zip(self.pairs, self.student_features(student), self.teacher_features(teacher)):
             s_shape, t_shape = tuple(f_s.shape[1:]), tuple(f_t.shape[1:])
-            if len(s_shape) != len(t_shape):
+            if len(s_shape) != len(t_shape) and (len(s_shape), len(t_shape)) not in CROSS_RANK_PAIRS:
                 raise ShapeError(
                     f"losses.fitnet: student tap {sp!r} {tuple(f_s.shape)} and teacher tap {tp!r} {tuple(f_t.shape)} "
-                    "differ in rank; pair a feature map with a feature map or a vector with a vector"
+                    "differ in rank; pair a feature map or sequence with a feature map or sequence "
+                    "((B, C, L) <-> (B, C, H, W) is adapted), or a vector with a vector"
                 )
             if not self.regressor:
                 if s_shape != t_shape:

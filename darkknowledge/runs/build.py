@@ -23,6 +23,8 @@ from darkknowledge.data import (
     TensorData,
     load_dataset,
 )
+from darkknowledge.data.batch import INPUT_ATTR, input_name
+from darkknowledge.data.paired import check_view_in_split, concat, plan_views, split_views
 from darkknowledge.engine.checkpoint import load_exported, load_weights
 from darkknowledge.engine.distributed import DistContext
 from darkknowledge.errors import CheckpointError, ConfigError
@@ -68,10 +70,36 @@ def check_config(cfg: RunConfig, given: Collection[str] = ()) -> None:
 def build_data(cfg: RunConfig) -> DataBundle:
     """Load the configured dataset (with its validation split and transfer set); with
     ``data.holdout=val`` the run evaluates on the validation split, never the test split."""
-    return load_dataset(
+    bundle = load_dataset(
         cfg.data.name, root=cfg.data.root, split_seed=cfg.data.split_seed,
         val_fraction=cfg.data.val_fraction, holdout=cfg.data.holdout, **cfg.data.params,
     )
+    return with_views(cfg, bundle)
+
+
+def with_views(cfg: RunConfig, bundle: DataBundle) -> DataBundle:
+    """``bundle`` with the recipe's derived views (``data.views``) and checks that every model's
+    ``input`` view exists, and that the student's can be read on the split it is evaluated on."""
+    bundle = plan_views(bundle, cfg.data.views)
+    specs = [("student", cfg.student), *cfg.all_teachers()]
+    for where, spec in specs:
+        if spec is not None and spec.input is not None:
+            bundle.info.input_shape_of(spec.input, f"{where}.input")
+    if bundle.info.views is not None:
+        if cfg.student is not None:
+            check_view_in_split(bundle.info, bundle.test, cfg.student.input or bundle.info.view, "test", "student")
+        for where, spec in cfg.all_teachers():  # a teacher trained here is evaluated on the test split too
+            if spec is not None and not spec.checkpoint:
+                check_view_in_split(bundle.info, bundle.test, spec.input or bundle.info.view, "test", where)
+    return bundle
+
+
+def run_views(cfg: RunConfig, info: DatasetInfo) -> tuple[str, ...]:
+    """The views this run's models read (every batch carries them), or () for single-view data."""
+    if info.views is None:
+        return ()
+    specs = [s for _, s in [("student", cfg.student), *cfg.all_teachers()] if s is not None]
+    return tuple(dict.fromkeys(s.input or info.view for s in specs)) or (info.view,)
 
 
 def make_loaders(
@@ -82,18 +110,24 @@ def make_loaders(
     dist: DistContext,
     with_transfer: bool = False,
     train: bool = True,
+    primary: str | None = None,
 ) -> tuple[BatchLoader | None, BatchLoader, BatchLoader | None]:
     """Train (optionally with the unlabeled transfer set appended), test and val loaders.
 
     With ``train=False`` the training split is not touched (a task that brings its own training
-    batches, e.g. a data-free student's synthetic ones) and the first loader is None.
+    batches, e.g. a data-free student's synthetic ones) and the first loader is None. On a
+    paired dataset every batch carries the views the run's models read, and ``x`` is view
+    ``primary`` (the trained model's; None: the stored input).
     """
     norm = bundle.info.normalization
+    inputs = tuple(dict.fromkeys((*run_views(cfg, bundle.info), *([primary] if primary else ()))))
     common: dict[str, Any] = dict(rank=dist.rank, world_size=dist.world_size, normalize=norm, device=device,
-                                  device_data_mb=cfg.data.device_data_mb)
-    test_loader = BatchLoader(bundle.test, cfg.data.eval_batch_size, shuffle=False, **common)
+                                  device_data_mb=cfg.data.device_data_mb, views=bundle.info.views)
+    test_loader = BatchLoader(bundle.test, cfg.data.eval_batch_size, shuffle=False,
+                              **_readable(common, bundle.test, inputs, primary))
     val_loader = (
-        BatchLoader(bundle.val, cfg.data.eval_batch_size, shuffle=False, **common)
+        BatchLoader(bundle.val, cfg.data.eval_batch_size, shuffle=False,
+                    **_readable(common, bundle.val, inputs, primary))
         if bundle.val is not None and len(bundle.val)
         else None
     )
@@ -103,12 +137,23 @@ def make_loaders(
     if with_transfer and cfg.data.use_transfer and bundle.transfer is not None and len(bundle.transfer):
         if not (isinstance(train, TensorData) and isinstance(bundle.transfer, TensorData)):
             raise ConfigError("data.use_transfer: a transfer set needs in-memory tensor datasets")
-        train = TensorData(torch.cat([train.x, bundle.transfer.x]), torch.cat([train.y, bundle.transfer.y]))
+        train = concat(train, bundle.transfer)
     aug_cfg = cfg.data.augment
     augment = Augment(**aug_cfg.model_dump()) if aug_cfg.enabled() else None
     train_loader = BatchLoader(train, cfg.data.batch_size, shuffle=True, seed=seed, augment=augment,
-                               num_workers=cfg.data.num_workers, **common)
+                               num_workers=cfg.data.num_workers, inputs=inputs, primary=primary, **common)
     return train_loader, test_loader, val_loader
+
+
+def _readable(common: dict[str, Any], data: Any, inputs: tuple[str, ...], primary: str | None) -> dict[str, Any]:
+    """Loader arguments for an evaluation split: the views it can give (a modality missing at
+    test time is normal; the model that reads it is then not evaluated there)."""
+    plan = common["views"]
+    if plan is None:
+        return common
+    have = split_views(data)
+    able = tuple(v for v in inputs if all(s in have for s in plan.needs([v])[0]))
+    return {**common, "inputs": able, "primary": primary if primary in able else None}
 
 
 def build_model(spec: ModelConfig, info: DatasetInfo, where: str = "student") -> nn.Module:
@@ -119,7 +164,8 @@ def build_model(spec: ModelConfig, info: DatasetInfo, where: str = "student") ->
         info: The dataset's class count and input shape.
         where: Config path for error messages.
     """
-    params = {"num_classes": info.num_classes, "input_shape": tuple(info.input_shape), **spec.params}
+    shape = info.input_shape_of(spec.input, f"{where}.input")
+    params = {"num_classes": info.num_classes, "input_shape": tuple(shape), **spec.params}
     if spec.checkpoint:
         saved_spec, state = load_exported(spec.checkpoint)
         if saved_spec.get("name") != spec.name:
@@ -140,6 +186,8 @@ def build_model(spec: ModelConfig, info: DatasetInfo, where: str = "student") ->
         raise ConfigError(f"{where}: {exc}") from None
     if spec.checkpoint:
         load_weights(model, state, spec.checkpoint, where=f"{where}.checkpoint")  # one line if they do not fit
+    if info.views is not None:
+        setattr(model, INPUT_ATTR, spec.input or info.view)  # the view it reads (see data.batch.model_input)
     return model
 
 
@@ -149,7 +197,8 @@ def model_spec(model: nn.Module) -> dict[str, Any]:
     if name is None:
         return {"name": type(model).__name__, "params": {}, "custom": True}
     params = {k: list(v) if isinstance(v, tuple) else v for k, v in getattr(model, "dk_params", {}).items()}
-    return {"name": name, "params": params}
+    view = input_name(model)
+    return {"name": name, "params": params, **({"input": view} if view is not None else {})}
 
 
 def build_objective(losses: dict[str, Any], where: str = "losses") -> Objective:

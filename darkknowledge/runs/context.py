@@ -24,6 +24,7 @@ from darkknowledge.config import (
     deep_merge,
 )
 from darkknowledge.data import DatasetInfo
+from darkknowledge.data.batch import input_name
 from darkknowledge.engine.checkpoint import atomic_save, load_exported, load_weights
 from darkknowledge.engine.metrics import evaluate
 from darkknowledge.engine.task import Task
@@ -164,7 +165,8 @@ class RunContext(Context):
     def evaluate(self, model: nn.Module, seed: int) -> dict[str, float]:
         s = self.session
         model.to(s.device)
-        _, test_loader, _ = make_loaders(self.cfg, s.bundle, seed, s.device, s.dist, train=False)
+        _, test_loader, _ = make_loaders(self.cfg, s.bundle, seed, s.device, s.dist, train=False,
+                                         primary=input_name(model))
         try:
             return evaluate(model, test_loader, s.dist)
         finally:

@@ -29,7 +29,7 @@ from torch import nn
 
 from darkknowledge.config import RunConfig, TeacherConfig, TrainConfig
 from darkknowledge.data import DataBundle
-from darkknowledge.data.batch import Batch
+from darkknowledge.data.batch import Batch, input_name, model_input
 from darkknowledge.engine.task import Task
 from darkknowledge.errors import ShapeError
 from darkknowledge.losses.base import SetupInfo, run_model
@@ -84,7 +84,8 @@ class PreflightContext(RunContext):
 
     def evaluate(self, model: nn.Module, seed: int) -> dict[str, float]:
         s = self.session
-        _, test_loader, _ = make_loaders(self.cfg, s.bundle, seed, s.device, s.dist, train=False)
+        _, test_loader, _ = make_loaders(self.cfg, s.bundle, seed, s.device, s.dist, train=False,
+                                         primary=input_name(model))
         model.to(s.device)
         try:
             _forward_once(model, next(iter(test_loader)))
@@ -101,7 +102,7 @@ def _forward_once(model: nn.Module, batch: Batch) -> None:
     model.eval()
     try:
         with torch.no_grad():
-            run_model(model, batch.x)
+            run_model(model, model_input(batch, model))
     finally:
         model.train(was_training)
 
@@ -113,7 +114,8 @@ def dry_run(session: Session, stage: str, task: Task, seed: int, train_cfg: Trai
     """
     own = task.training_data(seed, session.device, session.dist)
     train_loader, test_loader, _ = make_loaders(session.cfg, session.bundle, seed, session.device, session.dist,
-                                                with_transfer=with_transfer, train=own is None)
+                                                with_transfer=with_transfer, train=own is None,
+                                                primary=input_name(task.export_model()))
     train_loader = own if own is not None else train_loader
     task.to(session.device)
     try:

@@ -39,6 +39,7 @@ from torch import nn
 
 from darkknowledge.config import RunConfig, TeacherConfig, TrainConfig
 from darkknowledge.data import DataBundle, DatasetInfo, cache_dir
+from darkknowledge.data.batch import input_name
 from darkknowledge.engine.checkpoint import (
     check_export_fits,
     export_model,
@@ -60,6 +61,7 @@ from darkknowledge.runs.build import (
     make_loaders,
     model_spec,
     seed_everything,
+    with_views,
 )
 from darkknowledge.runs.lock import RunLock
 from darkknowledge.runs.resume import FinishedStage, open_run_folder
@@ -108,7 +110,7 @@ class Session:
         self.lock = self._open_run_folder(run_dir)
         self.device = select_device(cfg.train.device, self.dist.local_rank if self.dist.enabled else None)
         set_deterministic(cfg.train.deterministic)
-        self.bundle = bundle if bundle is not None else build_data(cfg)
+        self.bundle = with_views(cfg, bundle) if bundle is not None else build_data(cfg)
         self.run = RunDir(self._run_dir, writer=self.dist.is_main, fresh=not resume)
         self.metrics = MetricsLog(self.run.metrics_path)
         self.run.write_config(cfg.model_dump(mode="json"))
@@ -188,7 +190,8 @@ class Session:
         seed_everything(seed)
         own = task.training_data(seed, self.device, self.dist)  # e.g. synthetic batches: the split is not read
         train_loader, test_loader, val_loader = make_loaders(
-            self.cfg, self.bundle, seed, self.device, self.dist, with_transfer=with_transfer, train=own is None
+            self.cfg, self.bundle, seed, self.device, self.dist, with_transfer=with_transfer, train=own is None,
+            primary=input_name(export),
         )
         train_loader = own if own is not None else train_loader
         trainer = Trainer(
@@ -261,7 +264,9 @@ class Session:
         cfg = self.cfg
         spec = spec if spec is not None else cfg.teacher
         ident = {
-            "teacher": spec.model_dump(mode="json", exclude={"checkpoint", "reuse"}),
+            # `input` only when set: single-view teachers keep the keys they had before views existed
+            "teacher": spec.model_dump(mode="json", exclude={"checkpoint", "reuse"} | ({"input"} if spec.input is None
+                                                                                     else set())),
             # only what differs from the defaults: a new engine option keeps existing teachers valid
             "train": cfg.teacher_train(spec, where).model_dump(mode="json", exclude_defaults=True),
             "data": {"fingerprint": self.bundle.info.fingerprint, "batch_size": cfg.data.batch_size,
@@ -288,7 +293,8 @@ class Session:
             hint = f"Point {where}.checkpoint at an exported model (student.pt, model.pt), or drop it to train one."
             try:
                 payload = read_export(spec.checkpoint, hint=hint)
-                check_export_fits(payload, spec.checkpoint, info.name, info.input_shape, info.num_classes,
+                shape = info.input_shape_of(spec.input, f"{where}.input")
+                check_export_fits(payload, spec.checkpoint, info.name, shape, info.num_classes,
                                   where=f"{where}.checkpoint")
             except CheckpointError as exc:
                 text = str(exc)

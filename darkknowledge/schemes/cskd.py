@@ -77,6 +77,9 @@ class CSKDFlow(Flow):
         if not isinstance(data, TensorData):
             raise ConfigError("cskd draws same-class partners from an in-memory tensor dataset, "
                               f"got {type(data).__name__}")
+        if getattr(loader, "primary", None) not in (None, getattr(getattr(loader, "views", None), "base", None)):
+            raise ConfigError(f"cskd draws partners from the stored input, but the student reads view "
+                              f"{loader.primary!r} of a paired dataset; drop student.input (or use another scheme)")
         if getattr(loader, "augment", None) is not None:
             log.warning("cskd: data.augment is on, but the partners x' are fetched without augmentation")
         self.partners = ClassPartners(data.x, data.y, self.num_classes, self.seed,

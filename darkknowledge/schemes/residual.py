@@ -186,5 +186,5 @@ class Residual(Scheme):
         """The pair for ``seed``: the recipe student (baseline init), an assistant, the teacher's classifier."""
         teacher = ctx.frozen(ctx.teacher(), "teacher")
         spec = params.assistant or ModelConfig(name="mlp", params={"hidden": [64]})
-        return residual_task(teacher, ctx.student(seed), spec.model_dump(exclude={"checkpoint"}), ctx.objective,
+        return residual_task(teacher, ctx.student(seed), spec.model_dump(include={"name", "params"}), ctx.objective,
                              beta=params.beta, gamma=params.gamma, pair_ce=params.pair_ce, seed=seed)

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from darkknowledge.data.augment import Augment, AugmentParams
-from darkknowledge.data.batch import Batch, to_device
+from darkknowledge.data.batch import Batch, model_input, to_device
 from darkknowledge.data.tensors import TensorData
 from darkknowledge.data.cache import cache_dir
 from darkknowledge.data.fingerprint import update_with_tensor
@@ -119,10 +119,10 @@ def cache_key(ingredients: dict[str, Any]) -> str:
 
 
 def data_identity(data: TensorData) -> str:
-    """Hash of the training tensors' bytes (inputs and labels, transfer set included)."""
+    """Hash of the training tensors' bytes (inputs, labels and stored views, transfer set included)."""
     h = hashlib.sha256()
-    update_with_tensor(h, data.x)
-    update_with_tensor(h, data.y)
+    for t in (data.x, data.y, *(data.views[k] for k in sorted(data.views))):
+        update_with_tensor(h, t)
     return h.hexdigest()[:20]
 
 
@@ -232,7 +232,7 @@ def _batches(teacher: Any, loader: Any, views: int, augment: Augment | None, par
                                                      torch.full_like(idx, v))
         bar = Progress(True, "teacher cache")  # a bar on terminals only
         for batch in bar.epoch(loader, v, views, len(loader)):
-            yield v, batch.idx.cpu(), teacher(batch.x)
+            yield v, batch.idx.cpu(), teacher(model_input(batch, teacher))
 
 
 def build_cache(teacher: Any, loader: Any, spec: CacheSpec, folder: Path, *, augment: Augment | None,
@@ -330,6 +330,9 @@ def load_or_build(teacher: Any, loader: Any, spec: CacheSpec, *, augment: Augmen
         "augment": dataclasses.asdict(augment) if augment is not None else None,
         "seed": seed if augment is not None else None, "spec": dataclasses.asdict(spec),
     }
+    view = getattr(teacher, "input", None)
+    if view is not None:  # a paired dataset: which view the teacher read (a cache is never read for another)
+        ingredients["input"] = loader.views.identity(view)
     ingredients = json.loads(json.dumps(ingredients))  # tuples -> lists, as meta.json holds them
     folder = (root or cache_root()) / cache_key(ingredients)
     main = dist is None or dist.is_main

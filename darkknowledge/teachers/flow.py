@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from darkknowledge.data.batch import Batch
+from darkknowledge.data.batch import Batch, model_input
 from darkknowledge.engine.task import MAIN
 from darkknowledge.errors import ConfigError, ShapeError
 from darkknowledge.losses.base import Adversary, Needs, Outputs, SetupInfo, run_model
@@ -210,8 +210,9 @@ class Flow(nn.Module):
         return tapped_outputs(self._modules[view], self.taps.get(view), x)
 
     def compute_views(self, batch: Batch) -> dict[str, Outputs]:
-        """This step's outputs of every view (default: each view's model on ``batch.x``)."""
-        return {name: self.run_view(name, batch.x) for name in self.view_names}
+        """This step's outputs of every view (default: each view's model on its input: ``batch.x``,
+        or on a paired dataset the data view the model reads)."""
+        return {name: self.run_view(name, model_input(batch, self._modules[name])) for name in self.view_names}
 
     def adversaries(self) -> dict[str, tuple[int, Adversary]]:
         """The adversaries the terms bring (after ``setup``), by part name ``d_<term><suffix>``,

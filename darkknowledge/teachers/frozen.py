@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from darkknowledge.data.batch import Batch
+from darkknowledge.data.batch import Batch, input_name, model_input
 from darkknowledge.engine.checkpoint import state_hash
 from darkknowledge.losses.base import Outputs, run_model
 from darkknowledge.taps import FeatureTaps, unwrap, validate_taps
@@ -43,6 +43,8 @@ class FrozenTeacher:
         if self.taps is not None:
             self.taps.active = False  # record only inside __call__: other uses of the model stay untouched
         self.hash = state_hash(self.model)
+        self.input = input_name(self.model)
+        """The data view it reads on a paired dataset (None: ``batch.x``)."""
 
     def to(self, device: torch.device) -> FrozenTeacher:
         self.model.to(device)
@@ -179,7 +181,7 @@ class Frozen(Teacher):
             out = self.cache.lookup(batch)
         else:
             ahead = self.ahead.take(batch) if self.ahead is not None else None
-            out = ahead if ahead is not None else self.runner(batch.x)
+            out = ahead if ahead is not None else self.runner(model_input(batch, self.runner))
         self._last = (batch, out)
         return out
 

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
-from darkknowledge.data.batch import Batch
+from darkknowledge.data.batch import Batch, model_input
 from darkknowledge.losses.base import Outputs
 
 log = logging.getLogger(__name__)
@@ -83,12 +83,13 @@ class TeacherAhead:
 
     def _outputs(self, group: list[Batch]) -> list[Outputs]:
         if len(group) > 1 and not self._one_by_one:
-            parts = split_outputs(self.teacher(torch.cat([b.x for b in group])), [len(b) for b in group])
+            inputs = torch.cat([model_input(b, self.teacher) for b in group])  # the view the teacher reads
+            parts = split_outputs(self.teacher(inputs), [len(b) for b in group])
             if parts is not None:
                 return parts
             log.warning("teacher outputs are not batch-first; running the teacher one batch at a time")
             self._one_by_one = True
-        return [self.teacher(b.x) for b in group]
+        return [self.teacher(model_input(b, self.teacher)) for b in group]
 
     def take(self, batch: Batch) -> Outputs | None:
         """The teacher's outputs for ``batch`` if they were computed ahead (once), else None."""

