@@ -203,3 +203,11 @@ def test_python_api_feeds_given_modules_their_views(tmp_path: Path) -> None:
                      config={"teacher": {"input": "image"}, "student": {"input": "depth"}}, out=tmp_path / "api")
     assert out["model"] is student
     assert set(SEEN["teacher"]) == {(1, 8, 8)} and set(SEEN["student"]) == {(2, 5)}
+
+
+def test_planning_twice_keeps_the_plan_and_fingerprint() -> None:
+    once = plan_views(paired_bundle(), DERIVED)
+    again = plan_views(once, DERIVED)  # the preflight's bundle handed to the run
+    assert again is once and again.info.fingerprint == once.info.fingerprint
+    with pytest.raises(ConfigError, match="already has derived views"):
+        plan_views(once, {"small": DERIVED["small"]})

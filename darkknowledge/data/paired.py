@@ -60,6 +60,15 @@ def plan_views(bundle: DataBundle, derived: Mapping[str, Mapping[str, Any]] | No
     """
     info = bundle.info
     derived = dict(derived or {})
+    if info.views is not None:  # planned already (e.g. by the preflight): the same views, or a mistake
+        asked = {n: {"source": d.get("source"), "transform": d.get("transform"), "params": dict(d.get("params") or {})}
+                 for n, d in derived.items() if isinstance(d, Mapping)}
+        have = {d.name: {"source": d.source, "transform": d.transform, "params": dict(d.params)}
+                for d in info.views.derived}
+        if asked != have:
+            raise ConfigError(f"{where}: dataset {info.name!r} already has derived views {sorted(have)}, planned "
+                              f"with other settings than {sorted(asked)}; plan the views once")
+        return bundle
     train = bundle.train
     stored = dict(train.views) if isinstance(train, TensorData) else {}
     if not stored and not derived:
