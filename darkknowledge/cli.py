@@ -4,11 +4,13 @@
     dk distill RECIPE          one distilled student; exports student.pt
     dk train RECIPE            the student (or --model teacher) alone with cross-entropy
     dk eval CHECKPOINT         accuracy of an exported model on its dataset
+    dk export RUN              the run's student as safetensors + spec, ONNX, torch.export; size and latency
     dk list [losses|models|datasets|recipes|schemes]
     dk explain NAME            a loss's or scheme's paper, equation, parameters
     dk pairs STUDENT TEACHER   stage-aligned tap pairs to paste into a feature loss
     dk bench SUITE             every cell of a benchmark suite (resumable), then its tables
     dk tune SUITE              each method's hyper-parameters, same trial budget, validation split only
+    dk search SEARCH           a student architecture under a latency/size budget (KD proxy, Pareto front)
 
 RECIPE is a shipped recipe name (``quickstart``) or a YAML path. Every command takes dotted
 ``key=value`` overrides (``train.epochs=3 seed=1``), ``--out DIR`` and ``--resume``. The same
@@ -76,6 +78,19 @@ def _parser() -> argparse.ArgumentParser:
     ep = sub.add_parser("eval", help="evaluate an exported model (student.pt / model.pt)")
     ep.add_argument("checkpoint")
     ep.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.name=mnist1d train.device=cpu")
+    so = sub.add_parser("search", help="search a student architecture under a latency/size budget (KD proxy on "
+                                       "cached teacher outputs, NSGA-II Pareto front, retrained with full budget)")
+    so.add_argument("search", help="shipped search name (darkknowledge/bench/searches) or a search YAML file")
+    so.add_argument("--out", help="search folder (default runs/search/NAME); rerun to resume")
+    so.add_argument("--trials", type=int, help="override the search's trial budget")
+    so.add_argument("--quiet", action="store_true", help="no log lines")
+    xo = sub.add_parser("export", help="a run's student as safetensors + spec, ONNX and torch.export, with its "
+                                       "size, FLOPs and CPU latency")
+    xo.add_argument("run", help="a run folder, a stage folder, or an exported .pt file")
+    xo.add_argument("--stage", help="the stage to export (default: the run's student)")
+    xo.add_argument("--out", help="output folder (default RUN/export/STAGE)")
+    xo.add_argument("--formats", nargs="+", default=["safetensors", "onnx", "torch_export"],
+                    choices=("safetensors", "onnx", "torch_export"), help="formats to write")
     xp = sub.add_parser("explain", help="a loss's, scheme's or synthesizer's paper, equation and parameters")
     xp.add_argument("loss")
     pp = sub.add_parser("pairs", help="propose stage-aligned student/teacher tap pairs")
@@ -255,6 +270,21 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         for line in bench_command(args):
             _out(line)
+        return 0
+    if args.command == "search":
+        from darkknowledge.bench.search_command import search_command
+
+        res = search_command(args.search, args.out, args.trials, progress=not args.quiet)
+        for f in res["final"]:
+            _out(f"{f['tag']:>10}  {f['label']:<40} latency {f['profile']['latency_ms_b1']:.3f} ms  "
+                 f"proxy {f['proxy_acc']:.2f}  full {f['mean']:.2f} ± {f['std']:.2f}")
+        _out(f"report: {res['report']}")
+        return 0
+    if args.command == "export":
+        res = commands.export_run(args.run, args.stage, args.out, args.formats)
+        for fmt, made in res["formats"].items():
+            _out(f"{fmt}: {made['path'] if made.get('ok') else 'not written: ' + str(made.get('reason'))}")
+        _out(json.dumps({"source": str(res["source"]), "profile": res["profile"]}, indent=2))
         return 0
     if args.command == "eval":
         overrides = {}

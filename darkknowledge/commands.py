@@ -7,18 +7,29 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from darkknowledge.config import RunConfig, apply_overrides, parse_override, validate_config
+from darkknowledge.config import (
+    RunConfig,
+    apply_overrides,
+    parse_override,
+    validate_config,
+)
 from darkknowledge.engine.checkpoint import export_model, read_export
 from darkknowledge.engine.distributed import DistContext, init_distributed
 from darkknowledge.engine.metrics import evaluate
 from darkknowledge.errors import ConfigError
-from darkknowledge.runs.build import build_model, check_config, model_spec, seed_everything
+from darkknowledge.runs.build import (
+    build_model,
+    check_config,
+    model_spec,
+    seed_everything,
+)
 from darkknowledge.runs.context import RunContext
-from darkknowledge.runs.preflight import PreflightContext, preflight
 from darkknowledge.runs.parts_report import parts_sections
+from darkknowledge.runs.preflight import PreflightContext, preflight
 from darkknowledge.runs.report import group_rows, render_report, table_lines, verdict
-from darkknowledge.runs.rundir import choose_run_dir
+from darkknowledge.runs.rundir import RunDir, choose_run_dir, trained_stages
 from darkknowledge.runs.session import Session
+from darkknowledge.runs.student_report import student_section
 from darkknowledge.schemes.base import resolve_scheme
 
 log = logging.getLogger(__name__)
@@ -75,6 +86,8 @@ def compare(cfg: RunConfig, out: str | Path | None = None, resume: bool = False,
     head = f"{teachers} -> {cfg.student.name}" if teachers else cfg.student.name
     title = f"{cfg.name}: {head}" + (f" ({cfg.scheme.name})" if cfg.scheme.name != "offline" else "")
     sections = parts_sections(s.run.path, s.run.results) if s.run.path is not None and s.run.writer else []
+    student = student_section(s.run.path if s.run.writer else None, s.run.results)
+    sections += ([""] if sections and student else []) + student  # the report ends with what decides deployment
     text = render_report(title, rows, notes, sections)
     report = s.run.write_text("report.md", text)
     return {"run_dir": s.run.path, "rows": rows, "verdict": verdict(rows), "report": report, "table": table_lines(rows)}
@@ -185,13 +198,21 @@ def evaluate_checkpoint(path: str | Path, overrides: dict[str, Any] | None = Non
             with another number of classes than the dataset it is evaluated on.
         ConfigError: Bad overrides.
     """
+    model, spec, cfg, test_loader, dist = _rebuild(path, overrides)
+    metrics = evaluate(model, test_loader, dist)
+    return {"model": spec["name"], "params": spec.get("params", {}), "data": cfg.data.name, **metrics}
+
+
+def _rebuild(path: str | Path, overrides: dict[str, Any] | None) -> tuple[Any, dict[str, Any], RunConfig, Any, Any]:
+    """An exported model rebuilt from its spec, with its weights, on its recorded dataset:
+    ``(model, spec, cfg, test_loader, dist)`` (see :func:`evaluate_checkpoint`)."""
     from darkknowledge.config import ModelConfig, deep_merge, validate_config
     from darkknowledge.engine.checkpoint import check_export_fits, load_weights
     from darkknowledge.engine.device import select_device
     from darkknowledge.errors import CheckpointError
     from darkknowledge.runs.build import build_data, make_loaders
 
-    hint = "Give `dk eval` a model exported by `dk distill`/`dk train` (student.pt) or a stage's model.pt."
+    hint = "Give a model exported by `dk distill`/`dk train` (student.pt) or a stage's model.pt."
     payload = read_export(path, hint=hint)
     spec, state = payload["spec"], payload["state_dict"]
     if spec.get("custom"):
@@ -209,14 +230,77 @@ def evaluate_checkpoint(path: str | Path, overrides: dict[str, Any] | None = Non
     info = bundle.info
     view = spec.get("input")  # a cross-modal student reads its own view of the data
     check_export_fits(payload, path, info.name, info.input_shape_of(view, "model input"), info.num_classes)
-    model = build_model(ModelConfig(name=spec["name"], params=spec.get("params", {}), input=view), info, "model")
+    model = build_model(ModelConfig(name=spec["name"], params=spec.get("params", {}), input=view,
+                                    ops=spec.get("ops", "plain"), quantize=spec.get("quantize")), info, "model")
     load_weights(model, state, path)
     model.to(device)
     _, test_loader, _ = make_loaders(cfg, bundle, 0, device, dist, train=False, primary=view)
     _probe(model, next(iter(test_loader)).x[:2], path, info.name)
-    metrics = evaluate(model, test_loader, dist)
-    return {"model": spec["name"], "params": spec.get("params", {}), "data": cfg.data.name, **metrics}
+    return model, spec, cfg, test_loader, dist
 
+
+
+def export_run(run: str | Path, stage: str | None = None, out: str | Path | None = None,
+               formats: Sequence[str] = ("safetensors", "onnx", "torch_export")) -> dict[str, Any]:
+    """``dk export``: a run's student as safetensors + a rebuildable spec, ONNX and a ``torch.export``
+    program (where the model allows), with its size, FLOPs and CPU latency.
+
+    Args:
+        run: A run folder (its student: the ``student.pt`` of ``dk distill``, else the first
+            stage whose result has role ``student``), a stage folder, or an exported ``.pt`` file.
+        stage: The stage to export (a stage folder name of the run) instead of the student.
+        out: Output folder (default ``<run>/export/<stage>``).
+        formats: Any of ``safetensors``, ``onnx``, ``torch_export``.
+
+    Returns:
+        ``{"source", "out", "formats": {format: {path, ok, reason?, max_abs_diff?}}, "profile"}``.
+
+    Raises:
+        CheckpointError: Nothing exportable found at ``run`` (the stages that are, listed).
+    """
+    import dataclasses
+
+    import torch
+
+    from darkknowledge.students.export import export_student
+    from darkknowledge.students.profile import profile_model
+
+    source, name = _export_source(Path(run), stage)
+    model, spec, cfg, test_loader, _ = _rebuild(source, None)
+    model.to(torch.device("cpu")).eval()
+    example = next(iter(test_loader)).x[:1].to("cpu")  # (1, *input_shape): a real test input
+    target = Path(out) if out is not None else source.parent / "export" / name
+    written = export_student(model, {**spec, "data": cfg.data.model_dump(mode="json")}, target, example,
+                             formats=tuple(formats))
+    profile = profile_model(model, example, batch_n=cfg.data.batch_size, repeats=cfg.profile.repeats,
+                            warmup=cfg.profile.warmup, quant_bits_default=cfg.profile.quant_bits)
+    return {"source": source, "out": target, "formats": written, "profile": dataclasses.asdict(profile)}
+
+
+def _export_source(run: Path, stage: str | None) -> tuple[Path, str]:
+    """The exported ``.pt`` file ``dk export`` reads for ``run`` and ``stage``, and its name."""
+    from darkknowledge.errors import CheckpointError
+
+    if run.is_file():
+        return run, run.stem
+    if not run.is_dir():
+        raise CheckpointError(f"dk export: {str(run)!r} is neither a run folder nor an exported model file")
+    stages = trained_stages(run)
+    if stage is not None:
+        if not (run / stage / "model.pt").is_file():
+            raise CheckpointError(f"dk export: run {str(run)!r} has no trained stage {stage!r}; its stages: "
+                                  f"{', '.join(stages) or 'none'}")
+        return run / stage / "model.pt", stage
+    if (run / "model.pt").is_file():  # a stage folder
+        return run / "model.pt", run.name
+    if (run / "student.pt").is_file():  # dk distill
+        return run / "student.pt", "student"
+    students = [e["name"] for e in RunDir(run, writer=False).results
+                if e.get("role") == "student" and (run / e["name"] / "model.pt").is_file()]
+    if not students:
+        raise CheckpointError(f"dk export: run {str(run)!r} has no trained student yet; name a stage with --stage "
+                              f"(its stages: {', '.join(stages) or 'none'})")
+    return run / students[0] / "model.pt", students[0]
 
 def _probe(model: Any, x: Any, path: str | Path, dataset: str) -> None:
     """Run ``model`` on two test inputs: a model whose spec records no input shape (an external

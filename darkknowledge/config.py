@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from importlib import resources
-from pathlib import Path
 from typing import Any, Literal
 
 import pydantic
@@ -18,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
 from darkknowledge.errors import ConfigError, did_you_mean
+from darkknowledge.recipes import read_recipe, recipe_names  # noqa: F401 (recipe_names: re-exported)
 from darkknowledge.validation import format_validation_error
 from darkknowledge.yamlio import load_yaml
 
@@ -34,6 +33,13 @@ class ModelConfig(_Strict):
     checkpoint: str | None = Field(default=None, description="weights to load (exported .pt)")
     input: str | None = Field(default=None, description="the data view it reads on a paired dataset (cross-modal: "
                               "data.views or the dataset's stored views); default the stored input")
+    width: float = Field(default=1.0, gt=0.0, description="shrink: multiply the family's channels/units (students/"
+                         "shrink.py); with `from: teacher` the teacher's family")
+    depth: float = Field(default=1.0, gt=0.0, description="shrink: multiply the layers/blocks per stage (>= 1 each)")
+    ops: Literal["plain", "depthwise"] = Field(default="plain", description="depthwise: every k>1 convolution becomes "
+                                               "depthwise-separable (students/depthwise.py)")
+    quantize: dict[str, Any] | None = Field(default=None, description="fake-quantized weights/activations, e.g. "
+                                            "{bits: 4, act_bits: 4} (students/quant: QuantSpec)")
 
 
 class AugmentConfig(_Strict):
@@ -147,6 +153,15 @@ class CacheConfig(_Strict):
                                      "inputs, 1 on accelerators")
 
 
+class ProfileConfig(_Strict):
+    """The student report: size, FLOPs and CPU latency of each trained model (students/profile.py)."""
+
+    enabled: bool = Field(default=True, description="profile each trained model architecture once per run")
+    repeats: int = Field(default=10, ge=1, description="timed forward calls; the latency is their median")
+    warmup: int = Field(default=2, ge=0, description="untimed forward calls before timing")
+    quant_bits: int = Field(default=8, ge=2, le=8, description="a float model's quantized size: weights at these bits")
+
+
 class SchemeConfig(_Strict):
     """Who teaches whom: a registered scheme (``dk list schemes``) and its parameters.
 
@@ -173,6 +188,7 @@ class RunConfig(_Strict):
     losses: dict[str, dict[str, Any] | None] = Field(default_factory=lambda: {"kd": {}})
     train: TrainConfig = Field(default_factory=TrainConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    profile: ProfileConfig = Field(default_factory=ProfileConfig)
 
     @pydantic.field_validator("scheme", mode="before")
     @classmethod
@@ -313,9 +329,29 @@ def validate_config(raw: Mapping[str, Any]) -> RunConfig:
             raise ConfigError(f"{shown}: unknown key.{did_you_mean(str(key), fields)} Valid keys: {', '.join(fields)}.")
     _check_plain(raw, "")
     try:
-        return RunConfig(**raw)
+        return RunConfig(**student_from_teacher(raw))
     except pydantic.ValidationError as exc:
         raise ConfigError(_with_hints(exc)) from None
+
+
+def student_from_teacher(raw: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``student: {from: teacher, width: 0.5}``: the teacher's family (its name and params), then
+    shrunk or converted by the student's other keys (``width``, ``depth``, ``ops``, ``quantize``)."""
+    student = raw.get("student")
+    if not isinstance(student, Mapping) or "from" not in student:
+        return raw
+    source, teacher = student["from"], raw.get("teacher")
+    if source != "teacher":
+        raise ConfigError(f"student.from: {source!r} is not a model to derive from; valid: 'teacher'")
+    if not isinstance(teacher, Mapping) or "name" not in teacher:
+        raise ConfigError("student.from: 'teacher' needs a `teacher:` section with a name")
+    if "name" in student:
+        raise ConfigError(f"student: give `from: teacher` or `name: {student['name']}`, not both (to override a "
+                          "recipe's student on the command line, replace the section: student={from: teacher, "
+                          "width: 0.5})")
+    rest = {k: v for k, v in student.items() if k != "from"}
+    return {**raw, "student": {"name": teacher["name"], "params": copy.deepcopy(dict(teacher.get("params") or {})),
+                               **rest}}
 
 
 def _with_hints(exc: pydantic.ValidationError) -> str:
@@ -334,45 +370,6 @@ def _with_hints(exc: pydantic.ValidationError) -> str:
             if model is not None:
                 msg += f" ({'.'.join(loc)}:{did_you_mean(loc[-1], model.model_fields) or ' no close key'})"
     return msg
-
-
-def recipe_names() -> list[str]:
-    """Names of the recipes shipped in the package (``darkknowledge/recipes/*.yaml``)."""
-    files = resources.files("darkknowledge.recipes").iterdir()
-    return sorted(Path(f.name).stem for f in files if f.name.endswith(".yaml"))
-
-
-def read_recipe(name_or_path: str) -> dict[str, Any]:
-    """Read a recipe by shipped name (``quickstart``) or by file path (``my.yaml``)."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.is_file():  # a folder named like a recipe (a run folder) is not one
-        if not path.is_file():
-            raise ConfigError(f"recipe file {str(path)!r} does not exist")
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"recipe file {str(path)!r} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
-                              f"offset {exc.start}); save it as UTF-8") from None
-        except OSError as exc:
-            raise ConfigError(f"recipe file {str(path)!r} cannot be read: {exc.strerror or exc}") from None
-    else:
-        names = recipe_names()
-        if name_or_path not in names:
-            raise ConfigError(
-                f"unknown recipe {name_or_path!r}.{did_you_mean(name_or_path, names)} "
-                f"Shipped recipes: {', '.join(names)}; or give a path to a .yaml file."
-            )
-        text = resources.files("darkknowledge.recipes").joinpath(f"{name_or_path}.yaml").read_text()
-    try:
-        raw = load_yaml(text) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
-        raise ConfigError(f"recipe {name_or_path!r} is not valid YAML{where}: {problem}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"recipe {name_or_path!r} must be a mapping of keys")
-    return raw
 
 
 def load_config(recipe: str | Mapping[str, Any] | None = None, overrides: Sequence[str] = ()) -> RunConfig:

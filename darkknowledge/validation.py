@@ -110,3 +110,20 @@ def format_validation_error(exc: pydantic.ValidationError, where: str = "") -> s
         shown = "" if err["type"] in ("missing",) or isinstance(got, dict) else f" (got {got!r})"
         lines.append(f"{path}: {msg}{shown}")
     return "; ".join(lines)
+
+
+def weights_problem(expected: Mapping[str, Any], given: Mapping[str, Any]) -> str:
+    """The first differences between a model's state dict and a file's, in a few words ('' when none)."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [k for k in expected if k in given and tuple(expected[k].shape) != tuple(given[k].shape)]
+    parts = []
+    if shapes:
+        k = shapes[0]
+        more = f" (+{len(shapes) - 1} more)" if len(shapes) > 1 else ""
+        parts.append(f"{k} is {tuple(given[k].shape)} in the file but {tuple(expected[k].shape)} in the model{more}")
+    for label, keys in (("missing from the file", missing), ("not in the model", unexpected)):
+        if keys:
+            more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
+            parts.append(f"{label}: {', '.join(keys[:3])}{more}")
+    return "; ".join(parts)

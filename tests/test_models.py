@@ -26,6 +26,7 @@ from darkknowledge.models import (
 INPUT_SHAPES: dict[str, list[tuple[int, ...]]] = {
     "mlp": [(40,), (3, 32, 32)],
     "cnn1d": [(40,), (2, 40)],
+    "dscnn1d": [(40,), (2, 40)],
     "cnn2d": [(3, 32, 32), (1, 8, 8), (1, 28, 28)],
     "resnet8": [(3, 32, 32), (1, 8, 8)],
     "wrn_16_1": [(3, 32, 32), (1, 8, 8)],

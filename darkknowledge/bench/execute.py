@@ -83,6 +83,8 @@ def run_cell(task: CellTask, threads: int | None = None) -> dict[str, Any]:
     resume = prepare_work_dir(task)
     start = time.perf_counter()
     cfg = check_cell_config(task.config, cell.id)
+    # tables read accuracy and training cost; a model's size/latency profile is dk run's and dk export's
+    cfg = cfg.model_copy(update={"profile": cfg.profile.model_copy(update={"enabled": False})})
     out = Path(task.work_dir) / RUN_DIR
     try:
         if cell.kind == "teacher":

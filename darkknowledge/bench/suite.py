@@ -38,7 +38,7 @@ from typing import Any, Literal
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
-from darkknowledge.config import apply_overrides, recipe_names
+from darkknowledge.config import apply_overrides, recipe_names, student_from_teacher
 from darkknowledge.errors import ConfigError, did_you_mean
 from darkknowledge.validation import format_validation_error
 from darkknowledge.yamlio import load_yaml
@@ -72,6 +72,13 @@ class Pair(_Strict):
     overrides: dict[str, dict[str, Any]] = Field(default_factory=dict, description="method -> dotted overrides "
                                                  "for this pair only, applied after the method's own (e.g. a "
                                                  "paper's per-pair loss weight)")
+
+    @pydantic.model_validator(mode="after")
+    def _derived_student(self) -> Pair:
+        """``student: {from: teacher, ...}`` resolved against the pair's teacher, so that every cell
+        (the student alone too, which has no teacher section) builds the same student."""
+        self.student = dict(student_from_teacher({"teacher": self.teacher, "student": self.student})["student"])
+        return self
 
 
 class Method(_Strict):

@@ -26,6 +26,7 @@ from torch import nn
 
 from darkknowledge.atomic import atomic_write
 from darkknowledge.errors import CheckpointError
+from darkknowledge.validation import weights_problem
 
 FORMAT_VERSION = 1
 
@@ -214,7 +215,7 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str | P
         path: The file, for the message.
         where: What the file is (``teacher.checkpoint``, ``checkpoint``), for the message.
     """
-    problem = _weights_problem(model.state_dict(), state)
+    problem = weights_problem(model.state_dict(), state)
     if not problem:
         try:
             model.load_state_dict(state)
@@ -224,22 +225,6 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str | P
     raise CheckpointError(f"{where} {str(path)!r}: its weights do not fit the {getattr(model, 'dk_name', 'model')} "
                           f"model its spec builds ({problem}); the file is damaged or its spec was edited: "
                           "export the model again")
-
-
-def _weights_problem(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
-    """The first differences between a model's state dict and a file's, in a few words."""
-    missing = [k for k in expected if k not in given]
-    unexpected = [k for k in given if k not in expected]
-    shapes = [k for k in expected if k in given and tuple(expected[k].shape) != tuple(given[k].shape)]
-    parts = []
-    if shapes:
-        k = shapes[0]
-        more = f" (+{len(shapes) - 1} more)" if len(shapes) > 1 else ""
-        parts.append(f"{k} is {tuple(given[k].shape)} in the file but {tuple(expected[k].shape)} in the model{more}")
-    for label, keys in (("missing", missing), ("unexpected", unexpected)):
-        if keys:
-            parts.append(f"{label}: {', '.join(keys[:3])}" + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""))
-    return "; ".join(parts)
 
 
 def check_export_fits(payload: dict[str, Any], path: str | Path, dataset: str, input_shape: Sequence[int],

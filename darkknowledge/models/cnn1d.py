@@ -17,50 +17,13 @@ def _conv_out_len(length: int, kernel_size: int, stride: int, padding: int) -> i
     return (length + 2 * padding - kernel_size) // stride + 1
 
 
-class CNN1d(nn.Module):
-    """``depth`` blocks of (Conv1d, BatchNorm1d if enabled, ReLU), flattened, then a linear classifier.
+class BlockStack1d(nn.Module):
+    """A 1-D CNN laid out as ``blocks`` (a Sequential of blocks), ``flatten`` and ``fc``: the
+    taps and forward pass shared by ``cnn1d`` and ``dscnn1d`` (subclasses build the three)."""
 
-    The first conv has stride 1, the others stride 2 (each halves the length); all use
-    ``padding = kernel_size // 2``. This follows the MNIST-1D paper's small CNN.
-
-    Module paths: ``blocks.0`` ... ``blocks.{depth-1}``, ``flatten``, ``fc``.
-    ``"fc:input"`` is the penultimate feature (the flattened last feature map).
-
-    Args:
-        in_channels: Channels of the input signal.
-        length: Length of the input signal.
-        num_classes: Number of output logits.
-        channels: Channels of every conv layer.
-        depth: Number of conv layers.
-        kernel_size: Kernel size of every conv layer.
-        batch_norm: Put a BatchNorm1d after each conv (data-free methods such as DeepInversion
-            read a teacher's batch-norm statistics).
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        length: int,
-        num_classes: int,
-        channels: int = 32,
-        depth: int = 3,
-        kernel_size: int = 5,
-        batch_norm: bool = False,
-    ) -> None:
-        super().__init__()
-        padding = kernel_size // 2
-        blocks: list[nn.Module] = []
-        width, cur_len = in_channels, length
-        for i in range(depth):
-            stride = 1 if i == 0 else 2
-            conv = nn.Conv1d(width, channels, kernel_size, stride=stride, padding=padding, bias=not batch_norm)
-            norm = [nn.BatchNorm1d(channels)] if batch_norm else []
-            blocks.append(nn.Sequential(conv, *norm, nn.ReLU()))
-            width = channels
-            cur_len = _conv_out_len(cur_len, kernel_size, stride, padding)  # >= 1 with this padding
-        self.blocks = nn.Sequential(*blocks)
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(channels * cur_len, num_classes)
+    blocks: nn.Sequential
+    flatten: nn.Flatten
+    fc: nn.Linear
 
     def feature_taps(self) -> list[str]:
         """Paths of the conv-block outputs ``(B, channels, L_i)``, shallow to deep."""
@@ -75,6 +38,63 @@ class CNN1d(nn.Module):
         return self.fc(h)  # (B, num_classes)
 
 
+class CNN1d(BlockStack1d):
+    """``depth`` blocks of (Conv1d, BatchNorm1d if enabled, ReLU), flattened, then a linear classifier.
+
+    The first conv has stride 1, the others stride 2 (each halves the length); all use
+    ``padding = kernel_size // 2``. This follows the MNIST-1D paper's small CNN. With
+    ``block_layers = k`` a block holds ``k`` (Conv1d, [BatchNorm1d], ReLU) layers in order, the
+    first with the block's stride and the rest with stride 1 (``blocks.i.0`` is always the
+    first conv), so the blocks stay the stages.
+
+    Module paths: ``blocks.0`` ... ``blocks.{depth-1}``, ``flatten``, ``fc``.
+    ``"fc:input"`` is the penultimate feature (the flattened last feature map).
+
+    Args:
+        in_channels: Channels of the input signal.
+        length: Length of the input signal.
+        num_classes: Number of output logits.
+        channels: Channels of every conv layer.
+        depth: Number of conv layers.
+        kernel_size: Kernel size of every conv layer.
+        batch_norm: Put a BatchNorm1d after each conv (data-free methods such as DeepInversion
+            read a teacher's batch-norm statistics).
+        block_layers: Conv layers in each block.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        length: int,
+        num_classes: int,
+        channels: int = 32,
+        depth: int = 3,
+        kernel_size: int = 5,
+        batch_norm: bool = False,
+        block_layers: int = 1,
+    ) -> None:
+        super().__init__()
+        padding = kernel_size // 2
+        blocks: list[nn.Module] = []
+        width, cur_len = in_channels, length
+        for i in range(depth):
+            layers: list[nn.Module] = []
+            for j in range(block_layers):
+                stride = 2 if i > 0 and j == 0 else 1
+                layers.append(
+                    nn.Conv1d(width, channels, kernel_size, stride=stride, padding=padding, bias=not batch_norm)
+                )
+                if batch_norm:
+                    layers.append(nn.BatchNorm1d(channels))
+                layers.append(nn.ReLU())
+                width = channels
+                cur_len = _conv_out_len(cur_len, kernel_size, stride, padding)  # >= 1 with this padding
+            blocks.append(nn.Sequential(*layers))
+        self.blocks = nn.Sequential(*blocks)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(channels * cur_len, num_classes)
+
+
 @register_model("cnn1d")
 def cnn1d(
     num_classes: Annotated[int, Field(ge=1)] = 10,
@@ -83,6 +103,7 @@ def cnn1d(
     depth: Annotated[int, Field(ge=1)] = 3,
     kernel_size: Annotated[int, Field(ge=1)] = 5,
     batch_norm: bool = False,
+    block_layers: Annotated[int, Field(ge=1)] = 1,
 ) -> CNN1d:
     """Build a small 1-D CNN (MNIST-1D style).
 
@@ -93,11 +114,14 @@ def cnn1d(
         depth: Number of conv layers (first stride 1, the rest stride 2).
         kernel_size: Kernel size of every conv layer.
         batch_norm: A BatchNorm1d after each conv (the conv then has no bias).
+        block_layers: Conv layers per block (the extra ones keep the length; the depth of a
+            stage, which ``darkknowledge.students.shrink`` scales).
 
     Returns:
         The model; taps ``blocks.0`` ... , penultimate feature ``fc:input``.
     """
     where = "model 'cnn1d'"
-    check_positive(where, num_classes=num_classes, channels=channels, depth=depth, kernel_size=kernel_size)
+    check_positive(where, num_classes=num_classes, channels=channels, depth=depth, kernel_size=kernel_size,
+                   block_layers=block_layers)
     in_channels, length = sequence_channels_length(where, input_shape)
-    return CNN1d(in_channels, length, num_classes, channels, depth, kernel_size, batch_norm)
+    return CNN1d(in_channels, length, num_classes, channels, depth, kernel_size, batch_norm, block_layers)

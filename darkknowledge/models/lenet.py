@@ -9,7 +9,8 @@ student; official ``lenet.py`` of huawei-noah/Efficient-Computing):
     -> conv 5x5 (c3) -> ReLU -> fc (h) -> ReLU -> fc (K)
 
 with ``(c1, c2, c3, h) = (6, 16, 120, 84)`` for ``lenet5`` and ``(3, 8, 60, 42)`` for
-``lenet5_half``; no padding, biases everywhere, PyTorch's default init. On a 32x32 input the
+``lenet5_half`` (``lenet`` takes any ``widths``: the family that shrunk students are built
+from); no padding, biases everywhere, PyTorch's default init. On a 32x32 input the
 maps are 28 -> 14 -> 10 -> 5 -> 1 pixels, so the third conv is fully connected to its input:
 61,706 (``lenet5``) and 15,738 (``lenet5_half``) parameters for 10 classes, as DAFL's nets.
 
@@ -163,6 +164,28 @@ def build_lenet(
 
 
 NumClasses = Annotated[int, Field(ge=1)]
+
+
+@register_model("lenet")
+def lenet(
+    num_classes: NumClasses = 10,
+    input_shape: tuple[int, ...] = (1, 32, 32),
+    widths: tuple[int, int, int, int] = LENET5_WIDTHS,
+    batch_norm: bool = False,
+) -> LeNet5:
+    """LeNet-5 with any widths ``(c1, c2, c3, h)`` (the default is ``lenet5``).
+
+    Args:
+        num_classes: Number of output logits.
+        input_shape: ``(C, H, W)`` or ``(H, W)``, ``H, W >= 28`` (below 32 zero-padded to 32).
+        widths: Channels of the three convs and width of the hidden layer, each >= 1.
+        batch_norm: BatchNorm after each conv and the hidden layer (biases dropped there).
+
+    Returns:
+        The model; taps ``block1, block2, block3, head``; penultimate ``head`` = ``fc:input``.
+    """
+    check_positive("model 'lenet'", widths=widths)
+    return build_lenet("lenet", widths, num_classes, input_shape, batch_norm)
 
 
 @register_model("lenet5")

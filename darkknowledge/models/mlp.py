@@ -22,9 +22,11 @@ from darkknowledge.models._registry import register_model
 class MLP(nn.Module):
     """Flatten -> ``len(hidden)`` blocks of (Linear, activation, Dropout) -> Linear.
 
-    Module paths: ``flatten``, ``blocks.0`` ... ``blocks.{n-1}`` (one per hidden layer),
+    Module paths: ``flatten``, ``blocks.0`` ... ``blocks.{n-1}`` (one per hidden width),
     ``fc`` (the classifier). ``"fc:input"`` is the penultimate feature (output of the
-    last hidden block, or the flattened input when ``hidden`` is empty).
+    last hidden block, or the flattened input when ``hidden`` is empty). With
+    ``block_layers = k`` each block repeats (Linear, activation, Dropout) ``k`` times at its
+    width (``blocks.i.0``, ``.1``, ... in order), so the blocks (the stages) stay the taps.
 
     Args:
         in_features: Flattened size of one sample.
@@ -32,6 +34,7 @@ class MLP(nn.Module):
         hidden: Width of each hidden layer, shallow to deep.
         dropout: Dropout after each hidden activation (0 disables it).
         activation: Activation name, see ``ActivationName``.
+        block_layers: Linear layers in each block (1: one per hidden width).
     """
 
     def __init__(
@@ -41,6 +44,7 @@ class MLP(nn.Module):
         hidden: Sequence[int] = (100, 100),
         dropout: float = 0.0,
         activation: str = "relu",
+        block_layers: int = 1,
     ) -> None:
         super().__init__()
         where = "model 'mlp'"
@@ -48,11 +52,13 @@ class MLP(nn.Module):
         blocks: list[nn.Module] = []
         width = in_features
         for h in hidden:
-            layers: list[nn.Module] = [nn.Linear(width, h), make_activation(activation, where)]
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
+            layers: list[nn.Module] = []
+            for _ in range(block_layers):
+                layers += [nn.Linear(width, h), make_activation(activation, where)]
+                if dropout > 0:
+                    layers.append(nn.Dropout(dropout))
+                width = h
             blocks.append(nn.Sequential(*layers))
-            width = h
         self.blocks = nn.Sequential(*blocks)
         self.fc = nn.Linear(width, num_classes)
 
@@ -74,6 +80,7 @@ def mlp(
     hidden: tuple[int, ...] = (100, 100),
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0,
     activation: ActivationName = "relu",
+    block_layers: Annotated[int, Field(ge=1)] = 1,
 ) -> MLP:
     """Build an MLP that flattens its input.
 
@@ -83,11 +90,13 @@ def mlp(
         hidden: Width of each hidden layer; ``()`` gives a linear classifier.
         dropout: Dropout probability after each hidden activation.
         activation: Hidden activation: relu, gelu, silu, tanh, elu, leaky_relu or sigmoid.
+        block_layers: Linear layers per hidden block, all at the block's width (the depth of a
+            stage; ``darkknowledge.students.shrink`` scales it).
 
     Returns:
         The model; taps ``blocks.0`` ... , penultimate feature ``fc:input``.
     """
     where = "model 'mlp'"
-    check_positive(where, num_classes=num_classes, hidden=hidden)
+    check_positive(where, num_classes=num_classes, hidden=hidden, block_layers=block_layers)
     check_dropout(where, dropout)
-    return MLP(flat_features(where, input_shape), num_classes, tuple(hidden), dropout, activation)
+    return MLP(flat_features(where, input_shape), num_classes, tuple(hidden), dropout, activation, block_layers)

@@ -5,7 +5,8 @@ multiplier 0.5. A stride-2 3x3 conv-BN-ReLU stem of ``int(32 w)`` channels, then
 of inverted-residual blocks ``(t, c, n, s)``: ``(1, 16, 1, 1), (T, 24, 2, 1), (T, 32, 3, 2),
 (T, 64, 4, 2), (T, 96, 3, 1), (T, 160, 3, 2), (T, 320, 1, 1)`` with ``int(c w)`` channels, a
 1x1 conv-BN-ReLU to 1280 channels (``int(1280 w)`` when ``w > 1``), global average pool and a
-linear classifier. A 32x32 input leaves the blocks at 2x2 (16x downsampling).
+linear classifier. A 32x32 input leaves the blocks at 2x2 (16x downsampling). ``blocks`` sets
+the ``n`` of each group (default ``1, 2, 3, 4, 3, 3, 1``): shrunk students keep the seven groups.
 
 As in RepDistiller (and unlike torchvision's MobileNetV2) every inverted-residual block has
 the 1x1 expansion conv, also when ``t = 1``. Module names follow RepDistiller's
@@ -32,20 +33,14 @@ from darkknowledge.models._registry import register_model
 
 _STEM = 32
 _LAST = 1280
+_BLOCKS = (1, 2, 3, 4, 3, 3, 1)
 
 
-def _settings(expand_ratio: int) -> list[tuple[int, int, int, int]]:
+def _settings(expand_ratio: int, blocks: Sequence[int] = _BLOCKS) -> list[tuple[int, int, int, int]]:
     """``(t, c, n, s)``: expansion, base channels, blocks and first stride of each block group."""
     t = expand_ratio
-    return [
-        (1, 16, 1, 1),
-        (t, 24, 2, 1),
-        (t, 32, 3, 2),
-        (t, 64, 4, 2),
-        (t, 96, 3, 1),
-        (t, 160, 3, 2),
-        (t, 320, 1, 1),
-    ]
+    base = [(1, 16, 1), (t, 24, 1), (t, 32, 2), (t, 64, 2), (t, 96, 1), (t, 160, 2), (t, 320, 1)]  # (t, c, s)
+    return [(t_, c, n, s) for (t_, c, s), n in zip(base, blocks, strict=True)]
 
 
 def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> nn.Sequential:
@@ -103,16 +98,20 @@ class MobileNetV2Cifar(nn.Module):
         width_mult: Width multiplier ``w``.
         expand_ratio: Expansion ``T`` of the blocks after the first group.
         in_channels: Channels of the input image.
+        blocks: Inverted-residual blocks ``n`` of each of the seven groups.
     """
 
     def __init__(
-        self, num_classes: int = 10, width_mult: float = 0.5, expand_ratio: int = 6, in_channels: int = 3
+        self, num_classes: int = 10, width_mult: float = 0.5, expand_ratio: int = 6, in_channels: int = 3,
+        blocks: Sequence[int] = _BLOCKS,
     ) -> None:
         super().__init__()
+        if len(blocks) != len(_BLOCKS) or any(n < 1 for n in blocks):
+            raise ValueError(f"blocks must be {len(_BLOCKS)} counts >= 1, got {list(blocks)}")
         channels = int(_STEM * width_mult)
         self.conv1 = conv_bn_relu(in_channels, channels, 3, stride=2)
         groups = []
-        for t, c, n, s in _settings(expand_ratio):
+        for t, c, n, s in _settings(expand_ratio, blocks):
             out = int(c * width_mult)
             blocks = [InvertedResidual(channels, out, s, t)]
             blocks.extend(InvertedResidual(out, out, 1, t) for _ in range(1, n))
@@ -142,16 +141,17 @@ class MobileNetV2Cifar(nn.Module):
 
 
 def build_mobilenetv2(
-    name: str, num_classes: int, input_shape: Sequence[int], width_mult: float, expand_ratio: int
+    name: str, num_classes: int, input_shape: Sequence[int], width_mult: float, expand_ratio: int,
+    blocks: Sequence[int] = _BLOCKS,
 ) -> MobileNetV2Cifar:
     """Check the params and build a CIFAR MobileNetV2.
 
     Raises:
-        ConfigError: Bad ``num_classes``, ``input_shape``, ``expand_ratio``, or a ``width_mult``
-            so small that a layer would get no channels.
+        ConfigError: Bad ``num_classes``, ``input_shape``, ``expand_ratio``, ``blocks``, or a
+            ``width_mult`` so small that a layer would get no channels.
     """
     where = f"model {name!r}"
-    check_positive(where, num_classes=num_classes, expand_ratio=expand_ratio)
+    check_positive(where, num_classes=num_classes, expand_ratio=expand_ratio, blocks=blocks)
     in_channels = image_channels(where, input_shape)
     narrowest = min(_STEM, *(c for _, c, _, _ in _settings(expand_ratio)))
     if not (math.isfinite(width_mult) and int(narrowest * width_mult) >= 1):
@@ -159,7 +159,7 @@ def build_mobilenetv2(
             f"{where}.width_mult: must give every layer at least one channel, i.e. be >= "
             f"{1 / narrowest} (the narrowest group has {narrowest} base channels), got {width_mult!r}"
         )
-    return MobileNetV2Cifar(num_classes, width_mult, expand_ratio, in_channels)
+    return MobileNetV2Cifar(num_classes, width_mult, expand_ratio, in_channels, blocks)
 
 
 NumClasses = Annotated[int, Field(ge=1)]
@@ -171,6 +171,7 @@ def mobilenetv2(
     input_shape: tuple[int, ...] = (3, 32, 32),
     width_mult: Annotated[float, Field(gt=0)] = 0.5,
     expand_ratio: Annotated[int, Field(ge=1)] = 6,
+    blocks: tuple[int, int, int, int, int, int, int] = _BLOCKS,
 ) -> MobileNetV2Cifar:
     """MobileNetV2 for CIFAR (RepDistiller's ``mobile_half`` by default, ~0.81M params on CIFAR-100).
 
@@ -181,5 +182,7 @@ def mobilenetv2(
             when ``width_mult > 1``).
         expand_ratio: Expansion ratio ``T`` of the inverted-residual blocks (the first group
             always uses 1).
+        blocks: Blocks ``n`` of each of the seven groups, each >= 1 (the first of a group
+            carries its stride; taps stay ``blocks.1, blocks.2, blocks.4, blocks.6``).
     """
-    return build_mobilenetv2("mobilenetv2", num_classes, input_shape, width_mult, expand_ratio)
+    return build_mobilenetv2("mobilenetv2", num_classes, input_shape, width_mult, expand_ratio, blocks)

@@ -14,6 +14,10 @@ shortcut is ``None`` rather than an empty Sequential; the ReLUs are modules (``r
 stem; ``relu1, relu2, relu_out`` in a block, so ``"<block>.relu_out:input"`` is RepDistiller's
 ``preact``); no in-place ops; any number of input channels; and ``forward`` returns logits only
 (features come from hooks).
+
+``resnet_bottleneck_cifar`` builds the same layout with any bottlenecks per stage and
+bottleneck widths (the stem has the first stage's width): the family shrunk students are
+built from.
 """
 
 from __future__ import annotations
@@ -82,22 +86,27 @@ class ResNetBottleneckCifar(nn.Module):
         blocks: Number of bottlenecks in each of the four stages.
         num_classes: Number of output logits.
         in_channels: Channels of the input image.
+        planes: Bottleneck widths of the four stages (outputs ``4 *`` these); the stem has
+            ``planes[0]`` channels.
     """
 
-    def __init__(self, blocks: Sequence[int], num_classes: int = 10, in_channels: int = 3) -> None:
+    def __init__(self, blocks: Sequence[int], num_classes: int = 10, in_channels: int = 3,
+                 planes: Sequence[int] = _PLANES) -> None:
         super().__init__()
         if len(blocks) != 4 or any(n < 1 for n in blocks):
             raise ValueError(f"blocks must be four counts >= 1, got {list(blocks)}")
-        self.in_planes = _PLANES[0]
-        self.conv1 = nn.Conv2d(in_channels, _PLANES[0], kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(_PLANES[0])
+        if len(planes) != 4 or any(p < 1 for p in planes):
+            raise ValueError(f"planes must be four channel counts >= 1, got {list(planes)}")
+        self.in_planes = planes[0]
+        self.conv1 = nn.Conv2d(in_channels, planes[0], kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes[0])
         self.relu = nn.ReLU()
-        self.layer1 = self._make_layer(_PLANES[0], blocks[0], stride=1)
-        self.layer2 = self._make_layer(_PLANES[1], blocks[1], stride=2)
-        self.layer3 = self._make_layer(_PLANES[2], blocks[2], stride=2)
-        self.layer4 = self._make_layer(_PLANES[3], blocks[3], stride=2)
+        self.layer1 = self._make_layer(planes[0], blocks[0], stride=1)
+        self.layer2 = self._make_layer(planes[1], blocks[1], stride=2)
+        self.layer3 = self._make_layer(planes[2], blocks[2], stride=2)
+        self.layer4 = self._make_layer(planes[3], blocks[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(_PLANES[3] * Bottleneck.expansion, num_classes)
+        self.fc = nn.Linear(planes[3] * Bottleneck.expansion, num_classes)
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -145,3 +154,26 @@ def resnet50_cifar(
     where = "model 'resnet50_cifar'"
     check_positive(where, num_classes=num_classes)
     return ResNetBottleneckCifar(_BLOCKS_50, num_classes, image_channels(where, input_shape))
+
+
+@register_model("resnet_bottleneck_cifar")
+def resnet_bottleneck_cifar(
+    num_classes: NumClasses = 10,
+    input_shape: tuple[int, ...] = (3, 32, 32),
+    blocks: tuple[int, int, int, int] = _BLOCKS_50,
+    planes: tuple[int, int, int, int] = _PLANES,
+) -> ResNetBottleneckCifar:
+    """A bottleneck ResNet with the CIFAR stem, any blocks and widths (default: ``resnet50_cifar``).
+
+    Args:
+        num_classes: Number of output logits.
+        input_shape: ``(C, H, W)`` or ``(H, W)``.
+        blocks: Bottlenecks in each of the four stages, each >= 1.
+        planes: Bottleneck widths of the four stages, each >= 1 (stage outputs are 4x these).
+
+    Raises:
+        ConfigError: Bad ``num_classes``, ``input_shape``, ``blocks`` or ``planes``.
+    """
+    where = "model 'resnet_bottleneck_cifar'"
+    check_positive(where, num_classes=num_classes, blocks=blocks, planes=planes)
+    return ResNetBottleneckCifar(blocks, num_classes, image_channels(where, input_shape), planes)

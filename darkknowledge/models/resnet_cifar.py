@@ -2,7 +2,8 @@
 
 Three stages of BasicBlocks with ``n = (depth - 2) / 6`` blocks each; stage widths
 ``16, 32, 64`` after a 16-channel stem (``resnet8`` ... ``resnet110``), or ``64, 128, 256``
-after a 32-channel stem for the 4x-wide ``resnet8x4`` / ``resnet32x4``. Module names match
+after a 32-channel stem for the 4x-wide ``resnet8x4`` / ``resnet32x4``; ``resnet_cifar`` takes
+any blocks per stage and widths (the family shrunk students are built from). Module names match
 RepDistiller's ``models/resnet.py``: ``conv1, bn1, relu, layer1, layer2, layer3, avgpool, fc``.
 
 Differences from RepDistiller, none of which changes the parameters: no in-place ops (so a
@@ -75,26 +76,27 @@ class ResNetCifar(nn.Module):
     32x32, 16x16 and 8x8); ``"fc:input"`` is the pooled penultimate feature ``(B, widths[3])``.
 
     Args:
-        depth: ``6n + 2`` (8, 14, 20, 32, 44, 56, 110, ...).
+        blocks: BasicBlocks in each of the three stages (``(n, n, n)`` for depth ``6n + 2``).
         widths: Stem width then the three stage widths.
         num_classes: Number of output logits.
         in_channels: Channels of the input image.
     """
 
     def __init__(
-        self, depth: int, widths: Sequence[int], num_classes: int = 10, in_channels: int = 3
+        self, blocks: Sequence[int], widths: Sequence[int], num_classes: int = 10, in_channels: int = 3
     ) -> None:
         super().__init__()
-        if depth < 8 or (depth - 2) % 6 != 0:
-            raise ValueError(f"depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110), got {depth}")
-        n = (depth - 2) // 6
+        if len(blocks) != 3 or any(n < 1 for n in blocks):
+            raise ValueError(f"blocks must be three counts >= 1, got {list(blocks)}")
+        if len(widths) != 4 or any(w < 1 for w in widths):
+            raise ValueError(f"widths must be four channel counts >= 1 (stem, stage 1-3), got {list(widths)}")
         self.inplanes = widths[0]
         self.conv1 = nn.Conv2d(in_channels, widths[0], kernel_size=3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU()
-        self.layer1 = self._make_layer(widths[1], n)
-        self.layer2 = self._make_layer(widths[2], n, stride=2)
-        self.layer3 = self._make_layer(widths[3], n, stride=2)
+        self.layer1 = self._make_layer(widths[1], blocks[0])
+        self.layer2 = self._make_layer(widths[2], blocks[1], stride=2)
+        self.layer3 = self._make_layer(widths[3], blocks[2], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[3] * BasicBlock.expansion, num_classes)
 
@@ -153,13 +155,36 @@ def build_resnet_cifar(
     where = f"model {name!r}"
     check_positive(where, num_classes=num_classes)
     in_channels = image_channels(where, input_shape)
-    try:
-        return ResNetCifar(depth, widths, num_classes, in_channels)
-    except ValueError as exc:
-        raise ConfigError(f"{where}.depth: {exc}") from None
+    if depth < 8 or (depth - 2) % 6 != 0:
+        raise ConfigError(f"{where}.depth: depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110), got {depth}")
+    n = (depth - 2) // 6
+    return ResNetCifar((n, n, n), widths, num_classes, in_channels)
 
 
 NumClasses = Annotated[int, Field(ge=1)]
+
+
+@register_model("resnet_cifar")
+def resnet_cifar(
+    num_classes: NumClasses = 10,
+    input_shape: tuple[int, ...] = (3, 32, 32),
+    blocks: tuple[int, int, int] = (3, 3, 3),
+    widths: tuple[int, int, int, int] = _WIDTHS,
+) -> ResNetCifar:
+    """A CIFAR ResNet with any BasicBlocks per stage and widths (default: ``resnet20``).
+
+    Args:
+        num_classes: Number of output logits.
+        input_shape: ``(C, H, W)`` or ``(H, W)``.
+        blocks: BasicBlocks in each of the three stages, each >= 1 (``resnet32``: 5, 5, 5).
+        widths: Stem width then the three stage widths, each >= 1 (``resnet8x4``: 32, 64, 128, 256).
+
+    Raises:
+        ConfigError: Bad ``num_classes``, ``input_shape``, ``blocks`` or ``widths``.
+    """
+    where = "model 'resnet_cifar'"
+    check_positive(where, num_classes=num_classes, blocks=blocks, widths=widths)
+    return ResNetCifar(blocks, widths, num_classes, image_channels(where, input_shape))
 
 
 @register_model("resnet8")

@@ -13,6 +13,9 @@ classes. Differences, none of which changes the parameters: each block has a sec
 module ``relu_out`` (torchvision reuses one ``relu``; ``"<block>.relu_out:input"`` is the
 pre-activation); no in-place ops; any number of input channels; and ``forward`` returns
 logits only (features come from hooks). The blocks are the zoo's CIFAR-ResNet BasicBlocks.
+
+``resnet_imagenet`` builds the same layout with any blocks per stage, stage widths (the stem
+has the first stage's width) and either stem: the family shrunk students are built from.
 """
 
 from __future__ import annotations
@@ -45,27 +48,30 @@ class ResNetImageNet(nn.Module):
         stem: ``imagenet`` (7x7 stride-2 conv, 3x3 stride-2 max pool, Kaiming fan-out init as
             torchvision) or ``cifar`` (3x3 stride-1 conv, no pooling, PyTorch's default init: the
             kuangliu/pytorch-cifar ResNets, :mod:`darkknowledge.models.resnet_cifar_kl`).
+        widths: Channels of the four stages; the stem has ``widths[0]``.
     """
 
     def __init__(self, blocks: Sequence[int], num_classes: int = 1000, in_channels: int = 3,
-                 stem: Literal["imagenet", "cifar"] = "imagenet") -> None:
+                 stem: Literal["imagenet", "cifar"] = "imagenet", widths: Sequence[int] = _WIDTHS) -> None:
         super().__init__()
         if len(blocks) != 4 or any(n < 1 for n in blocks):
             raise ValueError(f"blocks must be four counts >= 1, got {list(blocks)}")
-        self.inplanes = _WIDTHS[0]
+        if len(widths) != 4 or any(w < 1 for w in widths):
+            raise ValueError(f"widths must be four channel counts >= 1, got {list(widths)}")
+        self.inplanes = widths[0]
         if stem == "cifar":
-            self.conv1 = nn.Conv2d(in_channels, _WIDTHS[0], kernel_size=3, stride=1, padding=1, bias=False)
+            self.conv1 = nn.Conv2d(in_channels, widths[0], kernel_size=3, stride=1, padding=1, bias=False)
         else:
-            self.conv1 = nn.Conv2d(in_channels, _WIDTHS[0], kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(_WIDTHS[0])
+            self.conv1 = nn.Conv2d(in_channels, widths[0], kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU()
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if stem == "imagenet" else nn.Identity()
-        self.layer1 = self._make_layer(_WIDTHS[0], blocks[0])
-        self.layer2 = self._make_layer(_WIDTHS[1], blocks[1], stride=2)
-        self.layer3 = self._make_layer(_WIDTHS[2], blocks[2], stride=2)
-        self.layer4 = self._make_layer(_WIDTHS[3], blocks[3], stride=2)
+        self.layer1 = self._make_layer(widths[0], blocks[0])
+        self.layer2 = self._make_layer(widths[1], blocks[1], stride=2)
+        self.layer3 = self._make_layer(widths[2], blocks[2], stride=2)
+        self.layer4 = self._make_layer(widths[3], blocks[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(_WIDTHS[3] * BasicBlock.expansion, num_classes)
+        self.fc = nn.Linear(widths[3] * BasicBlock.expansion, num_classes)
         if stem == "cifar":
             return  # PyTorch's default init, as kuangliu's and DAFL's code
         for m in self.modules():
@@ -108,19 +114,39 @@ class ResNetImageNet(nn.Module):
 
 def build_resnet_imagenet(
     name: str, blocks: Sequence[int], num_classes: int, input_shape: Sequence[int],
-    stem: Literal["imagenet", "cifar"] = "imagenet",
+    stem: Literal["imagenet", "cifar"] = "imagenet", widths: Sequence[int] = _WIDTHS,
 ) -> ResNetImageNet:
     """Check the framework-filled params and build a four-stage ResNet (ImageNet or CIFAR stem).
 
     Raises:
-        ConfigError: Bad ``num_classes`` or ``input_shape``.
+        ConfigError: Bad ``num_classes``, ``input_shape``, ``blocks`` or ``widths``.
     """
     where = f"model {name!r}"
-    check_positive(where, num_classes=num_classes)
-    return ResNetImageNet(blocks, num_classes, image_channels(where, input_shape), stem)
+    check_positive(where, num_classes=num_classes, blocks=blocks, widths=widths)
+    return ResNetImageNet(blocks, num_classes, image_channels(where, input_shape), stem, widths)
 
 
 NumClasses = Annotated[int, Field(ge=1)]
+
+
+@register_model("resnet_imagenet")
+def resnet_imagenet(
+    num_classes: NumClasses = 1000,
+    input_shape: tuple[int, ...] = (3, 224, 224),
+    blocks: tuple[int, int, int, int] = (2, 2, 2, 2),
+    widths: tuple[int, int, int, int] = _WIDTHS,
+    stem: Literal["imagenet", "cifar"] = "imagenet",
+) -> ResNetImageNet:
+    """A four-stage BasicBlock ResNet with any blocks and widths (default: ``resnet18``).
+
+    Args:
+        num_classes: Number of output logits.
+        input_shape: ``(C, H, W)`` or ``(H, W)``.
+        blocks: BasicBlocks in each of the four stages, each >= 1 (``resnet34``: 3, 4, 6, 3).
+        widths: Channels of the four stages, each >= 1; the stem has ``widths[0]``.
+        stem: ``imagenet`` (``resnet18``/``resnet34``) or ``cifar`` (``resnet18_cifar``/``resnet34_cifar``).
+    """
+    return build_resnet_imagenet("resnet_imagenet", blocks, num_classes, input_shape, stem, widths)
 
 
 @register_model("resnet18")

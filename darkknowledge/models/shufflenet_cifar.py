@@ -25,6 +25,12 @@ pools a fixed 4x4); the ReLUs and shuffles are modules (V1 blocks: ``relu1, relu
 relu_out``, so ``"<block>.relu_out:input"`` is the pre-activation; V2 blocks: ``relu1,
 relu3, shuffle``, down-sampling blocks ``relu2, relu3, relu5, shuffle``); no in-place ops; any number of input channels; and ``forward`` returns
 logits only (features come from hooks).
+
+Both builders take the stem width, stage widths and blocks per stage (V2 also the head width):
+shrunk students keep the three stages. ShuffleNetV1's grouped 1x1 convs and its quarter-width
+bottlenecks need every stage width and every stage's growth over the previous one (the stem
+first) to be a multiple of ``4 * groups = 12``; ShuffleNetV2's split and two branches need even
+stage widths.
 """
 
 from __future__ import annotations
@@ -36,12 +42,16 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from darkknowledge.errors import ConfigError
 from darkknowledge.models._common import check_positive, image_channels
 from darkknowledge.models._registry import register_model
 
 _STEM = 24
 _V1_WIDTHS, _V1_BLOCKS, _V1_GROUPS = (240, 480, 960), (4, 8, 4), 3
 _V2_WIDTHS, _V2_BLOCKS, _V2_LAST = (116, 232, 464), (3, 7, 3), 1024
+V1_CHANNEL_STEP = 4 * _V1_GROUPS
+"""ShuffleNetV1 widths (and each stage's growth) are multiples of this: a quarter-width
+bottleneck of a multiple of the group count."""
 
 
 class ChannelShuffle(nn.Module):
@@ -112,19 +122,25 @@ class ShuffleNetV1Cifar(nn.Module):
     Args:
         num_classes: Number of output logits.
         in_channels: Channels of the input image.
+        widths: Output channels of the three stages.
+        blocks: Bottlenecks per stage (the first one down-samples).
+        stem: Channels of the 1x1 stem conv.
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3) -> None:
+    def __init__(
+        self, num_classes: int = 10, in_channels: int = 3, widths: Sequence[int] = _V1_WIDTHS,
+        blocks: Sequence[int] = _V1_BLOCKS, stem: int = _STEM,
+    ) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, _STEM, kernel_size=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(_STEM)
+        self.conv1 = nn.Conv2d(in_channels, stem, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
         self.relu = nn.ReLU()
-        self.in_planes = _STEM
-        self.layer1 = self._make_layer(_V1_WIDTHS[0], _V1_BLOCKS[0], group_first=False)
-        self.layer2 = self._make_layer(_V1_WIDTHS[1], _V1_BLOCKS[1])
-        self.layer3 = self._make_layer(_V1_WIDTHS[2], _V1_BLOCKS[2])
+        self.in_planes = stem
+        self.layer1 = self._make_layer(widths[0], blocks[0], group_first=False)
+        self.layer2 = self._make_layer(widths[1], blocks[1])
+        self.layer3 = self._make_layer(widths[2], blocks[2])
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(_V1_WIDTHS[2], num_classes)
+        self.fc = nn.Linear(widths[2], num_classes)
 
     def _make_layer(self, out_planes: int, blocks: int, group_first: bool = True) -> nn.Sequential:
         """A stride-2 block that concatenates its input, then ``blocks - 1`` residual blocks."""
@@ -141,11 +157,11 @@ class ShuffleNetV1Cifar(nn.Module):
         """Map ``(B, C, H, W)`` (or ``(B, H, W)``) images to ``(B, num_classes)`` logits."""
         if x.dim() == 3:
             x = x.unsqueeze(1)  # (B, 1, H, W)
-        x = self.relu(self.bn1(self.conv1(x)))  # (B, 24, H, W)
-        x = self.layer1(x)  # (B, 240, H/2, W/2)
-        x = self.layer2(x)  # (B, 480, H/4, W/4)
-        x = self.layer3(x)  # (B, 960, H/8, W/8)
-        x = torch.flatten(self.avgpool(x), 1)  # (B, 960)
+        x = self.relu(self.bn1(self.conv1(x)))  # (B, stem, H, W); stem 24, widths 240/480/960 by default
+        x = self.layer1(x)  # (B, w0, H/2, W/2)
+        x = self.layer2(x)  # (B, w1, H/4, W/4)
+        x = self.layer3(x)  # (B, w2, H/8, W/8)
+        x = torch.flatten(self.avgpool(x), 1)  # (B, w2)
         return self.fc(x)  # (B, num_classes)
 
 
@@ -225,22 +241,29 @@ class ShuffleNetV2Cifar(nn.Module):
     Args:
         num_classes: Number of output logits.
         in_channels: Channels of the input image.
+        widths: Output channels of the three stages (even).
+        blocks: Basic blocks per stage after its down-sampling block (>= 0).
+        stem: Channels of the 1x1 stem conv.
+        last: Channels of the 1x1 conv before the pool.
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3) -> None:
+    def __init__(
+        self, num_classes: int = 10, in_channels: int = 3, widths: Sequence[int] = _V2_WIDTHS,
+        blocks: Sequence[int] = _V2_BLOCKS, stem: int = _STEM, last: int = _V2_LAST,
+    ) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, _STEM, kernel_size=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(_STEM)
+        self.conv1 = nn.Conv2d(in_channels, stem, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
         self.relu = nn.ReLU()
-        widths = (_STEM, *_V2_WIDTHS)
-        self.layer1 = self._make_layer(widths[0], widths[1], _V2_BLOCKS[0])
-        self.layer2 = self._make_layer(widths[1], widths[2], _V2_BLOCKS[1])
-        self.layer3 = self._make_layer(widths[2], widths[3], _V2_BLOCKS[2])
-        self.conv2 = nn.Conv2d(widths[3], _V2_LAST, kernel_size=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(_V2_LAST)
+        widths = (stem, *widths)
+        self.layer1 = self._make_layer(widths[0], widths[1], blocks[0])
+        self.layer2 = self._make_layer(widths[1], widths[2], blocks[1])
+        self.layer3 = self._make_layer(widths[2], widths[3], blocks[2])
+        self.conv2 = nn.Conv2d(widths[3], last, kernel_size=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(last)
         self.relu2 = nn.ReLU()
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(_V2_LAST, num_classes)
+        self.fc = nn.Linear(last, num_classes)
 
     @staticmethod
     def _make_layer(in_channels: int, out_channels: int, blocks: int) -> nn.Sequential:
@@ -257,12 +280,12 @@ class ShuffleNetV2Cifar(nn.Module):
         """Map ``(B, C, H, W)`` (or ``(B, H, W)``) images to ``(B, num_classes)`` logits."""
         if x.dim() == 3:
             x = x.unsqueeze(1)  # (B, 1, H, W)
-        x = self.relu(self.bn1(self.conv1(x)))  # (B, 24, H, W)
-        x = self.layer1(x)  # (B, 116, H/2, W/2)
-        x = self.layer2(x)  # (B, 232, H/4, W/4)
-        x = self.layer3(x)  # (B, 464, H/8, W/8)
-        x = self.relu2(self.bn2(self.conv2(x)))  # (B, 1024, H/8, W/8)
-        x = torch.flatten(self.avgpool(x), 1)  # (B, 1024)
+        x = self.relu(self.bn1(self.conv1(x)))  # (B, stem, H, W); stem 24, widths 116/232/464 by default
+        x = self.layer1(x)  # (B, w0, H/2, W/2)
+        x = self.layer2(x)  # (B, w1, H/4, W/4)
+        x = self.layer3(x)  # (B, w2, H/8, W/8)
+        x = self.relu2(self.bn2(self.conv2(x)))  # (B, last, H/8, W/8); last 1024 by default
+        x = torch.flatten(self.avgpool(x), 1)  # (B, last)
         return self.fc(x)  # (B, num_classes)
 
 
@@ -277,20 +300,81 @@ def _checked_channels(name: str, num_classes: int, input_shape: Sequence[int]) -
     return image_channels(where, input_shape)
 
 
+def check_v1_widths(where: str, stem: int, widths: Sequence[int]) -> None:
+    """Raise ``ConfigError`` unless the stem, every stage width and every stage's growth over the
+    previous width are positive multiples of :data:`V1_CHANNEL_STEP` (12)."""
+    step = V1_CHANNEL_STEP
+    if stem % step:
+        raise ConfigError(f"{where}.stem_channels: must be a positive multiple of {step} "
+                          f"(4 x {_V1_GROUPS} groups), got {stem}")
+    previous = stem
+    for i, width in enumerate(widths):
+        if width % step or width <= previous:
+            raise ConfigError(
+                f"{where}.widths: stage {i + 1} has {width} channels; ShuffleNetV1 needs a multiple of {step} "
+                f"(4 x {_V1_GROUPS} groups) above the previous width {previous} (widths {list(widths)}, "
+                f"stem {stem})"
+            )
+        previous = width
+
+
 NumClasses = Annotated[int, Field(ge=1)]
+Positive = Annotated[int, Field(ge=1)]
+Count = Annotated[int, Field(ge=0)]
 
 
 @register_model("shufflenetv1")
 def shufflenetv1(
-    num_classes: NumClasses = 10, input_shape: tuple[int, ...] = (3, 32, 32)
+    num_classes: NumClasses = 10,
+    input_shape: tuple[int, ...] = (3, 32, 32),
+    widths: tuple[Positive, Positive, Positive] = _V1_WIDTHS,
+    blocks: tuple[Positive, Positive, Positive] = _V1_BLOCKS,
+    stem_channels: Positive = _STEM,
 ) -> ShuffleNetV1Cifar:
-    """ShuffleNetV1, 3 groups (RepDistiller's ``ShuffleV1``, ~0.95M params on CIFAR-100)."""
-    return ShuffleNetV1Cifar(num_classes, _checked_channels("shufflenetv1", num_classes, input_shape))
+    """ShuffleNetV1, 3 groups (RepDistiller's ``ShuffleV1``, ~0.95M params on CIFAR-100).
+
+    Args:
+        num_classes: Number of output logits.
+        input_shape: ``(C, H, W)`` or ``(H, W)``.
+        widths: Output channels of the three stages: multiples of 12, each above the previous
+            one (the stem first).
+        blocks: Bottlenecks per stage, each >= 1 (the first down-samples and concatenates).
+        stem_channels: Channels of the 1x1 stem conv (a multiple of 12).
+
+    Raises:
+        ConfigError: Bad ``num_classes``, ``input_shape``, or widths that break the groups.
+    """
+    in_channels = _checked_channels("shufflenetv1", num_classes, input_shape)
+    check_v1_widths("model 'shufflenetv1'", stem_channels, widths)
+    return ShuffleNetV1Cifar(num_classes, in_channels, widths, blocks, stem_channels)
 
 
 @register_model("shufflenetv2")
 def shufflenetv2(
-    num_classes: NumClasses = 10, input_shape: tuple[int, ...] = (3, 32, 32)
+    num_classes: NumClasses = 10,
+    input_shape: tuple[int, ...] = (3, 32, 32),
+    widths: tuple[Positive, Positive, Positive] = _V2_WIDTHS,
+    blocks: tuple[Count, Count, Count] = _V2_BLOCKS,
+    stem_channels: Positive = _STEM,
+    last_channels: Positive = _V2_LAST,
 ) -> ShuffleNetV2Cifar:
-    """ShuffleNetV2, ``net_size`` 1 (RepDistiller's ``ShuffleV2``, ~1.36M params on CIFAR-100)."""
-    return ShuffleNetV2Cifar(num_classes, _checked_channels("shufflenetv2", num_classes, input_shape))
+    """ShuffleNetV2, ``net_size`` 1 (RepDistiller's ``ShuffleV2``, ~1.36M params on CIFAR-100).
+
+    Args:
+        num_classes: Number of output logits.
+        input_shape: ``(C, H, W)`` or ``(H, W)``.
+        widths: Output channels of the three stages, each even (RepDistiller's ``net_size``
+            0.5: 48, 96, 192).
+        blocks: Basic blocks per stage after its down-sampling block, each >= 0.
+        stem_channels: Channels of the 1x1 stem conv.
+        last_channels: Channels of the 1x1 conv before the pool (``net_size`` 2: 2048).
+
+    Raises:
+        ConfigError: Bad ``num_classes``, ``input_shape`` or an odd stage width.
+    """
+    in_channels = _checked_channels("shufflenetv2", num_classes, input_shape)
+    odd = [w for w in widths if w % 2]
+    if odd:
+        raise ConfigError(f"model 'shufflenetv2'.widths: ShuffleNetV2 splits every stage in two halves, so "
+                          f"each width must be even, got {list(widths)}")
+    return ShuffleNetV2Cifar(num_classes, in_channels, widths, blocks, stem_channels, last_channels)

@@ -9,7 +9,8 @@ removed: global average pool, then one ``Linear(512, num_classes)``.
 
 Layers per block (``vgg8`` / ``11`` / ``13`` / ``16`` / ``19``; widths 64, 128, 256, 512, 512):
 ``1-1-1-1-1``, ``1-1-2-2-2``, ``2-2-2-2-2``, ``2-2-3-3-3``, ``2-2-4-4-4``. RepDistiller's
-``vgg8`` ... ``vgg19`` entries are its ``*_bn`` builders; these are the same networks.
+``vgg8`` ... ``vgg19`` entries are its ``*_bn`` builders; these are the same networks. ``vgg``
+takes any layers per block and block widths: the family shrunk students are built from.
 
 Module names follow RepDistiller's ``models/vgg.py`` (``block0`` ... ``block4``, ``pool0`` ...
 ``pool3``) with these differences, none of which changes the parameters: the post-block ReLUs
@@ -66,24 +67,29 @@ class VGGCifar(nn.Module):
 
     Stage taps ``relu1, relu2, relu3, relu4`` (post-ReLU outputs of blocks 1-4, RepDistiller's
     ``f1`` ... ``f4``; for 32x32 inputs 128/256/512/512 channels at 16x16, 8x8, 4x4, 4x4);
-    ``"fc:input"`` is the pooled penultimate feature ``(B, 512)``.
+    ``"fc:input"`` is the pooled penultimate feature ``(B, widths[4])`` (512).
 
     Args:
         layers: Number of convs in each of the five blocks.
         num_classes: Number of output logits.
         in_channels: Channels of the input image.
+        widths: Channels of the five blocks.
     """
 
-    def __init__(self, layers: Sequence[int], num_classes: int = 10, in_channels: int = 3) -> None:
+    def __init__(
+        self, layers: Sequence[int], num_classes: int = 10, in_channels: int = 3, widths: Sequence[int] = _WIDTHS
+    ) -> None:
         super().__init__()
         if len(layers) != 5 or any(n < 1 for n in layers):
             raise ValueError(f"layers must be five counts >= 1, got {list(layers)}")
-        ins = (in_channels, *_WIDTHS[:-1])
-        self.block0 = make_block(ins[0], _WIDTHS[0], layers[0])
-        self.block1 = make_block(ins[1], _WIDTHS[1], layers[1])
-        self.block2 = make_block(ins[2], _WIDTHS[2], layers[2])
-        self.block3 = make_block(ins[3], _WIDTHS[3], layers[3])
-        self.block4 = make_block(ins[4], _WIDTHS[4], layers[4])
+        if len(widths) != 5 or any(w < 1 for w in widths):
+            raise ValueError(f"widths must be five channel counts >= 1, got {list(widths)}")
+        ins = (in_channels, *widths[:-1])
+        self.block0 = make_block(ins[0], widths[0], layers[0])
+        self.block1 = make_block(ins[1], widths[1], layers[1])
+        self.block2 = make_block(ins[2], widths[2], layers[2])
+        self.block3 = make_block(ins[3], widths[3], layers[3])
+        self.block4 = make_block(ins[4], widths[4], layers[4])
         self.relu0, self.relu1, self.relu2 = nn.ReLU(), nn.ReLU(), nn.ReLU()
         self.relu3, self.relu4 = nn.ReLU(), nn.ReLU()
         self.pool0 = nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True)
@@ -91,7 +97,7 @@ class VGGCifar(nn.Module):
         self.pool2 = nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True)
         self.pool3 = nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(_WIDTHS[4], num_classes)
+        self.fc = nn.Linear(widths[4], num_classes)
 
         fan_out_init(self, linear_std=0.01)
 
@@ -104,14 +110,14 @@ class VGGCifar(nn.Module):
         if x.dim() == 3:
             x = x.unsqueeze(1)  # (B, 1, H, W)
         height = x.shape[-2]
-        x = self.pool0(self.relu0(self.block0(x)))  # (B, 64, H/2, W/2)
-        x = self.pool1(self.relu1(self.block1(x)))  # (B, 128, H/4, W/4)
-        x = self.pool2(self.relu2(self.block2(x)))  # (B, 256, H/8, W/8)
-        x = self.relu3(self.block3(x))  # (B, 512, H/8, W/8)
+        x = self.pool0(self.relu0(self.block0(x)))  # (B, w0, H/2, W/2); w = widths
+        x = self.pool1(self.relu1(self.block1(x)))  # (B, w1, H/4, W/4)
+        x = self.pool2(self.relu2(self.block2(x)))  # (B, w2, H/8, W/8)
+        x = self.relu3(self.block3(x))  # (B, w3, H/8, W/8)
         if height >= _POOL3_MIN_HEIGHT:
-            x = self.pool3(x)  # (B, 512, H/16, W/16)
-        x = self.relu4(self.block4(x))  # (B, 512, H/8 or H/16, ...)
-        x = torch.flatten(self.avgpool(x), 1)  # (B, 512)
+            x = self.pool3(x)  # (B, w3, H/16, W/16)
+        x = self.relu4(self.block4(x))  # (B, w4, H/8 or H/16, ...)
+        x = torch.flatten(self.avgpool(x), 1)  # (B, w4)
         return self.fc(x)  # (B, num_classes)
 
 
@@ -132,6 +138,29 @@ def build_vgg(name: str, num_classes: int, input_shape: Sequence[int]) -> VGGCif
 
 
 NumClasses = Annotated[int, Field(ge=1)]
+
+
+@register_model("vgg")
+def vgg(
+    num_classes: NumClasses = 10,
+    input_shape: tuple[int, ...] = (3, 32, 32),
+    layers: tuple[int, int, int, int, int] = _LAYERS["vgg8"],
+    widths: tuple[int, int, int, int, int] = _WIDTHS,
+) -> VGGCifar:
+    """A CIFAR VGG with BN, any convs per block and block widths (default: ``vgg8``).
+
+    Args:
+        num_classes: Number of output logits.
+        input_shape: ``(C, H, W)`` or ``(H, W)``.
+        layers: Convs in each of the five blocks, each >= 1 (``vgg13``: 2, 2, 2, 2, 2).
+        widths: Channels of the five blocks, each >= 1.
+
+    Raises:
+        ConfigError: Bad ``num_classes``, ``input_shape``, ``layers`` or ``widths``.
+    """
+    where = "model 'vgg'"
+    check_positive(where, num_classes=num_classes, layers=layers, widths=widths)
+    return VGGCifar(layers, num_classes, image_channels(where, input_shape), widths)
 
 
 @register_model("vgg8")

@@ -5,6 +5,10 @@ Pre-activation BasicBlocks, ``n = (depth - 4) / 6`` blocks in each of three stag
 ``models/wrn.py``: ``conv1, block1, block2, block3`` (each holding its blocks in ``.layer``),
 ``bn1, relu, fc``, plus ``avgpool``. No in-place ops, an adaptive average pool (any input size)
 and any number of input channels; ``forward`` returns logits only.
+
+``wide_resnet`` builds the same layout with any blocks per stage and any stem and stage widths:
+the family shrunk students are built from (``wrn_40_2`` is ``blocks=(6, 6, 6)``,
+``widths=(16, 32, 64, 128)``).
 """
 
 from __future__ import annotations
@@ -91,33 +95,46 @@ class NetworkBlock(nn.Module):
         return self.layer(x)
 
 
+def wrn_layout(depth: int, widen: int) -> tuple[tuple[int, int, int], tuple[int, int, int, int]]:
+    """Blocks per stage and ``(stem, stage 1-3)`` widths of WRN-depth-widen.
+
+    Raises:
+        ValueError: ``depth`` is not ``6n + 4`` with ``n >= 1``.
+    """
+    if depth < 10 or (depth - 4) % 6 != 0:
+        raise ValueError(f"depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 40, ...), got {depth}")
+    n = (depth - 4) // 6
+    return (n, n, n), (16, 16 * widen, 32 * widen, 64 * widen)
+
+
 class WideResNet(nn.Module):
-    """WRN-depth-widen for small images.
+    """A Wide ResNet for small images (WRN-depth-widen, or any blocks and widths).
 
     Stage taps ``block1, block2, block3`` (stage outputs before the next pre-activation
     BN-ReLU; RepDistiller's ``f1, f2, f3``); ``"fc:input"`` is the pooled penultimate feature
-    ``(B, 64 * widen)``.
+    ``(B, widths[3])`` (``64 * widen``).
 
     Args:
-        depth: ``6n + 4`` (10, 16, 22, 28, 40, ...).
+        blocks: Blocks in each of the three stages (``(n, n, n)`` for depth ``6n + 4``).
+        widths: Stem width then the three stage widths (``16, 16w, 32w, 64w``).
         num_classes: Number of output logits.
-        widen: Width multiplier ``w``.
         dropout: Dropout inside every block.
         in_channels: Channels of the input image.
     """
 
     def __init__(
-        self, depth: int, num_classes: int = 10, widen: int = 1, dropout: float = 0.0, in_channels: int = 3
+        self, blocks: Sequence[int], widths: Sequence[int], num_classes: int = 10, dropout: float = 0.0,
+        in_channels: int = 3,
     ) -> None:
         super().__init__()
-        if depth < 10 or (depth - 4) % 6 != 0:
-            raise ValueError(f"depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 40, ...), got {depth}")
-        n = (depth - 4) // 6
-        widths = [16, 16 * widen, 32 * widen, 64 * widen]
+        if len(blocks) != 3 or any(n < 1 for n in blocks):
+            raise ValueError(f"blocks must be three counts >= 1, got {list(blocks)}")
+        if len(widths) != 4 or any(w < 1 for w in widths):
+            raise ValueError(f"widths must be four channel counts >= 1 (stem, stage 1-3), got {list(widths)}")
         self.conv1 = nn.Conv2d(in_channels, widths[0], kernel_size=3, stride=1, padding=1, bias=False)
-        self.block1 = NetworkBlock(n, widths[0], widths[1], 1, dropout)
-        self.block2 = NetworkBlock(n, widths[1], widths[2], 2, dropout)
-        self.block3 = NetworkBlock(n, widths[2], widths[3], 2, dropout)
+        self.block1 = NetworkBlock(blocks[0], widths[0], widths[1], 1, dropout)
+        self.block2 = NetworkBlock(blocks[1], widths[1], widths[2], 2, dropout)
+        self.block3 = NetworkBlock(blocks[2], widths[2], widths[3], 2, dropout)
         self.bn1 = nn.BatchNorm2d(widths[3])
         self.relu = nn.ReLU()
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -159,7 +176,8 @@ def build_wrn(
             f"{where}.depth: a Wide ResNet needs depth = 6n + 4 with n >= 1 "
             f"(10, 16, 22, 28, 40, ...), got {depth}"
         )
-    return WideResNet(depth, num_classes, widen, dropout, image_channels(where, input_shape))
+    blocks, widths = wrn_layout(depth, widen)
+    return WideResNet(blocks, widths, num_classes, dropout, image_channels(where, input_shape))
 
 
 NumClasses = Annotated[int, Field(ge=1)]
@@ -184,6 +202,32 @@ def wrn(
         dropout: Dropout between the two convs of every block.
     """
     return build_wrn("wrn", depth, widen, dropout, num_classes, input_shape)
+
+
+@register_model("wide_resnet")
+def wide_resnet(
+    num_classes: NumClasses = 10,
+    input_shape: tuple[int, ...] = (3, 32, 32),
+    blocks: tuple[int, int, int] = (2, 2, 2),
+    widths: tuple[int, int, int, int] = (16, 32, 64, 128),
+    dropout: Dropout = 0.0,
+) -> WideResNet:
+    """A Wide ResNet with any blocks per stage and widths (default: ``wrn_16_2``).
+
+    Args:
+        num_classes: Number of output logits.
+        input_shape: ``(C, H, W)`` or ``(H, W)``.
+        blocks: Pre-activation blocks in each of the three stages, each >= 1.
+        widths: Stem width then the three stage widths, each >= 1.
+        dropout: Dropout between the two convs of every block.
+
+    Raises:
+        ConfigError: Bad ``num_classes``, ``input_shape``, ``blocks``, ``widths`` or ``dropout``.
+    """
+    where = "model 'wide_resnet'"
+    check_positive(where, num_classes=num_classes, blocks=blocks, widths=widths)
+    check_dropout(where, dropout)
+    return WideResNet(blocks, widths, num_classes, dropout, image_channels(where, input_shape))
 
 
 @register_model("wrn_16_1")

@@ -24,12 +24,23 @@ from darkknowledge.data import (
     load_dataset,
 )
 from darkknowledge.data.batch import INPUT_ATTR, input_name
-from darkknowledge.data.paired import check_view_in_split, concat, plan_views, split_views
+from darkknowledge.data.paired import (
+    check_view_in_split,
+    concat,
+    plan_views,
+    split_views,
+)
 from darkknowledge.engine.checkpoint import load_exported, load_weights
 from darkknowledge.engine.distributed import DistContext
 from darkknowledge.errors import CheckpointError, ConfigError
 from darkknowledge.losses.objective import Objective
 from darkknowledge.models import MODELS, create_model
+from darkknowledge.students.build import (
+    convert,
+    derivation,
+    quant_spec,
+    resolved_family,
+)
 from darkknowledge.validation import validate_kwargs
 
 
@@ -60,6 +71,9 @@ def check_config(cfg: RunConfig, given: Collection[str] = ()) -> None:
     for where, spec in (("student", cfg.student), *cfg.all_teachers()):
         if spec is not None and where not in given and ":" not in spec.name:
             validate_kwargs(MODELS.get(spec.name), spec.params, f"{where}.params")
+            resolved_family(spec.name, spec.params, spec.width, spec.depth, where)
+        if spec is not None and spec.quantize is not None:
+            quant_spec(spec.quantize, f"{where}.quantize")
     if cfg.losses:
         build_objective(cfg.losses)
     for where, spec in cfg.all_teachers():
@@ -165,15 +179,20 @@ def build_model(spec: ModelConfig, info: DatasetInfo, where: str = "student") ->
         where: Config path for error messages.
     """
     shape = info.input_shape_of(spec.input, f"{where}.input")
-    params = {"num_classes": info.num_classes, "input_shape": tuple(shape), **spec.params}
+    name, own = resolved_family(spec.name, spec.params, spec.width, spec.depth, where)
+    params = {"num_classes": info.num_classes, "input_shape": tuple(shape), **own}
     if spec.checkpoint:
         saved_spec, state = load_exported(spec.checkpoint)
-        if saved_spec.get("name") != spec.name:
+        if saved_spec.get("name") != name:
+            shrunk = f" ({spec.name} at width {spec.width}, depth {spec.depth})" if name != spec.name else ""
             raise CheckpointError(
                 f"{where}.checkpoint {spec.checkpoint!r} holds a {saved_spec.get('name')!r} model, "
-                f"but {where}.name is {spec.name!r}"
+                f"but {where} builds {name!r}{shrunk}"
             )
         params = {**params, **saved_spec.get("params", {})}
+        if saved_spec.get("ops", "plain") != spec.ops:
+            raise CheckpointError(f"{where}.checkpoint {spec.checkpoint!r} holds a model with ops "
+                                  f"{saved_spec.get('ops', 'plain')!r}, but {where}.ops is {spec.ops!r}")
     if params.get("num_classes") != info.num_classes:
         raise ConfigError(
             f"{where}: the model predicts {params.get('num_classes')} classes but dataset {info.name!r} has "
@@ -181,11 +200,16 @@ def build_model(spec: ModelConfig, info: DatasetInfo, where: str = "student") ->
             f"(drop {where}.params.num_classes, or use a checkpoint trained on this dataset)"
         )
     try:
-        model = create_model(spec.name, **params)
+        model = create_model(name, **params)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+    # a full-precision checkpoint starts a quantized model (QAT from trained weights): load, then quantize
+    float_start = bool(spec.checkpoint) and spec.quantize is not None and saved_spec.get("quantize") is None
+    convert(model, spec.ops, None if float_start else spec.quantize, where)  # efficient ops, fake quantization
     if spec.checkpoint:
         load_weights(model, state, spec.checkpoint, where=f"{where}.checkpoint")  # one line if they do not fit
+    if float_start:
+        convert(model, "plain", spec.quantize, where)
     if info.views is not None:
         setattr(model, INPUT_ATTR, spec.input or info.view)  # the view it reads (see data.batch.model_input)
     return model
@@ -198,7 +222,7 @@ def model_spec(model: nn.Module) -> dict[str, Any]:
         return {"name": type(model).__name__, "params": {}, "custom": True}
     params = {k: list(v) if isinstance(v, tuple) else v for k, v in getattr(model, "dk_params", {}).items()}
     view = input_name(model)
-    return {"name": name, "params": params, **({"input": view} if view is not None else {})}
+    return {"name": name, "params": params, **derivation(model), **({"input": view} if view is not None else {})}
 
 
 def build_objective(losses: dict[str, Any], where: str = "losses") -> Objective:

@@ -64,6 +64,7 @@ from darkknowledge.runs.build import (
     with_views,
 )
 from darkknowledge.runs.lock import RunLock
+from darkknowledge.runs.profiling import Profiler
 from darkknowledge.runs.resume import FinishedStage, open_run_folder
 from darkknowledge.runs.rundir import RunDir, read_identity
 from darkknowledge.schemes.offline import offline_task
@@ -113,6 +114,7 @@ class Session:
         self.bundle = with_views(cfg, bundle) if bundle is not None else build_data(cfg)
         self.run = RunDir(self._run_dir, writer=self.dist.is_main, fresh=not resume)
         self.metrics = MetricsLog(self.run.metrics_path)
+        self.profiler = Profiler(cfg.profile, self.bundle.info, cfg.data.batch_size)
         self.run.write_config(cfg.model_dump(mode="json"))
         if self.run.path is not None and read_identity(self.run.path) is None:
             self.run.write_identity({**self.identity, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
@@ -234,6 +236,8 @@ class Session:
         for key in ("synthesizer", "generator_params"):
             if key in facts:
                 entry[key] = facts[key]
+        if self.dist.is_main and (found := self.profiler(export, model_spec(export))) is not None:
+            entry["profile"] = found  # size, FLOPs, CPU latency: the report's student table
         entries = [entry]
         for name, member in models.items():
             if name == primary:
@@ -264,9 +268,9 @@ class Session:
         cfg = self.cfg
         spec = spec if spec is not None else cfg.teacher
         ident = {
-            # `input` only when set: single-view teachers keep the keys they had before views existed
-            "teacher": spec.model_dump(mode="json", exclude={"checkpoint", "reuse"} | ({"input"} if spec.input is None
-                                                                                     else set())),
+            # `input`, `width`, ... only when set: teachers keep the keys they had before those fields existed
+            "teacher": spec.model_dump(mode="json", exclude={"checkpoint", "reuse"} | {
+                f for f in _LATER_FIELDS if getattr(spec, f) == TeacherConfig.model_fields[f].default}),
             # only what differs from the defaults: a new engine option keeps existing teachers valid
             "train": cfg.teacher_train(spec, where).model_dump(mode="json", exclude_defaults=True),
             "data": {"fingerprint": self.bundle.info.fingerprint, "batch_size": cfg.data.batch_size,
@@ -304,6 +308,7 @@ class Session:
                      "params": count_params(model), "source": spec.checkpoint, "train_seconds": 0.0}
             recorded = payload.get("result") if isinstance(payload.get("result"), dict) else {}
             entry.update({k: recorded[k] for k in ("last_acc", "best_acc") if k in recorded})
+            self._profile_teacher(entry, model)
             self.run.add_result(entry, cfg.name)
             return model, entry
         cached = cache_dir() / "teachers" / f"{spec.name}-{self.teacher_key(spec, where)}.pt"
@@ -313,6 +318,7 @@ class Session:
                 model, payload = reused
                 entry = {**payload["result"], "name": where, "reused_from": str(cached), "train_seconds": 0.0}
                 log.info("reusing the teacher trained earlier: %s (hash %s)", cached, state_hash(model))
+                self._profile_teacher(entry, model)
                 self.run.add_result(entry, cfg.name)
                 return model, entry
         seed_everything(spec.seed)
@@ -321,6 +327,16 @@ class Session:
         if self.dist.is_main and spec.reuse:
             export_model(model, cached, model_spec(model), {"result": entry})
         return model, entry
+
+    def _profile_teacher(self, entry: dict[str, Any], model: nn.Module) -> None:
+        """A teacher not trained here is profiled on this machine (a cached entry's latency is another run's)."""
+        entry.pop("profile", None)
+        if self.dist.is_main and (found := self.profiler(model, model_spec(model))) is not None:
+            entry["profile"] = found
+
+
+_LATER_FIELDS = ("input", "width", "depth", "ops", "quantize")
+"""Model-spec fields added after teachers were first cached: in a teacher's key only when set."""
 
 
 def _accuracies(metrics: dict[str, float]) -> dict[str, Any]:
