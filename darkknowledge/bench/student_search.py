@@ -45,8 +45,17 @@ from typing import Any
 import numpy as np
 
 from darkknowledge.atomic import atomic_write
-from darkknowledge.bench.candidates import (TRUST_LEVELS, Candidate, StudentSpace, is_number, kendall_tau,
-                                            objective_value, pareto_front, proxy_trust)
+from darkknowledge.bench.candidates import (
+    TRUST_LEVELS,
+    Candidate,
+    StudentSpace,
+    is_number,
+    kendall_tau,
+    objective_value,
+    pareto_front,
+    proxy_trust,
+)
+from darkknowledge.bench.trials_file import read_trials
 from darkknowledge.errors import ConfigError, DivergenceError
 from darkknowledge.runs.lock import RunLock
 
@@ -139,19 +148,7 @@ def _load(path: Path, header: Mapping[str, Any], budget: int, space: StudentSpac
     Raises:
         ConfigError: Unreadable, another search's header, malformed records, or more than ``budget``.
     """
-    if not path.is_file():
-        return []
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        records = data["trials"]
-        if not isinstance(records, list):
-            raise TypeError("'trials' is not a list")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{str(path)!r} cannot be read ({exc}); move it away or search into another folder") from None
-    differs = [k for k in header if data.get(k) != header[k]]
-    if differs:
-        raise ConfigError(f"{str(path)!r} records another search (a different {', '.join(differs)}), so its "
-                          "trials cannot be continued here: search into another folder")
+    records = read_trials(path, header, "search into another folder")
     needed = [o for o in header["objectives"] if o != "accuracy"] + list(header["limits"])
     done = [r for r in records if isinstance(r, dict) and r.get("state") != "running"]
     for i, r in enumerate(done):

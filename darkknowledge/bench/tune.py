@@ -34,6 +34,7 @@ import yaml
 
 from darkknowledge.atomic import atomic_write
 from darkknowledge.bench.spaces import space_for, space_to_dict, suite_space
+from darkknowledge.bench.trials_file import read_trials
 from darkknowledge.config import RunConfig, apply_overrides, validate_config
 from darkknowledge.errors import ConfigError, DivergenceError, did_you_mean
 from darkknowledge.runs.build import check_config
@@ -211,19 +212,7 @@ def _load_records(path: Path, header: Mapping[str, Any], budget: int, space: Map
     Raises:
         ConfigError: Unreadable, recorded for another space/config/seed, or more trials than ``budget``.
     """
-    if not path.is_file():
-        return []
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        records = data["trials"]
-        if not isinstance(records, list):
-            raise ValueError("trials is not a list")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{str(path)!r} cannot be read ({exc}); move it away or tune into another folder") from None
-    differs = [k for k in header if data.get(k) != header[k]]
-    if differs:
-        raise ConfigError(f"{str(path)!r} records trials of another search (its {', '.join(differs)} differ from "
-                          "this one's), so they cannot be replayed here: tune into another folder")
+    records = read_trials(path, header, "tune into another folder")
     for r in records:
         if not _well_formed(r, space):
             raise ConfigError(f"{str(path)!r}: a malformed trial record ({r!r:.200}: number, state, values inside "
