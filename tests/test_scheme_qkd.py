@@ -57,7 +57,8 @@ class StubContext(RunContext):
         else:
             del raw["teacher"]
         cfg = load_config(raw)
-        session = SimpleNamespace(cfg=cfg, bundle=SimpleNamespace(info=DatasetInfo("mnist1d", 10, (40,))))
+        session = SimpleNamespace(cfg=cfg, bundle=SimpleNamespace(info=DatasetInfo("mnist1d", 10, (40,))),
+                                  run=SimpleNamespace(stage_dir=lambda stage: None))  # an in-memory run
         super().__init__(session, cfg)  # type: ignore[arg-type]
         torch.manual_seed(9)
         self.pretrained = create_model("mlp", num_classes=10, input_shape=(40,), hidden=[32])
@@ -342,3 +343,15 @@ def test_a_run_killed_mid_phase_resumes_to_identical_weights(reference, tmp_path
     ta, tb = co_studied_teacher(ref), co_studied_teacher(tmp_path / "cut")
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
     assert results(tmp_path / "cut")["qkd-s0"]["teacher_hash"] == rows["qkd-s0"]["teacher_hash"]
+
+
+def test_a_finished_run_cannot_be_extended_by_resume(tmp_path):
+    """The phases share one student: a longer self-study after co-studying trained would be lost."""
+    raw = recipe().model_dump(mode="json")
+    raw["scheme"]["params"] = {"teacher_lr": 0.002}  # the default 30/30/40 split of train.epochs
+    raw["train"]["epochs"] = 3  # phases 1, 1, 1
+    commands.distill(load_config(raw), out=tmp_path / "run", progress=False)
+    raw["train"]["epochs"] = 6  # phases 2, 2, 2
+    with pytest.raises(ConfigError, match=r"stage 'qkd-ss-s0' trained 1 epochs and this run asks for 2.*cannot be "
+                                          r"extended by --resume"):
+        commands.distill(load_config(raw), out=tmp_path / "run", resume=True, progress=False)

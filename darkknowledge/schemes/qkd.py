@@ -303,6 +303,8 @@ class QKD(Scheme):
             raise ConfigError("scheme 'qkd' needs a pre-trained full-precision teacher: add a `teacher:` section "
                               "(model name, and `checkpoint:` or `train:` settings) to the recipe")
         require_teacher_terms(ctx.objective(), cls.registry_name, example="kd: {T: 2, alpha: 1}")
+        _refuse_extension(ctx, [(ctx.stage_name(seed, "ss"), ss), (ctx.stage_name(seed, "cs"), cs),
+                                (ctx.stage_name(seed), tu)])
         transfer = ctx.uses_transfer(cls)
         pretrained = ctx.teacher()
         student = ctx.student(seed)
@@ -326,3 +328,28 @@ class QKD(Scheme):
         out = ctx.train(ctx.stage_name(seed), tutor, seed, role="student", train_cfg=ctx.train_cfg({"epochs": tu}),
                         with_transfer=transfer, label=cls.registry_name) + out
         return out
+
+
+def _refuse_extension(ctx: Context, phases: list[tuple[str, int]]) -> None:
+    """A resumed QKD run whose phases would change length once a later phase has trained: refused.
+
+    The three phases train one student in place, each stage starting from the one before; a
+    finished phase extended on ``--resume`` (``train.epochs`` raised) would train the student on
+    while the later phases' checkpoints, taken from the shorter phase, overwrite it again.
+
+    Raises:
+        ConfigError: A phase's recorded epochs differ from ``phases`` and a later phase has trained.
+    """
+    recorded: list[int | None] = []
+    for stage, _ in phases:
+        folder = ctx.stage_dir(stage)
+        model_pt = folder / "model.pt" if folder is not None else None
+        result = safe_load(model_pt).get("result", {}) if model_pt is not None and model_pt.is_file() else {}
+        recorded.append(result.get("epochs") if isinstance(result, dict) else None)
+    for i, ((stage, epochs), had) in enumerate(zip(phases, recorded)):
+        later = any(r is not None for r in recorded[i + 1:])
+        if had is not None and had != epochs and later:
+            raise ConfigError(
+                f"scheme 'qkd': stage {stage!r} trained {had} epochs and this run asks for {epochs}, but a later "
+                "phase has already trained from it; the phases share one student, so a finished QKD run cannot be "
+                "extended by --resume: start a new run (or keep train.epochs and the phases' epochs as they were)")
