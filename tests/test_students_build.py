@@ -116,3 +116,23 @@ def test_quantized_student_run_reports_profiles_and_exports(tmp_path):
     stage = student["name"]
     res = commands.evaluate_checkpoint(tmp_path / "run" / stage / "model.pt")
     assert res["top1"] == pytest.approx(student["last_acc"], abs=1e-6)
+
+
+def test_a_float_checkpoint_starts_a_quantized_student(tmp_path):
+    """QAT from trained weights: the float file loads first, then the layers are quantized."""
+    from darkknowledge.config import ModelConfig
+    from darkknowledge.engine.checkpoint import export_model
+    from darkknowledge.students.quant import is_quantized
+
+    info = load_dataset("mnist1d", num_samples=200, transfer_samples=0).info
+    torch.manual_seed(3)
+    trained = build_model(ModelConfig(name="cnn1d", params={"channels": 8}), info)
+    path = export_model(trained, tmp_path / "float.pt", model_spec(trained))
+    quantized = build_model(ModelConfig(name="cnn1d", params={"channels": 8}, checkpoint=str(path),
+                                        quantize={"bits": 8}), info)
+    assert is_quantized(quantized) and model_spec(quantized)["quantize"]["bits"] == 8
+    for key, value in trained.state_dict().items():
+        assert torch.equal(quantized.state_dict()[key], value), key  # the float weights, as trained
+    x = torch.randn(8, *info.input_shape)
+    trained.eval(), quantized.eval()
+    assert torch.allclose(quantized(x), trained(x), atol=0.15 * trained(x).abs().max().item())  # 8 bits: close
