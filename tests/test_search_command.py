@@ -6,10 +6,10 @@ import json
 
 import pytest
 import yaml
+from helpers import TINY
 
 from darkknowledge.bench.search_command import load_search, search_command
 from darkknowledge.errors import ConfigError
-from helpers import TINY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,7 +42,7 @@ def test_search_finds_a_front_retrains_it_and_resumes_without_rerunning(tmp_path
     report = (tmp_path / "out" / "search.md").read_text()
     assert "## Full budget" in report and "Kendall tau" in report
     calls = []
-    import darkknowledge.commands as commands
+    from darkknowledge import commands
 
     monkeypatch.setattr(commands, "distill", lambda *a, **k: calls.append(a) or pytest.fail("ran again"))
     again = search_command(str(path), tmp_path / "out")  # everything recorded: nothing trains
