@@ -38,7 +38,8 @@ import pydantic
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from darkknowledge.bench.candidates import Candidate, StudentSpace, proxy_trust
+from darkknowledge.bench.candidates import Candidate, StudentSpace
+from darkknowledge.bench.pareto import proxy_trust
 from darkknowledge.bench.student_search import search_students
 from darkknowledge.config import (
     ModelConfig,

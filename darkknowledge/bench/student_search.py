@@ -45,11 +45,9 @@ from typing import Any
 import numpy as np
 
 from darkknowledge.atomic import atomic_write
-from darkknowledge.bench.candidates import (
+from darkknowledge.bench.candidates import Candidate, StudentSpace, is_number
+from darkknowledge.bench.pareto import (
     TRUST_LEVELS,
-    Candidate,
-    StudentSpace,
-    is_number,
     kendall_tau,
     objective_value,
     pareto_front,

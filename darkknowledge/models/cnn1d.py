@@ -25,6 +25,29 @@ class BlockStack1d(nn.Module):
     flatten: nn.Flatten
     fc: nn.Linear
 
+    def make_layer(self, first: bool, in_channels: int, out_channels: int, kernel_size: int, stride: int,
+                   batch_norm: bool) -> list[nn.Module]:
+        """The modules of one layer (``first``: the network's very first one), appended to its block."""
+        raise NotImplementedError
+
+    def build(self, in_channels: int, length: int, num_classes: int, channels: int, depth: int, kernel_size: int,
+              batch_norm: bool, block_layers: int) -> None:
+        """``depth`` blocks of ``block_layers`` layers (a block's first at stride 2, the first
+        block's at 1; ``padding = kernel_size // 2``), then ``flatten`` and ``fc``."""
+        blocks: list[nn.Module] = []
+        width, cur_len = in_channels, length
+        for i in range(depth):
+            layers: list[nn.Module] = []
+            for j in range(block_layers):
+                stride = 2 if i > 0 and j == 0 else 1
+                layers += self.make_layer(i == 0 and j == 0, width, channels, kernel_size, stride, batch_norm)
+                width = channels
+                cur_len = _conv_out_len(cur_len, kernel_size, stride, kernel_size // 2)  # >= 1 with this padding
+            blocks.append(nn.Sequential(*layers))
+        self.blocks = nn.Sequential(*blocks)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(channels * cur_len, num_classes)
+
     def feature_taps(self) -> list[str]:
         """Paths of the conv-block outputs ``(B, channels, L_i)``, shallow to deep."""
         return [f"blocks.{i}" for i in range(len(self.blocks))]
@@ -74,25 +97,14 @@ class CNN1d(BlockStack1d):
         block_layers: int = 1,
     ) -> None:
         super().__init__()
-        padding = kernel_size // 2
-        blocks: list[nn.Module] = []
-        width, cur_len = in_channels, length
-        for i in range(depth):
-            layers: list[nn.Module] = []
-            for j in range(block_layers):
-                stride = 2 if i > 0 and j == 0 else 1
-                layers.append(
-                    nn.Conv1d(width, channels, kernel_size, stride=stride, padding=padding, bias=not batch_norm)
-                )
-                if batch_norm:
-                    layers.append(nn.BatchNorm1d(channels))
-                layers.append(nn.ReLU())
-                width = channels
-                cur_len = _conv_out_len(cur_len, kernel_size, stride, padding)  # >= 1 with this padding
-            blocks.append(nn.Sequential(*layers))
-        self.blocks = nn.Sequential(*blocks)
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(channels * cur_len, num_classes)
+        self.build(in_channels, length, num_classes, channels, depth, kernel_size, batch_norm, block_layers)
+
+    def make_layer(self, first: bool, in_channels: int, out_channels: int, kernel_size: int, stride: int,
+                   batch_norm: bool) -> list[nn.Module]:
+        """Conv1d (``padding = kernel_size // 2``), BatchNorm1d if enabled, ReLU."""
+        conv = nn.Conv1d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2,
+                         bias=not batch_norm)
+        return [conv, *([nn.BatchNorm1d(out_channels)] if batch_norm else []), nn.ReLU()]
 
 
 @register_model("cnn1d")

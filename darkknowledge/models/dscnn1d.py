@@ -38,7 +38,7 @@ from torch import nn
 
 from darkknowledge.models._common import check_positive, sequence_channels_length
 from darkknowledge.models._registry import register_model
-from darkknowledge.models.cnn1d import BlockStack1d, _conv_out_len
+from darkknowledge.models.cnn1d import BlockStack1d
 
 
 def full_layer(in_channels: int, out_channels: int, kernel_size: int, stride: int, batch_norm: bool) -> nn.Sequential:
@@ -98,20 +98,13 @@ class DSCNN1d(BlockStack1d):
         block_layers: int = 1,
     ) -> None:
         super().__init__()
-        blocks: list[nn.Module] = []
-        width, cur_len = in_channels, length
-        for i in range(depth):
-            layers: list[nn.Module] = []
-            for j in range(block_layers):
-                stride = 2 if i > 0 and j == 0 else 1
-                make = full_layer if i == 0 and j == 0 else separable_layer
-                layers.append(make(width, channels, kernel_size, stride, batch_norm))
-                width = channels
-                cur_len = _conv_out_len(cur_len, kernel_size, stride, kernel_size // 2)  # >= 1 with this padding
-            blocks.append(nn.Sequential(*layers))
-        self.blocks = nn.Sequential(*blocks)
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(channels * cur_len, num_classes)
+        self.build(in_channels, length, num_classes, channels, depth, kernel_size, batch_norm, block_layers)
+
+    def make_layer(self, first: bool, in_channels: int, out_channels: int, kernel_size: int, stride: int,
+                   batch_norm: bool) -> list[nn.Module]:
+        """The network's first layer a full conv, every other one depthwise-separable."""
+        make = full_layer if first else separable_layer
+        return [make(in_channels, out_channels, kernel_size, stride, batch_norm)]
 
 
 @register_model("dscnn1d")

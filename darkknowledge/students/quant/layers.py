@@ -132,7 +132,26 @@ class QuantLinear(QuantLayer, nn.Linear):
         return nn.functional.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
 
 
-class QuantConv1d(QuantLayer, nn.Conv1d):
+class _QuantConv(QuantLayer):
+    """What the quantized convolutions share: their float class's constructor, then the
+    quantizers; ``from_float`` copies the convolution's hyper-parameters; the forward pass
+    convolves the quantized input with the quantized weight (bias in full precision)."""
+
+    def __init__(self, *args: Any, bits: int = 8, act_bits: int | None = None, method: str = "lsq",
+                 per_channel: bool = True, **kwargs: Any) -> None:
+        self.FLOAT.__init__(self, *args, **kwargs)  # type: ignore[misc]
+        self._attach_quantizers(bits, act_bits, method, per_channel)
+
+    @classmethod
+    def _float_kwargs(cls, module: nn.Module) -> dict[str, Any]:
+        return _conv_kwargs(module)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C_in, *S)`` -> ``(B, C_out, *S')``."""
+        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)  # type: ignore[attr-defined]
+
+
+class QuantConv1d(_QuantConv, nn.Conv1d):
     """``nn.Conv1d`` with fake-quantized weight ``(C_out, C_in/groups, k)`` and optional input.
 
     Args:
@@ -146,21 +165,8 @@ class QuantConv1d(QuantLayer, nn.Conv1d):
 
     FLOAT = nn.Conv1d
 
-    def __init__(self, *args: Any, bits: int = 8, act_bits: int | None = None, method: str = "lsq",
-                 per_channel: bool = True, **kwargs: Any) -> None:
-        nn.Conv1d.__init__(self, *args, **kwargs)
-        self._attach_quantizers(bits, act_bits, method, per_channel)
 
-    @classmethod
-    def _float_kwargs(cls, module: nn.Module) -> dict[str, Any]:
-        return _conv_kwargs(module)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C_in, L)`` -> ``(B, C_out, L')``."""
-        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
-
-
-class QuantConv2d(QuantLayer, nn.Conv2d):
+class QuantConv2d(_QuantConv, nn.Conv2d):
     """``nn.Conv2d`` with fake-quantized weight ``(C_out, C_in/groups, kh, kw)`` and optional input.
 
     Args:
@@ -173,19 +179,6 @@ class QuantConv2d(QuantLayer, nn.Conv2d):
     """
 
     FLOAT = nn.Conv2d
-
-    def __init__(self, *args: Any, bits: int = 8, act_bits: int | None = None, method: str = "lsq",
-                 per_channel: bool = True, **kwargs: Any) -> None:
-        nn.Conv2d.__init__(self, *args, **kwargs)
-        self._attach_quantizers(bits, act_bits, method, per_channel)
-
-    @classmethod
-    def _float_kwargs(cls, module: nn.Module) -> dict[str, Any]:
-        return _conv_kwargs(module)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C_in, H, W)`` -> ``(B, C_out, H', W')``."""
-        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
 
 
 QUANT_LAYERS: dict[str, type[QuantLayer]] = {"Conv1d": QuantConv1d, "Conv2d": QuantConv2d, "Linear": QuantLinear}
