@@ -12,15 +12,9 @@ import sys
 import pytest
 
 from darkknowledge.bench import figures
+from darkknowledge.bench.markdown import to_markdown, to_markdown_compact
 from darkknowledge.bench.stats import t_quantile
-from darkknowledge.bench.tables import (
-    ROW_FIELDS,
-    summarize,
-    to_csv,
-    to_json,
-    to_markdown,
-    to_markdown_compact,
-)
+from darkknowledge.bench.tables import ROW_FIELDS, summarize, to_csv, to_json
 from darkknowledge.errors import ConfigError
 
 TEACHER = {"model": "cnn1d", "hash": "ab12cd34", "last_acc": 92.3}

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from darkknowledge.atomic import atomic_write
-from darkknowledge.bench import tables
+from darkknowledge.bench import markdown, tables
 from darkknowledge.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def write_tables(bench: Any, readme: Path | None = None, figures: bool = True) -
     notes = status_notes(bench)
     body = "\n".join(head + [""] + [f"> {n}" for n in notes] + ([""] if notes else [])) + "\n"
     written = {
-        "md": atomic_write(folder / f"{suite.name}.md", lambda f: f.write(body + tables.to_markdown(rows)),
+        "md": atomic_write(folder / f"{suite.name}.md", lambda f: f.write(body + markdown.to_markdown(rows)),
                            binary=False),
         "csv": atomic_write(folder / f"{suite.name}.csv", lambda f: f.write(tables.to_csv(rows)), binary=False),
         "json": atomic_write(folder / f"{suite.name}.json", lambda f: f.write(tables.to_json(rows)), binary=False),
@@ -80,7 +80,7 @@ def write_tables(bench: Any, readme: Path | None = None, figures: bool = True) -
 
 def readme_block(rows: list[dict[str, Any]], notes: Sequence[str] = ()) -> str:
     """The compact table a README shows for a suite."""
-    return tables.to_markdown_compact(rows) + "".join(f"\n> {n}\n" for n in notes)
+    return markdown.to_markdown_compact(rows) + "".join(f"\n> {n}\n" for n in notes)
 
 
 def _markers(name: str) -> tuple[str, str]:

@@ -150,7 +150,8 @@ class StudentSearch:
             return float(json.loads(done.read_text())["last_acc"])
         over = {"student": student.model_dump(mode="json", exclude_defaults=True), "seed": seed, "seeds": [seed]}
         if proxy:
-            over |= {"train": {"epochs": self.spec.proxy.epochs}, "data": {"holdout": "val"}, "cache": {"enabled": True}}
+            over |= {"train": {"epochs": self.spec.proxy.epochs}, "data": {"holdout": "val"},
+                     "cache": {"enabled": True}}
         raw = deep_merge({k: v for k, v in self.base.model_dump(mode="json").items() if k != "student"}, over)
         if proxy and not raw["data"].get("val_fraction"):
             raise ConfigError(f"search {self.spec.name!r}: the proxy is judged on a validation split; give recipe "
@@ -189,7 +190,8 @@ class StudentSearch:
                  for i, r in enumerate(chosen)]
         final = []
         for tag, label, student, prof, proxy_acc in rows:
-            accs = [self._run(student, self.out / "final" / tag / f"s{s}", s, proxy=False) for s in self.spec.final.seeds]
+            accs = [self._run(student, self.out / "final" / tag / f"s{s}", s, proxy=False)
+                    for s in self.spec.final.seeds]
             final.append({"tag": tag, "label": label, "student": student.model_dump(mode="json", exclude_defaults=True),
                           "profile": prof, "proxy_acc": proxy_acc, "accs": accs, "mean": statistics.fmean(accs),
                           "std": statistics.stdev(accs) if len(accs) > 1 else 0.0})
@@ -214,7 +216,8 @@ class StudentSearch:
         setup = (f"Base recipe `{self.spec.recipe}`; limits {json.dumps(limits)}; {self.spec.trials} trials, "
                  f"NSGA-II seed {self.spec.seed}; proxy: KD for {self.spec.proxy.epochs} epochs on cached teacher "
                  "outputs, validation-split accuracy.")
-        lines = [f"# dk search {self.spec.name}", "", self.spec.description, "", setup, "", "## Trials", "", result.to_markdown().rstrip("\n"), "",
+        lines = [f"# dk search {self.spec.name}", "", self.spec.description, "", setup, "",
+                 "## Trials", "", result.to_markdown().rstrip("\n"), "",
                  f"## Full budget (seeds {seeds}, last-epoch test accuracy)", "",
                  "| student | spec | proxy acc (val) | acc mean ± std |", "|---|---|---|---|"]
         lines += [f"| {f['tag']} | {f['label']} | {f['proxy_acc']:.2f} | {f['mean']:.2f} ± {f['std']:.2f} |"
