@@ -18,11 +18,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import pydantic
 from torch import nn
 
 from darkknowledge.errors import ConfigError
-from darkknowledge.validation import format_validation_error
 
 OPS_ATTR = "dk_ops"
 """Attribute naming the operations conversion a built model went through (absent: plain)."""
@@ -45,19 +43,10 @@ def resolved_family(name: str, params: Mapping[str, Any], width: float = 1.0, de
 
 
 def quant_spec(quantize: Mapping[str, Any], where: str = "student.quantize") -> Any:
-    """``quantize:`` validated into a :class:`~darkknowledge.students.quant.QuantSpec`.
+    """``quantize:`` validated into a :class:`~darkknowledge.students.quant.QuantSpec` (errors name ``where``)."""
+    from darkknowledge.students.quant.wrap import as_spec
 
-    Raises:
-        ConfigError: An unknown key or a bad value, named with its path.
-    """
-    from darkknowledge.students.quant import QuantSpec
-
-    try:
-        return QuantSpec(**dict(quantize))
-    except pydantic.ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, where)) from None
-    except TypeError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+    return as_spec(quantize, where)
 
 
 def convert(model: nn.Module, ops: str = "plain", quantize: Mapping[str, Any] | None = None,

@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from darkknowledge.errors import ConfigError, ShapeError
+from darkknowledge.models import count_params
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +101,6 @@ class ModelProfile:
             return cls(**data)
         except TypeError as exc:
             raise ConfigError(f"model profile: {exc}; fields: {', '.join(names)}") from None
-
-
-def count_params(model: nn.Module) -> int:
-    """Distinct parameters of ``model`` (``model.parameters()`` yields a shared one once)."""
-    return sum(p.numel() for p in model.parameters())
 
 
 def _distinct(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
