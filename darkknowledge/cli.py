@@ -40,8 +40,9 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 
-from darkknowledge.errors import DarkKnowledgeError
+from darkknowledge.errors import ConfigError, DarkKnowledgeError
 
 VERBOSE_HELP = "log every epoch even when not on a terminal; on an error, also print its traceback"
 
@@ -68,7 +69,10 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--quiet", action="store_true", help="no progress bars and no log lines")
         sp.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
 
-    with_run_args(sub.add_parser("run", help="compare baseline and distilled students over seeds"), True)
+    rp = sub.add_parser("run", help="compare baseline and distilled students over seeds")
+    with_run_args(rp, True)
+    rp.add_argument("--readme", metavar="PATH", help="also write the run's table and verdict into the "
+                    "<!-- run:NAME --> block of this Markdown file (e.g. README.md)")
     with_run_args(sub.add_parser("distill", help="distill one student from the recipe's teacher"), False)
     tp = sub.add_parser("train", help="train the student (or teacher) alone with cross-entropy")
     with_run_args(tp, False)
@@ -294,16 +298,20 @@ def _dispatch(args: argparse.Namespace) -> int:
         _out(json.dumps(commands.evaluate_checkpoint(args.checkpoint, overrides), indent=2))
         return 0
     overrides = _split_overrides(args)
-    cfg = load_config(args.recipe, overrides)
     progress = not args.quiet
     main_rank = int(os.environ.get("RANK", "0")) == 0
+    if args.command == "run" and commands.is_lm_run(args.recipe):
+        lm_cfg = commands.lm_config(args.recipe, overrides)
+        _check_readme(args.readme, lm_cfg.name)
+        res = commands.run_lm(lm_cfg, args.out, args.resume, progress)
+        _report_run(res, args.readme if main_rank else None)
+        return 0
+    cfg = load_config(args.recipe, overrides)
+    if args.command == "run":
+        _check_readme(args.readme, cfg.name)
     if args.command == "run":
         res = commands.compare(cfg, args.out, args.resume, progress)
-        if main_rank:
-            _out("\n".join(res["table"]))
-            _out()
-            _out(res["verdict"])
-            _out(f"run folder: {res['run_dir']}  (report.md, results.json, metrics.jsonl)")
+        _report_run(res, args.readme if main_rank else None)
     elif args.command == "distill":
         res = commands.distill(cfg, args.out, args.resume, progress)
         if main_rank:
@@ -321,6 +329,35 @@ def _dispatch(args: argparse.Namespace) -> int:
             _out(f"{st['name']}: test acc {st['last_acc']:.2f} (best {st['best_acc']:.2f}), {st['train_seconds']:.1f}s")
             _out(f"run folder: {res['run_dir']}  model: {res['exported']}")
     return 0
+
+
+def _check_readme(readme: str | None, name: str) -> None:
+    """Before a run trains: ``--readme``'s file exists and holds the run's block."""
+    if not readme:
+        return
+    from darkknowledge.bench.publish import readme_section
+
+    try:
+        text = Path(readme).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"--readme {readme!r} cannot be read: {exc.strerror or exc}") from None
+    readme_section(text, name, kind="run")
+
+
+def _report_run(res: dict, readme: str | None) -> None:
+    """Print a run's table and verdict (rank 0 calls it), and write them into ``readme``'s block."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    _out("\n".join(res["table"]))
+    _out()
+    _out(res["verdict"])
+    _out(f"run folder: {res['run_dir']}  (report.md, results.json, metrics.jsonl)")
+    if readme:
+        from darkknowledge.bench.publish import update_readme
+
+        block = "\n".join(res["table"]) + "\n\n" + res["verdict"] + "\n"
+        update_readme(Path(readme), res["name"], block, kind="run")
+        _out(f"README block run:{res['name']} written to {readme}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ from darkknowledge.engine.checkpoint import export_model, read_export
 from darkknowledge.engine.distributed import DistContext, init_distributed
 from darkknowledge.engine.metrics import evaluate
 from darkknowledge.errors import ConfigError
+from darkknowledge.lm.config import LMRunConfig, is_lm_recipe, validate_lm_config
+from darkknowledge.recipes import read_recipe
+from darkknowledge.runs import lm_run
 from darkknowledge.runs.build import (
     build_model,
     check_config,
@@ -90,7 +93,24 @@ def compare(cfg: RunConfig, out: str | Path | None = None, resume: bool = False,
     sections += ([""] if sections and student else []) + student  # the report ends with what decides deployment
     text = render_report(title, rows, notes, sections)
     report = s.run.write_text("report.md", text)
-    return {"run_dir": s.run.path, "rows": rows, "verdict": verdict(rows), "report": report, "table": table_lines(rows)}
+    return {"run_dir": s.run.path, "rows": rows, "verdict": verdict(rows), "report": report, "table": table_lines(rows),
+            "name": cfg.name}
+
+
+def is_lm_run(recipe: str | None) -> bool:
+    """Whether ``recipe`` (a shipped name or a path; None: the quickstart) is a language-model run (``kind: lm``)."""
+    return recipe is not None and is_lm_recipe(read_recipe(recipe))
+
+
+def lm_config(recipe: str, overrides: Sequence[str] = ()) -> LMRunConfig:
+    """A language-model recipe (shipped name or path) with dotted overrides, validated."""
+    return validate_lm_config(apply_overrides(read_recipe(recipe), overrides))
+
+
+def run_lm(cfg: LMRunConfig, out: str | Path | None = None, resume: bool = False,
+           progress: bool = True) -> dict[str, Any]:
+    """``dk run`` of a language-model recipe (see :mod:`darkknowledge.runs.lm_run`)."""
+    return lm_run.run_lm(cfg, out, resume, progress)
 
 
 def distill(cfg: RunConfig, out: str | Path | None = None, resume: bool = False, progress: bool = True) -> dict[str, Any]:

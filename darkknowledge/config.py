@@ -322,6 +322,9 @@ def validate_config(raw: Mapping[str, Any]) -> RunConfig:
     """
     if not isinstance(raw, Mapping):
         raise ConfigError(f"a recipe must be a mapping of keys, got {type(raw).__name__}")
+    if raw.get("kind") == "lm":
+        raise ConfigError("this recipe is a language-model run (kind: lm): run it with `dk run RECIPE`; "
+                          "dk distill, dk train and the bench take classification recipes")
     fields = RunConfig.model_fields
     for key in raw:
         if key not in fields:
@@ -354,13 +357,13 @@ def student_from_teacher(raw: Mapping[str, Any]) -> Mapping[str, Any]:
                                **rest}}
 
 
-def _with_hints(exc: pydantic.ValidationError) -> str:
-    """Error text with a "did you mean" for unknown nested keys."""
+def _with_hints(exc: pydantic.ValidationError, root: type[BaseModel] | None = None) -> str:
+    """Error text with a "did you mean" for unknown nested keys (of ``root``, default :class:`RunConfig`)."""
     msg = format_validation_error(exc)
     for err in exc.errors():
         if err["type"] == "extra_forbidden":
             loc = [str(p) for p in err["loc"]]
-            model: Any = RunConfig
+            model: Any = root or RunConfig
             for part in loc[:-1]:
                 f = getattr(model, "model_fields", {}).get(part)
                 ann = getattr(f, "annotation", None)

@@ -8,7 +8,9 @@ import typing
 from typing import Any
 
 from darkknowledge.config import recipe_names
+from darkknowledge.lm.config import is_lm_recipe
 from darkknowledge.losses import LOSSES, DistillLoss
+from darkknowledge.recipes import read_recipe
 from darkknowledge.validation import signature_fields
 
 
@@ -78,7 +80,23 @@ def explain_loss(name: str) -> str:
     lines.append(f"needs: {loss_needs(cls)}")
     if name in recipe_names():
         lines.append(f"recipe: dk distill {name}")
+    else:
+        lines += [f"recipe: dk run {r}  (a language-model run; arm {arm})" for r, arm in lm_recipes_using(name)]
     return "\n".join(lines)
+
+
+def lm_recipes_using(loss: str) -> list[tuple[str, str]]:
+    """``(recipe, arm)`` of the shipped language-model recipes whose arms use the loss ``loss``."""
+    found = []
+    for recipe in recipe_names():
+        raw = read_recipe(recipe)
+        if not is_lm_recipe(raw):
+            continue
+        for arm, spec in (raw.get("arms") or {}).items():
+            if any((term or {}).get("loss", key) == loss for key, term in (spec.get("losses") or {}).items()):
+                found.append((recipe, arm))
+                break
+    return found
 
 
 def list_schemes_text() -> list[str]:

@@ -7,8 +7,8 @@ import statistics
 
 import pytest
 
-from darkknowledge.bench.stats import betainc, mean_std, paired_ci, t_quantile
 from darkknowledge.errors import ConfigError
+from darkknowledge.stats import betainc, mean_std, paired_ci, t_quantile
 
 PROBS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.8, 0.9, 0.95, 0.975, 0.99, 0.995, 0.999)
 

@@ -13,9 +13,9 @@ import pytest
 
 from darkknowledge.bench import figures
 from darkknowledge.bench.markdown import to_markdown, to_markdown_compact
-from darkknowledge.bench.stats import t_quantile
 from darkknowledge.bench.tables import ROW_FIELDS, summarize, to_csv, to_json
 from darkknowledge.errors import ConfigError
+from darkknowledge.stats import t_quantile
 
 TEACHER = {"model": "cnn1d", "hash": "ab12cd34", "last_acc": 92.3}
 PUBLISHED = {("cnn1d-mlp", "kd"): {"value": 73.33, "protocol": "CRD: single run, last epoch"}}

@@ -1,7 +1,14 @@
 import pytest
 
-from darkknowledge.config import apply_overrides, load_config, parse_override, read_recipe, recipe_names
+from darkknowledge.config import (
+    apply_overrides,
+    load_config,
+    parse_override,
+    read_recipe,
+    recipe_names,
+)
 from darkknowledge.errors import ConfigError, RegistryError
+from darkknowledge.lm.config import is_lm_recipe, validate_lm_config
 from darkknowledge.runs.build import check_config
 
 
@@ -17,6 +24,11 @@ def test_overrides_parse_yaml_values():
 def test_shipped_recipes_validate():
     assert "quickstart" in recipe_names()
     for name in recipe_names():
+        if is_lm_recipe(read_recipe(name)):  # a language-model run: its own config (tests/test_lm_run.py)
+            validate_lm_config(read_recipe(name))
+            with pytest.raises(ConfigError, match="kind: lm"):
+                load_config(name)
+            continue
         check_config(load_config(name))
 
 

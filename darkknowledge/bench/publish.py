@@ -83,24 +83,24 @@ def readme_block(rows: list[dict[str, Any]], notes: Sequence[str] = ()) -> str:
     return markdown.to_markdown_compact(rows) + "".join(f"\n> {n}\n" for n in notes)
 
 
-def _markers(name: str) -> tuple[str, str]:
-    return f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+def _markers(name: str, kind: str = "bench") -> tuple[str, str]:
+    return f"<!-- {kind}:{name} -->", f"<!-- /{kind}:{name} -->"
 
 
-def readme_section(text: str, name: str) -> str:
-    """The current block of suite ``name`` in a README's text."""
-    begin, end = _markers(name)
+def readme_section(text: str, name: str, kind: str = "bench") -> str:
+    """The current block of suite ``name`` (``kind`` run: of ``dk run``'s recipe ``name``) in a README's text."""
+    begin, end = _markers(name, kind)
     m = re.search(re.escape(begin) + r"\n(.*?)" + re.escape(end), text, flags=re.S)
     if m is None:
-        raise ConfigError(f"the README has no block for suite {name!r}: add the lines {begin} and {end} where the "
+        raise ConfigError(f"the README has no block for {kind} {name!r}: add the lines {begin} and {end} where the "
                           "table should go")
     return m.group(1)
 
 
-def update_readme(path: Path, name: str, block: str) -> Path:
-    """Replace suite ``name``'s block in the README at ``path`` (atomically)."""
+def update_readme(path: Path, name: str, block: str, kind: str = "bench") -> Path:
+    """Replace suite ``name``'s block (``kind`` run: recipe ``name``'s) in the README at ``path`` (atomically)."""
     text = path.read_text(encoding="utf-8")
-    old = readme_section(text, name)
-    begin, end = _markers(name)
+    old = readme_section(text, name, kind)
+    begin, end = _markers(name, kind)
     new = text.replace(f"{begin}\n{old}{end}", f"{begin}\n{block}{end}", 1)
     return atomic_write(path, lambda f: f.write(new), binary=False)

@@ -20,8 +20,8 @@ import math
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
-from darkknowledge.bench.stats import mean_std, paired_ci
 from darkknowledge.errors import ConfigError
+from darkknowledge.stats import mean_std, paired_ci
 
 KINDS = ("teacher", "baseline", "method")
 STATUSES = ("done", "n/a")

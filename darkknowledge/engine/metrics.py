@@ -14,10 +14,10 @@ from torch import nn
 from darkknowledge.data.batch import UNLABELED, Batch, model_input
 from darkknowledge.engine.device import autocast
 from darkknowledge.engine.distributed import DistContext
+from darkknowledge.engine.fsdp import is_sharded
 from darkknowledge.losses.base import run_model
 
 
-@torch.inference_mode()
 def evaluate(
     model: nn.Module,
     batches: Iterable[Batch],
@@ -30,12 +30,22 @@ def evaluate(
         ``{"top1": %, "loss": mean CE, "n": samples}`` plus ``"top5"`` when there are
         more than 5 classes.
     """
+    # an FSDP2 unit's gathered-weight buffers are reused by later forwards: not inference tensors then
+    with torch.inference_mode(not is_sharded(model)), torch.no_grad():
+        return _evaluate(model, batches, dist, amp)
+
+
+def _evaluate(model: nn.Module, batches: Iterable[Batch], dist: DistContext, amp: torch.dtype | None) -> dict[str, float]:
     was_training = model.training
     model.eval()
     sums: torch.Tensor | None = None
     num_classes = 0
     try:
         for batch in batches:
+            if len(batch) == 0:  # this rank's share of a last partial batch is empty
+                if is_sharded(model):  # an FSDP2 unit gathers its weights with every rank: run it all the same
+                    run_model(model, torch.zeros((1, *batch.x.shape[1:]), dtype=batch.x.dtype, device=batch.x.device))
+                continue
             with autocast(batch.x.device, amp):
                 logits = run_model(model, model_input(batch, model))  # (B, K): on its own view
             logits = logits.float()

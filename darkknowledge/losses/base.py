@@ -32,6 +32,7 @@ from torch import nn
 from darkknowledge.config import OptimizerConfig
 from darkknowledge.data.batch import Batch
 from darkknowledge.errors import ShapeError
+from darkknowledge.lm.targets import LazyLogits, SparseTargets
 from darkknowledge.search_space import Range
 
 KNOWLEDGE_TYPES = ("label", "response", "feature", "relation")
@@ -88,10 +89,17 @@ class SetupInfo:
 
 @dataclass
 class Outputs:
-    """A model's outputs for one batch: logits ``(B, K)`` and tapped features by path."""
+    """A model's outputs for one batch: logits ``(B, K)`` and tapped features by path.
+
+    A causal LM's per-token distribution may come without materialised ``(B, L, V)`` logits, as
+    ``tokens``: hidden states and the output head (:class:`~darkknowledge.lm.targets.LazyLogits`)
+    or a teacher's sparse targets read from a cache
+    (:class:`~darkknowledge.lm.targets.SparseTargets`); ``logits`` is then None.
+    """
 
     logits: torch.Tensor | None
     features: dict[str, torch.Tensor] = field(default_factory=dict)
+    tokens: LazyLogits | SparseTargets | None = None
 
     def feature(self, path: str) -> torch.Tensor:
         """The feature captured at ``path`` (KeyError names the captured ones)."""

@@ -1,16 +1,26 @@
-"""Cross-entropy with the ground-truth labels (the student's own supervised term)."""
+"""Cross-entropy with the ground-truth labels (the student's own supervised term).
+
+On a classifier: logits ``(B, K)``, labels ``(B,)``. On a language model: next-token targets
+``(B, L)`` (``-1`` at ignored positions) against logits ``(B, L, V)`` or the model's lazy logits
+(:class:`~darkknowledge.lm.targets.LazyLogits`), computed a chunk of positions at a time like the
+token divergences.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
+from torch.utils.checkpoint import checkpoint
 
 from darkknowledge.data.batch import UNLABELED, Batch
+from darkknowledge.errors import ConfigError
+from darkknowledge.lm.targets import LazyLogits
 from darkknowledge.losses import register_loss
 from darkknowledge.losses.base import DistillLoss, Needs, Outputs
+from darkknowledge.losses.tokens import DEFAULT_CHUNK, chunk_rows
 
 
 def cross_entropy(
@@ -52,4 +62,49 @@ class CrossEntropy(DistillLoss):
         self.label_smoothing = label_smoothing
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> torch.Tensor:
+        if isinstance(student.tokens, LazyLogits) or (student.logits is not None and student.logits.ndim > 2):
+            return self.sequence_cross_entropy(student, batch)
         return cross_entropy(student.logits, batch.y, self.label_smoothing, batch.labeled)
+
+    def sequence_cross_entropy(self, student: Outputs, batch: Batch) -> torch.Tensor:
+        """Mean next-token cross-entropy over the kept positions, chunked (see the module docstring)."""
+        if self.label_smoothing:
+            raise ConfigError(f"losses.ce.label_smoothing={self.label_smoothing}: not supported on a language "
+                              "model's tokens; use 0")
+        dist = student.tokens if isinstance(student.tokens, LazyLogits) else student.logits
+        return sequence_cross_entropy(dist, batch.y)
+
+
+def sequence_cross_entropy(dist: torch.Tensor | LazyLogits, y: torch.Tensor,
+                           chunk_size: int | Literal["auto"] | None = DEFAULT_CHUNK) -> torch.Tensor:
+    """``-log p_s(y_t)`` averaged over the positions with ``y_t != -1``, a chunk of positions at a time.
+
+    Args:
+        dist: Logits ``(B, L, V)`` or LazyLogits over ``(B, L)`` positions.
+        y: Next-token targets ``(B, L)``, ``-1`` at ignored positions.
+        chunk_size: Tokens per chunk (see ``losses.tokens.chunk_rows``); each chunk's logits are
+            recomputed in the backward (``checkpoint``), so one chunk's ``(c, V)`` is alive at a time.
+
+    Returns:
+        Scalar; 0 (attached to the graph) when no position is kept.
+    """
+    lazy = isinstance(dist, LazyLogits)
+    vocab = dist.vocab if lazy else int(dist.shape[-1])
+    flat = dist.rows() if lazy else dist.reshape(-1, vocab)  # (N, d) or (N, V)
+    targets = y.reshape(-1).to(flat.device)  # (N,)
+    keep = (targets != UNLABELED).nonzero().squeeze(1)  # (n,)
+    if keep.numel() == 0:
+        return flat.sum().float() * 0.0
+    rows, targets = flat.index_select(0, keep), targets.index_select(0, keep)  # (n, d|V), (n,)
+    head = dist.head if lazy else None
+
+    def part(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        z = h if head is None else head(h)  # (c, V)
+        return F.cross_entropy(z.float(), t, reduction="sum")
+
+    size = chunk_rows(chunk_size, vocab) or len(keep)
+    total = None
+    for h, t in zip(torch.split(rows, size), torch.split(targets, size), strict=True):
+        value = checkpoint(part, h, t, use_reentrant=False) if size < len(keep) and torch.is_grad_enabled() else part(h, t)
+        total = value if total is None else total + value
+    return total / len(keep)

@@ -23,8 +23,9 @@ from torch import nn
 
 from darkknowledge.config import RunConfig
 from darkknowledge.engine.checkpoint import load_exported, load_weights, safe_load
+from darkknowledge.engine.distributed import DistContext
 from darkknowledge.engine.task import Task
-from darkknowledge.errors import CheckpointError, ConfigError
+from darkknowledge.errors import CheckpointError, ConfigError, DarkKnowledgeError
 from darkknowledge.runs.lock import RunLock
 from darkknowledge.runs.rundir import (
     describe_identity,
@@ -99,6 +100,28 @@ def open_run_folder(path: Path, config: Mapping[str, Any], identity: Mapping[str
         lock.release()
         raise
     return lock
+
+
+def open_on_ranks(dist: DistContext, run_dir: Path | None, config: Mapping[str, Any], identity: Mapping[str, Any],
+                  resume: bool) -> tuple[Path | None, RunLock | None]:
+    """:func:`open_run_folder` on rank 0 only: rank 0's folder holds on every rank, and an error is
+    raised on every rank. Returns the folder and rank 0's lock (None elsewhere, or without a folder)."""
+    path = Path(run_dir) if run_dir is not None else None
+    if path is None:
+        return None, None
+    if dist.enabled:
+        path = dist.broadcast_object(path)
+    lock, error = None, None
+    if dist.is_main:
+        try:
+            lock = open_run_folder(path, config, identity, resume)
+        except DarkKnowledgeError as exc:
+            error = exc
+    if dist.enabled:
+        error = dist.broadcast_object(error)
+    if error is not None:
+        raise error
+    return path, lock
 
 
 def check_fresh(path: Path) -> None:

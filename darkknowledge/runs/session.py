@@ -52,7 +52,7 @@ from darkknowledge.engine.distributed import init_distributed
 from darkknowledge.engine.metrics import MetricsLog
 from darkknowledge.engine.task import Task
 from darkknowledge.engine.trainer import Trainer
-from darkknowledge.errors import CheckpointError, ConfigError, DarkKnowledgeError
+from darkknowledge.errors import CheckpointError, ConfigError
 from darkknowledge.models import count_params
 from darkknowledge.runs.build import (
     build_data,
@@ -65,7 +65,7 @@ from darkknowledge.runs.build import (
 )
 from darkknowledge.runs.lock import RunLock
 from darkknowledge.runs.profiling import Profiler
-from darkknowledge.runs.resume import FinishedStage, open_run_folder
+from darkknowledge.runs.resume import FinishedStage, open_on_ranks
 from darkknowledge.runs.rundir import RunDir, read_identity
 from darkknowledge.schemes.offline import offline_task
 
@@ -120,23 +120,8 @@ class Session:
             self.run.write_identity({**self.identity, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
 
     def _open_run_folder(self, run_dir: Path | None) -> RunLock | None:
-        """Rank 0 locks and checks the folder (rank 0's choice of folder holds on every rank);
-        an error is raised on every rank."""
-        self._run_dir = Path(run_dir) if run_dir is not None else None
-        if self._run_dir is None:
-            return None
-        if self.dist.enabled:
-            self._run_dir = self.dist.broadcast_object(self._run_dir)
-        lock, error = None, None
-        if self.dist.is_main:
-            try:
-                lock = open_run_folder(self._run_dir, self.cfg.model_dump(mode="json"), self.identity, self.resume)
-            except DarkKnowledgeError as exc:
-                error = exc
-        if self.dist.enabled:
-            error = self.dist.broadcast_object(error)
-        if error is not None:
-            raise error
+        self._run_dir, lock = open_on_ranks(self.dist, run_dir, self.cfg.model_dump(mode="json"), self.identity,
+                                            self.resume)
         return lock
 
     def close(self) -> None:
