@@ -59,6 +59,21 @@ def rank_bounds(size: int, rank: int, world_size: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
+def check_loader_args(batch_size: int, rank: int, world_size: int, seed: int) -> None:
+    """A loader's global batch, rank, world size and seed, or one clear ``ConfigError``."""
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1 (got {batch_size})")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"need 0 <= rank < world_size (got rank={rank}, world_size={world_size})")
+    if batch_size % world_size:
+        raise ConfigError(
+            f"batch_size {batch_size} is the global batch and must be divisible by world_size "
+            f"{world_size}; use e.g. {batch_size - batch_size % world_size or world_size}"
+        )
+    if seed < 0:
+        raise ConfigError(f"loader seed must be >= 0 (got {seed})")
+
+
 class BatchLoader:
     """Iterate a dataset in reproducible global batches, this rank's slice of each.
 
@@ -113,17 +128,7 @@ class BatchLoader:
         inputs: Sequence[str] = (),
         primary: str | None = None,
     ) -> None:
-        if batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1 (got {batch_size})")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ConfigError(f"need 0 <= rank < world_size (got rank={rank}, world_size={world_size})")
-        if batch_size % world_size:
-            raise ConfigError(
-                f"batch_size {batch_size} is the global batch and must be divisible by world_size "
-                f"{world_size}; use e.g. {batch_size - batch_size % world_size or world_size}"
-            )
-        if seed < 0:
-            raise ConfigError(f"loader seed must be >= 0 (got {seed})")
+        check_loader_args(batch_size, rank, world_size, seed)
         self.data = data
         self.batch_size = batch_size
         self.shuffle = shuffle

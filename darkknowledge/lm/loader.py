@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from darkknowledge.data.batch import Batch, to_device
-from darkknowledge.data.loader import rank_bounds
+from darkknowledge.data.loader import check_loader_args, rank_bounds
 from darkknowledge.data.seeds import PERMUTATION_STREAM, make_generator
 from darkknowledge.errors import ConfigError
 from darkknowledge.lm.tokens import TokenBlocks
@@ -61,17 +61,7 @@ class TokenLoader:
     ) -> None:
         if not isinstance(blocks, TokenBlocks):
             raise ConfigError(f"TokenLoader reads TokenBlocks (got {type(blocks).__name__})")
-        if batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1 (got {batch_size})")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ConfigError(f"need 0 <= rank < world_size (got rank={rank}, world_size={world_size})")
-        if batch_size % world_size:
-            raise ConfigError(
-                f"batch_size {batch_size} is the global batch and must be divisible by world_size "
-                f"{world_size}; use e.g. {batch_size - batch_size % world_size or world_size}"
-            )
-        if seed < 0:
-            raise ConfigError(f"loader seed must be >= 0 (got {seed})")
+        check_loader_args(batch_size, rank, world_size, seed)
         self.data = blocks
         self.batch_size = batch_size
         self.shuffle = shuffle

@@ -82,8 +82,9 @@ DEFAULT_CHUNK: Literal["auto"] = "auto"
 CHUNK_ELEMENTS = 4 * 2**20
 """``auto`` chunks hold at most this many logits (16 MiB in float32): well under glibc's 32 MiB
 ``mmap`` threshold, so a chunk's temporaries reuse freed heap memory instead of faulting fresh pages
-in for every operation (measured on a 49,152-token vocabulary: 128-token chunks train 2x faster
-than 256-token or 1,024-token ones; ``benchmarks/lm_speed.py``)."""
+in for every operation (timed on this project's 2-core CPU, 2026-12-04, a 64-d Llama student with a
+49,152-token vocabulary, forward KL from top-64 targets, batch 16 x 128: 1.08 s per step with
+128-token chunks, 2.0 s with 256- or 1,024-token ones)."""
 
 
 def chunk_rows(chunk_size: int | Literal["auto"] | None, vocab: int) -> int | None:

@@ -25,7 +25,7 @@ def _label(losses: dict[str, Any]) -> str:
     return " + ".join(parts)
 
 
-def _baseline_arm(cfg: LMRunConfig) -> str | None:
+def baseline_arm(cfg: LMRunConfig) -> str | None:
     """The arm trained alone (reads no teacher), whose perplexity the others are compared with."""
     return next((a for a, spec in cfg.arms.items()
                  if not any(_reads_teacher(n, s) for n, s in spec.losses.items())), None)
@@ -46,7 +46,7 @@ def run_lm(cfg: LMRunConfig, out: str | Path | None = None, resume: bool = False
             for arm, spec in cfg.arms.items():
                 kind = spec.cache or cfg.cache.kind
                 s.train_arm(f"{arm}-s{seed}", arm, spec.losses, kind, seed, _label(spec.losses))
-        base = _baseline_arm(cfg)
+        base = baseline_arm(cfg)
         if cfg.variants.caches:
             rows = lm_rows(s.run.results, base)
             arm = cfg.variants.of
@@ -62,7 +62,8 @@ def run_lm(cfg: LMRunConfig, out: str | Path | None = None, resume: bool = False
                         s.train_arm(f"{arm}@{kind}-s{seed}", arm, spec.losses, kind, seed, _label(spec.losses))
         rows = lm_rows(s.run.results, base)
         samples = _samples(s, cfg)
-        caches = [c.describe() for c in s.caches.values()]
+        found = [e.get(k) for e in s.run.results for k in ("teacher_cache", "kl_cache")]
+        caches = list({c["path"]: c for c in found if c}.values())  # each once (read back on --resume)
         params = next(r["params"] for r in s.run.results if r.get("role") in ("student", "baseline"))
         notes = [f"data: {_describe_data(s.data_facts)}",
                  (f"student: {cfg.student.family} {cfg.student.hidden_size}d x {cfg.student.layers} layers "

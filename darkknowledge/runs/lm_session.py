@@ -239,6 +239,7 @@ class LMSession:
             entry["teacher_cache"] = self.caches[f"train:{cache_kind}"].describe()
         kl_cache = self._heldout_cache()
         if kl_cache is not None:
+            entry["kl_cache"] = kl_cache.describe()
             entry["kl_teacher_student"] = teacher_student_kl(student, kl_cache, self.heldout_kl, self.device,
                                                              self.cfg.data.eval_batch_size)
         if stage_dir is not None and self.dist.is_main:
