@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from darkknowledge.engine.checkpoint import safe_load
 from darkknowledge.lm.config import LMRunConfig
 from darkknowledge.runs.lm_eval import generations
 from darkknowledge.runs.lm_report import lm_rows, render_lm_report, table_lines
@@ -96,8 +97,6 @@ def _samples(s: LMSession, cfg: LMRunConfig) -> dict[str, list[str]] | None:
         path = s.run.stage_dir(f"{arm}-s{seed}")
         if path is None or not (path / "model.pt").is_file():
             continue
-        from darkknowledge.engine.checkpoint import safe_load
-
         student.load_state_dict(safe_load(path / "model.pt")["state_dict"])
         models[arm] = student
     return generations(models, s.tokenizer, cfg.eval.prompts, cfg.eval.max_new_tokens, s.device)
