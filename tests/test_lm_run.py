@@ -148,6 +148,15 @@ def test_lm_config_errors_are_clear(tmp_path: Path):
         validate_lm_config({**raw, "cache": {"kind": "topk", "k": 0}})
 
 
+def test_a_bad_loss_in_any_arm_fails_before_the_teacher_loads(cache_env: Path, monkeypatch: pytest.MonkeyPatch):
+    from darkknowledge.runs import lm_session
+
+    monkeypatch.setattr(lm_session, "load_pretrained", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    raw = lm_recipe(cache_env, arms={"ce": {"losses": {"ce": {}}}, "late": {"losses": {"jsd": {"beta": 2.0}}}})
+    with pytest.raises(ConfigError, match="arms.late.losses.jsd.beta"):
+        run_lm(validate_lm_config(raw), out=cache_env / "run", progress=False)
+
+
 def test_vocabulary_mismatch_is_one_clear_error(cache_env: Path):
     tok = make_tokenizer()
     teacher_folder(cache_env)

@@ -48,6 +48,8 @@ from darkknowledge.lm.models import (
 )
 from darkknowledge.lm.text_data import load_text_data
 from darkknowledge.lm.tokens import TokenBlocks
+from darkknowledge.losses import LOSSES
+from darkknowledge.losses.objective import Objective
 from darkknowledge.runs.build import seed_everything
 from darkknowledge.runs.lm_eval import teacher_student_kl
 from darkknowledge.runs.resume import open_on_ranks
@@ -73,6 +75,8 @@ class LMSession:
         self.cfg, self.resume, self.progress = cfg, resume, progress
         if resume and run_dir is None:
             raise ConfigError("resume: there is no run folder to continue; give it with --out DIR")
+        for arm, spec in cfg.arms.items():  # every loss name and parameter, before anything loads or trains
+            Objective.from_config(spec.losses, where=f"arms.{arm}.losses")
         wants_cuda = cfg.train.device.startswith("cuda") or (cfg.train.device == "auto" and torch.cuda.is_available())
         self.dist = init_distributed("cuda" if wants_cuda else "cpu")
         self.identity = {"command": "run", "model": None, "name": cfg.name}
@@ -258,8 +262,6 @@ class LMSession:
 
 
 def _reads_teacher(name: str, spec: dict[str, Any] | None) -> bool:
-    from darkknowledge.losses import LOSSES
-
     loss = (spec or {}).get("loss", name)
     return LOSSES.get(loss).reads_teacher() if loss in LOSSES.names() else True
 
