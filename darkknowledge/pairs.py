@@ -49,8 +49,8 @@ def propose_pairs(
         paths to a feature loss as ``student_taps``/``teacher_taps``.
     """
     s_paths, t_paths = candidate_stages(student), candidate_stages(teacher)
-    s_shapes = probe_shapes(student, sample, s_paths)
-    t_shapes = probe_shapes(teacher, sample, t_paths)
+    s_shapes = probe_shapes(student, sample, s_paths, "the student")
+    t_shapes = probe_shapes(teacher, sample, t_paths, "the teacher")
     s_al, t_al = align_by_depth(s_paths, t_paths)
     pairs = []
     for sp, tp in zip(s_al, t_al):

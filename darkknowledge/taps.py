@@ -68,8 +68,20 @@ def module_paths(model: nn.Module) -> list[str]:
     return [name for name, _ in unwrap(model).named_modules()]
 
 
-def resolve_tap(model: nn.Module, path: str) -> tuple[TapSpec, nn.Module]:
-    """Find the module a tap path names; unknown paths raise with the closest valid paths."""
+def _owner(model: nn.Module, owner: str) -> str:
+    """``the student (ResNet)`` or ``ResNet``: which model a tap path was looked up in."""
+    name = type(unwrap(model)).__name__
+    return f"{owner} ({name})" if owner else name
+
+
+def resolve_tap(model: nn.Module, path: str, owner: str = "") -> tuple[TapSpec, nn.Module]:
+    """Find the module a tap path names; unknown paths raise with the closest valid paths.
+
+    Args:
+        model: The model to look in.
+        path: ``module.path`` or ``module.path:input``.
+        owner: Which model this is, named in the error (e.g. ``"the student"``, ``"the teacher"``).
+    """
     spec = parse_tap(path)
     modules = dict(unwrap(model).named_modules())
     if spec.module not in modules:
@@ -77,16 +89,17 @@ def resolve_tap(model: nn.Module, path: str) -> tuple[TapSpec, nn.Module]:
         hint = close_matches(spec.module, valid, n=6)
         shown = ", ".join(repr(h) for h in hint) if hint else ", ".join(repr(p) for p in valid[:12])
         raise TapError(
-            f"unknown tap path {path!r} in {type(unwrap(model)).__name__}: no module named "
+            f"unknown tap path {path!r} in {_owner(model, owner)}: no module named "
             f"{spec.module!r}. Closest valid paths: {shown}."
         )
     return spec, modules[spec.module]
 
 
-def validate_taps(model: nn.Module, paths: list[str] | tuple[str, ...]) -> None:
-    """Raise ``TapError`` for the first path that does not name a module of ``model``."""
+def validate_taps(model: nn.Module, paths: list[str] | tuple[str, ...], owner: str = "") -> None:
+    """Raise ``TapError`` for the first path that does not name a module of ``model`` (``owner``: see
+    :func:`resolve_tap`)."""
     for p in paths:
-        resolve_tap(model, p)
+        resolve_tap(model, p, owner)
 
 
 def _first_tensor(value: Any) -> Any:
@@ -107,6 +120,7 @@ class FeatureTaps:
         paths: Tap paths; duplicates are captured once.
         on_repeat: What to do when a tapped module runs more than once in one forward.
         detach: Detach captured tensors (for frozen teachers).
+        owner: Which model this is, named in tap errors (e.g. ``"the student"``).
 
     Example:
         >>> taps = FeatureTaps(model, ["layer3", "fc:input"])
@@ -119,6 +133,7 @@ class FeatureTaps:
         paths: list[str] | tuple[str, ...],
         on_repeat: OnRepeat = "error",
         detach: bool = False,
+        owner: str = "",
     ) -> None:
         if on_repeat not in ("error", "list", "last"):
             raise TapError(f"on_repeat must be 'error', 'list' or 'last', got {on_repeat!r}")
@@ -129,7 +144,7 @@ class FeatureTaps:
         self.features: dict[str, Any] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         for path in self.paths:
-            spec, module = resolve_tap(model, path)
+            spec, module = resolve_tap(model, path, owner)
             if spec.kind == "output":
                 handle = module.register_forward_hook(self._make_hook(path, output=True))
             else:
@@ -183,17 +198,18 @@ class FeatureTaps:
 
 
 @torch.no_grad()
-def probe_shapes(model: nn.Module, x: torch.Tensor, paths: list[str]) -> dict[str, tuple[int, ...]]:
-    """Run one forward on ``x`` and return the per-sample shape of each tap (batch dim dropped)."""
+def probe_shapes(model: nn.Module, x: torch.Tensor, paths: list[str], owner: str = "") -> dict[str, tuple[int, ...]]:
+    """Run one forward on ``x`` and return the per-sample shape of each tap (batch dim dropped;
+    ``owner``: which model this is, named in errors)."""
     was_training = model.training
     model.eval()
     try:
-        with FeatureTaps(model, paths) as taps:
+        with FeatureTaps(model, paths, owner=owner) as taps:
             model(x)
             feats = taps.pop()
     finally:
         model.train(was_training)
     missing = [p for p in paths if p not in feats]
     if missing:
-        raise TapError(f"taps {missing} did not run during a forward pass of {type(unwrap(model)).__name__}")
+        raise TapError(f"taps {missing} did not run during a forward pass of {_owner(model, owner)}")
     return {p: tuple(v.shape[1:]) for p, v in feats.items() if isinstance(v, torch.Tensor)}

@@ -14,7 +14,7 @@ from typing import Any
 
 import pydantic
 
-from darkknowledge.errors import ConfigError, did_you_mean
+from darkknowledge.errors import ConfigError, close_matches, did_you_mean
 
 _SKIP_KINDS = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
 
@@ -127,3 +127,43 @@ def weights_problem(expected: Mapping[str, Any], given: Mapping[str, Any]) -> st
             more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
             parts.append(f"{label}: {', '.join(keys[:3])}{more}")
     return "; ".join(parts)
+
+
+def _sub_models(annotation: Any) -> list[type[pydantic.BaseModel]]:
+    """The pydantic models a field's annotation holds (``X``, ``X | None``, ``dict[str, X]``...)."""
+    if isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel):
+        return [annotation]
+    return [m for a in getattr(annotation, "__args__", ()) for m in _sub_models(a)]
+
+
+def key_paths(model: type[pydantic.BaseModel], prefix: str = "", depth: int = 3) -> list[str]:
+    """Dotted paths of every field of ``model`` and of the models nested in it (``depth`` levels)."""
+    paths = []
+    for name, f in model.model_fields.items():
+        path = f"{prefix}{name}"
+        paths.append(path)
+        if depth > 1:
+            for sub in _sub_models(f.annotation):
+                if "dict[" not in str(f.annotation):  # a mapping of models: its keys are the user's names
+                    paths += key_paths(sub, path + ".", depth - 1)
+    return list(dict.fromkeys(paths))
+
+
+def key_hint(key: str, model: type[pydantic.BaseModel], where: str = "") -> str:
+    """A ' Did you mean ...?' for unknown ``key`` of ``model`` (at path ``where``) that also looks in
+    the nested sections: ``epochs`` at the top of a recipe -> ``'train.epochs'``.
+
+    A key that exists in a nested section points there; otherwise the closest keys of ``model``
+    and of its sections (closest first), each with its full path; '' when nothing is close.
+    """
+    prefix = f"{where}." if where else ""
+    paths = key_paths(model)
+    exact = [p for p in paths if "." in p and p.rsplit(".", 1)[1] == key]
+    if exact:
+        return " Did you mean " + ", ".join(repr(prefix + p) for p in exact[:5]) + "?"
+    by_leaf: dict[str, list[str]] = {}
+    for p in paths:
+        by_leaf.setdefault(p.rsplit(".", 1)[-1], []).append(p)
+    found = [p for leaf in close_matches(key, by_leaf)  # closest first; of one name, this section's first
+             for p in sorted(by_leaf[leaf], key=lambda q: q.count("."))]
+    return " Did you mean " + ", ".join(repr(prefix + p) for p in found[:5]) + "?" if found else ""

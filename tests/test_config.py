@@ -42,7 +42,9 @@ def test_quickstart_overrides_apply():
     ("overrides", "pattern"),
     [
         (["trian.epochs=3"], r"trian: unknown key\. Did you mean 'train'"),
-        (["train.epoch=3"], r"train\.epoch: unknown key.*Did you mean 'epochs'"),
+        (["train.epoch=3"], r"train\.epoch: unknown key.*Did you mean 'train\.epochs'"),
+        (["epochs=3"], r"epochs: unknown key\. Did you mean 'train\.epochs'\?"),  # the section it lives in
+        (["train.lr=0.1"], r"train\.lr: unknown key.*Did you mean 'train\.optimizer\.lr'\?"),
         (["train.epochs=zero"], r"train\.epochs: .*integer.*got 'zero'"),
         (["train.epochs=0"], r"train\.epochs: .*greater than or equal to 1.*got 0"),
         (["train.optimizer.name=adamax"], r"train\.optimizer\.name: .*'sgd', 'adamw' or 'adam'.*got 'adamax'"),

@@ -112,8 +112,8 @@ def test_dense_round_trip(tmp_path: Path, x: torch.Tensor) -> None:
     idx = torch.tensor([3, 3, 0])
     got = cache.targets(idx)
     want = torch.log_softmax(FakeTeacher().logits(x[idx]) / 0.5, dim=-1)
-    assert got.shape == (3, L, V) and got.dtype == torch.float32
-    assert torch.equal(got, want.half().float())
+    assert got.shape == (3, L, V) and got.dtype == torch.float16  # widened by the losses, a chunk at a time
+    assert torch.equal(got, want.half())
     assert cache.bytes_per_token == 2 * V
 
 

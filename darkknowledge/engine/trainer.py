@@ -300,7 +300,8 @@ class Trainer:
                                 **{f"train/{k}": v for k, v in means.items()}})
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                 self._evaluate(result, epoch, step)
-            shown = {**means, "acc": result.last.get(task.primary, {}).get("top1", float("nan"))}
+            top1 = result.last.get(task.primary, {}).get("top1")
+            shown = {**means, **({"acc": top1} if top1 is not None else {})}  # no acc before the first evaluation
             done = epoch + 1 - start_epoch
             eta = result.train_seconds / max(1, epoch + 1) * (cfg.epochs - epoch - 1) if done else 0.0
             self.progress.epoch_done(epoch, cfg.epochs, shown, eta)

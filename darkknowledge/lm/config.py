@@ -26,7 +26,8 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from darkknowledge.config import TrainConfig, _with_hints
-from darkknowledge.errors import ConfigError, did_you_mean
+from darkknowledge.errors import ConfigError
+from darkknowledge.validation import key_hint
 
 CacheKind = Literal["none", "dense", "topk", "sampled"]
 
@@ -161,7 +162,7 @@ def validate_lm_config(raw: dict[str, Any]) -> LMRunConfig:
     """Validate a raw ``kind: lm`` recipe (errors name the key path, with a "did you mean")."""
     for key in raw:
         if key not in LMRunConfig.model_fields:
-            raise ConfigError(f"{key}: unknown key.{did_you_mean(str(key), LMRunConfig.model_fields)} Valid keys: "
+            raise ConfigError(f"{key}: unknown key.{key_hint(str(key), LMRunConfig)} Valid keys: "
                               f"{', '.join(LMRunConfig.model_fields)}.")
     try:
         return LMRunConfig(**raw)

@@ -13,13 +13,13 @@ from typing import Annotated, Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from torch.utils.checkpoint import checkpoint
 
 from darkknowledge.data.batch import UNLABELED, Batch
 from darkknowledge.errors import ConfigError
 from darkknowledge.lm.targets import LazyLogits
 from darkknowledge.losses import register_loss
 from darkknowledge.losses.base import DistillLoss, Needs, Outputs
+from darkknowledge.losses.token_chunks import chunked_sum
 from darkknowledge.losses.tokens import DEFAULT_CHUNK, chunk_rows
 
 
@@ -82,8 +82,8 @@ def sequence_cross_entropy(dist: torch.Tensor | LazyLogits, y: torch.Tensor,
     Args:
         dist: Logits ``(B, L, V)`` or LazyLogits over ``(B, L)`` positions.
         y: Next-token targets ``(B, L)``, ``-1`` at ignored positions.
-        chunk_size: Tokens per chunk (see ``losses.tokens.chunk_rows``); each chunk's logits are
-            recomputed in the backward (``checkpoint``), so one chunk's ``(c, V)`` is alive at a time.
+        chunk_size: Tokens per chunk (see ``losses.tokens.chunk_rows``); one chunk's ``(c, V)`` is alive
+            at a time (``losses.token_chunks.chunked_sum``).
 
     Returns:
         Scalar; 0 (attached to the graph) when no position is kept.
@@ -102,9 +102,4 @@ def sequence_cross_entropy(dist: torch.Tensor | LazyLogits, y: torch.Tensor,
         z = h if head is None else head(h)  # (c, V)
         return F.cross_entropy(z.float(), t, reduction="sum")
 
-    size = chunk_rows(chunk_size, vocab) or len(keep)
-    total = None
-    for h, t in zip(torch.split(rows, size), torch.split(targets, size), strict=True):
-        value = checkpoint(part, h, t, use_reentrant=False) if size < len(keep) and torch.is_grad_enabled() else part(h, t)
-        total = value if total is None else total + value
-    return total / len(keep)
+    return chunked_sum(part, rows, targets, chunk_rows(chunk_size, vocab), head) / len(keep)

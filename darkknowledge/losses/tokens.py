@@ -23,12 +23,11 @@ per-token divergence over the kept positions (a zero still attached to the graph
 kept). On a classifier's logits ``(B, K)`` every sample counts, labelled or not (as in ``kd``: an
 unlabelled transfer sample is taught by the teacher alone).
 
-Chunking (``chunk_size`` tokens at a time): each chunk's student log-probs are computed inside
-``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`` (from the hidden rows for
-LazyLogits), so one chunk's ``(chunk, V)`` float32 tensors are alive at a time in the forward and
-again in the backward; a LazyLogits teacher's chunk logits are computed under ``torch.no_grad()``
-inside the chunk too (so its head runs again in the backward, like the student's). Chunked and
-unchunked agree in value and gradient.
+Chunking (``chunk_size`` tokens at a time, :func:`darkknowledge.losses.token_chunks.chunked_sum`):
+each chunk's student log-probs are computed from its rows (the hidden rows and the head for
+LazyLogits) and its gradient taken at once, so one chunk's ``(chunk, V)`` float32 tensors are
+alive at a time; a LazyLogits teacher's chunk logits are computed under ``torch.no_grad()`` inside
+the chunk. Chunked and unchunked agree in value and gradient.
 
 Sparse teacher targets (``k`` slots per token): the divergence is taken between bucketed
 distributions over ``k + 1`` buckets, the listed ids and the rest of the vocabulary:
@@ -66,12 +65,12 @@ from typing import Annotated, Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from torch.utils.checkpoint import checkpoint
 
 from darkknowledge.data.batch import UNLABELED, Batch
 from darkknowledge.errors import ConfigError, ShapeError
 from darkknowledge.lm.targets import LazyLogits, SparseTargets
 from darkknowledge.losses.base import DistillLoss, Needs, Outputs, SetupInfo
+from darkknowledge.losses.token_chunks import chunked_sum
 
 LOGP_FLOOR = math.log(torch.finfo(torch.float32).tiny)
 """The log-probability an ``-inf`` is read as (about -87.3: the smallest normal float32 mass)."""
@@ -199,6 +198,12 @@ def check_sources(student: torch.Tensor | LazyLogits, teacher: Source, loss_name
                          f"teacher's covers {n_t}: both must come from the same batch")
 
 
+def log_softmax_at(z: torch.Tensor, T: float) -> torch.Tensor:
+    """``log_softmax(z / T)`` over the last dim; at ``T = 1`` without the division (one ``(c, V)``
+    pass fewer forward and backward: the common case of the LM losses)."""
+    return F.log_softmax(z if T == 1 else z / T, dim=-1)
+
+
 def _teacher_chunk(teacher: Source, rows: torch.Tensor, dtype: torch.dtype, T: float) -> torch.Tensor | SparseTargets:
     """The teacher's log-probabilities ``(c, V)`` (or its sparse targets) at flat positions ``rows``."""
     if isinstance(teacher, SparseTargets):
@@ -208,7 +213,7 @@ def _teacher_chunk(teacher: Source, rows: torch.Tensor, dtype: torch.dtype, T: f
             z = teacher.head(teacher.rows(rows))  # (c, V)
         else:
             z = teacher.index_select(0, rows)  # (c, V) of the flat (N, V) logits
-        return F.log_softmax(z.to(dtype) / T, dim=-1)  # (c, V)
+        return log_softmax_at(z.to(dtype), T)  # (c, V)
 
 
 def _chunk_sum(
@@ -232,7 +237,7 @@ def _chunk_sum(
     if z.shape[-1] != vocab:
         raise ShapeError(f"the student's head gives {z.shape[-1]} logits per token, expected its vocabulary {vocab}")
     dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
-    s_logp = F.log_softmax(z.to(dtype) / T, dim=-1)  # (c, V)
+    s_logp = log_softmax_at(z.to(dtype), T)  # (c, V)
     t = _teacher_chunk(teacher, rows, dtype, T)
     if isinstance(t, SparseTargets):
         if t.kind == "sampled" and sampled is not None:
@@ -303,15 +308,7 @@ def token_divergence(
         teacher = teacher.detach().reshape(-1, teacher.shape[-1])  # (N, V), a constant
     fn = partial(_chunk_sum, head=student.head if lazy else None, vocab=_vocab(student), teacher=teacher,
                  divergence=divergence, sampled=sampled, T=T)
-    chunk_size = chunk_rows(chunk_size, _vocab(student))
-    size = chunk_size if chunk_size else n
-    total = None
-    for s_rows, rows in zip(torch.split(kept, size), torch.split(keep, size), strict=True):
-        if chunk_size and torch.is_grad_enabled():
-            part = checkpoint(fn, s_rows, rows, use_reentrant=False)
-        else:
-            part = fn(s_rows, rows)
-        total = part if total is None else total + part
+    total = chunked_sum(fn, kept, keep, chunk_rows(chunk_size, _vocab(student)), student.head if lazy else None)
     return total / n
 
 

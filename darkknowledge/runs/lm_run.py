@@ -9,7 +9,7 @@ from typing import Any
 from darkknowledge.engine.checkpoint import safe_load
 from darkknowledge.lm.config import LMRunConfig
 from darkknowledge.runs.lm_eval import generations
-from darkknowledge.runs.lm_report import lm_rows, render_lm_report, table_lines
+from darkknowledge.runs.lm_report import lm_rows, render_lm_report, table_lines, verdicts
 from darkknowledge.runs.lm_session import LMSession, _reads_teacher
 from darkknowledge.runs.rundir import choose_run_dir
 
@@ -79,9 +79,8 @@ def run_lm(cfg: LMRunConfig, out: str | Path | None = None, resume: bool = False
         text = render_lm_report(title, rows, teacher, notes, caches, base, samples, cfg.eval.prompts)
         report = s.run.write_text("report.md", text)
         lines = table_lines(rows, teacher)
-        verdict = text.split("## Verdict", 1)[1].split("##", 1)[0].strip() if "## Verdict" in text else ""
-        return {"run_dir": s.run.path, "rows": rows, "table": lines, "verdict": verdict, "report": report,
-                "name": cfg.name}
+        return {"run_dir": s.run.path, "rows": rows, "table": lines, "verdict": "\n".join(verdicts(rows, base)),
+                "report": report, "name": cfg.name}
     finally:
         s.close()
 
@@ -105,5 +104,9 @@ def _samples(s: LMSession, cfg: LMRunConfig) -> dict[str, list[str]] | None:
 def _describe_data(facts: dict[str, Any]) -> str:
     keys = ("source", "documents", "train_blocks", "val_blocks", "heldout_blocks", "train_tokens", "heldout_tokens",
             "block_len")
-    return ", ".join(f"{k} {facts[k]:,}" if isinstance(facts.get(k), int) else f"{k} {facts[k]}"
-                     for k in keys if k in facts)
+    def show(value: Any) -> str:
+        if isinstance(value, dict):  # e.g. documents per split
+            return " + ".join(f"{show(v)} {k}" for k, v in value.items())
+        return f"{value:,}" if isinstance(value, int) else str(value)
+
+    return ", ".join(f"{k} {show(facts[k])}" for k in keys if k in facts)

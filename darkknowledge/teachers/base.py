@@ -76,7 +76,7 @@ class Teacher:
             if self.model is None:
                 raise ConfigError(f"{self.kind} has no features to tap (a loss reads teacher features {list(taps)}); "
                                   f"{self.without_features}")
-            validate_taps(self.model, taps)
+            validate_taps(self.model, taps, self.kind)
         self.need_logits = self.need_logits or logits
         self.taps = tuple(dict.fromkeys(self.taps + tuple(taps)))
 

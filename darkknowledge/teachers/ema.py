@@ -101,7 +101,7 @@ class EMA(Teacher):
         super().request(logits, taps)
         if self._taps is not None:
             self._taps.remove()
-        self._taps = FeatureTaps(self.model, list(self.taps), detach=True) if self.taps else None
+        self._taps = FeatureTaps(self.model, list(self.taps), detach=True, owner=self.kind) if self.taps else None
         if self._taps is not None:
             self._taps.active = False
 

@@ -93,7 +93,7 @@ class Link:
                 raise ConfigError(f"{self.where}: {teacher.kind} has no features, so it cannot feed these losses "
                                   f"({exc}); {teacher.without_features}") from None
             raise
-        validate_taps(student, needs.student_taps)
+        validate_taps(student, needs.student_taps, "the student" if self.view == "student" else f"the model {self.view!r}")
         if needs.teacher and teacher is None:  # a term whose bind() asks for a teacher its class did not declare
             raise ConfigError(f"{self.where}: losses {list(self.objective.terms)} need a teacher, but view "
                               f"{self.view!r} has none here")

@@ -39,7 +39,7 @@ class FrozenTeacher:
         self.model.eval()
         self.model.requires_grad_(False)
         self.need_logits = need_logits
-        self.taps = FeatureTaps(self.model, list(taps), detach=True) if taps else None
+        self.taps = FeatureTaps(self.model, list(taps), detach=True, owner="the teacher") if taps else None
         if self.taps is not None:
             self.taps.active = False  # record only inside __call__: other uses of the model stay untouched
         self.hash = state_hash(self.model)
@@ -156,7 +156,7 @@ class Frozen(Teacher):
                          dtype=cfg.dtype, topk=cfg.topk, views=views)
         spec.check_holds(self.need_logits, self.taps)
         if spec.taps != self.taps:
-            validate_taps(self.model, spec.taps)
+            validate_taps(self.model, spec.taps, self.kind)
         return spec
 
     def dry_attach(self, loader: Any) -> None:

@@ -64,7 +64,7 @@ class LMTeacher(Teacher):
     def request(self, logits: bool, taps: tuple[str, ...]) -> None:
         super().request(logits, taps)
         if taps and self.model is not None:
-            self._taps = FeatureTaps(self.model, list(self.taps), detach=True)
+            self._taps = FeatureTaps(self.model, list(self.taps), detach=True, owner=self.kind)
             self._taps.active = False
 
     def __call__(self, batch: Batch, views: Views | None = None) -> Outputs:

@@ -279,8 +279,8 @@ class TokenCache:
 
         Returns:
             ``topk`` / ``sampled``: :class:`SparseTargets` with ``b * L`` rows (block-major) and
-            ``positions = (b, L)``. ``dense``: float32 log-probabilities ``(b, L, V)`` (copied as
-            float16 and widened on ``device``).
+            ``positions = (b, L)``. ``dense``: float16 log-probabilities ``(b, L, V)`` as stored (the
+            token losses widen them to float32 a chunk at a time).
         """
         if idx.ndim != 1 or idx.dtype.is_floating_point or idx.dtype == torch.bool:
             raise ShapeError(f"token cache rows are read by block indices (b,) of an integer dtype; got "

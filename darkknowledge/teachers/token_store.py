@@ -135,7 +135,7 @@ class Layout:
         """Stored rows ``{name: (b, L, ...)}`` as targets on ``device``.
 
         Returns:
-            ``dense``: float32 log-probabilities ``(b, L, V)``. Sparse kinds: :class:`SparseTargets`
+            ``dense``: float16 log-probabilities ``(b, L, V)`` as stored. Sparse kinds: :class:`SparseTargets`
             with ``b * L`` rows and ``positions = (b, L)``; ``ids`` int64, ``logp`` and ``tail``
             float32, ``weights`` (sampled) counts / draws.
         """
@@ -143,9 +143,9 @@ class Layout:
         def put(a: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(np.ascontiguousarray(a)).to(device)
 
+        if self.kind == "dense":  # kept in float16: a loss widens one chunk of rows at a time
+            return put(rows["logp"])  # (b, L, V)
         logp = put(rows["logp"]).float()  # (b, L, slots)
-        if self.kind == "dense":
-            return logp
         b, length = logp.shape[:2]
         ids = rows["ids"]
         ids = put(ids.astype(np.int32) if ids.dtype == np.uint16 else ids).long().reshape(b * length, self.slots)  # (bL, k)
