@@ -3,8 +3,9 @@
 The Python API mirrors the ``dk`` command line::
 
     import darkknowledge as dk
-    teacher = dk.train("cnn1d", "mnist1d", epochs=20)["model"]
-    student = dk.distill("mlp", teacher, "mnist1d", losses={"kd": {"T": 4.0}}, epochs=20)["model"]
+    teacher = dk.train("cnn1d", "mnist1d", epochs=20).model
+    result = dk.distill("mlp", teacher, "mnist1d", losses={"kd": {"T": 4.0}}, epochs=20)
+    print(result)              # what `dk distill` prints; result.model, result.accuracy, result.epochs
 """
 
 from darkknowledge.api import distill, train
@@ -13,6 +14,7 @@ from darkknowledge.config import RunConfig, load_config
 from darkknowledge.data import list_datasets, load_dataset
 from darkknowledge.losses import DistillLoss, Needs, Outputs, create_loss, list_losses, register_loss
 from darkknowledge.models import create_model, list_models, register_model
+from darkknowledge.runs.outcome import TrainResult
 from darkknowledge.taps import FeatureTaps
 
 __version__ = "0.1.0"
@@ -24,6 +26,7 @@ __all__ = [
     "Needs",
     "Outputs",
     "RunConfig",
+    "TrainResult",
     "create_loss",
     "create_model",
     "distill",

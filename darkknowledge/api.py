@@ -2,9 +2,9 @@
 
 Example:
     >>> import darkknowledge as dk
-    >>> teacher = dk.train("cnn1d", "mnist1d", epochs=20)["model"]
+    >>> teacher = dk.train("cnn1d", "mnist1d", epochs=20).model
     >>> out = dk.distill("mlp", teacher, "mnist1d", losses={"kd": {"T": 4.0}}, epochs=20)
-    >>> out["model"], out["student"]["last_acc"]
+    >>> out.model, out.accuracy, out.epochs[-1]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from darkknowledge.runs.build import (
     model_spec,
     seed_everything,
 )
+from darkknowledge.runs.outcome import TrainResult, epoch_rows
 from darkknowledge.runs.session import Session
 from darkknowledge.schemes.offline import offline_task
 
@@ -180,7 +181,7 @@ def distill(
     out: str | Path | None = None,
     resume: bool = False,
     config: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> TrainResult:
     """Distill ``teacher`` into ``student`` on ``data`` and return the trained student.
 
     Args:
@@ -204,9 +205,12 @@ def distill(
     says otherwise.
 
     Returns:
-        ``{"model": trained student, "student": results entry, "teacher": teacher entry or None,
-        "spec": the student's spec}``. A teacher given as a module comes back in the train/eval
-        mode, ``requires_grad`` state and device it came in, also when training fails.
+        A :class:`~darkknowledge.runs.outcome.TrainResult`: ``model`` (the trained student),
+        ``accuracy``, ``best_accuracy``, ``epochs`` (per-epoch loss terms and test accuracy),
+        ``entry`` (its results entry), ``teacher`` (the trained teacher's entry, None for a given
+        module), ``spec``, ``run_dir``; ``print(result)`` shows what ``dk distill`` prints. A
+        teacher given as a module comes back in the train/eval mode, ``requires_grad`` state and
+        device it came in, also when training fails.
 
     Raises:
         ConfigError: A bad name, parameter or config key (before any data is loaded or trained).
@@ -236,7 +240,7 @@ def distill(
     with _lent(lent):
         task = offline_task(model, build_objective(cfg.losses), t_mod, cache=cfg.cache)
         entry = s.train_stage(stage, "student", task, seed, with_transfer=True, label="+".join(cfg.losses))[0]
-    return {"model": model, "student": entry, "teacher": t_entry, "spec": model_spec(model)}
+    return TrainResult(model, entry, model_spec(model), epoch_rows(s.metrics.records(stage)), t_entry, _folder(s))
 
 
 def train(
@@ -253,11 +257,12 @@ def train(
     out: str | Path | None = None,
     resume: bool = False,
     config: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> TrainResult:
     """Train ``model`` alone (cross-entropy by default); same arguments and defaults as :func:`distill`.
 
     Returns:
-        ``{"model": trained model, "result": results entry, "spec": its spec}``.
+        A :class:`~darkknowledge.runs.outcome.TrainResult` (``model``, ``accuracy``, ``epochs``,
+        ``entry``, ``spec``, ``run_dir``; ``print(result)`` shows what ``dk train`` prints).
 
     Raises:
         ConfigError: A bad name, parameter or config key (before any data is loaded or trained).
@@ -274,5 +279,11 @@ def train(
     s = _session(cfg, bundle, out, resume)
     net = _instantiate(m_mod, {**m_cfg, "input": cfg.student.input}, s, "model", seed)
     task = offline_task(net, build_objective(cfg.losses))
-    entry = s.train_stage(f"{m_cfg['name']}-s{seed}", "baseline", task, seed, label="+".join(cfg.losses))[0]
-    return {"model": net, "result": entry, "spec": model_spec(net)}
+    stage = f"{m_cfg['name']}-s{seed}"
+    entry = s.train_stage(stage, "baseline", task, seed, label="+".join(cfg.losses))[0]
+    return TrainResult(net, entry, model_spec(net), epoch_rows(s.metrics.records(stage)), run_dir=_folder(s))
+
+
+def _folder(s: Session) -> Path | None:
+    """The session's run folder, or None when it writes nothing (``out=None``)."""
+    return None if s.run.path is None else Path(s.run.path)

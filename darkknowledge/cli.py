@@ -44,6 +44,7 @@ from pathlib import Path
 
 from darkknowledge import __version__
 from darkknowledge.errors import ConfigError, DarkKnowledgeError
+from darkknowledge.runs.outcome import summary_lines
 
 VERBOSE_HELP = "log every epoch even when not on a terminal; on an error, also print its traceback"
 
@@ -317,19 +318,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "distill":
         res = commands.distill(cfg, args.out, args.resume, progress)
         if main_rank:
-            st = res["student"]
-            teacher = f"; teacher {res['teacher'].get('last_acc', float('nan')):.2f}" if res["teacher"] else ""
-            _out(f"{st['name']}: test acc {st['last_acc']:.2f} (best {st['best_acc']:.2f} @ epoch {st['best_epoch']}), "
-                 f"{st['train_seconds']:.1f}s{teacher}")
-            for member in res["entries"][1:]:
-                _out(f"  {member['role']}: test acc {member['last_acc']:.2f}")
-            _out(f"run folder: {res['run_dir']}  student: {res['exported']}")
+            _out("\n".join(summary_lines(res["student"], res["teacher"], res["entries"][1:], res["run_dir"],
+                                          res["exported"], "student")))
     elif args.command == "train":
         res = commands.train(cfg, args.out, args.resume, progress, which=args.model, overrides=overrides)
         if main_rank:
-            st = res["student"]
-            _out(f"{st['name']}: test acc {st['last_acc']:.2f} (best {st['best_acc']:.2f}), {st['train_seconds']:.1f}s")
-            _out(f"run folder: {res['run_dir']}  model: {res['exported']}")
+            _out("\n".join(summary_lines(res["student"], run_dir=res["run_dir"], exported=res["exported"], what="model")))
     return 0
 
 

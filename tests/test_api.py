@@ -1,5 +1,7 @@
 """The Python API: any nn.Module as student/teacher, tensors as data."""
 
+import json
+
 import torch
 from torch import nn
 
@@ -20,7 +22,11 @@ class Tiny(nn.Module):
 
 def test_train_then_distill_user_modules(toy_tensors, tmp_path):
     torch.manual_seed(0)
-    teacher = dk.train(Tiny(64), toy_tensors, epochs=15, lr=0.01, batch_size=32)["model"]
+    trained = dk.train(Tiny(64), toy_tensors, epochs=15, lr=0.01, batch_size=32)
+    assert isinstance(trained, dk.TrainResult) and trained.teacher is None and trained.run_dir is None
+    assert [row["epoch"] for row in trained.epochs] == list(range(1, 16))  # kept without a run folder
+    assert trained.epochs[-1]["test_acc"] == trained.accuracy and "ce" in trained.epochs[0]
+    teacher = trained.model
     teacher_acc = teacher(toy_tensors[1][0]).argmax(-1).eq(toy_tensors[1][1]).float().mean().item()
     assert teacher_acc > 0.9
 
@@ -29,8 +35,14 @@ def test_train_then_distill_user_modules(toy_tensors, tmp_path):
     teacher.eval()  # the user's choice of mode: it comes back in it
     out = dk.distill(student, teacher, toy_tensors, losses={"kd": {"T": 4.0}}, epochs=10, lr=0.01,
                      batch_size=32, out=tmp_path / "run")
-    assert out["model"] is student
-    assert out["student"]["last_acc"] > 80.0
+    assert out.model is student
+    assert out.accuracy > 80.0 and out.best_accuracy >= out.accuracy
+    assert out.run_dir == tmp_path / "run" and out.results == tmp_path / "run" / "results.json"
+    assert str(out).splitlines() == [
+        f"{out.entry['name']}: test acc {out.accuracy:.2f} (best {out.best_accuracy:.2f} @ epoch "
+        f"{out.entry['best_epoch']}), {out.entry['train_seconds']:.1f}s", f"run folder: {tmp_path / 'run'}"]
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/kd"] for r in logged if r["kind"] == "train"] == [row["kd"] for row in out.epochs]
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())  # the teacher stayed frozen
     assert not teacher.training and all(p.requires_grad for p in teacher.parameters())  # as it came
     assert (tmp_path / "run" / "results.json").is_file() and (tmp_path / "run" / "metrics.jsonl").is_file()
@@ -39,6 +51,7 @@ def test_train_then_distill_user_modules(toy_tensors, tmp_path):
 def test_distill_by_names_trains_the_teacher_first(tmp_path):
     out = dk.distill("mlp", "cnn2d", "digits", losses={"ce": {"weight": 0.5}, "kd": {"alpha": 1.0, "weight": 0.5}},
                      epochs=2, batch_size=64, config={"teacher": {"train": {"epochs": 2}}})
-    assert out["teacher"]["role"] == "teacher" and out["teacher"]["model"] == "cnn2d"
-    assert out["student"]["losses"] == ["ce", "kd"]
-    assert out["spec"]["name"] == "mlp" and out["spec"]["params"]["input_shape"] == [1, 8, 8]
+    assert out.teacher["role"] == "teacher" and out.teacher["model"] == "cnn2d"
+    assert out.teacher_accuracy == out.teacher["last_acc"] and "; teacher " in str(out)
+    assert out.entry["losses"] == ["ce", "kd"]
+    assert out.spec["name"] == "mlp" and out.spec["params"]["input_shape"] == [1, 8, 8]

@@ -103,9 +103,9 @@ def test_distill_user_modules_on_a_dataset_name_gives_the_teacher_back_as_it_cam
     modes, grads, weights = _state(teacher)
     student = Net(16)
     out = dk.distill(student, teacher, "mnist1d", epochs=1, config={"data": {"params": {"num_samples": 600}}})
-    assert out["model"] is student and out["teacher"] is None
-    assert out["student"]["epochs"] == 1 and out["student"]["role"] == "student"
-    assert out["spec"]["custom"] is True
+    assert out.model is student and out.teacher is None
+    assert out.entry["epochs"] == 1 and out.entry["role"] == "student"
+    assert out.spec["custom"] is True
     after_modes, after_grads, after_weights = _state(teacher)
     assert (after_modes, after_grads) == (modes, grads)
     assert all(torch.equal(weights[k], after_weights[k]) for k in weights)  # the teacher was only read

@@ -82,16 +82,16 @@ def _data():
 def test_gradient_accumulation_equals_the_big_batch():
     kw = dict(epochs=1, lr=0.1, optimizer="sgd", seed=0)
     cfg = {"train": {"optimizer": {"momentum": 0.0}, "scheduler": {"name": "constant"}}}
-    big = dk.train("mlp", _data(), batch_size=40, config=cfg, **kw)["model"]
+    big = dk.train("mlp", _data(), batch_size=40, config=cfg, **kw).model
     acc_cfg = {"train": {**cfg["train"], "grad_accum": 2}}
-    small = dk.train("mlp", _data(), batch_size=20, config=acc_cfg, **kw)["model"]
+    small = dk.train("mlp", _data(), batch_size=20, config=acc_cfg, **kw).model
     for (k, a), b in zip(big.state_dict().items(), small.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), k
 
 
 def test_bf16_autocast_on_cpu_trains():
     out = dk.train("mlp", _data(), epochs=2, batch_size=20, lr=0.01, config={"train": {"amp": "bf16"}})
-    assert out["result"]["last_acc"] > 25.0 and out["model"].fc.weight.dtype == torch.float32
+    assert out.accuracy > 25.0 and out.model.fc.weight.dtype == torch.float32
 
 
 def test_fp16_on_cpu_is_refused():
@@ -154,7 +154,7 @@ def test_feature_loss_runs_through_evaluation_epochs():
     taps = {"student_taps": ["blocks.1"], "teacher_taps": ["blocks.1"]}
     out = dk.distill("cnn2d", teacher, bundle, losses={"ce": {}, "hint": {"loss": "fitnet", **taps}},
                      epochs=2, batch_size=256, config={"student": {"params": {"channels": [4, 8], "hidden": 16}}})
-    assert out["student"]["epochs"] == 2
+    assert out.entry["epochs"] == 2
 
 
 def test_one_teacher_teaches_several_students_in_turn():

@@ -201,7 +201,7 @@ def test_python_api_feeds_given_modules_their_views(tmp_path: Path) -> None:
     teacher, student = ViewProbe("teacher", 64, 2), ViewProbe("student", 10, 2)
     out = dk.distill(student, teacher, paired_bundle(), epochs=1, batch_size=16,
                      config={"teacher": {"input": "image"}, "student": {"input": "depth"}}, out=tmp_path / "api")
-    assert out["model"] is student
+    assert out.model is student
     assert set(SEEN["teacher"]) == {(1, 8, 8)} and set(SEEN["student"]) == {(2, 5)}
 
 

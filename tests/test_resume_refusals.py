@@ -153,12 +153,12 @@ def test_extending_epochs_trains_the_extra_epochs_and_records_them(tmp_path):
     dk_api.train("mlp", data, epochs=2, out=tmp_path / "grown", **kw)
     grown = dk_api.train("mlp", data, epochs=3, out=tmp_path / "grown", resume=True, **kw)
 
-    entry = grown["result"]
-    assert entry["epochs"] == 3 and entry["extended_from"] == 2 and entry["steps"] == straight["result"]["steps"] == 45
+    entry = grown.entry
+    assert entry["epochs"] == 3 and entry["extended_from"] == 2 and entry["steps"] == straight.entry["steps"] == 45
     logged = [json.loads(line) for line in (tmp_path / "grown" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in logged if r["kind"] == "train"] == [1, 2, 3]
     assert yaml.safe_load((tmp_path / "grown" / "config.yaml").read_text())["train"]["epochs"] == 3
     # a constant schedule continues exactly: the same weights as a run planned for 3 epochs
-    a, b = straight["model"].state_dict(), grown["model"].state_dict()
+    a, b = straight.model.state_dict(), grown.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert entry["last_acc"] == straight["result"]["last_acc"]
+    assert entry["last_acc"] == straight.accuracy

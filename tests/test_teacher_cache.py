@@ -132,10 +132,10 @@ def test_cached_kd_trains_the_same_student_as_live_kd(tmp_path, monkeypatch):
     d, test = data(128), data(64, seed=5)
     live = _distill((d.x, d.y), (test.x, test.y), False, tmp_path)
     cached = _distill((d.x, d.y), (test.x, test.y), {"enabled": True, "dtype": "fp32"}, tmp_path)
-    assert "teacher_cache" not in live["student"] and cached["student"]["teacher_cache"]["size_mb"] > 0
-    for a, b in zip(live["model"].state_dict().values(), cached["model"].state_dict().values()):
+    assert "teacher_cache" not in live.entry and cached.entry["teacher_cache"]["size_mb"] > 0
+    for a, b in zip(live.model.state_dict().values(), cached.model.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-5)
-    assert live["student"]["last_acc"] == cached["student"]["last_acc"]
+    assert live.accuracy == cached.accuracy
 
 
 def test_a_cache_without_a_needed_tap_fails_early(tmp_path, monkeypatch):
@@ -153,7 +153,7 @@ def test_views_zero_with_augmentation_runs_the_teacher_live(tmp_path, monkeypatc
     d, test = data(64), data(32, seed=5)
     out = _distill((d.x, d.y), (test.x, test.y), {"enabled": True, "views": 0}, tmp_path,
                    **{"data": {"batch_size": 32, "augment": {"shift": 2}}})
-    assert "teacher_cache" not in out["student"]
+    assert "teacher_cache" not in out.entry
     assert not (tmp_path / "teacher_outputs").exists()
 
 

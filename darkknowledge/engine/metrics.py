@@ -76,15 +76,40 @@ def _evaluate(model: nn.Module, batches: Iterable[Batch], dist: DistContext, amp
 
 
 class MetricsLog:
-    """Appends one JSON object per line to ``metrics.jsonl`` (rank 0 only; no-op without a path)."""
+    """Appends one JSON object per line to ``metrics.jsonl`` (rank 0 only; without a path the
+    records are only kept in memory).
+
+    Records are one per epoch (``kind: train``: the epoch's mean loss terms and learning rate) and
+    one per evaluation (``kind: eval``), each with its ``stage``; :meth:`records` reads them back.
+    """
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
+        self._kept: list[dict[str, Any]] = []  # this process's records, for a run without a folder
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict[str, Any]) -> None:
+        self._kept.append(record)
         if self.path is None:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def records(self, stage: str | None = None) -> list[dict[str, Any]]:
+        """The records of ``stage`` (None: all), in order: from ``metrics.jsonl`` when there is one
+        (earlier sessions of a resumed run included), else those written by this process."""
+        rows = self._kept
+        if self.path is not None and self.path.is_file():
+            with self.path.open() as f:
+                rows = [r for r in map(_json_or_none, f) if r is not None]
+        return [r for r in rows if stage is None or r.get("stage") == stage]
+
+
+def _json_or_none(line: str) -> dict[str, Any] | None:
+    """A record of ``metrics.jsonl``; None for a blank line or one cut short by a crash."""
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None

@@ -1,0 +1,116 @@
+"""What training one model returns: the model, its results entry, its per-epoch metrics, the run folder.
+
+``dk.train`` and ``dk.distill`` return a :class:`TrainResult`; ``dk train`` and ``dk distill``
+print :func:`summary_lines`, which is also what ``str(result)`` shows, so a notebook and a
+terminal read the same lines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+
+def summary_lines(entry: dict[str, Any], teacher: dict[str, Any] | None = None,
+                  members: Sequence[dict[str, Any]] = (), run_dir: Path | str | None = None,
+                  exported: Path | str | None = None, what: str = "student") -> list[str]:
+    """The lines ``dk distill`` / ``dk train`` print for a trained model.
+
+    Args:
+        entry: The model's results entry (``name``, ``last_acc``, ``best_acc``, ``best_epoch``,
+            ``train_seconds``).
+        teacher: The teacher's entry, when the run trained or evaluated one.
+        members: Further evaluated models of the stage (peers, heads), each with ``role`` and ``last_acc``.
+        run_dir: The run folder, when one was written.
+        exported: Where the model was exported.
+        what: How the exported file is named in the last line (``student`` or ``model``).
+    """
+    best = f"best {entry['best_acc']:.2f}"
+    if entry.get("best_epoch") is not None:
+        best += f" @ epoch {entry['best_epoch']}"
+    line = f"{entry['name']}: test acc {entry['last_acc']:.2f} ({best}), {entry['train_seconds']:.1f}s"
+    if teacher is not None:
+        line += f"; teacher {teacher.get('last_acc', float('nan')):.2f}"
+    lines = [line, *(f"  {m['role']}: test acc {m['last_acc']:.2f}" for m in members)]
+    if run_dir is not None:
+        lines.append(f"run folder: {run_dir}" + (f"  {what}: {exported}" if exported is not None else ""))
+    return lines
+
+
+def epoch_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per epoch from a stage's metric records: the train record's loss terms and learning
+    rate (``train/<term>`` -> ``<term>``) and, where the epoch was evaluated, ``test_acc``
+    (and ``val_acc``) of the primary model."""
+    rows: dict[int, dict[str, Any]] = {}
+    for r in records:
+        epoch = r.get("epoch")
+        if epoch is None:
+            continue
+        row = rows.setdefault(int(epoch), {"epoch": int(epoch)})
+        if r.get("kind") == "train":
+            row.update({k.removeprefix("train/"): v for k, v in r.items() if k.startswith("train/")})
+            if "lr" in r:
+                row["lr"] = r["lr"]
+        elif r.get("kind") == "eval":
+            for split in ("test", "val"):
+                models = r.get(split) or {}
+                first = next(iter(models.values()), None) if isinstance(models, dict) else None
+                if isinstance(first, dict) and "top1" in first:
+                    row[f"{split}_acc"] = first["top1"]
+    return [rows[e] for e in sorted(rows)]
+
+
+@dataclass
+class TrainResult:
+    """A trained model with its numbers (``dk.train``, ``dk.distill``).
+
+    Attributes:
+        model: The trained model (the module given, trained in place, or the one built from a name).
+        entry: Its results entry, as ``results.json`` holds it (accuracies, time, size, profile).
+        spec: Its spec (how to rebuild it: ``dk.load`` / ``dk eval``).
+        epochs: One row per epoch: the loss terms, learning rate and, where evaluated, ``test_acc``.
+        teacher: The teacher's results entry when ``dk.distill`` trained it (None for a given module
+            and for ``dk.train``).
+        run_dir: The run folder (None when nothing was written).
+    """
+
+    model: nn.Module
+    entry: dict[str, Any]
+    spec: dict[str, Any]
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    teacher: dict[str, Any] | None = None
+    run_dir: Path | None = None
+
+    @property
+    def accuracy(self) -> float:
+        """Test accuracy (%) after the last epoch."""
+        return float(self.entry["last_acc"])
+
+    @property
+    def best_accuracy(self) -> float:
+        """Best test (or validation-selected) accuracy (%) over the evaluated epochs."""
+        return float(self.entry["best_acc"])
+
+    @property
+    def teacher_accuracy(self) -> float | None:
+        """The trained teacher's test accuracy (%), when there is one."""
+        return None if self.teacher is None else float(self.teacher["last_acc"])
+
+    @property
+    def results(self) -> Path | None:
+        """``results.json`` of the run folder (None without one)."""
+        return None if self.run_dir is None else self.run_dir / "results.json"
+
+    def lines(self) -> list[str]:
+        """What ``dk train`` / ``dk distill`` print for this model."""
+        return summary_lines(self.entry, self.teacher, run_dir=self.run_dir)
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+    def _repr_markdown_(self) -> str:  # notebooks
+        return "\n\n".join(self.lines())
