@@ -30,6 +30,7 @@ from darkknowledge.runs.context import RunContext
 from darkknowledge.runs.parts_report import parts_sections
 from darkknowledge.runs.preflight import PreflightContext, preflight
 from darkknowledge.runs.report import group_rows, render_report, table_lines, verdict
+from darkknowledge.runs.run_plots import run_figures
 from darkknowledge.runs.rundir import RunDir, choose_run_dir, trained_stages
 from darkknowledge.runs.session import Session
 from darkknowledge.runs.student_report import student_section
@@ -88,8 +89,11 @@ def compare(cfg: RunConfig, out: str | Path | None = None, resume: bool = False,
     teachers = "+".join(spec.name for _, spec in cfg.all_teachers())
     head = f"{teachers} -> {cfg.student.name}" if teachers else cfg.student.name
     title = f"{cfg.name}: {head}" + (f" ({cfg.scheme.name})" if cfg.scheme.name != "offline" else "")
-    sections = parts_sections(s.run.path, s.run.results) if s.run.path is not None and s.run.writer else []
-    student = student_section(s.run.path if s.run.writer else None, s.run.results)
+    writes = s.run.path if s.run.path is not None and s.run.writer else None
+    sections = run_figures(writes, s.run.results, rows, s.metrics.records())
+    parts = parts_sections(s.run.path, s.run.results) if writes is not None else []
+    sections += ([""] if sections and parts else []) + parts
+    student = student_section(writes, s.run.results)
     sections += ([""] if sections and student else []) + student  # the report ends with what decides deployment
     text = render_report(title, rows, notes, sections)
     report = s.run.write_text("report.md", text)
