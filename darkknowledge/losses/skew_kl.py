@@ -77,8 +77,24 @@ CITATION = ("Ko, Kim, Chen, Yun. DistiLLM: Towards Streamlined Distillation for 
             "ICML 2024.")
 
 
+class _SkewKL(TokenDivergence):
+    """The parameters both skew divergences share (``lam``, ``T``, ``chunk_size``)."""
+
+    citation = CITATION
+    search_space: ClassVar[dict[str, Range]] = {"lam": LAM_RANGE, "weight": Range(low=0.1, high=10.0, log=True)}
+
+    def __init__(
+        self,
+        lam: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1,
+        T: Annotated[float, Field(gt=0.0)] = 1.0,
+        chunk_size: Annotated[int, Field(ge=0)] | Literal["auto"] | None = DEFAULT_CHUNK,
+    ) -> None:
+        super().__init__(T=T, chunk_size=chunk_size)
+        self.lam = lam
+
+
 @register_loss("skew_fkl")
-class SkewForwardKL(TokenDivergence):
+class SkewForwardKL(_SkewKL):
     """DistiLLM's skew KL ``KL(p_t || lam p_t + (1 - lam) p_s)``, mean over kept positions.
 
     Args:
@@ -87,24 +103,12 @@ class SkewForwardKL(TokenDivergence):
         chunk_size: Tokens per chunk (None or 0: unchunked; ``auto``: by vocabulary, see ``chunk_rows``).
     """
 
-    citation = CITATION
-    search_space: ClassVar[dict[str, Range]] = {"lam": LAM_RANGE, "weight": Range(low=0.1, high=10.0, log=True)}
-
-    def __init__(
-        self,
-        lam: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1,
-        T: Annotated[float, Field(gt=0.0)] = 1.0,
-        chunk_size: Annotated[int, Field(ge=0)] | Literal["auto"] | None = DEFAULT_CHUNK,
-    ) -> None:
-        super().__init__(T=T, chunk_size=chunk_size)
-        self.lam = lam
-
     def divergence(self, s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
         return skew_forward_kl(s_logp, t_logp, self.lam)
 
 
 @register_loss("skew_rkl")
-class SkewReverseKL(TokenDivergence):
+class SkewReverseKL(_SkewKL):
     """DistiLLM's skew reverse KL ``KL(p_s || lam p_s + (1 - lam) p_t)``, mean over kept positions.
 
     Args:
@@ -112,18 +116,6 @@ class SkewReverseKL(TokenDivergence):
         T: Temperature dividing both models' logits (DistiLLM: 1).
         chunk_size: Tokens per chunk (None or 0: unchunked; ``auto``: by vocabulary, see ``chunk_rows``).
     """
-
-    citation = CITATION
-    search_space: ClassVar[dict[str, Range]] = {"lam": LAM_RANGE, "weight": Range(low=0.1, high=10.0, log=True)}
-
-    def __init__(
-        self,
-        lam: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1,
-        T: Annotated[float, Field(gt=0.0)] = 1.0,
-        chunk_size: Annotated[int, Field(ge=0)] | Literal["auto"] | None = DEFAULT_CHUNK,
-    ) -> None:
-        super().__init__(T=T, chunk_size=chunk_size)
-        self.lam = lam
 
     def divergence(self, s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
         return skew_reverse_kl(s_logp, t_logp, self.lam)
