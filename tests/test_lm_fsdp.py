@@ -2,7 +2,8 @@
 
 The two-process run shards the frozen teacher with ``fully_shard`` (each decoder layer a unit, then
 the root; no optimizer state) and trains the student with DDP; each rank runs the teacher on its
-half of every batch. The one-process run keeps the whole teacher. Both see the same global
+half of every batch, and the student's loss is taken a few tokens at a time (gradients of each
+chunk taken in the forward, then reduced by DDP). The one-process run keeps the whole teacher. Both see the same global
 batches from the same initialisation, so the students' training losses and final weights agree
 up to float summation order (one thread per process in both, ``helpers.ONE_THREAD``).
 """
@@ -30,7 +31,8 @@ def train_losses(run: Path) -> list[float]:
 
 
 def test_fsdp2_sharded_teacher_gives_the_single_process_student(tmp_path: Path):
-    raw = lm_recipe(tmp_path, cache={"kind": "none"}, arms={"fkl": {"losses": {"fkl": {}}}},
+    # 4-token chunks: each rank's DDP student takes its chunks' gradients in the forward (token_chunks)
+    raw = lm_recipe(tmp_path, cache={"kind": "none"}, arms={"fkl": {"losses": {"fkl": {"chunk_size": 4}}}},
                     distributed={"teacher": "fsdp"}, train={"epochs": 2, "optimizer": {"lr": 0.01}},
                     eval={"prompts": []})
     recipe = tmp_path / "lm.yaml"
