@@ -77,11 +77,14 @@ CITATION = ("Ko, Kim, Chen, Yun. DistiLLM: Towards Streamlined Distillation for 
             "ICML 2024.")
 
 
+SEARCH_SPACE = {"lam": LAM_RANGE, "weight": Range(low=0.1, high=10.0, log=True)}
+"""What ``dk tune`` searches for either skew divergence."""
+
+
 class _SkewKL(TokenDivergence):
     """The parameters both skew divergences share (``lam``, ``T``, ``chunk_size``)."""
 
     citation = CITATION
-    search_space: ClassVar[dict[str, Range]] = {"lam": LAM_RANGE, "weight": Range(low=0.1, high=10.0, log=True)}
 
     def __init__(
         self,
@@ -103,6 +106,8 @@ class SkewForwardKL(_SkewKL):
         chunk_size: Tokens per chunk (None or 0: unchunked; ``auto``: by vocabulary, see ``chunk_rows``).
     """
 
+    search_space: ClassVar[dict[str, Range]] = SEARCH_SPACE
+
     def divergence(self, s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
         return skew_forward_kl(s_logp, t_logp, self.lam)
 
@@ -116,6 +121,8 @@ class SkewReverseKL(_SkewKL):
         T: Temperature dividing both models' logits (DistiLLM: 1).
         chunk_size: Tokens per chunk (None or 0: unchunked; ``auto``: by vocabulary, see ``chunk_rows``).
     """
+
+    search_space: ClassVar[dict[str, Range]] = SEARCH_SPACE
 
     def divergence(self, s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
         return skew_reverse_kl(s_logp, t_logp, self.lam)
