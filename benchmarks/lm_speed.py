@@ -66,10 +66,7 @@ def teacher_and_tokenizer(quick: bool) -> tuple[torch.nn.Module, object, str]:
     if smollm2_dir() is not None and not quick:
         return load_pretrained("smollm2"), load_tokenizer("smollm2"), "SmolLM2-135M-Instruct"
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (
-        AutoTokenizer,  # noqa: F401 - the fallback builds its own tokenizer below
-        PreTrainedTokenizerFast,
-    )
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {f"w{i}": i for i in range(VOCAB)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))

@@ -59,7 +59,7 @@ class _FusedChunks(torch.autograd.Function):
                 if g is not None:
                     acc.add_(g)
             total = total + value.detach()
-        ctx.want = (want_rows, [need for need in ctx.needs_input_grad[4:]])
+        ctx.want = (want_rows, list(ctx.needs_input_grad[4:]))
         ctx.save_for_backward(*([grad_rows] if want_rows else []), *grad_params)
         return total
 

@@ -20,8 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from darkknowledge.plotting import have_matplotlib, new_figure, save_png
+from darkknowledge.runs.outcome import epoch_rows
 
 log = logging.getLogger(__name__)
+
+NOT_TERMS = frozenset({"epoch", "lr", "loss", "test_acc", "val_acc"})
+"""Keys of an epoch row that are not a loss term of the objective (``loss`` is their weighted sum)."""
 
 
 def _label(entry: dict[str, Any]) -> str:
@@ -41,9 +45,8 @@ def _curves(by_stage: dict[str, list[dict[str, Any]]], entries: Sequence[dict[st
     for e in entries:
         label = _label(e)
         colour = colours.setdefault(label, cycle[len(colours) % len(cycle)])
-        rows = by_stage.get(e["name"], [])
-        evals = [(r["epoch"], next(iter(r["test"].values()))["top1"]) for r in rows
-                 if r.get("kind") == "eval" and isinstance(r.get("test"), dict) and r["test"]]
+        rows = epoch_rows(by_stage.get(e["name"], []))
+        evals = [(r["epoch"], r["test_acc"]) for r in rows if "test_acc" in r]
         if e["role"] == "teacher" and e.get("last_acc") is not None:
             acc_ax.axhline(e["last_acc"], color=colour, linestyle="--", linewidth=1,
                            label=label if label not in acc_ax.get_legend_handles_labels()[1] else None)
@@ -53,10 +56,9 @@ def _curves(by_stage: dict[str, list[dict[str, Any]]], entries: Sequence[dict[st
             acc_ax.plot(xs, ys, color=colour, linewidth=1.2, marker="." if len(xs) < 30 else None,
                         label=label if shown else None, alpha=0.85)
         for r in rows:
-            if r.get("kind") == "train":
-                for k, v in r.items():
-                    if k.startswith("train/") and isinstance(v, (int, float)) and k != "train/loss":
-                        losses.setdefault((label, k.removeprefix("train/")), {}).setdefault(r["epoch"], []).append(v)
+            for term, v in r.items():
+                if term not in NOT_TERMS and isinstance(v, (int, float)):
+                    losses.setdefault((label, term), {}).setdefault(r["epoch"], []).append(v)
     acc_ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy per epoch (one line per seed)")
     acc_ax.legend(fontsize=7, loc="best")
     for (label, term), per_epoch in losses.items():
