@@ -7,6 +7,9 @@ or ``:output`` (the default)::
     "layer3.1.bn2"    output of model.layer3[1].bn2
     "fc:input"        the input of model.fc (the penultimate feature)
 
+A module that returns a Hugging Face ``ModelOutput`` (a ``transformers`` encoder or whole model)
+delivers its first field (``last_hidden_state``; ``logits`` for a whole classifier).
+
 Models wrapped by ``DistributedDataParallel``/``DataParallel`` work with or without the
 ``module.`` prefix. A module called several times in one forward (weight sharing, a
 recurrent cell) is an error by default, because which call the loss should see is
@@ -16,6 +19,7 @@ call order) and ``on_repeat="last"`` keeps the last one.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -103,9 +107,14 @@ def validate_taps(model: nn.Module, paths: list[str] | tuple[str, ...], owner: s
 
 
 def _first_tensor(value: Any) -> Any:
-    """Hooks see tuples of inputs/outputs; a single tensor inside is returned unwrapped."""
+    """Hooks see tuples of inputs/outputs; a single tensor inside is returned unwrapped, and so is
+    the first field of a Hugging Face ``ModelOutput`` (``last_hidden_state`` of an encoder)."""
     if isinstance(value, tuple) and len(value) == 1:
         return value[0]
+    if isinstance(value, Mapping) and callable(getattr(value, "to_tuple", None)):  # a transformers ModelOutput
+        fields = value.to_tuple()
+        if fields and isinstance(fields[0], torch.Tensor):
+            return fields[0]
     return value
 
 

@@ -1,4 +1,5 @@
-"""Tests of the model zoo: every registered model, the registry API and external models."""
+"""Tests of the model zoo: every registered model, the registry API and external models (with stand-ins
+for the libraries; the real torchvision, timm and transformers models: tests/test_external_models.py)."""
 
 from __future__ import annotations
 
@@ -246,23 +247,6 @@ def test_external_missing_library_names_the_extra(
 def test_external_unknown_source() -> None:
     with pytest.raises(ConfigError, match="torchvision"):
         create_model("torchvison:resnet18")
-
-
-def test_torchvision_model() -> None:
-    pytest.importorskip("torchvision")
-    model = create_model("torchvision:resnet18", num_classes=10, input_shape=(3, 32, 32))
-    assert model.dk_name == "torchvision:resnet18"
-    assert default_taps(model) == ["layer1", "layer2", "layer3", "layer4"]
-    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
-
-
-def test_timm_model() -> None:
-    pytest.importorskip("timm")
-    model = create_model("timm:resnet18", num_classes=10, input_shape=(3, 32, 32))
-    assert model.dk_name == "timm:resnet18"
-    modules = dict(model.named_modules())
-    assert default_taps(model) and all(t in modules for t in default_taps(model))
-    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
 def test_zoo_models_copy_and_pickle() -> None:

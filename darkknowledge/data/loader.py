@@ -147,6 +147,7 @@ class BatchLoader:
         self._normalize_arg = normalize
         self.views, self.inputs, self.primary = views, tuple(dict.fromkeys(inputs)), primary
         self._stored_views = self._check_views()
+        self._check_token_ids()
         self.replay: Replay | None = None
         self.channels_last = False
         """Deliver 4-D inputs in the ``channels_last`` memory format."""
@@ -162,6 +163,15 @@ class BatchLoader:
                       primary=self.primary)
         kwargs.update(changes)
         return BatchLoader(self.data, **kwargs)
+
+    def _check_token_ids(self) -> None:
+        """int64 inputs are token ids: delivered as they are, so they cannot be augmented or normalised."""
+        if not (isinstance(self.data, TensorData) and self.data.x.dtype == torch.int64):
+            return
+        if self.augment is not None or self._norm is not None:
+            what = "augmented (data.augment)" if self.augment is not None else "normalised"
+            raise ConfigError(f"loader: the inputs are int64 token ids {tuple(self.data.x.shape[1:])}, which cannot "
+                              f"be {what}; turn it off, or store float inputs")
 
     def _check_views(self) -> list[str]:
         """The stored views the batches need; a clear error for a view the data cannot give."""
@@ -324,7 +334,7 @@ class BatchLoader:
             x, y, idx = x.to(device), y.to(device), idx.to(device)
         if x.dtype == torch.uint8:
             x = x.float() / 255.0  # (b, C, H, W) in [0, 1]
-        elif not x.is_floating_point():
+        elif not x.is_floating_point() and x.dtype != torch.int64:  # int64: token ids (b, L), kept
             x = x.float()
         view = host_view = None
         if self.replay is not None:

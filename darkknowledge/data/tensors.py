@@ -14,8 +14,9 @@ class TensorData(Dataset):
 
     Args:
         x: Inputs ``(N, *input_shape)``; ``uint8`` images ``(N, C, H, W)`` are kept as
-            ``uint8`` to save memory (the loader scales them to ``[0, 1]``), anything else
-            should be floating point.
+            ``uint8`` to save memory (the loader scales them to ``[0, 1]``); ``int64`` inputs
+            are token ids ``(N, L)`` for a model with an embedding (delivered as ``int64``, never
+            augmented or normalised); anything else should be floating point.
         y: Integer labels ``(N,)``, cast to ``int64``; ``UNLABELED`` (-1) marks samples
             without a label.
         views: Further inputs of the same samples in other modalities (a paired dataset),

@@ -32,13 +32,15 @@ __all__ = ["MODELS", "count_params", "create_model", "default_taps", "list_model
 def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Build a model by name.
 
-    ``torchvision:NAME`` and ``timm:NAME`` come from those libraries (optional extras); any
-    other name is looked up in ``MODELS`` and its kwargs are checked against the builder's
-    signature first. The model gets ``dk_name`` (the name) and ``dk_params`` (the kwargs as
-    plain JSON data), so ``create_model(m.dk_name, **m.dk_params)`` rebuilds it.
+    ``torchvision:NAME``, ``timm:NAME`` and ``hf:FOLDER_OR_MODEL_TYPE`` (a ``transformers``
+    classifier) come from those libraries (optional); any other name is looked up in ``MODELS``
+    and its kwargs are checked against the builder's signature first. The model gets ``dk_name``
+    (the name) and ``dk_params`` (the kwargs as plain JSON data), so
+    ``create_model(m.dk_name, **m.dk_params)`` rebuilds it.
 
     Args:
-        name: Registered name (see ``list_models()``) or ``"torchvision:NAME"`` / ``"timm:NAME"``.
+        name: Registered name (see ``list_models()``) or ``"torchvision:NAME"`` / ``"timm:NAME"`` /
+            ``"hf:FOLDER_OR_MODEL_TYPE"``.
         **kwargs: Builder parameters; the framework passes ``num_classes`` and ``input_shape``.
 
     Raises:

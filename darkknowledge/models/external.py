@@ -1,9 +1,13 @@
-"""Models from torchvision and timm, named ``torchvision:NAME`` / ``timm:NAME``.
+"""Models from torchvision, timm and Hugging Face ``transformers``: ``torchvision:NAME``,
+``timm:NAME``, ``hf:FOLDER_OR_MODEL_TYPE``.
 
-Both libraries are optional: they are imported only when such a model is asked for, and a
-missing one raises a ``ConfigError`` that says which extra to install. The returned models get
-the same ``dk_name`` / ``dk_params`` attributes as zoo models and a best-effort
-``feature_taps()``; their ``forward`` already returns logits ``(B, num_classes)``.
+The libraries are optional: they are imported only when such a model is asked for, and a
+missing one raises a ``ConfigError`` that says what to install. The returned models get the
+same ``dk_name`` / ``dk_params`` attributes as zoo models and a best-effort ``feature_taps()``.
+A torchvision or timm model's ``forward`` returns logits ``(B, num_classes)``; a ``transformers``
+model's returns a ``ModelOutput`` with ``.logits`` (see :mod:`darkknowledge.models.hf_classification`).
+Pretrained weights are the libraries' own: ``weights=`` (torchvision, e.g. ``"DEFAULT"``),
+``pretrained=`` (timm), a saved folder (``hf:``); without them the weights are random.
 """
 
 from __future__ import annotations
@@ -18,9 +22,13 @@ from torch import nn
 
 from darkknowledge.errors import ConfigError, did_you_mean
 from darkknowledge.models._common import to_jsonable
+from darkknowledge.validation import validate_kwargs
 
 EXTRAS: dict[str, str] = {"torchvision": "vision", "timm": "timm"}
 """Source -> the ``darkknowledge[...]`` extra that installs it."""
+
+SOURCES = (*EXTRAS, "hf")
+"""Every model source a ``SOURCE:NAME`` model name may use."""
 
 _SEQUENTIAL_CONTAINERS = ("stages", "features", "blocks", "encoder.layers", "layers")
 
@@ -98,15 +106,17 @@ def _build_timm(timm: ModuleType, name: str, full_name: str, kwargs: dict[str, A
 
 
 def create_external(source: str, name: str, **kwargs: Any) -> nn.Module:
-    """Build a torchvision or timm model.
+    """Build a torchvision, timm or ``transformers`` (``hf``) model.
 
-    ``input_shape`` is not passed on (for timm a non-3 channel count becomes ``in_chans``);
-    every other keyword goes to ``torchvision.models.get_model`` (``weights=`` e.g.
-    ``"DEFAULT"``) or ``timm.create_model`` (``pretrained=``).
+    ``hf`` models are built by :func:`~darkknowledge.models.hf_classification.create_hf_classifier`
+    (its parameters are checked). For torchvision and timm, ``input_shape`` is not passed on
+    (for timm a non-3 channel count becomes ``in_chans``); every other keyword goes to
+    ``torchvision.models.get_model`` (``weights=`` e.g. ``"DEFAULT"``) or ``timm.create_model``
+    (``pretrained=``).
 
     Args:
-        source: ``"torchvision"`` or ``"timm"``.
-        name: The library's model name, e.g. ``"resnet18"``.
+        source: ``"torchvision"``, ``"timm"`` or ``"hf"``.
+        name: The library's model name, e.g. ``"resnet18"``; for ``hf`` a folder or a model type.
         **kwargs: ``num_classes``, ``input_shape`` and library-specific options.
 
     Returns:
@@ -116,12 +126,20 @@ def create_external(source: str, name: str, **kwargs: Any) -> nn.Module:
         ConfigError: Unknown source or model, bad options, or the library is not installed.
     """
     full_name = f"{source}:{name}"
-    if source not in EXTRAS:
+    if source not in SOURCES:
         raise ConfigError(
-            f"unknown model source {source!r} in {full_name!r}.{did_you_mean(source, EXTRAS)} "
-            f"Valid sources: {', '.join(EXTRAS)}."
+            f"unknown model source {source!r} in {full_name!r}.{did_you_mean(source, SOURCES)} "
+            f"Valid sources: {', '.join(SOURCES)}."
         )
     params = dict(kwargs)
+    if source == "hf":
+        from darkknowledge.models.hf_classification import create_hf_classifier
+
+        checked = validate_kwargs(create_hf_classifier, kwargs, where=f"model {full_name!r}", exclude=("name",))
+        model = create_hf_classifier(name, **checked)
+        model.dk_name = full_name
+        model.dk_params = to_jsonable(params)
+        return model
     lib_kwargs = dict(kwargs)
     input_shape = lib_kwargs.pop("input_shape", None)
     lib = _import_source(source, full_name)
