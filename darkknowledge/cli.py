@@ -41,6 +41,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from darkknowledge import __version__
 from darkknowledge.errors import ConfigError, DarkKnowledgeError
@@ -71,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--resume", action="store_true", help="continue the run in --out (or the latest runs/<name>*)")
         sp.add_argument("--quiet", action="store_true", help="no progress bars and no log lines")
         sp.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+        sp.add_argument("--log", action="append", type=_logger_names, default=[], metavar="NAMES",
+                        help="also send the metrics to tensorboard and/or mlflow (comma-separated, repeatable; "
+                             "same as log.tensorboard=true / log.mlflow=true; files go into the run folder)")
 
     rp = sub.add_parser("run", help="compare baseline and distilled students over seeds")
     with_run_args(rp, True)
@@ -134,6 +138,24 @@ def _parser() -> argparse.ArgumentParser:
     for other in (ep, xp, pp, lp):
         other.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     return p
+
+
+def _logger_names(text: str) -> list[str]:
+    """``--log tensorboard,mlflow`` -> ``["tensorboard", "mlflow"]``; an unknown name is argparse's error."""
+    from darkknowledge.config import LOGGERS
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in LOGGERS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown logger {(unknown or [text])[0]!r}; valid: {', '.join(LOGGERS)}")
+    return names
+
+
+def _switch_on_loggers(cfg: Any, asked: Sequence[Sequence[str]]) -> None:
+    """``--log NAME``: ``log.NAME=true``, unless the config already names a folder or URI for it."""
+    for name in {n for names in asked for n in names}:
+        if getattr(cfg.log, name) is False:
+            setattr(cfg.log, name, True)
 
 
 def _split_overrides(args: argparse.Namespace) -> list[str]:
@@ -305,11 +327,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     main_rank = int(os.environ.get("RANK", "0")) == 0
     if args.command == "run" and commands.is_lm_run(args.recipe):
         lm_cfg = commands.lm_config(args.recipe, overrides)
+        _switch_on_loggers(lm_cfg, args.log)
         _check_readme(args.readme, lm_cfg.name)
         res = commands.run_lm(lm_cfg, args.out, args.resume, progress)
         _report_run(res, args.readme if main_rank else None)
         return 0
     cfg = load_config(args.recipe, overrides)
+    _switch_on_loggers(cfg, args.log)
     if args.command == "run":
         _check_readme(args.readme, cfg.name)
     if args.command == "run":

@@ -15,6 +15,8 @@ from darkknowledge.config import (
 )
 from darkknowledge.engine.checkpoint import export_model, read_export
 from darkknowledge.engine.distributed import DistContext, init_distributed
+from darkknowledge.engine.eta import PlannedStage, for_seeds
+from darkknowledge.engine.loggers import check_loggers
 from darkknowledge.engine.metrics import evaluate
 from darkknowledge.errors import ConfigError
 from darkknowledge.lm.config import LMRunConfig, is_lm_recipe, validate_lm_config
@@ -41,17 +43,24 @@ log = logging.getLogger(__name__)
 
 def _session(cfg: RunConfig, out: str | Path | None, resume: bool, progress: bool,
              plan: Callable[[PreflightContext], Any] | None = None, transfer: bool | None = None,
-             command: str = "run", model: str | None = None) -> Session:
+             command: str = "run", model: str | None = None, seeds: Sequence[int] | None = None) -> Session:
     """The run's session, after every check that needs no training: the config's names and
-    params, the run folder to use (``--resume`` without ``--out`` finds the latest folder of
-    the same ``command``, ``--model`` and recipe), then the preflight (``plan`` dry-run on one
-    batch per stage), before the run folder is written. The session then locks the folder and
-    checks it (a resume against the recorded config and command, see ``runs/resume.py``)."""
+    params, the loggers of ``log`` (their packages), the run folder to use (``--resume``
+    without ``--out`` finds the latest folder of the same ``command``, ``--model`` and recipe),
+    then the preflight (``plan`` dry-run on one batch per stage), before the run folder is
+    written. The session then locks the folder and checks it (a resume against the recorded
+    config and command, see ``runs/resume.py``). The stages the preflight played, repeated for
+    each of ``seeds`` after the first (the seed ``plan`` plays), are the plan of the run's ETA."""
     check_config(cfg)  # every name and param checked before anything is built or written
     identity = {"command": command, "model": model}
     run_dir = choose_run_dir(cfg.name, out, resume, identity={**identity, "name": cfg.name})
-    bundle = preflight(cfg, plan, transfer) if plan is not None else None
-    return Session(cfg, run_dir, resume=resume, progress=progress, bundle=bundle, identity=identity)
+    check_loggers(cfg.log, run_dir)
+    planned: list[PlannedStage] = []
+    bundle = preflight(cfg, plan, transfer, planned=planned) if plan is not None else None
+    s = Session(cfg, run_dir, resume=resume, progress=progress, bundle=bundle, identity=identity)
+    if plan is not None:
+        s.clock.plan(for_seeds(planned, seeds or ()))
+    return s
 
 
 def compare(cfg: RunConfig, out: str | Path | None = None, resume: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -67,7 +76,13 @@ def compare(cfg: RunConfig, out: str | Path | None = None, resume: bool = False,
         ctx.train_alone(f"baseline-s{seed}", ctx.student(seed), seed, role="baseline")
         cls.run(ctx, seed, params)
 
-    s = _session(cfg, out, resume, progress, plan, params.transfer, command="run")
+    s = _session(cfg, out, resume, progress, plan, params.transfer, command="run", seeds=cfg.seeds)
+    with s:  # closes the loggers (the MLflow run's status) and releases the folder, also on failure
+        return _compare(s, cfg, cls, params)
+
+
+def _compare(s: Session, cfg: RunConfig, cls: Any, params: Any) -> dict[str, Any]:
+    """The body of :func:`compare`, in its open session."""
     ctx = RunContext(s, transfer=params.transfer)
     for seed in cfg.seeds:
         s.train_alone(f"baseline-s{seed}", "baseline", ctx.student(seed), seed)
@@ -122,11 +137,12 @@ def distill(cfg: RunConfig, out: str | Path | None = None, resume: bool = False,
     cls, params = resolve_scheme(cfg.scheme.name, cfg.scheme.params)
     s = _session(cfg, out, resume, progress, lambda ctx: cls.run(ctx, cfg.seed, params), params.transfer,
                  command="distill")
-    ctx = RunContext(s, transfer=params.transfer)
-    entries = cls.run(ctx, cfg.seed, params)
-    entry = entries[0]
-    student = ctx.exports[entry["name"]]
-    exported = _export(s, student, entry)
+    with s:
+        ctx = RunContext(s, transfer=params.transfer)
+        entries = cls.run(ctx, cfg.seed, params)
+        entry = entries[0]
+        student = ctx.exports[entry["name"]]
+        exported = _export(s, student, entry)
     teachers = [e for e in s.run.results if e.get("role") == "teacher"]
     return {"run_dir": s.run.path, "teacher": teachers[0] if teachers else None, "student": entry,
             "entries": entries, "exported": exported, "model": student}
@@ -176,10 +192,11 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False, p
         ctx.train_alone(f"{which}-ce-s{seed}", build_model(spec, ctx.info, which), seed, role=role, train_cfg=train_cfg)
 
     s = _session(cfg, out, resume, progress, plan, command="train", model=which)
-    seed_everything(seed)
-    model = build_model(spec, s.bundle.info, which)
-    entry = s.train_alone(f"{which}-ce-s{seed}", role, model, seed, train_cfg=train_cfg)
-    exported = _export(s, model, entry, name=f"{which}.pt")
+    with s:
+        seed_everything(seed)
+        model = build_model(spec, s.bundle.info, which)
+        entry = s.train_alone(f"{which}-ce-s{seed}", role, model, seed, train_cfg=train_cfg)
+        exported = _export(s, model, entry, name=f"{which}.pt")
     return {"run_dir": s.run.path, "student": entry, "exported": exported, "model": model}
 
 

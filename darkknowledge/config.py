@@ -162,6 +162,35 @@ class ProfileConfig(_Strict):
     quant_bits: int = Field(default=8, ge=2, le=8, description="a float model's quantized size: weights at these bits")
 
 
+LOGGERS = ("tensorboard", "mlflow")
+"""The loggers a run can send its metrics to (``log.<name>``, ``dk run --log NAME``)."""
+
+
+class LogConfig(_Strict):
+    """Where a run's metrics go besides ``metrics.jsonl`` (engine/loggers.py); each an optional extra.
+
+    ``dk run --log tensorboard,mlflow`` sets ``tensorboard: true`` and ``mlflow: true``. Rank 0
+    writes; a resumed run appends to the same event folder and the same MLflow run.
+    """
+
+    tensorboard: bool | str = Field(default=False, description="true: event files in <run>/tensorboard; a folder: "
+                                    "there (extra `tensorboard`)")
+    mlflow: bool | str = Field(default=False, description="true: $MLFLOW_TRACKING_URI when set, else a local "
+                               "store in <run>/mlflow (sqlite); a tracking URI: that store or server (extra `mlflow`)")
+    experiment: str | None = Field(default=None, description="MLflow experiment (default: the recipe name)")
+
+    @pydantic.field_validator("tensorboard", "mlflow", mode="before")
+    @classmethod
+    def _switch_or_place(cls, value: Any) -> Any:
+        if not isinstance(value, (bool, str)) or (isinstance(value, str) and not value.strip()):
+            raise ValueError("expected true, false, or a folder (tensorboard) / tracking URI (mlflow)")
+        return value
+
+    def asked(self) -> list[str]:
+        """The loggers switched on, e.g. ``["tensorboard", "mlflow"]``."""
+        return [name for name in LOGGERS if getattr(self, name) is not False]
+
+
 class SchemeConfig(_Strict):
     """Who teaches whom: a registered scheme (``dk list schemes``) and its parameters.
 
@@ -189,6 +218,7 @@ class RunConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     profile: ProfileConfig = Field(default_factory=ProfileConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
 
     @pydantic.field_validator("scheme", mode="before")
     @classmethod

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -75,26 +75,39 @@ def _evaluate(model: nn.Module, batches: Iterable[Batch], dist: DistContext, amp
     return out
 
 
+class RecordSink(Protocol):
+    """What else receives each record (the run's loggers: TensorBoard, MLflow)."""
+
+    def write(self, record: dict[str, Any]) -> None: ...
+
+
 class MetricsLog:
     """Appends one JSON object per line to ``metrics.jsonl`` (rank 0 only; without a path the
     records are only kept in memory).
 
     Records are one per epoch (``kind: train``: the epoch's mean loss terms and learning rate) and
     one per evaluation (``kind: eval``), each with its ``stage``; :meth:`records` reads them back.
+    A sink given to :meth:`attach` gets each record after ``metrics.jsonl`` has it.
     """
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self._kept: list[dict[str, Any]] = []  # this process's records, for a run without a folder
+        self._sink: RecordSink | None = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
 
+    def attach(self, sink: RecordSink | None) -> None:
+        """Send every later record to ``sink`` too (None: to nothing else)."""
+        self._sink = sink
+
     def write(self, record: dict[str, Any]) -> None:
         self._kept.append(record)
-        if self.path is None:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+        if self._sink is not None:
+            self._sink.write(record)
 
     def records(self, stage: str | None = None) -> list[dict[str, Any]]:
         """The records of ``stage`` (None: all), in order: from ``metrics.jsonl`` when there is one

@@ -1,4 +1,5 @@
-"""Progress display: a tqdm bar and a line per epoch on terminals; quiet otherwise."""
+"""Progress display: a tqdm bar and a line per epoch on a terminal; off a terminal one log line
+per epoch, with the ETA of the whole run."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from darkknowledge.engine.eta import format_duration
+
 log = logging.getLogger("darkknowledge")
 
 
@@ -17,15 +20,21 @@ def is_terminal() -> bool:
 
 
 class Progress:
-    """Wraps one epoch's batches. Shows epoch, loss terms, accuracy and ETA on a terminal.
+    """Wraps one epoch's batches. Shows epoch, loss terms, accuracy and ETA.
+
+    On a terminal: a bar per epoch, and a line above it when the epoch ends. Off a terminal
+    (a CI log, a file, a batch job): one ``INFO`` line per epoch of each stage. Disabled (``dk
+    --quiet``, ranks other than 0, the bench's cells): the line only at ``DEBUG``.
 
     Args:
-        enabled: Draw a bar (on rank 0, when stderr is a terminal).
-        desc: Label, e.g. ``"kd s0"``.
+        enabled: Show progress (on rank 0).
+        desc: Label, e.g. ``"kd-s0"``.
     """
 
     def __init__(self, enabled: bool, desc: str) -> None:
-        self.enabled = enabled and is_terminal()
+        terminal = is_terminal()
+        self.enabled = enabled and terminal  # the bar
+        self.lines = enabled and not terminal
         self.desc = desc
         self._bar: Any = None
 
@@ -48,12 +57,20 @@ class Progress:
         if self._bar is not None:
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()})
 
-    def epoch_done(self, epoch: int, epochs: int, values: dict[str, float], eta_s: float) -> None:
-        """One line per epoch: on the terminal above the bar; otherwise only at DEBUG level
-        (``dk --verbose``), so logs stay quiet and ``metrics.jsonl`` holds every epoch."""
+    def epoch_done(self, epoch: int, epochs: int, values: dict[str, float], eta_s: float, whole_run: bool) -> None:
+        """One line per epoch: ``[kd-s0] epoch 3/10 loss=0.52 kd=0.31 acc=71.2 run eta 1m05s``.
+
+        Args:
+            eta_s: Seconds left.
+            whole_run: ``eta_s`` covers the whole run (``run eta``); else this stage only (``stage eta``).
+        """
         text = " ".join(f"{k}={v:.4g}" for k, v in values.items())
-        msg = f"[{self.desc}] epoch {epoch + 1}/{epochs} {text} eta {eta_s:.0f}s"
+        scope = "run" if whole_run else "stage"
+        parts = (f"[{self.desc}] epoch {epoch + 1}/{epochs}", text, f"{scope} eta {format_duration(eta_s)}")
+        msg = " ".join(p for p in parts if p)
         if self.enabled:
             tqdm.write(msg, file=sys.stderr)
+        elif self.lines:
+            log.info(msg)
         else:
             log.debug(msg)

@@ -33,6 +33,7 @@ from darkknowledge.engine.checkpoint import (
 from darkknowledge.engine.device import amp_dtype, autocast
 from darkknowledge.engine.distributed import DistContext
 from darkknowledge.engine.divergence import DivergenceWatch, named_state
+from darkknowledge.engine.eta import RunClock, StageClock
 from darkknowledge.engine.host_memory import retain_freed_host_memory
 from darkknowledge.engine.metrics import MetricsLog, evaluate
 from darkknowledge.engine.progress import Progress
@@ -99,7 +100,9 @@ class Trainer:
         dist: Distributed context (rank 0 writes).
         metrics: The run's ``metrics.jsonl``.
         config: The resolved run config, stored in checkpoints.
-        progress: Show a progress bar on terminals.
+        progress: Show progress: a bar on a terminal, a line per epoch elsewhere.
+        clock: Times the epochs for the ETA (the session's, which knows the rest of the run);
+            default: a clock of this stage alone.
     """
 
     def __init__(
@@ -117,6 +120,7 @@ class Trainer:
         metrics: MetricsLog | None = None,
         config: dict[str, Any] | None = None,
         progress: bool = True,
+        clock: StageClock | None = None,
     ) -> None:
         self.task, self.cfg, self.device, self.stage = task, cfg, device, stage
         self.train_loader, self.eval_loader, self.val_loader = train_loader, eval_loader, val_loader
@@ -126,6 +130,7 @@ class Trainer:
         self.config = config or {}
         self.amp = amp_dtype(cfg.amp, device)
         self.progress = Progress(progress and self.dist.is_main, stage)
+        self.clock = clock if clock is not None else RunClock().begin(stage, None)
 
     # ---------------------------------------------------------------- checkpoints
     def _ckpt(self, name: str) -> Path | None:
@@ -280,6 +285,7 @@ class Trainer:
         ckpt = self._ckpt("last.pt")
         self._watch.start(step, saved=resume and ckpt is not None and ckpt.is_file())
         run_epoch = self._epoch_of_parts if several else self._epoch_of_one
+        self.clock.start(cfg.epochs, start_epoch, n_batches)
 
         for epoch in range(start_epoch, cfg.epochs):
             loader.set_epoch(epoch)
@@ -302,9 +308,7 @@ class Trainer:
                 self._evaluate(result, epoch, step)
             top1 = result.last.get(task.primary, {}).get("top1")
             shown = {**means, **({"acc": top1} if top1 is not None else {})}  # no acc before the first evaluation
-            done = epoch + 1 - start_epoch
-            eta = result.train_seconds / max(1, epoch + 1) * (cfg.epochs - epoch - 1) if done else 0.0
-            self.progress.epoch_done(epoch, cfg.epochs, shown, eta)
+            self.progress.epoch_done(epoch, cfg.epochs, shown, self.clock.epoch_done(), self.clock.whole)
             self._save_last(self._state(epoch + 1, 0, step, result, steppers), step)
         result.steps = step
         return result

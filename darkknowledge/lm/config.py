@@ -25,7 +25,7 @@ from typing import Any, Literal
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from darkknowledge.config import TrainConfig, _with_hints
+from darkknowledge.config import LogConfig, TrainConfig, _with_hints
 from darkknowledge.errors import ConfigError
 from darkknowledge.validation import key_hint
 
@@ -142,6 +142,7 @@ class LMRunConfig(_Strict):
     variants: VariantsConfig = Field(default_factory=VariantsConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     @model_validator(mode="after")

@@ -34,7 +34,9 @@ from darkknowledge.data import cache_dir
 from darkknowledge.engine.checkpoint import atomic_save, safe_load, state_hash
 from darkknowledge.engine.device import select_device
 from darkknowledge.engine.distributed import init_distributed
+from darkknowledge.engine.eta import PlannedStage, RunClock
 from darkknowledge.engine.fsdp import is_sharded, shard_frozen
+from darkknowledge.engine.loggers import Loggers, check_loggers, open_loggers
 from darkknowledge.engine.metrics import MetricsLog, evaluate
 from darkknowledge.engine.trainer import Trainer
 from darkknowledge.errors import ConfigError, DarkKnowledgeError
@@ -68,7 +70,10 @@ class LMSession:
         cfg: The validated config.
         run_dir: The run folder (None: write nothing).
         resume: Continue the run in ``run_dir``.
-        progress: Progress bars on a terminal.
+        progress: Progress bars on a terminal (a line per epoch elsewhere).
+
+    Metrics also go to the loggers of ``cfg.log``; :meth:`close` closes them (the MLflow run
+    ends ``FAILED`` when a stage failed).
     """
 
     def __init__(self, cfg: LMRunConfig, run_dir: Path | None, resume: bool = False, progress: bool = True) -> None:
@@ -77,6 +82,8 @@ class LMSession:
             raise ConfigError("resume: there is no run folder to continue; give it with --out DIR")
         for arm, spec in cfg.arms.items():  # every loss name and parameter, before anything loads or trains
             Objective.from_config(spec.losses, where=f"arms.{arm}.losses")
+        if cfg.log.asked():
+            check_loggers(cfg.log, run_dir)  # before the folder is written
         wants_cuda = cfg.train.device.startswith("cuda") or (cfg.train.device == "auto" and torch.cuda.is_available())
         self.dist = init_distributed("cuda" if wants_cuda else "cpu")
         self.identity = {"command": "run", "model": None, "name": cfg.name}
@@ -88,10 +95,19 @@ class LMSession:
         if self.run.path is not None and read_identity(self.run.path) is None:
             self.run.write_identity({**self.identity, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
         self.caches: dict[str, TokenCache] = {}
+        self.loggers: Loggers | None = None
         self._load()
+        if cfg.log.asked() and self.dist.is_main:
+            self.loggers = open_loggers(cfg.log, self.run.path, name=cfg.name, config=cfg.model_dump(mode="json"),
+                                        resume=resume, records=self.metrics.records())
+            self.metrics.attach(self.loggers)
+        self.clock = RunClock()
+        self.clock.plan(lm_plan(cfg, len(self.loader(self.train, cfg.seeds[0], True))))
 
-    def close(self) -> None:
-        """Release the run folder's lock."""
+    def close(self, failed: bool = False, interrupted: bool = False) -> None:
+        """Close the loggers and release the run folder's lock."""
+        if self.loggers is not None:
+            self.loggers.close(failed, interrupted)
         if self.lock is not None:
             self.lock.release()
 
@@ -217,6 +233,7 @@ class LMSession:
         done = self.run.result(stage) if self.resume else None
         if done is not None and stage_dir is not None and (stage_dir / "model.pt").is_file():
             student.load_state_dict(safe_load(stage_dir / "model.pt")["state_dict"])
+            self.clock.skip(stage, seed)
             return done
         seed_everything(seed)
         reads = any(_reads_teacher(name, spec) for name, spec in losses.items())
@@ -229,8 +246,13 @@ class LMSession:
         trainer = Trainer(task, train_loader, self.loader(self.heldout, seed, False), self.cfg.train, self.device,
                           stage=stage, run_dir=stage_dir, val_loader=self.loader(self.val, seed, False),
                           dist=self.dist, metrics=self.metrics, config=self.cfg.model_dump(mode="json"),
-                          progress=self.progress)
-        result = trainer.fit(resume=self.resume)
+                          progress=self.progress, clock=self.clock.begin(stage, seed))
+        try:
+            result = trainer.fit(resume=self.resume)
+        except BaseException:
+            if self.loggers is not None:
+                self.loggers.failed()
+            raise
         last, val = result.last["student"], result.history[-1].get("val", {}).get("student", {})
         tokens = self.train.tokens * self.cfg.train.epochs
         entry = {"name": stage, "role": "baseline" if not reads else "student", "arm": arm, "method": label,
@@ -259,6 +281,28 @@ class LMSession:
         n = min(len(self.heldout), self.cfg.eval.kl_blocks or len(self.heldout))
         self.heldout_kl = self.heldout.subset(torch.arange(n))
         return self.cache("dense", self.heldout_kl, name="heldout")
+
+
+def lm_plan(cfg: LMRunConfig, batches: int | None = None) -> list[PlannedStage]:
+    """The stages ``dk run`` trains for ``cfg``, in order (runs/lm_run.py): each arm per seed, then the
+    variants. With ``variants.of: best`` the arm is chosen later: its stages are planned as
+    ``*@<kind>``, and a kind is left out when every arm that reads the teacher already uses it."""
+    epochs = cfg.train.epochs
+    out = [PlannedStage.of(f"{arm}-s{seed}", seed, epochs, batches) for seed in cfg.seeds for arm in cfg.arms]
+    of = cfg.variants.of
+    if of == "best":
+        kinds = {spec.cache or cfg.cache.kind for spec in cfg.arms.values()
+                 if any(_reads_teacher(n, s) for n, s in spec.losses.items())}
+    else:
+        kinds = {cfg.arms[of].cache or cfg.cache.kind} if of in cfg.arms else set()
+    if not kinds:
+        return out  # no arm to re-train
+    for kind in cfg.variants.caches:
+        if kinds == {kind}:
+            continue
+        family = f"{'*' if of == 'best' else of}@{kind}"
+        out += [PlannedStage(family, seed, epochs, batches, per_seed=True) for seed in cfg.seeds]
+    return out
 
 
 def _reads_teacher(name: str, spec: dict[str, Any] | None) -> bool:

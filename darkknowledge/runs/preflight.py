@@ -30,6 +30,7 @@ from torch import nn
 from darkknowledge.config import RunConfig, TeacherConfig, TrainConfig
 from darkknowledge.data import DataBundle
 from darkknowledge.data.batch import Batch, input_name, model_input
+from darkknowledge.engine.eta import PlannedStage
 from darkknowledge.engine.task import Task
 from darkknowledge.errors import ShapeError
 from darkknowledge.losses.base import SetupInfo, run_model
@@ -47,7 +48,15 @@ log = logging.getLogger(__name__)
 
 
 class PreflightContext(RunContext):
-    """A :class:`RunContext` whose stages are dry runs on one batch (nothing trains or is written)."""
+    """A :class:`RunContext` whose stages are dry runs on one batch (nothing trains or is written).
+
+    ``planned`` lists the stages played, in order, with their epochs and batches per epoch: the
+    plan of the run's ETA (engine/eta.py).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.planned: list[PlannedStage] = []
 
     def stage_dir(self, stage: str) -> Path | None:
         return None  # a dry run writes nothing
@@ -67,7 +76,8 @@ class PreflightContext(RunContext):
 
     def train(self, stage: str, task: Task, seed: int, role: str = "student", train_cfg: TrainConfig | None = None,
               with_transfer: bool = False, label: str | None = None) -> list[dict[str, Any]]:
-        dry_run(self.session, stage, task, seed, train_cfg or self.cfg.train, with_transfer)
+        batches = dry_run(self.session, stage, task, seed, train_cfg or self.cfg.train, with_transfer)
+        self.planned.append(PlannedStage.of(stage, seed, (train_cfg or self.cfg.train).epochs, batches))
         self.exports[stage] = task.export_model()
         entry = {"name": stage, "role": role, "seed": seed, "scheme": self.scheme_name, "method": label,
                  "model": stage, "losses": [], "epochs": (train_cfg or self.cfg.train).epochs,
@@ -107,8 +117,8 @@ def _forward_once(model: nn.Module, batch: Batch) -> None:
         model.train(was_training)
 
 
-def dry_run(session: Session, stage: str, task: Task, seed: int, train_cfg: TrainConfig, with_transfer: bool) -> None:
-    """One stage's set-up and one step's loss on its first batch, without an update.
+def dry_run(session: Session, stage: str, task: Task, seed: int, train_cfg: TrainConfig, with_transfer: bool) -> int:
+    """One stage's set-up and one step's loss on its first batch, without an update; its batches per epoch.
 
     Teachers' output caches are checked (they hold what the losses read) but not built.
     """
@@ -136,13 +146,14 @@ def dry_run(session: Session, stage: str, task: Task, seed: int, train_cfg: Trai
         for model in task.eval_models().values():
             _forward_once(model, test_batch)
         log.debug("[%s] preflight: set up and one step's loss computed", stage)
+        return len(train_loader)
     finally:
         task.release()
         task.to(torch.device("cpu"))
 
 
 def preflight(cfg: RunConfig, plan: Callable[[PreflightContext], Any], transfer: bool | None = None,
-              bundle: DataBundle | None = None) -> DataBundle:
+              bundle: DataBundle | None = None, planned: list[PlannedStage] | None = None) -> DataBundle:
     """Play ``plan`` with a :class:`PreflightContext`: every stage dry-run on one batch, nothing written.
 
     Args:
@@ -151,6 +162,7 @@ def preflight(cfg: RunConfig, plan: Callable[[PreflightContext], Any], transfer:
             seed is enough: the other seeds build the same models).
         transfer: The recipe's ``scheme.params.transfer``.
         bundle: Data already loaded.
+        planned: Filled with the stages played, in order (the run's plan for its ETA).
 
     Returns:
         The loaded data, for the real run to reuse.
@@ -158,8 +170,11 @@ def preflight(cfg: RunConfig, plan: Callable[[PreflightContext], Any], transfer:
     Raises:
         DarkKnowledgeError: Whatever the run would have failed on before its first update.
     """
-    session = Session(cfg, None, progress=False, bundle=bundle)
-    plan(PreflightContext(session, transfer=transfer))
+    session = Session(cfg, None, progress=False, bundle=bundle, loggers=False)
+    ctx = PreflightContext(session, transfer=transfer)
+    plan(ctx)
+    if planned is not None:
+        planned.extend(ctx.planned)
     return session.bundle
 
 

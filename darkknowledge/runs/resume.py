@@ -50,6 +50,9 @@ SAFE_TO_CHANGE: dict[str, str] = {
     "train.checkpoint_every_steps": "only how often last.pt is written inside an epoch",
     "train.keep_host_memory": "how the process keeps freed host memory; the numbers do not change",
     "cache.memory_limit_mb": "whether the teacher-output cache is held in memory or memory-mapped; same values",
+    "log.tensorboard": "where a copy of the metrics goes; a logger switched on is sent the run's earlier records",
+    "log.mlflow": "where a copy of the metrics goes; a logger switched on is sent the run's earlier records",
+    "log.experiment": "the MLflow experiment of a new MLflow run (a continued one keeps its own)",
 }
 #: A teacher's checkpoint path may change (a moved file): its weights are compared by hash instead.
 _TEACHER_PATH = re.compile(r"^(teacher|teachers\.\d+)\.checkpoint$")

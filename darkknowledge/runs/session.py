@@ -49,6 +49,8 @@ from darkknowledge.engine.checkpoint import (
 )
 from darkknowledge.engine.device import select_device, set_deterministic
 from darkknowledge.engine.distributed import init_distributed
+from darkknowledge.engine.eta import RunClock
+from darkknowledge.engine.loggers import Loggers, check_loggers, open_loggers
 from darkknowledge.engine.metrics import MetricsLog
 from darkknowledge.engine.task import Task
 from darkknowledge.engine.trainer import Trainer
@@ -84,6 +86,12 @@ class Session:
         identity: What writes the folder, recorded in ``run.json`` and checked by ``--resume``:
             ``{"command": "run" | "distill" | "train", "model": "student" | "teacher" | None}``
             (default: the Python API); the recipe name is added.
+        loggers: Open the loggers of the config's ``log`` section (TensorBoard, MLflow); the
+            preflight's session, which trains nothing, opens none.
+
+    ``clock`` holds the run's plan for the ETA (a command sets it; see engine/eta.py). Close the
+    session (``with``, or :meth:`close`) to release the folder and close the loggers; a stage that
+    fails marks the MLflow run failed.
 
     Raises:
         ConfigError: ``resume`` without a run folder, an unusable folder, a folder that holds
@@ -100,11 +108,16 @@ class Session:
         progress: bool = True,
         bundle: DataBundle | None = None,
         identity: Mapping[str, Any] | None = None,
+        loggers: bool = True,
     ) -> None:
         self.cfg, self.resume, self.progress = cfg, resume, progress
         if resume and run_dir is None:
             raise ConfigError("resume: there is no run folder to continue; give the folder of the run (--out DIR, "
                               "or out= in the Python API)")
+        loggers = loggers and bool(cfg.log.asked())
+        if loggers:
+            check_loggers(cfg.log, run_dir)  # before the folder is written
+        self.clock = RunClock()
         wants_cuda = cfg.train.device.startswith("cuda") or (cfg.train.device == "auto" and torch.cuda.is_available())
         self.dist = init_distributed("cuda" if wants_cuda else "cpu")
         self.identity = {"command": "api", "model": None, **(identity or {}), "name": cfg.name}
@@ -118,22 +131,30 @@ class Session:
         self.run.write_config(cfg.model_dump(mode="json"))
         if self.run.path is not None and read_identity(self.run.path) is None:
             self.run.write_identity({**self.identity, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+        self.loggers: Loggers | None = None
+        if loggers and self.dist.is_main:
+            self.loggers = open_loggers(cfg.log, self.run.path, name=cfg.name, config=cfg.model_dump(mode="json"),
+                                        resume=resume, records=self.metrics.records())
+            self.metrics.attach(self.loggers)
 
     def _open_run_folder(self, run_dir: Path | None) -> RunLock | None:
         self._run_dir, lock = open_on_ranks(self.dist, run_dir, self.cfg.model_dump(mode="json"), self.identity,
                                             self.resume)
         return lock
 
-    def close(self) -> None:
-        """Release the run folder's lock (also released when the session is collected or the process ends)."""
+    def close(self, failed: bool = False, interrupted: bool = False) -> None:
+        """Close the loggers (the MLflow run ends ``FINISHED``, ``FAILED`` or ``KILLED``) and release the
+        run folder's lock (both also happen when the session is collected or the process ends)."""
+        if self.loggers is not None:
+            self.loggers.close(failed, interrupted)
         if self.lock is not None:
             self.lock.release()
 
     def __enter__(self) -> Session:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        self.close(failed=kind is not None, interrupted=kind is not None and issubclass(kind, KeyboardInterrupt))
 
     # ------------------------------------------------------------------ stages
     def train_stage(
@@ -171,6 +192,7 @@ class Session:
         if done is not None and stage_dir is not None:
             finished = FinishedStage(self.run.path, stage, done, stage_dir)
             if finished.reusable(task, export, train_cfg.epochs, train_cfg.scheduler.name):
+                self.clock.skip(stage, seed)
                 members = [r for r in self.run.results if r["name"].startswith(f"{stage}:")]
                 return [done, *members]
             extended_from = finished.extended_from
@@ -184,9 +206,14 @@ class Session:
         trainer = Trainer(
             task, train_loader, test_loader, train_cfg, self.device, stage=stage,
             run_dir=stage_dir, val_loader=val_loader, dist=self.dist, metrics=self.metrics,
-            config=self.cfg.model_dump(mode="json"), progress=self.progress,
+            config=self.cfg.model_dump(mode="json"), progress=self.progress, clock=self.clock.begin(stage, seed),
         )
-        result = trainer.fit(resume=self.resume)
+        try:
+            result = trainer.fit(resume=self.resume)
+        except BaseException:
+            if self.loggers is not None:
+                self.loggers.failed()
+            raise
         task.to(torch.device("cpu"))
         primary = task.primary
         log.info("[%s] done: test acc %.2f (best-epoch %.2f), %.1fs", stage, result.last[primary]["top1"],
@@ -303,6 +330,7 @@ class Session:
                 model, payload = reused
                 entry = {**payload["result"], "name": where, "reused_from": str(cached), "train_seconds": 0.0}
                 log.info("reusing the teacher trained earlier: %s (hash %s)", cached, state_hash(model))
+                self.clock.skip(where, spec.seed)
                 self._profile_teacher(entry, model)
                 self.run.add_result(entry, cfg.name)
                 return model, entry
