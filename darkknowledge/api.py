@@ -190,7 +190,9 @@ def distill(
         data: A dataset name, a ``DataBundle``, or ``((x, y), (x_test, y_test))`` tensors.
         losses: Objective terms, e.g. ``{"kd": {"T": 4.0}}`` (default) or ``{"ce": {}, "kd": {"alpha": 1}}``.
         epochs: Training epochs of the student.
-        batch_size, lr, optimizer: Shortcuts into ``data.batch_size`` / ``train.optimizer``.
+        batch_size: Shortcut for ``data.batch_size``.
+        lr: Shortcut for ``train.optimizer.lr``.
+        optimizer: Shortcut for ``train.optimizer.name``.
         seed: Seed of the student's initialisation and data order.
         num_classes: Class count for raw tensors (default: from the labels).
         out: Run folder for checkpoints, metrics and results (None: nothing written).
