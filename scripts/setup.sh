@@ -16,7 +16,7 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
 fi
 extras=""
 case "${1:-}" in
-  test) extras="[test,loops,lm]" ;;
+  test) extras="[test,loops,lm,docs]" ;;
   lm) extras="[lm]" ;;
 esac
 "$PY" -m pip install --quiet --disable-pip-version-check -e ".${extras}"
