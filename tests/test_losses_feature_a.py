@@ -9,9 +9,9 @@ from darkknowledge.data.batch import Batch
 from darkknowledge.errors import ShapeError
 from darkknowledge.losses import create_loss
 from darkknowledge.losses.ab import ab_loss
-from darkknowledge.losses.feature import pre_activation_tap
 from darkknowledge.losses.at import at_loss, attention_map
 from darkknowledge.losses.base import Outputs, SetupInfo
+from darkknowledge.losses.feature import pre_activation_tap
 from darkknowledge.losses.fitnet import hint_loss
 from darkknowledge.losses.nst import nst_loss
 from darkknowledge.losses.objective import Objective

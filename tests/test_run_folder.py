@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-from helpers import dk, write_recipe
 
 from darkknowledge import commands
 from darkknowledge.atomic import WriteError, atomic_write, file_mode
@@ -18,6 +17,7 @@ from darkknowledge.cli import main
 from darkknowledge.config import load_config
 from darkknowledge.engine.checkpoint import load_exported, safe_load
 from darkknowledge.runs.lock import RunFolderBusyError, RunLock, holder
+from helpers import dk, write_recipe
 
 SMALL = {"data": {"params": {"num_samples": 600}}, "train": {"epochs": 1}}
 

@@ -7,16 +7,16 @@ import math
 
 import pytest
 import torch
-import yaml
 import torch.nn.functional as F
+import yaml
 
-from darkknowledge.runs.build import build_objective, check_config
 from darkknowledge.config import deep_merge, load_config
 from darkknowledge.data.batch import Batch
 from darkknowledge.errors import ConfigError, ShapeError
 from darkknowledge.losses.base import Outputs
 from darkknowledge.losses.kd import kd_soft_loss
 from darkknowledge.models import create_model
+from darkknowledge.runs.build import build_objective, check_config
 from darkknowledge.schemes.multi_teacher import multi_teacher_task
 from darkknowledge.schemes.task import FlowTask
 from darkknowledge.teachers.frozen import Frozen

@@ -92,7 +92,7 @@ def _same_or_mean(values: list) -> float | int | None:
 
 
 def _blank(pair: str, method: str, kind: str, level: float) -> dict:
-    row: dict[str, Any] = {f: None for f in ROW_FIELDS}
+    row: dict[str, Any] = dict.fromkeys(ROW_FIELDS)
     row.update({k: [] for k in _LISTS})
     row.update(pair=pair, method=method, kind=kind, n=0, ci_level=level)
     return row

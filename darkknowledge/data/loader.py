@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader, Dataset
 from darkknowledge.config import DataConfig
 from darkknowledge.data.augment import Augment, AugmentParams, params_to, slice_params
 from darkknowledge.data.batch import UNLABELED, Batch, to_device
-from darkknowledge.data.tensors import TensorData
 from darkknowledge.data.seeds import AUGMENT_STREAM, PERMUTATION_STREAM, make_generator
+from darkknowledge.data.tensors import TensorData
 from darkknowledge.errors import ConfigError
 
 if TYPE_CHECKING:

@@ -44,9 +44,8 @@ factor map is adaptive-average-pooled to the smaller (RepDistiller).
 
 from __future__ import annotations
 
-import math
-
 import logging
+import math
 from collections.abc import Callable, Iterator
 from itertools import pairwise
 from typing import Annotated, Literal
@@ -60,7 +59,7 @@ from darkknowledge.data.batch import Batch
 from darkknowledge.losses import register_loss
 from darkknowledge.losses.base import Outputs, SetupInfo
 from darkknowledge.losses.feature import FeatureLoss
-from darkknowledge.losses.vid import as_map, pool_to, paired_maps
+from darkknowledge.losses.vid import as_map, paired_maps, pool_to
 from darkknowledge.search_space import Range
 
 log = logging.getLogger(__name__)

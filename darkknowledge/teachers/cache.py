@@ -45,10 +45,10 @@ import torch
 
 from darkknowledge.data.augment import Augment, AugmentParams
 from darkknowledge.data.batch import Batch, model_input, to_device
-from darkknowledge.data.tensors import TensorData
 from darkknowledge.data.cache import cache_dir
 from darkknowledge.data.fingerprint import update_with_tensor
 from darkknowledge.data.seeds import make_generator
+from darkknowledge.data.tensors import TensorData
 from darkknowledge.engine.progress import Progress
 from darkknowledge.errors import ConfigError
 from darkknowledge.losses.base import Outputs

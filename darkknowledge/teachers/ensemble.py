@@ -122,7 +122,7 @@ class Ensemble(Teacher):
         return f"the {self.kind_name} ensemble of {self.member_views}"
 
     def view_taps(self) -> dict[str, tuple[str, ...]]:
-        return {v: self.taps for v in self.member_views}
+        return dict.fromkeys(self.member_views, self.taps)
 
     def __call__(self, batch: Batch, views: Views | None = None) -> Outputs:
         assert views is not None
