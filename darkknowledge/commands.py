@@ -77,7 +77,7 @@ def compare(cfg: RunConfig, out: str | Path | None = None, resume: bool = False,
     if any(e.get("transfer") for e in s.run.results):
         notes.append(f"the distilled student also sees {len(s.bundle.transfer)} unlabeled transfer samples "
                      "(teacher soft labels only); the baseline cannot use them without labels")
-    notes += [n for n in getattr(cls, "report_notes", ())]
+    notes += list(getattr(cls, "report_notes", ()))
     notes += view_notes(cfg, s.bundle.info)
     described = [e["teacher_cache"] for e in s.run.results if e.get("teacher_cache")]
     flat = [c for d in described for c in (d if isinstance(d, list) else [d])]  # multi_teacher: one per teacher

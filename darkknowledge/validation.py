@@ -45,7 +45,7 @@ def _resolve(annotation: Any, namespace: dict[str, Any]) -> Any:
     if not isinstance(annotation, str):
         return annotation
     try:
-        return eval(annotation, dict(namespace))  # noqa: S307 - the module's own annotation text
+        return eval(annotation, dict(namespace))  # the module's own annotation text
     except NameError:
         return Any
 

@@ -98,7 +98,8 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_folder(tmp_path):
 
 def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path):
     code = ("import sys, time; from darkknowledge.runs.lock import RunLock; "
-            f"lock = RunLock({str(tmp_path / 'd')!r}, 'dk run (killed)').acquire(); print('held', flush=True); time.sleep(600)")
+            f"lock = RunLock({str(tmp_path / 'd')!r}, 'dk run (killed)').acquire(); "
+            "print('held', flush=True); time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "held"
@@ -115,7 +116,8 @@ def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path):
 
 def test_the_lock_is_per_process_and_released_by_its_last_holder(tmp_path):
     probe = ("import sys; from darkknowledge.runs.lock import RunLock, RunFolderBusyError\n"
-             f"try:\n    lock = RunLock({str(tmp_path)!r}, 'probe').acquire()\nexcept RunFolderBusyError:\n    sys.exit(3)")
+             f"try:\n    lock = RunLock({str(tmp_path)!r}, 'probe').acquire()\n"
+             "except RunFolderBusyError:\n    sys.exit(3)")
 
     def other_process_can_lock():
         return subprocess.run([sys.executable, "-c", probe], check=False).returncode == 0

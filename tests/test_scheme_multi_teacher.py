@@ -250,7 +250,7 @@ def test_live_teachers_run_ahead_on_groups_of_batches_with_the_same_result():
             teachers = [mlp(seed=1), mlp(seed=2)]
             calls = []
             for t in teachers:
-                t.register_forward_hook(lambda _m, x, _o: calls.append(len(x[0])))
+                t.register_forward_hook(lambda _m, x, _o, calls=calls: calls.append(len(x[0])))
             s = scheme(teachers, aggregation=aggregation, cache=CacheConfig(live_batches=n))  # set up on a batch
             aheads = [t.ahead for t in s.teachers if isinstance(t, Frozen) and t.ahead is not None]
             assert len(aheads) == (2 if n > 1 and ahead_expected else 0)

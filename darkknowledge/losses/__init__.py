@@ -13,7 +13,7 @@ from darkknowledge.validation import validate_kwargs
 LOSSES: Registry[type[DistillLoss]] = Registry("loss")
 
 
-def register_loss(name: str):  # noqa: ANN201 - decorator
+def register_loss(name: str):
     """Register a :class:`DistillLoss` subclass under ``name``."""
 
     def decorator(cls: type[DistillLoss]) -> type[DistillLoss]:

@@ -111,7 +111,8 @@ class ABF(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None, out_size: tuple[int, ...]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x`` ``(B, C_s, *S_s)``, residual ``(B, M, *S')`` -> (output ``(B, C_t, *out_size)``, residual ``(B, M, *out_size)``)."""
+        """``x`` ``(B, C_s, *S_s)``, residual ``(B, M, *S')`` -> (output ``(B, C_t, *out_size)``,
+        residual ``(B, M, *out_size)``)."""
         x = self.conv1(x)  # (B, M, *S_s)
         if self.att_conv is not None and residual is not None:
             residual = F.interpolate(residual, size=tuple(x.shape[2:]), mode="nearest")  # (B, M, *S_s)

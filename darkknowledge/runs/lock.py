@@ -118,7 +118,7 @@ class RunLock:
         if key in _HELD:
             _HELD[key][1] += 1
         else:
-            f = open(self.folder / LOCK_NAME, "a+", encoding="utf-8")  # noqa: SIM115 - held open while the run lives
+            f = open(self.folder / LOCK_NAME, "a+", encoding="utf-8")  # held open while the run lives
             if not _try_lock(f):
                 f.close()
                 raise RunFolderBusyError(self._busy_message())

@@ -140,7 +140,7 @@ def run_figures(run_path: Path | None, entries: Sequence[dict[str, Any]], rows: 
     for name, alt, draw in jobs:
         try:
             draw(run_path / name)
-        except Exception as exc:  # a figure is not worth failing a finished run's report for
+        except Exception as exc:  # noqa: BLE001 - a figure is not worth failing a finished run's report for
             log.warning("%s not drawn: %s", name, exc)
             continue
         drawn.append(f"![{alt}]({name})")

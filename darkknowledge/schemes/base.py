@@ -125,7 +125,7 @@ class Scheme:
             cls.task(ctx, seed, params).release()
 
 
-def register_scheme(name: str):  # noqa: ANN201 - decorator
+def register_scheme(name: str):
     """Register a :class:`Scheme` subclass under ``name``."""
 
     def decorator(cls: type[Scheme]) -> type[Scheme]:

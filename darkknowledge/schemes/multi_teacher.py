@@ -5,7 +5,8 @@ student's classes). How their knowledge is combined (``aggregation``):
 
 * ``mean``: the student's response losses see the average of the softened teacher
   distributions, ``p_mix^T = 1/N sum_i softmax(z_i / T)`` (Hinton, Vinyals & Dean 2015: an
-  ensemble's soft targets are the arithmetic mean of its members' predictive distributions). The mixed teacher's logits are ``z_mix = T * log(p_mix^T)`` (see
+  ensemble's soft targets are the arithmetic mean of its members' predictive distributions). The
+  mixed teacher's logits are ``z_mix = T * log(p_mix^T)`` (see
   :func:`~darkknowledge.teachers.mix.mixture_logits`), so every response loss of the
   catalog (``kd``, ``dist``, ``dkd``, ...) reads the mixture unchanged.
 * ``weighted``: ``p_mix^T = sum_i w_i softmax(z_i / T)`` with fixed ``weights`` (normalised).
@@ -126,7 +127,8 @@ class MultiTeacher(Scheme):
     default_transfer = True
     citation = ("Hinton et al. 2015 (ensemble mean); Fukuda et al., Interspeech 2017 (random teacher per step); "
                 "Zhang et al., CA-MKD, ICASSP 2022; Kwon et al., EBKD, ICASSP 2020 (confidence weights).")
-    summary = "several frozen teachers teach one student: mixed soft labels, a random teacher per step, or a loss per teacher"
+    summary = ("several frozen teachers teach one student: mixed soft labels, a random teacher per step, "
+               "or a loss per teacher")
     report_notes: ClassVar[tuple[str, ...]] = (
         "multi_teacher: every teacher of the recipe (`teacher`, then `teachers`) teaches the student; the teacher "
         "rows list each one",

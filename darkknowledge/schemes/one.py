@@ -166,8 +166,9 @@ class ONE(Scheme):
     summary = "a gate weights the peers' logits into an online teacher (trained by CE) that teaches every peer"
     report_notes: ClassVar[tuple[str, ...]] = (
         (
-            "one: peers are independent models (no shared trunk); the gate reads peer 0's penultimate feature (detached); "
-            "'ensemble' is the gated teacher z_e = sum_i g_i z_i, 'student' is peer 0 (same initialisation as the baseline)"
+            "one: peers are independent models (no shared trunk); the gate reads peer 0's penultimate feature "
+            "(detached); 'ensemble' is the gated teacher z_e = sum_i g_i z_i, 'student' is peer 0 (same "
+            "initialisation as the baseline)"
         ),
     )
     example: ClassVar[dict[str, Any]] = {"teacher": None, "scheme": {"params": {"n": 3}}}

@@ -163,7 +163,7 @@ def resolve_synthesizer(name: str, params: dict[str, Any], where: str = "scheme.
         raise ConfigError(format_validation_error(exc, f"{where}.params")) from None
 
 
-def register_synthesizer(name: str):  # noqa: ANN201 - decorator
+def register_synthesizer(name: str):
     """Register a :class:`Synthesizer` subclass under ``name``."""
 
     def decorator(cls: type[Synthesizer]) -> type[Synthesizer]:

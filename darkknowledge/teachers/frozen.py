@@ -51,7 +51,8 @@ class FrozenTeacher:
         return self
 
     def __call__(self, x: Any) -> Outputs:
-        """Teacher outputs for inputs ``x`` ``(B, ...)`` (or a mapping of keyword inputs): logits ``(B, K)`` and tapped features.
+        """Teacher outputs for inputs ``x`` ``(B, ...)`` (or a mapping of keyword inputs): logits ``(B, K)``
+        and tapped features.
 
         Tensors made under inference mode cannot be saved for backward; the outputs are
         cloned once outside it so losses may use them freely (a copy of logits and the
