@@ -23,7 +23,7 @@ statistics are taken over ``B`` and every dimension after ``C``.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, Self
+from typing import Any
 
 import torch
 from torch import nn
@@ -160,7 +160,7 @@ class BNStatsHook:
         self.stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._handles: list[Any] = []
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> BNStatsHook:
         self.stats = {}
         for name, layer in self.layers.items():
             self._handles.append(layer.register_forward_pre_hook(self._recorder(name)))
