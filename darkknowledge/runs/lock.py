@@ -27,7 +27,7 @@ from darkknowledge.errors import DarkKnowledgeError
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None  # type: ignore[assignment]  # no fcntl on Windows
     import msvcrt
 
 log = logging.getLogger(__name__)

@@ -106,6 +106,7 @@ def multi_teacher_task(student: nn.Module, make: Callable[[], Objective], teache
     objective = make()
     require_teacher_terms(objective, "multi_teacher", "kd: {T: 4, alpha: 0.9}")
     if aggregation in MIXING:
+        # aggregation: one of MIXING:
         mixed = Mixture(teachers, aggregation, weights, confidence or "ce",  # type: ignore[arg-type]
                         T=mixing_temperature(objective, T))
         links = taught("student", make, [mixed])
@@ -116,7 +117,7 @@ def multi_teacher_task(student: nn.Module, make: Callable[[], Objective], teache
         links = taught("student", make, teachers, mode="draw" if aggregation == "random" else "mean", seed=seed,
                        teacher_suffixes=[f"@t{i}" for i in range(len(teachers))] if aggregation == "per_teacher" else None)
     flow = Flow({"student": student}, links)
-    return FlowTask(flow, {"student": flow.student})
+    return FlowTask(flow, {"student": flow.view_model("student")})
 
 
 @register_scheme("multi_teacher")

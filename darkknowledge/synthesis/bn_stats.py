@@ -23,7 +23,7 @@ statistics are taken over ``B`` and every dimension after ``C``.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -196,6 +196,7 @@ class BNStatsHook:
         weights = [self.first_bn_multiplier if name == first else 1.0 for name in ran]
         means = [self.stats[name][0] for name in ran]
         vars_ = [self.stats[name][1] for name in ran]
-        running_means = [self.layers[name].running_mean for name in ran]
-        running_vars = [self.layers[name].running_var for name in ran]
-        return bn_statistics_loss(means, vars_, running_means, running_vars, weights)  # type: ignore[arg-type]
+        # layers with running statistics only (find_batchnorms)
+        running_means = cast("list[torch.Tensor]", [self.layers[name].running_mean for name in ran])
+        running_vars = cast("list[torch.Tensor]", [self.layers[name].running_var for name in ran])
+        return bn_statistics_loss(means, vars_, running_means, running_vars, weights)

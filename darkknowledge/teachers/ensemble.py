@@ -27,7 +27,7 @@ from torch import nn
 
 from darkknowledge.data.batch import UNLABELED, Batch
 from darkknowledge.errors import ConfigError, ShapeError
-from darkknowledge.losses.base import Outputs
+from darkknowledge.losses.base import Outputs, class_logits
 from darkknowledge.teachers.base import Teacher, Views
 
 EnsembleName = Literal["min_logit", "naive", "mean"]
@@ -127,6 +127,6 @@ class Ensemble(Teacher):
     def __call__(self, batch: Batch, views: Views | None = None) -> Outputs:
         assert views is not None
         outs = [views[v] for v in self.member_views]
-        logits = ensemble_teacher([o.logits for o in outs], batch.y, self.kind_name) if self.need_logits else None
+        logits = ensemble_teacher([class_logits(o, "the peers' ensemble") for o in outs], batch.y, self.kind_name) if self.need_logits else None
         feats = {p: mean_features([o.feature(p) for o in outs], p, self.member_views) for p in self.taps}
         return Outputs(logits=logits, features=feats)

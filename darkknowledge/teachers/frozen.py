@@ -94,6 +94,7 @@ class Frozen(Teacher):
     """
 
     standalone = True
+    model: nn.Module  # always a model
 
     def __init__(self, model: nn.Module, name: str = "teacher", cache: CacheConfig | None = None) -> None:
         super().__init__()
@@ -192,7 +193,7 @@ class Frozen(Teacher):
         return self
 
     def channels_last(self) -> None:
-        self.model.to(memory_format=torch.channels_last)
+        self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing from the stubs
 
     def compile(self) -> None:
         if self.cache is None:  # a cached teacher does not run
