@@ -37,7 +37,7 @@ adapters, so DDP sees every parameter in every step. Every teacher is a frozen t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, cast
 
 from pydantic import Field
 
@@ -48,7 +48,7 @@ from darkknowledge.schemes.task import FlowTask
 from darkknowledge.schemes.wiring import require_teacher_terms, taught
 from darkknowledge.teachers.flow import Flow
 from darkknowledge.teachers.frozen import Frozen
-from darkknowledge.teachers.mixture import Mixture
+from darkknowledge.teachers.mixture import Mixture, Rule
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -106,9 +106,8 @@ def multi_teacher_task(student: nn.Module, make: Callable[[], Objective], teache
     objective = make()
     require_teacher_terms(objective, "multi_teacher", "kd: {T: 4, alpha: 0.9}")
     if aggregation in MIXING:
-        # aggregation: one of MIXING:
-        mixed = Mixture(teachers, aggregation, weights, confidence or "ce",  # type: ignore[arg-type]
-                        T=mixing_temperature(objective, T))
+        rule = cast(Rule, aggregation)  # one of MIXING
+        mixed = Mixture(teachers, rule, weights, confidence or "ce", T=mixing_temperature(objective, T))
         links = taught("student", make, [mixed])
     else:
         if aggregation == "random":

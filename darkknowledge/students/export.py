@@ -123,10 +123,9 @@ def _onnx_bytes(net: nn.Module, x: torch.Tensor) -> tuple[bytes, dict[str, Any]]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            buf = io.BytesIO()
-            # the legacy exporter writes to a file object (the stubs name paths only)
-            torch.onnx.export(net, (x,), buf, dynamo=False,  # type: ignore[arg-type]
-                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, **names)
+            buf: Any = io.BytesIO()  # the legacy exporter writes to a file object (its stubs name paths only)
+            torch.onnx.export(net, (x,), buf, dynamo=False, dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                              **names)
             data, info = buf.getvalue(), {"exporter": "torchscript"}
         except Exception as legacy:  # noqa: BLE001 - any exporter failure means: try the other one
             log.info("legacy ONNX export failed (%s); trying the dynamo exporter", one_line(legacy))
