@@ -243,8 +243,8 @@ def main() -> None:
     fast = speed(args)
     paths = chunk_paths(args)
     mem = memory(args)
-    print(f"teacher: {fast['teacher']}; {fast['blocks']} blocks x {fast['block_len']} tokens, batch {fast['batch_size']}, "
-          f"median of {fast['reps']} rounds")
+    print(f"teacher: {fast['teacher']}; {fast['blocks']} blocks x {fast['block_len']} tokens, "
+          f"batch {fast['batch_size']}, median of {fast['reps']} rounds")
     print("| variant | tokens/s | ratio to ce |\n|---|---|---|")
     for name, row in fast["rows"].items():
         print(f"| {name} | {row['tokens_per_s']:,.0f} | {row['ratio_to_ce']:.2f} |")
@@ -255,7 +255,8 @@ def main() -> None:
     for loss_name in ("ce", "fkl"):
         f, r = paths[f"{loss_name}_fused"], paths[f"{loss_name}_recompute"]
         print(f"| {loss_name} | {f:.3f} | {r:.3f} | {r / f:.2f}x |")
-    print("\n| seq length | chunk (tokens) | peak MB above baseline | full (B*L, V) fp32 logits MB |\n|---|---|---|---|")
+    print("\n| seq length | chunk (tokens) | peak MB above baseline | full (B*L, V) fp32 logits MB |\n"
+          "|---|---|---|---|")
     for m in mem:
         print(f"| {m['length']} | {m['chunk']} | {m['peak_mb']:,.1f} | {m['logits_mb']:,.1f} |")
     if args.json:

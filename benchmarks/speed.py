@@ -59,13 +59,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from darkknowledge.runs.build import build_objective
 from darkknowledge.config import CacheConfig, TrainConfig
 from darkknowledge.data import BatchLoader, TensorData
 from darkknowledge.engine.host_memory import retain_freed_host_memory
 from darkknowledge.engine.trainer import Trainer
 from darkknowledge.losses import fused
 from darkknowledge.models import create_model
+from darkknowledge.runs.build import build_objective
 from darkknowledge.schemes.offline import offline_task
 
 

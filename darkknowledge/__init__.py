@@ -9,9 +9,9 @@ The Python API mirrors the ``dk`` command line::
 """
 
 from darkknowledge.api import distill, train
-from darkknowledge.distiller import Distiller
 from darkknowledge.config import RunConfig, load_config
 from darkknowledge.data import list_datasets, load_dataset
+from darkknowledge.distiller import Distiller
 from darkknowledge.losses import DistillLoss, Needs, Outputs, create_loss, list_losses, register_loss
 from darkknowledge.models import create_model, list_models, register_model
 from darkknowledge.runs.outcome import TrainResult

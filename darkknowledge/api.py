@@ -108,6 +108,7 @@ def _check(cfg: RunConfig, bundle: DataBundle | None, given: dict[str, nn.Module
     """
     for where, module in given.items():
         spec = cfg.student if where == "student" else cfg.teacher
+        assert spec is not None  # a given teacher is in the config
         # `input` (the view it reads on a paired dataset) applies to a given module too
         extra = sorted(k for k in spec.model_dump(exclude_defaults=True) if k not in ("name", "input"))
         if extra or spec.name != _model_cfg(module, where)[0]["name"]:

@@ -48,7 +48,7 @@ def file_mode() -> int:
     return 0o666 & ~_read_umask()
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[Any]], None], binary: bool = True) -> Path:
+def atomic_write(path: str | Path, write: Callable[[IO[Any]], object], binary: bool = True) -> Path:
     """Call ``write(f)`` on a temp file next to ``path`` and rename it over ``path``.
 
     Args:

@@ -275,7 +275,7 @@ def _os_error_message(exc: OSError) -> str | None:
                errno.EROFS: "read-only file system", errno.ENOENT: "no such file or directory",
                errno.ENOTDIR: "a part of the path is a file, not a folder", errno.EISDIR: "it is a folder, not a file",
                errno.EEXIST: "it exists already (as a file)", errno.ENAMETOOLONG: "the name is too long"}
-    reason = reasons.get(exc.errno)
+    reason = reasons.get(exc.errno) if exc.errno is not None else None
     if reason is None:
         return None
     return f"cannot use {name}: {reason}; check the path (--out, the recipe, a checkpoint) and its permissions"
@@ -316,11 +316,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         _out(json.dumps({"source": str(res["source"]), "profile": res["profile"]}, indent=2))
         return 0
     if args.command == "eval":
-        overrides = {}
         from darkknowledge.config import apply_overrides
 
-        overrides = apply_overrides({}, args.overrides)
-        _out(json.dumps(commands.evaluate_checkpoint(args.checkpoint, overrides), indent=2))
+        eval_overrides = apply_overrides({}, args.overrides)
+        _out(json.dumps(commands.evaluate_checkpoint(args.checkpoint, eval_overrides), indent=2))
         return 0
     overrides = _split_overrides(args)
     progress = not args.quiet

@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from darkknowledge.config import (
+    ModelConfig,
     RunConfig,
     apply_overrides,
     parse_override,
     validate_config,
 )
+from darkknowledge.data.bundle import num_samples
 from darkknowledge.engine.checkpoint import export_model, read_export
 from darkknowledge.engine.distributed import DistContext, init_distributed
 from darkknowledge.engine.eta import PlannedStage, for_seeds
@@ -90,9 +92,10 @@ def _compare(s: Session, cfg: RunConfig, cls: Any, params: Any) -> dict[str, Any
     rows = group_rows(s.run.results)
     notes = ["data: " + "; ".join(line.strip() for line in s.bundle.describe().splitlines())]
     if any(e.get("transfer") for e in s.run.results):
-        notes.append(f"the distilled student also sees {len(s.bundle.transfer)} unlabeled transfer samples "
+        transfer = num_samples(s.bundle.split("transfer"))
+        notes.append(f"the distilled student also sees {transfer} unlabeled transfer samples "
                      "(teacher soft labels only); the baseline cannot use them without labels")
-    notes += [n for n in getattr(cls, "report_notes", ())]
+    notes += list(getattr(cls, "report_notes", ()))
     notes += view_notes(cfg, s.bundle.info)
     described = [e["teacher_cache"] for e in s.run.results if e.get("teacher_cache")]
     flat = [c for d in described for c in (d if isinstance(d, list) else [d])]  # multi_teacher: one per teacher
@@ -106,7 +109,7 @@ def _compare(s: Session, cfg: RunConfig, cls: Any, params: Any) -> dict[str, Any
     title = f"{cfg.name}: {head}" + (f" ({cfg.scheme.name})" if cfg.scheme.name != "offline" else "")
     writes = s.run.path if s.run.path is not None and s.run.writer else None
     sections = run_figures(writes, s.run.results, rows, s.metrics.records())
-    parts = parts_sections(s.run.path, s.run.results) if writes is not None else []
+    parts = parts_sections(writes, s.run.results) if writes is not None else []
     sections += ([""] if sections and parts else []) + parts
     student = student_section(writes, s.run.results)
     sections += ([""] if sections and student else []) + student  # the report ends with what decides deployment
@@ -182,7 +185,9 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False, p
             raise ConfigError(f"--model teacher: teacher.checkpoint is set ({cfg.teacher.checkpoint!r}), so the "
                               "teacher is already trained; drop teacher.checkpoint to train it here")
         cfg = _teacher_overrides(cfg, overrides)
+    spec: ModelConfig
     if which == "teacher":
+        assert cfg.teacher is not None  # checked above
         spec, seed, role, train_cfg = cfg.teacher, cfg.teacher.seed, "teacher", cfg.teacher_train()
     else:
         spec, seed, role, train_cfg = cfg.student, cfg.seed, "baseline", cfg.train
@@ -259,9 +264,11 @@ def _rebuild(path: str | Path, overrides: dict[str, Any] | None) -> tuple[Any, d
     if spec.get("custom"):
         raise CheckpointError(f"{str(path)!r} holds a custom model ({spec['name']}), which `dk eval` cannot rebuild: "
                               "load its weights into your own class with darkknowledge.engine.checkpoint.load_exported")
-    recorded = payload.get("data") if isinstance(payload.get("data"), dict) else {}
+    recorded = payload.get("data")
+    recorded = recorded if isinstance(recorded, dict) else {}
     overrides = dict(overrides or {})
-    data_over = overrides.get("data") if isinstance(overrides.get("data"), dict) else {}
+    data_over = overrides.get("data")
+    data_over = data_over if isinstance(data_over, dict) else {}
     if data_over.get("name", recorded.get("name")) != recorded.get("name"):
         recorded = {k: v for k, v in recorded.items() if k != "params"}  # the recorded dataset's own params
     cfg = validate_config(deep_merge({"data": recorded}, overrides))

@@ -7,7 +7,7 @@ any model is built or any file is written.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import pydantic
@@ -19,6 +19,11 @@ from darkknowledge.errors import ConfigError
 from darkknowledge.recipes import read_recipe, recipe_names  # noqa: F401 (recipe_names: re-exported)
 from darkknowledge.validation import format_validation_error, key_hint
 from darkknowledge.yamlio import load_yaml
+
+
+def losses_default(terms: Mapping[str, dict[str, Any] | None]) -> Callable[[], dict[str, dict[str, Any] | None]]:
+    """A ``default_factory`` for a losses mapping field: a fresh copy of ``terms`` per model."""
+    return lambda: copy.deepcopy(dict(terms))
 
 
 class _Strict(BaseModel):
@@ -214,7 +219,7 @@ class RunConfig(_Strict):
     teacher: TeacherConfig | None = None
     teachers: list[TeacherConfig] = Field(default_factory=list, description="more teachers (multi_teacher)")
     student: ModelConfig = Field(default_factory=lambda: ModelConfig(name="mlp"))
-    losses: dict[str, dict[str, Any] | None] = Field(default_factory=lambda: {"kd": {}})
+    losses: dict[str, dict[str, Any] | None] = Field(default_factory=losses_default({"kd": {}}))
     train: TrainConfig = Field(default_factory=TrainConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     profile: ProfileConfig = Field(default_factory=ProfileConfig)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import types
 import typing
+from collections.abc import Sequence
 from typing import Any
 
 from darkknowledge.config import recipe_names
@@ -42,7 +43,7 @@ def list_losses_text() -> list[str]:
     return columns(cells)
 
 
-def columns(cells: list[tuple[str, ...]], indent: str = "  ") -> list[str]:
+def columns(cells: Sequence[tuple[str, ...]], indent: str = "  ") -> list[str]:
     """Rows of text cells aligned in columns as wide as their widest cell (two spaces between;
     the last column is not padded)."""
     if not cells:
@@ -145,6 +146,7 @@ def list_synthesizers_text() -> list[str]:
 def _documented(cls: type, name: str, kind: str) -> list[str]:
     module_doc = inspect.getdoc(inspect.getmodule(cls)) or ""
     class_doc = inspect.getdoc(cls) or ""
+    # schemes and synthesizers have both:
     lines = [f"{name} ({kind}): {cls.summary} — {cls.citation}", ""]  # type: ignore[attr-defined]
     if module_doc:
         lines += [module_doc, ""]

@@ -78,11 +78,11 @@ class Distiller(nn.Module):
 
     @property
     def student(self) -> nn.Module:
-        return self.flow.student
+        return self.flow.view_model("student")
 
     @property
     def objective(self) -> Objective:
-        return self.flow.objective
+        return self.flow.links[0].objective
 
     def _batch(self, x: Any, y: torch.Tensor | None, idx: torch.Tensor | None) -> Batch:
         needs = self.needs

@@ -31,8 +31,8 @@ def candidate_stages(model: nn.Module) -> list[str]:
     """Stage outputs of a model: its ``feature_taps()``, else the top-level children that have
     weights and are not a linear classifier (a common layout of hand-written models)."""
     inner = unwrap(model)
-    if hasattr(inner, "feature_taps"):
-        return list(inner.feature_taps())
+    if (feature_taps := getattr(inner, "feature_taps", None)) is not None:
+        return list(feature_taps())
     return [
         name for name, child in inner.named_children()
         if not isinstance(child, nn.Linear) and any(True for _ in child.parameters())

@@ -86,16 +86,18 @@ class Range:
             raise ConfigError(f"a {kind} range takes low/high, not `choices` (got {list(self.choices)!r}); "
                               "for a list of values leave out kind or write kind: choice")
         for name, value in (("low", self.low), ("high", self.high)):
-            if not _is_number(value):
+            if value is None or not _is_number(value):
                 raise ConfigError(f"range {name}: expected a finite number, got {value!r}")
             if kind == "int" and not float(value).is_integer():
                 raise ConfigError(f"int range {name}: expected an integer, got {value!r}")
+        assert self.low is not None and self.high is not None  # numbers: checked above
         cast = int if kind == "int" else float
-        object.__setattr__(self, "low", cast(self.low))
-        object.__setattr__(self, "high", cast(self.high))
-        if not self.low < self.high:  # type: ignore[operator]
+        low, high = cast(self.low), cast(self.high)
+        object.__setattr__(self, "low", low)
+        object.__setattr__(self, "high", high)
+        if not low < high:
             raise ConfigError(f"range low={self.low!r} must be below high={self.high!r}")
-        if self.log and not self.low > 0:  # type: ignore[operator]
+        if self.log and not low > 0:
             raise ConfigError(f"a log range needs low > 0 (got low={self.low!r}); use log: false or a positive low")
 
     def bounds(self) -> tuple[Choice, ...]:
@@ -108,7 +110,7 @@ class Range:
             return any(type(value) is type(c) and value == c for c in self.choices)
         if not _is_number(value) or (self.kind == "int" and not float(value).is_integer()):
             return False
-        return self.low <= value <= self.high  # type: ignore[operator]
+        return self.low <= value <= self.high
 
     def to_dict(self) -> dict[str, Any]:
         """A plain mapping that :meth:`from_mapping` reads back (for JSON/YAML)."""

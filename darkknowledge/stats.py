@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Iterable, Mapping
+from typing import Any, cast
 
 from darkknowledge.errors import ConfigError
 
@@ -151,10 +152,10 @@ def paired_ci(
         raise ConfigError(f"paired_ci: level={level!r} must be strictly between 0 and 1, e.g. 0.95")
     seeds = [s for s in a if s in b and a[s] is not None and b[s] is not None]
     try:
-        seeds.sort()
+        cast("list[Any]", seeds).sort()  # seeds of one type sort
     except TypeError:  # seeds of mixed types keep a's order
         pass
-    diffs = [float(a[s]) - float(b[s]) for s in seeds]  # type: ignore[arg-type]
+    diffs = [float(a[s]) - float(b[s]) for s in seeds]  # type: ignore[arg-type]  # None values are left out above
     n = len(diffs)
     mean, std = mean_std(diffs)
     lo = hi = math.nan

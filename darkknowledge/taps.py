@@ -160,7 +160,7 @@ class FeatureTaps:
                 handle = module.register_forward_pre_hook(self._make_hook(path, output=False))
             self._handles.append(handle)
 
-    def _make_hook(self, path: str, output: bool):  # noqa: ANN202 - torch hook signature
+    def _make_hook(self, path: str, output: bool):  # a torch hook's signature
         def store(value: Any) -> None:
             if not self.active:
                 return

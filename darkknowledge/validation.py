@@ -45,7 +45,7 @@ def _resolve(annotation: Any, namespace: dict[str, Any]) -> Any:
     if not isinstance(annotation, str):
         return annotation
     try:
-        return eval(annotation, dict(namespace))  # noqa: S307 - the module's own annotation text
+        return eval(annotation, dict(namespace))  # the module's own annotation text
     except NameError:
         return Any
 
@@ -83,7 +83,7 @@ def validate_kwargs(
             f"Valid parameters: {', '.join(fields) or '(none)'}."
         )
     known = {k: v for k, v in kwargs.items() if k in fields}
-    model = pydantic.create_model(  # type: ignore[call-overload]
+    model = pydantic.create_model(  # type: ignore[call-overload]  # field definitions by name
         f"{getattr(fn, '__name__', 'params')}_params",
         __config__=pydantic.ConfigDict(arbitrary_types_allowed=True, strict=False),
         **{k: fields[k] for k in known},

@@ -40,7 +40,7 @@ def load_yaml(text: str) -> Any:
             such as ``2001-13-45``, ``!!int x``, nesting too deep to parse).
     """
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass: no Python objects
+        return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no Python objects
     except yaml.YAMLError:
         raise
     except (ValueError, TypeError, OverflowError, RecursionError, KeyError, AttributeError) as exc:

@@ -91,7 +91,7 @@ def test_cifar_suite_has_crds_pairs_and_protocol():
     assert {p: (v.teacher["name"], v.student["name"]) for p, v in suite.pairs.items()} == CIFAR_PAIRS
     assert suite.seeds == [0, 1, 2, 3, 4]
     assert suite.protocol and "RepDistiller" in suite.protocol
-    for pair, (teacher, student) in CIFAR_PAIRS.items():
+    for pair, (_teacher, student) in CIFAR_PAIRS.items():
         assert suite.pairs[pair].kind == ("same family" if pair in SAME_FAMILY else "different families")
         cfg = validate_config(student_config(suite, pair, "ce", 0, None))
         assert cfg.data.name == "cifar100" and cfg.data.batch_size == 64 and cfg.data.val_fraction == 0.1

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from darkknowledge.data.batch import Batch
-from darkknowledge.errors import ConfigError
 from darkknowledge.describe import explain_loss, list_losses_text
+from darkknowledge.errors import ConfigError
 from darkknowledge.losses import LOSSES, list_losses
 from darkknowledge.losses.base import SetupInfo
 from darkknowledge.losses.objective import Objective

@@ -3,7 +3,13 @@ import pytest
 import torch
 
 from darkknowledge.engine.checkpoint import (
-    atomic_save, capture_rng, export_model, load_exported, restore_rng, safe_load, state_hash,
+    atomic_save,
+    capture_rng,
+    export_model,
+    load_exported,
+    restore_rng,
+    safe_load,
+    state_hash,
 )
 from darkknowledge.errors import CheckpointError
 from darkknowledge.models import create_model

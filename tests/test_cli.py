@@ -38,9 +38,9 @@ def test_bad_config_exits_nonzero_and_writes_no_checkpoint(tmp_path, args, messa
 
 
 def test_unknown_tap_path_fails_before_training(tmp_path):
+    from darkknowledge.errors import TapError
     from darkknowledge.losses import DistillLoss, Needs
     from darkknowledge.losses.objective import Objective
-    from darkknowledge.errors import TapError
     from darkknowledge.models import create_model
     from darkknowledge.schemes.offline import offline_task
 

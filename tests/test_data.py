@@ -424,7 +424,7 @@ def test_cifar_refuses_code_in_pickles(tmp_path: Path) -> None:
 
 
 def make_image_folder(root: Path, splits: tuple[str, ...] = ("train", "test"), size: int = 4) -> dict:
-    Image = pytest.importorskip("PIL.Image")  # noqa: N806  (pillow is part of the [vision] extra)
+    Image = pytest.importorskip("PIL.Image")  # pillow is part of the [vision] extra
 
     colours = {"cat": (255, 0, 0), "ant": (0, 255, 0), "bee": (0, 0, 255)}
     for split in splits:

@@ -9,10 +9,10 @@ so the kernels are the same and the only difference is the one under test.
 
 import pytest
 import torch
-from helpers import ONE_THREAD, dk, results, torchrun, write_recipe
 
 from darkknowledge.commands import evaluate_checkpoint
 from darkknowledge.engine.checkpoint import load_exported
+from helpers import ONE_THREAD, dk, results, torchrun, write_recipe
 
 pytestmark = pytest.mark.slow
 

@@ -8,13 +8,13 @@ import json
 import pytest
 import torch
 import yaml
-from helpers import write_recipe
 from torch import nn
 
 import darkknowledge as dk
 from darkknowledge.cli import main
 from darkknowledge.engine.checkpoint import load_exported
 from darkknowledge.errors import ConfigError, DarkKnowledgeError
+from helpers import write_recipe
 
 SMALL = ["data.params.num_samples=600", "data.batch_size=100"]
 

@@ -10,8 +10,6 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import dk, write_recipe
-from multipart_task import DuelTask, config, make
 from torch import nn
 
 import darkknowledge.engine.trainer as trainer_module
@@ -22,6 +20,8 @@ from darkknowledge.engine.divergence import DivergenceWatch
 from darkknowledge.engine.task import MAIN, Task
 from darkknowledge.engine.trainer import Trainer
 from darkknowledge.errors import DarkKnowledgeError, DivergenceError
+from helpers import dk, write_recipe
+from multipart_task import DuelTask, config, make
 
 NAN = float("nan")
 

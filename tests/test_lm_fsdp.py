@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import ONE_THREAD, dk, torchrun
-from lm_fixtures import lm_recipe
 
 from darkknowledge.engine.checkpoint import safe_load
 from darkknowledge.engine.fsdp import shard_units
+from helpers import ONE_THREAD, dk, torchrun
+from lm_fixtures import lm_recipe
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from lm_fixtures import lm_recipe, make_tokenizer, teacher_folder, tiny_lm
 
 from darkknowledge.data.batch import UNLABELED, Batch
 from darkknowledge.errors import ConfigError, ShapeError
@@ -23,6 +22,7 @@ from darkknowledge.lm.models import lazy_logits
 from darkknowledge.losses import create_loss
 from darkknowledge.losses.base import Outputs
 from darkknowledge.runs.lm_run import run_lm
+from lm_fixtures import lm_recipe, make_tokenizer, teacher_folder, tiny_lm
 
 
 @pytest.fixture()

@@ -130,7 +130,7 @@ def test_kd_on_labelled_batches_equals_the_composite_in_value_and_gradient(monke
     loss = create_loss("kd", T=4.0, alpha=0.9)
     for labeled in (True, False):
         batch = Batch(torch.zeros(16, 1), y, torch.arange(16), labeled=labeled)
-        out, grad = _value_and_grad(lambda z: loss(Outputs(z), Outputs(t), batch), s)
+        out, grad = _value_and_grad(lambda z, batch=batch: loss(Outputs(z), Outputs(t), batch), s)
         ref, ref_grad = _value_and_grad(_reference_kd, s, t, y, 4.0, 0.9)
         torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=1e-6)

@@ -9,9 +9,9 @@ from darkknowledge.data.batch import Batch
 from darkknowledge.errors import ShapeError
 from darkknowledge.losses import create_loss
 from darkknowledge.losses.ab import ab_loss
-from darkknowledge.losses.feature import pre_activation_tap
 from darkknowledge.losses.at import at_loss, attention_map
 from darkknowledge.losses.base import Outputs, SetupInfo
+from darkknowledge.losses.feature import pre_activation_tap
 from darkknowledge.losses.fitnet import hint_loss
 from darkknowledge.losses.nst import nst_loss
 from darkknowledge.losses.objective import Objective
@@ -58,7 +58,10 @@ def _mmd_loop(s, t, d=2, c=0.0):
     for b in range(s.shape[0]):
         xs = [v / np.linalg.norm(v) for v in s[b].reshape(s.shape[1], -1).numpy().astype(np.float64)]
         xt = [v / np.linalg.norm(v) for v in t[b].reshape(t.shape[1], -1).numpy().astype(np.float64)]
-        k = lambda x, y: (float(x @ y) + c) ** d
+
+        def k(x, y):
+            return (float(x @ y) + c) ** d
+
         kss = sum(k(x, y) for x in xs for y in xs) / len(xs) ** 2
         ktt = sum(k(x, y) for x in xt for y in xt) / len(xt) ** 2
         kst = sum(k(x, y) for x in xs for y in xt) / (len(xs) * len(xt))

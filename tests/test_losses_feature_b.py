@@ -4,14 +4,13 @@ import math
 
 import numpy as np
 import pytest
-
-from darkknowledge.losses.feature import pre_activation_tap
 import torch
 import torch.nn.functional as F
 
 from darkknowledge.config import OptimizerConfig
 from darkknowledge.data.batch import Batch
 from darkknowledge.engine.optim import build_optimizer
+from darkknowledge.losses.feature import pre_activation_tap
 from darkknowledge.losses.ft import ft_loss
 from darkknowledge.losses.objective import Objective
 from darkknowledge.losses.ofd import (

@@ -259,7 +259,7 @@ def test_method_trains_between_cnns_of_different_width_and_length(name):
     assert math.isfinite(terms[name].item()) and terms[name].item() > 0
     loss.backward()
     term = module.objective.terms[name]
-    own = [p for p in term.parameters()]
+    own = list(term.parameters())
     assert (len(own) > 0) == (name in ("crd", "cc"))  # CRD/CC embed both sides; RKD/SP need no adapter
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in own)
     assert all(p.grad is not None for p in student.parameters())

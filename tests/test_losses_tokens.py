@@ -27,7 +27,10 @@ def _batch(y):
 
 def _loss(name, student, teacher, y, **params):
     """The registered loss on student/teacher given as tensors, LazyLogits or sparse targets."""
-    wrap = lambda d: Outputs(d, tokens=None) if isinstance(d, torch.Tensor) else Outputs(None, tokens=d)
+
+    def wrap(d):
+        return Outputs(d, tokens=None) if isinstance(d, torch.Tensor) else Outputs(None, tokens=d)
+
     return create_loss(name, **params)(wrap(student), wrap(teacher), _batch(y))
 
 

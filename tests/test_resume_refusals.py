@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 import yaml
-from helpers import results, write_recipe
 
 import darkknowledge as dk_api
 from darkknowledge.cli import main
@@ -15,6 +14,7 @@ from darkknowledge.errors import ConfigError
 from darkknowledge.runs.resume import config_changes
 from darkknowledge.runs.rundir import choose_run_dir
 from darkknowledge.runs.session import Session
+from helpers import results, write_recipe
 
 SMALL = {"data": {"params": {"num_samples": 600}}, "train": {"epochs": 1}, "teacher": {"train": {"epochs": 1}}}
 

@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-from helpers import dk, write_recipe
 
 from darkknowledge import commands
 from darkknowledge.atomic import WriteError, atomic_write, file_mode
@@ -18,6 +17,7 @@ from darkknowledge.cli import main
 from darkknowledge.config import load_config
 from darkknowledge.engine.checkpoint import load_exported, safe_load
 from darkknowledge.runs.lock import RunFolderBusyError, RunLock, holder
+from helpers import dk, write_recipe
 
 SMALL = {"data": {"params": {"num_samples": 600}}, "train": {"epochs": 1}}
 
@@ -98,7 +98,8 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_folder(tmp_path):
 
 def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path):
     code = ("import sys, time; from darkknowledge.runs.lock import RunLock; "
-            f"lock = RunLock({str(tmp_path / 'd')!r}, 'dk run (killed)').acquire(); print('held', flush=True); time.sleep(600)")
+            f"lock = RunLock({str(tmp_path / 'd')!r}, 'dk run (killed)').acquire(); "
+            "print('held', flush=True); time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "held"
@@ -115,7 +116,8 @@ def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path):
 
 def test_the_lock_is_per_process_and_released_by_its_last_holder(tmp_path):
     probe = ("import sys; from darkknowledge.runs.lock import RunLock, RunFolderBusyError\n"
-             f"try:\n    lock = RunLock({str(tmp_path)!r}, 'probe').acquire()\nexcept RunFolderBusyError:\n    sys.exit(3)")
+             f"try:\n    lock = RunLock({str(tmp_path)!r}, 'probe').acquire()\n"
+             "except RunFolderBusyError:\n    sys.exit(3)")
 
     def other_process_can_lock():
         return subprocess.run([sys.executable, "-c", probe], check=False).returncode == 0

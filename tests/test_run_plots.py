@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import TINY
 
 from darkknowledge import commands
 from darkknowledge.config import load_config
 from darkknowledge.runs import run_plots
+from helpers import TINY
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

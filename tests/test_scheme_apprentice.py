@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY, results
 
 from darkknowledge import commands
 from darkknowledge.config import deep_merge, load_config
@@ -21,6 +20,7 @@ from darkknowledge.runs.context import RunContext
 from darkknowledge.schemes import SCHEMES, resolve_scheme
 from darkknowledge.schemes.apprentice import TEACHER_VIEW, Apprentice
 from darkknowledge.schemes.cohort import peer_seed
+from helpers import TINY, results
 
 STUDENT = {"name": "mlp", "params": {"hidden": [8]}}
 TEACHER = {"name": "mlp", "params": {"hidden": [32]}}

@@ -7,10 +7,9 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
 import torch.nn.functional as F
+import yaml
 
-from darkknowledge.runs.build import build_data, build_model, check_config, make_loaders
 from darkknowledge.commands import compare, distill
 from darkknowledge.config import deep_merge, load_config
 from darkknowledge.engine.checkpoint import load_exported, state_hash
@@ -18,6 +17,7 @@ from darkknowledge.engine.distributed import DistContext
 from darkknowledge.engine.trainer import Trainer
 from darkknowledge.errors import ConfigError
 from darkknowledge.models.ensemble import ProbabilityEnsemble
+from darkknowledge.runs.build import build_data, build_model, check_config, make_loaders
 from darkknowledge.schemes.born_again import generation_seed
 from helpers import TINY, dk, results, torchrun
 

@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ONE_THREAD, TINY, dk, results, torchrun
 
 from darkknowledge.commands import compare, evaluate_checkpoint
 from darkknowledge.config import deep_merge, load_config
@@ -34,6 +33,7 @@ from darkknowledge.schemes.byot import BYOT, byot_task
 from darkknowledge.schemes.heads import AuxHead
 from darkknowledge.schemes.task import FlowTask
 from darkknowledge.teachers.peers import Peer
+from helpers import ONE_THREAD, TINY, dk, results, torchrun
 
 A, LAM, T = 0.3, 0.03, 3.0
 PAPER = {  # (1 - a) CE + a T^2 KL(q_C^T || q_i^T) + lam ||F_i - F_C||^2, the paper's code's a, lam, T

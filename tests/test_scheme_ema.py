@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from helpers import TINY, dk, results
 from torch import nn
 
 from darkknowledge.commands import compare, distill
@@ -21,6 +20,7 @@ from darkknowledge.schemes import SCHEMES
 from darkknowledge.schemes.ema import MeanTeacher, ema_task
 from darkknowledge.schemes.task import FlowTask
 from darkknowledge.teachers.ema import EMA, effective_decay, ema_update
+from helpers import TINY, dk, results
 
 EMA_TINY = {"seeds": [0], "teacher": None, "losses": {"kd": {"T": 2.0, "alpha": 0.5}},
             "data": {"params": {"transfer_samples": 200}}, "scheme": {"name": "ema", "params": {"decay": 0.9}},

@@ -7,16 +7,16 @@ import math
 
 import pytest
 import torch
-import yaml
 import torch.nn.functional as F
+import yaml
 
-from darkknowledge.runs.build import build_objective, check_config
 from darkknowledge.config import deep_merge, load_config
 from darkknowledge.data.batch import Batch
 from darkknowledge.errors import ConfigError, ShapeError
 from darkknowledge.losses.base import Outputs
 from darkknowledge.losses.kd import kd_soft_loss
 from darkknowledge.models import create_model
+from darkknowledge.runs.build import build_objective, check_config
 from darkknowledge.schemes.multi_teacher import multi_teacher_task
 from darkknowledge.schemes.task import FlowTask
 from darkknowledge.teachers.frozen import Frozen
@@ -250,7 +250,7 @@ def test_live_teachers_run_ahead_on_groups_of_batches_with_the_same_result():
             teachers = [mlp(seed=1), mlp(seed=2)]
             calls = []
             for t in teachers:
-                t.register_forward_hook(lambda _m, x, _o: calls.append(len(x[0])))
+                t.register_forward_hook(lambda _m, x, _o, calls=calls: calls.append(len(x[0])))
             s = scheme(teachers, aggregation=aggregation, cache=CacheConfig(live_batches=n))  # set up on a batch
             aheads = [t.ahead for t in s.teachers if isinstance(t, Frozen) and t.ahead is not None]
             assert len(aheads) == (2 if n > 1 and ahead_expected else 0)

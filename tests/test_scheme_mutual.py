@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ONE_THREAD, TINY, dk, results, torchrun, write_recipe
 
 from darkknowledge.commands import evaluate_checkpoint
 from darkknowledge.config import deep_merge, load_config
@@ -27,6 +26,7 @@ from darkknowledge.schemes.cohort import build_peers, peer_names, peer_seed
 from darkknowledge.schemes.mutual import Mutual, mutual_task
 from darkknowledge.schemes.task import FlowTask
 from darkknowledge.teachers.peers import Peer
+from helpers import ONE_THREAD, TINY, dk, results, torchrun, write_recipe
 
 DML = {"ce": {}, "kd": {"T": 1.0, "alpha": 1.0}}  # the paper's L_Ck + D_KL(p_l || p_k)
 

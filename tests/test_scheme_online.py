@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY, dk, results
 
 from darkknowledge.config import deep_merge, load_config
 from darkknowledge.data.batch import Batch
@@ -27,6 +26,7 @@ from darkknowledge.schemes.kdcl import KDCL
 from darkknowledge.schemes.one import ONE, GatedEnsemble, gated_logits, pool_feature
 from darkknowledge.schemes.task import FlowTask
 from darkknowledge.teachers.ensemble import Ensemble, ensemble_teacher, min_logit_teacher, naive_teacher
+from helpers import TINY, dk, results
 
 MLP = {"name": "mlp", "params": {"hidden": [16]}}
 CNN = {"name": "cnn1d", "params": {"channels": 8}}

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import TINY, results
 
 from darkknowledge import commands
 from darkknowledge.config import deep_merge, load_config
@@ -31,6 +30,7 @@ from darkknowledge.schemes.qkd import (
 )
 from darkknowledge.schemes.task import FlowTask
 from darkknowledge.teachers.frozen import Frozen
+from helpers import TINY, results
 
 STUDENT = {"name": "mlp", "params": {"hidden": [8]}}
 TEACHER_SPEC = {"name": "mlp", "params": {"hidden": [32]}}

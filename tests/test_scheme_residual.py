@@ -6,13 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from darkknowledge.runs.build import build_objective
 from darkknowledge.config import ModelConfig
 from darkknowledge.data.batch import Batch
 from darkknowledge.engine.checkpoint import export_model, load_exported
 from darkknowledge.errors import ShapeError
 from darkknowledge.losses.base import Outputs, SetupInfo
 from darkknowledge.models import count_params, create_model
+from darkknowledge.runs.build import build_objective
 from darkknowledge.schemes.residual import FEATURE, mimic_objective, residual_task
 from darkknowledge.schemes.task import FlowTask
 from darkknowledge.teachers.base import Teacher

@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from helpers import ONE_THREAD, TINY, dk, results, torchrun
 
 from darkknowledge.commands import evaluate_checkpoint
 from darkknowledge.config import deep_merge, load_config
@@ -27,6 +26,7 @@ from darkknowledge.schemes.tfkd import TfKD
 from darkknowledge.teachers.classwise import ClassPartners
 from darkknowledge.teachers.peers import Peer
 from darkknowledge.teachers.virtual import Virtual, virtual_teacher
+from helpers import ONE_THREAD, TINY, dk, results, torchrun
 
 CSKD_LOSSES = {"ce": {}, "cls": {"loss": "kd", "T": 4.0, "alpha": 1.0, "weight": 1.0}}
 TFKD_LOSSES = {"ce": {"weight": 0.9}, "tf_reg": {"loss": "kd", "T": 1.0, "alpha": 1.0, "weight": 0.1}}

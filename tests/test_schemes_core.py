@@ -7,11 +7,11 @@ from typing import Annotated, Any
 import pytest
 from pydantic import Field
 
-from darkknowledge.runs.build import check_config
 from darkknowledge.cli import main
 from darkknowledge.commands import compare, distill
 from darkknowledge.config import load_config
 from darkknowledge.errors import ConfigError, RegistryError
+from darkknowledge.runs.build import check_config
 from darkknowledge.schemes import SCHEMES, Context, Scheme, SchemeParams, register_scheme
 from darkknowledge.schemes.task import FlowTask
 from darkknowledge.teachers.flow import Flow, Link

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import yaml
-from helpers import TINY
 
 from darkknowledge.bench.search_command import load_search, search_command
 from darkknowledge.errors import ConfigError
+from helpers import TINY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -67,7 +67,7 @@ def test_shrunk_depthwise_quantized_student_builds_and_its_spec_rebuilds_it():
     assert spec["ops"] == "depthwise" and spec["quantize"]["bits"] == 4
     from darkknowledge.config import ModelConfig
 
-    again = build_model(ModelConfig(**{k: v for k, v in spec.items()}), info)
+    again = build_model(ModelConfig(**spec), info)
     again.load_state_dict(model.state_dict())
     x = torch.randn(4, *info.input_shape)
     model.eval(), again.eval()

@@ -28,7 +28,7 @@ import math
 import numbers
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -47,7 +47,7 @@ DATA_PARAMS: tuple[str, ...] = ("num_classes", "input_shape")
 """Builder parameters the data fills; a space may not search them."""
 
 
-def is_number(v: Any) -> bool:
+def is_number(v: Any) -> TypeGuard[float]:
     """A finite real number (numpy scalars included), not a bool."""
     return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) and math.isfinite(v)
 
@@ -172,6 +172,7 @@ class StudentSpace:
         for key, rng in ranges.items():
             probes = list(rng.choices) if rng.kind == "choice" else list(rng.bounds())
             if rng.kind == "float":  # a float range on an int parameter fails between its bounds
+                assert rng.low is not None and rng.high is not None  # a float range has both
                 probes.append((float(rng.low) + float(rng.high)) / 2)
             for i, value in enumerate(probes):
                 try:

@@ -154,7 +154,8 @@ def student_config(suite: Suite, pair: str, method: str, seed: int, teacher_chec
     The method's recipe keeps its losses, scheme, cache and extra teachers; the suite sets the
     data, the student, the teacher (the pair's, from ``teacher_checkpoint``, when the recipe has
     a ``teacher:``), the training budget, the seed and the name. The method's overrides, the
-    pair's overrides of the method, then tuned values are applied to the recipe first. ``read`` reads a recipe (e.g. a caching reader).
+    pair's overrides of the method, then tuned values are applied to the recipe first. ``read``
+    reads a recipe (e.g. a caching reader).
     """
     p = suite.pairs[pair]
     if method == BASELINE:

@@ -50,8 +50,8 @@ def pareto_front(records: Sequence[Mapping[str, Any]], objectives: Sequence[str]
     rows, points, seen = [], [], set()
     for r in records:
         key = json.dumps(r["candidate"], sort_keys=True) if "candidate" in r else None
-        vals = [objective_value(r, o) for o in objectives]
-        if r.get("state", "complete") != "complete" or None in vals or (key is not None and key in seen):
+        vals = [v for o in objectives if (v := objective_value(r, o)) is not None]
+        if r.get("state", "complete") != "complete" or len(vals) < len(objectives) or (key is not None and key in seen):
             continue
         seen.add(key)
         rows.append(dict(r))
@@ -59,7 +59,7 @@ def pareto_front(records: Sequence[Mapping[str, Any]], objectives: Sequence[str]
     p = np.asarray(points, dtype=np.float64).reshape(len(rows), len(objectives))  # (N, K)
     no_worse = (p[:, None, :] <= p[None, :, :]).all(-1)  # (N, N): [j, i] j no worse than i everywhere
     better = (p[:, None, :] < p[None, :, :]).any(-1)  # (N, N): [j, i] j better than i somewhere
-    dominated = (no_worse & better).any(0)  # (N,)
+    dominated = np.asarray((no_worse & better).any(axis=0))  # (N,)
     return [r for r, d in zip(rows, dominated) if not d]
 
 
@@ -82,7 +82,7 @@ def _pair_counts(x: Any, y: Any) -> tuple[float, float, float, float]:
     return float(con) / 2, float(dis) / 2, float(tx) / 2, float(ty) / 2  # each unordered pair was counted twice
 
 
-def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
+def kendall_tau(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
     """Kendall's tau-b (Kendall, "The treatment of ties in ranking problems", Biometrika 1945).
 
     ``tau_b = (P - Q) / sqrt((n0 - n1) (n0 - n2))`` with ``P``/``Q`` the concordant/discordant

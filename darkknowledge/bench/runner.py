@@ -97,11 +97,13 @@ class Bench:
     def _raw(self, cell: Cell, teacher_checkpoint: str | None) -> dict[str, Any]:
         if cell.kind == "teacher":
             return teacher_config(self.suite, cell.pair)
+        assert cell.seed is not None  # a student's cell has a seed
         return student_config(self.suite, cell.pair, cell.method, cell.seed, teacher_checkpoint,
                               self._tuned(cell)[1], self._read)
 
     def raw_default(self, cell: Cell, teacher_checkpoint: str | None) -> dict[str, Any]:
         """The cell's raw config with the method's default (untuned) values."""
+        assert cell.seed is not None  # a student's cell has a seed
         return student_config(self.suite, cell.pair, cell.method, cell.seed, teacher_checkpoint, read=self._read)
 
     def _read(self, recipe: str) -> dict[str, Any]:
@@ -122,7 +124,8 @@ class Bench:
         if spec.get("checkpoint"):
             path = Path(spec["checkpoint"]).expanduser()
             payload = read_export(path)
-            recorded = payload.get("result") if isinstance(payload.get("result"), dict) else {}
+            recorded = payload.get("result")
+            recorded = recorded if isinstance(recorded, dict) else {}
             return {"model": spec.get("name"), "hash": state_hash(payload["state_dict"]), "checkpoint": str(path),
                     "last_acc": recorded.get("last_acc"), "train_seconds": 0.0}
         res = read_result(Cell(pair, "teacher").result_path(self.results))
@@ -178,6 +181,7 @@ class Bench:
 
     def finished_results(self) -> list[dict[str, Any]]:
         """The result of every finished, current cell (the tables' only input)."""
+        # done cells have a result:
         return [read_result(c.result_path(self.results)) for c in self.status().done]  # type: ignore[misc]
 
     # ---------------------------------------------------------------- running
@@ -213,6 +217,7 @@ class Bench:
                 log.error("[%d/%d] %s failed: %s", i, len(tasks), task.cell.id, why)
                 failures.append((task.cell, why))
                 continue
+            assert result is not None  # no exception: a result
             self._event(task, "end", status=result["status"])
             acc = result.get("last_acc")
             log.info("[%d/%d] %s: %s (%.1f s)", i, len(tasks), task.cell.id,

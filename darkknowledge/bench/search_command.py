@@ -94,7 +94,7 @@ def load_search(name_or_path: str) -> SearchSpec:
     if path.is_file():
         text = path.read_text()
     else:
-        shipped = resources.files("darkknowledge.bench").joinpath("searches", f"{name_or_path}.yaml")
+        shipped = resources.files("darkknowledge.bench").joinpath("searches").joinpath(f"{name_or_path}.yaml")
         if not shipped.is_file():
             names = sorted(Path(f.name).stem for f in resources.files("darkknowledge.bench").joinpath("searches")
                            .iterdir() if f.name.endswith(".yaml"))
@@ -139,7 +139,7 @@ class StudentSearch:
 
     @staticmethod
     def student_of(c: Candidate) -> ModelConfig:
-        return ModelConfig(name=c.model, params=dict(c.params), ops=c.ops)
+        return ModelConfig.model_validate({"name": c.model, "params": dict(c.params), "ops": c.ops})
 
     def _run(self, student: ModelConfig, folder: Path, seed: int, proxy: bool) -> float:
         """KD of ``student`` (proxy: short, validation split, cached teacher; else the recipe's budget)."""
@@ -188,7 +188,7 @@ class StudentSearch:
         rows += [(f"front-{i}", Candidate.from_dict(r["candidate"]).describe(),
                   self.student_of(Candidate.from_dict(r["candidate"])), r["metrics"], r["accuracy"])
                  for i, r in enumerate(chosen)]
-        final = []
+        final: list[dict[str, Any]] = []
         for tag, label, student, prof, proxy_acc in rows:
             accs = [self._run(student, self.out / "final" / tag / f"s{s}", s, proxy=False)
                     for s in self.spec.final.seeds]
@@ -196,6 +196,7 @@ class StudentSearch:
                           "profile": prof, "proxy_acc": proxy_acc, "accs": accs, "mean": statistics.fmean(accs),
                           "std": statistics.stdev(accs) if len(accs) > 1 else 0.0})
         trust = proxy_trust([f["proxy_acc"] for f in final], [f["mean"] for f in final]) if len(final) > 1 else None
+        assert self.base.teacher is not None  # checked in __init__
         teacher = self.profile(self.base.teacher)
         report = self._report(result, final, trust, teacher, limits)
         atomic_write_text(json.dumps({"limits": limits, "final": final, "trust": trust}, indent=2, default=str) + "\n",
@@ -210,6 +211,7 @@ class StudentSearch:
             student_table,
         )
 
+        assert self.base.teacher is not None  # checked in __init__
         rows = [profile_row("teacher", self.base.teacher.name, teacher, None)]
         rows += [profile_row(f["tag"], f["label"], f["profile"], f["mean"]) for f in final]
         seeds = ",".join(str(s) for s in self.spec.final.seeds)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -128,7 +129,8 @@ def _metrics(raw: Any, cand: Candidate, needed: Sequence[str]) -> dict[str, Any]
         got = ", ".join(f"{k}={raw.get(k)!r}" for k in bad)
         raise ConfigError(f"measure({cand.describe()}): {got}; the objectives and limits need finite numbers for "
                           f"{', '.join(needed)} (it returned keys: {', '.join(map(str, raw)) or 'none'})")
-    out = {str(k): (int(v) if isinstance(v, numbers.Integral) else float(v)) for k, v in raw.items() if is_number(v)}
+    out: dict[str, Any] = {str(k): (int(v) if isinstance(v, numbers.Integral) else float(v))
+                           for k, v in raw.items() if is_number(v)}
     out.update({str(k): v for k, v in raw.items() if v is None or isinstance(v, (str, bool))})  # e.g. a device name
     return out
 
@@ -329,6 +331,13 @@ def _fmt(v: Any, kind: str = "count") -> str:
     return f"{v:.3g}" if kind == "ms" else f"{v:.2f}"
 
 
+def _ranked_value(record: Mapping[str, Any], objective: str) -> float:
+    """What ``min`` ranks ``record`` by on ``objective``: accuracy negated (higher is better), others as they are."""
+    value = objective_value(record, objective)
+    assert value is not None  # only scored records are ranked
+    return (-1 if objective == "accuracy" else 1) * value
+
+
 @dataclass(frozen=True)
 class SearchResult:
     """What a student search found.
@@ -357,7 +366,7 @@ class SearchResult:
         for o in objectives:
             scored = [r for r in feasible if objective_value(r, o) is not None]
             if scored:  # min() keeps the earliest of equals
-                best[o] = min(scored, key=lambda r, o=o: (-1 if o == "accuracy" else 1) * objective_value(r, o))
+                best[o] = min(scored, key=functools.partial(_ranked_value, objective=o))
         return cls(list(records), pareto_front(records, objectives), best, objectives, dict(limits or {}))
 
     def to_markdown(self) -> str:

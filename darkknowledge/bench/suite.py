@@ -164,7 +164,7 @@ def load_suite(name_or_path: str, overrides: Sequence[str] = ()) -> Suite:
         if name_or_path not in names:
             raise ConfigError(f"unknown suite {name_or_path!r}.{did_you_mean(name_or_path, names)} Shipped suites: "
                               f"{', '.join(names)}; or give a path to a .yaml file.")
-        res = resources.files("darkknowledge.bench").joinpath("suites", f"{name_or_path}.yaml")
+        res = resources.files("darkknowledge.bench").joinpath("suites").joinpath(f"{name_or_path}.yaml")
         text, source = res.read_text(encoding="utf-8"), str(res)
     try:
         raw = load_yaml(text) or {}

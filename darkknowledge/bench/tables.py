@@ -53,9 +53,9 @@ def _check(cells: Sequence[Mapping]) -> None:
     for i, c in enumerate(cells):
         if not isinstance(c, Mapping):
             raise ConfigError(f"bench cell #{i} is a {type(c).__name__}, expected a dict of results")
-        for key in ("pair", "kind", "status"):
-            if key not in c:
-                raise ConfigError(f"bench cell #{i} ({dict(c)!r:.200}) has no {key!r}; every cell names its "
+        for name in ("pair", "kind", "status"):
+            if name not in c:
+                raise ConfigError(f"bench cell #{i} ({dict(c)!r:.200}) has no {name!r}; every cell names its "
                                   "pair, kind (teacher|baseline|method) and status (done|n/a)")
         where = f"bench cell #{i} (pair {c['pair']!r}, method {c.get('method')!r}, seed {c.get('seed')!r})"
         if c["kind"] not in KINDS:
@@ -92,7 +92,7 @@ def _same_or_mean(values: list) -> float | int | None:
 
 
 def _blank(pair: str, method: str, kind: str, level: float) -> dict:
-    row: dict[str, Any] = {f: None for f in ROW_FIELDS}
+    row: dict[str, Any] = dict.fromkeys(ROW_FIELDS)
     row.update({k: [] for k in _LISTS})
     row.update(pair=pair, method=method, kind=kind, n=0, ci_level=level)
     return row

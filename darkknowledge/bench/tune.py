@@ -181,6 +181,7 @@ def _distribution(optuna: Any, rng: Range) -> Any:
     d = optuna.distributions
     if rng.kind == "choice":
         return d.CategoricalDistribution(list(rng.choices))
+    assert rng.low is not None and rng.high is not None  # a float or int range has both
     if rng.kind == "int":
         return d.IntDistribution(int(rng.low), int(rng.high), log=rng.log)
     return d.FloatDistribution(float(rng.low), float(rng.high), log=rng.log)
@@ -189,6 +190,7 @@ def _distribution(optuna: Any, rng: Range) -> Any:
 def _suggest(trial: Any, key: str, rng: Range) -> Any:
     if rng.kind == "choice":
         return trial.suggest_categorical(key, list(rng.choices))
+    assert rng.low is not None and rng.high is not None  # a float or int range has both
     if rng.kind == "int":
         return trial.suggest_int(key, int(rng.low), int(rng.high), log=rng.log)
     return trial.suggest_float(key, float(rng.low), float(rng.high), log=rng.log)

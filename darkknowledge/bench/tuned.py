@@ -16,8 +16,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from darkknowledge.atomic import atomic_write
 from darkknowledge.bench.cells import BASELINE, Cell, check_cell_config
+from darkknowledge.engine.checkpoint import atomic_write_text
 from darkknowledge.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def tune_suite(bench: Any, trials: int | None = None, sampler_seed: int = 0, pro
                   "selected_on": "validation split (data.holdout=val); the test split was not read",
                   "space": space_to_dict(space)}
         text = json.dumps(record, indent=1, sort_keys=True)
-        atomic_write(path, lambda f, text=text: f.write(text), binary=False)
+        atomic_write_text(text, path)
         write_tuned_recipe(path.with_suffix(".yaml"), cfg, result)
         summaries.append({"pair": pair, "method": method, "values": result.best, "score": result.best_score,
                           "trials": len(result.trials)})

@@ -86,8 +86,13 @@ def check_label_range(bundle: DataBundle) -> None:
             )
 
 
+def num_samples(data: Dataset) -> int:
+    """``len(data)``: every split here is a map-style dataset, which has a length."""
+    return len(data)  # type: ignore[arg-type]  # torch's Dataset does not declare __len__
+
+
 def _size(data: Dataset | None) -> str:
-    return "-" if data is None else str(len(data))  # type: ignore[arg-type]
+    return "-" if data is None else str(num_samples(data))
 
 
 @dataclass(frozen=True)

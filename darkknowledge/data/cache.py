@@ -44,7 +44,7 @@ def save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
         path: Destination file; its parent directory is created.
         **arrays: Named arrays to store.
     """
-    atomic_write(path, lambda f: np.savez(f, **arrays))
+    atomic_write(path, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]  # numpy's stubs: a name may be allow_pickle
 
 
 def load_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray] | None:

@@ -47,7 +47,7 @@ def register_dataset(name: str, example: Example | None = None) -> Callable[[Dat
     """
 
     def decorator(builder: DatasetBuilder) -> DatasetBuilder:
-        builder.example = example  # type: ignore[attr-defined]
+        builder.example = example  # type: ignore[attr-defined]  # an attribute on the function
         return DATASETS.register(name)(builder)
 
     return decorator

@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader, Dataset
 from darkknowledge.config import DataConfig
 from darkknowledge.data.augment import Augment, AugmentParams, params_to, slice_params
 from darkknowledge.data.batch import UNLABELED, Batch, to_device
-from darkknowledge.data.tensors import TensorData
 from darkknowledge.data.seeds import AUGMENT_STREAM, PERMUTATION_STREAM, make_generator
+from darkknowledge.data.tensors import TensorData
 from darkknowledge.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -142,7 +142,7 @@ class BatchLoader:
         self.num_workers = num_workers
         self.device_data_mb = device_data_mb
         self.epoch = 0
-        self._num_samples = len(data)  # type: ignore[arg-type]
+        self._num_samples = len(data)  # type: ignore[arg-type]  # a map-style dataset has a length
         self._norm = self._norm_tensors(normalize)
         self._normalize_arg = normalize
         self.views, self.inputs, self.primary = views, tuple(dict.fromkeys(inputs)), primary
@@ -156,6 +156,7 @@ class BatchLoader:
     def variant(self, **changes: Any) -> BatchLoader:
         """A loader over the same data and preprocessing with some arguments changed
         (e.g. ``shuffle=False, augment=None, rank=0, world_size=1``)."""
+        kwargs: dict[str, Any]
         kwargs = dict(batch_size=self.batch_size, shuffle=self.shuffle, seed=self.seed, drop_last=self.drop_last,
                       rank=self.rank, world_size=self.world_size, augment=self.augment,
                       normalize=self._normalize_arg, device=self.device, num_workers=self.num_workers,
@@ -343,9 +344,9 @@ class BatchLoader:
             if self.augment is not None and params:
                 x = self.augment.apply(x, params_to(params, x.device, non_blocking=True))
         elif self.augment is not None:
-            params = self.augment_params(k, epoch)
-            assert params is not None
-            x = self.augment.apply(x, params_to(slice_params(params, lo, hi), x.device, non_blocking=True))
+            drawn = self.augment_params(k, epoch)
+            assert drawn is not None
+            x = self.augment.apply(x, params_to(slice_params(drawn, lo, hi), x.device, non_blocking=True))
         if self._norm is not None:
             x = self._normalize(x)
         inputs = None

@@ -107,7 +107,7 @@ def register_view_transform(
     """
 
     def decorator(fn: ViewFn) -> ViewFn:
-        fn.check = check  # type: ignore[attr-defined]
+        fn.check = check  # type: ignore[attr-defined]  # an attribute on the function
         return VIEW_TRANSFORMS.register(name)(fn)
 
     return decorator

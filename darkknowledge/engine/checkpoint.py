@@ -113,7 +113,8 @@ def state_hash(module_or_state: nn.Module | dict[str, torch.Tensor]) -> str:
 
 def capture_rng() -> dict[str, Any]:
     """RNG states of torch (CPU and CUDA), numpy and Python, in a weights_only-safe form."""
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # the global MT19937 state (numpy's stubs type the default as a dict)
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],

@@ -6,9 +6,12 @@ import datetime
 import gc
 import os
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,7 @@ class DistContext:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
-    def broadcast_object(self, obj: object) -> object:
+    def broadcast_object(self, obj: T) -> T:
         """Rank 0's ``obj`` on every rank."""
         if not self.enabled:
             return obj

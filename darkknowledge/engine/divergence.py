@@ -184,6 +184,7 @@ class DivergenceWatch:
             if bad:
                 what = f"the loss became non-finite {at} ({', '.join(bad)})"
             else:
+                # clipping measured it:
                 what = f"the gradient norm became {_show(first.grad_norm)} {at} (loss {_show(first.loss)})"  # type: ignore[arg-type]
             if not applied:
                 what += " (its update was not applied)"

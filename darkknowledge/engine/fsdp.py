@@ -35,7 +35,10 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
     if units:
         return units
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    return list(max(lists, key=len)) if lists else []
+    if not lists:
+        return []
+    sizes = [len(m) for m in lists]
+    return list(lists[sizes.index(max(sizes))])  # the first longest
 
 
 def shard_frozen(model: nn.Module, device: torch.device) -> nn.Module:

@@ -65,7 +65,7 @@ def _capture(opt: torch.optim.Optimizer, kind: str) -> list[_Bundle] | None:
                     bufs = [s.get("momentum_buffer") for s in states]
                     if any(b is None for b in bufs):
                         return None
-                    state = [bufs]  # type: ignore[list-item]
+                    state = [bufs]
             else:
                 keys = ("exp_avg", "exp_avg_sq", "step")
                 if any(k not in s for s in states for k in keys):
@@ -100,7 +100,7 @@ class LeanStep:
         if (_global_optimizer_pre_hooks or _global_optimizer_post_hooks
                 or opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks):
             return False
-        kind: str = self.kind  # type: ignore[assignment]
+        kind: str = self.kind  # type: ignore[assignment]  # set: _capture ran
         return all(_group_supported(kind, b.group)
                    and (kind != "sgd" or (b.group["momentum"] != 0) == bool(b.state))  # momentum toggled
                    for b in bundles)
@@ -114,8 +114,8 @@ class LeanStep:
                 with torch.no_grad():
                     if self.lean_steps:
                         for bundle, gs in zip(bundles, grads):
-                            self._update(bundle, gs)  # type: ignore[arg-type]
-                    elif not self._first_update(bundles, grads):  # type: ignore[arg-type]
+                            self._update(bundle, gs)  # type: ignore[arg-type]  # no grad is None: checked
+                    elif not self._first_update(bundles, grads):  # type: ignore[arg-type]  # no grad is None: checked
                         self.optimizer.step()
                         return
                 self.lean_steps += 1

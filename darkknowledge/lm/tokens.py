@@ -315,10 +315,11 @@ def tokenize_cached(
             logger.info("token cache hit: %s (%d texts)", path, len(texts))
             return cached
     out: list[list[int]] = []
+    tail: list[int] = [eos] if add_eos and eos is not None else []  # eos is set with add_eos: checked above
     for start in range(0, len(texts), TOKENIZE_CHUNK):
         chunk = list(texts[start : start + TOKENIZE_CHUNK])
         for ids in tokenizer(chunk, add_special_tokens=False)["input_ids"]:
-            out.append([*ids, eos] if add_eos else list(ids))
+            out.append([*ids, *tail])
     if path is not None:
         lengths = np.array([len(ids) for ids in out], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # (n + 1,)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from darkknowledge.discovery import import_modules
 from darkknowledge.errors import ConfigError
@@ -11,14 +12,16 @@ from darkknowledge.registry import Registry
 from darkknowledge.validation import validate_kwargs
 
 LOSSES: Registry[type[DistillLoss]] = Registry("loss")
+LossT = TypeVar("LossT", bound=DistillLoss)
 
 
-def register_loss(name: str):  # noqa: ANN201 - decorator
+def register_loss(name: str) -> Callable[[type[LossT]], type[LossT]]:
     """Register a :class:`DistillLoss` subclass under ``name``."""
 
-    def decorator(cls: type[DistillLoss]) -> type[DistillLoss]:
+    def decorator(cls: type[LossT]) -> type[LossT]:
         cls.registry_name = name
-        return LOSSES.register(name)(cls)
+        LOSSES.register(name)(cls)
+        return cls
 
     return decorator
 

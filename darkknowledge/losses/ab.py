@@ -114,6 +114,7 @@ class AB(FeatureLoss):
         needs = super().bind(student, teacher)
         if self.student_taps and self.teacher_taps:
             return needs
+        assert teacher is not None  # FeatureLoss.bind refuses a teacher without features
         self.pairs = [
             (
                 s if self.student_taps else pre_activation_tap(student, s),

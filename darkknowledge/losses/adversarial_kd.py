@@ -62,6 +62,8 @@ from darkknowledge.losses.base import (
     Outputs,
     SetupInfo,
     check_logits_match,
+    class_logits,
+    logits_pair,
 )
 from darkknowledge.losses.ce import cross_entropy
 from darkknowledge.losses.gan import (
@@ -240,28 +242,32 @@ class AdversarialKD(DistillLoss):
     def setup(self, student: Outputs, teacher: Outputs | None, info: SetupInfo) -> None:
         """Build the discriminator from the logit width ``K``."""
         check_logits_match(student, teacher, "adversarial_kd")
-        k = int(student.logits.shape[-1])
+        logits = class_logits(student, "loss 'adversarial_kd'")
+        k = int(logits.shape[-1])
         in_features = 2 * k if self.conditional else k
         self.discriminator = LogitDiscriminator(in_features, self.hidden, k if self.aux_weight > 0 else 0)
-        self.discriminator.to(student.logits.device)
+        self.discriminator.to(logits.device)
 
     def _judge(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         """``D`` on the logits (conditioned on the labels when asked): ``(B, K) -> (B, 1 [+K])``."""
         if self.discriminator is None:
             raise RuntimeError("losses.adversarial_kd: setup() builds the discriminator; it must run before the loss")
-        weight = self.discriminator.net[0].weight
-        return self.discriminator(discriminator_input(logits.to(weight.dtype), batch.y, self.conditional))
+        first = self.discriminator.net[0]
+        assert isinstance(first, nn.Linear)
+        return self.discriminator(discriminator_input(logits.to(first.weight.dtype), batch.y, self.conditional))
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> torch.Tensor:
-        loss = student_side(self._judge(student.logits, batch), batch.y, self.gan, self.aux_weight, batch.labeled)
+        logits = class_logits(student, "loss 'adversarial_kd'")
+        loss = student_side(self._judge(logits, batch), batch.y, self.gan, self.aux_weight, batch.labeled)
         if self.l1 > 0:
-            loss = loss + self.l1 * logit_l1(student.logits, teacher.logits)
+            loss = loss + self.l1 * logit_l1(*logits_pair(student, teacher, "adversarial_kd"))
         return loss
 
     def discriminator_step(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> torch.Tensor:
         """The discriminator's loss on a step's outputs (teacher real, student fake), both detached."""
-        real = self._judge(teacher.logits.detach(), batch)  # (B, 1 [+K])
-        fake = self._judge(student.logits.detach(), batch)  # (B, 1 [+K])
+        s, t = logits_pair(student, teacher, "adversarial_kd")
+        real = self._judge(t.detach(), batch)  # (B, 1 [+K])
+        fake = self._judge(s.detach(), batch)  # (B, 1 [+K])
         return discriminator_side(real, fake, batch.y, self.gan, self.aux_weight, batch.labeled)
 
     def adversary(self) -> Adversary | None:

@@ -53,6 +53,7 @@ way (cross-modal; see :mod:`darkknowledge.losses.adapters`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
 import torch
@@ -76,7 +77,7 @@ from darkknowledge.losses.gan import (
 )
 from darkknowledge.search_space import Range
 
-_CONV = {1: nn.Conv1d, 2: nn.Conv2d}
+_CONV: dict[int, Callable[..., nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d}  # stride: an int or a tuple
 _NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}
 
 
@@ -183,14 +184,19 @@ class AFD(FeatureLoss):
         self.adapters = nn.ModuleList(adapters)
         self.discriminators = nn.ModuleList(discriminators)
 
-    def _fake(self, student: Outputs) -> list[torch.Tensor]:
-        """The adapted student maps ``T_j(f_s^j)``, each ``(B, *teacher shape)``."""
+    def _built(self) -> nn.ModuleList:
+        """The discriminators (``setup`` builds them, and the adapters)."""
         if self.discriminators is None:
             raise RuntimeError("losses.afd: setup() builds the adapters and discriminators; run it before the loss")
+        return self.discriminators
+
+    def _fake(self, student: Outputs) -> list[torch.Tensor]:
+        """The adapted student maps ``T_j(f_s^j)``, each ``(B, *teacher shape)``."""
+        self._built()
         return [adapter(f_s) for adapter, f_s in zip(self.adapters, self.student_features(student))]
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> torch.Tensor:
-        losses = [generator_loss(d(fake), self.gan) for d, fake in zip(self.discriminators, self._fake(student))]
+        losses = [generator_loss(d(fake), self.gan) for d, fake in zip(self._built(), self._fake(student))]
         return torch.stack(losses).sum()
 
     def discriminator_step(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> torch.Tensor:
@@ -198,7 +204,7 @@ class AFD(FeatureLoss):
         with torch.no_grad():  # the adapters belong to the student: no gradient from the discriminators' loss
             fakes = self._fake(student)
         losses = [discriminator_loss(d(f_t.detach()), d(fake), self.gan)
-                  for d, f_t, fake in zip(self.discriminators, self.teacher_features(teacher), fakes)]
+                  for d, f_t, fake in zip(self._built(), self.teacher_features(teacher), fakes)]
         return torch.stack(losses).sum()
 
     def adversary(self) -> Adversary | None:

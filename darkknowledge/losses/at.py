@@ -32,6 +32,7 @@ spatial positions: a ``(B, D)`` vector tap is a ``ShapeError``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
 import torch
@@ -67,7 +68,7 @@ def resize_to(f_s: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     if len(size) != f_s.dim() - 2:
         raise ShapeError(f"cannot resize a feature map of shape {tuple(f_s.shape)} to spatial size {size}")
     if all(s >= t for s, t in zip(f_s.shape[2:], size)):
-        pool = F.adaptive_avg_pool1d if len(size) == 1 else F.adaptive_avg_pool2d
+        pool: Callable[..., torch.Tensor] = F.adaptive_avg_pool1d if len(size) == 1 else F.adaptive_avg_pool2d
         return pool(f_s, size)  # (B, C, *size)
     mode = "linear" if len(size) == 1 else "bilinear"
     return F.interpolate(f_s, size=size, mode=mode, align_corners=False)  # (B, C, *size)

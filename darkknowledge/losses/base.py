@@ -31,7 +31,7 @@ from torch import nn
 
 from darkknowledge.config import OptimizerConfig
 from darkknowledge.data.batch import Batch
-from darkknowledge.errors import ShapeError
+from darkknowledge.errors import ConfigError, ShapeError
 from darkknowledge.lm.targets import LazyLogits, SparseTargets
 from darkknowledge.search_space import Range
 
@@ -170,6 +170,7 @@ class DistillLoss(nn.Module):
     needs_spec: ClassVar[Needs] = Needs()
     renamed: ClassVar[dict[str, str]] = {}
     search_space: ClassVar[dict[str, Range]] = {}
+    registry_name: ClassVar[str]  # set by ``register_loss``
     T: float | None = None
 
     @classmethod
@@ -208,6 +209,40 @@ class DistillLoss(nn.Module):
         """The module this loss trains against the student with its own optimizer (after
         ``setup``), or None (the default: the loss has no adversary)."""
         return None
+
+
+def teacher_outputs(teacher: Outputs | None, loss_name: str) -> Outputs:
+    """``teacher``, for a loss that reads the teacher's outputs (``Link.bind`` makes sure one feeds it).
+
+    Raises:
+        ConfigError: No teacher fed the loss.
+    """
+    if teacher is None:
+        raise ConfigError(f"loss {loss_name!r} reads the teacher's outputs, but no teacher feeds it")
+    return teacher
+
+
+def class_logits(out: Outputs, reader: str) -> torch.Tensor:
+    """``out.logits``, for a reader of logits ``(B, K)`` (named in the error, e.g. ``loss 'kd'``).
+
+    Raises:
+        ShapeError: The outputs have none (a language model's per-token outputs: the token losses read them).
+    """
+    if out.logits is None:
+        raise ShapeError(f"{reader} reads logits (B, K), but these outputs have none (a language model's "
+                         "per-token outputs are read by the token losses)")
+    return out.logits
+
+
+def logits_pair(student: Outputs, teacher: Outputs | None, loss_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's and the teacher's logits, for a response loss.
+
+    Raises:
+        ConfigError: No teacher fed the loss.
+        ShapeError: Either outputs have no logits.
+    """
+    reader = f"loss {loss_name!r}"
+    return class_logits(student, reader), class_logits(teacher_outputs(teacher, loss_name), reader)
 
 
 def check_logits_match(student: Outputs, teacher: Outputs | None, loss_name: str) -> None:

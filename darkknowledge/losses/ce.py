@@ -18,7 +18,7 @@ from darkknowledge.data.batch import UNLABELED, Batch
 from darkknowledge.errors import ConfigError
 from darkknowledge.lm.targets import LazyLogits
 from darkknowledge.losses import register_loss
-from darkknowledge.losses.base import DistillLoss, Needs, Outputs
+from darkknowledge.losses.base import DistillLoss, Needs, Outputs, class_logits
 from darkknowledge.losses.token_chunks import chunked_sum
 from darkknowledge.losses.tokens import DEFAULT_CHUNK, chunk_rows
 
@@ -64,14 +64,14 @@ class CrossEntropy(DistillLoss):
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> torch.Tensor:
         if isinstance(student.tokens, LazyLogits) or (student.logits is not None and student.logits.ndim > 2):
             return self.sequence_cross_entropy(student, batch)
-        return cross_entropy(student.logits, batch.y, self.label_smoothing, batch.labeled)
+        return cross_entropy(class_logits(student, "loss 'ce'"), batch.y, self.label_smoothing, batch.labeled)
 
     def sequence_cross_entropy(self, student: Outputs, batch: Batch) -> torch.Tensor:
         """Mean next-token cross-entropy over the kept positions, chunked (see the module docstring)."""
         if self.label_smoothing:
             raise ConfigError(f"losses.ce.label_smoothing={self.label_smoothing}: not supported on a language "
                               "model's tokens; use 0")
-        dist = student.tokens if isinstance(student.tokens, LazyLogits) else student.logits
+        dist = student.tokens if isinstance(student.tokens, LazyLogits) else class_logits(student, "loss 'ce'")
         return sequence_cross_entropy(dist, batch.y)
 
 
@@ -88,15 +88,14 @@ def sequence_cross_entropy(dist: torch.Tensor | LazyLogits, y: torch.Tensor,
     Returns:
         Scalar; 0 (attached to the graph) when no position is kept.
     """
-    lazy = isinstance(dist, LazyLogits)
-    vocab = dist.vocab if lazy else int(dist.shape[-1])
-    flat = dist.rows() if lazy else dist.reshape(-1, vocab)  # (N, d) or (N, V)
+    head = dist.head if isinstance(dist, LazyLogits) else None
+    vocab = dist.vocab if isinstance(dist, LazyLogits) else int(dist.shape[-1])
+    flat = dist.rows() if isinstance(dist, LazyLogits) else dist.reshape(-1, vocab)  # (N, d) or (N, V)
     targets = y.reshape(-1).to(flat.device)  # (N,)
     keep = (targets != UNLABELED).nonzero().squeeze(1)  # (n,)
     if keep.numel() == 0:
         return flat.sum().float() * 0.0
     rows, targets = flat.index_select(0, keep), targets.index_select(0, keep)  # (n, d|V), (n,)
-    head = dist.head if lazy else None
 
     def part(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         z = h if head is None else head(h)  # (c, V)

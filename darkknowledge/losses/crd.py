@@ -199,6 +199,10 @@ class CRD(FeatureLoss):
         "weight": Range(low=0.2, high=3.2, log=True),  # paper/RepDistiller: 0.8
         "T": Range(low=0.02, high=0.3, log=True),  # paper's temperature ablation; default 0.07
     }
+    T: float
+    z: torch.Tensor  # buffers
+    memory_s: torch.Tensor
+    memory_t: torch.Tensor
 
     def __init__(
         self,
@@ -270,7 +274,7 @@ class CRD(FeatureLoss):
             p_idx, p_s, p_t = (t.to(self.memory_s.device) for t in self._pending)
             self.memory_s = momentum_update(self.memory_s, p_idx, p_s, self.nce_m)
             self.memory_t = momentum_update(self.memory_t, p_idx, p_t, self.nce_m)
-        self._pending = gather_across_ranks(idx, v_s, v_t)  # type: ignore[assignment]
+        self._pending = gather_across_ranks(idx, v_s, v_t)  # type: ignore[assignment]  # three tensors in, three out
 
     def get_extra_state(self) -> dict[str, Any]:
         """The pending memory update (checkpointed, so a resumed run applies it)."""
@@ -280,5 +284,5 @@ class CRD(FeatureLoss):
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         pending = state.get("pending") if isinstance(state, dict) else None
-        self._pending = tuple(pending) if pending is not None else None  # type: ignore[assignment]
+        self._pending = tuple(pending) if pending is not None else None
         self._z_ready = False  # re-read z from the loaded buffer

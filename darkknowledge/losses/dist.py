@@ -34,7 +34,7 @@ from pydantic import Field
 
 from darkknowledge.data.batch import Batch
 from darkknowledge.losses import register_loss
-from darkknowledge.losses.base import DistillLoss, Needs, Outputs, SetupInfo, check_logits_match
+from darkknowledge.losses.base import DistillLoss, Needs, Outputs, SetupInfo, check_logits_match, logits_pair
 from darkknowledge.search_space import Range
 
 
@@ -118,6 +118,7 @@ class DIST(DistillLoss):
     knowledge = "response"
     citation = "Huang, You, Wang, Qian, Xu. Knowledge Distillation from A Stronger Teacher. NeurIPS 2022."
     needs_spec = Needs(teacher=True, teacher_logits=True)
+    T: float
     renamed = {"tau": "T"}
     search_space = {
         "beta": Range(low=0.5, high=4.0, log=True),  # paper: 1 (ImageNet), 2 (CIFAR-100)
@@ -140,4 +141,5 @@ class DIST(DistillLoss):
         check_logits_match(student, teacher, "dist")
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> torch.Tensor:
-        return dist_loss(student.logits, teacher.logits, self.beta, self.gamma, self.T)
+        s, t = logits_pair(student, teacher, "dist")
+        return dist_loss(s, t, self.beta, self.gamma, self.T)

@@ -41,7 +41,7 @@ from pydantic import Field
 from darkknowledge.data.batch import UNLABELED, Batch
 from darkknowledge.errors import ShapeError
 from darkknowledge.losses import register_loss
-from darkknowledge.losses.base import DistillLoss, Needs, Outputs, SetupInfo, check_logits_match
+from darkknowledge.losses.base import DistillLoss, Needs, Outputs, SetupInfo, check_logits_match, logits_pair
 from darkknowledge.search_space import Range
 
 
@@ -151,6 +151,7 @@ class DKD(DistillLoss):
     knowledge = "response"
     citation = "Zhao, Cui, Song, Qiu, Liang. Decoupled Knowledge Distillation. CVPR 2022."
     needs_spec = Needs(teacher=True, teacher_logits=True, labels=True)
+    T: float
     search_space = {
         "beta": Range(low=0.5, high=8.0, log=True),  # mdistiller: 8 (CIFAR-100), 0.5 (ImageNet)
         "T": Range(low=1.0, high=8.0, log=True),  # mdistiller: 4 (CIFAR-100), 1 (ImageNet)
@@ -173,5 +174,6 @@ class DKD(DistillLoss):
             raise ShapeError(f"loss 'dkd': needs at least 2 classes, got logits {tuple(student.logits.shape)}")
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> torch.Tensor:
-        target = targets_or_teacher_argmax(batch.y, teacher.logits)  # (B,)
-        return dkd_loss(student.logits, teacher.logits, target, self.alpha, self.beta, self.T)
+        s, t = logits_pair(student, teacher, "dkd")
+        target = targets_or_teacher_argmax(batch.y, t)  # (B,)
+        return dkd_loss(s, t, target, self.alpha, self.beta, self.T)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from darkknowledge.errors import ConfigError
-from darkknowledge.losses.base import DistillLoss, Needs, Outputs
+from darkknowledge.losses.base import DistillLoss, Needs, Outputs, teacher_outputs
 from darkknowledge.models import default_taps
 from darkknowledge.pairs import align_by_depth
 from darkknowledge.taps import unwrap
@@ -138,6 +138,11 @@ class FeatureLoss(DistillLoss):
         """Student features in pair order."""
         return [out.feature(s) for s, _ in self.pairs]
 
-    def teacher_features(self, out: Outputs) -> list[torch.Tensor]:
-        """Teacher features in pair order."""
+    def teacher_features(self, out: Outputs | None) -> list[torch.Tensor]:
+        """Teacher features in pair order.
+
+        Raises:
+            ConfigError: No teacher fed the loss.
+        """
+        out = teacher_outputs(out, getattr(self, "registry_name", type(self).__name__))
         return [out.feature(t) for _, t in self.pairs]

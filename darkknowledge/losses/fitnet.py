@@ -120,7 +120,7 @@ class FitNet(FeatureLoss):
         return Needs(teacher=True, student_taps=(s,), teacher_taps=(t,))
 
     def setup(self, student: Outputs, teacher: Outputs | None, info: SetupInfo) -> None:
-        regressors = []
+        regressors: list[nn.Module] = []
         for (sp, tp), f_s, f_t in zip(self.pairs, self.student_features(student), self.teacher_features(teacher)):
             s_shape, t_shape = tuple(f_s.shape[1:]), tuple(f_t.shape[1:])
             if len(s_shape) != len(t_shape) and (len(s_shape), len(t_shape)) not in CROSS_RANK_PAIRS:

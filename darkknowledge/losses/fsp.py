@@ -38,6 +38,7 @@ follow the paper's layout when the depths differ.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -57,7 +58,7 @@ def pool_to(f: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     """Adaptive-average-pool the spatial dims of ``f`` ``(B, C, *S)`` to ``size`` (identity if equal)."""
     if tuple(f.shape[2:]) == tuple(size):
         return f
-    pool = F.adaptive_avg_pool1d if len(size) == 1 else F.adaptive_avg_pool2d
+    pool: Callable[..., torch.Tensor] = F.adaptive_avg_pool1d if len(size) == 1 else F.adaptive_avg_pool2d
     return pool(f, size)  # (B, C, *size)
 
 

@@ -44,12 +44,11 @@ factor map is adaptive-average-pooled to the smaller (RepDistiller).
 
 from __future__ import annotations
 
-import math
-
 import logging
+import math
 from collections.abc import Callable, Iterator
 from itertools import pairwise
-from typing import Annotated, Literal
+from typing import Annotated, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +59,7 @@ from darkknowledge.data.batch import Batch
 from darkknowledge.losses import register_loss
 from darkknowledge.losses.base import Outputs, SetupInfo
 from darkknowledge.losses.feature import FeatureLoss
-from darkknowledge.losses.vid import as_map, pool_to, paired_maps
+from darkknowledge.losses.vid import as_map, paired_maps, pool_to
 from darkknowledge.search_space import Range
 
 log = logging.getLogger(__name__)
@@ -211,17 +210,19 @@ class FT(FeatureLoss):
         try:
             with torch.enable_grad():
                 for epoch in range(self.paraphraser_epochs):
-                    running, n = 0.0, 0
+                    running: torch.Tensor | float = 0.0
+                    n = 0
                     for out in teacher_batches():
-                        loss = 0.0
+                        loss: torch.Tensor | float = 0.0
                         for (_, tp), p in zip(self.pairs, para):
                             x = as_map(out.feature(tp), tp).float()  # (B, C_t, *S), constant
                             loss = loss + self._rec(p(x), x)
                         opt.zero_grad(set_to_none=True)
-                        loss.backward()  # type: ignore[union-attr]
+                        loss.backward()  # type: ignore[union-attr]  # a tensor: at least one pair
                         if self.paraphraser_clip is not None:
                             torch.nn.utils.clip_grad_norm_(para.parameters(), self.paraphraser_clip)
                         opt.step()
+                        # a tensor: at least one pair:
                         running, n = running + loss.detach(), n + 1  # type: ignore[union-attr]
                     last = float(running) / max(n, 1)  # one host sync per epoch
                     if not math.isfinite(last):
@@ -238,14 +239,14 @@ class FT(FeatureLoss):
                  first, last, self.paraphraser_epochs)
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> torch.Tensor:
-        total = 0.0
+        total: torch.Tensor | float = 0.0
         feats = zip(self.student_features(student), self.teacher_features(teacher), self.translators, self.paraphrasers)
         for f_s, f_t, trans, para in feats:
             with torch.no_grad():
-                factor_t = para.encoder(as_map(f_t, "teacher"))  # (B, kC_t, *S_t)
+                factor_t = cast(Paraphraser, para).encoder(as_map(f_t, "teacher"))  # (B, kC_t, *S_t)
             factor_s = trans(as_map(f_s, "student"))  # (B, kC_t, *S_s)
             dtype = torch.promote_types(factor_s.dtype, torch.float32)  # fp16/bf16 -> fp32 for the loss
             size = tuple(min(a, b) for a, b in zip(factor_s.shape[2:], factor_t.shape[2:]))
             factor_s, factor_t = pool_to(factor_s.to(dtype), size), pool_to(factor_t.to(dtype), size)
             total = total + ft_loss(factor_s, factor_t, self.p)  # factors: (B, kC_t, *size)
-        return total  # type: ignore[return-value]
+        return total  # type: ignore[return-value]  # a tensor: at least one pair

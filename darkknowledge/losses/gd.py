@@ -34,6 +34,7 @@ from darkknowledge.losses.base import (
     Outputs,
     SetupInfo,
     check_logits_match,
+    logits_pair,
 )
 from darkknowledge.losses.kd import soft_log_probs
 from darkknowledge.search_space import Range
@@ -75,6 +76,7 @@ class GeneralizedDistillation(DistillLoss):
     citation = ("Lopez-Paz, Bottou, Schölkopf, Vapnik. Unifying distillation and privileged information. "
                 "ICLR 2016.")
     needs_spec = Needs(teacher=True, teacher_logits=True)
+    T: float
     search_space: ClassVar[dict[str, Range]] = {
         "T": Range(low=1.0, high=50.0, log=True),  # the paper's grid: 1, 2, 5, 10, 20, 50
     }
@@ -88,4 +90,4 @@ class GeneralizedDistillation(DistillLoss):
         check_logits_match(student, teacher, "gd")
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> torch.Tensor:
-        return generalized_distillation_loss(student.logits, teacher.logits, self.T, self.t2)
+        return generalized_distillation_loss(*logits_pair(student, teacher, "gd"), self.T, self.t2)

@@ -47,7 +47,7 @@ from torch import nn
 from darkknowledge.data.batch import Batch
 from darkknowledge.errors import ConfigError, ShapeError
 from darkknowledge.losses import register_loss
-from darkknowledge.losses.base import Needs, Outputs, SetupInfo, check_logits_match
+from darkknowledge.losses.base import Needs, Outputs, SetupInfo, check_logits_match, logits_pair
 from darkknowledge.losses.feature import FeatureLoss, default_paths
 from darkknowledge.search_space import Range
 
@@ -199,5 +199,5 @@ class IRG(FeatureLoss):
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> torch.Tensor:
         return irg_loss(
             self.student_features(student), self.teacher_features(teacher),
-            student.logits, teacher.logits, self.weights, self.transform,
+            *logits_pair(student, teacher, "irg"), self.weights, self.transform,
         )

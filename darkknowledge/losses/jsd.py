@@ -12,11 +12,11 @@ is 0 at both ends (``M = Q`` at ``beta = 0``, ``M = P`` at ``beta = 1``); what t
 is its scaled form: ``JSD(beta) / beta -> KL(P || Q)`` (forward) as ``beta -> 0`` and
 ``JSD(beta) / (1 - beta) -> KL(Q || P)`` (reverse) as ``beta -> 1``, which is why GKD (after
 Huszár 2015) describes JSD(beta) as behaving like forward KL for small ``beta`` and like reverse
-KL for ``beta`` near 1; the loss itself shrinks like ``beta`` (``1 - beta``) there. As in TRL's ``GKDTrainer.generalized_jsd_loss``
-(huggingface/trl PR #3043), the endpoints are defined as the KLs themselves: ``beta = 0`` is the
-forward KL ``KL(p_t || p_s)`` and ``beta = 1`` the reverse KL ``KL(p_s || p_t)``; the loss is
-therefore discontinuous at both ends. Default ``beta = 0.5`` (TRL's ``GKDConfig``); GKD's
-experiments use JSD(0.1), JSD(0.5) and JSD(0.9).
+KL for ``beta`` near 1; the loss itself shrinks like ``beta`` (``1 - beta``) there. As in TRL's
+``GKDTrainer.generalized_jsd_loss`` (huggingface/trl PR #3043), the endpoints are defined as the
+KLs themselves: ``beta = 0`` is the forward KL ``KL(p_t || p_s)`` and ``beta = 1`` the reverse KL
+``KL(p_s || p_t)``; the loss is therefore discontinuous at both ends. Default ``beta = 0.5``
+(TRL's ``GKDConfig``); GKD's experiments use JSD(0.1), JSD(0.5) and JSD(0.9).
 
 Per token, with ``p = softmax(z / T)`` for both models, averaged over the positions ``batch.y``
 keeps (:mod:`darkknowledge.losses.tokens`); no ``T^2`` factor. On sparse teacher targets it is

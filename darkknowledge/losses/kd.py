@@ -22,7 +22,7 @@ from torch import nn
 
 from darkknowledge.data.batch import Batch
 from darkknowledge.losses import fused, register_loss
-from darkknowledge.losses.base import DistillLoss, Needs, Outputs, SetupInfo, check_logits_match
+from darkknowledge.losses.base import DistillLoss, Needs, Outputs, SetupInfo, check_logits_match, logits_pair
 from darkknowledge.losses.ce import cross_entropy
 from darkknowledge.search_space import Range
 
@@ -96,6 +96,7 @@ class KD(DistillLoss):
     knowledge = "response"
     citation = "Hinton, Vinyals, Dean. Distilling the Knowledge in a Neural Network. arXiv:1503.02531, 2015."
     needs_spec = Needs(teacher=True, teacher_logits=True, labels=True)
+    T: float
     search_space = {
         "T": Range(low=1.0, high=8.0, log=True),  # Hinton et al. 1-20; RepDistiller CIFAR-100: 4
         "alpha": Range(low=0.1, high=1.0),  # RepDistiller: 0.9
@@ -118,6 +119,7 @@ class KD(DistillLoss):
         check_logits_match(student, teacher, "kd")
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> torch.Tensor:
+        s, t = logits_pair(student, teacher, "kd")
         if fused.ENABLED:  # the same value and gradient in fewer ops (losses/fused.py)
-            return fused.kd_loss(student.logits, teacher.logits, batch.y, self.T, self.alpha, batch.labeled)
-        return kd_loss(student.logits, teacher.logits, batch.y, self.T, self.alpha)
+            return fused.kd_loss(s, t, batch.y, self.T, self.alpha, batch.labeled)
+        return kd_loss(s, t, batch.y, self.T, self.alpha)

@@ -31,6 +31,7 @@ from darkknowledge.losses.base import (
     Outputs,
     SetupInfo,
     check_logits_match,
+    logits_pair,
 )
 from darkknowledge.search_space import Range
 
@@ -72,4 +73,4 @@ class LogitL1(DistillLoss):
         check_logits_match(student, teacher, "logit_l1")
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> torch.Tensor:
-        return logit_l1_loss(student.logits, teacher.logits)
+        return logit_l1_loss(*logits_pair(student, teacher, "logit_l1"))

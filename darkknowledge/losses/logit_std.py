@@ -33,7 +33,7 @@ from pydantic import Field
 
 from darkknowledge.data.batch import Batch
 from darkknowledge.losses import register_loss
-from darkknowledge.losses.base import DistillLoss, Needs, Outputs, SetupInfo, check_logits_match
+from darkknowledge.losses.base import DistillLoss, Needs, Outputs, SetupInfo, check_logits_match, logits_pair
 from darkknowledge.losses.kd import kd_soft_loss
 from darkknowledge.search_space import Range
 
@@ -84,6 +84,7 @@ class LogitStandardizationKD(DistillLoss):
     knowledge = "response"
     citation = "Sun, Ren, Li, Wang, Cao. Logit Standardization in Knowledge Distillation. CVPR 2024."
     needs_spec = Needs(teacher=True, teacher_logits=True)
+    T: float
     search_space = {
         "T": Range(low=1.0, high=4.0, log=True),  # authors: base temperature 2 (some pairs 3)
         "weight": Range(low=1.0, high=16.0, log=True),  # authors: KD weight 9
@@ -97,4 +98,4 @@ class LogitStandardizationKD(DistillLoss):
         check_logits_match(student, teacher, "logit_std")
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> torch.Tensor:
-        return logit_std_loss(student.logits, teacher.logits, self.T)
+        return logit_std_loss(*logits_pair(student, teacher, "logit_std"), self.T)

@@ -40,7 +40,7 @@ from pydantic import Field
 from darkknowledge.data.batch import Batch
 from darkknowledge.errors import ShapeError
 from darkknowledge.losses import register_loss
-from darkknowledge.losses.base import DistillLoss, Needs, Outputs, SetupInfo, check_logits_match
+from darkknowledge.losses.base import DistillLoss, Needs, Outputs, SetupInfo, check_logits_match, logits_pair
 from darkknowledge.losses.dkd import split_target, targets_or_teacher_argmax
 from darkknowledge.search_space import Range
 
@@ -94,6 +94,7 @@ class NKD(DistillLoss):
         "A Unified Approach with Normalized Loss and Customized Soft Labels. ICCV 2023."
     )
     needs_spec = Needs(teacher=True, teacher_logits=True, labels=True)
+    T: float
     renamed = {"temp": "T"}
     search_space = {
         "T": Range(low=1.0, high=4.0, log=True),  # authors: 1 (ImageNet), 3 (CIFAR-100)
@@ -115,5 +116,6 @@ class NKD(DistillLoss):
             raise ShapeError(f"loss 'nkd': needs at least 2 classes, got logits {tuple(student.logits.shape)}")
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> torch.Tensor:
-        target = targets_or_teacher_argmax(batch.y, teacher.logits)  # (B,)
-        return nkd_loss(student.logits, teacher.logits, target, self.T, self.gamma)
+        s, t = logits_pair(student, teacher, "nkd")
+        target = targets_or_teacher_argmax(batch.y, t)  # (B,)
+        return nkd_loss(s, t, target, self.T, self.gamma)

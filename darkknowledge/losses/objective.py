@@ -18,8 +18,8 @@ scheme uses: a cohort's burn-in is ``start_epoch``, ONE's sigmoid ramp-up is
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Literal
+from collections.abc import Callable, ItemsView, Iterable, Iterator, Mapping, ValuesView
+from typing import TYPE_CHECKING, Any, Literal
 
 import pydantic
 import torch
@@ -31,6 +31,18 @@ from darkknowledge.errors import ConfigError
 from darkknowledge.losses import create_loss
 from darkknowledge.losses.base import DistillLoss, Needs, Outputs, SetupInfo
 from darkknowledge.validation import format_validation_error
+
+if TYPE_CHECKING:
+
+    class Terms(nn.ModuleDict):
+        """``Objective.terms`` as the type checker sees it: an ``nn.ModuleDict`` of loss terms."""
+
+        def __getitem__(self, key: str) -> DistillLoss: ...
+        def items(self) -> ItemsView[str, DistillLoss]: ...
+        def values(self) -> ValuesView[DistillLoss]: ...
+
+else:
+    Terms = nn.ModuleDict
 
 
 class TermSchedule(BaseModel):
@@ -105,7 +117,7 @@ class Objective(nn.Module):
         super().__init__()
         if not terms:
             raise ConfigError("losses: the objective needs at least one term, e.g. {'ce': {}} or {'kd': {}}")
-        self.terms = nn.ModuleDict(dict(terms))
+        self.terms = Terms(dict(terms))
         self.schedules = {k: (schedules or {}).get(k, TermSchedule()) for k in terms}
         self._needs: Needs | None = None
 
@@ -167,4 +179,4 @@ class Objective(nn.Module):
             w = self.schedules[name](epoch_progress)
             weighted = value if w == 1.0 else w * value
             total = weighted if isinstance(total, float) else total + weighted
-        return total, values  # type: ignore[return-value]
+        return total, values  # type: ignore[return-value]  # a tensor: at least one term

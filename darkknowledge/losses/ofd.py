@@ -200,4 +200,4 @@ class OFD(FeatureLoss):
             dtype = torch.promote_types(s.dtype, torch.float32)  # fp16/bf16 -> fp32 for the sum
             t = as_map(f_t, "teacher").to(dtype)  # (B, C_t, *S_t)
             total = total + ofd_partial_l2(s.to(dtype), t, margin.to(dtype)) / 2 ** (n - j - 1)
-        return total / (batch_size * 1000.0)  # type: ignore[return-value]
+        return total / (batch_size * 1000.0)  # type: ignore[return-value]  # a tensor: at least one pair

@@ -39,6 +39,7 @@ modules are children of the loss (trained with the student).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Annotated
 
@@ -56,7 +57,7 @@ from darkknowledge.search_space import Range
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d}
 _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}
-_POOL = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d}
+_POOL: dict[int, Callable[..., torch.Tensor]] = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d}
 
 
 def hcl(f_s: list[torch.Tensor], f_t: list[torch.Tensor], levels: tuple[int, ...] = (4, 2, 1)) -> torch.Tensor:
@@ -70,7 +71,7 @@ def hcl(f_s: list[torch.Tensor], f_t: list[torch.Tensor], levels: tuple[int, ...
     Returns:
         Scalar >= 0; 0 when the features are equal.
     """
-    total = 0.0
+    total: torch.Tensor | float = 0.0
     for s, t in zip(f_s, f_t):
         loss = F.mse_loss(s, t)  # scalar, full resolution
         weight, norm = 1.0, 1.0
@@ -83,7 +84,7 @@ def hcl(f_s: list[torch.Tensor], f_t: list[torch.Tensor], levels: tuple[int, ...
             loss = loss + weight * F.mse_loss(_POOL[s.dim() - 2](s, size), _POOL[s.dim() - 2](t, size))
             norm += weight
         total = total + loss / norm
-    return total  # type: ignore[return-value]
+    return total  # type: ignore[return-value]  # a tensor: at least one pair
 
 
 class ABF(nn.Module):
@@ -100,18 +101,19 @@ class ABF(nn.Module):
     def __init__(self, dims: int, in_channels: int, mid_channels: int, out_channels: int, fuse: bool) -> None:
         super().__init__()
         conv, bn = _CONV[dims], _BN[dims]
-        self.conv1 = nn.Sequential(conv(in_channels, mid_channels, kernel_size=1, bias=False), bn(mid_channels))
-        self.conv2 = nn.Sequential(
-            conv(mid_channels, out_channels, kernel_size=3, padding=1, bias=False), bn(out_channels)
-        )
+        conv1 = conv(in_channels, mid_channels, kernel_size=1, bias=False)
+        self.conv1 = nn.Sequential(conv1, bn(mid_channels))
+        conv2 = conv(mid_channels, out_channels, kernel_size=3, padding=1, bias=False)
+        self.conv2 = nn.Sequential(conv2, bn(out_channels))
         self.att_conv = nn.Sequential(conv(2 * mid_channels, 2, kernel_size=1), nn.Sigmoid()) if fuse else None
-        nn.init.kaiming_uniform_(self.conv1[0].weight, a=1)
-        nn.init.kaiming_uniform_(self.conv2[0].weight, a=1)
+        nn.init.kaiming_uniform_(conv1.weight, a=1)
+        nn.init.kaiming_uniform_(conv2.weight, a=1)
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None, out_size: tuple[int, ...]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x`` ``(B, C_s, *S_s)``, residual ``(B, M, *S')`` -> (output ``(B, C_t, *out_size)``, residual ``(B, M, *out_size)``)."""
+        """``x`` ``(B, C_s, *S_s)``, residual ``(B, M, *S')`` -> (output ``(B, C_t, *out_size)``,
+        residual ``(B, M, *out_size)``)."""
         x = self.conv1(x)  # (B, M, *S_s)
         if self.att_conv is not None and residual is not None:
             residual = F.interpolate(residual, size=tuple(x.shape[2:]), mode="nearest")  # (B, M, *S_s)
@@ -168,7 +170,8 @@ class ReviewKD(FeatureLoss):
         needs = super().bind(student, teacher)
         if not self.penultimate:
             return needs
-        sp, tp = penultimate_tap(student), penultimate_tap(teacher)  # type: ignore[arg-type]
+        assert teacher is not None  # FeatureLoss.bind refuses a teacher without features
+        sp, tp = penultimate_tap(student), penultimate_tap(teacher)
         self.pairs.append((sp, tp))
         return replace(
             needs,

@@ -141,4 +141,5 @@ class RKD(FeatureLoss):
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> torch.Tensor:
         pairs = zip(self.student_features(student), self.teacher_features(teacher))
+        # a tensor: at least one pair:
         return sum(rkd_loss(s, t, self.w_d, self.w_a) for s, t in pairs)  # type: ignore[return-value]

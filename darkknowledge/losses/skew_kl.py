@@ -1,7 +1,8 @@
 """Skew KL and skew reverse KL between teacher and student next-token distributions (DistiLLM).
 
 Ko, Kim, Chen & Yun, "DistiLLM: Towards Streamlined Distillation for Large Language Models",
-ICML 2024, the alpha-skew KL and alpha-skew reverse KL of its Sec. 3, with ``p`` the teacher, ``q`` the student and skew ``alpha`` (here ``lam``)::
+ICML 2024, the alpha-skew KL and alpha-skew reverse KL of its Sec. 3, with ``p`` the teacher,
+``q`` the student and skew ``alpha`` (here ``lam``)::
 
     skew KL          SKL(p, q)  = KL(p || lam p + (1 - lam) q)
     skew reverse KL  SRKL(p, q) = KL(q || lam q + (1 - lam) p)

@@ -36,7 +36,7 @@ class _FusedChunks(torch.autograd.Function):
     """``sum_chunks fn(rows[chunk], per_row[chunk])`` with the gradients taken in the forward."""
 
     @staticmethod
-    def forward(ctx, fn: ChunkFn, size: int, per_row: torch.Tensor, rows: torch.Tensor,  # type: ignore[override]
+    def forward(ctx, fn: ChunkFn, size: int, per_row: torch.Tensor, rows: torch.Tensor,
                 *params: torch.Tensor) -> torch.Tensor:
         want_rows = ctx.needs_input_grad[3]
         wanted = [p for p, need in zip(params, ctx.needs_input_grad[4:], strict=True) if need]
@@ -51,7 +51,7 @@ class _FusedChunks(torch.autograd.Function):
                 inputs = ([chunk] if want_rows else []) + wanted
                 grads = torch.autograd.grad(value, inputs, allow_unused=True) if inputs and value.requires_grad \
                     else [None] * len(inputs)
-            if want_rows:
+            if grad_rows is not None:  # want_rows
                 g, grads = grads[0], grads[1:]
                 if g is not None:
                     grad_rows[start:start + size] = g
@@ -64,7 +64,7 @@ class _FusedChunks(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad_out: torch.Tensor):
         want_rows, want_params = ctx.want
         saved = list(ctx.saved_tensors)
         grad_rows = saved.pop(0) * grad_out if want_rows else None
@@ -100,4 +100,5 @@ def chunked_sum(fn: ChunkFn, rows: torch.Tensor, per_row: torch.Tensor, size: in
     for r, p in zip(torch.split(rows, size), torch.split(per_row, size), strict=True):
         part = checkpoint(fn, r, p, use_reentrant=False)
         total = part if total is None else total + part
+    assert total is not None  # size < n: at least one chunk
     return total

@@ -241,6 +241,7 @@ def _chunk_sum(
     t = _teacher_chunk(teacher, rows, dtype, T)
     if isinstance(t, SparseTargets):
         if t.kind == "sampled" and sampled is not None:
+            assert t.weights is not None  # sampled targets carry their draw weights
             used = t.logp > -math.inf  # (c, k)
             ids = torch.where(used, t.ids, t.ids[:, :1])  # (c, k)
             per_token = sampled(s_logp.gather(1, ids), t.logp.to(dtype), t.weights.to(dtype), used)  # (c,)
@@ -291,9 +292,9 @@ def token_divergence(
     if y.numel() != n_all:
         raise ShapeError(f"loss {loss_name!r}: the batch holds {y.numel()} targets but the student's distribution "
                          f"covers {n_all} positions; y must have one entry per position (-1: ignored)")
-    lazy = isinstance(student, LazyLogits)
-    flat = student.rows() if lazy else student.reshape(-1, student.shape[-1])  # (N, d) or (N, V)
-    if lazy or student.ndim > 2:  # a sequence: ignored positions (padding, prompts) are masked out
+    head = student.head if isinstance(student, LazyLogits) else None
+    flat = student.rows() if isinstance(student, LazyLogits) else student.reshape(-1, student.shape[-1])  # (N, d|V)
+    if isinstance(student, LazyLogits) or student.ndim > 2:  # a sequence: ignored positions (padding, prompts) are masked out
         keep_mask = y.reshape(-1).to(flat.device) != UNLABELED  # (N,)
     else:  # a classifier's samples: every one is taught, labelled or not
         keep_mask = torch.ones(n_all, dtype=torch.bool, device=flat.device)  # (N,)
@@ -306,9 +307,9 @@ def token_divergence(
         teacher = teacher.to(flat.device)
     elif isinstance(teacher, torch.Tensor):
         teacher = teacher.detach().reshape(-1, teacher.shape[-1])  # (N, V), a constant
-    fn = partial(_chunk_sum, head=student.head if lazy else None, vocab=_vocab(student), teacher=teacher,
+    fn = partial(_chunk_sum, head=head, vocab=_vocab(student), teacher=teacher,
                  divergence=divergence, sampled=sampled, T=T)
-    total = chunked_sum(fn, kept, keep, chunk_rows(chunk_size, _vocab(student)), student.head if lazy else None)
+    total = chunked_sum(fn, kept, keep, chunk_rows(chunk_size, _vocab(student)), head)
     return total / n
 
 
@@ -326,6 +327,7 @@ class TokenDivergence(DistillLoss):
 
     knowledge = "response"
     needs_spec = Needs(teacher=True, teacher_logits=True)
+    T: float
 
     def __init__(
         self,

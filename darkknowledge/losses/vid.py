@@ -32,6 +32,7 @@ adaptive-average-pooled to the smaller one, as RepDistiller does. The regressors
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Annotated
 
 import torch
@@ -47,7 +48,7 @@ from darkknowledge.losses.feature import FeatureLoss
 from darkknowledge.search_space import Range
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d}
-_POOL = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d}
+_POOL: dict[int, Callable[..., torch.Tensor]] = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d}
 
 
 def as_map(x: torch.Tensor, where: str) -> torch.Tensor:
@@ -168,7 +169,7 @@ class VID(FeatureLoss):
             self.alphas.append(nn.Parameter(torch.full((c_t,), init)))
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> torch.Tensor:
-        total = 0.0
+        total: torch.Tensor | float = 0.0
         feats = zip(self.student_features(student), self.teacher_features(teacher), self.regressors, self.alphas)
         for f_s, f_t, reg, alpha in feats:
             f_s, f_t = as_map(f_s, "student"), as_map(f_t, "teacher")  # (B, C_s, *S_s), (B, C_t, *S_t)
@@ -177,4 +178,4 @@ class VID(FeatureLoss):
             dtype = torch.promote_types(mean.dtype, torch.float32)  # fp16/bf16 -> fp32 for the NLL
             target = pool_to(f_t.to(dtype), size)  # (B, C_t, *size)
             total = total + vid_nll(mean.to(dtype), target, alpha.to(dtype), self.eps)
-        return total  # type: ignore[return-value]
+        return total  # type: ignore[return-value]  # a tensor: at least one pair

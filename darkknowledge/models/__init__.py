@@ -61,7 +61,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
                 f"model {name!r}: the builder returned {type(model).__name__}, not an nn.Module"
             )
         kwargs = checked
-    model.dk_name = name
+    model.dk_name = name  # type: ignore[assignment]  # a plain attribute (__setattr__ is typed for tensors, modules)
     model.dk_params = to_jsonable(dict(kwargs))
     return model
 

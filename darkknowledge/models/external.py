@@ -63,8 +63,8 @@ def guess_feature_taps(model: nn.Module) -> list[str]:
     modules = dict(model.named_modules())
     info = getattr(model, "feature_info", None)
     if isinstance(info, list):
-        taps = [f.get("module") for f in info if isinstance(f, Mapping)]
-        taps = [t for t in taps if isinstance(t, str) and t in modules]
+        named = [f.get("module") for f in info if isinstance(f, Mapping)]
+        taps = [t for t in named if isinstance(t, str) and t in modules]
         if taps:
             return taps
     layers = [f"layer{i}" for i in range(1, 5) if f"layer{i}" in modules]
@@ -149,7 +149,8 @@ def create_external(source: str, name: str, **kwargs: Any) -> nn.Module:
         if input_shape is not None and len(input_shape) == 3 and input_shape[0] != 3:
             lib_kwargs.setdefault("in_chans", int(input_shape[0]))
         model = _build_timm(lib, name, full_name, lib_kwargs)
-    model.feature_taps = functools.partial(_fixed_taps, tuple(guess_feature_taps(model)))
-    model.dk_name = full_name
+    # plain attributes (nn.Module's __setattr__ is typed for tensors and modules only)
+    model.feature_taps = functools.partial(_fixed_taps, tuple(guess_feature_taps(model)))  # type: ignore[assignment]
+    model.dk_name = full_name  # type: ignore[assignment]
     model.dk_params = to_jsonable(params)
     return model

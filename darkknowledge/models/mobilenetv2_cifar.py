@@ -113,9 +113,9 @@ class MobileNetV2Cifar(nn.Module):
         groups = []
         for t, c, n, s in _settings(expand_ratio, blocks):
             out = int(c * width_mult)
-            blocks = [InvertedResidual(channels, out, s, t)]
-            blocks.extend(InvertedResidual(out, out, 1, t) for _ in range(1, n))
-            groups.append(nn.Sequential(*blocks))
+            group = [InvertedResidual(channels, out, s, t)]
+            group.extend(InvertedResidual(out, out, 1, t) for _ in range(1, n))
+            groups.append(nn.Sequential(*group))
             channels = out
         self.blocks = nn.Sequential(*groups)
         self.last_channel = int(_LAST * width_mult) if width_mult > 1.0 else _LAST

@@ -23,7 +23,8 @@ channels; ``forward`` returns logits only (features come from hooks). Weights ke
 default init, as in kuangliu's and DAFL's code.
 
 The network is :class:`~darkknowledge.models.resnet_imagenet.ResNetImageNet` with its CIFAR
-stem (the stages are the same). Named ``resnet18_cifar`` / ``resnet34_cifar``: ``resnet18`` / ``resnet34`` are the ImageNet nets
+stem (the stages are the same). Named ``resnet18_cifar`` / ``resnet34_cifar``: ``resnet18`` /
+``resnet34`` are the ImageNet nets
 (``resnet_imagenet.py``), ``resnet8`` ... ``resnet110`` the 3-stage CRD nets (``resnet_cifar.py``).
 """
 

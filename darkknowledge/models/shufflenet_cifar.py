@@ -23,7 +23,8 @@ with these differences, none of which changes the parameters: the classifier is 
 (RepDistiller: ``linear``) after an adaptive ``avgpool`` (any input size, where RepDistiller
 pools a fixed 4x4); the ReLUs and shuffles are modules (V1 blocks: ``relu1, relu2, shuffle1,
 relu_out``, so ``"<block>.relu_out:input"`` is the pre-activation; V2 blocks: ``relu1,
-relu3, shuffle``, down-sampling blocks ``relu2, relu3, relu5, shuffle``); no in-place ops; any number of input channels; and ``forward`` returns
+relu3, shuffle``, down-sampling blocks ``relu2, relu3, relu5, shuffle``); no in-place ops; any
+number of input channels; and ``forward`` returns
 logits only (features come from hooks).
 
 Both builders take the stem width, stage widths and blocks per stage (V2 also the head width):

@@ -24,6 +24,7 @@ from darkknowledge.data import (
     load_dataset,
 )
 from darkknowledge.data.batch import INPUT_ATTR, input_name
+from darkknowledge.data.bundle import num_samples
 from darkknowledge.data.paired import (
     check_view_in_split,
     concat,
@@ -142,19 +143,19 @@ def make_loaders(
     val_loader = (
         BatchLoader(bundle.val, cfg.data.eval_batch_size, shuffle=False,
                     **_readable(common, bundle.val, inputs, primary))
-        if bundle.val is not None and len(bundle.val)
+        if bundle.val is not None and num_samples(bundle.val)
         else None
     )
     if not train:
         return None, test_loader, val_loader
-    train = bundle.train
-    if with_transfer and cfg.data.use_transfer and bundle.transfer is not None and len(bundle.transfer):
-        if not (isinstance(train, TensorData) and isinstance(bundle.transfer, TensorData)):
+    data = bundle.train
+    if with_transfer and cfg.data.use_transfer and bundle.transfer is not None and num_samples(bundle.transfer):
+        if not (isinstance(data, TensorData) and isinstance(bundle.transfer, TensorData)):
             raise ConfigError("data.use_transfer: a transfer set needs in-memory tensor datasets")
-        train = concat(train, bundle.transfer)
+        data = concat(data, bundle.transfer)
     aug_cfg = cfg.data.augment
     augment = Augment(**aug_cfg.model_dump()) if aug_cfg.enabled() else None
-    train_loader = BatchLoader(train, cfg.data.batch_size, shuffle=True, seed=seed, augment=augment,
+    train_loader = BatchLoader(data, cfg.data.batch_size, shuffle=True, seed=seed, augment=augment,
                                num_workers=cfg.data.num_workers, inputs=inputs, primary=primary, **common)
     return train_loader, test_loader, val_loader
 

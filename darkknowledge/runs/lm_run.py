@@ -50,17 +50,17 @@ def run_lm(cfg: LMRunConfig, out: str | Path | None = None, resume: bool = False
         base = baseline_arm(cfg)
         if cfg.variants.caches:
             rows = lm_rows(s.run.results, base)
-            arm = cfg.variants.of
-            if arm == "best":
+            variant_arm: str | None = cfg.variants.of
+            if variant_arm == "best":
                 kd = [r for r in rows if r["reads_teacher"]]
-                arm = min(kd, key=lambda r: r["val_ppl"])["arm"] if kd else None
-            if arm is not None:
-                spec = cfg.arms[arm]
+                variant_arm = min(kd, key=lambda r: r["val_ppl"])["arm"] if kd else None
+            if variant_arm is not None:
+                spec = cfg.arms[variant_arm]
                 for kind in cfg.variants.caches:
                     if kind == (spec.cache or cfg.cache.kind):
                         continue
                     for seed in cfg.seeds:
-                        s.train_arm(f"{arm}@{kind}-s{seed}", arm, spec.losses, kind, seed, _label(spec.losses))
+                        s.train_arm(f"{variant_arm}@{kind}-s{seed}", variant_arm, spec.losses, kind, seed, _label(spec.losses))
         rows = lm_rows(s.run.results, base)
         samples = _samples(s, cfg)
         found = [e.get(k) for e in s.run.results for k in ("teacher_cache", "kl_cache")]

@@ -27,7 +27,7 @@ from darkknowledge.errors import DarkKnowledgeError
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None  # type: ignore[assignment]  # no fcntl on Windows
     import msvcrt
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class RunLock:
         if key in _HELD:
             _HELD[key][1] += 1
         else:
-            f = open(self.folder / LOCK_NAME, "a+", encoding="utf-8")  # noqa: SIM115 - held open while the run lives
+            f = open(self.folder / LOCK_NAME, "a+", encoding="utf-8")  # held open while the run lives
             if not _try_lock(f):
                 f.close()
                 raise RunFolderBusyError(self._busy_message())

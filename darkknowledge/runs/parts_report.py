@@ -117,7 +117,7 @@ def parts_sections(run_path: Path, results: Sequence[dict[str, Any]]) -> list[st
     """Markdown for ``report.md``: per stage of the first seed that has samples or several parts,
     its samples (figure) and its parts' losses per epoch (figure and table). Figures are written
     beside the stage's checkpoints and linked by relative path."""
-    seeds = [e.get("seed") for e in results if e.get("seed") is not None]
+    seeds = [s for e in results if (s := e.get("seed")) is not None]
     first = min(seeds) if seeds else None
     records = _read_metrics(run_path / "metrics.jsonl")
     plots = have_matplotlib()

@@ -30,6 +30,7 @@ from torch import nn
 from darkknowledge.config import RunConfig, TeacherConfig, TrainConfig
 from darkknowledge.data import DataBundle
 from darkknowledge.data.batch import Batch, input_name, model_input
+from darkknowledge.data.bundle import num_samples
 from darkknowledge.engine.eta import PlannedStage
 from darkknowledge.engine.task import Task
 from darkknowledge.errors import ShapeError
@@ -127,12 +128,13 @@ def dry_run(session: Session, stage: str, task: Task, seed: int, train_cfg: Trai
                                                 with_transfer=with_transfer, train=own is None,
                                                 primary=input_name(task.export_model()))
     train_loader = own if own is not None else train_loader
+    assert train_loader is not None  # made above unless the task brings its own
     task.to(session.device)
     try:
         task.dry_attach(train_loader, session.dist)  # caches checked, not built: a dry run's teachers run live
         train_loader.set_epoch(0)
         first = next(iter(train_loader))
-        task.setup(first, SetupInfo(num_samples=len(train_loader.data), batch_size=len(first),
+        task.setup(first, SetupInfo(num_samples=num_samples(train_loader.data), batch_size=len(first),
                                     epochs=train_cfg.epochs))
         module = task.module
         module.train()

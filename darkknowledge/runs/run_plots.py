@@ -62,8 +62,8 @@ def _curves(by_stage: dict[str, list[dict[str, Any]]], entries: Sequence[dict[st
     acc_ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy per epoch (one line per seed)")
     acc_ax.legend(fontsize=7, loc="best")
     for (label, term), per_epoch in losses.items():
-        xs = sorted(per_epoch)
-        loss_ax.plot(xs, [sum(per_epoch[x]) / len(per_epoch[x]) for x in xs], color=colours.get(label, "k"),
+        epochs = sorted(per_epoch)
+        loss_ax.plot(epochs, [sum(per_epoch[x]) / len(per_epoch[x]) for x in epochs], color=colours.get(label, "k"),
                      linewidth=1.2, label=f"{term} ({label})")
     loss_ax.set(xlabel="epoch", ylabel="training loss term", title="loss terms per epoch (mean over seeds)")
     if losses:
@@ -140,7 +140,7 @@ def run_figures(run_path: Path | None, entries: Sequence[dict[str, Any]], rows: 
     for name, alt, draw in jobs:
         try:
             draw(run_path / name)
-        except Exception as exc:  # a figure is not worth failing a finished run's report for
+        except Exception as exc:  # noqa: BLE001 - a figure is not worth failing a finished run's report for
             log.warning("%s not drawn: %s", name, exc)
             continue
         drawn.append(f"![{alt}]({name})")

@@ -130,18 +130,23 @@ class RunDir:
     def stage_dir(self, stage: str) -> Path | None:
         return self.path / stage if self.path is not None else None
 
+    def _written(self) -> Path | None:
+        """The folder, when this process writes into it (None: it writes nothing)."""
+        return self.path if self.writer else None
+
     @property
     def metrics_path(self) -> Path | None:
-        return self.path / "metrics.jsonl" if self.writer else None
+        out = self._written()
+        return out / "metrics.jsonl" if out is not None else None
 
     def write_config(self, config: dict[str, Any]) -> None:
-        if self.writer:
-            atomic_write_text(yaml.safe_dump(config, sort_keys=False), self.path / "config.yaml")
+        if (out := self._written()) is not None:
+            atomic_write_text(yaml.safe_dump(config, sort_keys=False), out / "config.yaml")
 
     def write_identity(self, identity: Mapping[str, Any]) -> None:
         """Record what writes this folder (``run.json``), so --resume finds and checks it."""
-        if self.writer:
-            atomic_write_text(json.dumps(dict(identity), indent=2) + "\n", self.path / IDENTITY_FILE)
+        if (out := self._written()) is not None:
+            atomic_write_text(json.dumps(dict(identity), indent=2) + "\n", out / IDENTITY_FILE)
 
     def result(self, stage: str) -> dict[str, Any] | None:
         """The recorded entry of a finished stage (used to skip it on --resume)."""
@@ -154,14 +159,13 @@ class RunDir:
     def add_result(self, entry: dict[str, Any], run_name: str) -> None:
         """Record a finished model and rewrite ``results.json`` atomically."""
         self._results = [r for r in self._results if r["name"] != entry["name"]] + [entry]
-        if self.writer:
+        if (out := self._written()) is not None:
             text = json.dumps({"run": run_name, "models": self._results}, indent=2)
-            atomic_write_text(text + "\n", self.path / "results.json")
+            atomic_write_text(text + "\n", out / "results.json")
 
     def write_text(self, name: str, text: str) -> Path | None:
-        if not self.writer:
-            return None
-        return atomic_write_text(text, self.path / name)
+        out = self._written()
+        return atomic_write_text(text, out / name) if out is not None else None
 
 
 def _read_results(path: Path) -> list[dict[str, Any]]:

@@ -40,6 +40,7 @@ from torch import nn
 from darkknowledge.config import RunConfig, TeacherConfig, TrainConfig
 from darkknowledge.data import DataBundle, DatasetInfo, cache_dir
 from darkknowledge.data.batch import input_name
+from darkknowledge.data.bundle import num_samples
 from darkknowledge.engine.checkpoint import (
     check_export_fits,
     export_model,
@@ -220,6 +221,7 @@ class Session:
                  result.best["top1"], result.train_seconds)
         models = task.eval_models()
         facts = task.describe()
+        train_data = getattr(train_loader, "data", None)
         common = {
             "seed": seed,
             "scheme": scheme_name,
@@ -228,9 +230,9 @@ class Session:
             "steps": result.steps,
             "train_seconds": round(result.train_seconds, 3),
             "losses": sorted(facts.get("losses", ())),
-            "train_samples": len(train_loader.data) if hasattr(train_loader, "data") else None,
+            "train_samples": num_samples(train_data) if train_data is not None else None,
             "transfer": bool(own is None and with_transfer and self.cfg.data.use_transfer and self.bundle.transfer is not None
-                             and len(self.bundle.transfer)),
+                             and num_samples(self.bundle.transfer)),
             "teacher_hash": task.fingerprint(),  # a resume of this stage must see the same teacher
         }
         if extended_from is not None:
@@ -279,6 +281,7 @@ class Session:
         """Identity of a teacher trained by this config: model, data, training, seed."""
         cfg = self.cfg
         spec = spec if spec is not None else cfg.teacher
+        assert spec is not None  # asked for a recipe with a teacher
         ident = {
             # `input`, `width`, ... only when set: teachers keep the keys they had before those fields existed
             "teacher": spec.model_dump(mode="json", exclude={"checkpoint", "reuse"} | {
@@ -318,7 +321,8 @@ class Session:
             model = build_model(spec, info, where)
             entry = {"name": where, "role": "teacher", "model": spec.name, "seed": None,
                      "params": count_params(model), "source": spec.checkpoint, "train_seconds": 0.0}
-            recorded = payload.get("result") if isinstance(payload.get("result"), dict) else {}
+            recorded = payload.get("result")
+            recorded = recorded if isinstance(recorded, dict) else {}
             entry.update({k: recorded[k] for k in ("last_acc", "best_acc") if k in recorded})
             self._profile_teacher(entry, model)
             self.run.add_result(entry, cfg.name)

@@ -53,7 +53,7 @@ def student_section(run_path: Path | None, entries: Sequence[dict[str, Any]]) ->
     if run_path is not None and len(rows) > 1:
         try:
             figure = plot_accuracy_latency(rows, run_path / "students.png")
-        except Exception as exc:  # a figure is not worth failing a finished run's report for
+        except Exception as exc:  # noqa: BLE001 - a figure is not worth failing a finished run's report for
             log.warning("students.png not drawn: %s", exc)
             figure = None
         if figure is not None:

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import Field
 from torch import nn
 
-from darkknowledge.config import ModelConfig
+from darkknowledge.config import ModelConfig, losses_default
 from darkknowledge.errors import ConfigError
 from darkknowledge.losses.objective import Objective
 from darkknowledge.schemes.base import Scheme, SchemeParams, register_scheme
@@ -70,7 +70,7 @@ class ApprenticeParams(SchemeParams):
     """``scheme.params`` of ``apprentice``."""
 
     teacher_losses: dict[str, dict[str, Any] | None] = Field(
-        default_factory=lambda: {"ce": {}},
+        default_factory=losses_default({"ce": {}}),
         description="what the full-precision teacher learns, from the labels alone (the paper's alpha H(y, p_T): "
                     "ce, weight alpha); no term may read a teacher")
 

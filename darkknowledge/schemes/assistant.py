@@ -143,7 +143,8 @@ def interpolate_assistants(
                       "channels": max(1, round(interpolate(s["channels"], t["channels"], frac, spacing))),
                       "depth": round(interpolate(s["depth"], t["depth"], frac, "linear"))}
             if s["kernel_size"] != t["kernel_size"]:
-                params["kernel_size"] = round(interpolate(s["kernel_size"], t["kernel_size"], frac, "linear")) | 1  # odd: same-length padding
+                # odd: same-length padding
+                params["kernel_size"] = round(interpolate(s["kernel_size"], t["kernel_size"], frac, "linear")) | 1
             out.append(ModelConfig(name="cnn1d", params=params))
     elif family in ("resnet", "resnet_x4"):
         depths = _pick_depths(s["depth"], t["depth"], RESNET_X4_DEPTHS if family == "resnet_x4" else RESNET_DEPTHS,
@@ -199,7 +200,7 @@ class AssistantParams(SchemeParams):
 
 @register_scheme("assistant")
 class TeacherAssistant(Scheme):
-    """TAKD: the pre-trained teacher teaches assistant 1, which teaches assistant 2 ..., the last teaches the student."""
+    """TAKD: the pre-trained teacher teaches assistant 1, which teaches assistant 2 ..., the last the student."""
 
     default_transfer = True
     citation = "Mirzadeh et al., Improved Knowledge Distillation via Teacher Assistant, AAAI 2020."

@@ -18,7 +18,8 @@ params include ``transfer``), validated by :func:`resolve_scheme` before anythin
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
@@ -121,15 +122,19 @@ class Scheme:
         (:mod:`darkknowledge.runs.preflight`) plays ``run`` with a context whose stages are dry
         runs on one batch.
         """
-        if cls.run.__func__ is Scheme.run.__func__:  # type: ignore[attr-defined]
+        if cls.run.__func__ is Scheme.run.__func__:  # type: ignore[attr-defined]  # a classmethod's function
             cls.task(ctx, seed, params).release()
 
 
-def register_scheme(name: str):  # noqa: ANN201 - decorator
+SchemeT = TypeVar("SchemeT", bound="Scheme")
+
+
+def register_scheme(name: str) -> Callable[[type[SchemeT]], type[SchemeT]]:
     """Register a :class:`Scheme` subclass under ``name``."""
 
-    def decorator(cls: type[Scheme]) -> type[Scheme]:
+    def decorator(cls: type[SchemeT]) -> type[SchemeT]:
         cls.registry_name = name
-        return SCHEMES.register(name)(cls)
+        SCHEMES.register(name)(cls)
+        return cls
 
     return decorator

@@ -114,7 +114,7 @@ class BYOTFlow(Flow):
             if taps is not None:
                 taps.active = True
             try:
-                _, logits = self._modules[name](net.feature(stage))  # (B, D), (B, K)
+                _, logits = self.view_model(name)(net.feature(stage))  # (B, D), (B, K)
             finally:
                 if taps is not None:
                     taps.active = False

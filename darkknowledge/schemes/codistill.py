@@ -45,9 +45,9 @@ class Codistill(Scheme):
     summary = "a large teacher and the student trained together from scratch; after a burn-in each distils the other"
     report_notes: ClassVar[tuple[str, ...]] = (
         (
-            "codistill: the teacher architecture is trained from scratch together with the student (row 'teacher_peer'); "
-            "each learns the recipe's losses from the other's current (detached) predictions, the teacher terms "
-            "after their start_epoch (the burn-in)"
+            "codistill: the teacher architecture is trained from scratch together with the student "
+            "(row 'teacher_peer'); each learns the recipe's losses from the other's current (detached) "
+            "predictions, the teacher terms after their start_epoch (the burn-in)"
         ),
     )
     moved = COHORT_MOVED

@@ -37,7 +37,7 @@ from darkknowledge.data.batch import Batch
 from darkknowledge.data.tensors import TensorData
 from darkknowledge.engine.task import MAIN
 from darkknowledge.errors import ConfigError
-from darkknowledge.losses.base import Outputs, SetupInfo
+from darkknowledge.losses.base import Outputs, SetupInfo, class_logits
 from darkknowledge.schemes.base import MOVED_TO_LOSSES, Scheme, register_scheme
 from darkknowledge.schemes.task import FlowTask
 from darkknowledge.schemes.wiring import require_teacher_terms, taught
@@ -54,8 +54,9 @@ log = logging.getLogger(__name__)
 def split(out: Outputs, b: int) -> tuple[Outputs, Outputs]:
     """Outputs of ``[x; x']`` cut into those of ``x`` and of ``x'`` (batch-first tensors)."""
     feats = {k: v.split([b, v.shape[0] - b]) for k, v in out.features.items()}
-    return (Outputs(logits=out.logits[:b], features={k: v[0] for k, v in feats.items()}),
-            Outputs(logits=out.logits[b:], features={k: v[1] for k, v in feats.items()}))
+    logits = class_logits(out, "scheme 'cskd'")
+    return (Outputs(logits=logits[:b], features={k: v[0] for k, v in feats.items()}),
+            Outputs(logits=logits[b:], features={k: v[1] for k, v in feats.items()}))
 
 
 class CSKDFlow(Flow):
@@ -128,4 +129,4 @@ class CSKD(Scheme):
         student = ctx.student(seed)
         links = taught("student", ctx.objective, [Peer("partner", student, name="same-class partner")])
         flow = CSKDFlow(student, links, ctx.info.num_classes, seed)
-        return FlowTask(flow, {"student": flow.student})
+        return FlowTask(flow, {"student": flow.view_model("student")})

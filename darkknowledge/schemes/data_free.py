@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from darkknowledge.engine.task import Task
 from darkknowledge.errors import ConfigError
 from darkknowledge.schemes.base import Scheme, SchemeParams, register_scheme
 from darkknowledge.schemes.context import Context
@@ -32,7 +33,8 @@ from darkknowledge.synthesis import Synthesizer, resolve_synthesizer
 from darkknowledge.teachers.flow import Flow, Link
 from darkknowledge.teachers.frozen import Frozen
 
-NOISE = "noise"
+NOISE: Literal["noise"] = "noise"
+REFERENCES: tuple[Literal["kd_real", "noise"], ...] = ("kd_real", NOISE)
 
 
 class SynthesizerSpec(BaseModel):
@@ -52,7 +54,7 @@ class DataFreeParams(SchemeParams):
     batch_size: int | None = Field(default=None, ge=1, description="synthesised samples per step "
                                    "(default: data.batch_size)")
     references: list[Literal["kd_real", "noise"]] = Field(
-        default_factory=lambda: ["kd_real", NOISE],
+        default_factory=lambda: list(REFERENCES),
         description="reference students per seed: kd_real (same objective on the real training data), "
                     "noise (same objective on Gaussian-noise inputs, the floor)")
     samples: int = Field(default=64, ge=0, description="synthesised samples kept for the report (samples.pt)")
@@ -118,6 +120,7 @@ class DataFree(Scheme):
         entries = ctx.train(ctx.stage_name(seed), cls.task(ctx, seed, params), seed, label=cls.label(ctx, params))
         batch = params.batch_size or ctx.cfg.data.batch_size
         losses = "+".join(ctx.cfg.losses)
+        task: Task
         for ref in params.references:
             if ref == "kd_real":
                 stage = ctx.stage_name(seed, "real")

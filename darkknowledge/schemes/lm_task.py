@@ -32,7 +32,7 @@ class LMFlow(Flow):
         if taps is not None:
             taps.active = True
         try:
-            lazy = lazy_logits(self._modules[view], x)  # hidden (B, L, d) + head
+            lazy = lazy_logits(self.view_model(view), x)  # hidden (B, L, d) + head
         finally:
             if taps is not None:
                 taps.active = False

@@ -5,7 +5,8 @@ student's classes). How their knowledge is combined (``aggregation``):
 
 * ``mean``: the student's response losses see the average of the softened teacher
   distributions, ``p_mix^T = 1/N sum_i softmax(z_i / T)`` (Hinton, Vinyals & Dean 2015: an
-  ensemble's soft targets are the arithmetic mean of its members' predictive distributions). The mixed teacher's logits are ``z_mix = T * log(p_mix^T)`` (see
+  ensemble's soft targets are the arithmetic mean of its members' predictive distributions). The
+  mixed teacher's logits are ``z_mix = T * log(p_mix^T)`` (see
   :func:`~darkknowledge.teachers.mix.mixture_logits`), so every response loss of the
   catalog (``kd``, ``dist``, ``dkd``, ...) reads the mixture unchanged.
 * ``weighted``: ``p_mix^T = sum_i w_i softmax(z_i / T)`` with fixed ``weights`` (normalised).
@@ -36,7 +37,7 @@ adapters, so DDP sees every parameter in every step. Every teacher is a frozen t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, cast
 
 from pydantic import Field
 
@@ -47,7 +48,7 @@ from darkknowledge.schemes.task import FlowTask
 from darkknowledge.schemes.wiring import require_teacher_terms, taught
 from darkknowledge.teachers.flow import Flow
 from darkknowledge.teachers.frozen import Frozen
-from darkknowledge.teachers.mixture import Mixture
+from darkknowledge.teachers.mixture import Mixture, Rule
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -105,8 +106,8 @@ def multi_teacher_task(student: nn.Module, make: Callable[[], Objective], teache
     objective = make()
     require_teacher_terms(objective, "multi_teacher", "kd: {T: 4, alpha: 0.9}")
     if aggregation in MIXING:
-        mixed = Mixture(teachers, aggregation, weights, confidence or "ce",  # type: ignore[arg-type]
-                        T=mixing_temperature(objective, T))
+        rule = cast(Rule, aggregation)  # one of MIXING
+        mixed = Mixture(teachers, rule, weights, confidence or "ce", T=mixing_temperature(objective, T))
         links = taught("student", make, [mixed])
     else:
         if aggregation == "random":
@@ -115,7 +116,7 @@ def multi_teacher_task(student: nn.Module, make: Callable[[], Objective], teache
         links = taught("student", make, teachers, mode="draw" if aggregation == "random" else "mean", seed=seed,
                        teacher_suffixes=[f"@t{i}" for i in range(len(teachers))] if aggregation == "per_teacher" else None)
     flow = Flow({"student": student}, links)
-    return FlowTask(flow, {"student": flow.student})
+    return FlowTask(flow, {"student": flow.view_model("student")})
 
 
 @register_scheme("multi_teacher")
@@ -126,7 +127,8 @@ class MultiTeacher(Scheme):
     default_transfer = True
     citation = ("Hinton et al. 2015 (ensemble mean); Fukuda et al., Interspeech 2017 (random teacher per step); "
                 "Zhang et al., CA-MKD, ICASSP 2022; Kwon et al., EBKD, ICASSP 2020 (confidence weights).")
-    summary = "several frozen teachers teach one student: mixed soft labels, a random teacher per step, or a loss per teacher"
+    summary = ("several frozen teachers teach one student: mixed soft labels, a random teacher per step, "
+               "or a loss per teacher")
     report_notes: ClassVar[tuple[str, ...]] = (
         "multi_teacher: every teacher of the recipe (`teacher`, then `teachers`) teaches the student; the teacher "
         "rows list each one",

@@ -46,7 +46,7 @@ def offline_task(student: nn.Module, objective: Objective, teacher: nn.Module | 
     if frozen is not None and not objective.teacher_terms():
         frozen = None  # nothing reads it: no teacher forward
     flow = Flow({"student": student}, [Link("student", objective, frozen, where=where)])
-    return FlowTask(flow, {"student": flow.student})
+    return FlowTask(flow, {"student": flow.view_model("student")})
 
 
 @register_scheme("offline")

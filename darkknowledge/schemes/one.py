@@ -37,7 +37,7 @@ from torch import nn
 
 from darkknowledge.data.batch import Batch
 from darkknowledge.errors import ConfigError, ShapeError
-from darkknowledge.losses.base import Outputs, SetupInfo
+from darkknowledge.losses.base import Outputs, SetupInfo, class_logits
 from darkknowledge.schemes.base import Scheme, register_scheme
 from darkknowledge.schemes.cohort import COHORT_MOVED, CohortParams, build_peers, peer_names, view_suffix
 from darkknowledge.schemes.task import FlowTask
@@ -132,7 +132,8 @@ class ONEFlow(Flow):
         feature = pool_feature(outs[0].feature(self.gate_tap)).detach()  # (B, D): no gradient into peer 0
         gate = self.gate(feature)  # (B, N)
         feats = {p: gated_logits([o.feature(p) for o in outs], gate) for p in self.ensemble_taps}
-        return Outputs(logits=gated_logits([o.logits for o in outs], gate), features=feats)  # (B, K)
+        logits = gated_logits([class_logits(o, "ONE's gated ensemble") for o in outs], gate)  # (B, K)
+        return Outputs(logits=logits, features=feats)
 
     def compute_views(self, batch: Batch) -> dict[str, Outputs]:
         views = {v: self.run_view(v, batch.x) for v in self.peer_views}
@@ -149,7 +150,7 @@ class GatedEnsemble(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         views = {v: self.flow.run_view(v, x) for v in self.flow.peer_views}
-        return self.flow.ensemble(views).logits
+        return class_logits(self.flow.ensemble(views), "ONE's gated ensemble")
 
 
 class ONEParams(CohortParams):
@@ -166,8 +167,9 @@ class ONE(Scheme):
     summary = "a gate weights the peers' logits into an online teacher (trained by CE) that teaches every peer"
     report_notes: ClassVar[tuple[str, ...]] = (
         (
-            "one: peers are independent models (no shared trunk); the gate reads peer 0's penultimate feature (detached); "
-            "'ensemble' is the gated teacher z_e = sum_i g_i z_i, 'student' is peer 0 (same initialisation as the baseline)"
+            "one: peers are independent models (no shared trunk); the gate reads peer 0's penultimate feature "
+            "(detached); 'ensemble' is the gated teacher z_e = sum_i g_i z_i, 'student' is peer 0 (same "
+            "initialisation as the baseline)"
         ),
     )
     example: ClassVar[dict[str, Any]] = {"teacher": None, "scheme": {"params": {"n": 3}}}

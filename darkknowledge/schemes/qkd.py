@@ -133,7 +133,7 @@ def phase_epochs(total: int, given: tuple[int | None, int | None, int | None],
         raise ConfigError(f"scheme.params: {', '.join(missing)} not set while "
                           f"{', '.join(k for k in PHASES if k not in missing)} is; give all three phases' epochs "
                           f"(adding up to train.epochs={total}) or none (train.epochs split 30/30/40)")
-    ss, cs, tu = (int(v) for v in given)  # type: ignore[arg-type]
+    ss, cs, tu = (int(v) for v in given)  # type: ignore[arg-type]  # None: refused above
     if ss + cs + tu != total:
         raise ConfigError(f"scheme.params: self_study_epochs + co_study_epochs + tutor_epochs = {ss} + {cs} + {tu} "
                           f"= {ss + cs + tu}, but train.epochs is {total}; make the phases add up to train.epochs "
@@ -192,6 +192,8 @@ class CoStudyTask(FlowTask):
             must start from the same).
     """
 
+    flow: CoStudyFlow
+
     def __init__(self, flow: CoStudyFlow, teacher_optimizer: OptimizerConfig | None, fingerprint: str) -> None:
         teacher = flow.get_submodule(TEACHER)
         super().__init__(flow, {"student": flow.get_submodule("student"), TEACHER: teacher})
@@ -209,7 +211,7 @@ class CoStudyTask(FlowTask):
         if found:
             raise ConfigError(f"scheme 'qkd': co-studying trains the student and the teacher with one optimizer each "
                               f"and cannot add the discriminators of {sorted(found)}; use losses without one")
-        student, teacher = flow.part_links[MAIN], flow.part_links[TEACHER]  # type: ignore[attr-defined]
+        student, teacher = flow.part_links[MAIN], flow.part_links[TEACHER]
         return [Part(MAIN, flow, exclude=(flow.get_submodule(TEACHER), teacher.objective)),
                 Part(TEACHER, flow, self.teacher_optimizer, exclude=(flow.get_submodule("student"), student.objective))]
 

@@ -84,6 +84,9 @@ class ResidualFlow(Flow):
     """The pair (trunk, connector, assistant; the teacher's frozen ``fc``) and the student's own head:
     one forward gives the views ``student`` (trunk + own head) and ``pair`` (``fc(F_S + F_A)``)."""
 
+    pair: ResidualPair  # views and extra modules are registered under their names
+    head: nn.Linear
+
     def __init__(self, pair: ResidualPair, head: nn.Linear, links: list[Any]) -> None:
         super().__init__({"pair": pair}, links, tap_models={"student": pair.student}, extra={"head": head})
 
@@ -134,11 +137,12 @@ def residual_task(teacher: nn.Module | Frozen, student: nn.Module, assistant: di
     shape = getattr(student, "dk_params", {}).get("input_shape")  # absent: the builders' default
     dims = {"input_shape": tuple(shape)} if shape else {}
     s_spec = {"name": student.dk_name,
-              "params": {k: v for k, v in student.dk_params.items() if k not in ("num_classes", "input_shape")}}
+              "params": {k: v for k, v in getattr(student, "dk_params", {}).items() if k not in ("num_classes", "input_shape")}}
     if seed is not None:
         torch.manual_seed(seed)
     pair = create_model("residual_pair", num_classes=int(fc.out_features), **dims, student=s_spec,
                         assistant=assistant, feature_dim=int(fc.in_features))
+    assert isinstance(pair, ResidualPair)
     pair.student.load_state_dict({k: v for k, v in student.state_dict().items() if not k.startswith("fc.")})
     pair.fc.load_state_dict(fc.state_dict())
     pair.fc.requires_grad_(False)

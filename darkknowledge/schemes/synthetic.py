@@ -53,7 +53,7 @@ class SyntheticModule(nn.Module):
 
     @property
     def student(self) -> nn.Module:
-        return self.flow.student
+        return self.flow.view_model("student")
 
     def latent(self, batch: Batch, epoch_progress: float) -> Batch:
         """The step's latent batch: the batch itself (data-free), or drawn from the seed and the step
@@ -179,7 +179,7 @@ class SyntheticTask(Task):
                                "synthesizer": self.synth.registry_name, "input_shape": list(self.synth.input_shape)})
 
     def eval_models(self) -> dict[str, nn.Module]:
-        return {"student": self.flow.student}
+        return {"student": self.flow.view_model("student")}
 
     def fingerprint(self) -> str | None:
         return self.teacher.fingerprint()
@@ -193,7 +193,7 @@ class SyntheticTask(Task):
         self.flow.release()
 
     def describe(self) -> dict[str, Any]:
-        student = count_params(self.flow.student, trainable_only=True)
+        student = count_params(self.flow.view_model("student"), trainable_only=True)
         adapters = count_params(self.flow, trainable_only=True) - student
         return {"losses": self.flow.term_names(), "adapter_params": adapters,
                 "generator_params": count_params(self.synth, trainable_only=True), **self.synth.describe()}

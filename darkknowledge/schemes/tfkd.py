@@ -63,4 +63,4 @@ class TfKD(Scheme):
         require_teacher_terms(ctx.objective(), "tfkd", "tf_reg: {loss: kd, T: 1, alpha: 1, weight: 0.1}")
         student = ctx.student(seed)
         flow = Flow({"student": student}, taught("student", ctx.objective, [Virtual(params.a, params.T)]))
-        return FlowTask(flow, {"student": flow.student})
+        return FlowTask(flow, {"student": flow.view_model("student")})

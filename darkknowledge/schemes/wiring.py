@@ -48,6 +48,7 @@ def taught(view: str, make: Callable[[], Objective], teachers: Sequence[Teacher]
         return links
     objectives = [first.subset(reading)] + [make().subset(reading) for _ in teachers[1:]]
     extra = list(teacher_suffixes) if teacher_suffixes else [""] * len(teachers)
+    # subsets of the teacher-read terms: not None:
     group = [Link(view, o, t, suffix + s, where) for o, t, s in zip(objectives, teachers, extra)]  # type: ignore[arg-type]
     links.append(Group(group, mode=mode, seed=seed))
     return links

@@ -65,7 +65,8 @@ def convertible(module: nn.Module) -> bool:
     """True for an ``nn.Conv1d``/``nn.Conv2d`` with ``groups == 1``, more than one tap and more than
     one input channel (the convolutions that :func:`to_depthwise` factorizes)."""
     return (
-        type(module) in _CONVS
+        isinstance(module, (nn.Conv1d, nn.Conv2d))
+        and type(module) in _CONVS
         and module.groups == 1
         and math.prod(module.kernel_size) > 1
         and module.in_channels > 1

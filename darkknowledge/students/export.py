@@ -118,11 +118,12 @@ def _write_safetensors(net: nn.Module, path: Path, spec: dict[str, Any]) -> dict
 
 def _onnx_bytes(net: nn.Module, x: torch.Tensor) -> tuple[bytes, dict[str, Any]]:
     """ONNX model bytes: the legacy exporter, else the dynamo one; raises when both fail."""
-    names = {"input_names": ["input"], "output_names": ["logits"]}
+    names: dict[str, Any] = {"input_names": ["input"], "output_names": ["logits"]}
+    info: dict[str, Any]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            buf = io.BytesIO()
+            buf: Any = io.BytesIO()  # the legacy exporter writes to a file object (its stubs name paths only)
             torch.onnx.export(net, (x,), buf, dynamo=False, dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
                               **names)
             data, info = buf.getvalue(), {"exporter": "torchscript"}
@@ -132,6 +133,7 @@ def _onnx_bytes(net: nn.Module, x: torch.Tensor) -> tuple[bytes, dict[str, Any]]
                 traced_on = repeat_batch(x, max(2, x.shape[0]))  # a batch of 1 would be specialized
                 program = torch.onnx.export(net, (traced_on,), dynamo=True, verbose=False,
                                             dynamic_shapes=({0: torch.export.Dim.AUTO},), **names)
+                assert program is not None  # without a file, the dynamo exporter returns the program
                 with tempfile.TemporaryDirectory() as tmp:
                     program.save(Path(tmp) / "model.onnx", external_data=False)  # one file (2 GB at most)
                     data = (Path(tmp) / "model.onnx").read_bytes()
@@ -192,7 +194,7 @@ def _write_program(net: nn.Module, x: torch.Tensor, path: Path, ref: torch.Tenso
     loaded = torch.export.load(path)
     placeholders = [n for n in loaded.graph.nodes if n.op == "placeholder"]
     shape = getattr(placeholders[-1].meta.get("val"), "shape", None) if placeholders else None
-    dynamic = bool(shape) and not isinstance(shape[0], int)
+    dynamic = shape is not None and len(shape) > 0 and not isinstance(shape[0], int)
     with torch.inference_mode():
         out = loaded.module()(x)
     return {"dynamic_batch": dynamic, **_compare(out, ref, atol)}

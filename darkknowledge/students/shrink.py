@@ -1,7 +1,8 @@
 """Simplified students: a teacher's zoo family rebuilt thinner (width) and shallower (depth).
 
 Gou, Yu, Maybank & Tao, "Knowledge Distillation: A Survey", IJCV 2021, Sec. 6: the most common
-student is a simplified teacher, with fewer layers and fewer channels in each layer. Thinner is MobileNets' width multiplier (Howard et al., arXiv:1704.04861, 2017,
+student is a simplified teacher, with fewer layers and fewer channels in each layer. Thinner is
+MobileNets' width multiplier (Howard et al., arXiv:1704.04861, 2017,
 Sec. 3.3: ``alpha`` thins every layer uniformly, cutting cost and parameters by about
 ``alpha^2``); shallower keeps the stages, so the stage outputs that feature losses pair
 (FitNets' hints, Romero et al. ICLR 2015; attention transfer, Zagoruyko & Komodakis ICLR 2017)

@@ -26,6 +26,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
+from darkknowledge.config import losses_default
 from darkknowledge.data.batch import UNLABELED, Batch
 from darkknowledge.errors import ConfigError, RegistryError
 from darkknowledge.losses.base import Outputs, SetupInfo, run_model
@@ -118,7 +119,7 @@ class AdversarialParams(GeneratorParams):
     """Parameters of a generator trained against the student (each method sets its default discrepancy)."""
 
     discrepancy: dict[str, dict[str, Any] | None] = Field(
-        default_factory=lambda: {"logit_l1": {}},
+        default_factory=losses_default({"logit_l1": {}}),
         description="what the generator maximises: a losses mapping on logits")
 
     @field_validator("discrepancy")
@@ -130,6 +131,7 @@ class AdversarialParams(GeneratorParams):
 
 class AdversarialSynthesizer(GeneratorSynthesizer):
     """A generator that maximises its ``discrepancy`` between teacher and student (DFAD, ZSKT)."""
+    params: AdversarialParams
 
     def __init__(self, params: AdversarialParams, teacher: nn.Module, input_shape: tuple[int, ...],
                  num_classes: int) -> None:
@@ -144,4 +146,4 @@ class AdversarialSynthesizer(GeneratorSynthesizer):
         return generator_adversarial_loss(d), terms
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "discrepancy": self.params.discrepancy}  # type: ignore[attr-defined]
+        return {**super().describe(), "discrepancy": self.params.discrepancy}

@@ -25,8 +25,9 @@ objective (the generator's) lives in its file, as a pure function with the paper
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import pydantic
 import torch
@@ -93,6 +94,7 @@ class Synthesizer(nn.Module):
     """Params with which it trains in a few steps (the contract tests run every synthesiser with them)."""
 
     latent_dim: int = 0
+    teacher: nn.Module  # a plain attribute (set in __init__), not a submodule
 
     def __init__(self, params: SynthesizerParams, teacher: nn.Module, input_shape: tuple[int, ...],
                  num_classes: int) -> None:
@@ -110,8 +112,9 @@ class Synthesizer(nn.Module):
         """The loss of one step of its part ``part`` on ``latent``: ``(loss, {term: value})``."""
         raise NotImplementedError(f"synthesizer {self.registry_name!r} has no part {part!r}")
 
-    def sample(self, latent: Batch, student: nn.Module) -> torch.Tensor:
-        """Inputs ``(B, *input_shape)`` for the student's step on ``latent`` (no gradient)."""
+    def sample(self, latent: Batch, student: nn.Module | None) -> torch.Tensor:
+        """Inputs ``(B, *input_shape)`` for the student's step on ``latent`` (no gradient); ``student``
+        is None for a preview (:meth:`preview`)."""
         raise NotImplementedError
 
     def preview(self, n: int, seed: int = 0) -> torch.Tensor:
@@ -122,7 +125,7 @@ class Synthesizer(nn.Module):
         self.eval()
         try:
             with torch.no_grad():
-                return self.sample(latent, None).cpu()  # type: ignore[arg-type]
+                return self.sample(latent, None).cpu()
         finally:
             self.train(was)
 
@@ -163,11 +166,15 @@ def resolve_synthesizer(name: str, params: dict[str, Any], where: str = "scheme.
         raise ConfigError(format_validation_error(exc, f"{where}.params")) from None
 
 
-def register_synthesizer(name: str):  # noqa: ANN201 - decorator
+SynthesizerT = TypeVar("SynthesizerT", bound="Synthesizer")
+
+
+def register_synthesizer(name: str) -> Callable[[type[SynthesizerT]], type[SynthesizerT]]:
     """Register a :class:`Synthesizer` subclass under ``name``."""
 
-    def decorator(cls: type[Synthesizer]) -> type[Synthesizer]:
+    def decorator(cls: type[SynthesizerT]) -> type[SynthesizerT]:
         cls.registry_name = name
-        return SYNTHESIZERS.register(name)(cls)
+        SYNTHESIZERS.register(name)(cls)
+        return cls
 
     return decorator

@@ -23,7 +23,7 @@ statistics are taken over ``B`` and every dimension after ``C``.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, Self
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -160,7 +160,7 @@ class BNStatsHook:
         self.stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._handles: list[Any] = []
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> BNStatsHook:
         self.stats = {}
         for name, layer in self.layers.items():
             self._handles.append(layer.register_forward_pre_hook(self._recorder(name)))
@@ -196,6 +196,7 @@ class BNStatsHook:
         weights = [self.first_bn_multiplier if name == first else 1.0 for name in ran]
         means = [self.stats[name][0] for name in ran]
         vars_ = [self.stats[name][1] for name in ran]
-        running_means = [self.layers[name].running_mean for name in ran]
-        running_vars = [self.layers[name].running_var for name in ran]
-        return bn_statistics_loss(means, vars_, running_means, running_vars, weights)  # type: ignore[arg-type]
+        # layers with running statistics only (find_batchnorms)
+        running_means = cast("list[torch.Tensor]", [self.layers[name].running_mean for name in ran])
+        running_vars = cast("list[torch.Tensor]", [self.layers[name].running_var for name in ran])
+        return bn_statistics_loss(means, vars_, running_means, running_vars, weights)

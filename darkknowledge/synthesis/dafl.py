@@ -158,6 +158,7 @@ class Dafl(GeneratorSynthesizer):
     Params = DaflParams
     example: ClassVar[dict[str, Any]] = {"latent_dim": 8, "width": 0.125, "optimizer": {"lr": 0.01}}
     bn_eps = 0.8  # nn.BatchNorm2d(c, 0.8) in the authors' generator
+    params: DaflParams
 
     def __init__(self, params: DaflParams, teacher: nn.Module, input_shape: tuple[int, ...], num_classes: int
                  ) -> None:
@@ -172,7 +173,8 @@ class Dafl(GeneratorSynthesizer):
         if params.feature_tap is not None:
             return params.feature_tap
         model = unwrap(teacher)
-        taps = list(model.feature_taps()) if callable(getattr(model, "feature_taps", None)) else []
+        feature_taps = getattr(model, "feature_taps", None)
+        taps = list(feature_taps()) if callable(feature_taps) else []
         if not taps:
             raise ConfigError(
                 f"synthesizer 'dafl'.params.feature_tap: the teacher ({type(model).__name__}) has no feature_taps(), "
@@ -181,14 +183,14 @@ class Dafl(GeneratorSynthesizer):
         return taps[-1]
 
     def generator_every(self) -> int:
-        return self.params.every  # type: ignore[attr-defined]
+        return self.params.every
 
     def part_loss(self, part: str, latent: Batch, student: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One generator step's loss, Eq. (6), on ``G(latent.z)``; keeps the batch for the student."""
         if part != GENERATOR:
             return super().part_loss(part, latent, student)
         self.to_device_of(latent)
-        p: DaflParams = self.params  # type: ignore[assignment]
+        p: DaflParams = self.params
         x = self.generate(latent)  # (B, *input_shape)
         features = None
         if self.feature_tap is None:
@@ -200,7 +202,7 @@ class Dafl(GeneratorSynthesizer):
         self._made = (latent, x.detach())
         return dafl_generator_loss(logits, features, p.oh, p.a, p.ie)
 
-    def sample(self, latent: Batch, student: nn.Module) -> torch.Tensor:
+    def sample(self, latent: Batch, student: nn.Module | None) -> torch.Tensor:
         """The generator's own batch when ``latent`` is the one its last step used, else a fresh ``G(z)``."""
         if self._made is not None and self._made[0] is latent:
             return self._made[1]
@@ -208,5 +210,5 @@ class Dafl(GeneratorSynthesizer):
             return self.generate(latent)
 
     def describe(self) -> dict[str, Any]:
-        p: DaflParams = self.params  # type: ignore[assignment]
+        p: DaflParams = self.params
         return {**super().describe(), "oh": p.oh, "a": p.a, "ie": p.ie, "feature_tap": self.feature_tap}

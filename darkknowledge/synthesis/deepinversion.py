@@ -96,7 +96,7 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
         d_h = x[:, :, :-1, :] - x[:, :, 1:, :]  # (B, C, H-1, W)
         d_up = x[:, :, 1:, :-1] - x[:, :, :-1, 1:]  # (B, C, H-1, W-1)
         d_down = x[:, :, :-1, :-1] - x[:, :, 1:, 1:]  # (B, C, H-1, W-1)
-        return sum(torch.linalg.vector_norm(d) for d in (d_w, d_h, d_up, d_down))  # type: ignore[return-value]
+        return sum(torch.linalg.vector_norm(d) for d in (d_w, d_h, d_up, d_down))
     if x.dim() == 3:
         return torch.linalg.vector_norm(x[:, :, :-1] - x[:, :, 1:])  # (B, C, L-1) -> scalar
     return x.new_zeros(())
@@ -215,6 +215,8 @@ class DeepInversion(Synthesizer):
     summary = "inputs optimised so the teacher predicts the target class with its BN statistics matched"
     Params = DeepInversionParams
     example: ClassVar[dict[str, Any]] = {"mode": "inputs", "iterations": 3, "pool_size": 1024, "latent_dim": 4}
+    batches: torch.Tensor  # a buffer
+    params: DeepInversionParams
 
     def __init__(self, params: DeepInversionParams, teacher: nn.Module, input_shape: tuple[int, ...],
                  num_classes: int) -> None:
@@ -253,7 +255,7 @@ class DeepInversion(Synthesizer):
 
     def _augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """Random roll (``jitter``) and horizontal flip (``flip``) of ``x`` ``(B, *input_shape)``."""
-        p: DeepInversionParams = self.params  # type: ignore[assignment]
+        p: DeepInversionParams = self.params
         if p.jitter > 0 and self.spatial:
             shifts = torch.randint(-p.jitter, p.jitter + 1, (self.spatial,), generator=g).tolist()
             x = torch.roll(x, shifts=shifts, dims=tuple(range(2, 2 + self.spatial)))
@@ -275,18 +277,18 @@ class DeepInversion(Synthesizer):
     def objective(self, x: torch.Tensor, targets: torch.Tensor, student: nn.Module | None
                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of inputs ``x`` ``(B, *input_shape)`` (already jittered) for ``targets`` ``(B,)``."""
-        p: DeepInversionParams = self.params  # type: ignore[assignment]
+        p: DeepInversionParams = self.params
         with BNStatsHook(self.bn_layers, p.first_bn_multiplier) as hook:
             logits = run_model(self.teacher, x)  # (B, K), gradients to x
             r_feature = hook.loss()
         use_student = p.competition > 0 and student is not None
-        s_logits = self._student_logits(student, x) if use_student else None  # type: ignore[arg-type]
+        s_logits = self._student_logits(student, x) if student is not None and use_student else None
         return deepinversion_loss(logits, targets, x, r_feature, p.bn, p.tv, p.l2, s_logits,
                                   p.competition if use_student else 0.0, p.competition_T)
 
     def invert(self, latent: Batch, student: nn.Module | None) -> torch.Tensor:
         """A batch of inputs optimised from noise for ``latent.y``, ``(B, *input_shape)``, detached."""
-        p: DeepInversionParams = self.params  # type: ignore[assignment]
+        p: DeepInversionParams = self.params
         self.to_device_of(latent)
         device = latent.y.device
         g = make_generator(latent_seed(latent), INIT_STREAM)
@@ -306,7 +308,7 @@ class DeepInversion(Synthesizer):
         """``generator`` mode: the generator; ``inputs`` mode: none (inputs have their own Adam)."""
         if self.generator is None:
             return []
-        p: DeepInversionParams = self.params  # type: ignore[assignment]
+        p: DeepInversionParams = self.params
         return [Part(GENERATOR, self.generator, optimizer=p.optimizer, scheduler=p.scheduler, every=p.synthesize_every)]
 
     def part_loss(self, part: str, latent: Batch, student: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -323,9 +325,10 @@ class DeepInversion(Synthesizer):
         if z.dim() != 2 or z.shape[1] != self.latent_dim:
             raise ConfigError(f"synthesizer 'deepinversion': latent codes of shape {tuple(z.shape)}; expected "
                               f"(B, {self.latent_dim}) (its latent_dim)")
-        return self.generator(z)  # type: ignore[misc]
+        assert self.generator is not None  # mode: generator
+        return self.generator(z)
 
-    def sample(self, latent: Batch, student: nn.Module) -> torch.Tensor:
+    def sample(self, latent: Batch, student: nn.Module | None) -> torch.Tensor:
         """The student's inputs ``(B, *input_shape)``, no gradient (module docstring)."""
         if self.generator is not None:
             return self._sample_generator(latent, student)
@@ -335,7 +338,7 @@ class DeepInversion(Synthesizer):
             if len(self.pool) > 0:
                 return self.pool.sample(len(latent), pool_draw).to(device=device, dtype=torch.float32)
             return self.invert(latent, None)
-        p: DeepInversionParams = self.params  # type: ignore[assignment]
+        p: DeepInversionParams = self.params
         served = int(self.batches)
         self.batches.fill_(served + 1)
         if served % p.synthesize_every == 0 or len(self.pool) == 0:
@@ -343,7 +346,7 @@ class DeepInversion(Synthesizer):
         return self.pool.sample(len(latent), pool_draw).to(device=device, dtype=torch.float32)
 
     def _sample_generator(self, latent: Batch, student: nn.Module | None) -> torch.Tensor:
-        p: DeepInversionParams = self.params  # type: ignore[assignment]
+        p: DeepInversionParams = self.params
         with torch.no_grad():
             x = self._generate(latent).float()  # (B, *input_shape)
         if p.replay <= 0 or student is None or not self.training:
@@ -357,7 +360,7 @@ class DeepInversion(Synthesizer):
 
     def describe(self) -> dict[str, Any]:
         """Mode, BN layers, pool and generator facts for the report."""
-        p: DeepInversionParams = self.params  # type: ignore[assignment]
+        p: DeepInversionParams = self.params
         out: dict[str, Any] = {**super().describe(), "mode": p.mode, "bn_layers": list(self.bn_layers),
                                "pool": {"capacity": p.pool_size, "samples": len(self.pool),
                                         "directory": None if self.pool.directory is None else str(self.pool.directory)}}

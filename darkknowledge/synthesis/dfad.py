@@ -29,7 +29,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from darkknowledge.config import OptimizerConfig
+from darkknowledge.config import OptimizerConfig, losses_default
 from darkknowledge.data.batch import Batch
 from darkknowledge.synthesis.adversarial import (
     AdversarialParams,
@@ -48,7 +48,7 @@ class DfadParams(AdversarialParams):
     optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(name="adam", lr=1e-3),
                                        description="the generator's optimizer (code: Adam, lr 1e-3)")
     discrepancy: dict[str, dict[str, Any] | None] = Field(
-        default_factory=lambda: {"logit_l1": {}},
+        default_factory=losses_default({"logit_l1": {}}),
         description="what the generator maximises: a losses mapping on logits (paper: MAE, logit_l1)")
 
 
@@ -61,9 +61,10 @@ class Dfad(AdversarialSynthesizer):
     summary = "adversarial generator maximising the teacher-student logit discrepancy (MAE)"
     Params = DfadParams
     example: ClassVar[dict[str, Any]] = {"latent_dim": 8, "width": 0.125, "every": 2}
+    params: DfadParams
 
     def generator_every(self) -> int:
-        return self.params.every  # type: ignore[attr-defined]
+        return self.params.every
 
     def part_loss(self, part: str, latent: Batch, student: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The generation stage: ``-D`` on ``G(latent.z)``, gradients through teacher and student."""
@@ -71,7 +72,7 @@ class Dfad(AdversarialSynthesizer):
             return super().part_loss(part, latent, student)
         return self.adversarial_loss(latent, student)
 
-    def sample(self, latent: Batch, student: nn.Module) -> torch.Tensor:
+    def sample(self, latent: Batch, student: nn.Module | None) -> torch.Tensor:
         """A fresh ``G(z)`` of this latent batch, no gradient (a new ``z`` for every student step)."""
         with torch.no_grad():
             return self.generate(latent)

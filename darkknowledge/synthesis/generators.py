@@ -162,6 +162,7 @@ class GeneratorSynthesizer(Synthesizer):
 
     tanh: bool = True
     bn_eps: float = 1e-5
+    params: GeneratorParams
 
     def __init__(self, params: GeneratorParams, teacher: nn.Module, input_shape: tuple[int, ...],
                  num_classes: int) -> None:
@@ -175,7 +176,7 @@ class GeneratorSynthesizer(Synthesizer):
 
     def parts(self) -> list[Part]:
         """One part: the generator, with its own optimizer, schedule and step ratio."""
-        p: GeneratorParams = self.params  # type: ignore[assignment]
+        p: GeneratorParams = self.params
         return [Part(GENERATOR, self.generator, optimizer=p.optimizer, scheduler=p.scheduler,
                      every=self.generator_every())]
 
@@ -203,7 +204,7 @@ class GeneratorSynthesizer(Synthesizer):
 
     def describe(self) -> dict[str, Any]:
         """The generator's size and settings for the report."""
-        p: GeneratorParams = self.params  # type: ignore[assignment]
+        p: GeneratorParams = self.params
         return {
             **super().describe(),
             "generator": {

@@ -57,19 +57,20 @@ class Noise(Synthesizer):
     summary = "Gaussian noise inputs, nothing trained: the floor of data-free distillation"
     Params = NoiseParams
     example: ClassVar[dict[str, Any]] = {"std": 1.0}
+    params: NoiseParams
 
     def __init__(self, params: NoiseParams, teacher: nn.Module, input_shape: tuple[int, ...], num_classes: int
                  ) -> None:
         super().__init__(params, teacher, input_shape, num_classes)
         self.latent_dim = math.prod(self.input_shape)
 
-    def sample(self, latent: Batch, student: nn.Module) -> torch.Tensor:
+    def sample(self, latent: Batch, student: nn.Module | None) -> torch.Tensor:
         """``std * z`` of this latent batch, as inputs ``(B, *input_shape)``."""
         z = latent.x  # (B, prod(input_shape))
         if z.dim() != 2 or z.shape[1] != self.latent_dim:
             raise ShapeError(f"synthesizer 'noise': latent codes of shape {tuple(z.shape)}; expected "
                              f"(B, {self.latent_dim}) = (B, prod(input_shape {self.input_shape}))")
-        return gaussian_inputs(z.detach(), self.input_shape, self.params.std)  # type: ignore[attr-defined]
+        return gaussian_inputs(z.detach(), self.input_shape, self.params.std)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "std": self.params.std}  # type: ignore[attr-defined]
+        return {**super().describe(), "std": self.params.std}

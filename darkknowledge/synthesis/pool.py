@@ -294,7 +294,8 @@ class SamplePool(nn.Module):
         seqs = self.visible()
         if not seqs:
             raise ConfigError("the sample pool is empty: add a batch before sampling from it")
-        cs = int(self.chunk_size)  # type: ignore[arg-type]
+        assert self.chunk_size is not None  # set by the first add
+        cs = int(self.chunk_size)
         idx = torch.randint(len(seqs) * cs, (int(n),), generator=generator)  # (n,) over visible samples
         which, row = idx // cs, idx % cs  # (n,), (n,)
         out = torch.empty((int(n), *self.input_shape), dtype=self.dtype)

@@ -47,6 +47,7 @@ class Replay(Synthesizer):
     summary = "replays the samples an earlier data-free stage kept in its pool"
     Params = ReplayParams
     example: ClassVar[dict[str, Any]] = {}  # needs a pool directory: tested in tests/test_data_free.py
+    params: ReplayParams
 
     def __init__(self, params: ReplayParams, teacher: nn.Module, input_shape: tuple[int, ...],
                  num_classes: int) -> None:
@@ -59,10 +60,10 @@ class Replay(Synthesizer):
             raise ConfigError(f"synthesizer 'replay'.params.path: the pool {params.path!r} holds no committed "
                               "samples yet (a stage commits them at each checkpoint)")
 
-    def sample(self, latent: Batch, student: nn.Module) -> torch.Tensor:
+    def sample(self, latent: Batch, student: nn.Module | None) -> torch.Tensor:
         """``B`` samples of the pool, drawn from this latent batch's seed, ``(B, *input_shape)``."""
         draw = make_generator(latent_seed(latent), POOL_STREAM)
         return self.pool.sample(len(latent), draw).to(device=latent.y.device, dtype=torch.float32)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "pool": {"path": self.params.path, "samples": len(self.pool)}}  # type: ignore[attr-defined]
+        return {**super().describe(), "pool": {"path": self.params.path, "samples": len(self.pool)}}

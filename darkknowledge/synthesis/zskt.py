@@ -38,7 +38,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from darkknowledge.config import OptimizerConfig
+from darkknowledge.config import OptimizerConfig, losses_default
 from darkknowledge.data.batch import Batch
 from darkknowledge.synthesis.adversarial import (
     AdversarialParams,
@@ -57,7 +57,7 @@ class ZsktParams(AdversarialParams):
     optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(name="adam", lr=1e-3),
                                        description="the generator's optimizer (code: Adam, lr 1e-3)")
     discrepancy: dict[str, dict[str, Any] | None] = Field(
-        default_factory=lambda: {"kd": {"T": 1.0, "alpha": 1.0}},
+        default_factory=losses_default({"kd": {"T": 1.0, "alpha": 1.0}}),
         description="what the generator maximises: a losses mapping on logits (paper: KL(T||S) at T=1)")
 
 
@@ -72,6 +72,8 @@ class Zskt(AdversarialSynthesizer):
     Params = ZsktParams
     example: ClassVar[dict[str, Any]] = {"latent_dim": 8, "width": 0.125, "student_steps": 2}
     tanh = False
+    stash: torch.Tensor  # a buffer
+    params: ZsktParams
 
     def __init__(self, params: ZsktParams, teacher: nn.Module, input_shape: tuple[int, ...], num_classes: int
                  ) -> None:
@@ -88,7 +90,7 @@ class Zskt(AdversarialSynthesizer):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def generator_every(self) -> int:
-        return self.params.student_steps  # type: ignore[attr-defined]
+        return self.params.student_steps
 
     def part_loss(self, part: str, latent: Batch, student: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``-KL(T || S)`` on ``G(latent.z)``; the batch's codes are kept for the next student steps."""
@@ -98,7 +100,7 @@ class Zskt(AdversarialSynthesizer):
         self._z, self.stash = latent.x.detach(), self.stash.new_zeros(0)  # remade after this step's update
         return loss, terms
 
-    def sample(self, latent: Batch, student: nn.Module) -> torch.Tensor:
+    def sample(self, latent: Batch, student: nn.Module | None) -> torch.Tensor:
         """``G(z)`` of the last generator step's codes, made once after its update and reused until the
         next generator step; before any generator step (e.g. right after a resume) this latent
         batch's codes start the stash."""
@@ -111,5 +113,5 @@ class Zskt(AdversarialSynthesizer):
         return self.stash
 
     def describe(self) -> dict[str, Any]:
-        p: ZsktParams = self.params  # type: ignore[assignment]
+        p: ZsktParams = self.params
         return {**super().describe(), "student_steps": p.student_steps}

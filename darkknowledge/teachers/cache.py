@@ -38,17 +38,17 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from darkknowledge.data.augment import Augment, AugmentParams
 from darkknowledge.data.batch import Batch, model_input, to_device
-from darkknowledge.data.tensors import TensorData
 from darkknowledge.data.cache import cache_dir
 from darkknowledge.data.fingerprint import update_with_tensor
 from darkknowledge.data.seeds import make_generator
+from darkknowledge.data.tensors import TensorData
 from darkknowledge.engine.progress import Progress
 from darkknowledge.errors import ConfigError
 from darkknowledge.losses.base import Outputs
@@ -139,7 +139,7 @@ class TeacherOutputCache:
         self.meta = json.loads((self.path / "meta.json").read_text())
         total = sum(f.stat().st_size for f in self.path.glob("*.npy"))
         self.mapped = total > memory_limit_mb * 2**20
-        mode = "r" if self.mapped else None
+        mode: Literal["r"] | None = "r" if self.mapped else None
         arrays = {f.stem: np.load(f, mmap_mode=mode) for f in sorted(self.path.glob("*.npy"))}
         # in memory: torch tensors, indexed without a numpy round trip; beyond the limit: memory-mapped arrays
         self.arrays: dict[str, Any] = arrays if self.mapped else {k: torch.from_numpy(a) for k, a in arrays.items()}
@@ -252,9 +252,9 @@ def build_cache(teacher: Any, loader: Any, spec: CacheSpec, folder: Path, *, aug
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     start = time.perf_counter()
-    arrays: dict[str, np.ndarray] = {}
+    arrays: dict[str, np.memmap] = {}
 
-    def alloc(name: str, row: np.ndarray) -> np.ndarray:
+    def alloc(name: str, row: np.ndarray) -> np.memmap:
         if name not in arrays:
             arrays[name] = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=row.dtype,
                                                      shape=(spec.views, n, *row.shape[1:]))
@@ -284,9 +284,9 @@ def build_cache(teacher: Any, loader: Any, spec: CacheSpec, folder: Path, *, aug
                 a = _to_storage(out.features[tap].cpu(), spec.dtype)
                 alloc(f"feat.{k}", a)[v, i] = a
         for v, p in enumerate(params):
-            for k, t in p.items():
+            for key, t in p.items():
                 a = t.numpy()
-                alloc(f"aug.{k}", a)[v] = a
+                alloc(f"aug.{key}", a)[v] = a
         for a in arrays.values():
             a.flush()
         arrays.clear()

@@ -65,6 +65,8 @@ def add_noise(x: torch.Tensor, std: float) -> torch.Tensor:
 class EMAState(nn.Module):
     """The averaged copy and its update count (both checkpointed)."""
 
+    updates: torch.Tensor  # a buffer
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
@@ -81,6 +83,8 @@ class EMA(Teacher):
         warmup: Use ``min(decay, 1 - 1/(t+1))`` (the authors' code) instead of a constant decay.
         noise: Std of the Gaussian noise on the teacher's input.
     """
+
+    model: nn.Module  # the averaged copy
 
     def __init__(self, student: nn.Module, decay: float = 0.99, warmup: bool = True, noise: float = 0.0) -> None:
         super().__init__()
@@ -124,6 +128,7 @@ class EMA(Teacher):
     def after_step(self) -> None:
         """``ema <- d_t * ema + (1 - d_t) * student`` (identical on every rank)."""
         self.ema.updates += 1
+        d: torch.Tensor | float
         if self.warmup:  # min(decay, 1 - 1/(t+1)) as a tensor: no host sync per step
             d = (1.0 - 1.0 / (self.ema.updates.double() + 1.0)).clamp(max=self.decay).float()
         else:

@@ -27,7 +27,7 @@ from torch import nn
 
 from darkknowledge.data.batch import UNLABELED, Batch
 from darkknowledge.errors import ConfigError, ShapeError
-from darkknowledge.losses.base import Outputs
+from darkknowledge.losses.base import Outputs, class_logits
 from darkknowledge.teachers.base import Teacher, Views
 
 EnsembleName = Literal["min_logit", "naive", "mean"]
@@ -122,11 +122,11 @@ class Ensemble(Teacher):
         return f"the {self.kind_name} ensemble of {self.member_views}"
 
     def view_taps(self) -> dict[str, tuple[str, ...]]:
-        return {v: self.taps for v in self.member_views}
+        return dict.fromkeys(self.member_views, self.taps)
 
     def __call__(self, batch: Batch, views: Views | None = None) -> Outputs:
         assert views is not None
         outs = [views[v] for v in self.member_views]
-        logits = ensemble_teacher([o.logits for o in outs], batch.y, self.kind_name) if self.need_logits else None
+        logits = ensemble_teacher([class_logits(o, "the peers' ensemble") for o in outs], batch.y, self.kind_name) if self.need_logits else None
         feats = {p: mean_features([o.feature(p) for o in outs], p, self.member_views) for p in self.taps}
         return Outputs(logits=logits, features=feats)

@@ -21,9 +21,9 @@ ensemble, a model run on two halves of a batch) overrides ``compute_views`` only
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -82,7 +82,8 @@ class Link:
             raise ConfigError(f"{self.where}: losses {reading} need a teacher, but view {self.view!r} has none here; "
                               "give it a teacher, or use losses that read none (e.g. ce)")
         for name in reading:
-            if self.objective.terms[name].has_pretrain() and not teacher.standalone:  # type: ignore[union-attr]
+            assert teacher is not None  # terms that read a teacher and no teacher: refused above
+            if self.objective.terms[name].has_pretrain() and not teacher.standalone:
                 raise ConfigError(f"{self.where}.{name}: this loss pre-trains on a fixed teacher's outputs before "
                                   f"training, but its teacher here is {teacher.kind}, which changes every step; "
                                   "use it with a frozen teacher")
@@ -152,6 +153,8 @@ class Flow(nn.Module):
         extra: Further trainable modules (registered as submodules under these names).
     """
 
+    draws: torch.Tensor  # a buffer
+
     def __init__(self, views: Mapping[str, nn.Module], links: Sequence[Link | Group], *,
                  tap_models: Mapping[str, nn.Module] | None = None,
                  extra_taps: Mapping[str, Sequence[str]] | None = None,
@@ -204,10 +207,16 @@ class Flow(nn.Module):
         taps to them); default: on the view itself."""
         return wanted
 
+    def view_model(self, view: str) -> nn.Module:
+        """The model registered under the name ``view`` (a view's, or an extra module)."""
+        model = self._modules[view]
+        assert model is not None  # registered by __init__
+        return model
+
     # ------------------------------------------------------------ a step
     def run_view(self, view: str, x: Any) -> Outputs:
         """The view's model on ``x``, with the view's taps recorded."""
-        return tapped_outputs(self._modules[view], self.taps.get(view), x)
+        return tapped_outputs(self.view_model(view), self.taps.get(view), x)
 
     def compute_views(self, batch: Batch) -> dict[str, Outputs]:
         """This step's outputs of every view (default: each view's model on its input: ``batch.x``,
@@ -267,7 +276,7 @@ class Flow(nn.Module):
                 for i, idle in enumerate(group.links):
                     params = list(idle.objective.parameters()) if i != which else []
                     if params:  # DDP without find_unused_parameters: a zero gradient for idle adapters
-                        zero = 0.0 * sum(p.sum() for p in params)
+                        zero = cast(torch.Tensor, 0.0 * sum(p.sum() for p in params))  # params: not empty
                         total = zero if total is None else total + zero
             per_key: dict[str, list[torch.Tensor]] = {}
             for link in active:
@@ -341,8 +350,11 @@ class Flow(nn.Module):
         """Pre-training stages of the losses (e.g. FT's paraphraser), on their teacher's outputs."""
         for link in self.links:
             if link.teacher is not None and any(t.has_pretrain() for t in link.objective.terms.values()):
-                teacher: Callable[[Batch], Outputs] = link.teacher
-                link.objective.pretrain(lambda teacher=teacher: (teacher(b) for b in batches))
+
+                def outputs(teacher: Callable[[Batch], Outputs] = link.teacher) -> Iterator[Outputs]:
+                    return (teacher(b) for b in batches)
+
+                link.objective.pretrain(outputs)
 
     def release(self) -> None:
         """Remove the flow's hooks from its models (a flow that was only built to check a recipe)."""

@@ -51,7 +51,8 @@ class FrozenTeacher:
         return self
 
     def __call__(self, x: Any) -> Outputs:
-        """Teacher outputs for inputs ``x`` ``(B, ...)`` (or a mapping of keyword inputs): logits ``(B, K)`` and tapped features.
+        """Teacher outputs for inputs ``x`` ``(B, ...)`` (or a mapping of keyword inputs): logits ``(B, K)``
+        and tapped features.
 
         Tensors made under inference mode cannot be saved for backward; the outputs are
         cloned once outside it so losses may use them freely (a copy of logits and the
@@ -93,6 +94,7 @@ class Frozen(Teacher):
     """
 
     standalone = True
+    model: nn.Module  # always a model
 
     def __init__(self, model: nn.Module, name: str = "teacher", cache: CacheConfig | None = None) -> None:
         super().__init__()
@@ -191,7 +193,7 @@ class Frozen(Teacher):
         return self
 
     def channels_last(self) -> None:
-        self.model.to(memory_format=torch.channels_last)
+        self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing from the stubs
 
     def compile(self) -> None:
         if self.cache is None:  # a cached teacher does not run

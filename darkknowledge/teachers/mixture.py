@@ -21,7 +21,7 @@ import torch
 
 from darkknowledge.data.batch import Batch
 from darkknowledge.errors import ConfigError
-from darkknowledge.losses.base import Outputs
+from darkknowledge.losses.base import Outputs, class_logits
 from darkknowledge.teachers.base import Teacher, Views
 from darkknowledge.teachers.frozen import Frozen
 from darkknowledge.teachers.mix import confidence_weights, fixed_weights, mixture_logits, stack_logits
@@ -55,7 +55,7 @@ class Mixture(Teacher):
         n = len(self.teachers)
         self.name = "+".join(m.name for m in self.teachers)
         self.rule, self.confidence, self.T = rule, confidence, T
-        self.fixed = fixed_weights(weights, n) if rule == "weighted" else torch.full((n,), 1.0 / n)  # (N,)
+        self.fixed = fixed_weights(weights or (), n) if rule == "weighted" else torch.full((n,), 1.0 / n)  # (N,)
 
     @property
     def kind(self) -> str:
@@ -78,7 +78,7 @@ class Mixture(Teacher):
     def __call__(self, batch: Batch, views: Views | None = None) -> Outputs:
         if self.T is None:
             raise RuntimeError("Mixture.T is not set: the temperature at which the teachers are mixed")
-        logits = stack_logits([m(batch, views).logits for m in self.teachers])  # (N, B, K)
+        logits = stack_logits([class_logits(m(batch, views), "a mixture of teachers") for m in self.teachers])  # (N, B, K)
         return Outputs(logits=mixture_logits(logits, self.weights(logits, batch.y), self.T))  # (B, K)
 
     def members(self) -> list[Teacher]:

@@ -45,7 +45,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -104,9 +104,9 @@ def _write_json(path: Path, value: dict[str, Any]) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(value, indent=1)), binary=False)
 
 
-def _map(folder: Path, layout: Layout, n: int, length: int, mode: str) -> dict[str, np.ndarray]:
+def _map(folder: Path, layout: Layout, n: int, length: int, mode: Literal["w+", "r+", "r"]) -> dict[str, np.memmap]:
     """The arrays of ``layout`` in ``folder``: created (``w+``), or opened (``r+``/``r``) and checked."""
-    out = {}
+    out: dict[str, np.memmap] = {}
     for name, (dtype, per_token) in layout.arrays().items():
         f, shape = folder / f"{name}.npy", (n, length, *per_token)
         if mode == "w+":

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -120,7 +121,8 @@ class Layout:
             ids = torch.cat([p.ids for p in parts])  # (b*L, d)
             logp = torch.cat([p.logp for p in parts])  # (b*L, d)
             tail = torch.cat([p.tail for p in parts])  # (b*L,)
-            counts = torch.cat([p.weights for p in parts]) * self.slots  # (b*L, d) integer-valued
+            weights = cast("list[torch.Tensor]", [p.weights for p in parts])  # sampled targets carry weights
+            counts = torch.cat(weights) * self.slots  # (b*L, d) integer-valued
         dt = self.arrays()
         out = {"ids": ids.cpu().numpy().astype(dt["ids"][0]).reshape(b, length, self.slots),
                "logp": logp.to(torch.float16).cpu().numpy().reshape(b, length, self.slots),
@@ -147,8 +149,8 @@ class Layout:
             return put(rows["logp"])  # (b, L, V)
         logp = put(rows["logp"]).float()  # (b, L, slots)
         b, length = logp.shape[:2]
-        ids = rows["ids"]
-        ids = put(ids.astype(np.int32) if ids.dtype == np.uint16 else ids).long().reshape(b * length, self.slots)  # (bL, k)
+        raw = rows["ids"]
+        ids = put(raw.astype(np.int32) if raw.dtype == np.uint16 else raw).long().reshape(b * length, self.slots)  # (bL, k)
         weights = None
         if self.kind == "sampled":
             weights = put(rows["counts"]).float().reshape(b * length, self.slots) / self.slots  # (bL, d)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from darkknowledge.data.batch import UNLABELED, Batch
 from darkknowledge.errors import ConfigError
-from darkknowledge.losses.base import Outputs
+from darkknowledge.losses.base import Outputs, class_logits
 from darkknowledge.teachers.base import Teacher, Views
 
 
@@ -68,7 +68,7 @@ class Virtual(Teacher):
 
     def __call__(self, batch: Batch, views: Views | None = None) -> Outputs:
         assert views is not None
-        own = views[self.view].logits.detach()  # (B, K)
+        own = class_logits(views[self.view], "the virtual teacher").detach()  # (B, K)
         q = virtual_teacher(batch.y, own.shape[-1], self.a, self.T)  # (B, K)
         logits = torch.where((batch.y != UNLABELED)[:, None], q.log().to(own.dtype), own)  # (B, K)
         return Outputs(logits=logits)

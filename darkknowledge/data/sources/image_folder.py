@@ -47,7 +47,7 @@ def _pil_image() -> Any:
 
 def load_image(path: Path, image_size: int) -> np.ndarray:
     """One RGB image resized to ``image_size`` x ``image_size``, as ``(3, S, S)`` uint8."""
-    Image = _pil_image()  # noqa: N806  (the module's own name)
+    Image = _pil_image()  # the module's own name
     try:
         with Image.open(path) as img:
             rgb = img.convert("RGB")

@@ -18,7 +18,7 @@ Shapes: as the float layer (``(B, C_in, L)``, ``(B, C_in, H, W)``, ``(B, *, in_f
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -32,14 +32,18 @@ class QuantLayer:
     """Mixin of the quantized layers: the quantizers and the conversion from a float layer."""
 
     FLOAT: type[nn.Module]
-    weight: nn.Parameter
+    weight: torch.Tensor
     weight_quant: nn.Module
     act_quant: nn.Module | None
 
+    if TYPE_CHECKING:  # the layers built from the mixin take their float layer's arguments and the quantizers'
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None: ...
+
     def _attach_quantizers(self, bits: int, act_bits: int | None, method: str, per_channel: bool) -> None:
         """Add ``weight_quant`` and ``act_quant`` (None without ``act_bits``) on the weight's device/dtype."""
-        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
-        module: nn.Module = self  # type: ignore[assignment]
+        factory: dict[str, Any] = {"device": self.weight.device, "dtype": self.weight.dtype}
+        module: nn.Module = self  # type: ignore[assignment]  # a mixin: self is the layer
         module.weight_quant = make_quantizer(method, bits, per_channel, channels=self.weight.shape[0], **factory)
         act = None if act_bits is None else make_quantizer(method, act_bits, False, activation=True, **factory)
         module.register_module("act_quant", act)
@@ -74,21 +78,23 @@ class QuantLayer:
             raise ConfigError(
                 f"{cls.__name__}.from_float: expects an nn.{cls.FLOAT.__name__}, got {type(module).__name__}"
             )
+        assert isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))  # every FLOAT is one of them
         weight = module.weight
         new = cls(**cls._float_kwargs(module), bias=module.bias is not None, device=weight.device,
                   dtype=weight.dtype, bits=spec.bits, act_bits=spec.act_bits, method=spec.method,
                   per_channel=spec.per_channel)
+        layer = cast("nn.Linear | nn.Conv1d | nn.Conv2d", new)  # cls subclasses its FLOAT
         with torch.no_grad():
-            new.weight.copy_(weight)
-            if module.bias is not None:
-                new.bias.copy_(module.bias)
+            layer.weight.copy_(weight)
+            if module.bias is not None and layer.bias is not None:
+                layer.bias.copy_(module.bias)
         initialize = getattr(new.weight_quant, "initialize", None)
         if initialize is not None:
-            initialize(new.weight.detach())
-        new.weight.requires_grad_(weight.requires_grad)
-        if module.bias is not None:
-            new.bias.requires_grad_(module.bias.requires_grad)
-        return new.train(module.training)
+            initialize(layer.weight.detach())
+        layer.weight.requires_grad_(weight.requires_grad)
+        if module.bias is not None and layer.bias is not None:
+            layer.bias.requires_grad_(module.bias.requires_grad)
+        return layer.train(module.training)
 
 
 def _conv_kwargs(module: nn.Module) -> dict[str, Any]:
@@ -139,7 +145,7 @@ class _QuantConv(QuantLayer):
 
     def __init__(self, *args: Any, bits: int = 8, act_bits: int | None = None, method: str = "lsq",
                  per_channel: bool = True, **kwargs: Any) -> None:
-        self.FLOAT.__init__(self, *args, **kwargs)  # type: ignore[misc]
+        self.FLOAT.__init__(self, *args, **kwargs)  # type: ignore[arg-type]  # a mixin: self is the FLOAT's subclass
         self._attach_quantizers(bits, act_bits, method, per_channel)
 
     @classmethod
@@ -148,6 +154,7 @@ class _QuantConv(QuantLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C_in, *S)`` -> ``(B, C_out, *S')``."""
+        # the convolution's method:
         return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)  # type: ignore[attr-defined]
 
 

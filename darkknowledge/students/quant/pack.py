@@ -30,7 +30,7 @@ evaluated. Every other tensor is kept: floating ones as float32, others (counter
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 from torch import nn
@@ -43,6 +43,7 @@ from darkknowledge.students.quant.fake_quant import (
     minmax_quantize,
 )
 from darkknowledge.students.quant.layers import QuantLayer
+from darkknowledge.students.quant.quantizers import WeightQuantizer
 from darkknowledge.students.quant.wrap import is_quantized
 from darkknowledge.taps import unwrap
 
@@ -67,7 +68,12 @@ class IntegerWeights(NamedTuple):
     zero_point: torch.Tensor
 
 
-def integer_weights(layer: nn.Module) -> IntegerWeights:
+def _weight_quantizer(layer: QuantLayer) -> WeightQuantizer:
+    """The layer's weight quantizer, by the interface every quantizer has."""
+    return cast(WeightQuantizer, layer.weight_quant)
+
+
+def integer_weights(layer: nn.Module | QuantLayer) -> IntegerWeights:
     """The integer codes, scale and zero point of a quantized layer's weight.
 
     Raises:
@@ -78,8 +84,8 @@ def integer_weights(layer: nn.Module) -> IntegerWeights:
             f"integer_weights: expects a quantized layer (QuantConv1d, QuantConv2d, QuantLinear), "
             f"got {type(layer).__name__}; quantize the model first (quantize_model)"
         )
-    q = layer.weight_quant.quantize(layer.weight)
-    lo, hi = layer.weight_quant.code_range()
+    q = _weight_quantizer(layer).quantize(layer.weight)
+    lo, hi = _weight_quantizer(layer).code_range()
     dtype = torch.int8 if lo >= -128 and hi <= 127 else torch.int16
     return IntegerWeights(q.codes.to(dtype), q.scale, q.zero_point)
 
@@ -183,8 +189,9 @@ def packed_state_dict(model: nn.Module, default_bits: int | None = 8) -> dict[st
         key = f"{path}.weight" if path else "weight"
         if isinstance(m, QuantLayer):
             w = integer_weights(m)
-            lo, _ = m.weight_quant.code_range()
-            packed[key] = (Quantized(w.codes, w.scale, w.zero_point), m.weight_quant.bits, lo)
+            quantizer = _weight_quantizer(m)
+            lo, _ = quantizer.code_range()
+            packed[key] = (Quantized(w.codes, w.scale, w.zero_point), quantizer.bits, lo)
         elif not quantized and default_bits is not None and isinstance(m, _FLOAT_LAYERS):
             packed[key] = (minmax_quantize(m.weight, default_bits, per_channel=True), default_bits, 0)
     out: dict[str, torch.Tensor] = {}

@@ -23,7 +23,7 @@ forward before wrapping the model (or load a state dict) so every rank starts fr
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -44,6 +44,16 @@ from darkknowledge.students.quant.fake_quant import (
 
 QUANTIZERS: Registry[type[nn.Module]] = Registry("quantizer")
 """Quantizer classes by method name (``QuantSpec.method``)."""
+
+
+class WeightQuantizer(Protocol):
+    """What every quantizer module provides besides its forward (the module docstring)."""
+
+    bits: int
+
+    def quantize(self, v: torch.Tensor) -> Quantized: ...
+
+    def code_range(self) -> tuple[int, int]: ...
 
 
 def _check_channels(where: str, per_channel: bool, channels: int, activation: bool) -> int:
@@ -75,6 +85,9 @@ class LsqQuantizer(nn.Module):
     """
 
     method = "lsq"
+
+    initialized: torch.Tensor  # buffers
+    signed: torch.Tensor
 
     def __init__(
         self,

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from darkknowledge.students.quant.fake_quant import MAX_BITS, MIN_BITS
 
 QuantizableType = Literal["Conv1d", "Conv2d", "Linear"]
-QUANTIZABLE_TYPES: tuple[str, ...] = ("Conv1d", "Conv2d", "Linear")
+QUANTIZABLE_TYPES: tuple[QuantizableType, ...] = ("Conv1d", "Conv2d", "Linear")
 """Type names of the layers that have a quantized twin (``torch.nn`` classes, exactly these)."""
 
 Bits = Annotated[StrictInt, Field(ge=MIN_BITS, le=MAX_BITS)]

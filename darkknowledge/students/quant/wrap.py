@@ -14,7 +14,7 @@ Selection (``named_modules()`` order): every module whose type is exactly one of
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pydantic
@@ -36,7 +36,7 @@ def _type_name(module: nn.Module) -> str | None:
     return _FLOAT_TYPES.get(type(module))
 
 
-def quantizable_paths(model: nn.Module, types: tuple[str, ...] | list[str] = QUANTIZABLE_TYPES) -> list[str]:
+def quantizable_paths(model: nn.Module, types: Sequence[str] = QUANTIZABLE_TYPES) -> list[str]:
     """Paths of the float layers of ``types`` (exact ``torch.nn`` classes), in ``named_modules()`` order.
 
     The root module itself is never listed: it cannot be swapped in place.
@@ -127,6 +127,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec | Mapping[str, Any], where:
     chosen = select_paths(net, spec, where)
     for path in chosen:
         old = net.get_submodule(path)
+        # select_paths: quantizable types only:
         new = QUANT_LAYERS[_type_name(old)].from_float(old, spec)  # type: ignore[index]
         parent_path, _, child = path.rpartition(".")
         setattr(net.get_submodule(parent_path) if parent_path else net, child, new)
