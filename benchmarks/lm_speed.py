@@ -76,8 +76,9 @@ def teacher_and_tokenizer(quick: bool) -> tuple[torch.nn.Module, object, str]:
 
 
 def student(seed: int) -> torch.nn.Module:
-    return build_from_config("llama", VOCAB, hidden_size=64, layers=4, heads=4, kv_heads=2, intermediate_size=256,
-                             seed=seed)
+    return build_from_config(
+        "llama", VOCAB, hidden_size=64, layers=4, heads=4, kv_heads=2, intermediate_size=256, seed=seed
+    )
 
 
 def speed(args: argparse.Namespace) -> dict:
@@ -102,8 +103,13 @@ def speed(args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         caches[kind] = load_or_build(run, train.x, kind=kind, fingerprint=fingerprint, batch_size=8, **extra)
         builds[kind] = {"seconds": round(time.perf_counter() - t0, 1), **caches[kind].describe()}
-    variants = {"ce": ({"ce": {}}, None), "fkl_topk": ({"fkl": {}}, "topk"), "fkl_sampled": ({"fkl": {}}, "sampled"),
-                "fkl_dense": ({"fkl": {}}, "dense"), "fkl_live": ({"fkl": {}}, "live")}
+    variants = {
+        "ce": ({"ce": {}}, None),
+        "fkl_topk": ({"fkl": {}}, "topk"),
+        "fkl_sampled": ({"fkl": {}}, "sampled"),
+        "fkl_dense": ({"fkl": {}}, "dense"),
+        "fkl_live": ({"fkl": {}}, "live"),
+    }
     cfg = TrainConfig(epochs=1, optimizer={"name": "adamw", "lr": 0.003})
     eval_loader = TokenLoader(train.subset(torch.arange(2)), 2, shuffle=False)
     per_round: dict[str, list[float]] = {k: [] for k in variants}
@@ -126,8 +132,15 @@ def speed(args: argparse.Namespace) -> dict:
     for name, values in per_round.items():
         ratios = [v / c for v, c in zip(values, per_round["ce"])]
         rows[name] = {"tokens_per_s": statistics.median(values), "ratio_to_ce": statistics.median(ratios)}
-    return {"teacher": teacher_name, "blocks": args.blocks, "block_len": args.block_len,
-            "batch_size": args.batch_size, "reps": args.reps, "rows": rows, "caches": builds}
+    return {
+        "teacher": teacher_name,
+        "blocks": args.blocks,
+        "block_len": args.block_len,
+        "batch_size": args.batch_size,
+        "reps": args.reps,
+        "rows": rows,
+        "caches": builds,
+    }
 
 
 def memory_point(chunk: str, length: int, batch: int) -> int:
@@ -139,8 +152,9 @@ def memory_point(chunk: str, length: int, batch: int) -> int:
     from darkknowledge.losses.base import Outputs
 
     torch.manual_seed(0)
-    model = build_from_config("llama", VOCAB, hidden_size=64, layers=1, heads=4, kv_heads=2, seed=0,
-                              max_positions=max(2048, length))
+    model = build_from_config(
+        "llama", VOCAB, hidden_size=64, layers=1, heads=4, kv_heads=2, seed=0, max_positions=max(2048, length)
+    )
     x = torch.randint(0, VOCAB, (batch, length))
     n, k = batch * length, 64
     logp = torch.log_softmax(torch.randn(n, k), -1) - 1.0
@@ -214,11 +228,21 @@ def memory(args: argparse.Namespace) -> list[dict]:
     lengths = (128, 512) if not args.quick else (32, 64)
     for length in lengths:
         for chunk in ("32", "128", "512", "none"):
-            out = subprocess.run([sys.executable, __file__, "--memory-point", chunk, str(length), str(args.mem_batch)],
-                                 capture_output=True, text=True, check=True)
-            points.append({"chunk": chunk, "length": length, "batch": args.mem_batch,
-                           "peak_mb": round(int(out.stdout.strip().splitlines()[-1]) / 2**20, 1),
-                           "logits_mb": round(args.mem_batch * length * VOCAB * 4 / 2**20, 1)})
+            out = subprocess.run(
+                [sys.executable, __file__, "--memory-point", chunk, str(length), str(args.mem_batch)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            points.append(
+                {
+                    "chunk": chunk,
+                    "length": length,
+                    "batch": args.mem_batch,
+                    "peak_mb": round(int(out.stdout.strip().splitlines()[-1]) / 2**20, 1),
+                    "logits_mb": round(args.mem_batch * length * VOCAB * 4 / 2**20, 1),
+                }
+            )
     return points
 
 
@@ -243,8 +267,10 @@ def main() -> None:
     fast = speed(args)
     paths = chunk_paths(args)
     mem = memory(args)
-    print(f"teacher: {fast['teacher']}; {fast['blocks']} blocks x {fast['block_len']} tokens, "
-          f"batch {fast['batch_size']}, median of {fast['reps']} rounds")
+    print(
+        f"teacher: {fast['teacher']}; {fast['blocks']} blocks x {fast['block_len']} tokens, "
+        f"batch {fast['batch_size']}, median of {fast['reps']} rounds"
+    )
     print("| variant | tokens/s | ratio to ce |\n|---|---|---|")
     for name, row in fast["rows"].items():
         print(f"| {name} | {row['tokens_per_s']:,.0f} | {row['ratio_to_ce']:.2f} |")
@@ -255,8 +281,9 @@ def main() -> None:
     for loss_name in ("ce", "fkl"):
         f, r = paths[f"{loss_name}_fused"], paths[f"{loss_name}_recompute"]
         print(f"| {loss_name} | {f:.3f} | {r:.3f} | {r / f:.2f}x |")
-    print("\n| seq length | chunk (tokens) | peak MB above baseline | full (B*L, V) fp32 logits MB |\n"
-          "|---|---|---|---|")
+    print(
+        "\n| seq length | chunk (tokens) | peak MB above baseline | full (B*L, V) fp32 logits MB |\n|---|---|---|---|"
+    )
     for m in mem:
         print(f"| {m['length']} | {m['chunk']} | {m['peak_mb']:,.1f} | {m['logits_mb']:,.1f} |")
     if args.json:

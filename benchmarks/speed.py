@@ -80,8 +80,15 @@ class Setting:
     student: tuple[str, dict[str, Any]]
     losses: dict[str, Any] = field(default_factory=lambda: {"kd": {"T": 4.0, "alpha": 0.9}})
     batch_size: int = 128
-    variants: tuple[str, ...] = ("hand_plain", "dk_plain", "teacher_fwd", "dk_kd_live", "dk_kd_cached",
-                                 "hand_kd_live", "hand_kd_cached")
+    variants: tuple[str, ...] = (
+        "hand_plain",
+        "dk_plain",
+        "teacher_fwd",
+        "dk_kd_live",
+        "dk_kd_cached",
+        "hand_kd_live",
+        "hand_kd_cached",
+    )
     memory_limit_mb: float = 1024.0
     reps: int = 3
     """Timed rounds by default: cheap settings take more, so that their median is stable."""
@@ -91,14 +98,49 @@ def settings(quick: bool) -> dict[str, Setting]:
     n_img, n_1d = (256, 512) if quick else (5000, 4000)
     img_t, img_s = (("resnet8", {}), ("resnet8", {})) if quick else (("resnet56", {}), ("resnet20", {}))
     return {
-        "a": Setting("a", "synthetic CIFAR-100-shaped, resnet56 -> resnet20", n_img, (3, 32, 32), 100, img_t, img_s,
-                     variants=("hand_plain", "dk_plain", "teacher_fwd", "dk_kd_live", "dk_kd_cached"), reps=9),
-        "b": Setting("b", "MNIST-1D-shaped, cnn1d -> mlp", n_1d, (40,), 10, ("cnn1d", {}), ("mlp", {"hidden": [100, 100]}),
-                     variants=("hand_plain", "dk_plain", "teacher_fwd", "dk_kd_live", "dk_kd_cached",
-                               "dk_kd_cached_textbook", "hand_kd_live", "hand_kd_cached"), reps=31),
-        "c": Setting("c", "FitNet (+KD) on (a), live vs cached", n_img, (3, 32, 32), 100, img_t, img_s,
-                     losses={"fitnet": {"weight": 100.0}, "kd": {"T": 4.0, "alpha": 0.9}},
-                     variants=("hand_plain", "dk_plain", "teacher_fwd", "dk_kd_live", "dk_kd_cached"), reps=9),
+        "a": Setting(
+            "a",
+            "synthetic CIFAR-100-shaped, resnet56 -> resnet20",
+            n_img,
+            (3, 32, 32),
+            100,
+            img_t,
+            img_s,
+            variants=("hand_plain", "dk_plain", "teacher_fwd", "dk_kd_live", "dk_kd_cached"),
+            reps=9,
+        ),
+        "b": Setting(
+            "b",
+            "MNIST-1D-shaped, cnn1d -> mlp",
+            n_1d,
+            (40,),
+            10,
+            ("cnn1d", {}),
+            ("mlp", {"hidden": [100, 100]}),
+            variants=(
+                "hand_plain",
+                "dk_plain",
+                "teacher_fwd",
+                "dk_kd_live",
+                "dk_kd_cached",
+                "dk_kd_cached_textbook",
+                "hand_kd_live",
+                "hand_kd_cached",
+            ),
+            reps=31,
+        ),
+        "c": Setting(
+            "c",
+            "FitNet (+KD) on (a), live vs cached",
+            n_img,
+            (3, 32, 32),
+            100,
+            img_t,
+            img_s,
+            losses={"fitnet": {"weight": 100.0}, "kd": {"T": 4.0, "alpha": 0.9}},
+            variants=("hand_plain", "dk_plain", "teacher_fwd", "dk_kd_live", "dk_kd_cached"),
+            reps=9,
+        ),
     }
 
 
@@ -135,7 +177,7 @@ def hand_plain(s: Setting, data: TensorData, device: torch.device, epochs: int) 
         t0 = time.perf_counter()
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(epoch)).to(device)
         for i in range(0, len(y), s.batch_size):
-            idx = order[i:i + s.batch_size]
+            idx = order[i : i + s.batch_size]
             loss = F.cross_entropy(net(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -153,7 +195,7 @@ def hand_kd(s: Setting, data: TensorData, device: torch.device, epochs: int, liv
     teacher = model(s.teacher, s, device, 0).eval()
     x, y = data.x.to(device), data.y.to(device)
     with torch.inference_mode():
-        logits = torch.cat([teacher(x[i:i + s.batch_size]) for i in range(0, len(x), s.batch_size)])
+        logits = torch.cat([teacher(x[i : i + s.batch_size]) for i in range(0, len(x), s.batch_size)])
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     T, alpha = 4.0, 0.9
     times = []
@@ -162,15 +204,20 @@ def hand_kd(s: Setting, data: TensorData, device: torch.device, epochs: int, liv
         t0 = time.perf_counter()
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(epoch)).to(device)
         for i in range(0, len(y), s.batch_size):
-            idx = order[i:i + s.batch_size]
+            idx = order[i : i + s.batch_size]
             if live:
                 with torch.inference_mode():
                     target = teacher(x[idx]).clone()
             else:
                 target = logits[idx]
             z = net(x[idx])
-            soft = F.kl_div(F.log_softmax(z / T, -1), F.log_softmax(target / T, -1), reduction="batchmean",
-                            log_target=True) * T * T
+            soft = (
+                F.kl_div(
+                    F.log_softmax(z / T, -1), F.log_softmax(target / T, -1), reduction="batchmean", log_target=True
+                )
+                * T
+                * T
+            )
             loss = alpha * soft + (1 - alpha) * F.cross_entropy(z, y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -190,14 +237,21 @@ def teacher_fwd(s: Setting, data: TensorData, device: torch.device, epochs: int)
         t0 = time.perf_counter()
         with torch.inference_mode():
             for i in range(0, len(x), s.batch_size):
-                net(x[i:i + s.batch_size])
+                net(x[i : i + s.batch_size])
         sync(device)
         times.append(time.perf_counter() - t0)
     return times
 
 
-def dk_run(s: Setting, data: TensorData, test: TensorData, device: torch.device, epochs: int, kind: str,
-           extra: dict[str, float]) -> list[float]:
+def dk_run(
+    s: Setting,
+    data: TensorData,
+    test: TensorData,
+    device: torch.device,
+    epochs: int,
+    kind: str,
+    extra: dict[str, float],
+) -> list[float]:
     """darkknowledge's Trainer: plain CE, KD with the live teacher, or KD from the cache
     (``cached_textbook``: the cache with the KD loss's fused fast path switched off)."""
     student = model(s.student, s, device, 1)
@@ -208,8 +262,9 @@ def dk_run(s: Setting, data: TensorData, test: TensorData, device: torch.device,
         task = offline_task(student, build_objective(s.losses), model(s.teacher, s, device, 0), cache=cache)
     train = BatchLoader(data, s.batch_size, shuffle=True, seed=0, device=device)
     evals = BatchLoader(test, 1024, shuffle=False, device=device)
-    cfg = TrainConfig(epochs=epochs, device=device.type, optimizer={"name": "sgd", "lr": 0.05},
-                      scheduler={"name": "constant"})
+    cfg = TrainConfig(
+        epochs=epochs, device=device.type, optimizer={"name": "sgd", "lr": 0.05}, scheduler={"name": "constant"}
+    )
     trainer = Trainer(task, train, evals, cfg, device, stage=kind, progress=False)
     fused.ENABLED = kind != "cached_textbook"
     try:
@@ -260,9 +315,14 @@ def run_setting(s: Setting, device: torch.device, reps: int | None = None) -> di
             if round_:  # round 0 warms up (and builds the cache, timed on its own)
                 times[v].append(epoch)
     med = {v: statistics.median(t) for v, t in times.items()}
-    out: dict[str, Any] = {"setting": s.name, "title": s.title, "samples": len(data), "reps": reps,
-                           "seconds_per_epoch": {v: round(t, 4) for v, t in med.items()},
-                           "spread": {v: round(max(t) - min(t), 4) for v, t in times.items()}}
+    out: dict[str, Any] = {
+        "setting": s.name,
+        "title": s.title,
+        "samples": len(data),
+        "reps": reps,
+        "seconds_per_epoch": {v: round(t, 4) for v, t in med.items()},
+        "spread": {v: round(max(t) - min(t), 4) for v, t in times.items()},
+    }
     out.update(paired_ratios(times))
     out.update({k: (round(v, 3) if isinstance(v, float) else v) for k, v in extra.items()})
     out["peak_rss_mb"] = round(peak_rss_mb(), 1)
@@ -295,8 +355,9 @@ def paired_ratios(times: dict[str, list[float]]) -> dict[str, float]:
     out = {}
     for name, (num, den) in RATIOS.items():
         if all(v in times for v in num + den):
-            per_round = [sum(times[v][i] for v in num) / sum(times[v][i] for v in den)
-                         for i in range(len(times[num[0]]))]
+            per_round = [
+                sum(times[v][i] for v in num) / sum(times[v][i] for v in den) for i in range(len(times[num[0]]))
+            ]
             out[name] = round(statistics.median(per_round), 3)
     return out
 
@@ -306,21 +367,38 @@ def scaling(quick: bool, device: torch.device, reps: int | None) -> dict[str, An
     base = settings(quick)["b"]
     n = 400 if quick else 4000
     limit = 3 * n * base.num_classes * 2 / 2**20  # three times the 1x cache (fp16 logits): the 10x one is beyond it
-    small = Setting("d", "scaling: cached KD, 1x vs 10x data", n, base.input_shape, base.num_classes, base.teacher,
-                    base.student, variants=("hand_plain", "dk_kd_cached"), memory_limit_mb=limit, reps=9)
+    small = Setting(
+        "d",
+        "scaling: cached KD, 1x vs 10x data",
+        n,
+        base.input_shape,
+        base.num_classes,
+        base.teacher,
+        base.student,
+        variants=("hand_plain", "dk_kd_cached"),
+        memory_limit_mb=limit,
+        reps=9,
+    )
     r1 = run_setting(small, device, reps)
     large = Setting(**{**small.__dict__, "num_samples": 10 * n})
     r10 = run_setting(large, device, reps)
     t1, t10 = r1["seconds_per_epoch"]["dk_kd_cached"], r10["seconds_per_epoch"]["dk_kd_cached"]
-    return {"setting": "d", "title": small.title, "samples": [r1["samples"], r10["samples"]],
-            "seconds_per_epoch": {"dk_kd_cached@1x": t1, "dk_kd_cached@10x": t10},
-            "time_10x/1x": round(t10 / t1, 2),
-            # the hand loop's own growth over the same two runs: what the machine did meanwhile
-            "hand_plain time_10x/1x": round(r10["seconds_per_epoch"]["hand_plain"] / r1["seconds_per_epoch"]["hand_plain"], 2),
-            "dk_kd_cached/hand_plain": [r1["dk_kd_cached/hand_plain"], r10["dk_kd_cached/hand_plain"]],
-            "cache_mb": [r1.get("cache_mb"), r10.get("cache_mb")],
-            "cache_mapped": [r1.get("cache_mapped"), r10.get("cache_mapped")],
-            "memory_limit_mb": round(limit, 3), "peak_rss_mb": r10["peak_rss_mb"]}
+    return {
+        "setting": "d",
+        "title": small.title,
+        "samples": [r1["samples"], r10["samples"]],
+        "seconds_per_epoch": {"dk_kd_cached@1x": t1, "dk_kd_cached@10x": t10},
+        "time_10x/1x": round(t10 / t1, 2),
+        # the hand loop's own growth over the same two runs: what the machine did meanwhile
+        "hand_plain time_10x/1x": round(
+            r10["seconds_per_epoch"]["hand_plain"] / r1["seconds_per_epoch"]["hand_plain"], 2
+        ),
+        "dk_kd_cached/hand_plain": [r1["dk_kd_cached/hand_plain"], r10["dk_kd_cached/hand_plain"]],
+        "cache_mb": [r1.get("cache_mb"), r10.get("cache_mb")],
+        "cache_mapped": [r1.get("cache_mapped"), r10.get("cache_mapped")],
+        "memory_limit_mb": round(limit, 3),
+        "peak_rss_mb": r10["peak_rss_mb"],
+    }
 
 
 def print_table(r: dict[str, Any]) -> None:
@@ -329,16 +407,26 @@ def print_table(r: dict[str, Any]) -> None:
         spread = r.get("spread", {}).get(v)
         print(f"  {v:<22} {t:9.3f} s/epoch" + (f"   (max-min {spread:.3f})" if spread is not None else ""))
     for key, value in r.items():
-        if "/" in key or key in ("cache_build_s", "cache_mb", "cache_mapped", "peak_rss_mb", "peak_gpu_mb",
-                                 "memory_limit_mb"):
+        if "/" in key or key in (
+            "cache_build_s",
+            "cache_mb",
+            "cache_mapped",
+            "peak_rss_mb",
+            "peak_gpu_mb",
+            "memory_limit_mb",
+        ):
             print(f"  {key:<40} {value}")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--settings", nargs="*", default=["a", "b", "c", "d"], choices=["a", "b", "c", "d"])
-    p.add_argument("--reps", type=int, default=None,
-                   help="timed rounds per setting (median reported; default 9, 31 for the cheap (b))")
+    p.add_argument(
+        "--reps",
+        type=int,
+        default=None,
+        help="timed rounds per setting (median reported; default 9, 31 for the cheap (b))",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
     p.add_argument("--json", action="store_true", help="also print one JSON object per setting")
@@ -352,13 +440,19 @@ def main(argv: list[str] | None = None) -> int:
     # under the same allocator settings whatever the order
     kept = device.type == "cpu" and retain_freed_host_memory()
     os.environ.setdefault("DK_CACHE", tempfile.mkdtemp(prefix="dk-speed-"))  # a fresh cache: its build is timed
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads visible, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads), device {device}"
-          + (", freed host memory kept (glibc mallopt)" if kept else "")
-          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads visible, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), device {device}"
+        + (", freed host memory kept (glibc mallopt)" if kept else "")
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+    )
     all_settings = settings(args.quick)
     for name in args.settings:
-        r = scaling(args.quick, device, args.reps) if name == "d" else run_setting(all_settings[name], device, args.reps)
+        r = (
+            scaling(args.quick, device, args.reps)
+            if name == "d"
+            else run_setting(all_settings[name], device, args.reps)
+        )
         print_table(r)
         if args.json:
             print(json.dumps(r))

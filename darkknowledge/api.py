@@ -50,19 +50,27 @@ def _bundle(data: DataLike, num_classes: int | None) -> tuple[dict[str, Any], Da
         x, y, xt, yt = (torch.as_tensor(v) for v in (x, y, xt, yt))
         train, test = TensorData(x, y), TensorData(xt, yt)  # checks lengths and integer labels
         if tuple(xt.shape[1:]) != tuple(x.shape[1:]):
-            raise ConfigError(f"data: test inputs have shape {tuple(xt.shape[1:])} per sample but training inputs "
-                              f"{tuple(x.shape[1:])}; both splits must have the same input shape")
+            raise ConfigError(
+                f"data: test inputs have shape {tuple(xt.shape[1:])} per sample but training inputs "
+                f"{tuple(x.shape[1:])}; both splits must have the same input shape"
+            )
         top = int(max(train.y.max(), test.y.max())) if len(train) and len(test) else -1
         if num_classes is not None and not (isinstance(num_classes, int) and num_classes >= 2):
             raise ConfigError(f"num_classes: expected an integer >= 2, got {num_classes!r}")
         k = num_classes or top + 1
         if top >= k:
-            raise ConfigError(f"data: label {top} is outside the class range 0..{k - 1} of num_classes={k}; "
-                              f"use labels 0..{k - 1} or num_classes >= {top + 1}")
+            raise ConfigError(
+                f"data: label {top} is outside the class range 0..{k - 1} of num_classes={k}; "
+                f"use labels 0..{k - 1} or num_classes >= {top + 1}"
+            )
         if k < 2:
             raise ConfigError(f"data: the labels hold {k} class(es); a classifier needs at least 2")
-        info = DatasetInfo(name="tensors", num_classes=k, input_shape=tuple(x.shape[1:]),
-                           fingerprint=fingerprint("tensors", {}, [("x", x), ("y", y), ("xt", xt), ("yt", yt)]))
+        info = DatasetInfo(
+            name="tensors",
+            num_classes=k,
+            input_shape=tuple(x.shape[1:]),
+            fingerprint=fingerprint("tensors", {}, [("x", x), ("y", y), ("xt", xt), ("yt", yt)]),
+        )
         return {"name": "tensors"}, DataBundle(train=train, test=test, info=info)
     raise ConfigError(
         f"data: expected a dataset name (see `dk list datasets`), a DataBundle, or ((x, y), (x_test, y_test)) "
@@ -75,15 +83,26 @@ def _model_cfg(model: str | nn.Module, where: str) -> tuple[dict[str, Any], nn.M
         return {"name": model}, None
     if isinstance(model, nn.Module):
         return {"name": getattr(model, "dk_name", type(model).__name__)}, model
-    raise ConfigError(f"{where}: expected a model name (see `dk list models`) or an nn.Module, "
-                      f"got {type(model).__name__}")
+    raise ConfigError(
+        f"{where}: expected a model name (see `dk list models`) or an nn.Module, got {type(model).__name__}"
+    )
 
 
-def _config(data_cfg: dict[str, Any], epochs: int, batch_size: int | None, lr: float | None, optimizer: str | None,
-            seed: int, config: dict[str, Any] | None, **parts: Any) -> RunConfig:
+def _config(
+    data_cfg: dict[str, Any],
+    epochs: int,
+    batch_size: int | None,
+    lr: float | None,
+    optimizer: str | None,
+    seed: int,
+    config: dict[str, Any] | None,
+    **parts: Any,
+) -> RunConfig:
     if config is not None and not isinstance(config, dict):
-        raise ConfigError(f"config: expected a mapping of config keys, e.g. {{'train': {{'amp': 'bf16'}}}}; "
-                          f"got {type(config).__name__}")
+        raise ConfigError(
+            f"config: expected a mapping of config keys, e.g. {{'train': {{'amp': 'bf16'}}}}; "
+            f"got {type(config).__name__}"
+        )
     raw: dict[str, Any] = {"name": "api", "seed": seed, "data": data_cfg, "train": {"epochs": epochs}, **parts}
     if batch_size is not None:
         raw["data"]["batch_size"] = batch_size
@@ -94,8 +113,9 @@ def _config(data_cfg: dict[str, Any], epochs: int, batch_size: int | None, lr: f
         opt["name"] = optimizer
     cfg = validate_config(deep_merge(raw, config or {}))
     if (config or {}).get("seeds") is not None:
-        raise ConfigError(f"config.seeds: the Python API trains one seed (seed={seed}); "
-                          "pass seed=..., or call it once per seed")
+        raise ConfigError(
+            f"config.seeds: the Python API trains one seed (seed={seed}); pass seed=..., or call it once per seed"
+        )
     return cfg
 
 
@@ -113,15 +133,19 @@ def _check(cfg: RunConfig, bundle: DataBundle | None, given: dict[str, nn.Module
         extra = sorted(k for k in spec.model_dump(exclude_defaults=True) if k not in ("name", "input"))
         if extra or spec.name != _model_cfg(module, where)[0]["name"]:
             keys = ", ".join(f"{where}.{k}" for k in extra or ["name"])
-            raise ConfigError(f"{keys}: the {where} is given as an nn.Module ({type(module).__name__}), so these "
-                              f"settings would not apply; drop them from config, or pass the {where} by name")
+            raise ConfigError(
+                f"{keys}: the {where} is given as an nn.Module ({type(module).__name__}), so these "
+                f"settings would not apply; drop them from config, or pass the {where} by name"
+            )
     if bundle is not None:
         set_keys = cfg.data.model_dump(exclude_defaults=True)
         extra = [k for k in _LOADING_KEYS if k in set_keys]
         if extra:
-            raise ConfigError(f"{', '.join('data.' + k for k in extra)}: the data is given as tensors or a "
-                              "DataBundle, so these loading settings would not apply; drop them, or pass a "
-                              "dataset name (`dk list datasets`)")
+            raise ConfigError(
+                f"{', '.join('data.' + k for k in extra)}: the data is given as tensors or a "
+                "DataBundle, so these loading settings would not apply; drop them, or pass a "
+                "dataset name (`dk list datasets`)"
+            )
     check_config(cfg, given=[*given, *(["data"] if bundle is not None else [])])
 
 
@@ -221,15 +245,28 @@ def distill(
     data_cfg, bundle = _bundle(data, num_classes)
     s_cfg, s_mod = _model_cfg(student, "student")
     t_cfg, t_mod = _model_cfg(teacher, "teacher")
-    cfg = _config(data_cfg, epochs, batch_size, lr, optimizer, seed, config, student=s_cfg, teacher=t_cfg,
-                  losses=losses or {"kd": {}})
+    cfg = _config(
+        data_cfg,
+        epochs,
+        batch_size,
+        lr,
+        optimizer,
+        seed,
+        config,
+        student=s_cfg,
+        teacher=t_cfg,
+        losses=losses or {"kd": {}},
+    )
     if cfg.scheme.name != "offline":
-        raise ConfigError(f"scheme: dk.distill trains offline (a given teacher teaches the student); scheme "
-                          f"{cfg.scheme.name!r} runs from a recipe: `dk distill {cfg.scheme.name}` or "
-                          "darkknowledge.commands.distill(load_config(...))")
+        raise ConfigError(
+            f"scheme: dk.distill trains offline (a given teacher teaches the student); scheme "
+            f"{cfg.scheme.name!r} runs from a recipe: `dk distill {cfg.scheme.name}` or "
+            "darkknowledge.commands.distill(load_config(...))"
+        )
     if cfg.teachers:
-        raise ConfigError("teachers: dk.distill takes one teacher; several teachers run from a recipe "
-                          "(`dk distill multi_teacher`)")
+        raise ConfigError(
+            "teachers: dk.distill takes one teacher; several teachers run from a recipe (`dk distill multi_teacher`)"
+        )
     _check(cfg, bundle, {k: m for k, m in (("student", s_mod), ("teacher", t_mod)) if m is not None})
     s = _session(cfg, bundle, out, resume)
     t_entry = None
@@ -272,12 +309,13 @@ def train(
     """
     data_cfg, bundle = _bundle(data, num_classes)
     m_cfg, m_mod = _model_cfg(model, "model")
-    cfg = _config(data_cfg, epochs, batch_size, lr, optimizer, seed, config, student=m_cfg,
-                  losses=losses or {"ce": {}})
+    cfg = _config(data_cfg, epochs, batch_size, lr, optimizer, seed, config, student=m_cfg, losses=losses or {"ce": {}})
     unused = [k for k in ("teacher", "teachers", "scheme") if k in cfg.model_dump(exclude_defaults=True)]
     if unused:
-        raise ConfigError(f"{', '.join(unused)}: dk.train trains one model alone, so these settings would not "
-                          "apply; use dk.distill for a teacher")
+        raise ConfigError(
+            f"{', '.join(unused)}: dk.train trains one model alone, so these settings would not "
+            "apply; use dk.distill for a teacher"
+        )
     _check(cfg, bundle, {"student": m_mod} if m_mod is not None else {})
     s = _session(cfg, bundle, out, resume)
     net = _instantiate(m_mod, {**m_cfg, "input": cfg.student.input}, s, "model", seed)

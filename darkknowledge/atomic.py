@@ -105,6 +105,8 @@ def _write_error(path: Path, exc: OSError) -> OSError:
             "intact. Free some space (or point --out / DK_CACHE at another disk) and continue with --resume."
         )
     if exc.errno in _NOT_ALLOWED or isinstance(exc, (NotADirectoryError, FileExistsError)):
-        return WriteError(f"cannot write {str(path)!r}: {exc.strerror or exc}. Choose a folder you can write "
-                          "(--out DIR, or DK_CACHE for caches).")
+        return WriteError(
+            f"cannot write {str(path)!r}: {exc.strerror or exc}. Choose a folder you can write "
+            "(--out DIR, or DK_CACHE for caches)."
+        )
     return exc

@@ -65,54 +65,86 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_run_args(sp: argparse.ArgumentParser, recipe_optional: bool) -> None:
-        sp.add_argument("recipe", nargs="?" if recipe_optional else None, default="quickstart" if recipe_optional else None,
-                        help="shipped recipe name or path to a YAML file" + (" (default: quickstart)" if recipe_optional else ""))
-        sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.epochs=3 seed=1")
+        sp.add_argument(
+            "recipe",
+            nargs="?" if recipe_optional else None,
+            default="quickstart" if recipe_optional else None,
+            help="shipped recipe name or path to a YAML file" + (" (default: quickstart)" if recipe_optional else ""),
+        )
+        sp.add_argument(
+            "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.epochs=3 seed=1"
+        )
         sp.add_argument("--out", help="run folder (default: runs/<name>, a new one per run)")
         sp.add_argument("--resume", action="store_true", help="continue the run in --out (or the latest runs/<name>*)")
         sp.add_argument("--quiet", action="store_true", help="no progress bars and no log lines")
         sp.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
-        sp.add_argument("--log", action="append", type=_logger_names, default=[], metavar="NAMES",
-                        help="also send the metrics to tensorboard and/or mlflow (comma-separated, repeatable; "
-                             "same as log.tensorboard=true / log.mlflow=true; files go into the run folder)")
+        sp.add_argument(
+            "--log",
+            action="append",
+            type=_logger_names,
+            default=[],
+            metavar="NAMES",
+            help="also send the metrics to tensorboard and/or mlflow (comma-separated, repeatable; "
+            "same as log.tensorboard=true / log.mlflow=true; files go into the run folder)",
+        )
 
     rp = sub.add_parser("run", help="compare baseline and distilled students over seeds")
     with_run_args(rp, True)
-    rp.add_argument("--readme", metavar="PATH", help="also write the run's table and verdict into the "
-                    "<!-- run:NAME --> block of this Markdown file (e.g. README.md)")
+    rp.add_argument(
+        "--readme",
+        metavar="PATH",
+        help="also write the run's table and verdict into the "
+        "<!-- run:NAME --> block of this Markdown file (e.g. README.md)",
+    )
     with_run_args(sub.add_parser("distill", help="distill one student from the recipe's teacher"), False)
     tp = sub.add_parser("train", help="train the student (or teacher) alone with cross-entropy")
     with_run_args(tp, False)
-    tp.add_argument("--model", choices=("student", "teacher"), default="student",
-                    help="which model to train; the teacher trains with train + teacher.train and teacher.seed, "
-                         "and train.*/seed overrides apply to it (train.epochs=2: 2 epochs)")
+    tp.add_argument(
+        "--model",
+        choices=("student", "teacher"),
+        default="student",
+        help="which model to train; the teacher trains with train + teacher.train and teacher.seed, "
+        "and train.*/seed overrides apply to it (train.epochs=2: 2 epochs)",
+    )
     ep = sub.add_parser("eval", help="evaluate an exported model (student.pt / model.pt)")
     ep.add_argument("checkpoint")
     ep.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.name=mnist1d train.device=cpu")
-    so = sub.add_parser("search", help="search a student architecture under a latency/size budget (KD proxy on "
-                                       "cached teacher outputs, NSGA-II Pareto front, retrained with full budget)")
+    so = sub.add_parser(
+        "search",
+        help="search a student architecture under a latency/size budget (KD proxy on "
+        "cached teacher outputs, NSGA-II Pareto front, retrained with full budget)",
+    )
     so.add_argument("search", help="shipped search name (darkknowledge/bench/searches) or a search YAML file")
     so.add_argument("--out", help="search folder (default runs/search/NAME); rerun to resume")
     so.add_argument("--trials", type=int, help="override the search's trial budget")
     so.add_argument("--quiet", action="store_true", help="no log lines")
-    xo = sub.add_parser("export", help="a run's student as safetensors + spec, ONNX and torch.export, with its "
-                                       "size, FLOPs and CPU latency")
+    xo = sub.add_parser(
+        "export",
+        help="a run's student as safetensors + spec, ONNX and torch.export, with its size, FLOPs and CPU latency",
+    )
     xo.add_argument("run", help="a run folder, a stage folder, or an exported .pt file")
     xo.add_argument("--stage", help="the stage to export (default: the run's student)")
     xo.add_argument("--out", help="output folder (default RUN/export/STAGE)")
-    xo.add_argument("--formats", nargs="+", default=["safetensors", "onnx", "torch_export"],
-                    choices=("safetensors", "onnx", "torch_export"), help="formats to write")
+    xo.add_argument(
+        "--formats",
+        nargs="+",
+        default=["safetensors", "onnx", "torch_export"],
+        choices=("safetensors", "onnx", "torch_export"),
+        help="formats to write",
+    )
     xp = sub.add_parser("explain", help="a loss's, scheme's or synthesizer's paper, equation and parameters")
     xp.add_argument("loss")
     pp = sub.add_parser("pairs", help="propose stage-aligned student/teacher tap pairs")
     pp.add_argument("student", help="zoo model name")
     pp.add_argument("teacher", help="zoo model name")
     pp.add_argument("--data", default="mnist1d", help="dataset whose input shape to probe with")
-    lp = sub.add_parser("list", help="list registered losses, models, datasets, views, recipes, schemes, "
-                                     "synthesizers")
-    lp.add_argument("what", nargs="?", default="all",
-                    choices=("all", "losses", "models", "datasets", "views", "recipes", "schemes", "synthesizers",
-                             "suites"))
+    lp = sub.add_parser("list", help="list registered losses, models, datasets, views, recipes, schemes, synthesizers")
+    lp.add_argument(
+        "what",
+        nargs="?",
+        default="all",
+        choices=("all", "losses", "models", "datasets", "views", "recipes", "schemes", "synthesizers", "suites"),
+    )
     bp = sub.add_parser("bench", help="run a benchmark suite's cells (resumable) and write its tables")
     tu = sub.add_parser("tune", help="tune every method of a suite with the same trial budget on validation data")
     for sp in (bp, tu):
@@ -120,20 +152,38 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--out", help="bench folder: cells' run folders and the event log (default runs/bench/SUITE)")
         sp.add_argument("--results", help="results folder: one JSON per cell, tables (default OUT/results)")
         sp.add_argument("--only", nargs="+", metavar="PREFIX", help="cells whose id starts with PAIR or PAIR/METHOD")
-        sp.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="override the suite's own keys, e.g. seeds=[0,1] budget.train.epochs=2")
+        sp.add_argument(
+            "--set",
+            nargs="+",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override the suite's own keys, e.g. seeds=[0,1] budget.train.epochs=2",
+        )
         sp.add_argument("--jobs", type=int, default=1, help="cells run in parallel (default 1)")
-        sp.add_argument("--executor", choices=("serial", "local", "submitit"), default=None,
-                        help="serial (default for --jobs 1), local processes (default for --jobs N), submitit")
+        sp.add_argument(
+            "--executor",
+            choices=("serial", "local", "submitit"),
+            default=None,
+            help="serial (default for --jobs 1), local processes (default for --jobs N), submitit",
+        )
         sp.add_argument("--cluster", default=None, help="submitit cluster: slurm, local, debug (default: auto)")
-        sp.add_argument("--slurm", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="submitit parameters, e.g. slurm_partition=gpu gpus_per_node=1 timeout_min=600")
+        sp.add_argument(
+            "--slurm",
+            nargs="+",
+            default=[],
+            metavar="KEY=VALUE",
+            help="submitit parameters, e.g. slurm_partition=gpu gpus_per_node=1 timeout_min=600",
+        )
         sp.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     bp.add_argument("--status", action="store_true", help="say which cells are done, stale or to run; run nothing")
     bp.add_argument("--tables", action="store_true", help="only (re)write the tables from the results; run nothing")
     bp.add_argument("--readme", help="also rewrite this README's <!-- bench:SUITE --> block from the results")
-    tu.add_argument("--trials", type=int, default=None, help="trials per (pair, method), the same for every method "
-                    "(default: the suite's `trials`)")
+    tu.add_argument(
+        "--trials",
+        type=int,
+        default=None,
+        help="trials per (pair, method), the same for every method (default: the suite's `trials`)",
+    )
     tu.add_argument("--sampler-seed", type=int, default=0, help="seed of the search")
     for other in (ep, xp, pp, lp):
         other.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
@@ -176,6 +226,7 @@ def _list(what: str) -> None:
         list_synthesizers_text,
     )
     from darkknowledge.models import list_models
+
     if what in ("all", "losses"):
         _out("losses:  (name, knowledge, needs, citation; `dk explain NAME` for details)")
         for line in list_losses_text():
@@ -244,8 +295,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if message is not None:
             return _user_error(message, verbose)
         traceback.print_exc()
-        sys.stderr.write(f"dk: internal error: {type(exc).__name__}; this is a bug in darkknowledge, not in your "
-                         "input. Please report it with the traceback above.\n")
+        sys.stderr.write(
+            f"dk: internal error: {type(exc).__name__}; this is a bug in darkknowledge, not in your "
+            "input. Please report it with the traceback above.\n"
+        )
         return 1
     finally:
         from darkknowledge.engine.distributed import shutdown_distributed
@@ -267,14 +320,22 @@ def _os_error_message(exc: OSError) -> str | None:
     name = exc.filename
     if exc.errno in DISK_FULL:
         where = f" while writing {name}" if name else ""
-        return (f"disk full{where}: no space left on the device (or quota exceeded). Free some space, or point "
-                "--out / DK_CACHE at another disk, then continue with --resume (same --out)")
+        return (
+            f"disk full{where}: no space left on the device (or quota exceeded). Free some space, or point "
+            "--out / DK_CACHE at another disk, then continue with --resume (same --out)"
+        )
     if name is None:
         return None
-    reasons = {errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
-               errno.EROFS: "read-only file system", errno.ENOENT: "no such file or directory",
-               errno.ENOTDIR: "a part of the path is a file, not a folder", errno.EISDIR: "it is a folder, not a file",
-               errno.EEXIST: "it exists already (as a file)", errno.ENAMETOOLONG: "the name is too long"}
+    reasons = {
+        errno.EACCES: "permission denied",
+        errno.EPERM: "operation not permitted",
+        errno.EROFS: "read-only file system",
+        errno.ENOENT: "no such file or directory",
+        errno.ENOTDIR: "a part of the path is a file, not a folder",
+        errno.EISDIR: "it is a folder, not a file",
+        errno.EEXIST: "it exists already (as a file)",
+        errno.ENAMETOOLONG: "the name is too long",
+    }
     reason = reasons.get(exc.errno) if exc.errno is not None else None
     if reason is None:
         return None
@@ -291,8 +352,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("explain", "pairs"):
         from darkknowledge import describe
 
-        _out(describe.explain(args.loss) if args.command == "explain"
-             else describe.pairs_text(args.student, args.teacher, args.data))
+        _out(
+            describe.explain(args.loss)
+            if args.command == "explain"
+            else describe.pairs_text(args.student, args.teacher, args.data)
+        )
         return 0
     if args.command in ("bench", "tune"):
         from darkknowledge.bench.command import bench_command
@@ -305,8 +369,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         res = search_command(args.search, args.out, args.trials, progress=not args.quiet)
         for f in res["final"]:
-            _out(f"{f['tag']:>10}  {f['label']:<40} latency {f['profile']['latency_ms_b1']:.3f} ms  "
-                 f"proxy {f['proxy_acc']:.2f}  full {f['mean']:.2f} ± {f['std']:.2f}")
+            _out(
+                f"{f['tag']:>10}  {f['label']:<40} latency {f['profile']['latency_ms_b1']:.3f} ms  "
+                f"proxy {f['proxy_acc']:.2f}  full {f['mean']:.2f} ± {f['std']:.2f}"
+            )
         _out(f"report: {res['report']}")
         return 0
     if args.command == "export":
@@ -341,12 +407,19 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "distill":
         res = commands.distill(cfg, args.out, args.resume, progress)
         if main_rank:
-            _out("\n".join(summary_lines(res["student"], res["teacher"], res["entries"][1:], res["run_dir"],
-                                          res["exported"], "student")))
+            _out(
+                "\n".join(
+                    summary_lines(
+                        res["student"], res["teacher"], res["entries"][1:], res["run_dir"], res["exported"], "student"
+                    )
+                )
+            )
     elif args.command == "train":
         res = commands.train(cfg, args.out, args.resume, progress, which=args.model, overrides=overrides)
         if main_rank:
-            _out("\n".join(summary_lines(res["student"], run_dir=res["run_dir"], exported=res["exported"], what="model")))
+            _out(
+                "\n".join(summary_lines(res["student"], run_dir=res["run_dir"], exported=res["exported"], what="model"))
+            )
     return 0
 
 

@@ -43,9 +43,17 @@ from darkknowledge.schemes.base import resolve_scheme
 log = logging.getLogger(__name__)
 
 
-def _session(cfg: RunConfig, out: str | Path | None, resume: bool, progress: bool,
-             plan: Callable[[PreflightContext], Any] | None = None, transfer: bool | None = None,
-             command: str = "run", model: str | None = None, seeds: Sequence[int] | None = None) -> Session:
+def _session(
+    cfg: RunConfig,
+    out: str | Path | None,
+    resume: bool,
+    progress: bool,
+    plan: Callable[[PreflightContext], Any] | None = None,
+    transfer: bool | None = None,
+    command: str = "run",
+    model: str | None = None,
+    seeds: Sequence[int] | None = None,
+) -> Session:
     """The run's session, after every check that needs no training: the config's names and
     params, the loggers of ``log`` (their packages), the run folder to use (``--resume``
     without ``--out`` finds the latest folder of the same ``command``, ``--model`` and recipe),
@@ -65,7 +73,9 @@ def _session(cfg: RunConfig, out: str | Path | None, resume: bool, progress: boo
     return s
 
 
-def compare(cfg: RunConfig, out: str | Path | None = None, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def compare(
+    cfg: RunConfig, out: str | Path | None = None, resume: bool = False, progress: bool = True
+) -> dict[str, Any]:
     """``dk run``: per seed, a baseline (the student alone, cross-entropy) and the recipe's scheme
     from the same initialisation; pre-trained teachers are trained once and shared.
 
@@ -93,17 +103,21 @@ def _compare(s: Session, cfg: RunConfig, cls: Any, params: Any) -> dict[str, Any
     notes = ["data: " + "; ".join(line.strip() for line in s.bundle.describe().splitlines())]
     if any(e.get("transfer") for e in s.run.results):
         transfer = num_samples(s.bundle.split("transfer"))
-        notes.append(f"the distilled student also sees {transfer} unlabeled transfer samples "
-                     "(teacher soft labels only); the baseline cannot use them without labels")
+        notes.append(
+            f"the distilled student also sees {transfer} unlabeled transfer samples "
+            "(teacher soft labels only); the baseline cannot use them without labels"
+        )
     notes += list(getattr(cls, "report_notes", ()))
     notes += view_notes(cfg, s.bundle.info)
     described = [e["teacher_cache"] for e in s.run.results if e.get("teacher_cache")]
     flat = [c for d in described for c in (d if isinstance(d, list) else [d])]  # multi_teacher: one per teacher
     caches = {c["path"]: c for c in flat}
     for c in caches.values():
-        notes.append(f"teacher-output cache: {c['size_mb']:.2f} MB ({c['dtype']}, {c['views']} view(s), "
-                     f"{'memory-mapped' if c['mapped'] else 'in memory'}) at {c['path']}; the teacher ran "
-                     "once to fill it and not during the students' training")
+        notes.append(
+            f"teacher-output cache: {c['size_mb']:.2f} MB ({c['dtype']}, {c['views']} view(s), "
+            f"{'memory-mapped' if c['mapped'] else 'in memory'}) at {c['path']}; the teacher ran "
+            "once to fill it and not during the students' training"
+        )
     teachers = "+".join(spec.name for _, spec in cfg.all_teachers())
     head = f"{teachers} -> {cfg.student.name}" if teachers else cfg.student.name
     title = f"{cfg.name}: {head}" + (f" ({cfg.scheme.name})" if cfg.scheme.name != "offline" else "")
@@ -115,8 +129,14 @@ def _compare(s: Session, cfg: RunConfig, cls: Any, params: Any) -> dict[str, Any
     sections += ([""] if sections and student else []) + student  # the report ends with what decides deployment
     text = render_report(title, rows, notes, sections)
     report = s.run.write_text("report.md", text)
-    return {"run_dir": s.run.path, "rows": rows, "verdict": verdict(rows), "report": report, "table": table_lines(rows),
-            "name": cfg.name}
+    return {
+        "run_dir": s.run.path,
+        "rows": rows,
+        "verdict": verdict(rows),
+        "report": report,
+        "table": table_lines(rows),
+        "name": cfg.name,
+    }
 
 
 def is_lm_run(recipe: str | None) -> bool:
@@ -129,17 +149,21 @@ def lm_config(recipe: str, overrides: Sequence[str] = ()) -> LMRunConfig:
     return validate_lm_config(apply_overrides(read_recipe(recipe), overrides))
 
 
-def run_lm(cfg: LMRunConfig, out: str | Path | None = None, resume: bool = False,
-           progress: bool = True) -> dict[str, Any]:
+def run_lm(
+    cfg: LMRunConfig, out: str | Path | None = None, resume: bool = False, progress: bool = True
+) -> dict[str, Any]:
     """``dk run`` of a language-model recipe (see :mod:`darkknowledge.runs.lm_run`)."""
     return lm_run.run_lm(cfg, out, resume, progress)
 
 
-def distill(cfg: RunConfig, out: str | Path | None = None, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def distill(
+    cfg: RunConfig, out: str | Path | None = None, resume: bool = False, progress: bool = True
+) -> dict[str, Any]:
     """``dk distill``: the recipe's scheme for one seed (``cfg.seed``); exports ``student.pt``."""
     cls, params = resolve_scheme(cfg.scheme.name, cfg.scheme.params)
-    s = _session(cfg, out, resume, progress, lambda ctx: cls.run(ctx, cfg.seed, params), params.transfer,
-                 command="distill")
+    s = _session(
+        cfg, out, resume, progress, lambda ctx: cls.run(ctx, cfg.seed, params), params.transfer, command="distill"
+    )
     with s:
         ctx = RunContext(s, transfer=params.transfer)
         entries = cls.run(ctx, cfg.seed, params)
@@ -147,12 +171,24 @@ def distill(cfg: RunConfig, out: str | Path | None = None, resume: bool = False,
         student = ctx.exports[entry["name"]]
         exported = _export(s, student, entry)
     teachers = [e for e in s.run.results if e.get("role") == "teacher"]
-    return {"run_dir": s.run.path, "teacher": teachers[0] if teachers else None, "student": entry,
-            "entries": entries, "exported": exported, "model": student}
+    return {
+        "run_dir": s.run.path,
+        "teacher": teachers[0] if teachers else None,
+        "student": entry,
+        "entries": entries,
+        "exported": exported,
+        "model": student,
+    }
 
 
-def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False, progress: bool = True,
-          which: str = "student", overrides: Sequence[str] = ()) -> dict[str, Any]:
+def train(
+    cfg: RunConfig,
+    out: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    which: str = "student",
+    overrides: Sequence[str] = (),
+) -> dict[str, Any]:
     """``dk train``: the config's student (or teacher) alone with cross-entropy.
 
     The student trains with ``train`` and ``seed``. The teacher trains as ``dk run`` would
@@ -182,8 +218,10 @@ def train(cfg: RunConfig, out: str | Path | None = None, resume: bool = False, p
         if cfg.teacher is None:
             raise ConfigError(f"--model teacher: recipe {cfg.name!r} has no `teacher:` section to train")
         if cfg.teacher.checkpoint:
-            raise ConfigError(f"--model teacher: teacher.checkpoint is set ({cfg.teacher.checkpoint!r}), so the "
-                              "teacher is already trained; drop teacher.checkpoint to train it here")
+            raise ConfigError(
+                f"--model teacher: teacher.checkpoint is set ({cfg.teacher.checkpoint!r}), so the "
+                "teacher is already trained; drop teacher.checkpoint to train it here"
+            )
         cfg = _teacher_overrides(cfg, overrides)
     spec: ModelConfig
     if which == "teacher":
@@ -225,8 +263,9 @@ def _teacher_overrides(cfg: RunConfig, overrides: Sequence[str]) -> RunConfig:
 def _export(s: Session, model: Any, entry: dict[str, Any], name: str = "student.pt") -> Path | None:
     if s.run.path is None or not s.dist.is_main:
         return None
-    return export_model(model, s.run.path / name, model_spec(model),
-                        {"data": s.cfg.data.model_dump(mode="json"), "result": entry})
+    return export_model(
+        model, s.run.path / name, model_spec(model), {"data": s.cfg.data.model_dump(mode="json"), "result": entry}
+    )
 
 
 def evaluate_checkpoint(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -262,8 +301,10 @@ def _rebuild(path: str | Path, overrides: dict[str, Any] | None) -> tuple[Any, d
     payload = read_export(path, hint=hint)
     spec, state = payload["spec"], payload["state_dict"]
     if spec.get("custom"):
-        raise CheckpointError(f"{str(path)!r} holds a custom model ({spec['name']}), which `dk eval` cannot rebuild: "
-                              "load its weights into your own class with darkknowledge.engine.checkpoint.load_exported")
+        raise CheckpointError(
+            f"{str(path)!r} holds a custom model ({spec['name']}), which `dk eval` cannot rebuild: "
+            "load its weights into your own class with darkknowledge.engine.checkpoint.load_exported"
+        )
     recorded = payload.get("data")
     recorded = recorded if isinstance(recorded, dict) else {}
     overrides = dict(overrides or {})
@@ -278,8 +319,17 @@ def _rebuild(path: str | Path, overrides: dict[str, Any] | None) -> tuple[Any, d
     info = bundle.info
     view = spec.get("input")  # a cross-modal student reads its own view of the data
     check_export_fits(payload, path, info.name, info.input_shape_of(view, "model input"), info.num_classes)
-    model = build_model(ModelConfig(name=spec["name"], params=spec.get("params", {}), input=view,
-                                    ops=spec.get("ops", "plain"), quantize=spec.get("quantize")), info, "model")
+    model = build_model(
+        ModelConfig(
+            name=spec["name"],
+            params=spec.get("params", {}),
+            input=view,
+            ops=spec.get("ops", "plain"),
+            quantize=spec.get("quantize"),
+        ),
+        info,
+        "model",
+    )
     load_weights(model, state, path)
     model.to(device)
     _, test_loader, _ = make_loaders(cfg, bundle, 0, device, dist, train=False, primary=view)
@@ -287,9 +337,12 @@ def _rebuild(path: str | Path, overrides: dict[str, Any] | None) -> tuple[Any, d
     return model, spec, cfg, test_loader, dist
 
 
-
-def export_run(run: str | Path, stage: str | None = None, out: str | Path | None = None,
-               formats: Sequence[str] = ("safetensors", "onnx", "torch_export")) -> dict[str, Any]:
+def export_run(
+    run: str | Path,
+    stage: str | None = None,
+    out: str | Path | None = None,
+    formats: Sequence[str] = ("safetensors", "onnx", "torch_export"),
+) -> dict[str, Any]:
     """``dk export``: a run's student as safetensors + a rebuildable spec, ONNX and a ``torch.export``
     program (where the model allows), with its size, FLOPs and CPU latency.
 
@@ -318,10 +371,17 @@ def export_run(run: str | Path, stage: str | None = None, out: str | Path | None
     model.to(torch.device("cpu")).eval()
     example = next(iter(test_loader)).x[:1].to("cpu")  # (1, *input_shape): a real test input
     target = Path(out) if out is not None else source.parent / "export" / name
-    written = export_student(model, {**spec, "data": cfg.data.model_dump(mode="json")}, target, example,
-                             formats=tuple(formats))
-    profile = profile_model(model, example, batch_n=cfg.data.batch_size, repeats=cfg.profile.repeats,
-                            warmup=cfg.profile.warmup, quant_bits_default=cfg.profile.quant_bits)
+    written = export_student(
+        model, {**spec, "data": cfg.data.model_dump(mode="json")}, target, example, formats=tuple(formats)
+    )
+    profile = profile_model(
+        model,
+        example,
+        batch_n=cfg.data.batch_size,
+        repeats=cfg.profile.repeats,
+        warmup=cfg.profile.warmup,
+        quant_bits_default=cfg.profile.quant_bits,
+    )
     return {"source": source, "out": target, "formats": written, "profile": dataclasses.asdict(profile)}
 
 
@@ -336,19 +396,26 @@ def _export_source(run: Path, stage: str | None) -> tuple[Path, str]:
     stages = trained_stages(run)
     if stage is not None:
         if not (run / stage / "model.pt").is_file():
-            raise CheckpointError(f"dk export: run {str(run)!r} has no trained stage {stage!r}; its stages: "
-                                  f"{', '.join(stages) or 'none'}")
+            raise CheckpointError(
+                f"dk export: run {str(run)!r} has no trained stage {stage!r}; its stages: {', '.join(stages) or 'none'}"
+            )
         return run / stage / "model.pt", stage
     if (run / "model.pt").is_file():  # a stage folder
         return run / "model.pt", run.name
     if (run / "student.pt").is_file():  # dk distill
         return run / "student.pt", "student"
-    students = [e["name"] for e in RunDir(run, writer=False).results
-                if e.get("role") == "student" and (run / e["name"] / "model.pt").is_file()]
+    students = [
+        e["name"]
+        for e in RunDir(run, writer=False).results
+        if e.get("role") == "student" and (run / e["name"] / "model.pt").is_file()
+    ]
     if not students:
-        raise CheckpointError(f"dk export: run {str(run)!r} has no trained student yet; name a stage with --stage "
-                              f"(its stages: {', '.join(stages) or 'none'})")
+        raise CheckpointError(
+            f"dk export: run {str(run)!r} has no trained student yet; name a stage with --stage "
+            f"(its stages: {', '.join(stages) or 'none'})"
+        )
     return run / students[0] / "model.pt", students[0]
+
 
 def _probe(model: Any, x: Any, path: str | Path, dataset: str) -> None:
     """Run ``model`` on two test inputs: a model whose spec records no input shape (an external
@@ -364,8 +431,10 @@ def _probe(model: Any, x: Any, path: str | Path, dataset: str) -> None:
             model(x)
     except RuntimeError as exc:
         first = " ".join(str(exc).split())[:200]
-        raise CheckpointError(f"the model in {str(path)!r} cannot take dataset {dataset!r}'s inputs of shape "
-                              f"{tuple(x.shape[1:])}: {first}") from None
+        raise CheckpointError(
+            f"the model in {str(path)!r} cannot take dataset {dataset!r}'s inputs of shape "
+            f"{tuple(x.shape[1:])}: {first}"
+        ) from None
     finally:
         model.train(was_training)
 
@@ -375,8 +444,13 @@ def view_notes(cfg: RunConfig, info: Any) -> list[str]:
     student's; only the teacher reads its own, at training time)."""
     if info.views is None:
         return []
-    reads = [f"{where} reads `{spec.input or info.view}` {info.input_shape_of(spec.input)}"
-             for where, spec in [("student (and the baseline)", cfg.student), *cfg.all_teachers()] if spec is not None]
-    return ["cross-modal: " + "; ".join(reads) + ". The student and the baseline are trained and evaluated on the "
-            "student's view only: the baseline is the student alone on its modality with the labels it has, the "
-            "student is taught across modalities"]
+    reads = [
+        f"{where} reads `{spec.input or info.view}` {info.input_shape_of(spec.input)}"
+        for where, spec in [("student (and the baseline)", cfg.student), *cfg.all_teachers()]
+        if spec is not None
+    ]
+    return [
+        "cross-modal: " + "; ".join(reads) + ". The student and the baseline are trained and evaluated on the "
+        "student's view only: the baseline is the student alone on its modality with the labels it has, the "
+        "student is taught across modalities"
+    ]

@@ -36,15 +36,26 @@ class ModelConfig(_Strict):
     name: str = Field(description="registry name, see `dk list models`")
     params: dict[str, Any] = Field(default_factory=dict, description="builder keyword arguments")
     checkpoint: str | None = Field(default=None, description="weights to load (exported .pt)")
-    input: str | None = Field(default=None, description="the data view it reads on a paired dataset (cross-modal: "
-                              "data.views or the dataset's stored views); default the stored input")
-    width: float = Field(default=1.0, gt=0.0, description="shrink: multiply the family's channels/units (students/"
-                         "shrink.py); with `from: teacher` the teacher's family")
+    input: str | None = Field(
+        default=None,
+        description="the data view it reads on a paired dataset (cross-modal: "
+        "data.views or the dataset's stored views); default the stored input",
+    )
+    width: float = Field(
+        default=1.0,
+        gt=0.0,
+        description="shrink: multiply the family's channels/units (students/"
+        "shrink.py); with `from: teacher` the teacher's family",
+    )
     depth: float = Field(default=1.0, gt=0.0, description="shrink: multiply the layers/blocks per stage (>= 1 each)")
-    ops: Literal["plain", "depthwise"] = Field(default="plain", description="depthwise: every k>1 convolution becomes "
-                                               "depthwise-separable (students/depthwise.py)")
-    quantize: dict[str, Any] | None = Field(default=None, description="fake-quantized weights/activations, e.g. "
-                                            "{bits: 4, act_bits: 4} (students/quant: QuantSpec)")
+    ops: Literal["plain", "depthwise"] = Field(
+        default="plain",
+        description="depthwise: every k>1 convolution becomes depthwise-separable (students/depthwise.py)",
+    )
+    quantize: dict[str, Any] | None = Field(
+        default=None,
+        description="fake-quantized weights/activations, e.g. {bits: 4, act_bits: 4} (students/quant: QuantSpec)",
+    )
 
 
 class AugmentConfig(_Strict):
@@ -68,17 +79,26 @@ class DataConfig(_Strict):
     batch_size: int = Field(default=128, gt=0, description="global batch (split across ranks)")
     eval_batch_size: int = Field(default=1024, gt=0)
     val_fraction: float = Field(default=0.0, ge=0.0, lt=1.0, description="carved from train; best/tuning use it")
-    holdout: Literal["test", "val"] = Field(default="test", description="the split a run evaluates on: the "
-                                            "dataset's test split, or (tuning) the validation split carved by "
-                                            "val_fraction, with the test split dropped unread")
+    holdout: Literal["test", "val"] = Field(
+        default="test",
+        description="the split a run evaluates on: the "
+        "dataset's test split, or (tuning) the validation split carved by "
+        "val_fraction, with the test split dropped unread",
+    )
     split_seed: int = 0
     use_transfer: bool = Field(default=True, description="add the unlabeled transfer set when distilling")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    views: dict[str, dict[str, Any]] = Field(default_factory=dict, description="derived views for cross-modal runs: "
-                                             "{name: {source: VIEW, transform: NAME, params: {...}}}")
+    views: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="derived views for cross-modal runs: {name: {source: VIEW, transform: NAME, params: {...}}}",
+    )
     num_workers: int = Field(default=0, ge=0)
-    device_data_mb: float = Field(default=2048.0, ge=0.0, description="in-memory datasets up to this size are "
-                                  "copied to the GPU once and indexed there (0: copy each batch from the host)")
+    device_data_mb: float = Field(
+        default=2048.0,
+        ge=0.0,
+        description="in-memory datasets up to this size are "
+        "copied to the GPU once and indexed there (0: copy each batch from the host)",
+    )
 
     @pydantic.model_validator(mode="after")
     def _holdout_needs_val(self) -> DataConfig:
@@ -123,11 +143,17 @@ class TrainConfig(_Strict):
     deterministic: bool = False
     eval_every: int = Field(default=1, ge=1)
     checkpoint_every_steps: int | None = Field(default=None, gt=0, description="extra mid-epoch checkpoints")
-    compile: bool = Field(default=False, description="torch.compile student and live teacher (pays off on GPU; "
-                          "compilation costs tens of seconds on CPU)")
+    compile: bool = Field(
+        default=False,
+        description="torch.compile student and live teacher (pays off on GPU; "
+        "compilation costs tens of seconds on CPU)",
+    )
     channels_last: bool = Field(default=False, description="channels_last memory format for 4-D inputs and models")
-    keep_host_memory: bool = Field(default=True, description="CPU runs on glibc: keep freed memory in the process "
-                                   "(mallopt) instead of page-faulting it back in every step")
+    keep_host_memory: bool = Field(
+        default=True,
+        description="CPU runs on glibc: keep freed memory in the process "
+        "(mallopt) instead of page-faulting it back in every step",
+    )
 
 
 class TeacherConfig(ModelConfig):
@@ -147,15 +173,22 @@ class CacheConfig(_Strict):
     enabled: bool = False
     dtype: Literal["fp16", "bf16", "fp32"] = Field(default="fp16", description="storage dtype of cached tensors")
     topk: int | None = Field(default=None, gt=0, description="keep only the top-k logits (+ the rest's mass)")
-    views: int = Field(default=4, ge=0, description="augmented views cached per sample (FKD); 0 = live teacher "
-                       "whenever data.augment is on")
+    views: int = Field(
+        default=4,
+        ge=0,
+        description="augmented views cached per sample (FKD); 0 = live teacher whenever data.augment is on",
+    )
     memory_limit_mb: float = Field(default=1024.0, ge=0.0, description="larger caches are memory-mapped from disk")
     taps: list[str] | None = Field(default=None, description="teacher taps to cache (default: what the losses need)")
     logits: bool | None = Field(default=None, description="cache logits (default: when a loss needs them)")
     seed: int = Field(default=0, ge=0, description="seed of the cached views' augmentation draws")
-    live_batches: int | None = Field(default=None, ge=1, description="without a cache: batches the live teacher runs "
-                                     "on at once (same outputs, fewer calls); default: on CPU up to 4 within 1 MiB of "
-                                     "inputs, 1 on accelerators")
+    live_batches: int | None = Field(
+        default=None,
+        ge=1,
+        description="without a cache: batches the live teacher runs "
+        "on at once (same outputs, fewer calls); default: on CPU up to 4 within 1 MiB of "
+        "inputs, 1 on accelerators",
+    )
 
 
 class ProfileConfig(_Strict):
@@ -178,10 +211,14 @@ class LogConfig(_Strict):
     writes; a resumed run appends to the same event folder and the same MLflow run.
     """
 
-    tensorboard: bool | str = Field(default=False, description="true: event files in <run>/tensorboard; a folder: "
-                                    "there (extra `tensorboard`)")
-    mlflow: bool | str = Field(default=False, description="true: $MLFLOW_TRACKING_URI when set, else a local "
-                               "store in <run>/mlflow (sqlite); a tracking URI: that store or server (extra `mlflow`)")
+    tensorboard: bool | str = Field(
+        default=False, description="true: event files in <run>/tensorboard; a folder: there (extra `tensorboard`)"
+    )
+    mlflow: bool | str = Field(
+        default=False,
+        description="true: $MLFLOW_TRACKING_URI when set, else a local "
+        "store in <run>/mlflow (sqlite); a tracking URI: that store or server (extra `mlflow`)",
+    )
     experiment: str | None = Field(default=None, description="MLflow experiment (default: the recipe name)")
 
     @pydantic.field_validator("tensorboard", "mlflow", mode="before")
@@ -284,8 +321,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.epochs=3")
     path = [part.strip() for part in key.strip().split(".")]
     if not all(path):
-        raise ConfigError(f"override {text!r}: the key {key.strip()!r} has an empty part; "
-                          "expected dotted names, e.g. train.optimizer.lr=0.01")
+        raise ConfigError(
+            f"override {text!r}: the key {key.strip()!r} has an empty part; "
+            "expected dotted names, e.g. train.optimizer.lr=0.01"
+        )
     try:
         value = load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:  # load_yaml turns PyYAML's other errors (bad tagged scalars, deep nesting) into it
@@ -310,8 +349,10 @@ def apply_overrides(cfg: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
             if nxt is None:
                 nxt = node[part] = {}
             if not isinstance(nxt, dict):
-                raise ConfigError(f"override {text!r}: {'.'.join(path[: i + 1])} is not a mapping "
-                                  f"(it is {type(nxt).__name__} {nxt!r:.80})")
+                raise ConfigError(
+                    f"override {text!r}: {'.'.join(path[: i + 1])} is not a mapping "
+                    f"(it is {type(nxt).__name__} {nxt!r:.80})"
+                )
             node = nxt
         node[path[-1]] = value
     return out
@@ -332,8 +373,10 @@ def _check_plain(value: Any, path: str, seen: tuple[int, ...] = ()) -> None:
     if isinstance(value, _PLAIN):
         return
     if not isinstance(value, (Mapping, list, tuple)):
-        raise ConfigError(f"{where}: a config value must be a number, string, boolean, null, list or mapping; "
-                          f"got {type(value).__name__} {value!r:.80} (quote it in YAML to keep it as text)")
+        raise ConfigError(
+            f"{where}: a config value must be a number, string, boolean, null, list or mapping; "
+            f"got {type(value).__name__} {value!r:.80} (quote it in YAML to keep it as text)"
+        )
     if id(value) in seen:
         raise ConfigError(f"{where}: the value contains itself (a YAML alias inside its own anchor)")
     if len(seen) >= _MAX_DEPTH:
@@ -358,8 +401,10 @@ def validate_config(raw: Mapping[str, Any]) -> RunConfig:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"a recipe must be a mapping of keys, got {type(raw).__name__}")
     if raw.get("kind") == "lm":
-        raise ConfigError("this recipe is a language-model run (kind: lm): run it with `dk run RECIPE`; "
-                          "dk distill, dk train and the bench take classification recipes")
+        raise ConfigError(
+            "this recipe is a language-model run (kind: lm): run it with `dk run RECIPE`; "
+            "dk distill, dk train and the bench take classification recipes"
+        )
     fields = RunConfig.model_fields
     for key in raw:
         if key not in fields:
@@ -384,12 +429,16 @@ def student_from_teacher(raw: Mapping[str, Any]) -> Mapping[str, Any]:
     if not isinstance(teacher, Mapping) or "name" not in teacher:
         raise ConfigError("student.from: 'teacher' needs a `teacher:` section with a name")
     if "name" in student:
-        raise ConfigError(f"student: give `from: teacher` or `name: {student['name']}`, not both (to override a "
-                          "recipe's student on the command line, replace the section: student={from: teacher, "
-                          "width: 0.5})")
+        raise ConfigError(
+            f"student: give `from: teacher` or `name: {student['name']}`, not both (to override a "
+            "recipe's student on the command line, replace the section: student={from: teacher, "
+            "width: 0.5})"
+        )
     rest = {k: v for k, v in student.items() if k != "from"}
-    return {**raw, "student": {"name": teacher["name"], "params": copy.deepcopy(dict(teacher.get("params") or {})),
-                               **rest}}
+    return {
+        **raw,
+        "student": {"name": teacher["name"], "params": copy.deepcopy(dict(teacher.get("params") or {})), **rest},
+    }
 
 
 def _with_hints(exc: pydantic.ValidationError, root: type[BaseModel] | None = None) -> str:

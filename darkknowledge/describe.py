@@ -30,8 +30,15 @@ def loss_needs(cls: type[DistillLoss]) -> str:
         if cls.uses_indices:
             parts.append("indices")
     else:
-        parts += [n for n, on in (("teacher logits", needs.teacher_logits), ("labels", needs.labels),
-                                  ("indices", needs.indices)) if on]
+        parts += [
+            n
+            for n, on in (
+                ("teacher logits", needs.teacher_logits),
+                ("labels", needs.labels),
+                ("indices", needs.indices),
+            )
+            if on
+        ]
     return ", ".join(parts) or "-"
 
 
@@ -52,8 +59,15 @@ def columns(cells: Sequence[tuple[str, ...]], indent: str = "  ") -> list[str]:
     return [indent + "  ".join([c.ljust(w) for c, w in zip(row, widths)] + [row[-1]]).rstrip() for row in cells]
 
 
-_BOUNDS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="), ("multiple_of", "multiple of"),
-           ("min_length", "length >="), ("max_length", "length <="))
+_BOUNDS = (
+    ("gt", ">"),
+    ("ge", ">="),
+    ("lt", "<"),
+    ("le", "<="),
+    ("multiple_of", "multiple of"),
+    ("min_length", "length >="),
+    ("max_length", "length <="),
+)
 
 
 def format_constraint(meta: Any) -> str:
@@ -161,7 +175,9 @@ def _param_lines(fields: dict[str, Any]) -> list[str]:
         default = ... if f.is_required() else (f.default_factory() if f.default_factory else f.default)
         limits = [format_constraint(m) for m in f.metadata]
         ann = _format_type(f.annotation) + (f" {', '.join(limits)}" if limits else "")
-        lines.append(f"  {pname:<16} {_format_default(default):<14} {ann}" + (f"  {f.description}" if f.description else ""))
+        lines.append(
+            f"  {pname:<16} {_format_default(default):<14} {ann}" + (f"  {f.description}" if f.description else "")
+        )
     return lines
 
 
@@ -171,8 +187,9 @@ def explain_synthesizer(name: str) -> str:
 
     cls = SYNTHESIZERS.get(name)
     lines = _documented(cls, name, "synthesizer")
-    lines.append("parameters (recipe: scheme: {name: data_free, params: {synthesizer: {name: " + name
-                 + ", params: {...}}}}):")
+    lines.append(
+        "parameters (recipe: scheme: {name: data_free, params: {synthesizer: {name: " + name + ", params: {...}}}}):"
+    )
     lines += _param_lines(cls.Params.model_fields)
     if name in recipe_names():
         lines.append(f"recipe: dk run {name}")
@@ -209,9 +226,11 @@ def explain(name: str) -> str:
     from darkknowledge.errors import RegistryError, did_you_mean
 
     known = sorted({*LOSSES.names(), *SCHEMES.names(), *SYNTHESIZERS.names()})
-    raise RegistryError(f"unknown loss, scheme or synthesizer {name!r}.{did_you_mean(name, known)} "
-                        f"Losses: {', '.join(LOSSES.names())}. Schemes: {', '.join(SCHEMES.names())}. "
-                        f"Synthesizers: {', '.join(SYNTHESIZERS.names())}.")
+    raise RegistryError(
+        f"unknown loss, scheme or synthesizer {name!r}.{did_you_mean(name, known)} "
+        f"Losses: {', '.join(LOSSES.names())}. Schemes: {', '.join(SCHEMES.names())}. "
+        f"Synthesizers: {', '.join(SYNTHESIZERS.names())}."
+    )
 
 
 def pairs_text(student: str, teacher: str, data: str) -> str:

@@ -56,8 +56,14 @@ class Distiller(nn.Module):
         ConfigError: A bad loss config, a loss the teacher cannot feed, or a missing ``example``.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | Teacher | None = None,
-                 losses: Mapping[str, Mapping[str, Any] | None] | None = None, *, example: Any = None) -> None:
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | Teacher | None = None,
+        losses: Mapping[str, Mapping[str, Any] | None] | None = None,
+        *,
+        example: Any = None,
+    ) -> None:
         super().__init__()
         objective = Objective.from_config(losses if losses is not None else {"kd": {}})
         provider = teacher if isinstance(teacher, Teacher) or teacher is None else Frozen(teacher, "teacher")
@@ -72,9 +78,11 @@ class Distiller(nn.Module):
         if example is not None:
             self.setup(example)
         elif adapting:
-            raise ConfigError(f"Distiller: losses {adapting} build adapters from a dry run; pass example=a batch of "
-                              "inputs (e.g. x[:8]) so that distiller.parameters() holds them before you build "
-                              "the optimizer")
+            raise ConfigError(
+                f"Distiller: losses {adapting} build adapters from a dry run; pass example=a batch of "
+                "inputs (e.g. x[:8]) so that distiller.parameters() holds them before you build "
+                "the optimizer"
+            )
 
     @property
     def student(self) -> nn.Module:
@@ -93,8 +101,10 @@ class Distiller(nn.Module):
             y = torch.full((n,), UNLABELED, dtype=torch.long, device=device)
         if idx is None:
             if needs is not None and needs.indices:
-                raise ConfigError(f"Distiller: losses {list(self.objective.terms)} read the samples' dataset indices "
-                                  "(a memory bank): call distiller(x, y, idx)")
+                raise ConfigError(
+                    f"Distiller: losses {list(self.objective.terms)} read the samples' dataset indices "
+                    "(a memory bank): call distiller(x, y, idx)"
+                )
             idx = torch.arange(n, device=y.device)
         return Batch(x, y, idx)
 
@@ -116,13 +126,16 @@ class Distiller(nn.Module):
         self.flow.setup(batch, SetupInfo(num_samples=n, batch_size=n))
         adversarial = sorted(self.flow.adversaries())
         if adversarial:  # one loss and one optimizer over parameters() would train them the wrong way
-            raise ConfigError(f"Distiller: losses with a discriminator ({', '.join(a[2:] for a in adversarial)}) need "
-                              "a second optimizer stepping against the student; train them with dk.distill or a "
-                              "recipe (the engine steps each discriminator as its own part)")
+            raise ConfigError(
+                f"Distiller: losses with a discriminator ({', '.join(a[2:] for a in adversarial)}) need "
+                "a second optimizer stepping against the student; train them with dk.distill or a "
+                "recipe (the engine steps each discriminator as its own part)"
+            )
         self._ready = True
 
-    def forward(self, x: Any, y: torch.Tensor | None = None, idx: torch.Tensor | None = None,
-                epoch: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, x: Any, y: torch.Tensor | None = None, idx: torch.Tensor | None = None, epoch: float = 0.0
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(loss, {term: value})`` for inputs ``x``, labels ``y`` (``-1``: unlabelled), dataset
         indices ``idx`` (memory-bank losses) at ``epoch`` (fractional; term schedules)."""
         if not self._ready:

@@ -34,7 +34,8 @@ def candidate_stages(model: nn.Module) -> list[str]:
     if (feature_taps := getattr(inner, "feature_taps", None)) is not None:
         return list(feature_taps())
     return [
-        name for name, child in inner.named_children()
+        name
+        for name, child in inner.named_children()
         if not isinstance(child, nn.Linear) and any(True for _ in child.parameters())
     ]
 

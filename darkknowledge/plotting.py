@@ -31,8 +31,10 @@ def new_figure(width: float, height: float, what: str = "figures") -> Any:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as exc:
-        raise ConfigError(f"{what} need matplotlib, which is not installed: pip install matplotlib "
-                          f"(or the plots extra; the tables need nothing more). Import error: {exc}") from None
+        raise ConfigError(
+            f"{what} need matplotlib, which is not installed: pip install matplotlib "
+            f"(or the plots extra; the tables need nothing more). Import error: {exc}"
+        ) from None
     fig = Figure(figsize=(width, height))
     FigureCanvasAgg(fig)
     return fig

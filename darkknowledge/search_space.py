@@ -71,8 +71,10 @@ class Range:
 
     def _check_choices(self) -> None:
         if self.low is not None or self.high is not None or self.log:
-            raise ConfigError("a choice range takes only `choices`, not low/high/log; "
-                              f"got low={self.low!r}, high={self.high!r}, log={self.log!r}")
+            raise ConfigError(
+                "a choice range takes only `choices`, not low/high/log; "
+                f"got low={self.low!r}, high={self.high!r}, log={self.log!r}"
+            )
         if not self.choices:
             raise ConfigError("a choice range needs at least one value in `choices`, e.g. choices: [1, 2]")
         for c in self.choices:
@@ -83,8 +85,10 @@ class Range:
 
     def _check_bounds(self, kind: str) -> None:
         if self.choices:
-            raise ConfigError(f"a {kind} range takes low/high, not `choices` (got {list(self.choices)!r}); "
-                              "for a list of values leave out kind or write kind: choice")
+            raise ConfigError(
+                f"a {kind} range takes low/high, not `choices` (got {list(self.choices)!r}); "
+                "for a list of values leave out kind or write kind: choice"
+            )
         for name, value in (("low", self.low), ("high", self.high)):
             if value is None or not _is_number(value):
                 raise ConfigError(f"range {name}: expected a finite number, got {value!r}")
@@ -132,18 +136,27 @@ class Range:
         if isinstance(raw, cls):
             return raw
         if not isinstance(raw, Mapping):
-            raise ConfigError(f"{where}: expected a range mapping such as {{low: 1, high: 8, log: true}} or "
-                              f"{{choices: [1, 2]}}, got {type(raw).__name__} {raw!r:.80}")
+            raise ConfigError(
+                f"{where}: expected a range mapping such as {{low: 1, high: 8, log: true}} or "
+                f"{{choices: [1, 2]}}, got {type(raw).__name__} {raw!r:.80}"
+            )
         for key in raw:
             if key not in _FIELDS:
-                raise ConfigError(f"{where}.{key}: unknown range key.{did_you_mean(str(key), _FIELDS)} "
-                                  f"Valid keys: {', '.join(_FIELDS)}.")
+                raise ConfigError(
+                    f"{where}.{key}: unknown range key.{did_you_mean(str(key), _FIELDS)} "
+                    f"Valid keys: {', '.join(_FIELDS)}."
+                )
         choices = raw.get("choices", ())
         if not isinstance(choices, (list, tuple)):
             raise ConfigError(f"{where}.choices: expected a list of values, got {choices!r:.80}")
         try:
-            return cls(kind=raw.get("kind"), low=raw.get("low"), high=raw.get("high"), log=raw.get("log", False),
-                       choices=tuple(choices))
+            return cls(
+                kind=raw.get("kind"),
+                low=raw.get("low"),
+                high=raw.get("high"),
+                log=raw.get("log", False),
+                choices=tuple(choices),
+            )
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
 

@@ -45,8 +45,7 @@ def _beta_cf(x: float, a: float, b: float) -> float:
     h = d
     for m in range(1, 10_000):
         m2 = 2 * m
-        for num in (m * (b - m) * x / ((qam + m2) * (a + m2)),
-                    -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
+        for num in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
             d = 1.0 + num * d
             d = 1.0 / (d if abs(d) > _TINY else _TINY)
             c = 1.0 + num / c
@@ -129,9 +128,7 @@ def t_quantile(p: float, df: float) -> float:
     return t if p > 0.5 else -t
 
 
-def paired_ci(
-    a: Mapping[Hashable, float | None], b: Mapping[Hashable, float | None], level: float = 0.95
-) -> dict:
+def paired_ci(a: Mapping[Hashable, float | None], b: Mapping[Hashable, float | None], level: float = 0.95) -> dict:
     """Paired differences ``a[seed] - b[seed]`` over the seeds both hold, with a t-interval.
 
     Args:
@@ -163,7 +160,12 @@ def paired_ci(
         half = t_quantile(0.5 + level / 2.0, n - 1) * std / math.sqrt(n)
         lo, hi = mean - half, mean + half
     return {
-        "mean_diff": mean, "lo": lo, "hi": hi, "n": n,
-        "wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs),
-        "std_diff": std, "seeds": seeds,
+        "mean_diff": mean,
+        "lo": lo,
+        "hi": hi,
+        "n": n,
+        "wins": sum(d > 0 for d in diffs),
+        "ties": sum(d == 0 for d in diffs),
+        "std_diff": std,
+        "seeds": seeds,
     }

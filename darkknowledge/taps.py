@@ -111,8 +111,9 @@ def _first_tensor(value: Any) -> Any:
     the first field of a Hugging Face ``ModelOutput`` (``last_hidden_state`` of an encoder)."""
     if isinstance(value, tuple) and len(value) == 1:
         return value[0]
-    if isinstance(value, Mapping) and callable(getattr(value, "to_tuple", None)):  # a transformers ModelOutput
-        fields = value.to_tuple()
+    to_tuple = getattr(value, "to_tuple", None)
+    if isinstance(value, Mapping) and callable(to_tuple):  # a transformers ModelOutput
+        fields = to_tuple()
         if fields and isinstance(fields[0], torch.Tensor):
             return fields[0]
     return value

@@ -164,6 +164,9 @@ def key_hint(key: str, model: type[pydantic.BaseModel], where: str = "") -> str:
     by_leaf: dict[str, list[str]] = {}
     for p in paths:
         by_leaf.setdefault(p.rsplit(".", 1)[-1], []).append(p)
-    found = [p for leaf in close_matches(key, by_leaf)  # closest first; of one name, this section's first
-             for p in sorted(by_leaf[leaf], key=lambda q: q.count("."))]
+    found = [
+        p
+        for leaf in close_matches(key, by_leaf)  # closest first; of one name, this section's first
+        for p in sorted(by_leaf[leaf], key=lambda q: q.count("."))
+    ]
     return " Did you mean " + ", ".join(repr(prefix + p) for p in found[:5]) + "?" if found else ""

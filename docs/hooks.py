@@ -21,7 +21,7 @@ ROOT = HERE.parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from dkdocs import docstrings, readme, site  # found through the path set above (docs/ is not a package)
+from dkdocs import docstrings, readme, site  # noqa: E402  # found through the path set above (docs/ is not a package)
 
 
 def on_config(config: Any) -> Any:

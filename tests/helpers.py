@@ -34,8 +34,12 @@ def dk(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float 
     """Run ``python -m darkknowledge.cli ARGS`` and return the finished process."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "darkknowledge.cli", *args], cwd=cwd, env=full_env,
-        capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "darkknowledge.cli", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -53,14 +57,29 @@ for another reason than the gradient averaging under test) and 2 ranks x N threa
 oversubscribe a 2-core machine."""
 
 
-def torchrun(*args: str, cwd: Path, env: dict[str, str] | None = None,
-             timeout: float = 600) -> subprocess.CompletedProcess:
+def torchrun(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node=2 -m darkknowledge.cli ARGS`` with one thread per
     rank. ``--standalone`` binds its store to a port the OS picks (no port race between tests);
     ``--local-addr`` gives the ranks the loopback address instead of a name looked up in DNS."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **ONE_THREAD, **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "--local-addr=127.0.0.1", "-m", "darkknowledge.cli", *args],
-        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, check=False,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "--local-addr=127.0.0.1",
+            "-m",
+            "darkknowledge.cli",
+            *args,
+        ],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )

@@ -9,11 +9,15 @@ from typing import Any
 
 import torch
 
-WORDS = ("the cat dog bird sat ran flew on in over a mat park tree and then quickly slowly big small red blue "
-         "returns value list string number file path module function class object").split()
+WORDS = (
+    "the cat dog bird sat ran flew on in over a mat park tree and then quickly slowly big small red blue "
+    "returns value list string number file path module function class object"
+).split()
 SPECIALS = ["<unk>", "<pad>", "<eos>", "<user>", "<assistant>"]
-TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} <eos> {% endfor %}"
-            "{% if add_generation_prompt %}<assistant> {% endif %}")
+TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} <eos> {% endfor %}"
+    "{% if add_generation_prompt %}<assistant> {% endif %}"
+)
 
 
 def corpus(n: int = 120, seed: int = 0) -> list[str]:
@@ -39,8 +43,17 @@ def tiny_lm(vocab: int, seed: int = 0, hidden: int = 32, layers: int = 2) -> tor
     """A tiny Llama (random weights)."""
     from darkknowledge.lm.models import build_from_config
 
-    return build_from_config("llama", vocab, hidden_size=hidden, layers=layers, heads=4, kv_heads=2,
-                             intermediate_size=2 * hidden, max_positions=64, seed=seed)
+    return build_from_config(
+        "llama",
+        vocab,
+        hidden_size=hidden,
+        layers=layers,
+        heads=4,
+        kv_heads=2,
+        intermediate_size=2 * hidden,
+        max_positions=64,
+        seed=seed,
+    )
 
 
 def teacher_folder(root: Path) -> Path:
@@ -64,12 +77,29 @@ def corpus_file(root: Path, n: int = 120) -> Path:
 def lm_recipe(root: Path, **over: Any) -> dict[str, Any]:
     """A small ``kind: lm`` recipe over the fixtures (a few seconds per arm on a CPU)."""
     raw: dict[str, Any] = {
-        "kind": "lm", "name": "tiny-lm", "seeds": [0],
-        "data": {"source": "text", "path": str(corpus_file(root)), "block_len": 16, "heldout_fraction": 0.2,
-                 "val_blocks": 4, "batch_size": 8, "eval_batch_size": 8},
+        "kind": "lm",
+        "name": "tiny-lm",
+        "seeds": [0],
+        "data": {
+            "source": "text",
+            "path": str(corpus_file(root)),
+            "block_len": 16,
+            "heldout_fraction": 0.2,
+            "val_blocks": 4,
+            "batch_size": 8,
+            "eval_batch_size": 8,
+        },
         "teacher": {"source": "pretrained", "path": str(teacher_folder(root))},
-        "student": {"source": "config", "family": "llama", "hidden_size": 16, "layers": 1, "heads": 2,
-                    "kv_heads": 1, "intermediate_size": 32, "max_positions": 64},
+        "student": {
+            "source": "config",
+            "family": "llama",
+            "hidden_size": 16,
+            "layers": 1,
+            "heads": 2,
+            "kv_heads": 1,
+            "intermediate_size": 32,
+            "max_positions": 64,
+        },
         "cache": {"kind": "dense", "k": 4, "draws": 6, "batch_size": 4},
         "arms": {"ce": {"losses": {"ce": {}}}, "fkl": {"losses": {"fkl": {}}}},
         "train": {"epochs": 1, "optimizer": {"lr": 0.01}},

@@ -61,9 +61,16 @@ class DuelTask(Task):
         return self._module
 
     def parts(self) -> list[Part]:
-        return [Part("critic", self._module.critic, optimizer=OptimizerConfig(name="sgd", lr=0.1, momentum=0.0),
-                     scheduler=SchedulerConfig(name="constant"), every=2),
-                Part("student", self._module.student)]
+        return [
+            Part(
+                "critic",
+                self._module.critic,
+                optimizer=OptimizerConfig(name="sgd", lr=0.1, momentum=0.0),
+                scheduler=SchedulerConfig(name="constant"),
+                every=2,
+            ),
+            Part("student", self._module.student),
+        ]
 
     def training_step(self, model: nn.Module, batch: Batch, epoch_progress: float, part: str = "student"):
         return model(batch, epoch_progress, part)
@@ -86,8 +93,16 @@ def make(seed: int = 0) -> tuple[DuelTask, TensorData]:
 
 
 def config(epochs: int = 2, **changes: object) -> TrainConfig:
-    return TrainConfig(**{"epochs": epochs, "device": "cpu", "deterministic": True,
-                          "optimizer": {"name": "adamw", "lr": 0.01}, "scheduler": {"name": "cosine"}, **changes})
+    return TrainConfig(
+        **{
+            "epochs": epochs,
+            "device": "cpu",
+            "deterministic": True,
+            "optimizer": {"name": "adamw", "lr": 0.01},
+            "scheduler": {"name": "cosine"},
+            **changes,
+        }
+    )
 
 
 def main(out: str) -> None:

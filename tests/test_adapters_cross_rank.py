@@ -159,13 +159,15 @@ def test_adapters_reject_an_input_of_the_wrong_rank():
 
 # ------------------------------------------------------------- losses on cross-modal pairs
 def _tiny_cnn2d() -> nn.Sequential:  # (B, 1, 8, 8) -> (B, 8, 4, 4)
-    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()
+    )
 
 
 def _tiny_cnn1d() -> nn.Sequential:  # (B, 1, 40) -> (B, 6, 20)
-    return nn.Sequential(nn.Conv1d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool1d(2),
-                         nn.Conv1d(6, 6, 3, padding=1), nn.ReLU())
+    return nn.Sequential(
+        nn.Conv1d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool1d(2), nn.Conv1d(6, 6, 3, padding=1), nn.ReLU()
+    )
 
 
 def _setup(name: str, f_s: torch.Tensor, f_t: torch.Tensor, student: nn.Module, teacher: nn.Module, **kw):

@@ -33,14 +33,24 @@ def test_train_then_distill_user_modules(toy_tensors, tmp_path):
     student = Tiny(8)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     teacher.eval()  # the user's choice of mode: it comes back in it
-    out = dk.distill(student, teacher, toy_tensors, losses={"kd": {"T": 4.0}}, epochs=10, lr=0.01,
-                     batch_size=32, out=tmp_path / "run")
+    out = dk.distill(
+        student,
+        teacher,
+        toy_tensors,
+        losses={"kd": {"T": 4.0}},
+        epochs=10,
+        lr=0.01,
+        batch_size=32,
+        out=tmp_path / "run",
+    )
     assert out.model is student
     assert out.accuracy > 80.0 and out.best_accuracy >= out.accuracy
     assert out.run_dir == tmp_path / "run" and out.results == tmp_path / "run" / "results.json"
     assert str(out).splitlines() == [
         f"{out.entry['name']}: test acc {out.accuracy:.2f} (best {out.best_accuracy:.2f} @ epoch "
-        f"{out.entry['best_epoch']}), {out.entry['train_seconds']:.1f}s", f"run folder: {tmp_path / 'run'}"]
+        f"{out.entry['best_epoch']}), {out.entry['train_seconds']:.1f}s",
+        f"run folder: {tmp_path / 'run'}",
+    ]
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["train/kd"] for r in logged if r["kind"] == "train"] == [row["kd"] for row in out.epochs]
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())  # the teacher stayed frozen
@@ -49,8 +59,15 @@ def test_train_then_distill_user_modules(toy_tensors, tmp_path):
 
 
 def test_distill_by_names_trains_the_teacher_first(tmp_path):
-    out = dk.distill("mlp", "cnn2d", "digits", losses={"ce": {"weight": 0.5}, "kd": {"alpha": 1.0, "weight": 0.5}},
-                     epochs=2, batch_size=64, config={"teacher": {"train": {"epochs": 2}}})
+    out = dk.distill(
+        "mlp",
+        "cnn2d",
+        "digits",
+        losses={"ce": {"weight": 0.5}, "kd": {"alpha": 1.0, "weight": 0.5}},
+        epochs=2,
+        batch_size=64,
+        config={"teacher": {"train": {"epochs": 2}}},
+    )
     assert out.teacher["role"] == "teacher" and out.teacher["model"] == "cnn2d"
     assert out.teacher_accuracy == out.teacher["last_acc"] and "; teacher " in str(out)
     assert out.entry["losses"] == ["ce", "kd"]

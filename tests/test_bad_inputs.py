@@ -149,8 +149,9 @@ def test_a_teacher_trained_for_another_class_count_is_refused(tmp_path, capsys):
 
 def test_dk_eval_on_a_dataset_of_another_shape_is_one_line(tmp_path, capsys):
     path = _export(tmp_path / "student.pt", _mlp(), data={"name": "mnist1d", "params": {"num_samples": 600}})
-    _one_line_error(capsys, main(["eval", str(path), "data.name=digits"]), "(40,)", "(1, 8, 8)", "'digits'",
-                    quiet=False)
+    _one_line_error(
+        capsys, main(["eval", str(path), "data.name=digits"]), "(40,)", "(1, 8, 8)", "'digits'", quiet=False
+    )
 
 
 def test_dk_eval_of_a_model_that_cannot_take_the_inputs_is_one_line(tmp_path, capsys, monkeypatch):
@@ -162,18 +163,24 @@ def test_dk_eval_of_a_model_that_cannot_take_the_inputs_is_one_line(tmp_path, ca
 
     monkeypatch.setitem(MODELS._items, "fixed40", fixed40)
     model = create_model("fixed40", num_classes=10)
-    path = export_model(model, tmp_path / "f.pt", {"name": "fixed40", "params": {"num_classes": 10}},
-                        {"data": {"name": "mnist1d", "params": {"num_samples": 600}}})
+    path = export_model(
+        model,
+        tmp_path / "f.pt",
+        {"name": "fixed40", "params": {"num_classes": 10}},
+        {"data": {"name": "mnist1d", "params": {"num_samples": 600}}},
+    )
     assert main(["eval", str(path)]) == 0 and '"model": "fixed40"' in capsys.readouterr().out
-    _one_line_error(capsys, main(["eval", str(path), "data.name=digits"]), "f.pt", "'digits'", "(1, 8, 8)",
-                    quiet=False)
+    _one_line_error(capsys, main(["eval", str(path), "data.name=digits"]), "f.pt", "'digits'", "(1, 8, 8)", quiet=False)
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    (torch.zeros(2), "holds a Tensor"),
-    ({"kind": "train", "module": {}}, "not an exported model"),
-    ({"kind": "model", "spec": "mlp", "state_dict": {}}, "its spec must be a dict"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (torch.zeros(2), "holds a Tensor"),
+        ({"kind": "train", "module": {}}, "not an exported model"),
+        ({"kind": "model", "spec": "mlp", "state_dict": {}}, "its spec must be a dict"),
+    ],
+)
 def test_dk_eval_of_a_malformed_file_is_one_line(tmp_path, capsys, content, message):
     path = tmp_path / "m.pt"
     torch.save(content, path)
@@ -214,16 +221,24 @@ def _bad_labels_builder(label: int):
 def test_labels_outside_the_class_range_stop_dk_before_training(tmp_path, capsys, monkeypatch, label, names):
     monkeypatch.setitem(DATASETS._items, "badlabels", _bad_labels_builder(label))
     recipe = write_recipe(tmp_path / "r.yaml")
-    _fails_before_training(tmp_path, capsys, ["distill", str(recipe), "data={name: badlabels, batch_size: 10}",
-                                              "seeds=[0]", "train.epochs=1"], "'badlabels'", *names)
+    _fails_before_training(
+        tmp_path,
+        capsys,
+        ["distill", str(recipe), "data={name: badlabels, batch_size: 10}", "seeds=[0]", "train.epochs=1"],
+        "'badlabels'",
+        *names,
+    )
 
 
 def test_a_bundle_with_labels_beyond_its_classes_is_refused_in_the_api():
     x = torch.randn(8, 4)
     with pytest.raises(ConfigError, match=r"dataset 'toy': test label 5 is outside the class range 0\.\.3"):
         DataBundle(TensorData(x, torch.arange(8) % 4), TensorData(x, torch.arange(8) % 6), DatasetInfo("toy", 4, (4,)))
-    DataBundle(TensorData(x, torch.arange(8) % 4 - (torch.arange(8) == 0).long()), TensorData(x, torch.arange(8) % 4),
-               DatasetInfo("toy", 4, (4,)))  # -1 (unlabeled) is fine
+    DataBundle(
+        TensorData(x, torch.arange(8) % 4 - (torch.arange(8) == 0).long()),
+        TensorData(x, torch.arange(8) % 4),
+        DatasetInfo("toy", 4, (4,)),
+    )  # -1 (unlabeled) is fine
 
 
 # ---------------------------------------------------------------- the environment
@@ -330,9 +345,15 @@ def _cache_fixture(tmp_path: Path):
     from darkknowledge.data import BatchLoader
 
     def build():
-        return load_or_build(teacher, BatchLoader(data, 16, shuffle=True, seed=1),
-                             CacheSpec(logits=True, taps=("blocks.1",), dtype="fp32"),
-                             augment=None, seed=0, memory_limit_mb=100, root=tmp_path)
+        return load_or_build(
+            teacher,
+            BatchLoader(data, 16, shuffle=True, seed=1),
+            CacheSpec(logits=True, taps=("blocks.1",), dtype="fp32"),
+            augment=None,
+            seed=0,
+            memory_limit_mb=100,
+            root=tmp_path,
+        )
 
     return build
 

@@ -25,16 +25,25 @@ from darkknowledge.errors import ConfigError
 SMALL = {
     "name": "small",
     "seeds": [0, 1, 2],
-    "data": {"name": "mnist1d", "params": {"num_samples": 500, "transfer_samples": 0}, "val_fraction": 0.1,
-             "use_transfer": False, "batch_size": 64},
+    "data": {
+        "name": "mnist1d",
+        "params": {"num_samples": 500, "transfer_samples": 0},
+        "val_fraction": 0.1,
+        "use_transfer": False,
+        "batch_size": 64,
+    },
     "budget": {"train": {"epochs": 2, "optimizer": {"name": "adamw", "lr": 0.003}}},
     "pairs": {
-        "cnn-cnn8": {"kind": "same family", "teacher": {"name": "cnn1d", "params": {"channels": 16},
-                                                         "train": {"epochs": 2}},
-                     "student": {"name": "cnn1d", "params": {"channels": 4}}},
-        "cnn-mlp": {"kind": "different families", "teacher": {"name": "cnn1d", "params": {"channels": 8},
-                                                               "train": {"epochs": 2}},
-                    "student": {"name": "mlp", "params": {"hidden": [16]}}},
+        "cnn-cnn8": {
+            "kind": "same family",
+            "teacher": {"name": "cnn1d", "params": {"channels": 16}, "train": {"epochs": 2}},
+            "student": {"name": "cnn1d", "params": {"channels": 4}},
+        },
+        "cnn-mlp": {
+            "kind": "different families",
+            "teacher": {"name": "cnn1d", "params": {"channels": 8}, "train": {"epochs": 2}},
+            "student": {"name": "mlp", "params": {"hidden": [16]}},
+        },
     },
     "methods": {"kd": {"recipe": "kd"}, "dkd": {"recipe": "dkd"}, "dist": {"recipe": "dist"}},
 }
@@ -49,8 +58,16 @@ def write_suite(tmp_path: Path, suite: dict, name: str = "small.yaml") -> Path:
 
 def dk(*args: str, cwd: Path, **kw) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "darkknowledge.cli", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "darkknowledge.cli", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        **kw,
+    )
 
 
 def events(out: Path) -> list[dict]:
@@ -76,7 +93,7 @@ def test_killed_suite_resumes_without_running_a_cell_twice(tmp_path: Path) -> No
     done = dk(*args, cwd=tmp_path)
     text, _ = done.communicate(timeout=600)
     assert done.returncode == 0, text
-    second = events(out)[len(first):]
+    second = events(out)[len(first) :]
     assert not ended_first & {e["cell"] for e in second}, "a finished cell was queued again"
     ends = [e["cell"] for e in first + second if e["event"] == "end"]
     assert len(ends) == len(set(ends)) == 26  # every cell ran to its end exactly once
@@ -102,7 +119,8 @@ def test_killed_suite_resumes_without_running_a_cell_twice(tmp_path: Path) -> No
             assert row["d_baseline_hi"] == pytest.approx(statistics.fmean(diffs) + half)
             assert row["d_baseline_wins"] == sum(d > 0 for d in diffs)
             assert row["train_s_mean"] == pytest.approx(
-                statistics.fmean(cells[(pair, method, s)]["train_seconds"] for s in SMALL["seeds"]))
+                statistics.fmean(cells[(pair, method, s)]["train_seconds"] for s in SMALL["seeds"])
+            )
         teacher = json.loads((results / pair / "teacher.json").read_text())
         assert {cells[(pair, "kd", s)]["teacher"]["hash"] for s in SMALL["seeds"]} == {teacher["hash"]}
     # same initialisation: the baseline and a method of one seed start from the same weights
@@ -114,8 +132,12 @@ def test_killed_suite_resumes_without_running_a_cell_twice(tmp_path: Path) -> No
 
 
 def test_changed_recipe_makes_its_cells_stale(tmp_path: Path) -> None:
-    small = {**SMALL, "seeds": [0], "pairs": {"cnn-mlp": SMALL["pairs"]["cnn-mlp"]},
-             "methods": {"dkd": {"recipe": "dkd"}}}
+    small = {
+        **SMALL,
+        "seeds": [0],
+        "pairs": {"cnn-mlp": SMALL["pairs"]["cnn-mlp"]},
+        "methods": {"dkd": {"recipe": "dkd"}},
+    }
     path = write_suite(tmp_path, small)
     bench = Bench(load_suite(str(path)), tmp_path / "b")
     st = bench.run()
@@ -151,8 +173,12 @@ def test_cell_killed_after_training_before_its_result_resumes_its_run(tmp_path: 
 
 
 def test_inapplicable_method_is_recorded_not_applicable(tmp_path: Path) -> None:
-    small = {**SMALL, "seeds": [0], "pairs": {"cnn-mlp": SMALL["pairs"]["cnn-mlp"]},
-             "methods": {"at": {"recipe": "at"}}}
+    small = {
+        **SMALL,
+        "seeds": [0],
+        "pairs": {"cnn-mlp": SMALL["pairs"]["cnn-mlp"]},
+        "methods": {"at": {"recipe": "at"}},
+    }
     bench = Bench(load_suite(str(write_suite(tmp_path, small))), tmp_path / "b", only=["cnn-mlp/at"])
     st = bench.run()
     assert not st.failed
@@ -165,30 +191,39 @@ def test_inapplicable_method_is_recorded_not_applicable(tmp_path: Path) -> None:
 def test_parallel_executors_run_every_cell(tmp_path: Path, executor: str) -> None:
     if executor == "submitit":
         pytest.importorskip("submitit")
-    small = {**SMALL, "seeds": [0, 1], "pairs": {"cnn-mlp": SMALL["pairs"]["cnn-mlp"]},
-             "methods": {"kd": {"recipe": "kd"}}}
+    small = {
+        **SMALL,
+        "seeds": [0, 1],
+        "pairs": {"cnn-mlp": SMALL["pairs"]["cnn-mlp"]},
+        "methods": {"kd": {"recipe": "kd"}},
+    }
     path = write_suite(tmp_path, small)
     extra = ["--cluster", "local"] if executor == "submitit" else []
-    proc = dk("bench", str(path), "--out", str(tmp_path / "b"), "--jobs", "2", "--executor", executor, *extra,
-              cwd=tmp_path)
+    proc = dk(
+        "bench", str(path), "--out", str(tmp_path / "b"), "--jobs", "2", "--executor", executor, *extra, cwd=tmp_path
+    )
     text, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, text
     assert "done 5, stale 0, to run 0" in text  # teacher + 2 x (ce, kd)
     ends = [e["cell"] for e in events(tmp_path / "b") if e["event"] == "end"]
-    assert sorted(ends) == sorted(["cnn-mlp/teacher", "cnn-mlp/ce/s0", "cnn-mlp/ce/s1", "cnn-mlp/kd/s0",
-                                   "cnn-mlp/kd/s1"])
+    assert sorted(ends) == sorted(
+        ["cnn-mlp/teacher", "cnn-mlp/ce/s0", "cnn-mlp/ce/s1", "cnn-mlp/kd/s0", "cnn-mlp/kd/s1"]
+    )
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"methods": {"dkd": {"recipe": "dkd", "pairs": ["nope"]}}}, "methods.dkd.pairs: unknown pair 'nope'"),
-    ({"methods": {"dkd": {"recipe": "dkd", "overrides": {"train.epochs": 99}}}}, "a method cannot change 'train'"),
-    ({"methods": {"dkd": {"recipe": "dkd", "overrides": {"teacher.name": "mlp"}}}}, "cannot change 'teacher'"),
-    ({"methods": {"ce": {"recipe": "kd"}}}, "methods.ce"),
-    ({"methods": {"x": {"recipe": "no_such_recipe"}}}, "unknown recipe 'no_such_recipe'"),
-    ({"pairs": {"a/b": SMALL["pairs"]["cnn-mlp"]}}, "pair name 'a/b'"),
-    ({"methods": {"dkd": {"recipe": "dkd", "overrides": {"losses.dkd.bogus": 1}}}}, "bogus"),
-    ({"seeds": []}, "seeds"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"methods": {"dkd": {"recipe": "dkd", "pairs": ["nope"]}}}, "methods.dkd.pairs: unknown pair 'nope'"),
+        ({"methods": {"dkd": {"recipe": "dkd", "overrides": {"train.epochs": 99}}}}, "a method cannot change 'train'"),
+        ({"methods": {"dkd": {"recipe": "dkd", "overrides": {"teacher.name": "mlp"}}}}, "cannot change 'teacher'"),
+        ({"methods": {"ce": {"recipe": "kd"}}}, "methods.ce"),
+        ({"methods": {"x": {"recipe": "no_such_recipe"}}}, "unknown recipe 'no_such_recipe'"),
+        ({"pairs": {"a/b": SMALL["pairs"]["cnn-mlp"]}}, "pair name 'a/b'"),
+        ({"methods": {"dkd": {"recipe": "dkd", "overrides": {"losses.dkd.bogus": 1}}}}, "bogus"),
+        ({"seeds": []}, "seeds"),
+    ],
+)
 def test_bad_suites_fail_before_anything_runs(tmp_path: Path, change: dict, message: str) -> None:
     path = write_suite(tmp_path, {**SMALL, **change})
     with pytest.raises(ConfigError, match=None) as err:
@@ -237,7 +272,11 @@ def test_a_pairs_views_reach_its_cells() -> None:
     every cell's config, so a cell's teacher reads the view it was trained on."""
     bench = Bench(load_suite("cross-modal"), Path("/nonexistent/never-written"))
     raw = bench._raw(Cell("pi-300", "gd_t10", 0), "/some/teacher.pt")
-    assert raw["teacher"] == {"name": "mlp", "params": {"hidden": [20, 20]}, "input": "image",
-                              "checkpoint": "/some/teacher.pt"}
+    assert raw["teacher"] == {
+        "name": "mlp",
+        "params": {"hidden": [20, 20]},
+        "input": "image",
+        "checkpoint": "/some/teacher.pt",
+    }
     assert raw["student"]["input"] == "small" and raw["data"]["views"]["small"]["transform"] == "downsample"
     assert bench._raw(Cell("pi-300", "teacher"), None)["teacher"]["input"] == "image"

@@ -33,8 +33,10 @@ def test_readme_table_is_the_harness_output(bench: Bench) -> None:
     name = bench.suite.name
     expected = readme_block(rows_of(bench), status_notes(bench))
     actual = readme_section((ROOT / "README.md").read_text(encoding="utf-8"), name)
-    assert actual == expected, (f"README's {name} block differs from the committed results: regenerate it with "
-                                f"`dk bench {name} --tables --results benchmarks/results/{name} --readme README.md`")
+    assert actual == expected, (
+        f"README's {name} block differs from the committed results: regenerate it with "
+        f"`dk bench {name} --tables --results benchmarks/results/{name} --readme README.md`"
+    )
 
 
 def test_committed_suite_is_complete_and_current(bench: Bench) -> None:

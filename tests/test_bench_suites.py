@@ -41,16 +41,34 @@ LATER_METHODS = ("dkd", "dist", "reviewkd", "ofd")
 # the method's default): DKD's beta from mdistiller's configs/cifar100/dkd/*.yaml, ReviewKD's
 # weight from the authors' CIFAR-100/script/reviewKD.sh.
 DKD_BETA = {
-    "wrn_40_2-wrn_16_2": 6.0, "wrn_40_2-wrn_40_1": 6.0, "resnet56-resnet20": 2.0, "resnet110-resnet20": None,
-    "resnet110-resnet32": 2.0, "resnet32x4-resnet8x4": 8.0, "vgg13-vgg8": 6.0, "vgg13-mobilenetv2": 6.0,
-    "resnet50-mobilenetv2": 8.0, "resnet50-vgg8": None, "resnet32x4-shufflenetv1": 8.0,
-    "resnet32x4-shufflenetv2": 8.0, "wrn_40_2-shufflenetv1": 8.0,
+    "wrn_40_2-wrn_16_2": 6.0,
+    "wrn_40_2-wrn_40_1": 6.0,
+    "resnet56-resnet20": 2.0,
+    "resnet110-resnet20": None,
+    "resnet110-resnet32": 2.0,
+    "resnet32x4-resnet8x4": 8.0,
+    "vgg13-vgg8": 6.0,
+    "vgg13-mobilenetv2": 6.0,
+    "resnet50-mobilenetv2": 8.0,
+    "resnet50-vgg8": None,
+    "resnet32x4-shufflenetv1": 8.0,
+    "resnet32x4-shufflenetv2": 8.0,
+    "wrn_40_2-shufflenetv1": 8.0,
 }
 REVIEWKD_WEIGHT = {
-    "wrn_40_2-wrn_16_2": 5.0, "wrn_40_2-wrn_40_1": 5.0, "resnet56-resnet20": 0.6, "resnet110-resnet20": None,
-    "resnet110-resnet32": 1.0, "resnet32x4-resnet8x4": 5.0, "vgg13-vgg8": None, "vgg13-mobilenetv2": None,
-    "resnet50-mobilenetv2": None, "resnet50-vgg8": None, "resnet32x4-shufflenetv1": 5.0,
-    "resnet32x4-shufflenetv2": 8.0, "wrn_40_2-shufflenetv1": 5.0,
+    "wrn_40_2-wrn_16_2": 5.0,
+    "wrn_40_2-wrn_40_1": 5.0,
+    "resnet56-resnet20": 0.6,
+    "resnet110-resnet20": None,
+    "resnet110-resnet32": 1.0,
+    "resnet32x4-resnet8x4": 5.0,
+    "vgg13-vgg8": None,
+    "vgg13-mobilenetv2": None,
+    "resnet50-mobilenetv2": None,
+    "resnet50-vgg8": None,
+    "resnet32x4-shufflenetv1": 5.0,
+    "resnet32x4-shufflenetv2": 8.0,
+    "wrn_40_2-shufflenetv1": 5.0,
 }
 PER_PAIR = {  # method -> (its per-pair value, the authors' default, pair -> the authors' value)
     "dkd": ("beta", 8.0, DKD_BETA),  # mdistiller's CFG.DKD.BETA
@@ -61,8 +79,10 @@ PER_PAIR = {  # method -> (its per-pair value, the authors' default, pair -> the
 def smoke_overrides(name: str, shape: list[int], num_classes: int) -> list[str]:
     """Synthetic data of ``shape``, one seed, one epoch for every student and teacher."""
     pairs = load_suite(name).pairs
-    data = (f"data={{name: synthetic, params: {{shape: {shape}, num_classes: {num_classes}, train_samples: 64, "
-            "test_samples: 32}, batch_size: 16, val_fraction: 0.25}")
+    data = (
+        f"data={{name: synthetic, params: {{shape: {shape}, num_classes: {num_classes}, train_samples: 64, "
+        "test_samples: 32}, batch_size: 16, val_fraction: 0.25}"
+    )
     return [data, "seeds=[0]", "budget.train.epochs=1", *(f"pairs.{p}.teacher.train.epochs=1" for p in pairs)]
 
 
@@ -96,8 +116,10 @@ def test_cifar_suite_has_crds_pairs_and_protocol():
         cfg = validate_config(student_config(suite, pair, "ce", 0, None))
         assert cfg.data.name == "cifar100" and cfg.data.batch_size == 64 and cfg.data.val_fraction == 0.1
         assert cfg.data.augment.crop_padding == 4 and cfg.data.augment.hflip
-        for train, lr in ((cfg.train, 0.01 if student in SMALL_LR_STUDENTS else 0.05),
-                          (validate_config(teacher_config(suite, pair)).teacher_train(), 0.05)):
+        for train, lr in (
+            (cfg.train, 0.01 if student in SMALL_LR_STUDENTS else 0.05),
+            (validate_config(teacher_config(suite, pair)).teacher_train(), 0.05),
+        ):
             assert train.epochs == 240, pair
             assert (train.optimizer.name, train.optimizer.lr, train.optimizer.momentum) == ("sgd", lr, 0.9), pair
             assert train.optimizer.weight_decay == 5e-4, pair
@@ -207,10 +229,13 @@ def test_cifar_smoke_cells_cover_every_pair_and_method():
 @pytest.mark.slow
 @pytest.mark.parametrize("pair", list(CIFAR_PAIRS))
 def test_cifar_suite_smoke_run_on_synthetic_data(pair, tmp_path):
-    suite = load_suite("cifar100-crd", [
-        *smoke_overrides("cifar100-crd", [3, 16, 16], 100),
-        "methods.ft.overrides.losses.ft.paraphraser_epochs=1",  # 30 passes: the longest part of a 1-epoch FT cell
-    ])
+    suite = load_suite(
+        "cifar100-crd",
+        [
+            *smoke_overrides("cifar100-crd", [3, 16, 16], 100),
+            "methods.ft.overrides.losses.ft.paraphraser_epochs=1",  # 30 passes: the longest part of a 1-epoch FT cell
+        ],
+    )
     bench = Bench(suite, tmp_path, only=[f"{pair}/{m}" for m in CIFAR_SMOKE[pair]])
     assert {c.id for c in bench.cells} == {f"{pair}/teacher", *(f"{pair}/{m}/s0" for m in CIFAR_SMOKE[pair])}
 

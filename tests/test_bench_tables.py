@@ -23,11 +23,26 @@ PUBLISHED = {("cnn1d-mlp", "kd"): {"value": 73.33, "protocol": "CRD: single run,
 
 def cell(method: str, seed, last, kind: str = "method", pair: str = "cnn1d-mlp", **kw) -> dict:
     out = {
-        "suite": "cpu", "pair": pair, "method": method, "kind": kind, "seed": seed, "status": "done",
-        "hp": "default", "last_acc": last, "best_acc": None if last is None else last - 0.5,
-        "best_epoch": 17, "best_selected_on": "val", "train_seconds": 10.0 + (seed or 0), "teacher_seconds":
-        0.0 if kind == "baseline" else 4.0, "params": 15234, "extra_params": 0, "steps": 870, "epochs": 20,
-        "teacher": None if kind == "baseline" else TEACHER, "student": "mlp", "members": [],
+        "suite": "cpu",
+        "pair": pair,
+        "method": method,
+        "kind": kind,
+        "seed": seed,
+        "status": "done",
+        "hp": "default",
+        "last_acc": last,
+        "best_acc": None if last is None else last - 0.5,
+        "best_epoch": 17,
+        "best_selected_on": "val",
+        "train_seconds": 10.0 + (seed or 0),
+        "teacher_seconds": 0.0 if kind == "baseline" else 4.0,
+        "params": 15234,
+        "extra_params": 0,
+        "steps": 870,
+        "epochs": 20,
+        "teacher": None if kind == "baseline" else TEACHER,
+        "student": "mlp",
+        "members": [],
     }
     out.update(kw)
     return out
@@ -37,12 +52,18 @@ def cells() -> list[dict]:
     out = [cell("teacher", None, 92.3, kind="teacher", student="cnn1d", train_seconds=40.0, teacher_seconds=0.0)]
     out += [cell("ce", s, v, kind="baseline") for s, v in enumerate([70.0, 71.0, 72.0])]
     out += [cell("kd", s, v) for s, v in enumerate([71.0, 73.0, 72.5])]
-    out += [cell("dkd", 0, 72.0, extra_params=2048), cell("dkd", 1, 72.0, hp="tuned", best_selected_on="test"),
-            cell("dkd", 2, 74.0), cell("dkd", 3, 75.0),
-            cell("dkd", 4, None, status="n/a", reason="diverged at epoch 3")]
+    out += [
+        cell("dkd", 0, 72.0, extra_params=2048),
+        cell("dkd", 1, 72.0, hp="tuned", best_selected_on="test"),
+        cell("dkd", 2, 74.0),
+        cell("dkd", 3, 75.0),
+        cell("dkd", 4, None, status="n/a", reason="diverged at epoch 3"),
+    ]
     out += [cell("crd", s, None, status="n/a", reason="needs a | memory bank") for s in (0, 1)]
-    out += [cell("mutual", s, v, members=[{"role": "peer1", "last_acc": p}, {"role": "peer2", "last_acc": p + 1}])
-            for s, v, p in ((0, 71.5, 64.0), (1, 72.5, 66.0))]
+    out += [
+        cell("mutual", s, v, members=[{"role": "peer1", "last_acc": p}, {"role": "peer2", "last_acc": p + 1}])
+        for s, v, p in ((0, 71.5, 64.0), (1, 72.5, 66.0))
+    ]
     # a second pair: its deltas must use its own baseline
     out += [cell("ce", s, v, kind="baseline", pair="resnet-tiny") for s, v in enumerate([50.0, 52.0])]
     out += [cell("kd", s, v, pair="resnet-tiny") for s, v in enumerate([55.0, 54.0])]
@@ -138,13 +159,16 @@ def test_single_seed_has_no_interval_and_level_is_used():
     assert "+1.00 (1 seed)" in text and "90% t-CI" in text and "Δ student [90% CI]" in text
 
 
-@pytest.mark.parametrize("bad, match", [
-    ({"kind": "student"}, "kind='student'"),
-    ({"status": "failed"}, "status='failed'"),
-    ({"last_acc": float("nan")}, "last_acc=nan"),
-    ({"last_acc": None}, "last_acc=None"),
-    ({"method": ""}, "needs a method"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"kind": "student"}, "kind='student'"),
+        ({"status": "failed"}, "status='failed'"),
+        ({"last_acc": float("nan")}, "last_acc=nan"),
+        ({"last_acc": None}, "last_acc=None"),
+        ({"method": ""}, "needs a method"),
+    ],
+)
 def test_bad_cells_are_one_clear_error(bad, match):
     with pytest.raises(ConfigError, match=match):
         summarize([{**cell("kd", 0, 71.0), **bad}])
@@ -220,8 +244,9 @@ def test_markdown_compact_one_line_per_pair_and_method():
     assert len(lines) == sum(r["kind"] != "member" for r in rows) == 8
     assert not any("peer1" in ln for ln in lines)
     m, lo, hi = expected_ci([5.0, 2.0])
-    assert any(ln.startswith("| resnet-tiny | kd |") and f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}] | 2/2 |" in ln
-               for ln in lines)
+    assert any(
+        ln.startswith("| resnet-tiny | kd |") and f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}] | 2/2 |" in ln for ln in lines
+    )
     kd_line = next(ln for ln in lines if ln.startswith("| cnn1d-mlp | kd |"))
     assert kd_line.endswith("| 73.33 (CRD: single run, last epoch) |")  # the paper's number beside ours
     assert {ln.replace("\\|", "").count("|") for ln in lines} == {12}

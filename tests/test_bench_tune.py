@@ -39,11 +39,19 @@ from darkknowledge.losses.objective import parse_term
 from darkknowledge.search_space import Range
 from darkknowledge.validation import signature_fields
 
-needs_optuna = pytest.mark.skipif(importlib.util.find_spec("optuna") is None,
-                                  reason='needs optuna: pip install "darkknowledge[tune]"')
+needs_optuna = pytest.mark.skipif(
+    importlib.util.find_spec("optuna") is None, reason='needs optuna: pip install "darkknowledge[tune]"'
+)
 
-TINY = ["train.epochs=1", "teacher.train.epochs=1", "data.params.num_samples=400", "data.params.transfer_samples=0",
-        "data.use_transfer=false", "student.params.hidden=[16]", "data.batch_size=64"]
+TINY = [
+    "train.epochs=1",
+    "teacher.train.epochs=1",
+    "data.params.num_samples=400",
+    "data.params.transfer_samples=0",
+    "data.use_transfer=false",
+    "student.params.hidden=[16]",
+    "data.batch_size=64",
+]
 METHODS = {"kd": "losses={kd: {}}", "dkd": "losses={ce: {}, dkd: {}}"}
 TRIALS = 2
 
@@ -177,9 +185,14 @@ def reads(built: list[Dataset]) -> list[str]:
 
 
 def poisoned_config(*extra: str):
-    raw = {"name": "poison", "data": {"name": "poisoned_test", "val_fraction": 0.25, "batch_size": 32},
-           "teacher": {"name": "mlp", "params": {"hidden": [16]}, "train": {"epochs": 1}},
-           "student": {"name": "mlp", "params": {"hidden": [8]}}, "losses": {"kd": {}}, "train": {"epochs": 1}}
+    raw = {
+        "name": "poison",
+        "data": {"name": "poisoned_test", "val_fraction": 0.25, "batch_size": 32},
+        "teacher": {"name": "mlp", "params": {"hidden": [16]}, "train": {"epochs": 1}},
+        "student": {"name": "mlp", "params": {"hidden": [8]}},
+        "losses": {"kd": {}},
+        "train": {"epochs": 1},
+    }
     return load_config(raw, list(extra))
 
 
@@ -343,16 +356,19 @@ def test_space_for_is_the_union_of_the_terms_spaces_as_config_paths():
 
 
 def test_suite_space_reads_ranges_and_names_bad_ones():
-    space = suite_space({"losses.kd.T": {"low": 1, "high": 8, "log": True},
-                         "train.optimizer.name": {"choices": ["sgd", "adamw"]}})
+    space = suite_space(
+        {"losses.kd.T": {"low": 1, "high": 8, "log": True}, "train.optimizer.name": {"choices": ["sgd", "adamw"]}}
+    )
     assert space["losses.kd.T"] == Range(kind="float", low=1.0, high=8.0, log=True)
     assert space["train.optimizer.name"].kind == "choice"
-    for bad, match in [({"losses.kd.T": {"low": 8, "high": 1}}, r"losses\.kd\.T: .*below"),
-                       ({"losses.kd.T": {"low": 1, "hgih": 8}}, r"losses\.kd\.T\.hgih: .*'high'"),
-                       ({"losses.kd.T": {"low": 0, "high": 8, "log": True}}, r"losses\.kd\.T: .*low > 0"),
-                       ({"losses.kd.T": [1, 8]}, r"losses\.kd\.T: expected a range mapping"),
-                       ({"losses..T": {"low": 1, "high": 2}}, "not a dotted config path"),
-                       ([1, 2], "expected a mapping")]:
+    for bad, match in [
+        ({"losses.kd.T": {"low": 8, "high": 1}}, r"losses\.kd\.T: .*below"),
+        ({"losses.kd.T": {"low": 1, "hgih": 8}}, r"losses\.kd\.T\.hgih: .*'high'"),
+        ({"losses.kd.T": {"low": 0, "high": 8, "log": True}}, r"losses\.kd\.T: .*low > 0"),
+        ({"losses.kd.T": [1, 8]}, r"losses\.kd\.T: expected a range mapping"),
+        ({"losses..T": {"low": 1, "high": 2}}, "not a dotted config path"),
+        ([1, 2], "expected a mapping"),
+    ]:
         with pytest.raises(ConfigError, match=match):
             suite_space(bad, where="space")
 

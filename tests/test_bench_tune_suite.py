@@ -20,13 +20,24 @@ pytest.importorskip("optuna")
 SUITE = {
     "name": "tiny",
     "seeds": [0, 1],
-    "data": {"name": "mnist1d", "params": {"num_samples": 400, "transfer_samples": 0}, "val_fraction": 0.2,
-             "use_transfer": False, "batch_size": 64},
+    "data": {
+        "name": "mnist1d",
+        "params": {"num_samples": 400, "transfer_samples": 0},
+        "val_fraction": 0.2,
+        "use_transfer": False,
+        "batch_size": 64,
+    },
     "budget": {"train": {"epochs": 1}},
-    "pairs": {"cnn-mlp": {"teacher": {"name": "cnn1d", "params": {"channels": 8}, "train": {"epochs": 1}},
-                          "student": {"name": "mlp", "params": {"hidden": [16]}}}},
-    "methods": {"dkd": {"recipe": "dkd"},
-                "dist": {"recipe": "dist", "tune": {"losses.dist.T": {"low": 1.0, "high": 4.0}}}},
+    "pairs": {
+        "cnn-mlp": {
+            "teacher": {"name": "cnn1d", "params": {"channels": 8}, "train": {"epochs": 1}},
+            "student": {"name": "mlp", "params": {"hidden": [16]}},
+        }
+    },
+    "methods": {
+        "dkd": {"recipe": "dkd"},
+        "dist": {"recipe": "dist", "tune": {"losses.dist.T": {"low": 1.0, "high": 4.0}}},
+    },
 }
 
 

@@ -17,8 +17,10 @@ from darkknowledge.models import create_model
 
 def test_atomic_save_round_trip_weights_only(tmp_path):
     model = create_model("cnn2d", num_classes=3, input_shape=(1, 8, 8))
-    path = atomic_save({"module": model.state_dict(), "epoch": 3, "history": [{"top1": 1.5}], "rng": capture_rng()},
-                       tmp_path / "ck" / "last.pt")
+    path = atomic_save(
+        {"module": model.state_dict(), "epoch": 3, "history": [{"top1": 1.5}], "rng": capture_rng()},
+        tmp_path / "ck" / "last.pt",
+    )
     state = safe_load(path)  # weights_only=True inside
     assert state["epoch"] == 3 and state["history"][0]["top1"] == 1.5
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state["module"].items())

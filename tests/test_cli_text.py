@@ -32,8 +32,10 @@ def test_loss_list_columns_never_run_together() -> None:
     assert len(starts) == 1  # the second column starts at one offset on every line
 
 
-@pytest.mark.parametrize(("meta", "text"), [(Gt(0.0), "> 0.0"), (Ge(1), ">= 1"), (Lt(2), "< 2"), (Le(1.0), "<= 1.0"),
-                                            (MinLen(1), "length >= 1")])
+@pytest.mark.parametrize(
+    ("meta", "text"),
+    [(Gt(0.0), "> 0.0"), (Ge(1), ">= 1"), (Lt(2), "< 2"), (Le(1.0), "<= 1.0"), (MinLen(1), "length >= 1")],
+)
 def test_constraints_read_as_written(meta: object, text: str) -> None:
     assert format_constraint(meta) == text
 
@@ -73,8 +75,10 @@ def test_tap_errors_name_the_model_they_looked_in() -> None:
         resolve_tap(net, "x")
 
 
-@pytest.mark.parametrize(("key", "owner"), [("student_taps", "the student (CNN1d)"),
-                                            ("teacher_taps", "the frozen teacher 'teacher' (CNN1d)")])
+@pytest.mark.parametrize(
+    ("key", "owner"),
+    [("student_taps", "the student (CNN1d)"), ("teacher_taps", "the frozen teacher 'teacher' (CNN1d)")],
+)
 def test_a_runs_tap_error_says_whose_path_is_wrong(key: str, owner: str, tmp_path, capsys) -> None:
     from darkknowledge.cli import main
 

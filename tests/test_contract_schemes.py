@@ -28,8 +28,13 @@ BASE: dict[str, Any] = {
     "teacher": {"name": "cnn1d", "params": {"channels": 8}, "train": {"epochs": 1, "optimizer": {"lr": 0.01}}},
     "student": {"name": "mlp", "params": {"hidden": [16]}},
     "losses": {"ce": {}, "kd": {"T": 4.0, "alpha": 1.0}},
-    "train": {"epochs": 2, "optimizer": {"name": "adamw", "lr": 0.01}, "scheduler": {"name": "constant"},
-              "deterministic": True, "device": "cpu"},
+    "train": {
+        "epochs": 2,
+        "optimizer": {"name": "adamw", "lr": 0.01},
+        "scheduler": {"name": "constant"},
+        "deterministic": True,
+        "device": "cpu",
+    },
 }
 
 
@@ -62,9 +67,12 @@ def check_gradients(ctx: RunContext, task: Task, seed: int, with_transfer: bool)
         assert torch.isfinite(loss), part.name
         if part.name in (MAIN, STUDENT):
             assert set(terms) <= set(task.describe()["losses"])
-        missing += [n for n, p in part.module.named_parameters()
-                    if p.requires_grad and p.grad is None and id(p) in {id(q) for q in part.parameters()}]
-        for later in parts[i + 1:]:  # the next part's step starts from zero gradients, as in the engine
+        missing += [
+            n
+            for n, p in part.module.named_parameters()
+            if p.requires_grad and p.grad is None and id(p) in {id(q) for q in part.parameters()}
+        ]
+        for later in parts[i + 1 :]:  # the next part's step starts from zero gradients, as in the engine
             later.module.zero_grad(set_to_none=True)
     assert not missing, f"trainable parameters without a gradient (DDP needs them all): {missing}"
     teachers = getattr(task, "teachers", None) or [task.teacher]  # type: ignore[attr-defined]
@@ -114,6 +122,7 @@ def test_interrupted_run_resumes_to_identical_weights(name, tmp_path, monkeypatc
             if calls["n"] == total - 1:  # in the last epoch of the last stage, after its first checkpoint
                 raise KeyboardInterrupt  # (several parts: one call per part and batch, so a little earlier)
             return original(self, model, batch, progress, part)
+
         return interrupt
 
     for cls, original in originals.items():

@@ -123,9 +123,7 @@ def test_mnist1d_default_split_sizes_follow_package(monkeypatch: pytest.MonkeyPa
     assert calls == [(5000, 42)]
 
 
-def test_mnist1d_deterministic_cached_and_rng_untouched(
-    tmp_cache: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_mnist1d_deterministic_cached_and_rng_untouched(tmp_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     np.random.seed(123)
     expected_draw = np.random.rand()
     np.random.seed(123)

@@ -19,17 +19,33 @@ from darkknowledge.synthesis.base import draw_latent
 from darkknowledge.synthesis.latents import LatentLoader
 
 DATA = {"name": "mnist1d", "params": {"num_samples": 400}, "batch_size": 50}
-TEACHER = {"name": "cnn1d", "params": {"channels": 8, "batch_norm": True},
-           "train": {"epochs": 2, "optimizer": {"lr": 0.01}}}
+TEACHER = {
+    "name": "cnn1d",
+    "params": {"channels": 8, "batch_norm": True},
+    "train": {"epochs": 2, "optimizer": {"lr": 0.01}},
+}
 
 
 def config(tmp_path, synthesizer: dict[str, Any], **extra: Any):
-    raw = {"name": "df", "seeds": [0], "data": DATA, "teacher": TEACHER,
-           "student": {"name": "mlp", "params": {"hidden": [16]}},
-           "losses": {"kd": {"T": 1.0, "alpha": 1.0}},
-           "scheme": {"name": "data_free", "params": {"synthesizer": synthesizer, "steps_per_epoch": 3,
-                                                       "batch_size": 16, "references": [], "samples": 8}},
-           "train": {"epochs": 2, "optimizer": {"name": "adam", "lr": 0.01}, "device": "cpu"}}
+    raw = {
+        "name": "df",
+        "seeds": [0],
+        "data": DATA,
+        "teacher": TEACHER,
+        "student": {"name": "mlp", "params": {"hidden": [16]}},
+        "losses": {"kd": {"T": 1.0, "alpha": 1.0}},
+        "scheme": {
+            "name": "data_free",
+            "params": {
+                "synthesizer": synthesizer,
+                "steps_per_epoch": 3,
+                "batch_size": 16,
+                "references": [],
+                "samples": 8,
+            },
+        },
+        "train": {"epochs": 2, "optimizer": {"name": "adam", "lr": 0.01}, "device": "cpu"},
+    }
     raw.update(extra)
     return load_config(raw)
 
@@ -65,8 +81,11 @@ def test_data_free_student_never_reads_the_training_split(tmp_path, monkeypatch,
 
     monkeypatch.setattr(build, "load_dataset", no_train_split)
     params = SYNTHESIZERS.get(synth).example
-    cfg = config(tmp_path, {"name": synth, "params": params},
-                 teacher={"name": "cnn1d", "params": {"channels": 8, "batch_norm": True}, "checkpoint": teacher_ckpt})
+    cfg = config(
+        tmp_path,
+        {"name": synth, "params": params},
+        teacher={"name": "cnn1d", "params": {"channels": 8, "batch_norm": True}, "checkpoint": teacher_ckpt},
+    )
     out = commands.distill(cfg, out=tmp_path / "run", progress=False)  # preflight, training, export
     entry = out["student"]
     assert entry["synthesizer"] == synth and entry["train_samples"] == 3 * 16 and entry["transfer"] is False
@@ -90,15 +109,22 @@ def test_latent_loader_is_a_function_of_seed_epoch_and_batch():
 
 
 def test_a_data_free_student_cannot_read_labels(tmp_path, teacher_ckpt):
-    cfg = config(tmp_path, {"name": "noise"}, losses={"ce": {}, "kd": {"T": 1.0, "alpha": 1.0}},
-                 teacher={"name": "cnn1d", "params": {"channels": 8, "batch_norm": True}, "checkpoint": teacher_ckpt})
+    cfg = config(
+        tmp_path,
+        {"name": "noise"},
+        losses={"ce": {}, "kd": {"T": 1.0, "alpha": 1.0}},
+        teacher={"name": "cnn1d", "params": {"channels": 8, "batch_norm": True}, "checkpoint": teacher_ckpt},
+    )
     with pytest.raises(ConfigError, match=r"read labels, but a data-free student has none"):
         commands.distill(cfg, out=tmp_path / "run", progress=False)
 
 
 def test_unknown_synthesizer_parameter_is_refused_before_training(tmp_path, teacher_ckpt):
-    cfg = config(tmp_path, {"name": "dafl", "params": {"latnet_dim": 8}},
-                 teacher={"name": "cnn1d", "params": {"channels": 8, "batch_norm": True}, "checkpoint": teacher_ckpt})
+    cfg = config(
+        tmp_path,
+        {"name": "dafl", "params": {"latnet_dim": 8}},
+        teacher={"name": "cnn1d", "params": {"channels": 8, "batch_norm": True}, "checkpoint": teacher_ckpt},
+    )
     with pytest.raises(ConfigError, match=r"latnet_dim.*Did you mean 'latent_dim'"):
         commands.distill(cfg, out=tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
@@ -150,8 +176,11 @@ def _interrupted_and_resumed(tmp_path, monkeypatch, cfg, task_cls) -> tuple[dict
 def test_a_killed_data_free_run_resumes_to_the_same_student_and_synthesiser(tmp_path, monkeypatch, teacher_ckpt, synth):
     from darkknowledge.schemes.synthetic import SyntheticTask
 
-    cfg = config(tmp_path, {"name": synth, "params": SYNTHESIZERS.get(synth).example},
-                 teacher={"name": "cnn1d", "params": {"channels": 8, "batch_norm": True}, "checkpoint": teacher_ckpt})
+    cfg = config(
+        tmp_path,
+        {"name": synth, "params": SYNTHESIZERS.get(synth).example},
+        teacher={"name": "cnn1d", "params": {"channels": 8, "batch_norm": True}, "checkpoint": teacher_ckpt},
+    )
     raw = cfg.model_dump(mode="json")
     raw["scheme"]["params"]["steps_per_epoch"] = 5
     a, b = _interrupted_and_resumed(tmp_path, monkeypatch, load_config(raw), SyntheticTask)
@@ -167,8 +196,13 @@ def test_a_killed_run_with_a_discriminator_resumes_to_the_same_weights(tmp_path,
     from darkknowledge.schemes.task import FlowTask
 
     extra = {"student_taps": ["blocks.1"], "teacher_taps": ["blocks.1"]} if loss == "afd" else {}
-    cfg = config(tmp_path, {"name": "noise"}, losses={"ce": {}, "kd": {"T": 4.0, "alpha": 1.0}, loss: extra},
-                 scheme={"name": "offline"}, student={"name": "cnn1d", "params": {"channels": 4}})
+    cfg = config(
+        tmp_path,
+        {"name": "noise"},
+        losses={"ce": {}, "kd": {"T": 4.0, "alpha": 1.0}, loss: extra},
+        scheme={"name": "offline"},
+        student={"name": "cnn1d", "params": {"channels": 4}},
+    )
     a, b = _interrupted_and_resumed(tmp_path, monkeypatch, cfg, FlowTask)
     assert any("discriminator" in k for k in a), sorted(a)
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
@@ -183,8 +217,19 @@ def test_data_free_suite_cells_are_valid_and_compare_with_kd_on_real_data_and_no
     suite = load_suite("data-free")
     bench = Bench(suite, tmp_path)  # builds and validates every cell's config
     digits = {c.method for c in bench.cells if c.pair == "digits-lenet5" and c.seed == 0}
-    assert digits == {"ce", "kd", "noise", "dafl", "dfad", "zskt", "deepinversion", "kd_t4", "adversarial_kd", "afd",
-                      "synthetic_transfer"}
+    assert digits == {
+        "ce",
+        "kd",
+        "noise",
+        "dafl",
+        "dfad",
+        "zskt",
+        "deepinversion",
+        "kd_t4",
+        "adversarial_kd",
+        "afd",
+        "synthetic_transfer",
+    }
     kd = validate_config(student_config(suite, "digits-lenet5", "kd", 0, "t.pt"))
     dafl = validate_config(student_config(suite, "digits-lenet5", "dafl", 0, "t.pt"))
     noise = validate_config(student_config(suite, "digits-lenet5", "noise", 0, "t.pt"))
@@ -209,12 +254,21 @@ def test_data_free_cifar10_suite_for_gpu_users_is_valid(tmp_path):
 
 def test_an_earlier_runs_pool_is_replayed_by_another_student(tmp_path, teacher_ckpt):
     teacher = {"name": "cnn1d", "params": {"channels": 8, "batch_norm": True}, "checkpoint": teacher_ckpt}
-    first = commands.distill(config(tmp_path, {"name": "deepinversion", "params": SYNTHESIZERS.get("deepinversion").example},
-                                    teacher=teacher), out=tmp_path / "first", progress=False)
+    first = commands.distill(
+        config(
+            tmp_path, {"name": "deepinversion", "params": SYNTHESIZERS.get("deepinversion").example}, teacher=teacher
+        ),
+        out=tmp_path / "first",
+        progress=False,
+    )
     pool = tmp_path / "first" / first["student"]["name"] / "pool"
     assert (pool / "pool.json").is_file() and list(pool.glob("chunk-*.pt"))
-    cfg = config(tmp_path, {"name": "replay", "params": {"path": str(pool)}}, teacher=teacher,
-                 student={"name": "mlp", "params": {"hidden": [8]}})
+    cfg = config(
+        tmp_path,
+        {"name": "replay", "params": {"path": str(pool)}},
+        teacher=teacher,
+        student={"name": "mlp", "params": {"hidden": [8]}},
+    )
     out = commands.distill(cfg, out=tmp_path / "second", progress=False)
     assert out["student"]["synthesizer"] == "replay" and 0.0 <= out["student"]["last_acc"] <= 100.0
     stored = torch.cat([torch.load(f)["x"] for f in sorted(pool.glob("chunk-*.pt"))])  # (n, 40)
@@ -222,5 +276,8 @@ def test_an_earlier_runs_pool_is_replayed_by_another_student(tmp_path, teacher_c
     assert all((stored == row).all(dim=1).any() for row in shown)  # every replayed sample is a stored one
     other = {**teacher, "checkpoint": None, "train": {"epochs": 1}}  # another teacher: refused
     with pytest.raises(ConfigError, match="new directory|teacher"):
-        commands.distill(config(tmp_path, {"name": "replay", "params": {"path": str(pool)}}, teacher=other),
-                         out=tmp_path / "third", progress=False)
+        commands.distill(
+            config(tmp_path, {"name": "replay", "params": {"path": str(pool)}}, teacher=other),
+            out=tmp_path / "third",
+            progress=False,
+        )

@@ -50,9 +50,12 @@ def test_two_process_ddp_matches_single_process(tmp_path):
 def test_two_process_ddp_cross_modal_matches_single_process(tmp_path):
     """Paired views under DDP: each rank's share carries the student's derived view (the signal
     at half length) and the teacher's stored one; two ranks give one process's student."""
-    views = {"data": {"views": {"half": {"source": "signal", "transform": "downsample", "params": {"size": 20}}}},
-             "student": {"name": "mlp", "params": {"hidden": [32]}, "input": "half"},
-             "teacher": {"input": "signal"}, "seeds": [0]}
+    views = {
+        "data": {"views": {"half": {"source": "signal", "transform": "downsample", "params": {"size": 20}}}},
+        "student": {"name": "mlp", "params": {"hidden": [32]}, "input": "half"},
+        "teacher": {"input": "signal"},
+        "seeds": [0],
+    }
     distill_single_and_ddp(tmp_path, write_recipe(tmp_path / "r.yaml", **views))
     spec, wa = load_exported(tmp_path / "single" / "student.pt")
     _, wb = load_exported(tmp_path / "ddp" / "student.pt")

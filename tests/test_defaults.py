@@ -20,8 +20,19 @@ SMALL = ["data.params.num_samples=600", "data.batch_size=100"]
 
 
 def _train_teacher(tmp_path, out: str, *args: str) -> dict:
-    code = main(["train", str(tmp_path / "r.yaml"), "--model", "teacher", *SMALL, *args, "--out",
-                 str(tmp_path / out), "--quiet"])
+    code = main(
+        [
+            "train",
+            str(tmp_path / "r.yaml"),
+            "--model",
+            "teacher",
+            *SMALL,
+            *args,
+            "--out",
+            str(tmp_path / out),
+            "--quiet",
+        ]
+    )
     assert code == 0
     (entry,) = json.loads((tmp_path / out / "results.json").read_text())["models"]
     return entry
@@ -69,6 +80,7 @@ def test_train_teacher_without_a_teacher_or_with_a_checkpoint_is_one_error(tmp_p
 
 # ---------------------------------------------------------------- the Python API
 
+
 class Net(nn.Module):
     """A user's model, not from the zoo: MNIST-1D inputs (1, 40) to 10 classes."""
 
@@ -94,8 +106,11 @@ def _lent_teacher(fail: bool = False) -> nn.Module:
 
 
 def _state(model: nn.Module) -> tuple:
-    return ([m.training for m in model.modules()], [p.requires_grad for p in model.parameters()],
-            {k: v.clone() for k, v in model.state_dict().items()})
+    return (
+        [m.training for m in model.modules()],
+        [p.requires_grad for p in model.parameters()],
+        {k: v.clone() for k, v in model.state_dict().items()},
+    )
 
 
 def test_distill_user_modules_on_a_dataset_name_gives_the_teacher_back_as_it_came():
@@ -119,27 +134,41 @@ def test_the_teacher_comes_back_as_it_came_when_training_fails():
     assert _state(teacher)[:2] == (modes, grads)
 
 
-@pytest.mark.parametrize(("call", "message"), [
-    (lambda t: dk.distill(Net(8), t, "mnist1d", config={"student": {"params": {"hidden": [4]}}}),
-     r"student\.params: the student is given as an nn\.Module \(Net\), so these settings would not apply"),
-    (lambda t: dk.distill("mlp", t, "mnist1d", config={"teacher": {"train": {"epochs": 3}}}),
-     r"teacher\.train: the teacher is given as an nn\.Module"),
-    (lambda t: dk.distill("mlp", t, "mnist1d", config={"seeds": [0, 1]}),
-     r"config\.seeds: the Python API trains one seed \(seed=0\)"),
-    (lambda t: dk.distill("mlp", t, "mnist1d", config={"teachers": [{"name": "mlp"}]}),
-     r"teachers: dk\.distill takes one teacher"),
-    (lambda t: dk.distill("mlp", t, "mnist1d", config={"scheme": "mutual"}),
-     r"scheme: dk\.distill trains offline"),
-    (lambda t: dk.distill("mlpp", t, "mnist1d"), r"unknown model 'mlpp'.*Did you mean 'mlp'"),
-    (lambda t: dk.distill("mlp", t, "mnist1dd"), r"unknown dataset 'mnist1dd'"),
-    (lambda t: dk.distill("mlp", t, "mnist1d", config={"data": {"params": {"num_sample": 600}}}),
-     r"data\.params.*num_sample"),
-    (lambda t: dk.distill("mlp", t, "mnist1d", losses={"kd": {"T": -1}}), r"losses\.kd\.T"),
-    (lambda t: dk.distill("mlp", t, 42), r"data: expected a dataset name .* got int"),
-    (lambda t: dk.distill("mlp", t, "mnist1d", config=[1]), r"config: expected a mapping"),
-    (lambda t: dk.train(Net(8), "mnist1d", config={"teacher": {"name": "cnn1d"}}),
-     r"teacher: dk\.train trains one model alone"),
-])
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (
+            lambda t: dk.distill(Net(8), t, "mnist1d", config={"student": {"params": {"hidden": [4]}}}),
+            r"student\.params: the student is given as an nn\.Module \(Net\), so these settings would not apply",
+        ),
+        (
+            lambda t: dk.distill("mlp", t, "mnist1d", config={"teacher": {"train": {"epochs": 3}}}),
+            r"teacher\.train: the teacher is given as an nn\.Module",
+        ),
+        (
+            lambda t: dk.distill("mlp", t, "mnist1d", config={"seeds": [0, 1]}),
+            r"config\.seeds: the Python API trains one seed \(seed=0\)",
+        ),
+        (
+            lambda t: dk.distill("mlp", t, "mnist1d", config={"teachers": [{"name": "mlp"}]}),
+            r"teachers: dk\.distill takes one teacher",
+        ),
+        (lambda t: dk.distill("mlp", t, "mnist1d", config={"scheme": "mutual"}), r"scheme: dk\.distill trains offline"),
+        (lambda t: dk.distill("mlpp", t, "mnist1d"), r"unknown model 'mlpp'.*Did you mean 'mlp'"),
+        (lambda t: dk.distill("mlp", t, "mnist1dd"), r"unknown dataset 'mnist1dd'"),
+        (
+            lambda t: dk.distill("mlp", t, "mnist1d", config={"data": {"params": {"num_sample": 600}}}),
+            r"data\.params.*num_sample",
+        ),
+        (lambda t: dk.distill("mlp", t, "mnist1d", losses={"kd": {"T": -1}}), r"losses\.kd\.T"),
+        (lambda t: dk.distill("mlp", t, 42), r"data: expected a dataset name .* got int"),
+        (lambda t: dk.distill("mlp", t, "mnist1d", config=[1]), r"config: expected a mapping"),
+        (
+            lambda t: dk.train(Net(8), "mnist1d", config={"teacher": {"name": "cnn1d"}}),
+            r"teacher: dk\.train trains one model alone",
+        ),
+    ],
+)
 def test_api_mistakes_are_one_error_before_anything_runs(call, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     teacher = _lent_teacher()
@@ -150,18 +179,39 @@ def test_api_mistakes_are_one_error_before_anything_runs(call, message, tmp_path
     assert list(tmp_path.iterdir()) == []  # nothing written, nothing trained
 
 
-@pytest.mark.parametrize(("data", "kwargs", "message"), [
-    (((torch.randn(20, 8), torch.arange(20) % 4), (torch.randn(10, 8), torch.arange(10) % 4)), {"num_classes": 3},
-     r"data: label 3 is outside the class range 0\.\.2 of num_classes=3"),
-    (((torch.randn(20, 8), torch.arange(20) % 4), (torch.randn(10, 9), torch.arange(10) % 4)), {},
-     r"data: test inputs have shape \(9,\) per sample but training inputs \(8,\)"),
-    (((torch.randn(20, 8), torch.rand(20)), (torch.randn(10, 8), torch.arange(10) % 4)), {},
-     r"labels must be integers"),
-    (((torch.randn(20, 8), torch.zeros(20, dtype=torch.long)), (torch.randn(10, 8), torch.zeros(10, dtype=torch.long))),
-     {}, r"data: the labels hold 1 class\(es\); a classifier needs at least 2"),
-    (((torch.randn(20, 8), torch.arange(20) % 4), (torch.randn(10, 8), torch.arange(10) % 4)),
-     {"config": {"data": {"val_fraction": 0.2}}}, r"data\.val_fraction: the data is given as tensors"),
-])
+@pytest.mark.parametrize(
+    ("data", "kwargs", "message"),
+    [
+        (
+            ((torch.randn(20, 8), torch.arange(20) % 4), (torch.randn(10, 8), torch.arange(10) % 4)),
+            {"num_classes": 3},
+            r"data: label 3 is outside the class range 0\.\.2 of num_classes=3",
+        ),
+        (
+            ((torch.randn(20, 8), torch.arange(20) % 4), (torch.randn(10, 9), torch.arange(10) % 4)),
+            {},
+            r"data: test inputs have shape \(9,\) per sample but training inputs \(8,\)",
+        ),
+        (
+            ((torch.randn(20, 8), torch.rand(20)), (torch.randn(10, 8), torch.arange(10) % 4)),
+            {},
+            r"labels must be integers",
+        ),
+        (
+            (
+                (torch.randn(20, 8), torch.zeros(20, dtype=torch.long)),
+                (torch.randn(10, 8), torch.zeros(10, dtype=torch.long)),
+            ),
+            {},
+            r"data: the labels hold 1 class\(es\); a classifier needs at least 2",
+        ),
+        (
+            ((torch.randn(20, 8), torch.arange(20) % 4), (torch.randn(10, 8), torch.arange(10) % 4)),
+            {"config": {"data": {"val_fraction": 0.2}}},
+            r"data\.val_fraction: the data is given as tensors",
+        ),
+    ],
+)
 def test_bad_tensors_are_one_config_error(data, kwargs, message):
     with pytest.raises(ConfigError, match=message):
         dk.train(nn.Linear(8, 4), data, epochs=1, **kwargs)

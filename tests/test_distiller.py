@@ -66,8 +66,9 @@ def test_adapters_are_parameters_and_the_teacher_is_not_trained():
     student, teacher = nets()
     x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    distiller = dk.Distiller(student, teacher, losses={"ce": {}, "fitnet": {"student_taps": ["1"], "teacher_taps": ["1"]}},
-                             example=x[:4])
+    distiller = dk.Distiller(
+        student, teacher, losses={"ce": {}, "fitnet": {"student_taps": ["1"], "teacher_taps": ["1"]}}, example=x[:4]
+    )
     params = list(distiller.parameters())
     adapter = list(distiller.objective.terms["fitnet"].parameters())
     assert adapter and {id(p) for p in adapter} <= {id(p) for p in params}  # built before the optimizer

@@ -125,8 +125,11 @@ def test_the_several_parts_loop_names_the_part_and_resumes(tmp_path, monkeypatch
 
     monkeypatch.setattr(DuelTask, "training_step", critic_diverges)
     task, _ = make()
-    with pytest.raises(DivergenceError, match=r"epoch 2, step 9, part 'critic' \(loss=nan, mse=nan\)"
-                                              r".*last\.pt, step 8"):
+    with pytest.raises(
+        DivergenceError,
+        match=r"epoch 2, step 9, part 'critic' \(loss=nan, mse=nan\)"
+        r".*last\.pt, step 8",
+    ):
         fit(task, cfg, run_dir=tmp_path / "run", data=data)
     assert all(torch.isfinite(p).all() for p in task.module.parameters())
     state = safe_load(tmp_path / "run" / "last.pt")
@@ -139,7 +142,9 @@ def test_the_several_parts_loop_names_the_part_and_resumes(tmp_path, monkeypatch
 
 
 def test_a_learning_rate_that_blows_up_never_writes_a_non_finite_checkpoint(tmp_path):
-    cfg = config(epochs=3, checkpoint_every_steps=1, optimizer={"name": "sgd", "lr": 1e30}, scheduler={"name": "constant"})
+    cfg = config(
+        epochs=3, checkpoint_every_steps=1, optimizer={"name": "sgd", "lr": 1e30}, scheduler={"name": "constant"}
+    )
     with pytest.raises(DivergenceError) as caught:
         fit(Fragile(), cfg, run_dir=tmp_path)
     message = str(caught.value)
@@ -153,8 +158,11 @@ def test_a_learning_rate_that_blows_up_never_writes_a_non_finite_checkpoint(tmp_
 
 def test_a_non_finite_gradient_under_a_finite_loss_is_caught(tmp_path):
     # without clipping: the NaN update of step 5 shows in step 6's loss, before step 6's update
-    with pytest.raises(DivergenceError, match=r"step 6 .*the weights were non-finite before it "
-                                              r"\(weight '2\.weight'.*an update after step 4 diverged"):
+    with pytest.raises(
+        DivergenceError,
+        match=r"step 6 .*the weights were non-finite before it "
+        r"\(weight '2\.weight'.*an update after step 4 diverged",
+    ):
         fit(Fragile(nan_at=5, grad_only=True), config(epochs=2, checkpoint_every_steps=4), run_dir=tmp_path / "a")
     assert all_finite(safe_load(tmp_path / "a" / "last.pt"))
     # with clipping, whose norm the check reads: at the step itself, and its update is not applied
@@ -174,7 +182,9 @@ def test_a_batched_check_finds_the_step_and_never_saves_what_followed(tmp_path, 
 
     monkeypatch.setattr(trainer_module, "DivergenceWatch", Batched)
     task = Fragile(nan_at=11)
-    with pytest.raises(DivergenceError, match=r"epoch 2, step 11 \(loss=nan, boom=nan\); nothing after step 8") as caught:
+    with pytest.raises(
+        DivergenceError, match=r"epoch 2, step 11 \(loss=nan, boom=nan\); nothing after step 8"
+    ) as caught:
         fit(task, config(epochs=3, checkpoint_every_steps=4), run_dir=tmp_path)
     assert "its update was not applied" not in str(caught.value)  # applied, and discarded
     state = safe_load(tmp_path / "last.pt")
@@ -186,21 +196,32 @@ def test_steps_a_grad_scaler_skips_are_not_divergence(monkeypatch):
     scalers = []
 
     def huge_scale(device, dtype):
-        scalers.append(torch.amp.GradScaler("cpu", init_scale=2.0 ** 127))
+        scalers.append(torch.amp.GradScaler("cpu", init_scale=2.0**127))
         return scalers[-1]
 
     monkeypatch.setattr("darkknowledge.engine.stepper.make_grad_scaler", huge_scale)
     task = Fragile()
     result = fit(task, config(epochs=2, clip_grad_norm=1.0), data=_data(scale=1e3))  # large losses: the first
-    assert result.steps == 12 and scalers[0].get_scale() < 2.0 ** 127  # scaled gradients overflow, skipped
+    assert result.steps == 12 and scalers[0].get_scale() < 2.0**127  # scaled gradients overflow, skipped
     assert all(torch.isfinite(p).all() for p in task.module.parameters())
 
 
 @pytest.mark.slow
 def test_the_cli_prints_one_line_and_exits_2(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml")
-    proc = dk("train", str(recipe), "data.params.num_samples=600", "train.epochs=1", "train.optimizer.name=sgd",
-              "train.optimizer.lr=1e30", "train.checkpoint_every_steps=2", "--out", "run", "--quiet", cwd=tmp_path)
+    proc = dk(
+        "train",
+        str(recipe),
+        "data.params.num_samples=600",
+        "train.epochs=1",
+        "train.optimizer.name=sgd",
+        "train.optimizer.lr=1e30",
+        "train.checkpoint_every_steps=2",
+        "--out",
+        "run",
+        "--quiet",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("dk: error: [") and "training diverged" in lines[0]
@@ -216,8 +237,16 @@ def test_resume_with_a_lower_learning_rate_gets_past_the_divergence(tmp_path):
     At lr 30 the weights blow up in epoch 2 (step 17's loss is inf); the last checkpoint (step 15)
     is from before the updates that did it, so a lower rate from there gets past it."""
     recipe = write_recipe(tmp_path / "r.yaml")
-    common = ["data.params.num_samples=600", "train.epochs=3", "train.optimizer.name=sgd",
-              "train.scheduler.name=constant", "train.checkpoint_every_steps=5", "--out", "run", "--quiet"]
+    common = [
+        "data.params.num_samples=600",
+        "train.epochs=3",
+        "train.optimizer.name=sgd",
+        "train.scheduler.name=constant",
+        "train.checkpoint_every_steps=5",
+        "--out",
+        "run",
+        "--quiet",
+    ]
     proc = dk("train", str(recipe), *common, "train.optimizer.lr=30", cwd=tmp_path)  # diverges in epoch 2
     assert proc.returncode == 2 and "training diverged" in proc.stderr, proc.stderr
     stage = next((tmp_path / "run").glob("student-ce-s*"))

@@ -24,10 +24,11 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,})(?P<info>[^\n`]*)\n(?P<body>.*?)^(?P=indent)(?P=fence)[ \t]*$",
-                   re.M | re.S)
+FENCE = re.compile(
+    r"^(?P<indent>[ \t]*)(?P<fence>`{3,})(?P<info>[^\n`]*)\n(?P<body>.*?)^(?P=indent)(?P=fence)[ \t]*$", re.M | re.S
+)
 SKIP = re.compile(r"<!--\s*docs-test:\s*skip\b\s*(?P<why>.*?)-->")
-RUNNER = r'''
+RUNNER = r"""
 import json, os, sys, time, traceback
 pages = json.load(open(sys.argv[1]))
 results = {}
@@ -47,7 +48,7 @@ for page, blocks in pages.items():
             break
     results[page] = {"error": error, "seconds": round(time.perf_counter() - start, 2)}
 json.dump(results, open(sys.argv[3], "w"))
-'''
+"""
 
 
 @dataclass(frozen=True)
@@ -66,10 +67,10 @@ def python_blocks(text: str) -> list[Block]:
         info = m.group("info").strip().split()
         if not info or info[0] not in ("python", "py"):
             continue
-        before = text[:m.start()].rstrip().splitlines()
+        before = text[: m.start()].rstrip().splitlines()
         mark = SKIP.search(before[-1]) if before else None
         line = text.count("\n", 0, m.start()) + 1
-        body = "\n".join(ln[len(m.group("indent")):] for ln in m.group("body").splitlines())
+        body = "\n".join(ln[len(m.group("indent")) :] for ln in m.group("body").splitlines())
         blocks.append(Block(line, body, (mark.group("why").strip() or "marked skip") if mark else None))
     return blocks
 
@@ -102,11 +103,28 @@ def executed(tmp_path_factory: pytest.TempPathFactory, generated: dict[str, str 
     work = tmp_path_factory.mktemp("docs-run")
     (work / "pages.json").write_text(json.dumps(todo))
     (work / "runner.py").write_text(RUNNER)
-    env = {**os.environ, "DK_CACHE": str(tmp_path_factory.getbasetemp() / "dk-cache"), "MPLBACKEND": "Agg",
-           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, str(work / "runner.py"), str(work / "pages.json"), str(work / "cwd"),
-                           str(work / "results.json")], cwd=work, env=env, capture_output=True, text=True,
-                          timeout=600, check=False)
+    env = {
+        **os.environ,
+        "DK_CACHE": str(tmp_path_factory.getbasetemp() / "dk-cache"),
+        "MPLBACKEND": "Agg",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(work / "runner.py"),
+            str(work / "pages.json"),
+            str(work / "cwd"),
+            str(work / "results.json"),
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, f"the runner failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     return json.loads((work / "results.json").read_text())
 
@@ -137,8 +155,10 @@ def test_most_python_blocks_run() -> None:
 
 
 def test_block_extraction_reads_fences_and_skip_marks() -> None:
-    text = ("intro\n\n```python\nx = 1\n```\n\n<!-- docs-test: skip (needs 2 GPUs) -->\n```python\nboom()\n```\n\n"
-            "```bash\nls\n```\n\n- item\n\n    ```python\n    y = x + 1\n    ```\n")
+    text = (
+        "intro\n\n```python\nx = 1\n```\n\n<!-- docs-test: skip (needs 2 GPUs) -->\n```python\nboom()\n```\n\n"
+        "```bash\nls\n```\n\n- item\n\n    ```python\n    y = x + 1\n    ```\n"
+    )
     blocks = python_blocks(text)
     assert [b.code for b in blocks] == ["x = 1", "boom()", "y = x + 1"]
     assert [b.skip for b in blocks] == [None, "(needs 2 GPUs)", None]
@@ -151,10 +171,12 @@ def test_docstrings_become_markdown() -> None:
     _generator()
     from dkdocs.docstrings import to_markdown
 
-    doc = to_markdown("Title: ``a*b_c`` and *emphasis* with x_i [0, 1] <stage>.\n\nThe loss::\n\n"
-                      "    L = a * KL(p || q)\n\nSee :class:`~darkknowledge.teachers.peers.Peer`.\n\n"
-                      "* a bullet with ``code\n  that wraps``\n\nArgs:\n    T: Temperature,\n"
-                      "        the softening.\n    a, b: Two weights.\n")
+    doc = to_markdown(
+        "Title: ``a*b_c`` and *emphasis* with x_i [0, 1] <stage>.\n\nThe loss::\n\n"
+        "    L = a * KL(p || q)\n\nSee :class:`~darkknowledge.teachers.peers.Peer`.\n\n"
+        "* a bullet with ``code\n  that wraps``\n\nArgs:\n    T: Temperature,\n"
+        "        the softening.\n    a, b: Two weights.\n"
+    )
     assert "``a*b_c``" in doc.markdown and "*emphasis*" in doc.markdown
     assert "x\\_i \\[0, 1\\] &lt;stage>" in doc.markdown
     assert "The loss:\n\n```text\nL = a * KL(p || q)\n```" in doc.markdown
@@ -246,16 +268,34 @@ def _mkdocs_missing() -> str | None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(_mkdocs_missing() is not None,
-                    reason=f"{_mkdocs_missing()} is not installed (pip install -e '.[docs]' for the docs build)")
+@pytest.mark.skipif(
+    _mkdocs_missing() is not None,
+    reason=f"{_mkdocs_missing()} is not installed (pip install -e '.[docs]' for the docs build)",
+)
 def test_site_builds_strict(tmp_path: Path) -> None:
     from darkknowledge.losses import LOSSES
     from darkknowledge.schemes import SCHEMES
 
     site = tmp_path / "site"
-    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(ROOT / "mkdocs.yml"),
-                           "--site-dir", str(site)], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "NO_MKDOCS_2_WARNING": "1"}, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mkdocs",
+            "build",
+            "--strict",
+            "--config-file",
+            str(ROOT / "mkdocs.yml"),
+            "--site-dir",
+            str(site),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert "WARNING" not in proc.stderr, proc.stderr[-5000:]
     for name in LOSSES.names():

@@ -136,8 +136,9 @@ def test_teacher_forward_skipped_when_nothing_needs_it():
     calls = []
     teacher = create_model("mlp", num_classes=4, input_shape=(6,))
     teacher.register_forward_hook(lambda *a: calls.append(1))
-    scheme = offline_task(create_model("mlp", num_classes=4, input_shape=(6,)), Objective.from_config({"ce": {}}),
-                          teacher)
+    scheme = offline_task(
+        create_model("mlp", num_classes=4, input_shape=(6,)), Objective.from_config({"ce": {}}), teacher
+    )
     assert scheme.teachers == []
     batch = Batch(torch.randn(4, 6), torch.zeros(4, dtype=torch.long), torch.arange(4))
     scheme.setup(batch)
@@ -152,8 +153,15 @@ def test_feature_loss_runs_through_evaluation_epochs():
     bundle = load_dataset("digits")
     teacher = create_model("cnn2d", num_classes=10, input_shape=(1, 8, 8), channels=(8, 16), hidden=16)
     taps = {"student_taps": ["blocks.1"], "teacher_taps": ["blocks.1"]}
-    out = dk.distill("cnn2d", teacher, bundle, losses={"ce": {}, "hint": {"loss": "fitnet", **taps}},
-                     epochs=2, batch_size=256, config={"student": {"params": {"channels": [4, 8], "hidden": 16}}})
+    out = dk.distill(
+        "cnn2d",
+        teacher,
+        bundle,
+        losses={"ce": {}, "hint": {"loss": "fitnet", **taps}},
+        epochs=2,
+        batch_size=256,
+        config={"student": {"params": {"channels": [4, 8], "hidden": 16}}},
+    )
     assert out.entry["epochs"] == 2
 
 

@@ -43,10 +43,22 @@ TV_TEACHER, TIMM_STUDENT = "torchvision:resnet18", "timm:mobilenetv3_small_100"
 HF_RESNET = {"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1], "layer_type": "basic"}
 HF_VIT = {"patch_size": 8, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32}
 VOCAB, LENGTH = 40, 12
-HF_BERT = {"vocab_size": VOCAB, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
-           "intermediate_size": 32, "max_position_embeddings": 32}
-HF_DISTILBERT = {"vocab_size": VOCAB, "dim": 8, "n_layers": 1, "n_heads": 2, "hidden_dim": 16,
-                 "max_position_embeddings": 32}
+HF_BERT = {
+    "vocab_size": VOCAB,
+    "hidden_size": 16,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "max_position_embeddings": 32,
+}
+HF_DISTILBERT = {
+    "vocab_size": VOCAB,
+    "dim": 8,
+    "n_layers": 1,
+    "n_heads": 2,
+    "hidden_dim": 16,
+    "max_position_embeddings": 32,
+}
 RUN = {"train": {"device": "cpu", "deterministic": True}, "profile": {"enabled": False}}
 """Config of every run here: CPU, deterministic, no latency profile (not under test)."""
 
@@ -78,8 +90,12 @@ def _libraries(request: pytest.FixtureRequest) -> None:
 
 def synthetic(**extra: Any) -> dict[str, Any]:
     """Run config on a few random 3x32x32 images of 5 classes (the ``synthetic`` dataset)."""
-    data = {"data": {"params": {"shape": list(IMAGE), "num_classes": K, "train_samples": 32, "test_samples": 16,
-                                "noise": 0.5}, "batch_size": 16}}
+    data = {
+        "data": {
+            "params": {"shape": list(IMAGE), "num_classes": K, "train_samples": 32, "test_samples": 16, "noise": 0.5},
+            "batch_size": 16,
+        }
+    }
     return deep_merge(deep_merge(RUN, data), extra)
 
 
@@ -127,13 +143,15 @@ def test_hf_classifiers_from_a_config() -> None:
     assert image.dk_name == "hf:resnet"
     assert image.dk_params == {"num_classes": K, "input_shape": list(IMAGE), "config": HF_RESNET}
     again = create_model(image.dk_name, **image.dk_params)  # the spec rebuilds the architecture
-    assert [k for k in again.state_dict()] == [k for k in image.state_dict()]
+    assert list(again.state_dict()) == list(image.state_dict())
 
     vit = create_model("hf:vit", num_classes=K, input_shape=(3, 16, 24), config=HF_VIT)
     assert vit.config.image_size == [16, 24] and vit.config.num_channels == 3  # taken from the data
     assert default_taps(vit) == ["vit.layers.0", "vit.layers.1"]
     assert probe_shapes(vit, torch.randn(2, 3, 16, 24), default_taps(vit)) == {
-        "vit.layers.0": (7, 16), "vit.layers.1": (7, 16)}  # (tokens: 2x3 patches + CLS, hidden)
+        "vit.layers.0": (7, 16),
+        "vit.layers.1": (7, 16),
+    }  # (tokens: 2x3 patches + CLS, hidden)
 
     bert = create_model("hf:bert", num_classes=K, input_shape=(LENGTH,), config=HF_BERT)
     assert type(bert).__name__ == "BertForSequenceClassification"
@@ -157,8 +175,9 @@ def test_hf_classifier_from_a_saved_folder(tmp_path: Path) -> None:
         create_model(name, num_classes=7, input_shape=IMAGE)
     head = create_model(name, num_classes=7, input_shape=IMAGE, ignore_mismatched_sizes=True)
     assert head.classifier[1].out_features == 7
-    assert torch.equal(head.resnet.embedder.embedder.convolution.weight,
-                       saved.resnet.embedder.embedder.convolution.weight)  # the rest is loaded
+    assert torch.equal(
+        head.resnet.embedder.embedder.convolution.weight, saved.resnet.embedder.embedder.convolution.weight
+    )  # the rest is loaded
     with pytest.raises(ConfigError, match=r"an image classifier reads images \(C, H, W\), but .* shape \(12,\)"):
         create_model(name, num_classes=K, input_shape=(LENGTH,))
     with pytest.raises(ConfigError, match=r"reads 3-channel images but the data's have 1 channels"):
@@ -221,7 +240,11 @@ def test_torchvision_and_timm_models_with_their_stage_taps() -> None:
     assert default_taps(resnet) == ["layer1", "layer2", "layer3", "layer4"]
     x = torch.randn(2, *IMAGE)  # (B, 3, 32, 32)
     assert probe_shapes(resnet, x, default_taps(resnet)) == {
-        "layer1": (64, 8, 8), "layer2": (128, 4, 4), "layer3": (256, 2, 2), "layer4": (512, 1, 1)}
+        "layer1": (64, 8, 8),
+        "layer2": (128, 4, 4),
+        "layer3": (256, 2, 2),
+        "layer4": (512, 1, 1),
+    }
     mobilenet = create_model(TIMM_STUDENT, num_classes=K, input_shape=IMAGE)
     taps = default_taps(mobilenet)  # from timm's feature_info
     assert taps == ["bn1", "blocks.0", "blocks.1", "blocks.3", "blocks.5"]
@@ -253,8 +276,10 @@ def test_pretrained_weights_are_passed_to_the_libraries(monkeypatch: pytest.Monk
     monkeypatch.setattr(timm, "create_model", create)
     tv = create_model(TV_TEACHER, num_classes=1000, input_shape=IMAGE, weights="DEFAULT")
     tm = create_model(TIMM_STUDENT, num_classes=K, input_shape=IMAGE, pretrained=True, drop_rate=0.1)
-    assert calls == [("resnet18", {"weights": "DEFAULT", "num_classes": 1000}),
-                     ("mobilenetv3_small_100", {"pretrained": True, "num_classes": K, "drop_rate": 0.1})]
+    assert calls == [
+        ("resnet18", {"weights": "DEFAULT", "num_classes": 1000}),
+        ("mobilenetv3_small_100", {"pretrained": True, "num_classes": K, "drop_rate": 0.1}),
+    ]
     assert tv.dk_params["weights"] == "DEFAULT" and tm.dk_params["pretrained"] is True  # kept in the spec
     # what torchvision makes of "DEFAULT" (without the spy it would download these weights)
     weights = torchvision.models.get_model_weights("resnet18").DEFAULT
@@ -312,8 +337,9 @@ def test_resnet18_teacher_mobilenet_student_live_and_cached(tmp_path: Path, monk
     losses = {"kd": {"T": 4.0}, "fitnet": {"student_taps": ["blocks.3"], "teacher_taps": ["layer3"], "weight": 10.0}}
 
     def run(cache: Any) -> Any:
-        return dk.distill(TIMM_STUDENT, teacher, "synthetic", losses=losses, epochs=3, lr=0.01,
-                          config=synthetic(cache=cache))
+        return dk.distill(
+            TIMM_STUDENT, teacher, "synthetic", losses=losses, epochs=3, lr=0.01, config=synthetic(cache=cache)
+        )
 
     live = run(False)
     assert len(live.epochs) == 3 and 0.0 <= live.accuracy <= 100.0
@@ -331,17 +357,17 @@ def test_resnet18_teacher_mobilenet_student_live_and_cached(tmp_path: Path, monk
 def test_two_process_ddp_with_external_models(tmp_path: Path) -> None:
     """``dk distill`` under torchrun (2 CPU processes, gloo): a ResNet-18 checkpoint teaches a
     MobileNetV3 with a fitnet adapter; rank 0 writes one run whose student evaluates as reported."""
-    from helpers import results, torchrun
-
     from darkknowledge.commands import evaluate_checkpoint
     from darkknowledge.engine.checkpoint import export_model, load_exported
     from darkknowledge.runs.build import model_spec
+    from helpers import results, torchrun
 
     torch.manual_seed(0)
     teacher = create_model(TV_TEACHER, num_classes=K, input_shape=IMAGE)
     export_model(teacher, tmp_path / "teacher.pt", model_spec(teacher))
     recipe = {
-        "name": "external-ddp", "seeds": [0],
+        "name": "external-ddp",
+        "seeds": [0],
         "teacher": {"name": TV_TEACHER, "checkpoint": str(tmp_path / "teacher.pt")},
         "student": {"name": TIMM_STUDENT},
         "losses": {"kd": {"T": 4.0}, "fitnet": {"student_taps": ["blocks.3"], "teacher_taps": ["layer3"]}},
@@ -365,12 +391,15 @@ def test_hf_resnet_from_a_folder_teaches_a_hf_vit(tmp_path: Path) -> None:
     rebuilds from its spec."""
     saved_hf_resnet(tmp_path / "teacher")
     teacher = create_model(f"hf:{tmp_path / 'teacher'}", num_classes=K, input_shape=IMAGE)
-    losses = {"kd": {"T": 4.0},
-              "fitnet": {"student_taps": ["classifier:input"], "teacher_taps": ["classifier.1:input"], "relu": False}}
+    losses = {
+        "kd": {"T": 4.0},
+        "fitnet": {"student_taps": ["classifier:input"], "teacher_taps": ["classifier.1:input"], "relu": False},
+    }
     torch.manual_seed(1)
     student = create_model("hf:vit", num_classes=K, input_shape=IMAGE, config=HF_VIT)
-    out = dk.distill(student, teacher, "synthetic", losses=losses, epochs=3, lr=0.01, out=tmp_path / "run",
-                     config=synthetic())
+    out = dk.distill(
+        student, teacher, "synthetic", losses=losses, epochs=3, lr=0.01, out=tmp_path / "run", config=synthetic()
+    )
     assert type(out.model).__name__ == "ViTForImageClassification"
     fitnet = epoch_terms(out, "fitnet")
     assert fitnet[-1] < fitnet[0], fitnet
@@ -397,8 +426,16 @@ def test_hf_sequence_classifiers_on_token_ids(tmp_path: Path, monkeypatch: pytes
     def run(cache: Any) -> Any:
         torch.manual_seed(1)
         student = create_model("hf:distilbert", num_classes=K, input_shape=(LENGTH,), config=HF_DISTILBERT)
-        return dk.distill(student, teacher, data, losses=losses, epochs=3, batch_size=16, lr=0.01,
-                          config=deep_merge(RUN, {"cache": cache}))
+        return dk.distill(
+            student,
+            teacher,
+            data,
+            losses=losses,
+            epochs=3,
+            batch_size=16,
+            lr=0.01,
+            config=deep_merge(RUN, {"cache": cache}),
+        )
 
     live = run(False)
     assert type(live.model).__name__ == "DistilBertForSequenceClassification"

@@ -29,8 +29,14 @@ def _data(n: int, shape: tuple[int, ...]) -> TensorData:
 
 def _fit(scheme: FlowTask, data: TensorData, epochs: int = 2, **train) -> tuple[Trainer, object]:
     cfg = TrainConfig(epochs=epochs, device="cpu", deterministic=True, optimizer={"name": "sgd", "lr": 0.05}, **train)
-    trainer = Trainer(scheme, BatchLoader(data, 32, seed=0), BatchLoader(data, 64, shuffle=False), cfg,
-                      torch.device("cpu"), progress=False)
+    trainer = Trainer(
+        scheme,
+        BatchLoader(data, 32, seed=0),
+        BatchLoader(data, 64, shuffle=False),
+        cfg,
+        torch.device("cpu"),
+        progress=False,
+    )
     return trainer, trainer.fit()
 
 
@@ -43,8 +49,11 @@ def test_the_teacher_never_runs_in_training_when_its_outputs_are_cached(tmp_path
     monkeypatch.setenv("DK_CACHE", str(tmp_path))
     data = _data(128, (40,))
     calls = {}
-    for mode, cache in (("live", CacheConfig(live_batches=1)), ("ahead", CacheConfig()),
-                        ("cached", CacheConfig(enabled=True))):
+    for mode, cache in (
+        ("live", CacheConfig(live_batches=1)),
+        ("ahead", CacheConfig()),
+        ("cached", CacheConfig(enabled=True)),
+    ):
         teacher = _model("cnn1d", 0, (40,), channels=8)
         count = [0]
         teacher.register_forward_hook(lambda *a, c=count: c.__setitem__(0, c[0] + 1))
@@ -65,8 +74,12 @@ def test_a_teacher_run_ahead_gives_every_batch_its_own_outputs():
     weights = {}
     for n in (1, 2, 3):
         teacher = _model("cnn1d", 0, (40,), channels=8)
-        scheme = offline_task(_model("cnn1d", 1, (40,), channels=4), build_objective({"kd": {}, "fitnet": {}}),
-                              teacher, cache=CacheConfig(live_batches=n))
+        scheme = offline_task(
+            _model("cnn1d", 1, (40,), channels=4),
+            build_objective({"kd": {}, "fitnet": {}}),
+            teacher,
+            cache=CacheConfig(live_batches=n),
+        )
         _fit(scheme, data)
         assert (scheme.teachers[0].ahead is None) == (n == 1)
         weights[n] = scheme.module.student.state_dict()
@@ -99,8 +112,9 @@ def test_channels_last_trains_the_same_model(tmp_path):
     data = _data(64, (3, 8, 8))
     weights = []
     for channels_last in (False, True):
-        scheme = offline_task(_model("cnn2d", 1, (3, 8, 8)), build_objective({"kd": {}, "at": {}}),
-                              _model("cnn2d", 0, (3, 8, 8)))
+        scheme = offline_task(
+            _model("cnn2d", 1, (3, 8, 8)), build_objective({"kd": {}, "at": {}}), _model("cnn2d", 0, (3, 8, 8))
+        )
         _fit(scheme, data, epochs=1, channels_last=channels_last)
         weights.append(scheme.export_model().state_dict())
     for k in weights[0]:
@@ -110,8 +124,21 @@ def test_channels_last_trains_the_same_model(tmp_path):
 @pytest.mark.slow
 def test_speed_benchmark_prints_the_ratios(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--quick", "--settings", "b", "d", "--reps", "1", "--json"],
-        capture_output=True, text=True, timeout=900, env={**__import__("os").environ, "DK_CACHE": str(tmp_path)},
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "speed.py"),
+            "--quick",
+            "--settings",
+            "b",
+            "d",
+            "--reps",
+            "1",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**__import__("os").environ, "DK_CACHE": str(tmp_path)},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

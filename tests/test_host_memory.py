@@ -58,6 +58,12 @@ def test_cpu_training_keeps_host_memory_unless_switched_off(monkeypatch):
     for keep in (True, False):
         student = create_model("mlp", num_classes=3, input_shape=(5,), hidden=[8])
         cfg = TrainConfig(epochs=1, device="cpu", keep_host_memory=keep)
-        trainer_module.Trainer(offline_task(student, build_objective({"ce": {}})), BatchLoader(data, 16, seed=0),
-                               BatchLoader(data, 32, shuffle=False), cfg, torch.device("cpu"), progress=False).fit()
+        trainer_module.Trainer(
+            offline_task(student, build_objective({"ce": {}})),
+            BatchLoader(data, 16, seed=0),
+            BatchLoader(data, 32, shuffle=False),
+            cfg,
+            torch.device("cpu"),
+            progress=False,
+        ).fit()
     assert calls == [1]

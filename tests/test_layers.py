@@ -92,15 +92,20 @@ def test_the_readme_lists_every_part_of_the_package_once():
 
 def test_no_import_runs_up_the_layers():
     rank = {m: i for i, (_, ms) in enumerate(layers()) for m in ms}
-    upward = sorted((src, dst) for src, deps in graph().items() for dst in deps
-                    if rank[component(dst)] > rank[component(src)])
+    upward = sorted(
+        (src, dst) for src, deps in graph().items() for dst in deps if rank[component(dst)] > rank[component(src)]
+    )
     assert upward == [], "imports into a higher layer: " + ", ".join(f"{a} -> {b}" for a, b in upward)
 
 
 def test_the_engine_imports_nothing_from_schemes_runs_or_teachers():
     engine = {src: deps for src, deps in graph().items() if component(src) == "engine"}
-    bad = sorted((s, d) for s, deps in engine.items() for d in deps
-                 if component(d) in ("schemes", "runs", "teachers", "commands", "api"))
+    bad = sorted(
+        (s, d)
+        for s, deps in engine.items()
+        for d in deps
+        if component(d) in ("schemes", "runs", "teachers", "commands", "api")
+    )
     assert engine and bad == []
 
 
@@ -153,10 +158,13 @@ def test_no_import_cycle():
     assert strongly_connected(graph()) == []
 
 
-@pytest.mark.parametrize("g,cycles", [
-    ({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}, [["a", "b", "c"]]),
-    ({"a": {"b"}, "b": set(), "c": {"b"}}, []),
-])
+@pytest.mark.parametrize(
+    "g,cycles",
+    [
+        ({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}, [["a", "b", "c"]]),
+        ({"a": {"b"}, "b": set(), "c": {"b"}}, []),
+    ],
+)
 def test_the_cycle_finder_finds_cycles(g, cycles):
     assert strongly_connected(g) == cycles  # the check above cannot pass by finding nothing
 

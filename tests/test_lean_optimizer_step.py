@@ -23,8 +23,9 @@ def _pair(make):
 
 OPTIMIZERS = {
     "sgd_momentum": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, fused=True),
-    "sgd_nesterov_wd": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
-                                                  fused=True),
+    "sgd_nesterov_wd": lambda ps: torch.optim.SGD(
+        ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=True
+    ),
     "sgd_plain": lambda ps: torch.optim.SGD(ps, lr=0.1, fused=True),
     "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2, betas=(0.8, 0.95), fused=True),
     "adam_wd": lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=1e-2, fused=True),
@@ -78,11 +79,14 @@ def test_a_missing_gradient_takes_the_optimizer_path() -> None:
     assert stepper.lean_steps == 2  # steps 1 and 3
 
 
-@pytest.mark.parametrize("make", [
-    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),  # not fused
-    lambda ps: torch.optim.Adam(ps, lr=1e-2, amsgrad=True, fused=True),
-    lambda ps: torch.optim.RMSprop(ps, lr=1e-2),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),  # not fused
+        lambda ps: torch.optim.Adam(ps, lr=1e-2, amsgrad=True, fused=True),
+        lambda ps: torch.optim.RMSprop(ps, lr=1e-2),
+    ],
+)
 def test_unsupported_optimizers_always_use_their_own_step(make) -> None:
     ref, opt_ref, lean, opt_lean = _pair(make)
     stepper = LeanStep(opt_lean)
@@ -126,7 +130,9 @@ def test_reset_after_loading_a_state_uses_the_loaded_tensors() -> None:
     assert stepper.lean_steps == 3  # steps 1, 2 and the one after the re-capture
 
 
-@pytest.mark.parametrize("optimizer", [{"name": "sgd", "lr": 0.05}, {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05}])
+@pytest.mark.parametrize(
+    "optimizer", [{"name": "sgd", "lr": 0.05}, {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05}]
+)
 def test_the_trainer_steps_through_the_shortcut_to_the_same_weights(monkeypatch, optimizer) -> None:
     from darkknowledge.config import TrainConfig
     from darkknowledge.data import BatchLoader, TensorData
@@ -153,8 +159,14 @@ def test_the_trainer_steps_through_the_shortcut_to_the_same_weights(monkeypatch,
         torch.manual_seed(1)
         student = create_model("mlp", num_classes=4, input_shape=(12,), hidden=[16])
         cfg = TrainConfig(epochs=2, device="cpu", optimizer=optimizer, scheduler={"name": "cosine"})
-        trainer_module.Trainer(offline_task(student, build_objective({"ce": {}})), BatchLoader(data, 32, seed=0),
-                               BatchLoader(data, 96, shuffle=False), cfg, torch.device("cpu"), progress=False).fit()
+        trainer_module.Trainer(
+            offline_task(student, build_objective({"ce": {}})),
+            BatchLoader(data, 32, seed=0),
+            BatchLoader(data, 96, shuffle=False),
+            cfg,
+            torch.device("cpu"),
+            progress=False,
+        ).fit()
         weights.append(student.state_dict())
     assert steppers[0].lean_steps == 5 and steppers[1].lean_steps == 0  # 6 steps, the first creates the state
     for k in weights[0]:

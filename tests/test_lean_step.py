@@ -59,10 +59,12 @@ def test_parameter_groups_split_only_for_weight_decay():
 
 def test_step_schedule_follows_lambda_lr_and_resumes_from_either():
     cfg = SchedulerConfig(name="cosine", warmup_epochs=1, min_lr_ratio=0.1)
-    ours_opt = torch.optim.SGD([{"params": [nn.Parameter(torch.zeros(1))]}, {"params": [nn.Parameter(torch.zeros(1))],
-                                                                            "lr": 0.5}], lr=0.2)
-    ref_opt = torch.optim.SGD([{"params": [nn.Parameter(torch.zeros(1))]}, {"params": [nn.Parameter(torch.zeros(1))],
-                                                                           "lr": 0.5}], lr=0.2)
+    ours_opt = torch.optim.SGD(
+        [{"params": [nn.Parameter(torch.zeros(1))]}, {"params": [nn.Parameter(torch.zeros(1))], "lr": 0.5}], lr=0.2
+    )
+    ref_opt = torch.optim.SGD(
+        [{"params": [nn.Parameter(torch.zeros(1))]}, {"params": [nn.Parameter(torch.zeros(1))], "lr": 0.5}], lr=0.2
+    )
     ours = build_scheduler(ours_opt, cfg, steps_per_epoch=4, epochs=3)
     ref = torch.optim.lr_scheduler.LambdaLR(ref_opt, lambda s: lr_factor(cfg, s, 4, 3))
     seen = []
@@ -74,8 +76,9 @@ def test_step_schedule_follows_lambda_lr_and_resumes_from_either():
         ours.step()
     assert len(set(seen)) > 8  # warm-up and decay, not a constant
     for state in (ours.state_dict(), ref.state_dict()):  # our checkpoints and LambdaLR ones
-        opt = torch.optim.SGD([{"params": [nn.Parameter(torch.zeros(1))]}, {"params": [nn.Parameter(torch.zeros(1))],
-                                                                           "lr": 0.5}], lr=0.2)
+        opt = torch.optim.SGD(
+            [{"params": [nn.Parameter(torch.zeros(1))]}, {"params": [nn.Parameter(torch.zeros(1))], "lr": 0.5}], lr=0.2
+        )
         resumed = StepSchedule(opt, lambda s: lr_factor(cfg, s, 4, 3))
         resumed.load_state_dict(state)
         assert resumed.last_epoch == 12
@@ -118,15 +121,22 @@ def test_losses_pass_the_batch_flag_and_still_skip_unlabelled_rows_without_it(mo
     torch.testing.assert_close(CrossEntropy()(Outputs(z[kept]), None, full), ce_kept)
     kd = KD(T=2.0, alpha=0.25)
     torch.testing.assert_close(kd(Outputs(z), Outputs(t), mixed), 0.25 * kd_soft_loss(z, t, 2.0) + 0.75 * ce_kept)
-    torch.testing.assert_close(kd(Outputs(z[kept]), Outputs(t[kept]), full),
-                               0.25 * kd_soft_loss(z[kept], t[kept], 2.0) + 0.75 * ce_kept)
+    torch.testing.assert_close(
+        kd(Outputs(z[kept]), Outputs(t[kept]), full), 0.25 * kd_soft_loss(z[kept], t[kept], 2.0) + 0.75 * ce_kept
+    )
 
 
 def test_a_checkpoint_of_the_old_two_group_optimizer_resumes_into_one_group():
     net = _net()
     params = list(net.parameters())
-    old = torch.optim.SGD([{"params": [p for p in params if p.ndim > 1], "weight_decay": 0.0},
-                           {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}], lr=0.1, momentum=0.9)
+    old = torch.optim.SGD(
+        [
+            {"params": [p for p in params if p.ndim > 1], "weight_decay": 0.0},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+        ],
+        lr=0.1,
+        momentum=0.9,
+    )
     F.cross_entropy(net(torch.randn(8, 6)), torch.zeros(8, dtype=torch.long)).backward()
     old.step()
     new = build_optimizer(net, OptimizerConfig(name="sgd", lr=0.1))

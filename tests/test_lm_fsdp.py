@@ -32,9 +32,14 @@ def train_losses(run: Path) -> list[float]:
 
 def test_fsdp2_sharded_teacher_gives_the_single_process_student(tmp_path: Path):
     # 4-token chunks: each rank's DDP student takes its chunks' gradients in the forward (token_chunks)
-    raw = lm_recipe(tmp_path, cache={"kind": "none"}, arms={"fkl": {"losses": {"fkl": {"chunk_size": 4}}}},
-                    distributed={"teacher": "fsdp"}, train={"epochs": 2, "optimizer": {"lr": 0.01}},
-                    eval={"prompts": []})
+    raw = lm_recipe(
+        tmp_path,
+        cache={"kind": "none"},
+        arms={"fkl": {"losses": {"fkl": {"chunk_size": 4}}}},
+        distributed={"teacher": "fsdp"},
+        train={"epochs": 2, "optimizer": {"lr": 0.01}},
+        eval={"prompts": []},
+    )
     recipe = tmp_path / "lm.yaml"
     recipe.write_text(yaml.safe_dump(raw))
     env = {**ONE_THREAD, "DK_CACHE": str(tmp_path / "cache")}

@@ -45,7 +45,9 @@ def test_committed_run_is_the_shipped_recipe_complete(results: list[dict]) -> No
     ran = yaml.safe_load((RUN / "config.yaml").read_text(encoding="utf-8"))
     shipped = cfg.model_dump(mode="json")
     for key in ("data", "teacher", "student", "cache", "arms", "variants", "train", "seeds"):
-        assert ran[key] == shipped[key], f"benchmarks/runs/lm ran a different {key!r} than darkknowledge/recipes/lm.yaml"
+        assert ran[key] == shipped[key], (
+            f"benchmarks/runs/lm ran a different {key!r} than darkknowledge/recipes/lm.yaml"
+        )
     names = {e["name"] for e in results if e.get("role") in ("student", "baseline")}
     for seed in cfg.seeds:
         for arm in cfg.arms:

@@ -47,7 +47,9 @@ def test_sequence_cross_entropy_is_the_textbook_one_chunked_or_not():
     assert got_plain.item() == pytest.approx(want.item(), rel=1e-5)
     assert got_lazy.item() == pytest.approx(want.item(), rel=1e-5)
     grad_want = torch.autograd.grad(want, model.lm_head.weight)[0]
-    grad_got = torch.autograd.grad(ce(Outputs(None, tokens=lazy_logits(model, x)), None, batch), model.lm_head.weight)[0]
+    grad_got = torch.autograd.grad(ce(Outputs(None, tokens=lazy_logits(model, x)), None, batch), model.lm_head.weight)[
+        0
+    ]
     assert torch.allclose(grad_want, grad_got, atol=1e-6)
 
 
@@ -64,14 +66,20 @@ def test_token_loss_teaches_every_classifier_sample_labelled_or_not():
 
 def test_lm_run_builds_caches_once_trains_arms_and_variants(cache_env: Path):
     tmp = cache_env
-    raw = lm_recipe(tmp, seeds=[0, 1], variants={"of": "best", "caches": ["topk", "sampled"]},
-                    arms={"ce": {"losses": {"ce": {}}}, "fkl": {"losses": {"fkl": {}}},
-                          "jsd": {"losses": {"jsd": {"beta": 0.5}}}})
+    raw = lm_recipe(
+        tmp,
+        seeds=[0, 1],
+        variants={"of": "best", "caches": ["topk", "sampled"]},
+        arms={"ce": {"losses": {"ce": {}}}, "fkl": {"losses": {"fkl": {}}}, "jsd": {"losses": {"jsd": {"beta": 0.5}}}},
+    )
     res = run_lm(validate_lm_config(raw), out=tmp / "run", progress=False)
     models = {m["name"]: m for m in json.loads((tmp / "run" / "results.json").read_text())["models"]}
     best = min(("fkl", "jsd"), key=lambda a: sum(models[f"{a}-s{s}"]["val_ppl"] for s in (0, 1)))
-    expected = {"teacher", *(f"{a}-s{s}" for a in ("ce", "fkl", "jsd") for s in (0, 1)),
-                *(f"{best}@{k}-s{s}" for k in ("topk", "sampled") for s in (0, 1))}
+    expected = {
+        "teacher",
+        *(f"{a}-s{s}" for a in ("ce", "fkl", "jsd") for s in (0, 1)),
+        *(f"{best}@{k}-s{s}" for k in ("topk", "sampled") for s in (0, 1)),
+    }
     assert set(models) == expected
     for name, m in models.items():
         assert m["heldout_ppl"] > 1.0 and m["heldout_ppl"] == pytest.approx(2.718281828 ** m["heldout_loss"], rel=1e-6)
@@ -93,8 +101,7 @@ def test_lm_run_builds_caches_once_trains_arms_and_variants(cache_env: Path):
 
 def test_training_from_a_cache_never_runs_the_teacher(cache_env: Path, monkeypatch: pytest.MonkeyPatch):
     tmp = cache_env
-    raw = lm_recipe(tmp, cache={"kind": "topk", "k": 4}, arms={"fkl": {"losses": {"fkl": {}}}},
-                    eval={"prompts": []})
+    raw = lm_recipe(tmp, cache={"kind": "topk", "k": 4}, arms={"fkl": {"losses": {"fkl": {}}}}, eval={"prompts": []})
     cfg = validate_lm_config(raw)
     run_lm(cfg, out=tmp / "first", progress=False)  # builds the caches
     calls = []
@@ -111,8 +118,12 @@ def test_training_from_a_cache_never_runs_the_teacher(cache_env: Path, monkeypat
 
 def test_lm_run_resumes_a_finished_and_an_interrupted_stage(cache_env: Path, monkeypatch: pytest.MonkeyPatch):
     tmp = cache_env
-    raw = lm_recipe(tmp, arms={"ce": {"losses": {"ce": {}}}, "fkl": {"losses": {"fkl": {}}}},
-                    train={"epochs": 2, "optimizer": {"lr": 0.01}}, eval={"prompts": []})
+    raw = lm_recipe(
+        tmp,
+        arms={"ce": {"losses": {"ce": {}}}, "fkl": {"losses": {"fkl": {}}}},
+        train={"epochs": 2, "optimizer": {"lr": 0.01}},
+        eval={"prompts": []},
+    )
     cfg = validate_lm_config(raw)
     full = run_lm(cfg, out=tmp / "full", progress=False)
     from darkknowledge.engine import trainer
@@ -164,8 +175,11 @@ def test_vocabulary_mismatch_is_one_clear_error(cache_env: Path):
     x = torch.randint(0, len(tok), (2, 6))
     fkl = create_loss("fkl")
     with pytest.raises(ShapeError, match="vocabular"):
-        fkl(Outputs(None, tokens=lazy_logits(student, x)), Outputs(None, tokens=lazy_logits(teacher, x)),
-            Batch(x, x, torch.arange(2)))
+        fkl(
+            Outputs(None, tokens=lazy_logits(student, x)),
+            Outputs(None, tokens=lazy_logits(teacher, x)),
+            Batch(x, x, torch.arange(2)),
+        )
 
 
 def test_shipped_lm_recipe_validates_and_uses_every_token_loss():
@@ -187,9 +201,11 @@ def test_hidden_state_taps_feed_a_feature_loss_through_a_per_token_adapter():
     from darkknowledge.teachers.lm_teacher import LMTeacher
 
     teacher, student = tiny_lm(30, seed=1, hidden=48), tiny_lm(30, seed=0, hidden=16, layers=1)
-    task = lm_task(student, {"fkl": {}, "fitnet": {"student_taps": ["model.layers.0"],
-                                                  "teacher_taps": ["model.layers.1"], "relu": False}},
-                   LMTeacher(teacher))
+    task = lm_task(
+        student,
+        {"fkl": {}, "fitnet": {"student_taps": ["model.layers.0"], "teacher_taps": ["model.layers.1"], "relu": False}},
+        LMTeacher(teacher),
+    )
     x = torch.randint(0, 30, (2, 6))
     batch = Batch(x, x, torch.arange(2))
     task.setup(batch, SetupInfo(num_samples=2, batch_size=2))

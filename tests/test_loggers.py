@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import TINY, dk, write_recipe
 
 import darkknowledge as dkn
 from darkknowledge import cli, commands
@@ -20,9 +19,12 @@ from darkknowledge.engine import eta, loggers, progress
 from darkknowledge.engine.eta import PlannedStage, RunClock, for_seeds, format_duration
 from darkknowledge.engine.loggers import Loggers, check_loggers, scalars
 from darkknowledge.errors import ConfigError
+from helpers import TINY, dk, write_recipe
 
-ETA_LINE = re.compile(r"^\[(?P<stage>[^\]]+)\] epoch (?P<epoch>\d+)/(?P<epochs>\d+) .* (?P<scope>run|stage) eta "
-                      r"(?P<eta>\S+)$")
+ETA_LINE = re.compile(
+    r"^\[(?P<stage>[^\]]+)\] epoch (?P<epoch>\d+)/(?P<epochs>\d+) .* (?P<scope>run|stage) eta "
+    r"(?P<eta>\S+)$"
+)
 
 
 def _seconds(text: str) -> int:
@@ -78,24 +80,55 @@ def no_tracking_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # ------------------------------------------------------------------ records, plan, ETA (no training)
 
+
 def test_a_record_becomes_scalars_under_its_stage_at_its_epoch() -> None:
-    train = {"kind": "train", "stage": "kd-s0", "epoch": 3, "step": 48, "lr": 0.005, "lr/critic": 0.001,
-             "train/kd": 0.25, "train/loss": 0.5}
-    assert scalars(train) == (3, {"kd-s0/lr": 0.005, "kd-s0/lr/critic": 0.001, "kd-s0/train/kd": 0.25,
-                                  "kd-s0/train/loss": 0.5})
-    ev = {"kind": "eval", "stage": "kd-s0", "epoch": 3, "step": 48,
-          "test": {"student": {"top1": 71.5, "loss": 0.9, "n": 200}}, "val": {"student": {"top1": 70.0, "loss": 1.0,
-                                                                                         "n": 80}}}
-    assert scalars(ev) == (3, {"kd-s0/test/student/top1": 71.5, "kd-s0/test/student/loss": 0.9,
-                               "kd-s0/val/student/top1": 70.0, "kd-s0/val/student/loss": 1.0})
+    train = {
+        "kind": "train",
+        "stage": "kd-s0",
+        "epoch": 3,
+        "step": 48,
+        "lr": 0.005,
+        "lr/critic": 0.001,
+        "train/kd": 0.25,
+        "train/loss": 0.5,
+    }
+    assert scalars(train) == (
+        3,
+        {"kd-s0/lr": 0.005, "kd-s0/lr/critic": 0.001, "kd-s0/train/kd": 0.25, "kd-s0/train/loss": 0.5},
+    )
+    ev = {
+        "kind": "eval",
+        "stage": "kd-s0",
+        "epoch": 3,
+        "step": 48,
+        "test": {"student": {"top1": 71.5, "loss": 0.9, "n": 200}},
+        "val": {"student": {"top1": 70.0, "loss": 1.0, "n": 80}},
+    }
+    assert scalars(ev) == (
+        3,
+        {
+            "kd-s0/test/student/top1": 71.5,
+            "kd-s0/test/student/loss": 0.9,
+            "kd-s0/val/student/top1": 70.0,
+            "kd-s0/val/student/loss": 1.0,
+        },
+    )
 
 
 def test_the_plan_repeats_per_seed_stages_and_the_eta_follows_the_measured_pace() -> None:
-    played = [PlannedStage.of("baseline-s0", 0, 2, 10), PlannedStage.of("teacher", 0, 3, 10),
-              PlannedStage.of("kd-s0", 0, 2, 30)]
+    played = [
+        PlannedStage.of("baseline-s0", 0, 2, 10),
+        PlannedStage.of("teacher", 0, 3, 10),
+        PlannedStage.of("kd-s0", 0, 2, 30),
+    ]
     plan = for_seeds(played, [0, 1])
-    assert [(p.family, p.seed) for p in plan] == [("baseline", 0), ("teacher", 0), ("kd", 0), ("baseline", 1),
-                                                  ("kd", 1)]
+    assert [(p.family, p.seed) for p in plan] == [
+        ("baseline", 0),
+        ("teacher", 0),
+        ("kd", 0),
+        ("baseline", 1),
+        ("kd", 1),
+    ]
     ticks = iter(range(100))
     clock = RunClock(now=lambda: float(next(ticks)))
     clock.plan(plan)
@@ -129,14 +162,17 @@ def test_durations_read_as_people_write_them() -> None:
 
 
 def test_progress_off_a_terminal_logs_one_info_line_and_on_a_terminal_writes_above_the_bar(
-        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="darkknowledge")
     monkeypatch.setattr(progress, "is_terminal", lambda: False)
     progress.Progress(True, "kd-s0").epoch_done(2, 10, {"loss": 0.5}, 65.0, True)
     progress.Progress(True, "kd-s0").epoch_done(2, 10, {}, 5.0, False)
     progress.Progress(False, "kd-s0").epoch_done(2, 10, {}, 5.0, False)  # --quiet: only at DEBUG
     assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
-        (logging.INFO, "[kd-s0] epoch 3/10 loss=0.5 run eta 1m05s"), (logging.INFO, "[kd-s0] epoch 3/10 stage eta 5s")]
+        (logging.INFO, "[kd-s0] epoch 3/10 loss=0.5 run eta 1m05s"),
+        (logging.INFO, "[kd-s0] epoch 3/10 stage eta 5s"),
+    ]
     monkeypatch.setattr(progress, "is_terminal", lambda: True)
     written = []
     monkeypatch.setattr(progress.tqdm, "write", lambda msg, file=None: written.append(msg))
@@ -147,6 +183,7 @@ def test_progress_off_a_terminal_logs_one_info_line_and_on_a_terminal_writes_abo
 
 
 # ------------------------------------------------------------------ bad input
+
 
 def test_an_unknown_logger_is_one_clear_error(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as stop:
@@ -168,7 +205,8 @@ def test_log_switches_loggers_on_and_keeps_a_named_store() -> None:
 
 @pytest.mark.parametrize("name", ["tensorboard", "mlflow"])
 def test_a_missing_package_names_the_extra_before_the_run_folder_is_written(
-        name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, no_tracking_env: None) -> None:
+    name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, no_tracking_env: None
+) -> None:
     monkeypatch.setitem(sys.modules, name, None)  # `import name` now fails as if it were not installed
     with pytest.raises(ConfigError, match=rf'log\.{name}: .*pip install "darkknowledge\[{name}\]"'):
         check_loggers(LogConfig(**{name: True}), tmp_path)
@@ -179,7 +217,8 @@ def test_a_missing_package_names_the_extra_before_the_run_folder_is_written(
 
 
 def test_a_logger_that_needs_the_run_folder_in_a_run_without_one_says_how_to_give_it(
-        no_tracking_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    no_tracking_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(loggers, "_import", lambda name: True)  # as if both extras were installed
     with pytest.raises(ConfigError, match=r"log\.tensorboard=true .* has none; give one \(--out DIR, out= "):
         dkn.train("mlp", "mnist1d", epochs=1, config={"log": {"tensorboard": True}})
@@ -189,7 +228,8 @@ def test_a_logger_that_needs_the_run_folder_in_a_run_without_one_says_how_to_giv
 
 
 def test_a_logger_that_fails_mid_run_is_dropped_with_a_warning_and_the_others_go_on(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     class Sink:
         def __init__(self, name: str, fail: bool) -> None:
             self.name, self.fail, self.got = name, fail, []
@@ -216,6 +256,7 @@ def test_a_logger_that_fails_mid_run_is_dropped_with_a_warning_and_the_others_go
 
 
 # ------------------------------------------------------------------ a real run, read back
+
 
 class _Lines(logging.Handler):
     def __init__(self) -> None:
@@ -272,7 +313,8 @@ def test_tensorboard_and_mlflow_hold_every_record_of_metrics_jsonl(logged_run: t
 
 @pytest.mark.slow
 def test_a_resumed_run_continues_the_same_mlflow_run_and_event_folder(
-        logged_run: tuple[Path, Any, Any], no_tracking_env: None) -> None:
+    logged_run: tuple[Path, Any, Any], no_tracking_env: None
+) -> None:
     logged_run = logged_run[0]
     run_id = json.loads((logged_run / "loggers.json").read_text())["mlflow"]["run_id"]
     cfg = load_config(TINY, ["train.epochs=3", "log.tensorboard=true", "log.mlflow=true"])
@@ -293,20 +335,23 @@ def test_a_resumed_run_continues_the_same_mlflow_run_and_event_folder(
 
 @pytest.mark.slow
 def test_a_logger_switched_on_at_resume_gets_the_whole_run_and_a_failed_stage_fails_the_mlflow_run(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_tracking_env: None) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_tracking_env: None
+) -> None:
     pytest.importorskip("mlflow")
     data = {"data": {"params": {"num_samples": 400, "transfer_samples": 0}}}
     dkn.train("mlp", "mnist1d", epochs=2, out=tmp_path, config=data)
-    again = dkn.train("mlp", "mnist1d", epochs=2, out=tmp_path, resume=True,
-                      config={**data, "log": {"mlflow": True}})
+    again = dkn.train("mlp", "mnist1d", epochs=2, out=tmp_path, resume=True, config={**data, "log": {"mlflow": True}})
     import gc
 
     gc.collect()  # the Python API closes its loggers when its session is collected
     client, run = _mlflow(tmp_path)
     assert run.info.status == "FINISHED"
     want = _expected(_records(tmp_path))
-    assert sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "mlp-s0/train/loss")) \
-        == want["mlp-s0/train/loss"] and again.accuracy == want["mlp-s0/test/student/top1"][-1][1]
+    assert (
+        sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "mlp-s0/train/loss"))
+        == want["mlp-s0/train/loss"]
+        and again.accuracy == want["mlp-s0/test/student/top1"][-1][1]
+    )
 
     from darkknowledge.engine.trainer import Trainer
 
@@ -322,7 +367,8 @@ def test_a_logger_switched_on_at_resume_gets_the_whole_run_and_a_failed_stage_fa
 
 @pytest.mark.slow
 def test_off_a_terminal_each_stage_logs_each_epoch_with_the_whole_runs_eta(
-        logged_run: tuple[Path, list[str], list[dict[str, Any]]]) -> None:
+    logged_run: tuple[Path, list[str], list[dict[str, Any]]],
+) -> None:
     _, messages, entries = logged_run
     lines = [m.groupdict() for text in messages if (m := ETA_LINE.match(text))]
     trained = {e["name"]: e["epochs"] for e in entries if not e.get("reused_from")}  # a cached teacher is not
@@ -340,12 +386,15 @@ def test_off_a_terminal_each_stage_logs_each_epoch_with_the_whole_runs_eta(
 def test_dk_train_with_log_tensorboard_off_a_terminal(tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
     recipe = write_recipe(tmp_path / "tiny.yaml")
-    proc = dk("train", str(recipe), "--log", "tensorboard", "--out", str(tmp_path / "run"), "train.epochs=2",
-              cwd=tmp_path)
+    proc = dk(
+        "train", str(recipe), "--log", "tensorboard", "--out", str(tmp_path / "run"), "train.epochs=2", cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     lines = [m.groupdict() for line in proc.stderr.splitlines() if (m := ETA_LINE.match(line))]
-    assert [(d["stage"], d["epoch"], d["scope"]) for d in lines] == [("student-ce-s0", "1", "run"),
-                                                                     ("student-ce-s0", "2", "run")]
+    assert [(d["stage"], d["epoch"], d["scope"]) for d in lines] == [
+        ("student-ce-s0", "1", "run"),
+        ("student-ce-s0", "2", "run"),
+    ]
     assert lines[-1]["eta"] == "0s"
     board = _tensorboard(tmp_path / "run" / "tensorboard")
     assert [s for s, _ in board["student-ce-s0/train/loss"]] == [1, 2]
@@ -353,21 +402,20 @@ def test_dk_train_with_log_tensorboard_off_a_terminal(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_a_language_model_run_sends_its_metrics_and_plans_the_variants_of_the_best_arm(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     pytest.importorskip("tensorboard")
     pytest.importorskip("transformers")
-    from lm_fixtures import lm_recipe
-
     from darkknowledge.lm.config import validate_lm_config
     from darkknowledge.runs.lm_run import run_lm
+    from lm_fixtures import lm_recipe
 
     monkeypatch.setenv("DK_CACHE", str(tmp_path / "cache"))
     ticks = iter(range(10_000))
     monkeypatch.setattr(eta, "_now", lambda: float(next(ticks)))  # every epoch takes 1 s
     monkeypatch.setattr(progress, "is_terminal", lambda: False)
     caplog.set_level(logging.INFO, logger="darkknowledge")
-    raw = lm_recipe(tmp_path, seeds=[0, 1], variants={"of": "best", "caches": ["topk"]},
-                    log={"tensorboard": True})
+    raw = lm_recipe(tmp_path, seeds=[0, 1], variants={"of": "best", "caches": ["topk"]}, log={"tensorboard": True})
     run_lm(validate_lm_config(raw), out=tmp_path / "run", progress=True)
     want = _expected(_records(tmp_path / "run"))
     board = _tensorboard(tmp_path / "run" / "tensorboard")

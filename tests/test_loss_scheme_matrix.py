@@ -12,7 +12,19 @@ from darkknowledge import commands
 from darkknowledge.errors import ConfigError
 from test_contract_schemes import recipe
 
-SCHEMES = ["offline", "mutual", "kdcl", "one", "codistill", "byot", "ema", "born_again", "multi_teacher", "cskd", "tfkd"]
+SCHEMES = [
+    "offline",
+    "mutual",
+    "kdcl",
+    "one",
+    "codistill",
+    "byot",
+    "ema",
+    "born_again",
+    "multi_teacher",
+    "cskd",
+    "tfkd",
+]
 LOSSES = {
     "kd": {"T": 4.0, "alpha": 1.0},
     "dkd": {},

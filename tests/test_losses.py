@@ -202,7 +202,9 @@ def test_class_count_mismatch_fails_in_setup():
 def test_objective_weights_and_warmup():
     assert term_weight(2.0, 0, 0.0) == 2.0
     assert term_weight(2.0, 4, 1.0) == 0.5 and term_weight(2.0, 4, 10.0) == 2.0
-    obj = Objective.from_config({"ce": {"weight": 0.5}, "soft": {"loss": "kd", "alpha": 1.0, "T": 2.0, "warmup_epochs": 2}})
+    obj = Objective.from_config(
+        {"ce": {"weight": 0.5}, "soft": {"loss": "kd", "alpha": 1.0, "T": 2.0, "warmup_epochs": 2}}
+    )
     s, t = torch.randn(4, 3), torch.randn(4, 3)
     batch = Batch(torch.zeros(4, 1), torch.tensor([0, 1, 2, 0]), torch.arange(4))
     total, terms = obj(Outputs(s), Outputs(t), batch, epoch_progress=1.0)

@@ -41,7 +41,8 @@ def test_gan_objectives_at_known_scores():
     # hinge: 0 once real >= 1 and fake <= -1; relu(1 - 0) + relu(1 + 0) = 2 at 0; G = -mean f
     assert discriminator_loss(torch.full((3,), 1.0), torch.full((3,), -1.0), "hinge").item() == 0.0
     assert discriminator_loss(torch.tensor([2.0, 0.5]), torch.tensor([-3.0, 0.0]), "hinge").item() == pytest.approx(
-        (0.0 + 0.5) / 2 + (0.0 + 1.0) / 2)
+        (0.0 + 0.5) / 2 + (0.0 + 1.0) / 2
+    )
     assert discriminator_loss(zero, zero, "hinge").item() == 2.0
     assert generator_loss(torch.tensor([1.0, -3.0]), "hinge").item() == 1.0
     # least squares (Mao et al.): D's minimum at r = 1, f = 0; G's at f = 1; 1/2 factors
@@ -54,8 +55,7 @@ def test_gan_objectives_at_known_scores():
 def test_non_saturating_is_bce_with_logits_and_its_generator_gradient():
     g = torch.Generator().manual_seed(0)
     r, f = torch.randn(7, generator=g) * 3, torch.randn(5, generator=g) * 3
-    bce = (F.binary_cross_entropy_with_logits(r, torch.ones(7))
-           + F.binary_cross_entropy_with_logits(f, torch.zeros(5)))
+    bce = F.binary_cross_entropy_with_logits(r, torch.ones(7)) + F.binary_cross_entropy_with_logits(f, torch.zeros(5))
     assert torch.allclose(discriminator_loss(r, f, "non_saturating"), bce, atol=1e-6)
     assert torch.allclose(generator_loss(f, "non_saturating"), F.binary_cross_entropy_with_logits(f, torch.ones(5)))
     s = torch.zeros(4, requires_grad=True)
@@ -139,8 +139,10 @@ def test_adversarial_kd_adversary_exists_only_after_setup():
         create_loss("adversarial_kd", d_optimizer={"nme": "adam"})
 
 
-@pytest.mark.parametrize("conditional,aux_weight,width_in,width_out", [
-    (False, 0.0, 5, 1), (True, 0.0, 10, 1), (False, 1.0, 5, 6), (True, 1.0, 10, 6)])
+@pytest.mark.parametrize(
+    "conditional,aux_weight,width_in,width_out",
+    [(False, 0.0, 5, 1), (True, 0.0, 10, 1), (False, 1.0, 5, 6), (True, 1.0, 10, 6)],
+)
 def test_conditioning_and_the_label_head_set_the_discriminator_widths(conditional, aux_weight, width_in, width_out):
     s, t = _logits()
     loss = create_loss("adversarial_kd", conditional=conditional, aux_weight=aux_weight, hidden=[8])
@@ -252,14 +254,26 @@ def test_the_trainer_steps_the_discriminators_as_parts_and_checkpoints_their_opt
     kw = {"num_classes": 4, "input_shape": (1, 8, 8)}
     student = create_model("cnn2d", **kw, channels=(4, 8), hidden=16)
     teacher = create_model("cnn2d", **kw, channels=(8, 16), hidden=32).eval()
-    objective = Objective.from_config({"ce": {}, "adversarial_kd": {"hidden": [8], "d_every": 2},
-                                       "afd": {"hidden": 8, "d_optimizer": {"name": "sgd", "lr": 0.05}}})
+    objective = Objective.from_config(
+        {
+            "ce": {},
+            "adversarial_kd": {"hidden": [8], "d_every": 2},
+            "afd": {"hidden": 8, "d_optimizer": {"name": "sgd", "lr": 0.05}},
+        }
+    )
     task = offline_task(student, objective, teacher)
     x = torch.randn(48, 1, 8, 8)
     data = TensorData(x, (x.mean((1, 2, 3)) > 0).long() + 2 * (x[:, 0, 0, 0] > 0).long())
     cfg = TrainConfig(epochs=2, device="cpu", deterministic=True, optimizer={"name": "adamw", "lr": 0.01})
-    trainer = Trainer(task, BatchLoader(data, 16, seed=0), BatchLoader(data, 48, shuffle=False), cfg,
-                      torch.device("cpu"), run_dir=tmp_path, progress=False)
+    trainer = Trainer(
+        task,
+        BatchLoader(data, 16, seed=0),
+        BatchLoader(data, 48, shuffle=False),
+        cfg,
+        torch.device("cpu"),
+        run_dir=tmp_path,
+        progress=False,
+    )
     before = {}
 
     def remember(batch, info=None, setup=task.setup):
@@ -300,15 +314,21 @@ def test_online_peers_each_get_their_own_discriminator(tmp_path):
     from darkknowledge import commands
     from darkknowledge.config import load_config
 
-    cfg = load_config({
-        "name": "afd-mutual", "seeds": [0],
-        "data": {"name": "mnist1d", "params": {"num_samples": 300}, "batch_size": 60},
-        "student": {"name": "cnn1d", "params": {"channels": 4}},
-        "losses": {"ce": {}, "kd": {"T": 3.0, "alpha": 1.0},
-                   "afd": {"weight": 0.1, "student_taps": ["blocks.1"], "teacher_taps": ["blocks.1"]}},
-        "scheme": {"name": "mutual", "params": {"n": 2}},
-        "train": {"epochs": 1, "optimizer": {"name": "adamw", "lr": 0.01}, "device": "cpu"},
-    })
+    cfg = load_config(
+        {
+            "name": "afd-mutual",
+            "seeds": [0],
+            "data": {"name": "mnist1d", "params": {"num_samples": 300}, "batch_size": 60},
+            "student": {"name": "cnn1d", "params": {"channels": 4}},
+            "losses": {
+                "ce": {},
+                "kd": {"T": 3.0, "alpha": 1.0},
+                "afd": {"weight": 0.1, "student_taps": ["blocks.1"], "teacher_taps": ["blocks.1"]},
+            },
+            "scheme": {"name": "mutual", "params": {"n": 2}},
+            "train": {"epochs": 1, "optimizer": {"name": "adamw", "lr": 0.01}, "device": "cpu"},
+        }
+    )
     out = commands.distill(cfg, out=tmp_path / "run", progress=False)
     state = safe_load(tmp_path / "run" / out["student"]["name"] / "last.pt", map_location="cpu")
     assert set(state["parts"]) == {"main", "d_afd", "d_afd@peer1"}

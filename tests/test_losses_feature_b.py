@@ -93,8 +93,10 @@ def test_ft_pretrain_lowers_reconstruction_then_freezes(dims):
     para = list(ft.paraphrasers.parameters())
     assert para and not any(p.requires_grad for p in para)  # frozen from setup on
     g = torch.Generator().manual_seed(3)
-    batches = [Batch(10 * torch.randn(8, *batch.x.shape[1:], generator=g), torch.zeros(8, dtype=torch.long),
-                     torch.arange(8)) for _ in range(3)]
+    batches = [
+        Batch(10 * torch.randn(8, *batch.x.shape[1:], generator=g), torch.zeros(8, dtype=torch.long), torch.arange(8))
+        for _ in range(3)
+    ]
 
     def teacher_batches():
         return (scheme.teachers[0].runner(b.x) for b in batches)
@@ -133,8 +135,14 @@ def test_vid_equals_gaussian_nll_minus_constant():
     normal = torch.distributions.Normal(mean, var.sqrt().view(1, 3, 1))
     expected = (-normal.log_prob(target)).mean() - 0.5 * math.log(2 * math.pi)
     assert torch.allclose(vid_nll(mean, target, alpha, 1e-5), expected, atol=1e-6)
-    loop = np.mean([0.5 * (math.log(var[c]) + (target[b, c, x] - mean[b, c, x]).item() ** 2 / var[c].item())
-                    for b in range(4) for c in range(3) for x in range(5)])
+    loop = np.mean(
+        [
+            0.5 * (math.log(var[c]) + (target[b, c, x] - mean[b, c, x]).item() ** 2 / var[c].item())
+            for b in range(4)
+            for c in range(3)
+            for x in range(5)
+        ]
+    )
     assert abs(vid_nll(mean, target, alpha, 1e-5).item() - loop) < 1e-5
 
 
@@ -216,8 +224,10 @@ def test_ofd_trains_with_margins_from_the_train_set(dims):
     # the value: sum_j partial_L2 / 2^(n-1-j) / (1000 B)
     with torch.no_grad():
         s_out, t_out = scheme.flow.run_view("student", batch.x), scheme.teachers[0].runner(batch.x)
-        ref = sum(ofd_partial_l2(c(s_out.feature(sp)), t_out.feature(tp), m) / 2 ** (1 - j)
-                  for j, ((sp, tp), c, m) in enumerate(zip(ofd.pairs, ofd.connectors, ofd.margins())))
+        ref = sum(
+            ofd_partial_l2(c(s_out.feature(sp)), t_out.feature(tp), m) / 2 ** (1 - j)
+            for j, ((sp, tp), c, m) in enumerate(zip(ofd.pairs, ofd.connectors, ofd.margins()))
+        )
     assert torch.allclose(loss.detach(), ref / (1000 * 6), rtol=1e-5)
 
 

@@ -32,7 +32,8 @@ def test_student_is_not_tempered_unlike_kd() -> None:
     assert not math.isclose(kd_soft_loss(zs, zt, T).item() / T**2, manual.item(), rel_tol=1e-3)
     at_one = -(torch.softmax(zt, -1) * torch.log_softmax(zt, -1)).sum(-1).mean()  # entropy of p_t
     assert (generalized_distillation_loss(zs, zt, 1.0) - at_one).item() == pytest.approx(
-        kd_soft_loss(zs, zt, 1.0).item(), rel=1e-5)  # CE = H(p_t) + KL at T = 1
+        kd_soft_loss(zs, zt, 1.0).item(), rel=1e-5
+    )  # CE = H(p_t) + KL at T = 1
 
 
 def test_gradient_reaches_the_student_only_and_registered_term_runs() -> None:

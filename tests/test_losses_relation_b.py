@@ -79,8 +79,9 @@ def test_fsp_identical_is_zero_and_sums_consecutive_pairs():
     feats = [torch.randn(3, 2, 8, generator=g), torch.randn(3, 2, 4, generator=g), torch.randn(3, 2, 2, generator=g)]
     assert fsp_loss(feats, [f.clone() for f in feats]).item() == 0.0
     other = [torch.randn_like(f) for f in feats]
-    by_hand = sum((fsp_matrix(feats[k], feats[k + 1]) - fsp_matrix(other[k], other[k + 1])).pow(2).mean()
-                  for k in range(2))
+    by_hand = sum(
+        (fsp_matrix(feats[k], feats[k + 1]) - fsp_matrix(other[k], other[k + 1])).pow(2).mean() for k in range(2)
+    )
     assert torch.allclose(fsp_loss(feats, other), by_hand)
     with pytest.raises(ShapeError, match=r"\(3, 2\)"):
         fsp_matrix(torch.randn(3, 2), torch.randn(3, 2))
@@ -128,8 +129,13 @@ def test_irg_vertex_transformation_needs_equal_sizes():
 def _setup_vertex_mismatch():
     student = create_model("cnn1d", input_shape=(40,), channels=4, depth=3)
     teacher = create_model("cnn1d", input_shape=(40,), channels=8, depth=3)
-    loss = {"irg": {"transform": "vertex", "student_taps": ["blocks.1", "blocks.2"],
-                    "teacher_taps": ["blocks.1", "blocks.2"]}}
+    loss = {
+        "irg": {
+            "transform": "vertex",
+            "student_taps": ["blocks.1", "blocks.2"],
+            "teacher_taps": ["blocks.1", "blocks.2"],
+        }
+    }
     offline_task(student, Objective.from_config(loss), teacher).setup(_batch1d())
 
 
@@ -201,12 +207,19 @@ def test_fsp_channel_mismatch_error_option_and_needs_two_taps():
     student = create_model("cnn1d", input_shape=(40,), channels=4, depth=2)
     teacher = create_model("cnn1d", input_shape=(40,), channels=8, depth=3)
     scheme = offline_task(student, Objective.from_config({"fsp": {"channel_mismatch": "error"}}), teacher)
-    with pytest.raises(ShapeError, match=r"'blocks.0' \(6, 4, 40\) has 4 channels but teacher tap 'blocks.1' \(6, 8, 20\)"):
+    with pytest.raises(
+        ShapeError, match=r"'blocks.0' \(6, 4, 40\) has 4 channels but teacher tap 'blocks.1' \(6, 8, 20\)"
+    ):
         scheme.setup(_batch1d())
     same = create_model("cnn1d", input_shape=(40,), channels=8, depth=2)  # same width: no adapters at all
     teacher = create_model("cnn1d", input_shape=(40,), channels=8, depth=3)  # fresh hooks after the failed setup
-    loss = {"fsp": {"channel_mismatch": "error", "student_taps": ["blocks.0", "blocks.1"],
-                    "teacher_taps": ["blocks.0", "blocks.2"]}}
+    loss = {
+        "fsp": {
+            "channel_mismatch": "error",
+            "student_taps": ["blocks.0", "blocks.1"],
+            "teacher_taps": ["blocks.0", "blocks.2"],
+        }
+    }
     module = _train_step(loss, same, teacher, _batch1d())
     assert not list(module.objective.terms["fsp"].parameters())
     with pytest.raises(ConfigError, match="at least 2"):

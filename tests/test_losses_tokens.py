@@ -59,8 +59,9 @@ def _np_div(name, ps, pt, beta=0.5, lam=0.1):
         return sum(ps[v] * math.log(ps[v] / pt[v]) for v in range(V))
     if name == "jsd":
         m = [beta * pt[v] + (1 - beta) * ps[v] for v in range(V)]
-        return (beta * sum(pt[v] * math.log(pt[v] / m[v]) for v in range(V))
-                + (1 - beta) * sum(ps[v] * math.log(ps[v] / m[v]) for v in range(V)))
+        return beta * sum(pt[v] * math.log(pt[v] / m[v]) for v in range(V)) + (1 - beta) * sum(
+            ps[v] * math.log(ps[v] / m[v]) for v in range(V)
+        )
     if name == "skew_fkl":
         return sum(pt[v] * math.log(pt[v] / (lam * pt[v] + (1 - lam) * ps[v])) for v in range(V))
     if name == "skew_rkl":
@@ -68,21 +69,41 @@ def _np_div(name, ps, pt, beta=0.5, lam=0.1):
     return 0.5 * sum(abs(pt[v] - ps[v]) for v in range(V))
 
 
-S_FIXED = [[[1.0, 2.0, 0.5, -1.0], [0.0, 0.0, 3.0, 1.0], [2.0, -2.0, 0.0, 0.5]],
-           [[-1.0, 0.5, 0.5, 2.0], [1.5, 1.0, -0.5, 0.0], [0.0, 4.0, 1.0, 1.0]]]
-T_FIXED = [[[0.0, 3.0, 1.0, 0.0], [1.0, -1.0, 2.0, 2.0], [2.5, -1.0, 0.5, 0.0]],
-           [[0.5, 0.5, 0.0, 1.0], [3.0, 0.0, 0.0, -1.0], [1.0, 2.0, 2.0, -2.0]]]
+S_FIXED = [
+    [[1.0, 2.0, 0.5, -1.0], [0.0, 0.0, 3.0, 1.0], [2.0, -2.0, 0.0, 0.5]],
+    [[-1.0, 0.5, 0.5, 2.0], [1.5, 1.0, -0.5, 0.0], [0.0, 4.0, 1.0, 1.0]],
+]
+T_FIXED = [
+    [[0.0, 3.0, 1.0, 0.0], [1.0, -1.0, 2.0, 2.0], [2.5, -1.0, 0.5, 0.0]],
+    [[0.5, 0.5, 0.0, 1.0], [3.0, 0.0, 0.0, -1.0], [1.0, 2.0, 2.0, -2.0]],
+]
 
 
-@pytest.mark.parametrize("name,params", [("fkl", {}), ("rkl", {}), ("jsd", {"beta": 0.3}), ("jsd", {"beta": 0.5}),
-                                         ("skew_fkl", {"lam": 0.1}), ("skew_rkl", {"lam": 0.25}), ("tv", {})])
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("fkl", {}),
+        ("rkl", {}),
+        ("jsd", {"beta": 0.3}),
+        ("jsd", {"beta": 0.5}),
+        ("skew_fkl", {"lam": 0.1}),
+        ("skew_rkl", {"lam": 0.25}),
+        ("tv", {}),
+    ],
+)
 @pytest.mark.parametrize("chunk_size", [None, 2])
 def test_golden_values_on_fixed_logits(name, params, chunk_size):
     """Loss = mean over kept positions of the textbook divergence at T = 2, computed by loops."""
     s, t, T = torch.tensor(S_FIXED, dtype=F64), torch.tensor(T_FIXED, dtype=F64), 2.0
     y = torch.tensor([[1, -1, 2], [0, 3, -1]])
-    want = np.mean([_np_div(name, _np_softmax(S_FIXED[b][i], T), _np_softmax(T_FIXED[b][i], T), **params)
-                    for b in range(2) for i in range(3) if y[b, i] != -1])
+    want = np.mean(
+        [
+            _np_div(name, _np_softmax(S_FIXED[b][i], T), _np_softmax(T_FIXED[b][i], T), **params)
+            for b in range(2)
+            for i in range(3)
+            if y[b, i] != -1
+        ]
+    )
     got = _loss(name, s, t, y, T=T, chunk_size=chunk_size, **params)
     assert got.dtype == F64
     assert got.item() == pytest.approx(want, rel=1e-12, abs=1e-14)
@@ -111,9 +132,14 @@ def test_golden_topk_buckets_by_loops():
             bs = torch.cat([listed, 1 - listed.sum(-1, keepdim=True)], -1).log()
             pt = torch.softmax(t.double(), -1).gather(1, targets.ids)
             bt = torch.cat([pt, 1 - pt.sum(-1, keepdim=True)], -1).log()
-            fn = {"fkl": forward_kl, "rkl": reverse_kl, "jsd": lambda a, b: generalized_jsd(a, b, 0.5),
-                  "skew_fkl": lambda a, b: skew_forward_kl(a, b, 0.1),
-                  "skew_rkl": lambda a, b: skew_reverse_kl(a, b, 0.1), "tv": total_variation}[name]
+            fn = {
+                "fkl": forward_kl,
+                "rkl": reverse_kl,
+                "jsd": lambda a, b: generalized_jsd(a, b, 0.5),
+                "skew_fkl": lambda a, b: skew_forward_kl(a, b, 0.1),
+                "skew_rkl": lambda a, b: skew_reverse_kl(a, b, 0.1),
+                "tv": total_variation,
+            }[name]
             return fn(bs, bt).mean()
 
         _, (want,) = _value_and_grads(by_hand, s)
@@ -213,22 +239,30 @@ def _value_and_grads(fn, *leaves):
 def test_chunked_equals_unchunked_for_tensors_lazy_logits_and_sparse(name):
     torch.manual_seed(6)
     B, L, d, V = 3, 5, 4, 7
-    hs, ws, ht, wt = torch.randn(B, L, d, dtype=F64), torch.randn(V, d, dtype=F64), torch.randn(B, L, d, dtype=F64), \
-        torch.randn(V, d, dtype=F64)
+    hs, ws, ht, wt = (
+        torch.randn(B, L, d, dtype=F64),
+        torch.randn(V, d, dtype=F64),
+        torch.randn(B, L, d, dtype=F64),
+        torch.randn(V, d, dtype=F64),
+    )
     y = _y(B, L)
     teacher_z = (ht @ wt.T).detach()
     ref, ref_grads = _value_and_grads(lambda h, w: _loss(name, (h @ w.T), teacher_z, y, chunk_size=None), hs, ws)
     for chunk in (1, 2, 4, 100):
         for teacher in (teacher_z, _lazy(ht, wt)):
-            out, grads = _value_and_grads(lambda h, w, tc=teacher, c=chunk: _loss(name, _lazy(h, w), tc, y, chunk_size=c),
-                                          hs, ws)
+            out, grads = _value_and_grads(
+                lambda h, w, tc=teacher, c=chunk: _loss(name, _lazy(h, w), tc, y, chunk_size=c), hs, ws
+            )
             torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-14)
             for g, r in zip(grads, ref_grads):
                 torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-13)
         out, grads = _value_and_grads(lambda h, w, c=chunk: _loss(name, h @ w.T, teacher_z, y, chunk_size=c), hs, ws)
         torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(grads[0], ref_grads[0], rtol=1e-10, atol=1e-13)
-    for targets in (topk_targets(teacher_z, 3), sampled_targets(teacher_z, 3, generator=torch.Generator().manual_seed(0))):
+    for targets in (
+        topk_targets(teacher_z, 3),
+        sampled_targets(teacher_z, 3, generator=torch.Generator().manual_seed(0)),
+    ):
         whole, whole_g = _value_and_grads(lambda h, tg=targets: _loss(name, _lazy(h, ws), tg, y, chunk_size=0), hs)
         part, part_g = _value_and_grads(lambda h, tg=targets: _loss(name, _lazy(h, ws), tg, y, chunk_size=2), hs)
         torch.testing.assert_close(part, whole, rtol=1e-12, atol=1e-14)
@@ -344,8 +378,12 @@ def test_empty_slots_and_empty_tails_give_finite_values_and_gradients(name):
     y = torch.arange(4)
     fp16 = torch.log_softmax(t, -1).half()
     fp16[:, :3] = -math.inf  # tokens the cached teacher rules out
-    for teacher in (sampled_targets(t, 8, generator=torch.Generator().manual_seed(1)), topk_targets(t, 30),
-                    topk_targets(t, 2), fp16):
+    for teacher in (
+        sampled_targets(t, 8, generator=torch.Generator().manual_seed(1)),
+        topk_targets(t, 30),
+        topk_targets(t, 2),
+        fp16,
+    ):
         out, (g,) = _value_and_grads(lambda z, tc=teacher: _loss(name, z, tc, y, chunk_size=3), s)
         assert math.isfinite(out.item()) and torch.isfinite(g).all(), type(teacher).__name__
     assert (sampled_targets(t, 8, generator=torch.Generator().manual_seed(1)).logp == -math.inf).any()
@@ -386,13 +424,16 @@ def test_temperature_must_match_sparse_targets():
     assert math.isfinite(_loss("skew_fkl", torch.randn(2, 3, 5), topk_targets(t, 2, T=2.0), _y(2, 3), T=2.0).item())
 
 
-@pytest.mark.parametrize("name,params,match", [
-    ("fkl", {"T": 0}, r"losses.fkl.T: .*greater than 0"),
-    ("tv", {"chunk_size": -1}, r"losses.tv.chunk_size"),
-    ("jsd", {"beta": 1.5}, r"losses.jsd.beta: .*less than or equal to 1"),
-    ("skew_fkl", {"lam": 1.0}, r"losses.skew_fkl.lam: .*less than 1"),
-    ("skew_rkl", {"lam": -0.1}, r"losses.skew_rkl.lam: .*greater than or equal to 0"),
-])
+@pytest.mark.parametrize(
+    "name,params,match",
+    [
+        ("fkl", {"T": 0}, r"losses.fkl.T: .*greater than 0"),
+        ("tv", {"chunk_size": -1}, r"losses.tv.chunk_size"),
+        ("jsd", {"beta": 1.5}, r"losses.jsd.beta: .*less than or equal to 1"),
+        ("skew_fkl", {"lam": 1.0}, r"losses.skew_fkl.lam: .*less than 1"),
+        ("skew_rkl", {"lam": -0.1}, r"losses.skew_rkl.lam: .*greater than or equal to 0"),
+    ],
+)
 def test_parameter_errors(name, params, match):
     with pytest.raises(ConfigError, match=match):
         create_loss(name, **params)

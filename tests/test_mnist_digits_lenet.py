@@ -213,5 +213,9 @@ def test_resnet_cifar_kl_param_counts_and_stages() -> None:
     r18.eval()
     with torch.no_grad():
         assert r18(torch.randn(1, 3, 32, 32)).shape == (1, 10)
-    assert shapes == {"layer1": (1, 64, 32, 32), "layer2": (1, 128, 16, 16),
-                      "layer3": (1, 256, 8, 8), "layer4": (1, 512, 4, 4)}
+    assert shapes == {
+        "layer1": (1, 64, 32, 32),
+        "layer2": (1, 128, 16, 16),
+        "layer3": (1, 256, 8, 8),
+        "layer4": (1, 512, 4, 4),
+    }

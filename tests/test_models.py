@@ -80,9 +80,7 @@ def test_zoo_model_contract(name: str, shape: tuple[int, ...]) -> None:
     assert default_taps(model) == taps
 
     captured: dict[str, torch.Tensor] = {}
-    handles = [
-        modules[t].register_forward_hook(lambda m, i, o, t=t: captured.__setitem__(t, o)) for t in taps
-    ]
+    handles = [modules[t].register_forward_hook(lambda m, i, o, t=t: captured.__setitem__(t, o)) for t in taps]
     handles.append(modules["fc"].register_forward_hook(lambda m, i, o: captured.__setitem__("fc:input", i[0])))
     model.train()
     logits = model(x)
@@ -236,9 +234,7 @@ def test_register_custom_model() -> None:
 
 
 @pytest.mark.parametrize(("source", "extra"), [("torchvision", "vision"), ("timm", "timm")])
-def test_external_missing_library_names_the_extra(
-    monkeypatch: pytest.MonkeyPatch, source: str, extra: str
-) -> None:
+def test_external_missing_library_names_the_extra(monkeypatch: pytest.MonkeyPatch, source: str, extra: str) -> None:
     monkeypatch.setitem(sys.modules, source, None)  # makes `import source` fail
     with pytest.raises(ConfigError, match=rf'pip install "darkknowledge\[{extra}\]"'):
         create_model(f"{source}:resnet18", num_classes=10, input_shape=(3, 32, 32))

@@ -76,9 +76,7 @@ def _side(name: str) -> int:
     return 64 if name in IMAGENET else 32
 
 
-def _capture(
-    model: nn.Module, x: torch.Tensor, paths: list[str]
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _capture(model: nn.Module, x: torch.Tensor, paths: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Run ``model`` on ``x`` in eval mode; return the logits and the outputs at ``paths``.
 
     A path ``"module:input"`` captures the module's input instead of its output.
@@ -180,9 +178,7 @@ def test_pre_activation_taps_for_ab_and_ofd(name: str, stage: str, pre: str) -> 
     assert torch.equal(feats[pre].clamp(min=0), feats[stage])
 
 
-@pytest.mark.parametrize(
-    "name", ["vgg8", "mobilenetv2", "shufflenetv1", "shufflenetv2", "resnet50_cifar", "resnet18"]
-)
+@pytest.mark.parametrize("name", ["vgg8", "mobilenetv2", "shufflenetv1", "shufflenetv2", "resnet50_cifar", "resnet18"])
 @pytest.mark.parametrize("shape", [(1, 32, 32), (32, 32)])
 def test_single_channel_inputs(name: str, shape: tuple[int, ...]) -> None:
     model = create_model(name, num_classes=5, input_shape=shape)

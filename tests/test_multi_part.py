@@ -24,8 +24,9 @@ HERE = Path(__file__).resolve().parent
 def fit(task, data, cfg, run_dir=None, resume=False, metrics=None):
     loader = BatchLoader(data, 16, seed=0)
     evals = BatchLoader(data, 96, shuffle=False)
-    return Trainer(task, loader, evals, cfg, torch.device("cpu"), run_dir=run_dir, progress=False,
-                   metrics=metrics).fit(resume=resume)
+    return Trainer(task, loader, evals, cfg, torch.device("cpu"), run_dir=run_dir, progress=False, metrics=metrics).fit(
+        resume=resume
+    )
 
 
 def test_each_part_steps_at_its_ratio_with_its_own_optimizer_and_schedule(tmp_path):
@@ -46,8 +47,11 @@ def test_each_part_steps_at_its_ratio_with_its_own_optimizer_and_schedule(tmp_pa
 
 def test_the_same_update_as_a_hand_written_loop():
     task, data = make()
-    fit(task, data, config(epochs=1, optimizer={"name": "adamw", "lr": 0.01, "fused": False},
-                           scheduler={"name": "constant"}))
+    fit(
+        task,
+        data,
+        config(epochs=1, optimizer={"name": "adamw", "lr": 0.01, "fused": False}, scheduler={"name": "constant"}),
+    )
     ref, _ = make()
     duel = ref.module
     critic_opt = torch.optim.SGD(duel.critic.parameters(), lr=0.1, momentum=0.0)
@@ -91,9 +95,14 @@ def test_interrupted_and_resumed_gives_the_same_weights(tmp_path, monkeypatch):
     for (k, a), b in zip(reference.module.state_dict().items(), resumed.module.state_dict().values()):
         assert torch.equal(a, b), k
     ref_state, cut_state = safe_load(tmp_path / "ref" / "last.pt"), safe_load(tmp_path / "cut" / "last.pt")
-    assert ref_state["parts"]["critic"]["optimizer"]["state"].keys() == cut_state["parts"]["critic"]["optimizer"]["state"].keys()
-    assert torch.equal(ref_state["parts"]["student"]["optimizer"]["state"][0]["exp_avg"],
-                       cut_state["parts"]["student"]["optimizer"]["state"][0]["exp_avg"])
+    assert (
+        ref_state["parts"]["critic"]["optimizer"]["state"].keys()
+        == cut_state["parts"]["critic"]["optimizer"]["state"].keys()
+    )
+    assert torch.equal(
+        ref_state["parts"]["student"]["optimizer"]["state"][0]["exp_avg"],
+        cut_state["parts"]["student"]["optimizer"]["state"][0]["exp_avg"],
+    )
 
 
 def test_gradient_accumulation_with_several_parts_is_refused():
@@ -105,12 +114,32 @@ def test_gradient_accumulation_with_several_parts_is_refused():
 @pytest.mark.slow
 def test_two_process_ddp_matches_one_process(tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, str(HERE / "multipart_task.py"), str(tmp_path / "one.pt")],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    one = subprocess.run(
+        [sys.executable, str(HERE / "multipart_task.py"), str(tmp_path / "one.pt")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "--local-addr=127.0.0.1", str(HERE / "multipart_task.py"), str(tmp_path / "two.pt")],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "--local-addr=127.0.0.1",
+            str(HERE / "multipart_task.py"),
+            str(tmp_path / "two.pt"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     for k in a:

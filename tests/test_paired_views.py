@@ -64,8 +64,10 @@ def paired_bundle(n: int = 96, test_views: bool = True) -> DataBundle:
     return DataBundle(train=split(n, True), test=split(n // 2, test_views), info=info)
 
 
-DERIVED = {"small": {"source": "image", "transform": "downsample", "params": {"size": 4}},
-           "prof": {"source": "small", "transform": "profile", "params": {}}}
+DERIVED = {
+    "small": {"source": "image", "transform": "downsample", "params": {"size": 4}},
+    "prof": {"source": "small", "transform": "profile", "params": {}},
+}
 
 
 def test_stored_and_derived_views_are_planned_with_their_shapes() -> None:
@@ -89,8 +91,15 @@ def test_stored_and_derived_views_are_planned_with_their_shapes() -> None:
 def test_loader_delivers_paired_views_of_the_same_samples_under_augmentation() -> None:
     bundle = plan_views(paired_bundle(), DERIVED)
     data = bundle.train
-    loader = BatchLoader(data, 32, seed=3, augment={"shift": 2, "noise": 0.1}, views=bundle.info.views,
-                         inputs=("image", "depth", "prof"), primary="prof")
+    loader = BatchLoader(
+        data,
+        32,
+        seed=3,
+        augment={"shift": 2, "noise": 0.1},
+        views=bundle.info.views,
+        inputs=("image", "depth", "prof"),
+        primary="prof",
+    )
     for batch in loader:
         image = batch.inputs["image"]  # (B, 1, 8, 8), augmented
         assert torch.equal(batch.x, batch.inputs["prof"]) and batch.x.shape[1:] == (1, 8)
@@ -99,11 +108,14 @@ def test_loader_delivers_paired_views_of_the_same_samples_under_augmentation() -
         assert torch.allclose(batch.inputs["prof"], expected, atol=1e-6)
         assert torch.equal(batch.inputs["depth"], data.views["depth"][batch.idx])  # stored: as stored, same rows
         assert "small" not in batch.inputs  # computed on the way, not delivered
-    shards = [BatchLoader(data, 32, seed=3, views=bundle.info.views, inputs=("depth",), rank=r, world_size=2)
-              for r in range(2)]
+    shards = [
+        BatchLoader(data, 32, seed=3, views=bundle.info.views, inputs=("depth",), rank=r, world_size=2)
+        for r in range(2)
+    ]
     for a, b in zip(*shards):  # two ranks' shares are the single-process batch, views included
-        assert torch.equal(torch.cat([a.inputs["depth"], b.inputs["depth"]]),
-                           data.views["depth"][torch.cat([a.idx, b.idx])])
+        assert torch.equal(
+            torch.cat([a.inputs["depth"], b.inputs["depth"]]), data.views["depth"][torch.cat([a.idx, b.idx])]
+        )
 
 
 def test_views_travel_with_subsets_and_transfer_sets() -> None:
@@ -120,7 +132,8 @@ def test_views_travel_with_subsets_and_transfer_sets() -> None:
 
 def cross_modal_cfg(tmp: Path, **over) -> dict:
     cfg = {
-        "name": "xmodal", "seeds": [0],
+        "name": "xmodal",
+        "seeds": [0],
         "data": {"name": "synthetic", "batch_size": 16, "views": DERIVED},
         "teacher": {"name": "view_probe", "params": {"tag": "teacher"}, "input": "image", "train": {"epochs": 1}},
         "student": {"name": "view_probe", "params": {"tag": "student"}, "input": "prof"},
@@ -137,8 +150,9 @@ def run_cross_modal(tmp: Path, monkeypatch: pytest.MonkeyPatch, **over) -> dict:
 
 
 @pytest.mark.parametrize("cache", [False, True])
-def test_teacher_and_student_each_see_only_their_view(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                      cache: bool) -> None:
+def test_teacher_and_student_each_see_only_their_view(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: bool
+) -> None:
     res = run_cross_modal(tmp_path, monkeypatch, cache={"enabled": cache})
     assert set(SEEN["teacher"]) == {(1, 8, 8)}  # trained, cached and taught on images only
     assert set(SEEN["student"]) == {(1, 8)}  # trained and evaluated on its profile only
@@ -160,8 +174,15 @@ def test_a_cache_is_keyed_by_the_teachers_view(tmp_path: Path) -> None:
         model.dk_input = view
         teacher = FrozenTeacher(model)
         teacher.hash = "same-hash"  # same weights identity: only the view differs
-        cache = load_or_build(teacher, loader, CacheSpec(logits=True, taps=(), views=1), augment=None, seed=0,
-                              memory_limit_mb=64, root=tmp_path)
+        cache = load_or_build(
+            teacher,
+            loader,
+            CacheSpec(logits=True, taps=(), views=1),
+            augment=None,
+            seed=0,
+            memory_limit_mb=64,
+            root=tmp_path,
+        )
         folders.append(cache.path)
         batch = next(iter(loader))
         live = teacher(model_input(batch, teacher)).logits
@@ -178,8 +199,9 @@ def test_student_view_missing_from_the_test_split_fails_before_training(tmp_path
         with_views(trains_on_depth, paired_bundle(test_views=False))  # a teacher trained here is evaluated too
     given = cfg.student.model_copy(update={"checkpoint": "trained-elsewhere.pt"})  # a teacher that comes trained
     ok = with_views(cfg.model_copy(update={"student": cfg.teacher, "teacher": given}), paired_bundle(test_views=False))
-    _, test_loader, _ = make_loaders(cfg, ok, 0, torch.device("cpu"), init_distributed("cpu"), train=False,
-                                     primary="depth")  # the teacher's modality may be missing at test time
+    _, test_loader, _ = make_loaders(
+        cfg, ok, 0, torch.device("cpu"), init_distributed("cpu"), train=False, primary="depth"
+    )  # the teacher's modality may be missing at test time
     assert next(iter(test_loader)).inputs.keys() == {"image"}
 
 
@@ -189,8 +211,15 @@ def test_unknown_view_in_a_recipe_names_the_views(tmp_path: Path) -> None:
         with_views(cfg, paired_bundle())
     plain = DataBundle(paired_bundle().train.subset(torch.arange(4)), paired_bundle().test, paired_bundle().info)
     plain = DataBundle(TensorData(plain.train.x, plain.train.y), TensorData(plain.test.x, plain.test.y), plain.info)
-    assert with_views(validate_config({**cross_modal_cfg(tmp_path), "data": {"name": "synthetic"},
-                                       "student": {"name": "view_probe"}}), plain).info.views is None
+    assert (
+        with_views(
+            validate_config(
+                {**cross_modal_cfg(tmp_path), "data": {"name": "synthetic"}, "student": {"name": "view_probe"}}
+            ),
+            plain,
+        ).info.views
+        is None
+    )
     with pytest.raises(ConfigError, match="has one view, 'image'"):
         with_views(cfg.model_copy(update={"data": cfg.data.model_copy(update={"views": {}})}), plain)
 
@@ -199,8 +228,15 @@ def test_python_api_feeds_given_modules_their_views(tmp_path: Path) -> None:
     import darkknowledge as dk
 
     teacher, student = ViewProbe("teacher", 64, 2), ViewProbe("student", 10, 2)
-    out = dk.distill(student, teacher, paired_bundle(), epochs=1, batch_size=16,
-                     config={"teacher": {"input": "image"}, "student": {"input": "depth"}}, out=tmp_path / "api")
+    out = dk.distill(
+        student,
+        teacher,
+        paired_bundle(),
+        epochs=1,
+        batch_size=16,
+        config={"teacher": {"input": "image"}, "student": {"input": "depth"}},
+        out=tmp_path / "api",
+    )
     assert out.model is student
     assert set(SEEN["teacher"]) == {(1, 8, 8)} and set(SEEN["student"]) == {(2, 5)}
 

@@ -41,19 +41,26 @@ def _fails_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str], a
     ("scheme", "losses", "message"),
     [
         # a feature loss's tap that the teacher does not have: found by probing, before the teacher trains
-        ("offline", '{"kd": {}, "hint": {"loss": "fitnet", "student_taps": ["blocks.0"], "teacher_taps": ["blocks.9"]}}',
-         "'blocks.9'"),
+        (
+            "offline",
+            '{"kd": {}, "hint": {"loss": "fitnet", "student_taps": ["blocks.0"], "teacher_taps": ["blocks.9"]}}',
+            "'blocks.9'",
+        ),
         # a multi-stage scheme: the bad tap of generation 1's term surfaces before generation 0 trains
-        ("born_again", '{"ce": {}, "hint": {"loss": "fitnet", "student_taps": ["blocks.7"], "teacher_taps": ["blocks.0"]}}',
-         "'blocks.7'"),
+        (
+            "born_again",
+            '{"ce": {}, "hint": {"loss": "fitnet", "student_taps": ["blocks.7"], "teacher_taps": ["blocks.0"]}}',
+            "'blocks.7'",
+        ),
         # an online scheme with a student tap that does not exist
         ("mutual", '{"ce": {}, "rkd": {"student_taps": ["nowhere"]}}', "'nowhere'"),
     ],
 )
 def test_bad_taps_stop_dk_run_before_anything_trains(tmp_path, capsys, scheme, losses, message):
     recipe = write_recipe(tmp_path / "r.yaml")
-    _fails_before_training(tmp_path, capsys, ["run", str(recipe), *QUICK, f"scheme={scheme}", f"losses={losses}"],
-                           message)
+    _fails_before_training(
+        tmp_path, capsys, ["run", str(recipe), *QUICK, f"scheme={scheme}", f"losses={losses}"], message
+    )
 
 
 def test_a_loss_that_needs_a_teacher_without_one_stops_before_the_baseline(tmp_path, capsys):
@@ -64,15 +71,20 @@ def test_a_loss_that_needs_a_teacher_without_one_stops_before_the_baseline(tmp_p
 def test_a_missing_teacher_checkpoint_stops_dk_distill_before_anything_is_written(tmp_path, capsys):
     recipe = write_recipe(tmp_path / "r.yaml")
     missing = tmp_path / "nope.pt"
-    _fails_before_training(tmp_path, capsys, ["distill", str(recipe), *QUICK, f"teacher.checkpoint={missing}"],
-                           "nope.pt")
+    _fails_before_training(
+        tmp_path, capsys, ["distill", str(recipe), *QUICK, f"teacher.checkpoint={missing}"], "nope.pt"
+    )
 
 
 def test_the_cache_lacking_a_tap_a_loss_reads_stops_before_the_teacher_trains(tmp_path, capsys):
     recipe = write_recipe(tmp_path / "r.yaml")
     losses = '{"kd": {}, "hint": {"loss": "fitnet", "student_taps": ["blocks.0"], "teacher_taps": ["blocks.0"]}}'
-    _fails_before_training(tmp_path, capsys, ["run", str(recipe), *QUICK, f"losses={losses}",
-                                              "cache={enabled: true, taps: []}"], "blocks.0")
+    _fails_before_training(
+        tmp_path,
+        capsys,
+        ["run", str(recipe), *QUICK, f"losses={losses}", "cache={enabled: true, taps: []}"],
+        "blocks.0",
+    )
 
 
 @pytest.mark.slow
@@ -80,9 +92,17 @@ def test_the_preflight_does_not_change_what_trains(tmp_path, monkeypatch):
     """Same accuracies with and without the dry runs: every real stage rebuilds its models from its seed."""
     from darkknowledge import commands
 
-    cfg = load_config(TINY, ["seeds=[0]", "train.epochs=2", "teacher.train.epochs=2", "scheme={name: born_again, params: {generations: 1}}",
-                             "losses={ce: {}, kd: {T: 4.0, alpha: 0.9}}",
-                             "data.params.num_samples=600"])
+    cfg = load_config(
+        TINY,
+        [
+            "seeds=[0]",
+            "train.epochs=2",
+            "teacher.train.epochs=2",
+            "scheme={name: born_again, params: {generations: 1}}",
+            "losses={ce: {}, kd: {T: 4.0, alpha: 0.9}}",
+            "data.params.num_samples=600",
+        ],
+    )
     with_preflight = commands.compare(cfg, tmp_path / "a", progress=False)
     monkeypatch.setattr(commands, "preflight", lambda *a, **k: None)  # the session loads its own data
     without = commands.compare(cfg, tmp_path / "b", progress=False)
@@ -95,8 +115,20 @@ def test_the_preflight_does_not_change_what_trains(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- YAML numbers
 
 
-@pytest.mark.parametrize(("text", "value"), [("1e-3", 1e-3), ("5E4", 5e4), ("-2e+4", -2e4), ("1.5e3", 1500.0),
-                                             ("3", 3), ("0.5", 0.5), ("1e", "1e"), ("e3", "e3"), ('"1e-3"', "1e-3")])
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("1e-3", 1e-3),
+        ("5E4", 5e4),
+        ("-2e+4", -2e4),
+        ("1.5e3", 1500.0),
+        ("3", 3),
+        ("0.5", 0.5),
+        ("1e", "1e"),
+        ("e3", "e3"),
+        ('"1e-3"', "1e-3"),
+    ],
+)
 def test_scientific_notation_is_a_number(text, value):
     parsed = load_yaml(text)
     assert parsed == value and type(parsed) is type(value)
@@ -113,7 +145,9 @@ def test_scientific_notation_in_recipes_and_overrides(tmp_path):
     assert cfg.train.optimizer.lr == 1e-3 and cfg.losses["kd"]["T"] == 3.0
 
 
-@pytest.mark.parametrize("line", ["when: 2001-13-45", "n: !!int x", "flag: !!bool x", "deep: " + "[" * 3000 + "]" * 3000])
+@pytest.mark.parametrize(
+    "line", ["when: 2001-13-45", "n: !!int x", "flag: !!bool x", "deep: " + "[" * 3000 + "]" * 3000]
+)
 def test_a_recipe_value_pyyaml_cannot_build_is_one_config_error(tmp_path, line):
     from darkknowledge.errors import ConfigError
 

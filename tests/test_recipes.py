@@ -23,9 +23,15 @@ def _lm_arm_losses() -> set[str]:
             out |= {(spec or {}).get("loss", term) for term, spec in arm["losses"].items()}
     return out
 
+
 # two epochs: the second one runs after an evaluation, which once broke feature losses
-SMALL = ["data.params.num_samples=1000", "data.params.transfer_samples=500", "train.epochs=2",
-         "teacher.train.epochs=2", "seeds=[0]"]
+SMALL = [
+    "data.params.num_samples=1000",
+    "data.params.transfer_samples=500",
+    "train.epochs=2",
+    "teacher.train.epochs=2",
+    "seeds=[0]",
+]
 
 
 def test_every_loss_has_a_recipe_named_after_it():

@@ -36,8 +36,14 @@ def test_killed_distill_resumes_to_identical_result(tmp_path):
     assert full.returncode == 0, full.stderr
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "darkknowledge.cli", "distill", str(recipe), "--out", "cut", "--quiet"],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "darkknowledge.cli", "distill", str(recipe), "--out", "cut", "--quiet"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     _wait_for_epoch(tmp_path / "cut" / "metrics.jsonl", "kd-s0", 2, proc)
     proc.send_signal(signal.SIGKILL)  # a hard crash mid-run: nothing gets to clean up
     proc.wait()
@@ -62,8 +68,13 @@ def test_mid_epoch_checkpoint_resume_in_process(tmp_path, monkeypatch):
     x = torch.randn(300, 6)
     y = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()
     data = ((x, y), (x[:100], y[:100]))
-    kw = dict(epochs=2, batch_size=20, lr=0.01, seed=3,
-              config={"train": {"checkpoint_every_steps": 4, "deterministic": True, "device": "cpu"}})
+    kw = dict(
+        epochs=2,
+        batch_size=20,
+        lr=0.01,
+        seed=3,
+        config={"train": {"checkpoint_every_steps": 4, "deterministic": True, "device": "cpu"}},
+    )
     reference = dk_api.train("mlp", data, out=tmp_path / "ref", **kw)
 
     original = FlowTask.training_step
@@ -86,7 +97,9 @@ def test_mid_epoch_checkpoint_resume_in_process(tmp_path, monkeypatch):
     assert all(torch.equal(ref_w[k], res_w[k]) for k in ref_w)
     assert reference.accuracy == resumed.accuracy
     # the per-epoch record, read back across the interruption (epoch 2's loss mean covers the batches after it)
-    assert [(r["epoch"], r["test_acc"]) for r in reference.epochs] == [(r["epoch"], r["test_acc"]) for r in resumed.epochs]
+    assert [(r["epoch"], r["test_acc"]) for r in reference.epochs] == [
+        (r["epoch"], r["test_acc"]) for r in resumed.epochs
+    ]
 
 
 def test_resume_with_a_different_teacher_is_refused(tmp_path):

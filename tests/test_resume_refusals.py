@@ -38,15 +38,19 @@ def _cli(capsys, *args):
 
 
 def _snapshot(folder):
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != ".lock"}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
 
 
 def test_a_changed_config_is_refused_with_the_diff(recipe, tmp_path, capsys):
     assert _cli(capsys, "train", recipe, "--out", "t", "--quiet")[0] == 0
     before = _snapshot(tmp_path / "t")
-    code, line = _cli(capsys, "train", recipe, "train.optimizer.lr=1e-2", "losses.ce.weight=0.5",
-                      "--out", "t", "--resume", "--quiet")
+    code, line = _cli(
+        capsys, "train", recipe, "train.optimizer.lr=1e-2", "losses.ce.weight=0.5", "--out", "t", "--resume", "--quiet"
+    )
     assert code == 2
     assert line.startswith("dk: error: refusing to resume 't': config differs: ")
     assert "train.optimizer.lr 0.005 -> 0.01" in line  # 1e-2 read as a number
@@ -57,13 +61,19 @@ def test_a_changed_config_is_refused_with_the_diff(recipe, tmp_path, capsys):
 def test_safe_keys_and_settings_of_a_newer_version_are_no_difference():
     recorded = RunConfig(train={"epochs": 3}).model_dump(mode="json")
     del recorded["train"]["keep_host_memory"]  # as if written before that setting existed
-    current = RunConfig(train={"epochs": 5, "device": "cpu", "checkpoint_every_steps": 7},
-                        teacher={"name": "cnn1d", "checkpoint": "moved/teacher.pt"}).model_dump(mode="json")
+    current = RunConfig(
+        train={"epochs": 5, "device": "cpu", "checkpoint_every_steps": 7},
+        teacher={"name": "cnn1d", "checkpoint": "moved/teacher.pt"},
+    ).model_dump(mode="json")
     recorded["teacher"] = {**current["teacher"], "checkpoint": "teacher.pt"}
     refused, allowed = config_changes(recorded, current)
     assert refused == []
-    assert allowed == ["teacher.checkpoint 'teacher.pt' -> 'moved/teacher.pt'", "train.epochs 3 -> 5",
-                       "train.device 'auto' -> 'cpu'", "train.checkpoint_every_steps null -> 7"]
+    assert allowed == [
+        "teacher.checkpoint 'teacher.pt' -> 'moved/teacher.pt'",
+        "train.epochs 3 -> 5",
+        "train.device 'auto' -> 'cpu'",
+        "train.checkpoint_every_steps null -> 7",
+    ]
     current["train"]["scheduler"]["name"] = "constant"
     current["losses"] = {"kd": {"T": 2}}
     refused, _ = config_changes(recorded, current)
@@ -83,8 +93,10 @@ def test_resume_without_out_takes_only_a_folder_of_the_same_command(recipe, tmp_
     assert _cli(capsys, "train", recipe, "--quiet")[0] == 0  # runs/tiny, by `dk train`
     code, line = _cli(capsys, "distill", recipe, "--resume", "--quiet")
     assert code == 2
-    assert ("--resume: no run folder of dk distill (recipe 'tiny') under 'runs' to continue (found only "
-            "runs/tiny (dk train --model student (recipe 'tiny')))") in line
+    assert (
+        "--resume: no run folder of dk distill (recipe 'tiny') under 'runs' to continue (found only "
+        "runs/tiny (dk train --model student (recipe 'tiny')))"
+    ) in line
     assert not (tmp_path / "runs" / "tiny" / "kd-s0").exists()
 
     runs = tmp_path / "runs"
@@ -101,8 +113,10 @@ def test_resume_of_another_commands_folder_is_refused(recipe, tmp_path, capsys):
     assert _cli(capsys, "train", recipe, "--out", "t", "--quiet")[0] == 0
     code, line = _cli(capsys, "train", recipe, "--model", "teacher", "--out", "t", "--resume", "--quiet")
     assert code == 2
-    assert ("refusing to resume 't': it holds a run of dk train --model student (recipe 'tiny'), not of "
-            "dk train --model teacher (recipe 'tiny')") in line
+    assert (
+        "refusing to resume 't': it holds a run of dk train --model student (recipe 'tiny'), not of "
+        "dk train --model teacher (recipe 'tiny')"
+    ) in line
     assert set(results(tmp_path / "t")) == {"student-ce-s0"}
 
 
@@ -147,8 +161,12 @@ def test_extending_epochs_trains_the_extra_epochs_and_records_them(tmp_path):
     x = torch.randn(300, 6)
     y = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()
     data = ((x, y), (x[:100], y[:100]))
-    kw = {"batch_size": 20, "lr": 0.01, "seed": 3,
-          "config": {"train": {"deterministic": True, "device": "cpu", "scheduler": {"name": "constant"}}}}
+    kw = {
+        "batch_size": 20,
+        "lr": 0.01,
+        "seed": 3,
+        "config": {"train": {"deterministic": True, "device": "cpu", "scheduler": {"name": "constant"}}},
+    }
     straight = dk_api.train("mlp", data, epochs=3, out=tmp_path / "straight", **kw)
     dk_api.train("mlp", data, epochs=2, out=tmp_path / "grown", **kw)
     grown = dk_api.train("mlp", data, epochs=3, out=tmp_path / "grown", resume=True, **kw)

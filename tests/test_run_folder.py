@@ -97,9 +97,11 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_folder(tmp_path):
 
 
 def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path):
-    code = ("import sys, time; from darkknowledge.runs.lock import RunLock; "
-            f"lock = RunLock({str(tmp_path / 'd')!r}, 'dk run (killed)').acquire(); "
-            "print('held', flush=True); time.sleep(600)")
+    code = (
+        "import sys, time; from darkknowledge.runs.lock import RunLock; "
+        f"lock = RunLock({str(tmp_path / 'd')!r}, 'dk run (killed)').acquire(); "
+        "print('held', flush=True); time.sleep(600)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "held"
@@ -115,9 +117,11 @@ def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path):
 
 
 def test_the_lock_is_per_process_and_released_by_its_last_holder(tmp_path):
-    probe = ("import sys; from darkknowledge.runs.lock import RunLock, RunFolderBusyError\n"
-             f"try:\n    lock = RunLock({str(tmp_path)!r}, 'probe').acquire()\n"
-             "except RunFolderBusyError:\n    sys.exit(3)")
+    probe = (
+        "import sys; from darkknowledge.runs.lock import RunLock, RunFolderBusyError\n"
+        f"try:\n    lock = RunLock({str(tmp_path)!r}, 'probe').acquire()\n"
+        "except RunFolderBusyError:\n    sys.exit(3)"
+    )
 
     def other_process_can_lock():
         return subprocess.run([sys.executable, "-c", probe], check=False).returncode == 0
@@ -144,8 +148,10 @@ def test_out_that_is_a_file_or_below_a_file_is_one_clear_error(tmp_path, capsys,
     assert (tmp_path / "afile").read_text() == "not a folder"
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
-                    reason="root may write any folder, so it cannot be made unwritable (see the file-path cases)")
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() == 0,
+    reason="root may write any folder, so it cannot be made unwritable (see the file-path cases)",
+)
 def test_unwritable_out_is_one_clear_error(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "ro").mkdir(mode=0o500)
@@ -160,8 +166,10 @@ def test_a_new_run_does_not_write_into_a_folder_holding_another(tmp_path, capsys
     before = (tmp_path / "t" / "results.json").read_text()
     code, err = _cli(capsys, "train", str(recipe), "seed=1", "--out", "t", "--quiet")
     assert code == 2
-    assert "run folder 't' already holds a run (trained: student-ce-s0, student.pt); continue it with --resume" \
+    assert (
+        "run folder 't' already holds a run (trained: student-ce-s0, student.pt); continue it with --resume"
         in _error_line(err)
+    )
     assert (tmp_path / "t" / "results.json").read_text() == before
 
 

@@ -45,7 +45,9 @@ def test_learning_curves_plot_the_runs_own_evaluations(run: Path, monkeypatch: p
     for e in entries:
         if e["role"] == "teacher":
             continue
-        want = tuple(r["test"]["student"]["top1"] for r in records if r.get("stage") == e["name"] and r["kind"] == "eval")
+        want = tuple(
+            r["test"]["student"]["top1"] for r in records if r.get("stage") == e["name"] and r["kind"] == "eval"
+        )
         assert want in lines, e["name"]  # one line per trained model and seed, its evaluations in order
         assert want[-1] == pytest.approx(e["last_acc"])
     teacher = next(e for e in entries if e["role"] == "teacher")

@@ -27,7 +27,9 @@ TEACHER = {"name": "mlp", "params": {"hidden": [32]}}
 PAPER = {"ce": {"weight": 0.5}, "kd": {"T": 1.0, "alpha": 1.0, "weight": 0.5}}  # beta H(y,p_A) + gamma H(z_T,p_A)
 
 
-def fake_ctx(losses: dict[str, Any] | None = None, teacher: dict[str, Any] | None = TEACHER, **changes: Any) -> RunContext:
+def fake_ctx(
+    losses: dict[str, Any] | None = None, teacher: dict[str, Any] | None = TEACHER, **changes: Any
+) -> RunContext:
     """A context over a tiny recipe that builds models without loading data."""
     raw = deep_merge(TINY, {"student": STUDENT, "scheme": "apprentice", **changes})
     raw["losses"] = losses if losses is not None else PAPER
@@ -50,9 +52,13 @@ def batch(n: int = 16) -> Batch:
 
 
 def grads(loss: torch.Tensor, model: torch.nn.Module) -> list[torch.Tensor]:
-    return [g if g is not None else torch.zeros_like(p)
-            for g, p in zip(torch.autograd.grad(loss, list(model.parameters()), retain_graph=True, allow_unused=True),
-                            model.parameters())]
+    return [
+        g if g is not None else torch.zeros_like(p)
+        for g, p in zip(
+            torch.autograd.grad(loss, list(model.parameters()), retain_graph=True, allow_unused=True),
+            model.parameters(),
+        )
+    ]
 
 
 def test_registered_with_its_paper():
@@ -111,22 +117,30 @@ def test_views_start_from_the_baseline_and_peer_seeds_and_the_student_is_exporte
     assert task.fingerprint() is None  # no frozen teacher: nothing pre-trained to check on resume
 
 
-@pytest.mark.parametrize("change,match", [
-    ({"teacher": None}, r"scheme 'apprentice' needs a `teacher:` section naming the full-precision teacher"),
-    ({"teacher": {**TEACHER, "checkpoint": "t.pt"}},
-     r"teacher\.checkpoint is 't\.pt'; remove it, or use scheme 'offline' for scheme B"),
-    ({"losses": {"ce": {}}}, r"scheme 'apprentice': none of the losses \['ce'\] reads a teacher"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"teacher": None}, r"scheme 'apprentice' needs a `teacher:` section naming the full-precision teacher"),
+        (
+            {"teacher": {**TEACHER, "checkpoint": "t.pt"}},
+            r"teacher\.checkpoint is 't\.pt'; remove it, or use scheme 'offline' for scheme B",
+        ),
+        ({"losses": {"ce": {}}}, r"scheme 'apprentice': none of the losses \['ce'\] reads a teacher"),
+    ],
+)
 def test_recipes_it_cannot_train_are_refused(change, match):
     with pytest.raises(ConfigError, match=match):
         Apprentice.task(fake_ctx(**change), 0, params())
 
 
-@pytest.mark.parametrize("teacher_losses,match", [
-    ({"kd": {"T": 1.0}}, r"scheme\.params\.teacher_losses: \['kd'\] read a teacher, but in Apprentice's scheme A"),
-    ({}, r"scheme\.params\.teacher_losses: the teacher needs a loss of its own"),
-    ({"cee": {}}, r"unknown loss 'cee'\. Did you mean 'ce'\?"),
-])
+@pytest.mark.parametrize(
+    "teacher_losses,match",
+    [
+        ({"kd": {"T": 1.0}}, r"scheme\.params\.teacher_losses: \['kd'\] read a teacher, but in Apprentice's scheme A"),
+        ({}, r"scheme\.params\.teacher_losses: the teacher needs a loss of its own"),
+        ({"cee": {}}, r"unknown loss 'cee'\. Did you mean 'ce'\?"),
+    ],
+)
 def test_bad_teacher_losses_are_one_clear_error(teacher_losses, match):
     with pytest.raises((ConfigError, RegistryError), match=match):
         Apprentice.task(fake_ctx(), 0, params(teacher_losses=teacher_losses))
@@ -139,8 +153,17 @@ def test_a_temperature_in_scheme_params_points_to_the_losses():
 
 
 def test_a_run_trains_both_and_reports_the_teacher_row(tmp_path):
-    raw = deep_merge(TINY, {"seeds": [0], "student": STUDENT, "losses": PAPER, "train": {"epochs": 1},
-                            "data": {"params": {"num_samples": 300}, "batch_size": 60}, "scheme": "apprentice"})
+    raw = deep_merge(
+        TINY,
+        {
+            "seeds": [0],
+            "student": STUDENT,
+            "losses": PAPER,
+            "train": {"epochs": 1},
+            "data": {"params": {"num_samples": 300}, "batch_size": 60},
+            "scheme": "apprentice",
+        },
+    )
     raw["teacher"] = TEACHER
     out = commands.distill(load_config(raw), out=tmp_path / "run", progress=False)
     rows = results(tmp_path / "run")

@@ -31,8 +31,16 @@ class StubContext(RunContext):
     whom (each stage's task, built when its stage starts) and nudges the trained weights."""
 
     def __init__(self, teacher: torch.nn.Module, student_spec: ModelConfig, losses: dict) -> None:
-        cfg = load_config(deep_merge(TINY, {"student": student_spec.model_dump(exclude={"checkpoint"}),
-                                            "losses": losses, "scheme": {"name": "assistant"}}))
+        cfg = load_config(
+            deep_merge(
+                TINY,
+                {
+                    "student": student_spec.model_dump(exclude={"checkpoint"}),
+                    "losses": losses,
+                    "scheme": {"name": "assistant"},
+                },
+            )
+        )
         session = SimpleNamespace(cfg=cfg, bundle=SimpleNamespace(info=DatasetInfo("mnist1d", 10, (40,))))
         super().__init__(session, cfg)  # type: ignore[arg-type]
         self._teacher = teacher
@@ -44,8 +52,16 @@ class StubContext(RunContext):
     def train(self, stage, task: Task, seed, role="student", train_cfg=None, with_transfer=False, label=None):
         student = task.eval_models()["student"]
         [teacher] = task.teachers  # an offline stage: one frozen teacher
-        self.trained.append({"stage": stage, "role": role, "model": student, "teacher": teacher.model,
-                             "teacher_hash": task.fingerprint(), "transfer": with_transfer})
+        self.trained.append(
+            {
+                "stage": stage,
+                "role": role,
+                "model": student,
+                "teacher": teacher.model,
+                "teacher_hash": task.fingerprint(),
+                "transfer": with_transfer,
+            }
+        )
         with torch.no_grad():  # "training": the weights change, so a teacher hashed too early would differ
             for p in student.parameters():
                 p.add_(0.01)
@@ -58,13 +74,16 @@ def test_interpolate_geometric_and_linear():
     assert interpolate(4, 64, 0.5, "linear") == pytest.approx(34)
 
 
-@pytest.mark.parametrize("teacher,student,num", [
-    (M(name="mlp", params={"hidden": [400, 400, 400]}), M(name="mlp", params={"hidden": [32]}), 2),
-    (M(name="cnn1d", params={"channels": 64, "depth": 3}), M(name="cnn1d", params={"channels": 4, "depth": 2}), 1),
-    (M(name="cnn1d", params={"channels": 64}), M(name="cnn1d", params={"channels": 8}), 3),
-    (M(name="resnet110"), M(name="resnet8"), 2),
-    (M(name="wrn_40_2"), M(name="wrn_16_1"), 1),
-])
+@pytest.mark.parametrize(
+    "teacher,student,num",
+    [
+        (M(name="mlp", params={"hidden": [400, 400, 400]}), M(name="mlp", params={"hidden": [32]}), 2),
+        (M(name="cnn1d", params={"channels": 64, "depth": 3}), M(name="cnn1d", params={"channels": 4, "depth": 2}), 1),
+        (M(name="cnn1d", params={"channels": 64}), M(name="cnn1d", params={"channels": 8}), 3),
+        (M(name="resnet110"), M(name="resnet8"), 2),
+        (M(name="wrn_40_2"), M(name="wrn_16_1"), 1),
+    ],
+)
 def test_automatic_assistants_are_strictly_between_and_shrink(teacher, student, num):
     specs = interpolate_assistants(teacher, student, num)
     assert len(specs) == num
@@ -73,12 +92,17 @@ def test_automatic_assistants_are_strictly_between_and_shrink(teacher, student, 
 
 
 def test_mlp_interpolation_is_geometric_in_width_and_linear_in_depth():
-    [ta] = interpolate_assistants(M(name="mlp", params={"hidden": [256, 256, 256]}), M(name="mlp", params={"hidden": [16]}), 1)
+    [ta] = interpolate_assistants(
+        M(name="mlp", params={"hidden": [256, 256, 256]}), M(name="mlp", params={"hidden": [16]}), 1
+    )
     assert ta.params["hidden"] == [64, 64]  # sqrt(16 * 256) = 64 wide, (1 + 3) / 2 = 2 deep
 
 
 def test_resnet_depths_snap_to_the_zoo():
-    assert [s.name for s in interpolate_assistants(M(name="resnet56"), M(name="resnet8"), 2)] == ["resnet44", "resnet20"]  # targets 40 and 24
+    assert [s.name for s in interpolate_assistants(M(name="resnet56"), M(name="resnet8"), 2)] == [
+        "resnet44",
+        "resnet20",
+    ]  # targets 40 and 24
 
 
 def test_different_families_ask_for_explicit_assistants():
@@ -115,14 +139,21 @@ def test_teacher_teaches_assistant_and_assistant_teaches_student():
     # the hash a pupil records is that of its teacher's *trained* weights
     assert student["teacher_hash"] == state_hash(ta2["model"]) != ta1["teacher_hash"]
     assert all(t["transfer"] for t in ctx.trained)
-    assert [count_params(t["model"]) for t in (ta1, ta2)] == sorted([count_params(t["model"]) for t in (ta1, ta2)],
-                                                                    reverse=True)
+    assert [count_params(t["model"]) for t in (ta1, ta2)] == sorted(
+        [count_params(t["model"]) for t in (ta1, ta2)], reverse=True
+    )
 
 
 @pytest.mark.slow
 def test_takd_run_end_to_end_records_the_chain(tmp_path):
-    recipe = write_recipe(tmp_path / "r.yaml", seeds=[0], scheme={"name": "assistant", "params": {
-        "assistants": [{"name": "mlp", "params": {"hidden": [48]}}], "plain_kd": True}})
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        seeds=[0],
+        scheme={
+            "name": "assistant",
+            "params": {"assistants": [{"name": "mlp", "params": {"hidden": [48]}}], "plain_kd": True},
+        },
+    )
     run = dk("run", str(recipe), "--out", "out", "--quiet", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     out = tmp_path / "out"

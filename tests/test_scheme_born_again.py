@@ -24,8 +24,15 @@ from helpers import TINY, dk, results, torchrun
 
 def tiny(**changes: Any):
     base = {k: v for k, v in TINY.items() if k != "teacher"}  # born_again needs no pre-trained teacher
-    raw = deep_merge(base, {"seeds": [0], "train": {"epochs": 1},
-                            "scheme": {"name": "born_again", "params": {"generations": 2}}, **changes})
+    raw = deep_merge(
+        base,
+        {
+            "seeds": [0],
+            "train": {"epochs": 1},
+            "scheme": {"name": "born_again", "params": {"generations": 2}},
+            **changes,
+        },
+    )
     return load_config(raw)
 
 
@@ -122,18 +129,24 @@ def test_resume_skips_finished_generations(tmp_path, spy_train):
     compare(cfg, out=tmp_path / "r", resume=True, progress=False)
     assert list(spy_train) == ["born_again-gen2-s0"]
     assert spy_train["born_again-gen2-s0"]["teacher"] == state_hash(
-        load_exported(tmp_path / "r" / "born_again-gen1-s0" / "model.pt")[1])
+        load_exported(tmp_path / "r" / "born_again-gen1-s0" / "model.pt")[1]
+    )
 
 
 def test_no_ensemble_row_when_disabled_and_one_generation(tmp_path):
-    res = distill(tiny(scheme={"name": "born_again", "params": {"generations": 1, "ensemble": False}}),
-                  out=tmp_path / "d", progress=False)
+    res = distill(
+        tiny(scheme={"name": "born_again", "params": {"generations": 1, "ensemble": False}}),
+        out=tmp_path / "d",
+        progress=False,
+    )
     assert [e["role"] for e in res["entries"]] == ["student"]  # Tf-KD_self: one generation
 
 
 def test_transfer_set_only_for_the_born_again_generations(tmp_path):
-    cfg = tiny(scheme={"name": "born_again", "params": {"generations": 1, "transfer": True}},
-               data={"params": {"transfer_samples": 200}})
+    cfg = tiny(
+        scheme={"name": "born_again", "params": {"generations": 1, "transfer": True}},
+        data={"params": {"transfer_samples": 200}},
+    )
     distill(cfg, out=tmp_path / "d", progress=False)
     entries = results(tmp_path / "d")
     gen0, gen1 = entries["born_again-gen0-s0"], entries["born_again-gen1-s0"]
@@ -151,15 +164,31 @@ def test_bad_params_fail_before_running():
 @pytest.mark.slow
 def test_born_again_recipe_runs_end_to_end(tmp_path):
     out = tmp_path / "run"
-    proc = dk("run", "born_again", "seeds=[0]", "train.epochs=2", "data.params.num_samples=1000",
-              "scheme.params.generations=2", "--out", str(out), cwd=tmp_path)
+    proc = dk(
+        "run",
+        "born_again",
+        "seeds=[0]",
+        "train.epochs=2",
+        "data.params.num_samples=1000",
+        "scheme.params.generations=2",
+        "--out",
+        str(out),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     entries = results(out)
     assert {"baseline-s0", "born_again-gen1-s0", "born_again-gen2-s0", "born_again-gen2-s0:ensemble"} <= set(entries)
     assert entries["born_again-gen2-s0"]["role"] == "student"
     assert "born_again-gen0-s0" not in entries
-    proc = dk("distill", "born_again", "train.epochs=1", "data.params.num_samples=1000", "--out", str(tmp_path / "d"),
-              cwd=tmp_path)
+    proc = dk(
+        "distill",
+        "born_again",
+        "train.epochs=1",
+        "data.params.num_samples=1000",
+        "--out",
+        str(tmp_path / "d"),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "d" / "student.pt").is_file()
 

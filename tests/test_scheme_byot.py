@@ -39,8 +39,14 @@ A, LAM, T = 0.3, 0.03, 3.0
 PAPER = {  # (1 - a) CE + a T^2 KL(q_C^T || q_i^T) + lam ||F_i - F_C||^2, the paper's code's a, lam, T
     "ce": {"weight": 1 - A},
     "kd": {"T": T, "alpha": 1.0, "weight": A},
-    "feat": {"loss": "fitnet", "regressor": False, "relu": False, "student_taps": ["fc:input"],
-             "teacher_taps": ["fc:input"], "weight": LAM},
+    "feat": {
+        "loss": "fitnet",
+        "regressor": False,
+        "relu": False,
+        "student_taps": ["fc:input"],
+        "teacher_taps": ["fc:input"],
+        "weight": LAM,
+    },
 }
 
 BYOT_TINY = {
@@ -73,8 +79,12 @@ def _cnn() -> torch.nn.Module:
     return create_model("cnn1d", num_classes=10, input_shape=(40,), channels=8)
 
 
-def _task(stages: list[str] | None = None, bottleneck: str = "conv", width: int | None = None,
-          net: torch.nn.Module | None = None) -> FlowTask:
+def _task(
+    stages: list[str] | None = None,
+    bottleneck: str = "conv",
+    width: int | None = None,
+    net: torch.nn.Module | None = None,
+) -> FlowTask:
     task = byot_task(net if net is not None else _cnn(), _make, stages, bottleneck, width, torch.zeros(2, 40))
     task.setup(_batch())
     return task
@@ -96,8 +106,10 @@ def test_heads_at_default_and_given_stages_with_the_penultimate_shape():
     assert task.flow.view_names == ["student", "head1", "head2"]
     x = _batch().x
     feats = {}
-    hooks = [net.get_submodule(s).register_forward_hook(lambda m, i, o, s=s: feats.__setitem__(s, o))
-             for s in ("blocks.0", "blocks.1")]
+    hooks = [
+        net.get_submodule(s).register_forward_hook(lambda m, i, o, s=s: feats.__setitem__(s, o))
+        for s in ("blocks.0", "blocks.1")
+    ]
     net(x)
     for h in hooks:
         h.remove()
@@ -133,7 +145,8 @@ def test_loss_matches_the_paper_formula():
     ce = lambda z: F.cross_entropy(z[:-1], b.y[:-1])  # noqa: E731
     kl = lambda z: T**2 * F.kl_div(F.log_softmax(z / T, -1), F.softmax(zc / T, -1), reduction="batchmean")  # noqa: E731
     expected = (1 - A) * ce(zc) + sum(
-        (1 - A) * ce(z) + A * kl(z) + LAM * ((f - fc) ** 2).mean() for z, f in zip(zs, fs))
+        (1 - A) * ce(z) + A * kl(z) + LAM * ((f - fc) ** 2).mean() for z, f in zip(zs, fs)
+    )
     assert torch.allclose(total, expected, atol=1e-5)
     for i, (z, f) in enumerate(zip(zs, fs), 1):  # reported values: each head's own terms, unweighted
         assert torch.allclose(terms[f"kd@head{i}"], kl(z), atol=1e-5)
@@ -245,13 +258,18 @@ def test_bad_stage_paths_and_params_give_clear_errors():
         check_config(_cfg(width=0))
 
 
-@pytest.mark.parametrize("key,where", [
-    ("alpha", r"losses\.<term>\.weight"),
-    ("T", r"losses\.<term>\.T"),
-    ("lam", r"losses\.feat: \{loss: fitnet, regressor: false"),
-])
+@pytest.mark.parametrize(
+    "key,where",
+    [
+        ("alpha", r"losses\.<term>\.weight"),
+        ("T", r"losses\.<term>\.T"),
+        ("lam", r"losses\.feat: \{loss: fitnet, regressor: false"),
+    ],
+)
 def test_loss_params_moved_to_the_losses_are_refused(key, where):
-    with pytest.raises(ConfigError, match=rf"scheme\.params\.{key}: not a parameter of scheme 'byot' any more; .*{where}"):
+    with pytest.raises(
+        ConfigError, match=rf"scheme\.params\.{key}: not a parameter of scheme 'byot' any more; .*{where}"
+    ):
         check_config(_cfg(**{key: 0.5}))
 
 
@@ -261,8 +279,9 @@ def test_objectives_without_a_teacher_term_or_a_ce_term_are_refused():
     with pytest.raises(ConfigError, match=r"scheme 'byot': none of the losses \['ce'\] reads a teacher"):
         BYOT.task(ctx, 0, BYOT.Params())
     with pytest.raises(ConfigError, match=r"none of the losses \['kd'\] is one; add ce"):
-        byot_task(_cnn(), lambda: build_objective({"kd": {"T": 3.0, "alpha": 1.0}}), None, "conv", None,
-                  torch.zeros(2, 40))
+        byot_task(
+            _cnn(), lambda: build_objective({"kd": {"T": 3.0, "alpha": 1.0}}), None, "conv", None, torch.zeros(2, 40)
+        )
 
 
 def test_run_reports_a_row_per_head(tmp_path):
@@ -281,8 +300,17 @@ def test_run_reports_a_row_per_head(tmp_path):
 
 @pytest.mark.slow
 def test_recipe_runs_end_to_end(tmp_path):
-    run = dk("run", "byot", "data.params.num_samples=1000", "train.epochs=2", "seeds=[0]",
-             "--out", "r", "--quiet", cwd=tmp_path)
+    run = dk(
+        "run",
+        "byot",
+        "data.params.num_samples=1000",
+        "train.epochs=2",
+        "seeds=[0]",
+        "--out",
+        "r",
+        "--quiet",
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     entries = results(tmp_path / "r")
     assert {"baseline-s0", "byot-s0", "byot-s0:head1", "byot-s0:head2"} <= set(entries)
@@ -290,9 +318,18 @@ def test_recipe_runs_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_two_process_ddp_matches_single_process(tmp_path):
-    args = ["distill", "byot", "data.params.num_samples=1000", "train.epochs=2", "data.batch_size=50",
-            "train.optimizer.name=sgd", "train.optimizer.lr=0.01", "train.deterministic=true", "train.device=cpu",
-            "--quiet"]
+    args = [
+        "distill",
+        "byot",
+        "data.params.num_samples=1000",
+        "train.epochs=2",
+        "data.batch_size=50",
+        "train.optimizer.name=sgd",
+        "train.optimizer.lr=0.01",
+        "train.deterministic=true",
+        "train.device=cpu",
+        "--quiet",
+    ]
     single = dk(*args, "--out", "single", cwd=tmp_path, env=ONE_THREAD)  # one thread per process, as each rank
     assert single.returncode == 0, single.stderr[-3000:]
     ddp = torchrun(*args, "--out", "ddp", cwd=tmp_path)
@@ -303,7 +340,8 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     # weights compared below (heads included); accuracies not across runs: a near-tie test sample
     # may flip between float summation orders. DDP's evaluation is checked on its own weights.
     assert evaluate_checkpoint(tmp_path / "ddp" / "student.pt")["top1"] == pytest.approx(
-        b["byot-s0"]["last_acc"], abs=0.01)
+        b["byot-s0"]["last_acc"], abs=0.01
+    )
     _, wa = load_exported(tmp_path / "single" / "student.pt")
     _, wb = load_exported(tmp_path / "ddp" / "student.pt")
     assert set(wa) == set(wb) and not any("head" in k for k in wa)

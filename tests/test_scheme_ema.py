@@ -22,9 +22,14 @@ from darkknowledge.schemes.task import FlowTask
 from darkknowledge.teachers.ema import EMA, effective_decay, ema_update
 from helpers import TINY, dk, results
 
-EMA_TINY = {"seeds": [0], "teacher": None, "losses": {"kd": {"T": 2.0, "alpha": 0.5}},
-            "data": {"params": {"transfer_samples": 200}}, "scheme": {"name": "ema", "params": {"decay": 0.9}},
-            "train": {"epochs": 1}}
+EMA_TINY = {
+    "seeds": [0],
+    "teacher": None,
+    "losses": {"kd": {"T": 2.0, "alpha": 0.5}},
+    "data": {"params": {"transfer_samples": 200}},
+    "scheme": {"name": "ema", "params": {"decay": 0.9}},
+    "train": {"epochs": 1},
+}
 
 
 def _cfg(**changes):
@@ -87,7 +92,8 @@ def test_the_teacher_side_is_the_ema_model_and_is_constant():
     loss, _ = task.module(batch, 0.0)  # the teacher runs inside the step
     student_logits = student(batch.x)
     expected = 0.5 * kd_soft_loss(student_logits, t.logits, 2.0) + 0.5 * nn.functional.cross_entropy(
-        student_logits, batch.y)
+        student_logits, batch.y
+    )
     assert torch.allclose(loss, expected, atol=1e-6)
 
 
@@ -189,8 +195,18 @@ def test_resume_keeps_the_ema(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_recipe_runs_end_to_end(tmp_path):
-    run = dk("run", "ema", "data.params.num_samples=1000", "data.params.transfer_samples=500", "train.epochs=2",
-             "seeds=[0]", "--out", "r", "--quiet", cwd=tmp_path)
+    run = dk(
+        "run",
+        "ema",
+        "data.params.num_samples=1000",
+        "data.params.transfer_samples=500",
+        "train.epochs=2",
+        "seeds=[0]",
+        "--out",
+        "r",
+        "--quiet",
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     entries = results(tmp_path / "r")
     assert {"baseline-s0", "ema-s0", "ema-s0:ema"} <= set(entries)

@@ -82,8 +82,9 @@ def test_mixture_logits_soften_to_exactly_the_weighted_mixture():
         expected = (w[..., None] * torch.softmax(z / T, dim=-1)).sum(0)
         assert torch.allclose(torch.softmax(mixed / T, dim=-1), expected, atol=1e-6)
     one_hot_w = torch.tensor([0.0, 1.0, 0.0])  # (N,) a zero weight drops a teacher entirely
-    assert torch.allclose(torch.softmax(mixture_logits(z, one_hot_w, 2.0) / 2.0, -1), torch.softmax(z[1] / 2.0, -1),
-                          atol=1e-6)
+    assert torch.allclose(
+        torch.softmax(mixture_logits(z, one_hot_w, 2.0) / 2.0, -1), torch.softmax(z[1] / 2.0, -1), atol=1e-6
+    )
 
 
 def test_fixed_weights_are_normalised_and_checked():
@@ -291,8 +292,9 @@ def test_teacher_hash_covers_every_teacher():
 
 
 def test_recipe_params_are_validated_before_running():
-    cfg = deep_merge(TINY, {"scheme": {"name": "multi_teacher", "params": {"aggregation": "avg"}},
-                            "teachers": [{"name": "mlp"}]})
+    cfg = deep_merge(
+        TINY, {"scheme": {"name": "multi_teacher", "params": {"aggregation": "avg"}}, "teachers": [{"name": "mlp"}]}
+    )
     with pytest.raises(ConfigError, match=r"scheme\.params\.aggregation.*'mean'.*'per_teacher'"):
         check_config(load_config(cfg))
     cfg["scheme"]["params"] = {"aggregation": "weighted", "weights": [1, -1]}
@@ -306,11 +308,26 @@ def test_recipe_params_are_validated_before_running():
 # ------------------------------------------------------------ end to end
 @pytest.mark.slow
 def test_recipe_runs_end_to_end_with_three_teachers(tmp_path):
-    small = ["data.params.num_samples=600", "data.params.transfer_samples=200", "train.epochs=2",
-             "teacher.train.epochs=2", "seeds=[0]", "scheme.params.aggregation=random", "train.device=cpu",
-             "cache.enabled=true"]
-    proc = dk("run", "multi_teacher", *small, "--out", "mt", "--quiet", cwd=tmp_path,
-              env={"DK_CACHE": str(tmp_path / "cache")})
+    small = [
+        "data.params.num_samples=600",
+        "data.params.transfer_samples=200",
+        "train.epochs=2",
+        "teacher.train.epochs=2",
+        "seeds=[0]",
+        "scheme.params.aggregation=random",
+        "train.device=cpu",
+        "cache.enabled=true",
+    ]
+    proc = dk(
+        "run",
+        "multi_teacher",
+        *small,
+        "--out",
+        "mt",
+        "--quiet",
+        cwd=tmp_path,
+        env={"DK_CACHE": str(tmp_path / "cache")},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     entries = results(tmp_path / "mt")
     assert {"teacher", "teachers.0", "teachers.1", "baseline-s0", "multi_teacher-s0"} <= set(entries)
@@ -325,16 +342,24 @@ def test_recipe_runs_end_to_end_with_three_teachers(tmp_path):
 def test_random_feature_distillation_under_two_process_ddp(tmp_path):
     """Each step one teacher runs and the other teacher's adapter still takes part (zero gradient):
     DDP without find_unused_parameters would otherwise fail; both ranks draw the same teacher."""
-    raw = deep_merge(TINY, {"seeds": [0], "data": {"params": {"num_samples": 400}}, "train": {"epochs": 2},
-                            "losses": {"ce": {}, "fitnet": {}, "kd": {"T": 4.0, "alpha": 1.0}},
-                            "scheme": {"name": "multi_teacher", "params": {"aggregation": "random"}}})
+    raw = deep_merge(
+        TINY,
+        {
+            "seeds": [0],
+            "data": {"params": {"num_samples": 400}},
+            "train": {"epochs": 2},
+            "losses": {"ce": {}, "fitnet": {}, "kd": {"T": 4.0, "alpha": 1.0}},
+            "scheme": {"name": "multi_teacher", "params": {"aggregation": "random"}},
+        },
+    )
     raw["teacher"] = {"name": "cnn1d", "params": {"channels": 12}, "train": {"epochs": 1}}
     raw["teachers"] = [{"name": "cnn1d", "params": {"channels": 16, "depth": 2}, "seed": 1, "train": {"epochs": 1}}]
     raw["student"] = {"name": "cnn1d", "params": {"channels": 8}}
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(raw))
-    ddp = torchrun("distill", str(recipe), "--out", "ddp", "--quiet", cwd=tmp_path,
-                   env={"DK_CACHE": str(tmp_path / "cache")})
+    ddp = torchrun(
+        "distill", str(recipe), "--out", "ddp", "--quiet", cwd=tmp_path, env={"DK_CACHE": str(tmp_path / "cache")}
+    )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     entry = results(tmp_path / "ddp")["multi_teacher-s0"]
     assert entry["losses"] == ["ce", "fitnet", "kd"] and entry["extra_params"] > 0

@@ -145,8 +145,10 @@ def test_cohort_of_three_with_different_architectures():
     models = task.eval_models()
     assert list(models) == ["student", "peer1", "peer2", "ensemble"]
     assert models["peer1"] is cnn and task.export_model() is peers[0]
-    assert task.describe() == {"losses": ["ce", "kd", "ce@peer1", "kd@peer1", "ce@peer2", "kd@peer2"],
-                               "adapter_params": count_params(cnn) + count_params(peers[2])}
+    assert task.describe() == {
+        "losses": ["ce", "kd", "ce@peer1", "kd@peer1", "ce@peer2", "kd@peer2"],
+        "adapter_params": count_params(cnn) + count_params(peers[2]),
+    }
 
 
 def test_feature_losses_get_one_set_of_adapters_per_pair_of_peers():
@@ -201,7 +203,9 @@ def test_build_peers_seeds_and_specs(ctx):
     assert all(torch.equal(u, v) for u, v in zip(default[0].state_dict().values(), baseline.state_dict().values()))
     assert not torch.equal(default[0].fc.weight, default[1].fc.weight)
     assert peer_seed(1, 0) == 1 and peer_seed(0, 1) not in (0, 1, 2)
-    mixed = build_peers(ctx, 0, [{"name": "mlp", "params": {"hidden": [8]}}, {"name": "cnn1d", "params": {"channels": 4}}], None)
+    mixed = build_peers(
+        ctx, 0, [{"name": "mlp", "params": {"hidden": [8]}}, {"name": "cnn1d", "params": {"channels": 4}}], None
+    )
     assert [type(m).__name__ for m in mixed] == ["MLP", "CNN1d"]
 
 
@@ -220,15 +224,20 @@ def test_bad_cohorts_fail_with_clear_errors(ctx):
         build_peers(ctx, 0, [{"name": "mlp"}, {"name": "mpl"}], None)
 
 
-@pytest.mark.parametrize("key,where", [
-    ("T", r"losses\.<term>\.T"),
-    ("weight", r"losses\.<term>\.weight"),
-    ("burn_in", r"losses\.<term>\.start_epoch"),
-    ("rampup", r"losses\.<term>\.warmup_epochs"),
-])
+@pytest.mark.parametrize(
+    "key,where",
+    [
+        ("T", r"losses\.<term>\.T"),
+        ("weight", r"losses\.<term>\.weight"),
+        ("burn_in", r"losses\.<term>\.start_epoch"),
+        ("rampup", r"losses\.<term>\.warmup_epochs"),
+    ],
+)
 def test_loss_params_moved_to_the_losses_are_refused(key, where):
     cfg = load_config(deep_merge(TINY, {"scheme": {"name": "mutual", "params": {key: 2.0}}}))
-    with pytest.raises(ConfigError, match=rf"scheme\.params\.{key}: not a parameter of scheme 'mutual' any more; .*{where}"):
+    with pytest.raises(
+        ConfigError, match=rf"scheme\.params\.{key}: not a parameter of scheme 'mutual' any more; .*{where}"
+    ):
         check_config(cfg)
 
 
@@ -258,14 +267,19 @@ def test_recipe_runs_baseline_and_cohort_rows(tmp_path):
     spec, _ = load_exported(tmp_path / "d" / "student.pt")
     assert spec["name"] == "mlp"
     assert evaluate_checkpoint(tmp_path / "d" / "student.pt")["top1"] == pytest.approx(
-        results(tmp_path / "d")["mutual-s0"]["last_acc"], abs=0.01)
+        results(tmp_path / "d")["mutual-s0"]["last_acc"], abs=0.01
+    )
 
 
 @pytest.mark.slow
 def test_two_process_ddp_matches_single_process(tmp_path):
     """gloo DDP over 2 CPU processes = one process with the same global batch (see test_ddp.py)."""
-    recipe = write_recipe(tmp_path / "r.yaml", scheme={"name": "mutual", "params": {"n": 2}}, teacher=None,
-                          losses={"ce": {}, "kd": {"T": 2.0, "alpha": 1.0}})
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        scheme={"name": "mutual", "params": {"n": 2}},
+        teacher=None,
+        losses={"ce": {}, "kd": {"T": 2.0, "alpha": 1.0}},
+    )
     single = dk("distill", str(recipe), "--out", "single", "--quiet", cwd=tmp_path, env=ONE_THREAD)
     assert single.returncode == 0, single.stderr[-3000:]
     ddp = torchrun("distill", str(recipe), "--out", "ddp", "--quiet", cwd=tmp_path)
@@ -278,7 +292,8 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     # between float summation orders (0.5 points here), the likely cause of this test's one failure.
     # DDP's evaluation is checked on its own weights instead.
     assert evaluate_checkpoint(tmp_path / "ddp" / "student.pt")["top1"] == pytest.approx(
-        b["mutual-s0"]["last_acc"], abs=0.01)
+        b["mutual-s0"]["last_acc"], abs=0.01
+    )
     _, wa = load_exported(tmp_path / "single" / "student.pt")
     _, wb = load_exported(tmp_path / "ddp" / "student.pt")
     for k in wa:

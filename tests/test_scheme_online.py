@@ -57,7 +57,9 @@ def no_grad(model: torch.nn.Module) -> bool:
 
 
 def has_grad(model: torch.nn.Module) -> bool:
-    return all(p.grad is not None for p in model.parameters()) and any(p.grad.abs().sum() > 0 for p in model.parameters())
+    return all(p.grad is not None for p in model.parameters()) and any(
+        p.grad.abs().sum() > 0 for p in model.parameters()
+    )
 
 
 def test_registered_with_citations():
@@ -67,15 +69,20 @@ def test_registered_with_citations():
 
 
 @pytest.mark.parametrize("scheme", ["kdcl", "one", "codistill"])
-@pytest.mark.parametrize("key,where", [
-    ("T", r"losses\.<term>\.T"),
-    ("weight", r"losses\.<term>\.weight"),
-    ("burn_in", r"losses\.<term>\.start_epoch"),
-    ("rampup", r"losses\.<term>\.warmup_epochs"),
-])
+@pytest.mark.parametrize(
+    "key,where",
+    [
+        ("T", r"losses\.<term>\.T"),
+        ("weight", r"losses\.<term>\.weight"),
+        ("burn_in", r"losses\.<term>\.start_epoch"),
+        ("rampup", r"losses\.<term>\.warmup_epochs"),
+    ],
+)
 def test_loss_params_moved_to_the_losses_are_refused(scheme, key, where):
     cfg = load_config(deep_merge(TINY, {"scheme": {"name": scheme, "params": {key: 1.0}}}))
-    with pytest.raises(ConfigError, match=rf"scheme\.params\.{key}: not a parameter of scheme '{scheme}' any more; .*{where}"):
+    with pytest.raises(
+        ConfigError, match=rf"scheme\.params\.{key}: not a parameter of scheme '{scheme}' any more; .*{where}"
+    ):
         check_config(cfg)
 
 
@@ -87,6 +94,7 @@ def test_an_objective_that_reads_no_teacher_is_refused(scheme):
 
 
 # ---------------------------------------------------------------- kdcl
+
 
 def test_min_logit_teacher_by_hand():
     z = torch.tensor([[[2.0, 0.0, 1.0]], [[1.0, -2.0, 3.0]]])  # (N=2, B=1, K=3)
@@ -117,7 +125,9 @@ def test_ensemble_teacher_is_detached_and_falls_back_to_the_mean_without_labels(
         t = ensemble_teacher([a, b], y, kind)
         assert not t.requires_grad and t.shape == (4, 10)
         assert torch.allclose(t[y == -1], ((a + b) / 2)[y == -1].detach())
-    assert torch.allclose(ensemble_teacher([a, b], y, "min_logit")[0], min_logit_teacher(torch.stack([a, b])[:, :1], y[:1])[0])
+    assert torch.allclose(
+        ensemble_teacher([a, b], y, "min_logit")[0], min_logit_teacher(torch.stack([a, b])[:, :1], y[:1])[0]
+    )
     with pytest.raises(ConfigError, match=r"'median'.*min_logit, naive, mean"):
         ensemble_teacher([a, b], y, "median")
     with pytest.raises(ConfigError, match=r"'median'.*min_logit, naive, mean"):
@@ -154,6 +164,7 @@ def test_kdcl_bad_ensemble_name_fails_before_running():
 
 
 # ---------------------------------------------------------------- one
+
 
 def test_gated_logits_math_and_shapes():
     z = [torch.full((2, 3), 1.0), torch.full((2, 3), 3.0)]
@@ -204,8 +215,11 @@ def test_one_loss_teacher_is_detached_in_kd_but_trained_by_its_ce():
     assert set(terms) == {"ce", "kd", "ce@peer1", "kd@peer1", "ce@ensemble"}
     views = flow.compute_views(b)
     logits, z_e = [views[v].logits for v in flow.peer_views], views["ensemble"].logits
-    expected = sum(cross_entropy(z, b.y) for z in logits) + cross_entropy(z_e, b.y) + sum(
-        kd_soft_loss(z, z_e.detach(), 3.0) for z in logits)
+    expected = (
+        sum(cross_entropy(z, b.y) for z in logits)
+        + cross_entropy(z_e, b.y)
+        + sum(kd_soft_loss(z, z_e.detach(), 3.0) for z in logits)
+    )
     assert torch.allclose(loss, expected, atol=1e-6)
 
     for k, name in enumerate(flow.peer_views):  # a peer's kd term alone: no gradient reaches the gate or other peers
@@ -256,6 +270,7 @@ def test_one_needs_a_term_for_the_ensemble():
 
 # ---------------------------------------------------------------- codistill
 
+
 def codistill(**kd: Any) -> FlowTask:
     ctx = fake_ctx("codistill", {"ce": {}, "kd": {"T": 1.0, "alpha": 1.0, **kd}})
     return Codistill.task(ctx, 0, Codistill.Params())
@@ -298,7 +313,9 @@ def test_codistill_builds_the_teacher_architecture_untrained():
     teacher = task.flow.teacher_peer
     assert type(teacher).__name__ == "CNN1d" and teacher.dk_params["channels"] == 16
     baseline = ctx.student(0)
-    assert all(torch.equal(u, v) for u, v in zip(task.flow.student.state_dict().values(), baseline.state_dict().values()))
+    assert all(
+        torch.equal(u, v) for u, v in zip(task.flow.student.state_dict().values(), baseline.state_dict().values())
+    )
     with pytest.raises(ConfigError, match="needs a `teacher:` section"):
         Codistill.task(fake_ctx("codistill", teacher=None), 0, Codistill.Params())
     with pytest.raises(ConfigError, match=r"from scratch, but teacher.checkpoint is 't.pt'"):
@@ -311,11 +328,14 @@ SMALL = ["seeds=[0]", "train.epochs=2", "data.params.num_samples=600", "data.par
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scheme,rows", [
-    ("kdcl", ["kdcl-s0:peer1", "kdcl-s0:ensemble"]),
-    ("one", ["one-s0:peer1", "one-s0:peer2", "one-s0:ensemble"]),
-    ("codistill", ["codistill-s0:teacher_peer"]),
-])
+@pytest.mark.parametrize(
+    "scheme,rows",
+    [
+        ("kdcl", ["kdcl-s0:peer1", "kdcl-s0:ensemble"]),
+        ("one", ["one-s0:peer1", "one-s0:peer2", "one-s0:ensemble"]),
+        ("codistill", ["codistill-s0:teacher_peer"]),
+    ],
+)
 def test_recipe_runs(tmp_path, scheme, rows):
     ran = dk("run", scheme, *SMALL, "--out", "run", "--quiet", cwd=tmp_path)
     assert ran.returncode == 0, ran.stderr[-3000:]

@@ -40,8 +40,9 @@ class StubContext(RunContext):
     when its stage starts) and nudges the trained weights."""
 
     def __init__(self, has_teacher=False):
-        raw = deep_merge(TINY, {"student": {"name": "mlp", "params": {"hidden": [8]}}, "losses": KD,
-                                "scheme": {"name": "pipeline"}})
+        raw = deep_merge(
+            TINY, {"student": {"name": "mlp", "params": {"hidden": [8]}}, "losses": KD, "scheme": {"name": "pipeline"}}
+        )
         if not has_teacher:
             del raw["teacher"]
         cfg = load_config(raw)
@@ -56,10 +57,18 @@ class StubContext(RunContext):
     def train(self, stage, task: Task, seed, role="student", train_cfg=None, with_transfer=False, label=None):
         model = task.eval_models()["student"]
         teacher = task.teachers[0] if task.teachers else None
-        self.trained.append({"stage": stage, "role": role, "model": model, "train_cfg": train_cfg,
-                             "teacher": teacher.model if teacher is not None else None,
-                             "teacher_hash": task.fingerprint(), "transfer": with_transfer,
-                             "losses": list(task.flow.objective.terms)})
+        self.trained.append(
+            {
+                "stage": stage,
+                "role": role,
+                "model": model,
+                "train_cfg": train_cfg,
+                "teacher": teacher.model if teacher is not None else None,
+                "teacher_hash": task.fingerprint(),
+                "transfer": with_transfer,
+                "losses": list(task.flow.objective.terms),
+            }
+        )
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(0.01)
@@ -88,13 +97,22 @@ def test_recipe_teacher_can_teach_a_stage():
     assert ctx.trained[0]["teacher"] is ctx.teacher() and ctx.trained[0]["role"] == "student"
 
 
-@pytest.mark.parametrize("stages,match", [
-    ([STAGES[0], STAGES[0]], r"stages.1.name: duplicate stage name 'big'"),
-    ([STAGES[0], {**STAGES[1], "teacher": "bgi"}], r"stages.1.teacher: unknown teacher 'bgi'; valid: 'big'"),
-    ([{**STAGES[1], "teacher": "last"}, STAGES[2]], r"stages.0.teacher: unknown teacher 'last' \(a stage can only be taught by an earlier one\)"),
-    ([{"name": "x", "teacher": "teacher", "losses": KD}], r"unknown teacher 'teacher' \(the recipe has no `teacher:` section\)"),
-    ([], r"at least one stage"),
-])
+@pytest.mark.parametrize(
+    "stages,match",
+    [
+        ([STAGES[0], STAGES[0]], r"stages.1.name: duplicate stage name 'big'"),
+        ([STAGES[0], {**STAGES[1], "teacher": "bgi"}], r"stages.1.teacher: unknown teacher 'bgi'; valid: 'big'"),
+        (
+            [{**STAGES[1], "teacher": "last"}, STAGES[2]],
+            r"stages.0.teacher: unknown teacher 'last' \(a stage can only be taught by an earlier one\)",
+        ),
+        (
+            [{"name": "x", "teacher": "teacher", "losses": KD}],
+            r"unknown teacher 'teacher' \(the recipe has no `teacher:` section\)",
+        ),
+        ([], r"at least one stage"),
+    ],
+)
 def test_bad_stage_references_are_clear_errors_before_training(stages, match):
     ctx = StubContext()
     with pytest.raises(ConfigError, match=match):
@@ -109,11 +127,14 @@ def test_losses_needing_a_teacher_on_a_stage_without_one_fail_before_training():
     assert ctx.trained == []
 
 
-@pytest.mark.parametrize("stage,match", [
-    ({"name": "student"}, "not one of teacher, student, baseline"),
-    ({"name": "a-b"}, "letters, digits"),
-    ({"name": "a", "modle": "student"}, "modle"),
-])
+@pytest.mark.parametrize(
+    "stage,match",
+    [
+        ({"name": "student"}, "not one of teacher, student, baseline"),
+        ({"name": "a-b"}, "letters, digits"),
+        ({"name": "a", "modle": "student"}, "modle"),
+    ],
+)
 def test_stage_fields_are_validated(stage, match):
     with pytest.raises(ConfigError, match=match):
         _stages([stage])
@@ -138,17 +159,26 @@ def _wait_for_train_epoch(metrics, stage, epoch, proc, limit=300.0):
 
 @pytest.mark.slow
 def test_killed_pipeline_resumes_at_the_stage_and_epoch_where_it_stopped(tmp_path):
-    stages = [{"name": "big", "model": {"name": "cnn1d", "params": {"channels": 8}}, "train": {"epochs": 2}},
-              {"name": "mid", "model": {"name": "mlp", "params": {"hidden": [48]}}, "teacher": "big", "losses": KD},
-              {"name": "last", "teacher": "mid", "losses": KD, "train": {"epochs": 2}}]
-    recipe = write_recipe(tmp_path / "r.yaml", seeds=[0], train={"epochs": 5},
-                          scheme={"name": "pipeline", "params": {"stages": stages}})
+    stages = [
+        {"name": "big", "model": {"name": "cnn1d", "params": {"channels": 8}}, "train": {"epochs": 2}},
+        {"name": "mid", "model": {"name": "mlp", "params": {"hidden": [48]}}, "teacher": "big", "losses": KD},
+        {"name": "last", "teacher": "mid", "losses": KD, "train": {"epochs": 2}},
+    ]
+    recipe = write_recipe(
+        tmp_path / "r.yaml", seeds=[0], train={"epochs": 5}, scheme={"name": "pipeline", "params": {"stages": stages}}
+    )
     full = dk("distill", str(recipe), "--out", "full", "--quiet", cwd=tmp_path)
     assert full.returncode == 0, full.stderr
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "darkknowledge.cli", "distill", str(recipe), "--out", "cut", "--quiet"],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "darkknowledge.cli", "distill", str(recipe), "--out", "cut", "--quiet"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     _wait_for_train_epoch(tmp_path / "cut" / "metrics.jsonl", "pipeline-mid-s0", 2, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -57,8 +57,11 @@ class StubContext(RunContext):
         else:
             del raw["teacher"]
         cfg = load_config(raw)
-        session = SimpleNamespace(cfg=cfg, bundle=SimpleNamespace(info=DatasetInfo("mnist1d", 10, (40,))),
-                                  run=SimpleNamespace(stage_dir=lambda stage: None))  # an in-memory run
+        session = SimpleNamespace(
+            cfg=cfg,
+            bundle=SimpleNamespace(info=DatasetInfo("mnist1d", 10, (40,))),
+            run=SimpleNamespace(stage_dir=lambda stage: None),
+        )  # an in-memory run
         super().__init__(session, cfg)  # type: ignore[arg-type]
         torch.manual_seed(9)
         self.pretrained = create_model("mlp", num_classes=10, input_shape=(40,), hidden=[32])
@@ -70,10 +73,18 @@ class StubContext(RunContext):
 
     def train(self, stage, task, seed, role="student", train_cfg=None, with_transfer=False, label=None):
         parts = task.parts()
-        record = {"stage": stage, "role": role, "epochs": train_cfg.epochs, "task": task, "label": label,
-                  "parts": [(p.name, {id(q) for q in p.parameters()}, p.optimizer) for p in parts],
-                  "teachers": list(task.teachers), "fingerprint": task.fingerprint(),
-                  "models": dict(task.eval_models()), "student_start": state_hash(task.eval_models()["student"])}
+        record = {
+            "stage": stage,
+            "role": role,
+            "epochs": train_cfg.epochs,
+            "task": task,
+            "label": label,
+            "parts": [(p.name, {id(q) for q in p.parameters()}, p.optimizer) for p in parts],
+            "teachers": list(task.teachers),
+            "fingerprint": task.fingerprint(),
+            "models": dict(task.eval_models()),
+            "student_start": state_hash(task.eval_models()["student"]),
+        }
         if isinstance(task, CoStudyTask):
             record["teacher_start"] = state_hash(task.flow.get_submodule(TEACHER))
             record["teacher_trainable"] = all(p.requires_grad for p in task.flow.get_submodule(TEACHER).parameters())
@@ -82,12 +93,20 @@ class StubContext(RunContext):
             for p in {id(q): q for part in parts for q in part.parameters()}.values():
                 p.add_(0.01)
         self.exports[stage] = task.export_model()
-        return [{"name": stage, "role": role}] + [{"name": f"{stage}:{n}", "role": n}
-                                                  for n in task.eval_models() if n != "student"]
+        return [{"name": stage, "role": role}] + [
+            {"name": f"{stage}:{n}", "role": n} for n in task.eval_models() if n != "student"
+        ]
 
     def train_alone(self, stage, model, seed, role="stage", train_cfg=None):
-        self.stages.append({"stage": stage, "role": role, "epochs": train_cfg.epochs, "model": model,
-                            "student_start": state_hash(model)})
+        self.stages.append(
+            {
+                "stage": stage,
+                "role": role,
+                "epochs": train_cfg.epochs,
+                "model": model,
+                "student_start": state_hash(model),
+            }
+        )
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(0.01)
@@ -102,8 +121,10 @@ def test_registered_with_its_paper():
 
 # ---------------------------------------------------------------- phase bookkeeping
 
-@pytest.mark.parametrize("total,expected", [(10, (3, 3, 4)), (4, (1, 1, 2)), (3, (1, 1, 1)), (7, (2, 2, 3)),
-                                            (100, (30, 30, 40))])
+
+@pytest.mark.parametrize(
+    "total,expected", [(10, (3, 3, 4)), (4, (1, 1, 2)), (3, (1, 1, 1)), (7, (2, 2, 3)), (100, (30, 30, 40))]
+)
 def test_default_phases_split_train_epochs_30_30_40(total, expected):
     assert phase_epochs(total, (None, None, None)) == expected
 
@@ -119,29 +140,40 @@ def test_given_phases_are_used_as_they_are_and_may_skip_a_phase():
     assert phase_epochs(6, (2, 0, 4)) == (2, 0, 4)
 
 
-@pytest.mark.parametrize("total,given,match", [
-    (5, (1, 1, 2), r"self_study_epochs \+ co_study_epochs \+ tutor_epochs = 1 \+ 1 \+ 2 = 4, but train\.epochs is 5"),
-    (5, (1, None, None), r"co_study_epochs, tutor_epochs not set while self_study_epochs is; give all three"),
-    (2, (None, None, None), r"train\.epochs=2 is too few for QKD's three phases"),
-])
+@pytest.mark.parametrize(
+    "total,given,match",
+    [
+        (
+            5,
+            (1, 1, 2),
+            r"self_study_epochs \+ co_study_epochs \+ tutor_epochs = 1 \+ 1 \+ 2 = 4, but train\.epochs is 5",
+        ),
+        (5, (1, None, None), r"co_study_epochs, tutor_epochs not set while self_study_epochs is; give all three"),
+        (2, (None, None, None), r"train\.epochs=2 is too few for QKD's three phases"),
+    ],
+)
 def test_bad_phase_epochs_are_one_clear_error(total, given, match):
     with pytest.raises(ConfigError, match=match):
         phase_epochs(total, given)
 
 
-@pytest.mark.parametrize("given,match", [
-    ({"tutor_epochs": 0}, r"scheme\.params\.tutor_epochs"),
-    ({"co_study_epochs": -1}, r"scheme\.params\.co_study_epochs"),
-    ({"teacher_lr": 0.0}, r"scheme\.params\.teacher_lr"),
-    ({"tutoring_epochs": 3}, r"unknown parameter 'tutoring_epochs'.*Did you mean 'tutor_epochs'"),
-    ({"T": 2.0}, r"scheme\.params\.T: not a parameter of scheme 'qkd' any more"),
-])
+@pytest.mark.parametrize(
+    "given,match",
+    [
+        ({"tutor_epochs": 0}, r"scheme\.params\.tutor_epochs"),
+        ({"co_study_epochs": -1}, r"scheme\.params\.co_study_epochs"),
+        ({"teacher_lr": 0.0}, r"scheme\.params\.teacher_lr"),
+        ({"tutoring_epochs": 3}, r"unknown parameter 'tutoring_epochs'.*Did you mean 'tutor_epochs'"),
+        ({"T": 2.0}, r"scheme\.params\.T: not a parameter of scheme 'qkd' any more"),
+    ],
+)
 def test_bad_params_are_refused(given, match):
     with pytest.raises(ConfigError, match=match):
         params(**given)
 
 
 # ---------------------------------------------------------------- the plan
+
 
 def test_phases_run_in_order_with_the_right_trainable_parts():
     ctx = StubContext(epochs=10)
@@ -192,11 +224,14 @@ def test_without_co_studying_the_pre_trained_teacher_tutors_and_without_self_stu
     assert ctx.stages[0]["parts"][1][2] is None  # no teacher_lr: the stage's optimizer
 
 
-@pytest.mark.parametrize("ctx_args,match", [
-    ({"teacher": False}, r"scheme 'qkd' needs a pre-trained full-precision teacher: add a `teacher:` section"),
-    ({"losses": {"ce": {}}}, r"scheme 'qkd': none of the losses \['ce'\] reads a teacher"),
-    ({"epochs": 2}, r"train\.epochs=2 is too few"),
-])
+@pytest.mark.parametrize(
+    "ctx_args,match",
+    [
+        ({"teacher": False}, r"scheme 'qkd' needs a pre-trained full-precision teacher: add a `teacher:` section"),
+        ({"losses": {"ce": {}}}, r"scheme 'qkd': none of the losses \['ce'\] reads a teacher"),
+        ({"epochs": 2}, r"train\.epochs=2 is too few"),
+    ],
+)
 def test_recipes_it_cannot_train_fail_before_any_phase(ctx_args, match):
     ctx = StubContext(**ctx_args)
     with pytest.raises(ConfigError, match=match):
@@ -239,21 +274,29 @@ def test_a_discriminator_loss_is_refused_in_co_studying():
 
 # ---------------------------------------------------------------- real runs: bookkeeping and resume
 
+
 def recipe(**changes: Any):
-    raw = deep_merge(TINY, {
-        "seeds": [0], "student": STUDENT, "losses": LOSSES,
-        "data": {"params": {"num_samples": 300}, "batch_size": 60},
-        "teacher": {"train": {"epochs": 1}},
-        "train": {"epochs": 5, "scheduler": {"name": "constant"}},
-        "scheme": {"name": "qkd", "params": {"self_study_epochs": 1, "co_study_epochs": 2, "tutor_epochs": 2,
-                                             "teacher_lr": 0.002}},
-    })
+    raw = deep_merge(
+        TINY,
+        {
+            "seeds": [0],
+            "student": STUDENT,
+            "losses": LOSSES,
+            "data": {"params": {"num_samples": 300}, "batch_size": 60},
+            "teacher": {"train": {"epochs": 1}},
+            "train": {"epochs": 5, "scheduler": {"name": "constant"}},
+            "scheme": {
+                "name": "qkd",
+                "params": {"self_study_epochs": 1, "co_study_epochs": 2, "tutor_epochs": 2, "teacher_lr": 0.002},
+            },
+        },
+    )
     return load_config(deep_merge(raw, changes))
 
 
 def co_studied_teacher(run_dir) -> dict[str, torch.Tensor]:
     state = safe_load(run_dir / "qkd-cs-s0" / "last.pt")["module"]
-    return {k[len(TEACHER) + 1:]: v for k, v in state.items() if k.startswith(f"{TEACHER}.")}
+    return {k[len(TEACHER) + 1 :]: v for k, v in state.items() if k.startswith(f"{TEACHER}.")}
 
 
 @pytest.fixture(scope="module")
@@ -352,6 +395,9 @@ def test_a_finished_run_cannot_be_extended_by_resume(tmp_path):
     raw["train"]["epochs"] = 3  # phases 1, 1, 1
     commands.distill(load_config(raw), out=tmp_path / "run", progress=False)
     raw["train"]["epochs"] = 6  # phases 2, 2, 2
-    with pytest.raises(ConfigError, match=r"stage 'qkd-ss-s0' trained 1 epochs and this run asks for 2.*cannot be "
-                                          r"extended by --resume"):
+    with pytest.raises(
+        ConfigError,
+        match=r"stage 'qkd-ss-s0' trained 1 epochs and this run asks for 2.*cannot be "
+        r"extended by --resume",
+    ):
         commands.distill(load_config(raw), out=tmp_path / "run", resume=True, progress=False)

@@ -60,8 +60,10 @@ def residual_terms(f_s: torch.Tensor, f_a: torch.Tensor, f_t: torch.Tensor) -> t
     view = Outputs(logits=None, features={"connector": f_s, "assistant": f_a})
     info = SetupInfo(num_samples=len(f_s), batch_size=len(f_s))
     out = []
-    for objective, source in ((mimic_objective("mimic", "connector", 1.0), teacher),
-                              (mimic_objective("residual", "assistant", 1.0), target)):
+    for objective, source in (
+        (mimic_objective("mimic", "connector", 1.0), teacher),
+        (mimic_objective("residual", "assistant", 1.0), target),
+    ):
         objective.bind(pair, teacher.model)
         given = source(batch, {"pair": view})
         objective.setup(view, given, info)
@@ -119,7 +121,12 @@ def test_one_step_gradients_follow_the_paper():
     loss.backward()
     g = _grads(module)
     assert g["pair.fc.weight"] is None  # the teacher's classifier stays frozen
-    assert g["pair.assistant.fc.weight"] > 0 and g["pair.connector.weight"] > 0 and g["head.weight"] > 0 and g["pair.student.blocks.0.0.weight"] > 0
+    assert (
+        g["pair.assistant.fc.weight"] > 0
+        and g["pair.connector.weight"] > 0
+        and g["head.weight"] > 0
+        and g["pair.student.blocks.0.0.weight"] > 0
+    )
     assert all(p.grad is None for p in teacher.parameters())
     trainable = [p for p in module.parameters() if p.requires_grad]
     assert len({id(p) for p in trainable}) == len(trainable)  # the evaluation view adds no duplicate
@@ -169,8 +176,11 @@ def test_teacher_without_linear_fc_is_refused():
 
 @pytest.mark.slow
 def test_residual_distill_and_eval_end_to_end(tmp_path):
-    recipe = write_recipe(tmp_path / "r.yaml", seeds=[0], scheme={"name": "residual", "params": {
-        "assistant": {"name": "mlp", "params": {"hidden": [16]}}}})
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        seeds=[0],
+        scheme={"name": "residual", "params": {"assistant": {"name": "mlp", "params": {"hidden": [16]}}}},
+    )
     run = dk("distill", str(recipe), "--out", "out", "--quiet", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     res = results(tmp_path / "out")
@@ -187,8 +197,12 @@ def test_residual_under_two_process_ddp(tmp_path):
     """Every trainable parameter (student, connector, assistant) is used in each step: DDP runs without
     find_unused_parameters and the two ranks end with the pair one process would train."""
 
-    recipe = write_recipe(tmp_path / "r.yaml", seeds=[0], train={"epochs": 2},
-                          scheme={"name": "residual", "params": {"assistant": {"name": "mlp", "params": {"hidden": [16]}}}})
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        seeds=[0],
+        train={"epochs": 2},
+        scheme={"name": "residual", "params": {"assistant": {"name": "mlp", "params": {"hidden": [16]}}}},
+    )
     made = dk("train", str(recipe), "--model", "teacher", "--out", "t", "--quiet", cwd=tmp_path)
     assert made.returncode == 0, made.stderr
     teacher = f"teacher.checkpoint={tmp_path / 't' / 'teacher.pt'}"  # one teacher for both runs

@@ -176,12 +176,19 @@ def test_cskd_needs_the_training_tensors():
 
 
 def test_cskd_bad_params_and_losses_fail_clearly():
-    with pytest.raises(ConfigError, match=r"scheme\.params\.T: not a parameter of scheme 'cskd' any more; .*losses\.<term>\.T"):
+    with pytest.raises(
+        ConfigError, match=r"scheme\.params\.T: not a parameter of scheme 'cskd' any more; .*losses\.<term>\.T"
+    ):
         check_config(tiny({"name": "cskd", "params": {"T": 4.0}}))
-    with pytest.raises(ConfigError, match=r"scheme\.params\.lambda_cls: not a parameter of scheme 'cskd' any more; "
-                                          r".*losses\.cls: \{loss: kd, .*weight: lambda_cls\}"):
+    with pytest.raises(
+        ConfigError,
+        match=r"scheme\.params\.lambda_cls: not a parameter of scheme 'cskd' any more; "
+        r".*losses\.cls: \{loss: kd, .*weight: lambda_cls\}",
+    ):
         check_config(tiny({"name": "cskd", "params": {"lambda_cls": 3.0}}))
-    with pytest.raises(ConfigError, match=r"scheme 'cskd': none of the losses \['ce'\] reads a teacher.*cls: \{loss: kd"):
+    with pytest.raises(
+        ConfigError, match=r"scheme 'cskd': none of the losses \['ce'\] reads a teacher.*cls: \{loss: kd"
+    ):
         CSKD.check(fake_ctx("cskd", {"ce": {}}), 0, CSKD.Params())
 
 
@@ -211,8 +218,9 @@ def test_tfkd_loss_equals_a_hand_computation():
     y = torch.tensor([1, 4, -1, 0])
     losses = {"ce": {"weight": 0.7}, "tf_reg": {"loss": "kd", "T": 1.0, "alpha": 1.0, "weight": 0.6}}
     torch.manual_seed(0)
-    task = TfKD.task(fake_ctx({"name": "tfkd", "params": {"a": 0.95, "T": 4.0}}, losses, k=5), 0,
-                     TfKD.Params(a=0.95, T=4.0))
+    task = TfKD.task(
+        fake_ctx({"name": "tfkd", "params": {"a": 0.95, "T": 4.0}}, losses, k=5), 0, TfKD.Params(a=0.95, T=4.0)
+    )
     student = task.flow.student
     (teacher,) = task.teachers
     assert isinstance(teacher, Virtual) and (teacher.a, teacher.T) == (0.95, 4.0)
@@ -238,8 +246,11 @@ def test_tfkd_loss_equals_a_hand_computation():
 def test_tfkd_bad_params_fail_clearly():
     with pytest.raises(ConfigError, match=r"scheme\.params\.a.*less than 1"):
         check_config(tiny({"name": "tfkd", "params": {"a": 1.0}}))
-    with pytest.raises(ConfigError, match=r"scheme\.params\.alpha: not a parameter of scheme 'tfkd' any more; "
-                                          r".*ce: \{weight: 1 - alpha\}"):
+    with pytest.raises(
+        ConfigError,
+        match=r"scheme\.params\.alpha: not a parameter of scheme 'tfkd' any more; "
+        r".*ce: \{weight: 1 - alpha\}",
+    ):
         check_config(tiny({"name": "tfkd", "params": {"alpha": 0.5}}))
     with pytest.raises(ConfigError, match=r"scheme\.params\.multiplier: not a parameter .*losses\.tf_reg\.weight"):
         check_config(tiny({"name": "tfkd", "params": {"multiplier": 2.0}}))
@@ -259,14 +270,16 @@ def test_tfkd_bad_params_fail_clearly():
 @pytest.mark.parametrize("scheme", ["cskd", "tfkd"])
 def test_recipe_runs_end_to_end(tmp_path, scheme):
     out = tmp_path / "run"
-    proc = dk("run", scheme, "seeds=[0]", "train.epochs=2", "data.params.num_samples=1000", "--out", str(out),
-              cwd=tmp_path)
+    proc = dk(
+        "run", scheme, "seeds=[0]", "train.epochs=2", "data.params.num_samples=1000", "--out", str(out), cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     entries = results(out)
     assert entries[f"{scheme}-s0"]["role"] == "student" and entries[f"{scheme}-s0"]["scheme"] == scheme
     assert "baseline-s0" in entries
-    proc = dk("distill", scheme, "train.epochs=1", "data.params.num_samples=1000", "--out", str(tmp_path / "d"),
-              cwd=tmp_path)
+    proc = dk(
+        "distill", scheme, "train.epochs=1", "data.params.num_samples=1000", "--out", str(tmp_path / "d"), cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "d" / "student.pt").is_file()
 

@@ -46,8 +46,10 @@ class PairScheme(Scheme):
     def task(cls, ctx: Context, seed: int, params: PairParams) -> PairTask:
         student, partner = ctx.student(seed), ctx.model(None, seed + 100, where="peer")
         taught = ctx.objective({"ce": {}, "kd": {"T": 2.0, "alpha": 1.0, "weight": params.weight}})
-        links = [Link("student", taught, Peer("partner", partner)),
-                 Link("partner", ctx.objective({"ce": {}}), suffix="@partner")]
+        links = [
+            Link("student", taught, Peer("partner", partner)),
+            Link("partner", ctx.objective({"ce": {}}), suffix="@partner"),
+        ]
         return PairTask(Flow({"student": student, "partner": partner}, links))
 
 
@@ -148,7 +150,10 @@ def test_the_transfer_switch_is_true_or_false(pair_scheme):
 def test_every_scheme_takes_the_transfer_switch(tmp_path, pair_scheme):
     data = {"params": {"num_samples": 1000, "transfer_samples": 200}}
     off = distill(tiny(scheme="test_pair", teacher=None, data=data), out=tmp_path / "off", progress=False)
-    on = distill(tiny(scheme={"name": "test_pair", "params": {"transfer": True}}, teacher=None, data=data),
-                 out=tmp_path / "on", progress=False)
+    on = distill(
+        tiny(scheme={"name": "test_pair", "params": {"transfer": True}}, teacher=None, data=data),
+        out=tmp_path / "on",
+        progress=False,
+    )
     assert not off["student"]["transfer"] and on["student"]["transfer"]  # the scheme's default is off
     assert on["student"]["train_samples"] == off["student"]["train_samples"] + 200

@@ -15,14 +15,24 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _files(tmp_path, **search):
-    recipe = {**TINY, "data": {**TINY["data"], "val_fraction": 0.2}, "train": {**TINY["train"], "epochs": 2},
-              "teacher": {**TINY["teacher"], "train": {"epochs": 2}}, "student": {"name": "cnn1d",
-                                                                                  "params": {"channels": 8}}}
+    recipe = {
+        **TINY,
+        "data": {**TINY["data"], "val_fraction": 0.2},
+        "train": {**TINY["train"], "epochs": 2},
+        "teacher": {**TINY["teacher"], "train": {"epochs": 2}},
+        "student": {"name": "cnn1d", "params": {"channels": 8}},
+    }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    spec = {"name": "tiny", "recipe": str(tmp_path / "r.yaml"),
-            "space": {"model": "cnn1d", "params": {"channels": [4, 8], "depth": [2, 3]}, "ops": ["plain"]},
-            "limits": {"flops": "reference"}, "trials": 3, "proxy": {"epochs": 1},
-            "final": {"count": 1, "seeds": [0]}, **search}
+    spec = {
+        "name": "tiny",
+        "recipe": str(tmp_path / "r.yaml"),
+        "space": {"model": "cnn1d", "params": {"channels": [4, 8], "depth": [2, 3]}, "ops": ["plain"]},
+        "limits": {"flops": "reference"},
+        "trials": 3,
+        "proxy": {"epochs": 1},
+        "final": {"count": 1, "seeds": [0]},
+        **search,
+    }
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path

@@ -28,8 +28,9 @@ from darkknowledge.bench.student_search import (
 )
 from darkknowledge.errors import ConfigError, DivergenceError, ShapeError
 
-needs_optuna = pytest.mark.skipif(importlib.util.find_spec("optuna") is None,
-                                  reason='needs optuna: pip install "darkknowledge[tune]"')
+needs_optuna = pytest.mark.skipif(
+    importlib.util.find_spec("optuna") is None, reason='needs optuna: pip install "darkknowledge[tune]"'
+)
 CHANNELS = [4, 8, 16, 32]
 SPACE = StudentSpace("cnn1d", {"channels": CHANNELS, "depth": [1, 2, 3]}, ops=["plain", "depthwise"])  # 24 students
 
@@ -63,8 +64,14 @@ def brute_force(space: StudentSpace, limits: dict, objectives=("accuracy", "late
     for c in space.grid():
         m = measure(c)
         ok = all(m[k] <= v for k, v in limits.items())
-        out.append({"candidate": c.to_dict(), "state": "complete" if ok else "infeasible",
-                    "accuracy": proxy(c) if ok else None, "metrics": m})
+        out.append(
+            {
+                "candidate": c.to_dict(),
+                "state": "complete" if ok else "infeasible",
+                "accuracy": proxy(c) if ok else None,
+                "metrics": m,
+            }
+        )
     return out
 
 
@@ -108,18 +115,26 @@ def test_space_samples_only_its_own_points_under_optuna_names():
     assert set(SPACE.distributions()) == {"params.channels", "params.depth", "ops"}
 
 
-@pytest.mark.parametrize("raw,message", [
-    ({"model": "cnn1d", "params": {"chanels": [8], "width": [2]}},
-     r"unknown parameters chanels, width .*'channels'.*Valid parameters: channels, depth, kernel_size"),
-    ({"model": "cnn1dd"}, "unknown model 'cnn1dd'.*Did you mean 'cnn1d'"),
-    ({"model": "cnn1d", "ops": ["plain", "dw"]}, r"ops .*each one of plain, depthwise.*'dw' unknown"),
-    ({"model": "cnn1d", "params": {"num_classes": [10]}}, "num_classes set by the data"),
-    ({"model": "cnn1d", "params": {"channels": [0, 8]}}, r"params.channels: Input should be greater than or equal"),
-    ({"model": "cnn1d", "params": {"depth": {"low": 1, "high": 4}}}, "a float range draws values between its bounds"),
-    ({"model": "cnn1d", "parms": {}}, "unknown key parms.*Did you mean 'params'.*Valid keys: model, params, ops"),
-    ({"params": {"channels": [8]}}, "missing 'model'"),
-    (["cnn1d"], "expected a mapping with keys model, params, ops"),
-])
+@pytest.mark.parametrize(
+    "raw,message",
+    [
+        (
+            {"model": "cnn1d", "params": {"chanels": [8], "width": [2]}},
+            r"unknown parameters chanels, width .*'channels'.*Valid parameters: channels, depth, kernel_size",
+        ),
+        ({"model": "cnn1dd"}, "unknown model 'cnn1dd'.*Did you mean 'cnn1d'"),
+        ({"model": "cnn1d", "ops": ["plain", "dw"]}, r"ops .*each one of plain, depthwise.*'dw' unknown"),
+        ({"model": "cnn1d", "params": {"num_classes": [10]}}, "num_classes set by the data"),
+        ({"model": "cnn1d", "params": {"channels": [0, 8]}}, r"params.channels: Input should be greater than or equal"),
+        (
+            {"model": "cnn1d", "params": {"depth": {"low": 1, "high": 4}}},
+            "a float range draws values between its bounds",
+        ),
+        ({"model": "cnn1d", "parms": {}}, "unknown key parms.*Did you mean 'params'.*Valid keys: model, params, ops"),
+        ({"params": {"channels": [8]}}, "missing 'model'"),
+        (["cnn1d"], "expected a mapping with keys model, params, ops"),
+    ],
+)
 def test_a_bad_space_is_one_config_error_naming_it(raw, message):
     with pytest.raises(ConfigError, match=message):
         StudentSpace.from_mapping(raw)
@@ -145,12 +160,14 @@ def test_limits_keep_infeasible_candidates_out_of_the_proxy_and_repeats_are_not_
             first = recs[r["reused_from"]]
             assert first["candidate"] == r["candidate"] and first["reused_from"] is None
             assert (r["state"], r["accuracy"], r["metrics"]) == (first["state"], first["accuracy"], first["metrics"])
-    truth = pareto_front([r for r in brute_force(SPACE, limits) if json.dumps(r["candidate"], sort_keys=True)
-                          in keys(recs)])
+    truth = pareto_front(
+        [r for r in brute_force(SPACE, limits) if json.dumps(r["candidate"], sort_keys=True) in keys(recs)]
+    )
     assert keys(result.front) == keys(truth) and all(r["state"] == "complete" for r in result.front)
     assert result.best["accuracy"]["accuracy"] == max(r["accuracy"] for r in feasible)
-    assert result.best["latency_ms_b1"]["metrics"]["latency_ms_b1"] == min(r["metrics"]["latency_ms_b1"]
-                                                                           for r in feasible)
+    assert result.best["latency_ms_b1"]["metrics"]["latency_ms_b1"] == min(
+        r["metrics"]["latency_ms_b1"] for r in feasible
+    )
     on_disk = json.loads((tmp_path / TRIALS_FILE).read_text())
     assert on_disk["trials"] == recs and on_disk["limits"] == {"params": 300.0}
 
@@ -165,7 +182,7 @@ def test_a_search_killed_mid_way_resumes_to_the_records_of_an_uninterrupted_one(
         search_students(SPACE, measure, killer, 16, out, seed=3, limits=limits)
     on_disk = json.loads((out / TRIALS_FILE).read_text())["trials"]
     assert on_disk[-1]["state"] == "running" and on_disk[-1]["candidate"] == json.loads(killer.seen[-1])
-    assert without_time(on_disk[:-1]) == without_time(reference.records[:len(on_disk) - 1])
+    assert without_time(on_disk[:-1]) == without_time(reference.records[: len(on_disk) - 1])
     again = Calls(proxy)
     resumed = search_students(SPACE, measure, again, 16, out, seed=3, limits=limits)
     assert without_time(resumed.records) == without_time(reference.records)
@@ -175,18 +192,22 @@ def test_a_search_killed_mid_way_resumes_to_the_records_of_an_uninterrupted_one(
     search_students(SPACE, measure, calls, 16, out, seed=3, limits=limits)  # finished: nothing runs
     assert calls.seen == []
     more = search_students(SPACE, measure, proxy, 18, out, seed=3, limits=limits)  # a larger budget extends it
-    assert len(keys(more.records)) == 18 and without_time(more.records[:len(resumed.records)]) == without_time(
-        resumed.records)
+    assert len(keys(more.records)) == 18 and without_time(more.records[: len(resumed.records)]) == without_time(
+        resumed.records
+    )
 
 
 @needs_optuna
-@pytest.mark.parametrize("change,message", [
-    ({"limits": {"params": 400}}, r"a different limits\)"),
-    ({"seed": 1}, r"a different seed\)"),
-    ({"objectives": ("accuracy", "params")}, r"a different objectives\)"),
-    ({"space": StudentSpace("cnn1d", {"channels": [4, 8], "depth": [1, 2, 3]})}, r"a different space\)"),
-    ({"trials": 3}, "holds 6 evaluated candidates, more than trials=3"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"limits": {"params": 400}}, r"a different limits\)"),
+        ({"seed": 1}, r"a different seed\)"),
+        ({"objectives": ("accuracy", "params")}, r"a different objectives\)"),
+        ({"space": StudentSpace("cnn1d", {"channels": [4, 8], "depth": [1, 2, 3]})}, r"a different space\)"),
+        ({"trials": 3}, "holds 6 evaluated candidates, more than trials=3"),
+    ],
+)
 def test_a_rerun_of_another_search_into_the_same_folder_is_refused(tmp_path, change, message):
     base = {"space": SPACE, "trials": 6, "seed": 0, "limits": {"params": 300}}
     search_students(measure=measure, proxy=proxy, out_dir=tmp_path, **base)
@@ -201,8 +222,11 @@ def test_nsga2_finds_the_single_optimum_of_864_students_with_60_evaluations(tmp_
     """Random search over 60 of the 864 would hit the single best with probability 60/864 = 6.9%.
     (Measured over seeds 0-19 at this budget: NSGA-II 12/20, so this seed is one of the many that do.)"""
     span = {"kind": "int", "low": 1, "high": 6}
-    space = StudentSpace("cnn1d", {"channels": span, "depth": span, "kernel_size": span, "batch_norm": [False, True]},
-                         ops=["plain", "depthwise"])
+    space = StudentSpace(
+        "cnn1d",
+        {"channels": span, "depth": span, "kernel_size": span, "batch_norm": [False, True]},
+        ops=["plain", "depthwise"],
+    )
     genes = ("channels", "depth", "kernel_size", "batch_norm")
 
     def acc(c: Candidate) -> float:
@@ -259,25 +283,34 @@ def test_measure_may_return_a_dataclass_with_numpy_numbers(tmp_path):
         latency_ms_b1: np.float32
         device: str = "cpu"
 
-    result = search_students(SPACE, lambda c: Profile(np.int64(c.params["channels"]), np.float32(0.5)), proxy, 3,
-                             tmp_path, limits={"params": 8})
+    result = search_students(
+        SPACE,
+        lambda c: Profile(np.int64(c.params["channels"]), np.float32(0.5)),
+        proxy,
+        3,
+        tmp_path,
+        limits={"params": 8},
+    )
     m = result.records[0]["metrics"]
     assert type(m["params"]) is int and type(m["latency_ms_b1"]) is float and m["device"] == "cpu"
 
 
 @needs_optuna
-@pytest.mark.parametrize("kwargs,message", [
-    ({"trials": 0}, r"trials: expected a whole number >= 1, got 0"),
-    ({"objectives": ()}, "objectives .*expected distinct names"),
-    ({"objectives": ("accuracy", "accuracy")}, "objectives .*expected distinct names"),
-    ({"limits": {"params": -1}}, r"limits.params: expected a positive number .*got -1"),
-    ({"limits": {"accuracy": 0.9}}, "'accuracy' cannot be limited"),
-    ({"population_size": 1}, "population_size: expected a whole number >= 2"),
-    ({"measure": lambda c: {"params": 1}}, r"latency_ms_b1=None.*need finite numbers for latency_ms_b1"),
-    ({"measure": lambda c: [1, 2]}, "returned list; expected a mapping"),
-    ({"proxy": lambda c: float("nan")}, r"proxy\(.*\) returned nan; expected a finite accuracy"),
-    ({"space": {"model": "cnn1d", "params": {"depth": [1, 2]}, "opz": []}}, "unknown key opz"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"trials": 0}, r"trials: expected a whole number >= 1, got 0"),
+        ({"objectives": ()}, "objectives .*expected distinct names"),
+        ({"objectives": ("accuracy", "accuracy")}, "objectives .*expected distinct names"),
+        ({"limits": {"params": -1}}, r"limits.params: expected a positive number .*got -1"),
+        ({"limits": {"accuracy": 0.9}}, "'accuracy' cannot be limited"),
+        ({"population_size": 1}, "population_size: expected a whole number >= 2"),
+        ({"measure": lambda c: {"params": 1}}, r"latency_ms_b1=None.*need finite numbers for latency_ms_b1"),
+        ({"measure": lambda c: [1, 2]}, "returned list; expected a mapping"),
+        ({"proxy": lambda c: float("nan")}, r"proxy\(.*\) returned nan; expected a finite accuracy"),
+        ({"space": {"model": "cnn1d", "params": {"depth": [1, 2]}, "opz": []}}, "unknown key opz"),
+    ],
+)
 def test_bad_search_input_is_one_config_error(tmp_path, kwargs, message):
     args = {"space": SPACE, "measure": measure, "proxy": proxy, "trials": 4, "out_dir": tmp_path, **kwargs}
     with pytest.raises(ConfigError, match=message):
@@ -296,8 +329,9 @@ def test_the_markdown_table_lists_each_candidate_once_front_first(tmp_path):
     result = search_students(SPACE, measure, proxy, 10, tmp_path, seed=0, limits={"params": 300})
     text = result.to_markdown()
     lines = [ln for ln in text.splitlines() if ln.startswith("| ") and not ln.startswith("| #")]
-    assert len(lines) == 10 and text.startswith(f"{len(result.records)} trials, 10 distinct candidates, "
-                                                f"{len(result.front)} on the Pareto front")
+    assert len(lines) == 10 and text.startswith(
+        f"{len(result.records)} trials, 10 distinct candidates, {len(result.front)} on the Pareto front"
+    )
     assert "| # | candidate | params | FLOPs | latency b1 (ms) | proxy acc | front |" in text
     n_front = len(result.front)
     assert all(ln.endswith("| **front** |") for ln in lines[:n_front])
@@ -349,12 +383,15 @@ def test_kendall_tau_b_matches_scipy_on_random_and_tied_data():
     assert math.isnan(kendall_tau([1, 1, 1], [1, 2, 3])) and math.isnan(stats.kendalltau([1, 1, 1], [1, 2, 3])[0])
 
 
-@pytest.mark.parametrize("x,y,error,message", [
-    ([1, 2, 3], [1, 2], ShapeError, r"same length, got shapes \(3,\) and \(2,\)"),
-    ([[1, 2]], [[1, 2]], ShapeError, "must be 1-D"),
-    ([1], [2], ConfigError, "at least 2 pairs of values, got 1"),
-    ([1, float("nan")], [1, 2], ConfigError, "must be finite"),
-])
+@pytest.mark.parametrize(
+    "x,y,error,message",
+    [
+        ([1, 2, 3], [1, 2], ShapeError, r"same length, got shapes \(3,\) and \(2,\)"),
+        ([[1, 2]], [[1, 2]], ShapeError, "must be 1-D"),
+        ([1], [2], ConfigError, "at least 2 pairs of values, got 1"),
+        ([1, float("nan")], [1, 2], ConfigError, "must be finite"),
+    ],
+)
 def test_kendall_tau_refuses_bad_input(x, y, error, message):
     with pytest.raises(error, match=message):
         kendall_tau(x, y)
@@ -393,7 +430,8 @@ def test_trials_file_is_plain_json_that_names_its_search(tmp_path):
         pytest.skip("needs optuna")
     search_students(SPACE, measure, proxy, 3, tmp_path, seed=5, limits={"flops": 5000})
     data = json.loads(Path(tmp_path / TRIALS_FILE).read_text())
-    assert data["space"] == SPACE.to_dict() and data["seed"] == 5 and data["objectives"] == ["accuracy",
-                                                                                            "latency_ms_b1"]
+    assert (
+        data["space"] == SPACE.to_dict() and data["seed"] == 5 and data["objectives"] == ["accuracy", "latency_ms_b1"]
+    )
     assert data["sampler"] == {"name": "NSGAIISampler", "population_size": ss.DEFAULT_POPULATION}
     assert [r["number"] for r in data["trials"]] == list(range(len(data["trials"])))

@@ -31,12 +31,15 @@ def test_student_from_teacher_takes_the_teachers_family_and_params():
     assert (cfg.student.width, cfg.student.depth) == (0.5, 0.5)
 
 
-@pytest.mark.parametrize(("student", "message"), [
-    ({"from": "assistant"}, "student.from: 'assistant' is not a model to derive from; valid: 'teacher'"),
-    ({"from": "teacher", "name": "mlp"}, "give `from: teacher` or `name: mlp`, not both"),
-    ({"from": "teacher", "width": 0}, "student.width"),
-    ({"from": "teacher", "ops": "winograd"}, "student.ops"),
-])
+@pytest.mark.parametrize(
+    ("student", "message"),
+    [
+        ({"from": "assistant"}, "student.from: 'assistant' is not a model to derive from; valid: 'teacher'"),
+        ({"from": "teacher", "name": "mlp"}, "give `from: teacher` or `name: mlp`, not both"),
+        ({"from": "teacher", "width": 0}, "student.width"),
+        ({"from": "teacher", "ops": "winograd"}, "student.ops"),
+    ],
+)
 def test_bad_derived_student_is_one_clear_error(student, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         _cfg(student=student)
@@ -90,9 +93,15 @@ def test_teacher_key_is_unchanged_by_the_new_default_fields(tmp_path):
 
 @pytest.mark.slow
 def test_quantized_student_run_reports_profiles_and_exports(tmp_path):
-    raw = deep_merge({k: v for k, v in TINY.items() if k != "student"},
-                     {"seeds": [0], "train": {"epochs": 2}, "teacher": {"train": {"epochs": 2}},
-                      "student": {"from": "teacher", "width": 0.5, "quantize": {"bits": 4, "act_bits": 4}}})
+    raw = deep_merge(
+        {k: v for k, v in TINY.items() if k != "student"},
+        {
+            "seeds": [0],
+            "train": {"epochs": 2},
+            "teacher": {"train": {"epochs": 2}},
+            "student": {"from": "teacher", "width": 0.5, "quantize": {"bits": 4, "act_bits": 4}},
+        },
+    )
     recipe = tmp_path / "q.yaml"
     recipe.write_text(yaml.safe_dump(raw))
     proc = dk("run", str(recipe), "--out", "run", "--quiet", cwd=tmp_path)
@@ -127,8 +136,9 @@ def test_a_float_checkpoint_starts_a_quantized_student(tmp_path):
     torch.manual_seed(3)
     trained = build_model(ModelConfig(name="cnn1d", params={"channels": 8}), info)
     path = export_model(trained, tmp_path / "float.pt", model_spec(trained))
-    quantized = build_model(ModelConfig(name="cnn1d", params={"channels": 8}, checkpoint=str(path),
-                                        quantize={"bits": 8}), info)
+    quantized = build_model(
+        ModelConfig(name="cnn1d", params={"channels": 8}, checkpoint=str(path), quantize={"bits": 8}), info
+    )
     assert is_quantized(quantized) and model_spec(quantized)["quantize"]["bits"] == 8
     for key, value in trained.state_dict().items():
         assert torch.equal(quantized.state_dict()[key], value), key  # the float weights, as trained

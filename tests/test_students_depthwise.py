@@ -45,7 +45,11 @@ def test_separable_keeps_the_output_shape_and_cuts_weights_by_the_formula(conv: 
     assert sep(x).shape == conv(x).shape
     assert sep.depthwise.groups == conv.in_channels and sep.depthwise.bias is None
     assert (sep.depthwise.stride, sep.depthwise.padding, sep.depthwise.dilation, sep.depthwise.padding_mode) == (
-        conv.stride, conv.padding, conv.dilation, conv.padding_mode)
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.padding_mode,
+    )
     assert (sep.pointwise.bias is None) == (conv.bias is None)
     weights = sep.depthwise.weight.numel() + sep.pointwise.weight.numel()
     assert weights / conv.weight.numel() == pytest.approx(separable_cost_ratio(conv.out_channels, conv.kernel_size))
@@ -120,9 +124,12 @@ def test_shared_conv_is_replaced_once_everywhere() -> None:
 
 
 def test_nothing_to_convert_is_one_clear_error() -> None:
-    with pytest.raises(ConfigError, match=r"student\.ops: 'depthwise' has nothing to convert in "
-                                          r"ShuffleNetV2Cifar: its \d+ convolutions are \d+ grouped/depthwise, "
-                                          r"\d+ 1x1\. It makes"):
+    with pytest.raises(
+        ConfigError,
+        match=r"student\.ops: 'depthwise' has nothing to convert in "
+        r"ShuffleNetV2Cifar: its \d+ convolutions are \d+ grouped/depthwise, "
+        r"\d+ 1x1\. It makes",
+    ):
         to_depthwise(create_model("shufflenetv2", num_classes=3), where="student.ops")
     with pytest.raises(ConfigError, match="MLP: it has no convolution"):
         to_depthwise(create_model("mlp"))

@@ -155,8 +155,13 @@ def test_export_leaves_the_model_in_its_modes(tmp_path):
     torch.manual_seed(0)
     model = create_model("mlp", hidden=[8], dropout=0.5).train()
     model.blocks.eval()
-    export_student(model, {"name": "mlp", "params": {"hidden": [8], "dropout": 0.5}}, tmp_path, torch.randn(2, 40),
-                   formats=["safetensors", "onnx"])
+    export_student(
+        model,
+        {"name": "mlp", "params": {"hidden": [8], "dropout": 0.5}},
+        tmp_path,
+        torch.randn(2, 40),
+        formats=["safetensors", "onnx"],
+    )
     assert model.training and model.fc.training and not model.blocks.training and not model.blocks[0].training
 
 

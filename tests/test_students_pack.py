@@ -71,13 +71,23 @@ def test_integer_weights_of_quantized_layers():
         integer_weights(layer)
 
 
-@pytest.mark.parametrize(("bits", "method", "per_channel"),
-                         [(2, "lsq", True), (3, "lsq", False), (4, "lsq", True), (8, "lsq", True),
-                          (3, "minmax", True), (8, "minmax", False), (5, "minmax", True)])
+@pytest.mark.parametrize(
+    ("bits", "method", "per_channel"),
+    [
+        (2, "lsq", True),
+        (3, "lsq", False),
+        (4, "lsq", True),
+        (8, "lsq", True),
+        (3, "minmax", True),
+        (8, "minmax", False),
+        (5, "minmax", True),
+    ],
+)
 def test_packed_round_trip_equals_the_fake_quantized_weights(bits: int, method: str, per_channel: bool):
     model = tiny_cnn1d()
-    paths = quantize_model(model, QuantSpec(bits=bits, act_bits=4, method=method, per_channel=per_channel,
-                                            keep_first=False))
+    paths = quantize_model(
+        model, QuantSpec(bits=bits, act_bits=4, method=method, per_channel=per_channel, keep_first=False)
+    )
     x = torch.randn(6, 16)
     with torch.no_grad():
         expected = model(x)

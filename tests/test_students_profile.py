@@ -149,9 +149,19 @@ def test_profile_dict_round_trip():
 
 
 def _hand(params: int, fp32: int, quant: int, latency: float, bits: int | None = None) -> ModelProfile:
-    return ModelProfile(params=params, size_fp32_bytes=fp32, size_quant_bytes=quant, quant_bits=bits,
-                        flops=41_200_000, latency_ms_b1=latency, latency_ms_bN=8 * latency, batch_n=64, threads=2,
-                        repeats=20, ptq_bits=None if bits else 8)
+    return ModelProfile(
+        params=params,
+        size_fp32_bytes=fp32,
+        size_quant_bytes=quant,
+        quant_bits=bits,
+        flops=41_200_000,
+        latency_ms_b1=latency,
+        latency_ms_bN=8 * latency,
+        batch_n=64,
+        threads=2,
+        repeats=20,
+        ptq_bits=None if bits else 8,
+    )
 
 
 def _cells(table: str) -> dict[str, list[str]]:
@@ -199,8 +209,10 @@ def test_bad_rows_raise_clear_errors():
 
 
 def test_accuracy_latency_plot(tmp_path, monkeypatch):
-    rows = [profile_row("teacher", "t", _hand(100, 400, 100, 10.0), 90.0),
-            profile_row("student", "s", _hand(10, 40, 10, 1.0), 80.0)]
+    rows = [
+        profile_row("teacher", "t", _hand(100, 400, 100, 10.0), 90.0),
+        profile_row("student", "s", _hand(10, 40, 10, 1.0), 80.0),
+    ]
     if report.have_matplotlib():
         out = report.plot_accuracy_latency(rows, tmp_path / "figs" / "acc.png")
         assert out == tmp_path / "figs" / "acc.png" and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -280,7 +280,9 @@ def test_selection_errors_name_the_bad_value_and_the_valid_choices():
         quantize_model(tiny_mlp(), {"bits": 4, "paths": ["blocks.0.1"]})
     with pytest.raises(ConfigError, match=r"modules: MLP has no Conv1d layer.*'fc \(Linear\)'"):
         quantize_model(tiny_mlp(), {"bits": 4, "modules": ["Conv1d"]})
-    with pytest.raises(ConfigError, match=r"modules\.0: Input should be 'Conv1d', 'Conv2d' or 'Linear' \(got 'Conv3d'\)"):
+    with pytest.raises(
+        ConfigError, match=r"modules\.0: Input should be 'Conv1d', 'Conv2d' or 'Linear' \(got 'Conv3d'\)"
+    ):
         quantize_model(tiny_mlp(), {"bits": 4, "modules": ["Conv3d"]})
     with pytest.raises(ConfigError, match=r"nothing to quantize.*'fc'.*keep_first.*set keep_first: false"):
         quantize_model(tiny_mlp(hidden=()), {"bits": 4})

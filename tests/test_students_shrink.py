@@ -31,19 +31,31 @@ LENETS = ("lenet", "lenet5", "lenet5_half")
 SHRINKABLE = [n for n in list_models() if n != "residual_pair"]
 # Built on the meta device (shapes without memory or init time); the rest on the CPU, where small
 # nets build and run faster than the meta device's per-op dispatch.
-HEAVY = {"wrn_28_10", "resnet34", "resnet34_cifar", "resnet50_cifar", "resnet_bottleneck_cifar",
-         *(n for n in SHRINKABLE if n.startswith("vgg"))}
+HEAVY = {
+    "wrn_28_10",
+    "resnet34",
+    "resnet34_cifar",
+    "resnet50_cifar",
+    "resnet_bottleneck_cifar",
+    *(n for n in SHRINKABLE if n.startswith("vgg")),
+}
 
 
 def _shape(name: str) -> tuple[int, ...]:
     return SIGNALS.get(name, (1, 32, 32) if name in LENETS else (3, 16, 16))
 
 
-def _build(name: str, params: dict | None = None, num_classes: int = 10, device: str = "meta",
-           shape: tuple[int, ...] | None = None) -> nn.Module:
+def _build(
+    name: str,
+    params: dict | None = None,
+    num_classes: int = 10,
+    device: str = "meta",
+    shape: tuple[int, ...] | None = None,
+) -> nn.Module:
     with torch.device(device):
-        return create_model(name, **{"num_classes": num_classes, "input_shape": shape or _shape(name),
-                                     **(params or {})})
+        return create_model(
+            name, **{"num_classes": num_classes, "input_shape": shape or _shape(name), **(params or {})}
+        )
 
 
 def _on_meta(name: str, params: dict | None = None, num_classes: int = 10) -> nn.Module:
@@ -120,9 +132,13 @@ def test_shrinking_reaches_the_zoo_relative(teacher: str, width: float, depth: f
 def test_resnet_widths_and_blocks() -> None:
     assert _params_of("resnet32x4", 0.5, 0.2) == ("resnet_cifar", {"blocks": [1, 1, 1], "widths": [16, 32, 64, 128]})
     assert _params_of("resnet18_cifar", 0.25, 1.0) == (
-        "resnet_imagenet", {"blocks": [2, 2, 2, 2], "widths": [16, 32, 64, 128], "stem": "cifar"})
+        "resnet_imagenet",
+        {"blocks": [2, 2, 2, 2], "widths": [16, 32, 64, 128], "stem": "cifar"},
+    )
     assert _params_of("resnet50_cifar", 0.5, 0.5) == (
-        "resnet_bottleneck_cifar", {"blocks": [2, 2, 3, 2], "planes": [32, 64, 128, 256]})
+        "resnet_bottleneck_cifar",
+        {"blocks": [2, 2, 3, 2], "planes": [32, 64, 128, 256]},
+    )
     # every stage rounds on its own: 3-4-6-3 * 0.6 = 1.8, 2.4, 3.6, 1.8
     assert _params_of("resnet34", 1.0, 0.6)[1]["blocks"] == [2, 2, 4, 2]
 
@@ -194,8 +210,14 @@ def test_shrinking_a_shrunk_spec_composes() -> None:
 
 
 # ---------------------------------------------------------------------- a student that trains
-TRAINED = [("cnn1d", (40,)), ("dscnn1d", (40,)), ("resnet20", (3, 16, 16)), ("wrn_40_1", (3, 16, 16)),
-           ("mobilenetv2", (3, 16, 16)), ("shufflenetv2", (3, 16, 16))]
+TRAINED = [
+    ("cnn1d", (40,)),
+    ("dscnn1d", (40,)),
+    ("resnet20", (3, 16, 16)),
+    ("wrn_40_1", (3, 16, 16)),
+    ("mobilenetv2", (3, 16, 16)),
+    ("shufflenetv2", (3, 16, 16)),
+]
 
 
 @pytest.mark.parametrize(("name", "shape"), TRAINED, ids=[n for n, _ in TRAINED])

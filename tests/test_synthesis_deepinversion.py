@@ -43,9 +43,17 @@ def frozen_teacher(two_d: bool) -> nn.Module:
     torch.manual_seed(0)
     conv, bn = (nn.Conv2d, nn.BatchNorm2d) if two_d else (nn.Conv1d, nn.BatchNorm1d)
     pool = nn.AdaptiveAvgPool2d(1) if two_d else nn.AdaptiveAvgPool1d(1)
-    net = nn.Sequential(conv(1, 4, 3, padding=1), bn(4), nn.ReLU(),
-                        conv(4, 6, 3, padding=1), bn(6), nn.ReLU(),
-                        pool, nn.Flatten(), nn.Linear(6, K))
+    net = nn.Sequential(
+        conv(1, 4, 3, padding=1),
+        bn(4),
+        nn.ReLU(),
+        conv(4, 6, 3, padding=1),
+        bn(6),
+        nn.ReLU(),
+        pool,
+        nn.Flatten(),
+        nn.Linear(6, K),
+    )
     patterns = torch.randn(K, 1, *((6, 6) if two_d else (12,))) + 1.0  # one "class look" each
     opt = torch.optim.Adam(net.parameters(), lr=0.05)
     for _ in range(60):
@@ -89,11 +97,15 @@ def test_bn_loss_is_zero_when_the_batch_matches_the_running_statistics():
 
 
 def test_bn_loss_math_weights_and_statistics_of_every_rank():
-    got = bn_statistics_loss([torch.tensor([1.0, 2.0])], [torch.tensor([4.0, 1.0])],
-                             [torch.zeros(2)], [torch.ones(2)])
+    got = bn_statistics_loss([torch.tensor([1.0, 2.0])], [torch.tensor([4.0, 1.0])], [torch.zeros(2)], [torch.ones(2)])
     assert float(got) == pytest.approx(math.sqrt(5) + 3.0)  # ||(1,2)|| + ||(3,0)||
-    two = bn_statistics_loss([torch.ones(1), torch.ones(1)], [torch.ones(1), torch.ones(1)],
-                             [torch.zeros(1), torch.zeros(1)], [torch.ones(1), torch.ones(1)], weights=[10, 1])
+    two = bn_statistics_loss(
+        [torch.ones(1), torch.ones(1)],
+        [torch.ones(1), torch.ones(1)],
+        [torch.zeros(1), torch.zeros(1)],
+        [torch.ones(1), torch.ones(1)],
+        weights=[10, 1],
+    )
     assert float(two) == pytest.approx(11.0)
     for shape in [(6, 3), (6, 3, 7), (6, 3, 4, 5)]:
         x = torch.randn(shape)
@@ -195,8 +207,16 @@ def test_explicit_priors_that_do_not_fit_the_inputs_are_refused():
 def test_generator_mode_trains_part_generator_with_gradients_to_the_generator_only():
     teacher = frozen_teacher(True)
     student = nn.Sequential(nn.Flatten(), nn.Linear(36, K))
-    synth = make(teacher, (1, 6, 6), mode="generator", latent_dim=8, width=0.125, competition=0.5,
-                 optimizer={"lr": 0.01}, synthesize_every=2)
+    synth = make(
+        teacher,
+        (1, 6, 6),
+        mode="generator",
+        latent_dim=8,
+        width=0.125,
+        competition=0.5,
+        optimizer={"lr": 0.01},
+        synthesize_every=2,
+    )
     parts = synth.parts()
     assert [p.name for p in parts] == ["generator"] and parts[0].module is synth.generator and parts[0].every == 2
     latent = draw_latent(1, (0, 0), 8, 8, K)
@@ -231,7 +251,9 @@ def test_a_resumed_synthesiser_serves_the_batches_the_uninterrupted_one_served(t
     resumed.load_state_dict(checkpoint)
     resumed.use_directory(tmp_path / "pool")
     assert [torch.equal(resumed.sample(lat, student), want) for lat, want in zip(latents[2:], expected[2:])] == [
-        True, True]
+        True,
+        True,
+    ]
     with pytest.raises(ConfigError, match="new directory"):
         other = frozen_teacher(True)
         with torch.no_grad():

@@ -164,7 +164,12 @@ def test_dfad_generator_loss_is_minus_logit_l1_and_its_defaults():
     assert set(terms) == {"logit_l1"} and terms["logit_l1"].item() == pytest.approx(expected.item(), rel=1e-5)
     p = resolve_synthesizer("dfad", {})[1]
     assert (p.latent_dim, p.every, p.optimizer.name, p.optimizer.lr, p.discrepancy) == (
-        256, 5, "adam", 1e-3, {"logit_l1": {}})
+        256,
+        5,
+        "adam",
+        1e-3,
+        {"logit_l1": {}},
+    )
     assert synth.parts()[0].every == 2  # the example's ratio
 
 
@@ -202,8 +207,12 @@ def test_zskt_reuses_the_generator_steps_batch_until_its_next_step():
 
 def test_zskt_defaults_and_a_stash_before_any_generator_step():
     p = resolve_synthesizer("zskt", {})[1]
-    assert (p.latent_dim, p.student_steps, p.optimizer.lr, p.discrepancy) == (100, 10, 1e-3, {"kd": {"T": 1.0,
-                                                                                                    "alpha": 1.0}})
+    assert (p.latent_dim, p.student_steps, p.optimizer.lr, p.discrepancy) == (
+        100,
+        10,
+        1e-3,
+        {"kd": {"T": 1.0, "alpha": 1.0}},
+    )
     teacher, student = _pair()
     synth = _synth("zskt", teacher)
     first = synth.sample(_latent(synth, step=1), student)  # e.g. a resume mid-cycle: this batch starts the stash

@@ -33,8 +33,15 @@ def loader(d: TensorData, augment: Augment | None = None, **kw) -> BatchLoader:
 
 def test_cached_outputs_equal_the_live_teacher(tmp_path):
     t, d = FrozenTeacher(teacher(), ("blocks.1",)), data()
-    cache = load_or_build(t, loader(d), CacheSpec(logits=True, taps=("blocks.1",), dtype="fp32"),
-                          augment=None, seed=0, memory_limit_mb=100, root=tmp_path)
+    cache = load_or_build(
+        t,
+        loader(d),
+        CacheSpec(logits=True, taps=("blocks.1",), dtype="fp32"),
+        augment=None,
+        seed=0,
+        memory_limit_mb=100,
+        root=tmp_path,
+    )
     batch = next(iter(loader(d)))
     live, cached = t(batch.x), cache.outputs(batch.idx, None, batch.x.device)
     assert torch.allclose(live.logits, cached.logits, atol=1e-6)
@@ -47,8 +54,9 @@ def test_fp16_bf16_and_memory_mapped_storage(tmp_path):
     batch = next(iter(loader(d)))
     live = t(batch.x).logits
     for dtype, tol in (("fp16", 1e-2), ("bf16", 5e-2)):
-        cache = load_or_build(t, loader(d), CacheSpec(logits=True, dtype=dtype), augment=None, seed=0,
-                              memory_limit_mb=0, root=tmp_path)  # limit 0: memory-mapped from disk
+        cache = load_or_build(
+            t, loader(d), CacheSpec(logits=True, dtype=dtype), augment=None, seed=0, memory_limit_mb=0, root=tmp_path
+        )  # limit 0: memory-mapped from disk
         assert cache.mapped
         assert torch.allclose(cache.outputs(batch.idx, None, batch.x.device).logits, live, atol=tol, rtol=tol)
         elem = 2 * 10 * len(d)  # 2 bytes per logit
@@ -59,18 +67,29 @@ def test_reused_across_calls_and_invalidated_by_teacher_weights_or_transforms(tm
     d, spec = data(), CacheSpec(logits=True)
     model = teacher()
     first = load_or_build(FrozenTeacher(model), loader(d), spec, augment=None, seed=0, memory_limit_mb=9, root=tmp_path)
-    again = load_or_build(FrozenTeacher(model), loader(d, seed=9), spec, augment=None, seed=0, memory_limit_mb=9,
-                          root=tmp_path)  # another student seed: same teacher on same data, computed once
+    again = load_or_build(
+        FrozenTeacher(model), loader(d, seed=9), spec, augment=None, seed=0, memory_limit_mb=9, root=tmp_path
+    )  # another student seed: same teacher on same data, computed once
     assert again.reused and again.path == first.path
     with torch.no_grad():
         model.fc.bias[0] += 1e-3  # one changed teacher weight
-    changed = load_or_build(FrozenTeacher(model), loader(d), spec, augment=None, seed=0, memory_limit_mb=9, root=tmp_path)
+    changed = load_or_build(
+        FrozenTeacher(model), loader(d), spec, augment=None, seed=0, memory_limit_mb=9, root=tmp_path
+    )
     assert not changed.reused and changed.path != first.path
-    norm = load_or_build(FrozenTeacher(model), loader(d, normalize=([0.5], [2.0])), spec, augment=None, seed=0,
-                         memory_limit_mb=9, root=tmp_path)  # a changed transform
+    norm = load_or_build(
+        FrozenTeacher(model),
+        loader(d, normalize=([0.5], [2.0])),
+        spec,
+        augment=None,
+        seed=0,
+        memory_limit_mb=9,
+        root=tmp_path,
+    )  # a changed transform
     assert not norm.reused and norm.path != changed.path
-    other_data = load_or_build(FrozenTeacher(model), loader(data(seed=1)), spec, augment=None, seed=0,
-                               memory_limit_mb=9, root=tmp_path)
+    other_data = load_or_build(
+        FrozenTeacher(model), loader(data(seed=1)), spec, augment=None, seed=0, memory_limit_mb=9, root=tmp_path
+    )
     assert not other_data.reused and other_data.path not in (changed.path, norm.path)
 
 
@@ -80,8 +99,9 @@ def test_a_stale_cache_is_rebuilt_not_read(tmp_path, caplog):
     meta = json.loads((cache.path / "meta.json").read_text())
     meta["ingredients"]["teacher"] = "someone-else"
     (cache.path / "meta.json").write_text(json.dumps(meta))
-    rebuilt = load_or_build(FrozenTeacher(model), loader(d), spec, augment=None, seed=0, memory_limit_mb=9,
-                            root=tmp_path)
+    rebuilt = load_or_build(
+        FrozenTeacher(model), loader(d), spec, augment=None, seed=0, memory_limit_mb=9, root=tmp_path
+    )
     assert not rebuilt.reused and "rebuilding" in caplog.text
 
 
@@ -100,8 +120,9 @@ def test_augmented_views_pair_the_student_view_with_the_teacher_view(tmp_path):
     d, aug = data(), Augment(shift=4, noise=0.1)
     t = FrozenTeacher(teacher())
     train = loader(d, augment=aug)
-    cache = load_or_build(t, train, CacheSpec(logits=True, views=3, dtype="fp32"), augment=aug, seed=1,
-                          memory_limit_mb=9, root=tmp_path)
+    cache = load_or_build(
+        t, train, CacheSpec(logits=True, views=3, dtype="fp32"), augment=aug, seed=1, memory_limit_mb=9, root=tmp_path
+    )
     train.replay = cache.replay(train.seed)
     seen_views = set()
     for epoch in range(2):
@@ -113,8 +134,9 @@ def test_augmented_views_pair_the_student_view_with_the_teacher_view(tmp_path):
             raw = d.x[batch.idx]
             assert torch.allclose(batch.x, aug.apply(raw, cache.view_params(batch.idx, batch.view)))
             # ... and the cached outputs are the teacher's on that very view
-            assert torch.allclose(cache.outputs(batch.idx, batch.view, batch.x.device).logits, t(batch.x).logits,
-                                  atol=1e-5)
+            assert torch.allclose(
+                cache.outputs(batch.idx, batch.view, batch.x.device).logits, t(batch.x).logits, atol=1e-5
+            )
     assert seen_views == {0, 1, 2}
     train.set_epoch(0)
     order0 = [b.view.clone() for b in train]
@@ -141,18 +163,34 @@ def test_cached_kd_trains_the_same_student_as_live_kd(tmp_path, monkeypatch):
 def test_a_cache_without_a_needed_tap_fails_early(tmp_path, monkeypatch):
     monkeypatch.setenv("DK_CACHE", str(tmp_path))
     d, test = data(64), data(32, seed=5)
-    with pytest.raises(ConfigError, match=r"need teacher taps \['blocks.0', 'blocks.2'\] but the cache holds only \['blocks.1'\]"):
-        dk.distill("cnn1d", teacher(), ((d.x, d.y), (test.x, test.y)), losses={"at": {}}, epochs=1,
-                   config={"cache": {"enabled": True, "taps": ["blocks.1"]}, "student": {"params": {"channels": 4}},
-                           "train": {"device": "cpu"}})
+    with pytest.raises(
+        ConfigError, match=r"need teacher taps \['blocks.0', 'blocks.2'\] but the cache holds only \['blocks.1'\]"
+    ):
+        dk.distill(
+            "cnn1d",
+            teacher(),
+            ((d.x, d.y), (test.x, test.y)),
+            losses={"at": {}},
+            epochs=1,
+            config={
+                "cache": {"enabled": True, "taps": ["blocks.1"]},
+                "student": {"params": {"channels": 4}},
+                "train": {"device": "cpu"},
+            },
+        )
     assert not (tmp_path / "teacher_outputs").exists()  # failed before computing anything
 
 
 def test_views_zero_with_augmentation_runs_the_teacher_live(tmp_path, monkeypatch):
     monkeypatch.setenv("DK_CACHE", str(tmp_path))
     d, test = data(64), data(32, seed=5)
-    out = _distill((d.x, d.y), (test.x, test.y), {"enabled": True, "views": 0}, tmp_path,
-                   **{"data": {"batch_size": 32, "augment": {"shift": 2}}})
+    out = _distill(
+        (d.x, d.y),
+        (test.x, test.y),
+        {"enabled": True, "views": 0},
+        tmp_path,
+        **{"data": {"batch_size": 32, "augment": {"shift": 2}}},
+    )
     assert "teacher_cache" not in out.entry
     assert not (tmp_path / "teacher_outputs").exists()
 
@@ -161,14 +199,16 @@ def test_a_memory_mapped_cache_reads_with_the_batch_host_indices(tmp_path):
     """On a GPU run ``batch.idx`` lives on the device; a mapped cache reads the host copy the
     loader keeps (``Batch.host_idx``), so a lookup makes no device sync."""
     t, d = FrozenTeacher(teacher()), data()
-    cache = load_or_build(t, loader(d), CacheSpec(logits=True, dtype="fp32"), augment=None, seed=0,
-                          memory_limit_mb=0, root=tmp_path)
+    cache = load_or_build(
+        t, loader(d), CacheSpec(logits=True, dtype="fp32"), augment=None, seed=0, memory_limit_mb=0, root=tmp_path
+    )
     batch = next(iter(loader(d)))
     assert cache.mapped and batch.host_idx is not None and torch.equal(batch.host_idx, batch.idx)
     expected = cache.outputs(batch.idx, None, batch.x.device).logits
     assert torch.equal(cache.lookup(batch).logits, expected)
     moved = dataclasses.replace(batch, idx=torch.zeros_like(batch.idx))  # stands in for a device copy
     assert torch.equal(cache.lookup(moved).logits, expected)  # read with host_idx, not idx
-    in_memory = load_or_build(t, loader(d), CacheSpec(logits=True, dtype="fp32"), augment=None, seed=0,
-                              memory_limit_mb=100, root=tmp_path)
+    in_memory = load_or_build(
+        t, loader(d), CacheSpec(logits=True, dtype="fp32"), augment=None, seed=0, memory_limit_mb=100, root=tmp_path
+    )
     assert torch.equal(in_memory.lookup(batch).logits, expected)

@@ -117,8 +117,9 @@ def test_dense_round_trip(tmp_path: Path, x: torch.Tensor) -> None:
     assert cache.bytes_per_token == 2 * V
 
 
-@pytest.mark.parametrize("kind,kw,expect", [("topk", {"k": 5}, 5 * 4 + 4), ("sampled", {"draws": 6}, 6 * 5 + 4),
-                                            ("dense", {}, 2 * V)])
+@pytest.mark.parametrize(
+    "kind,kw,expect", [("topk", {"k": 5}, 5 * 4 + 4), ("sampled", {"draws": 6}, 6 * 5 + 4), ("dense", {}, 2 * V)]
+)
 def test_bytes_per_token_match_files(tmp_path: Path, x: torch.Tensor, kind: str, kw: dict, expect: int) -> None:
     cache = build(tmp_path, x, kind, **kw)
     assert cache.bytes_per_token == expect
@@ -127,7 +128,9 @@ def test_bytes_per_token_match_files(tmp_path: Path, x: torch.Tensor, kind: str,
     info = cache.describe()
     assert info["bytes_per_token"] == expect and info["kind"] == kind and info["path"] == str(cache.path)
     assert info["teacher_tokens_per_s"] > 0 and cache.manifest["build_seconds"] > 0
-    assert sorted(p.name for p in cache.path.iterdir()) == sorted([MANIFEST, *(f.name for f in cache.path.glob("*.npy"))])
+    assert sorted(p.name for p in cache.path.iterdir()) == sorted(
+        [MANIFEST, *(f.name for f in cache.path.glob("*.npy"))]
+    )
     assert json.loads((cache.path / MANIFEST).read_text())["fingerprint"] == "fp"
 
 
@@ -146,8 +149,15 @@ def test_id_dtype_by_vocab(tmp_path: Path) -> None:
     teacher = FakeTeacher(vocab=big)
     logits = teacher.logits(x)
     logits[0, 1, big - 1] = 100.0  # the largest id is the top one at one position
-    cache = build_token_cache(lambda ids: logits[: len(ids)] if ids[0, 0] == 0 else logits[1:], x, tmp_path / "big",
-                              kind="topk", k=3, fingerprint="fp", batch_size=1)
+    cache = build_token_cache(
+        lambda ids: logits[: len(ids)] if ids[0, 0] == 0 else logits[1:],
+        x,
+        tmp_path / "big",
+        kind="topk",
+        k=3,
+        fingerprint="fp",
+        batch_size=1,
+    )
     assert cache.arrays["ids"].dtype == np.int32 and cache.bytes_per_token == 3 * 6 + 4
     got = cache.targets(torch.tensor([0, 1]))
     assert torch.equal(got.ids, topk_targets(logits, 3).ids) and int(got.ids[1, 0]) == big - 1
@@ -188,8 +198,17 @@ def test_interrupted_build_resumes_to_identical_files(tmp_path: Path, x: torch.T
     assert json.loads((partial_dir(path) / PROGRESS).read_text())["done"] == 8  # chunks [0, 4), [4, 8)
     again = FakeTeacher(x=x)
     calls = []
-    resumed = build_token_cache(again, x, path, kind=kind, fingerprint="fp", batch_size=2, chunk_blocks=4,
-                                progress=lambda done, total: calls.append((done, total)), **kw)
+    resumed = build_token_cache(
+        again,
+        x,
+        path,
+        kind=kind,
+        fingerprint="fp",
+        batch_size=2,
+        chunk_blocks=4,
+        progress=lambda done, total: calls.append((done, total)),
+        **kw,
+    )
     assert again.seen == list(range(8, N))  # only the blocks after the last complete chunk
     assert calls[0] == (10, N) and calls[-1] == (N, N)
     assert npy_bytes(resumed.path) == npy_bytes(whole.path)
@@ -199,8 +218,9 @@ def test_interrupted_build_resumes_to_identical_files(tmp_path: Path, x: torch.T
 def test_partial_build_of_other_params_is_discarded(tmp_path: Path, x: torch.Tensor) -> None:
     path = tmp_path / "c"
     with pytest.raises(RuntimeError):
-        build_token_cache(FakeTeacher(fail_at=6, x=x), x, path, kind="topk", k=3, fingerprint="fp", batch_size=2,
-                          chunk_blocks=2)
+        build_token_cache(
+            FakeTeacher(fail_at=6, x=x), x, path, kind="topk", k=3, fingerprint="fp", batch_size=2, chunk_blocks=2
+        )
     t = FakeTeacher(x=x)
     cache = build_token_cache(t, x, path, kind="topk", k=4, fingerprint="fp", batch_size=2, chunk_blocks=2)
     assert t.seen == list(range(N)) and cache.layout.slots == 4
@@ -210,8 +230,11 @@ def test_finished_build_not_yet_renamed_is_only_renamed(tmp_path: Path, x: torch
     cache = build(tmp_path, x, "topk", k=3)
     files, key = npy_bytes(cache.path), cache.key
     cache.path.rename(partial_dir(cache.path))  # as if killed between the manifest and the rename
-    (partial_dir(cache.path) / PROGRESS).write_text(json.dumps(
-        {"key": key, "done": N, "vocab": V, "build_seconds": 1.0, "teacher_seconds": 1.0, "teacher_tokens": N * L}))
+    (partial_dir(cache.path) / PROGRESS).write_text(
+        json.dumps(
+            {"key": key, "done": N, "vocab": V, "build_seconds": 1.0, "teacher_seconds": 1.0, "teacher_tokens": N * L}
+        )
+    )
 
     def no_teacher(ids: torch.Tensor) -> torch.Tensor:
         raise AssertionError("the teacher ran again")

@@ -36,6 +36,7 @@ def _grads(head: nn.Module, x: torch.Tensor, make_fn, size: int | None, head_arg
 def _ce(targets):
     def make(head):
         return lambda h, pos: F.cross_entropy(head(h), targets[pos], reduction="sum")
+
     return make
 
 
@@ -45,7 +46,9 @@ def _fkl(teacher):
             s = torch.log_softmax(head(h), -1)
             t = teacher[pos]
             return (t.exp() * (t - s)).sum()
+
         return fn
+
     return make
 
 
@@ -55,7 +58,7 @@ def _fkl(teacher):
 def test_chunked_equals_unchunked(loss: str, size: int, path: str) -> None:
     head, x, targets, teacher = _setup()
     make = _ce(targets) if loss == "ce" else _fkl(teacher)
-    head_arg = (lambda h: h) if path == "fused" else (lambda h: (lambda r: h(r)))  # a plain callable: recompute
+    head_arg = (lambda h: h) if path == "fused" else (lambda h: lambda r: h(r))  # a plain callable: recompute
     want = _grads(head, x, make, None, head_arg)
     got = _grads(head, x, make, size, head_arg)
     for a, b in zip(got, want, strict=True):
@@ -69,7 +72,7 @@ def test_fused_path_is_taken_for_a_module_head(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(_FusedChunks, "apply", lambda *a: calls.append(1) or real(*a))
     _grads(head, x, _ce(targets), 4, lambda h: h)
     assert calls == [1]
-    _grads(head, x, _ce(targets), 4, lambda h: (lambda r: h(r)))
+    _grads(head, x, _ce(targets), 4, lambda h: lambda r: h(r))
     assert calls == [1]  # a plain callable head: recomputed under checkpointing instead
 
 

@@ -29,8 +29,9 @@ def test_the_four_transforms_are_registered():
 
 def test_area_downsample_of_a_ramp_is_its_block_means():
     out = view_transform("downsample", {"size": 2})(RAMP)
-    expected = torch.tensor([[(0 + 1 + 4 + 5) / 4, (2 + 3 + 6 + 7) / 4],
-                             [(8 + 9 + 12 + 13) / 4, (10 + 11 + 14 + 15) / 4]])
+    expected = torch.tensor(
+        [[(0 + 1 + 4 + 5) / 4, (2 + 3 + 6 + 7) / 4], [(8 + 9 + 12 + 13) / 4, (10 + 11 + 14 + 15) / 4]]
+    )
     assert torch.equal(out, expected.view(1, 1, 2, 2))
 
 
@@ -107,11 +108,11 @@ def test_render_values_follow_the_gaussian_formula():
     x = torch.zeros(1, 1, 1)
     default = view_transform("render", {"height": 6})(x)[0, 0, :, 0]  # width = 6 / 6 = 1
     rows = torch.tensor([2.5, 1.5, 0.5, -0.5, -1.5, -2.5])
-    torch.testing.assert_close(default, torch.exp(-rows**2 / 2))
+    torch.testing.assert_close(default, torch.exp(-(rows**2) / 2))
     narrow = view_transform("render", {"height": 6, "width": 0.5})(x)[0, 0, :, 0]
-    torch.testing.assert_close(narrow, torch.exp(-rows**2 / (2 * 0.25)))
+    torch.testing.assert_close(narrow, torch.exp(-(rows**2) / (2 * 0.25)))
     shifted = view_transform("render", {"height": 2, "range": (0, 10)})(torch.zeros(1, 1, 1))[0, 0, :, 0]
-    torch.testing.assert_close(shifted, torch.exp(-torch.tensor([7.5, 2.5]) ** 2 / (2 * 25.0)))
+    torch.testing.assert_close(shifted, torch.exp(-(torch.tensor([7.5, 2.5]) ** 2) / (2 * 25.0)))
 
 
 def test_render_with_per_sample_range_is_invariant_to_scale_and_offset():
@@ -123,14 +124,14 @@ def test_render_with_per_sample_range_is_invariant_to_scale_and_offset():
     lo, hi = x[0].min(), x[0].max()
     rows = hi - (hi - lo) * (torch.arange(8.0) + 0.5) / 8  # (8,)
     width = (hi - lo) / 8
-    torch.testing.assert_close(first[0, 1, :, 4], torch.exp(-(rows - x[0, 1, 4]) ** 2 / (2 * width**2)))
+    torch.testing.assert_close(first[0, 1, :, 4], torch.exp(-((rows - x[0, 1, 4]) ** 2) / (2 * width**2)))
 
 
 def test_render_of_a_constant_sample_puts_the_line_in_the_middle():
     image = view_transform("render", {"height": 4, "range": "sample"})(torch.full((1, 1, 3), 7.0))
     assert torch.isfinite(image).all()
     column = image[0, 0, :, 0]  # range (6, 8): rows 7.75, 7.25, 6.75, 6.25
-    torch.testing.assert_close(column, torch.exp(-torch.tensor([0.75, 0.25, 0.25, 0.75]) ** 2 / (2 * 0.25)))
+    torch.testing.assert_close(column, torch.exp(-(torch.tensor([0.75, 0.25, 0.25, 0.75]) ** 2) / (2 * 0.25)))
 
 
 def test_render_of_a_single_trace_has_one_channel():
@@ -149,18 +150,21 @@ def test_flatten_is_row_major():
 # ----------------------------------------------------------------------------- shapes
 
 
-@pytest.mark.parametrize("name,params,in_shape,out_shape", [
-    ("downsample", {"size": 7}, (1, 28, 28), (1, 7, 7)),
-    ("downsample", {"size": [3, 5], "mode": "bilinear", "antialias": True}, (2, 12, 10), (2, 3, 5)),
-    ("downsample", {"size": 10}, (40,), (10,)),
-    ("downsample", {"size": 10, "mode": "nearest"}, (3, 40), (3, 10)),
-    ("profile", {}, (1, 28, 28), (1, 56)),
-    ("profile", {"axes": "rows"}, (3, 8, 5), (3, 8)),
-    ("profile", {"axes": "columns"}, (3, 8, 5), (3, 5)),
-    ("render", {}, (40,), (1, 16, 40)),
-    ("render", {"height": 8, "range": "sample"}, (2, 40), (2, 8, 40)),
-    ("flatten", {}, (1, 7, 7), (49,)),
-])
+@pytest.mark.parametrize(
+    "name,params,in_shape,out_shape",
+    [
+        ("downsample", {"size": 7}, (1, 28, 28), (1, 7, 7)),
+        ("downsample", {"size": [3, 5], "mode": "bilinear", "antialias": True}, (2, 12, 10), (2, 3, 5)),
+        ("downsample", {"size": 10}, (40,), (10,)),
+        ("downsample", {"size": 10, "mode": "nearest"}, (3, 40), (3, 10)),
+        ("profile", {}, (1, 28, 28), (1, 56)),
+        ("profile", {"axes": "rows"}, (3, 8, 5), (3, 8)),
+        ("profile", {"axes": "columns"}, (3, 8, 5), (3, 5)),
+        ("render", {}, (40,), (1, 16, 40)),
+        ("render", {"height": 8, "range": "sample"}, (2, 40), (2, 8, 40)),
+        ("flatten", {}, (1, 7, 7), (49,)),
+    ],
+)
 def test_view_shape_matches_the_output(name, params, in_shape, out_shape):
     assert view_shape(name, params, in_shape) == out_shape
     torch.manual_seed(0)
@@ -175,33 +179,45 @@ def test_views_chain_an_image_into_a_rendered_profile():
 # ----------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("name,params,match", [
-    ("downsampel", {"size": 7}, (r"unknown view transform 'downsampel'.*Did you mean 'downsample'.*"
-                                 r"Valid view transform names: downsample, flatten, profile, render")),
-    ("downsample", {}, r"view\.downsample: missing required parameter 'size'"),
-    ("downsample", {"size": 0}, r"view\.downsample\.size: .*positive int or a pair.*\(got 0\)"),
-    ("downsample", {"size": (7, 7, 7)}, r"view\.downsample\.size: .*\(got \(7, 7, 7\)\)"),
-    ("downsample", {"size": 7, "mode": "bicubic"}, r"view\.downsample\.mode: .*'area', 'bilinear' or 'nearest'"),
-    ("downsample", {"size": 7, "antialias": True}, r"view\.downsample\.antialias: only mode 'bilinear'"),
-    ("profile", {"axis": "rows"}, r"view\.profile\.axis: unknown parameter 'axis'.*Did you mean 'axes'"),
-    ("render", {"range": (3, -3)}, r"view\.render\.range: .*lo < hi.*\(got \(3, -3\)\)"),
-    ("render", {"range": (0, math.inf)}, r"view\.render\.range: .*finite"),
-    ("render", {"range": "per-sample"}, r"view\.render\.range: .*'sample'"),
-    ("render", {"height": 0}, r"view\.render\.height: .*greater than 0"),
-    ("render", {"width": -1.0}, r"view\.render\.width: .*greater than 0"),
-])
+@pytest.mark.parametrize(
+    "name,params,match",
+    [
+        (
+            "downsampel",
+            {"size": 7},
+            (
+                r"unknown view transform 'downsampel'.*Did you mean 'downsample'.*"
+                r"Valid view transform names: downsample, flatten, profile, render"
+            ),
+        ),
+        ("downsample", {}, r"view\.downsample: missing required parameter 'size'"),
+        ("downsample", {"size": 0}, r"view\.downsample\.size: .*positive int or a pair.*\(got 0\)"),
+        ("downsample", {"size": (7, 7, 7)}, r"view\.downsample\.size: .*\(got \(7, 7, 7\)\)"),
+        ("downsample", {"size": 7, "mode": "bicubic"}, r"view\.downsample\.mode: .*'area', 'bilinear' or 'nearest'"),
+        ("downsample", {"size": 7, "antialias": True}, r"view\.downsample\.antialias: only mode 'bilinear'"),
+        ("profile", {"axis": "rows"}, r"view\.profile\.axis: unknown parameter 'axis'.*Did you mean 'axes'"),
+        ("render", {"range": (3, -3)}, r"view\.render\.range: .*lo < hi.*\(got \(3, -3\)\)"),
+        ("render", {"range": (0, math.inf)}, r"view\.render\.range: .*finite"),
+        ("render", {"range": "per-sample"}, r"view\.render\.range: .*'sample'"),
+        ("render", {"height": 0}, r"view\.render\.height: .*greater than 0"),
+        ("render", {"width": -1.0}, r"view\.render\.width: .*greater than 0"),
+    ],
+)
 def test_bad_names_and_params_raise_one_clear_config_error(name, params, match):
     with pytest.raises(ConfigError, match=match):
         view_transform(name, params)
 
 
-@pytest.mark.parametrize("name,params,in_shape,match", [
-    ("profile", {}, (40,), r"'profile' expects images \(B, C, H, W\).*sample shape \(40,\)"),
-    ("render", {}, (1, 28, 28), r"'render' expects signals \(B, C, L\) or \(B, L\).*sample shape \(1, 28, 28\)"),
-    ("downsample", {"size": 8}, (1, 7, 7), r"size: 8 is larger than the input, sample shape \(1, 7, 7\)"),
-    ("downsample", {"size": (2, 2)}, (40,), r"a 1-D signal takes one int size.*sample shape \(40,\)"),
-    ("downsample", {"size": 2}, (1, 2, 4, 4), r"'downsample' expects images.*sample shape \(1, 2, 4, 4\)"),
-])
+@pytest.mark.parametrize(
+    "name,params,in_shape,match",
+    [
+        ("profile", {}, (40,), r"'profile' expects images \(B, C, H, W\).*sample shape \(40,\)"),
+        ("render", {}, (1, 28, 28), r"'render' expects signals \(B, C, L\) or \(B, L\).*sample shape \(1, 28, 28\)"),
+        ("downsample", {"size": 8}, (1, 7, 7), r"size: 8 is larger than the input, sample shape \(1, 7, 7\)"),
+        ("downsample", {"size": (2, 2)}, (40,), r"a 1-D signal takes one int size.*sample shape \(40,\)"),
+        ("downsample", {"size": 2}, (1, 2, 4, 4), r"'downsample' expects images.*sample shape \(1, 2, 4, 4\)"),
+    ],
+)
 def test_shapes_a_transform_does_not_take_raise_a_shape_error(name, params, in_shape, match):
     with pytest.raises(ShapeError, match=match):
         view_shape(name, params, in_shape)

@@ -85,8 +85,10 @@ class Candidate:
 
     def describe(self) -> str:
         """``channels=16, depth=2, ops=depthwise`` (the ops only when not ``plain``)."""
-        parts = [f"{k}={json.dumps(v) if isinstance(v, (str, bool)) or v is None else f'{v:g}'}"
-                 for k, v in self.params.items()]
+        parts = [
+            f"{k}={json.dumps(v) if isinstance(v, (str, bool)) or v is None else f'{v:g}'}"
+            for k, v in self.params.items()
+        ]
         return ", ".join(parts + ([f"ops={self.ops}"] if self.ops != "plain" else [])) or "(defaults)"
 
 
@@ -142,24 +144,30 @@ class StudentSpace:
         if not isinstance(self.model, str) or not self.model:
             raise ConfigError(f"student space model: expected a model name such as 'cnn1d', got {self.model!r}")
         if not isinstance(self.params, Mapping):
-            raise ConfigError(f"student space params: expected a mapping of builder parameters to choices or "
-                              f"ranges, got {type(self.params).__name__}")
+            raise ConfigError(
+                f"student space params: expected a mapping of builder parameters to choices or "
+                f"ranges, got {type(self.params).__name__}"
+            )
         where = f"student space {self.model}.params"
         ranges = {str(k): _as_range(v, f"{where}.{k}") for k, v in self.params.items()}
         object.__setattr__(self, "params", ranges)
         ops = (self.ops,) if isinstance(self.ops, str) else tuple(self.ops or ())
         bad = [o for o in ops if o not in OPS]
         if bad or len(set(ops)) != len(ops):
-            raise ConfigError(f"student space ops {list(ops)!r}: each one of {', '.join(OPS)}, once"
-                              + (f" ({', '.join(map(repr, bad))} unknown)" if bad else ""))
+            raise ConfigError(
+                f"student space ops {list(ops)!r}: each one of {', '.join(OPS)}, once"
+                + (f" ({', '.join(map(repr, bad))} unknown)" if bad else "")
+            )
         object.__setattr__(self, "ops", ops)
         self._check_builder(ranges, where)
 
     def _check_builder(self, ranges: Mapping[str, Range], where: str) -> None:
         reserved = [k for k in ranges if k in DATA_PARAMS]
         if reserved:
-            raise ConfigError(f"{where}: {', '.join(reserved)} set by the data, not searched; remove "
-                              f"{'it' if len(reserved) == 1 else 'them'} from the space")
+            raise ConfigError(
+                f"{where}: {', '.join(reserved)} set by the data, not searched; remove "
+                f"{'it' if len(reserved) == 1 else 'them'} from the space"
+            )
         builder = _builder(self.model)
         if builder is None:
             return
@@ -167,8 +175,10 @@ class StudentSpace:
         unknown = [k for k in ranges if k not in fields]
         if unknown and not accepts_var_kwargs(builder):
             hints = "".join(did_you_mean(k, fields) for k in unknown[:1])
-            raise ConfigError(f"{where}: unknown parameter{'s' * (len(unknown) > 1)} {', '.join(unknown)} of model "
-                              f"{self.model!r}.{hints} Valid parameters: {', '.join(fields) or '(none)'}.")
+            raise ConfigError(
+                f"{where}: unknown parameter{'s' * (len(unknown) > 1)} {', '.join(unknown)} of model "
+                f"{self.model!r}.{hints} Valid parameters: {', '.join(fields) or '(none)'}."
+            )
         for key, rng in ranges.items():
             probes = list(rng.choices) if rng.kind == "choice" else list(rng.bounds())
             if rng.kind == "float":  # a float range on an int parameter fails between its bounds
@@ -179,8 +189,10 @@ class StudentSpace:
                     validate_kwargs(builder, {key: value}, where=where, exclude=DATA_PARAMS)
                 except ConfigError as exc:
                     if rng.kind == "float" and i == 2:
-                        raise ConfigError(f"{exc}: a float range draws values between its bounds; for an integer "
-                                          "parameter use kind: int or a list of choices") from None
+                        raise ConfigError(
+                            f"{exc}: a float range draws values between its bounds; for an integer "
+                            "parameter use kind: int or a list of choices"
+                        ) from None
                     raise
 
     @classmethod
@@ -193,20 +205,22 @@ class StudentSpace:
         if isinstance(raw, cls):
             return raw
         if not isinstance(raw, Mapping):
-            raise ConfigError(f"{where}: expected a mapping with keys {', '.join(SPACE_KEYS)}, got "
-                              f"{type(raw).__name__} {raw!r:.80}")
+            raise ConfigError(
+                f"{where}: expected a mapping with keys {', '.join(SPACE_KEYS)}, got {type(raw).__name__} {raw!r:.80}"
+            )
         unknown = [str(k) for k in raw if k not in SPACE_KEYS]
         if unknown:
-            raise ConfigError(f"{where}: unknown key{'s' * (len(unknown) > 1)} {', '.join(unknown)}."
-                              f"{did_you_mean(unknown[0], SPACE_KEYS)} Valid keys: {', '.join(SPACE_KEYS)}.")
+            raise ConfigError(
+                f"{where}: unknown key{'s' * (len(unknown) > 1)} {', '.join(unknown)}."
+                f"{did_you_mean(unknown[0], SPACE_KEYS)} Valid keys: {', '.join(SPACE_KEYS)}."
+            )
         if "model" not in raw:
             raise ConfigError(f"{where}: missing 'model' (the student family, e.g. model: cnn1d)")
         return cls(model=raw["model"], params=raw.get("params") or {}, ops=raw.get("ops") or ())
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data that :meth:`from_mapping` reads back (recorded in ``trials.json``)."""
-        return {"model": self.model, "params": {k: r.to_dict() for k, r in self.params.items()},
-                "ops": list(self.ops)}
+        return {"model": self.model, "params": {k: r.to_dict() for k, r in self.params.items()}, "ops": list(self.ops)}
 
     def _values(self, key: str) -> list[Any]:
         rng = self.params[key]
@@ -214,13 +228,18 @@ class StudentSpace:
             return list(rng.choices)
         if rng.kind == "int":
             return list(range(int(rng.low), int(rng.high) + 1))
-        raise ConfigError(f"student space {self.model}.params.{key}: a float range [{rng.low}, {rng.high}] has no "
-                          "grid; give choices (a list) or kind: int")
+        raise ConfigError(
+            f"student space {self.model}.params.{key}: a float range [{rng.low}, {rng.high}] has no "
+            "grid; give choices (a list) or kind: int"
+        )
 
     def size(self) -> int | float:
         """How many distinct candidates the space holds (``math.inf`` with a float range)."""
-        counts = {"choice": lambda r: len(r.choices), "int": lambda r: int(r.high) - int(r.low) + 1,
-                  "float": lambda r: math.inf}
+        counts = {
+            "choice": lambda r: len(r.choices),
+            "int": lambda r: int(r.high) - int(r.low) + 1,
+            "float": lambda r: math.inf,
+        }
         return math.prod(counts[r.kind](r) for r in self.params.values()) * max(1, len(self.ops))
 
     def grid(self) -> Iterator[Candidate]:
@@ -274,9 +293,12 @@ class StudentSpace:
 
     def contains(self, candidate: Candidate) -> bool:
         """Whether ``candidate`` is a point of this space."""
-        return (candidate.model == self.model and set(candidate.params) == set(self.params)
-                and all(self.params[k].contains(v) for k, v in candidate.params.items())
-                and candidate.ops in (self.ops or ("plain",)))
+        return (
+            candidate.model == self.model
+            and set(candidate.params) == set(self.params)
+            and all(self.params[k].contains(v) for k, v in candidate.params.items())
+            and candidate.ops in (self.ops or ("plain",))
+        )
 
 
 __all__ = ["DATA_PARAMS", "OPS", "Candidate", "StudentSpace", "is_number"]

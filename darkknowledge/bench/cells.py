@@ -99,11 +99,16 @@ def plan_cells(suite: Suite, only: list[str] | None = None) -> list[Cell]:
             cells.append(Cell(pair, BASELINE, seed))
             cells += [Cell(pair, m, seed) for m in suite.method_names() if pair in suite.pairs_of(m)]
     if only:
-        keep = [c for c in cells if c.kind != "teacher" and any(c.id == p or c.id.startswith(p.rstrip("/") + "/")
-                                                                 for p in only)]
+        keep = [
+            c
+            for c in cells
+            if c.kind != "teacher" and any(c.id == p or c.id.startswith(p.rstrip("/") + "/") for p in only)
+        ]
         if not keep:
-            raise ConfigError(f"--only {' '.join(only)}: no cell matches; cells are named PAIR/METHOD/sSEED, "
-                              f"pairs: {', '.join(suite.pairs)}; methods: ce, {', '.join(suite.method_names())}")
+            raise ConfigError(
+                f"--only {' '.join(only)}: no cell matches; cells are named PAIR/METHOD/sSEED, "
+                f"pairs: {', '.join(suite.pairs)}; methods: ce, {', '.join(suite.method_names())}"
+            )
         pairs = {c.pair for c in keep}
         cells = [c for c in cells if c.kind == "teacher" and c.pair in pairs] + keep
     return cells
@@ -141,14 +146,27 @@ def teacher_config(suite: Suite, pair: str) -> dict[str, Any]:
     p = suite.pairs[pair]
     teacher = dict(p.teacher)
     teacher.setdefault("seed", 0)
-    return {"name": f"{suite.name}-{pair}-teacher", "seed": 0, "seeds": [0], "data": _data(suite, pair),
-            "teacher": teacher, "student": dict(p.student), "losses": {"ce": {}},
-            "train": _budget(suite, pair).get("train", {})}
+    return {
+        "name": f"{suite.name}-{pair}-teacher",
+        "seed": 0,
+        "seeds": [0],
+        "data": _data(suite, pair),
+        "teacher": teacher,
+        "student": dict(p.student),
+        "losses": {"ce": {}},
+        "train": _budget(suite, pair).get("train", {}),
+    }
 
 
-def student_config(suite: Suite, pair: str, method: str, seed: int, teacher_checkpoint: str | None,
-                   tuned: dict[str, Any] | None = None,
-                   read: Callable[[str], dict[str, Any]] = read_recipe) -> dict[str, Any]:
+def student_config(
+    suite: Suite,
+    pair: str,
+    method: str,
+    seed: int,
+    teacher_checkpoint: str | None,
+    tuned: dict[str, Any] | None = None,
+    read: Callable[[str], dict[str, Any]] = read_recipe,
+) -> dict[str, Any]:
     """The raw config of a student cell: the baseline (``ce``) or a method.
 
     The method's recipe keeps its losses, scheme, cache and extra teachers; the suite sets the
@@ -167,8 +185,16 @@ def student_config(suite: Suite, pair: str, method: str, seed: int, teacher_chec
             if dotted.split(".")[0] in FORBIDDEN_OVERRIDES:
                 raise ConfigError(f"{pair}/{method}: {dotted} is the suite's to set, not the method's")
             _set_path(raw, dotted, value)
-    raw.update({"name": f"{suite.name}-{pair}-{method}", "seed": seed, "seeds": [seed], "data": _data(suite, pair),
-                "student": dict(p.student), "train": _budget(suite, pair).get("train", {})})
+    raw.update(
+        {
+            "name": f"{suite.name}-{pair}-{method}",
+            "seed": seed,
+            "seeds": [seed],
+            "data": _data(suite, pair),
+            "student": dict(p.student),
+            "train": _budget(suite, pair).get("train", {}),
+        }
+    )
     if "teacher" in raw and method != BASELINE and suite.method(method).teacher == "pair":
         teacher = {k: v for k, v in p.teacher.items() if k in ("name", "params", "input")}  # input: its view
         if teacher_checkpoint is not None:

@@ -15,8 +15,15 @@ from darkknowledge.bench.tuned import tune_suite
 from darkknowledge.config import parse_override
 from darkknowledge.errors import ConfigError
 
-QUIET_INSIDE_CELLS = ("darkknowledge.runs", "darkknowledge.engine", "darkknowledge.data", "darkknowledge.teachers",
-                      "darkknowledge.schemes", "darkknowledge.losses", "darkknowledge.commands")
+QUIET_INSIDE_CELLS = (
+    "darkknowledge.runs",
+    "darkknowledge.engine",
+    "darkknowledge.data",
+    "darkknowledge.teachers",
+    "darkknowledge.schemes",
+    "darkknowledge.losses",
+    "darkknowledge.commands",
+)
 """Loggers whose per-epoch lines would drown the bench's one line per cell (``--verbose`` keeps them)."""
 
 
@@ -46,13 +53,14 @@ def bench_command(args: argparse.Namespace) -> Iterator[str]:
             logging.getLogger(name).setLevel(logging.WARNING)
     executor = args.executor or ("serial" if args.jobs == 1 else "local")
     if executor == "serial" and args.jobs != 1:
-        raise ConfigError(f"--jobs {args.jobs} with --executor serial: serial runs one cell at a time; use "
-                          "--executor local (or drop --executor)")
+        raise ConfigError(
+            f"--jobs {args.jobs} with --executor serial: serial runs one cell at a time; use "
+            "--executor local (or drop --executor)"
+        )
     bench = make_bench(args)
     if args.command == "tune":
         for s in tune_suite(bench, args.trials, args.sampler_seed, executor=executor, jobs=args.jobs):
-            yield (f"{s['pair']}/{s['method']}: {s['values']} -> validation {s['score']:.2f} "
-                   f"({s['trials']} trials)")
+            yield (f"{s['pair']}/{s['method']}: {s['values']} -> validation {s['score']:.2f} ({s['trials']} trials)")
         yield f"tuned values: {bench.results / 'tuned'} (set `hp: tuned` in the suite to train with them)"
         return
     if args.status:
@@ -66,5 +74,7 @@ def bench_command(args: argparse.Namespace) -> Iterator[str]:
     written = write_tables(bench, Path(args.readme) if args.readme else None)
     yield f"tables: {', '.join(str(p) for p in written.values())}"
     if failed:
-        raise ConfigError(f"{len(failed)} cell(s) failed (listed above, and in {bench.out / 'bench.jsonl'}); fix "
-                          "the cause and run the same command again: finished cells are kept")
+        raise ConfigError(
+            f"{len(failed)} cell(s) failed (listed above, and in {bench.out / 'bench.jsonl'}); fix "
+            "the cause and run the same command again: finished cells are kept"
+        )

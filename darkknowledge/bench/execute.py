@@ -108,8 +108,7 @@ def run_cell(task: CellTask, threads: int | None = None) -> dict[str, Any]:
     else:
         result = _result(task, entries, exported)
     result["wall_seconds"] = round(time.perf_counter() - start, 3)
-    atomic_write(Path(task.result_path), lambda f: f.write(json.dumps(result, indent=1, sort_keys=True)),
-                 binary=False)
+    atomic_write(Path(task.result_path), lambda f: f.write(json.dumps(result, indent=1, sort_keys=True)), binary=False)
     return result
 
 
@@ -123,10 +122,22 @@ def _run_results(run_dir: Path) -> list[dict[str, Any]]:
 
 def _base(task: CellTask) -> dict[str, Any]:
     cell = task.cell
-    return {"suite": task.suite, "pair": cell.pair, "method": cell.method, "kind": cell.kind, "seed": cell.seed,
-            "key": task.key, "hp": task.hp, "tuned": task.tuned, "teacher": task.teacher,
-            "config": task.config, "host": platform.node(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return {
+        "suite": task.suite,
+        "pair": cell.pair,
+        "method": cell.method,
+        "kind": cell.kind,
+        "seed": cell.seed,
+        "key": task.key,
+        "hp": task.hp,
+        "tuned": task.tuned,
+        "teacher": task.teacher,
+        "config": task.config,
+        "host": platform.node(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 def _result(task: CellTask, entries: list[dict[str, Any]], exported: Any) -> dict[str, Any]:
@@ -145,15 +156,32 @@ def _result(task: CellTask, entries: list[dict[str, Any]], exported: Any) -> dic
         # the teacher travels with the results, so a suite can be finished on another machine
         data = Path(exported).read_bytes()
         atomic_write(Path(task.result_path).with_suffix(".pt"), lambda f: f.write(data))
-    return _base(task) | extra | {
-        "status": "done",
-        "student": main.get("model"),
-        "last_acc": main.get("last_acc"), "best_acc": main.get("best_acc"), "best_epoch": main.get("best_epoch"),
-        "best_selected_on": main.get("best_selected_on"),
-        "train_seconds": float(main.get("train_seconds", 0.0)), "teacher_seconds": round(teacher_seconds, 3),
-        "params": main.get("params"), "extra_params": main.get("extra_params", 0),
-        "steps": main.get("steps"), "epochs": main.get("epochs"), "losses": main.get("losses"),
-        "members": [{"role": e.get("role"), "model": e.get("model"), "last_acc": e.get("last_acc"),
-                     "params": e.get("params")} for e in members],
-        "exported": str(exported) if exported else None,
-    }
+    return (
+        _base(task)
+        | extra
+        | {
+            "status": "done",
+            "student": main.get("model"),
+            "last_acc": main.get("last_acc"),
+            "best_acc": main.get("best_acc"),
+            "best_epoch": main.get("best_epoch"),
+            "best_selected_on": main.get("best_selected_on"),
+            "train_seconds": float(main.get("train_seconds", 0.0)),
+            "teacher_seconds": round(teacher_seconds, 3),
+            "params": main.get("params"),
+            "extra_params": main.get("extra_params", 0),
+            "steps": main.get("steps"),
+            "epochs": main.get("epochs"),
+            "losses": main.get("losses"),
+            "members": [
+                {
+                    "role": e.get("role"),
+                    "model": e.get("model"),
+                    "last_acc": e.get("last_acc"),
+                    "params": e.get("params"),
+                }
+                for e in members
+            ],
+            "exported": str(exported) if exported else None,
+        }
+    )

@@ -34,8 +34,14 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def run_tasks(tasks: Sequence[CellTask], executor: str = "serial", jobs: int = 1, folder: Path | None = None,
-              cluster: str | None = None, slurm: dict[str, Any] | None = None) -> Iterator[Outcome]:
+def run_tasks(
+    tasks: Sequence[CellTask],
+    executor: str = "serial",
+    jobs: int = 1,
+    folder: Path | None = None,
+    cluster: str | None = None,
+    slurm: dict[str, Any] | None = None,
+) -> Iterator[Outcome]:
     """Run ``tasks`` and yield each one as it ends (in completion order).
 
     Args:
@@ -88,8 +94,9 @@ def _local(tasks: Sequence[CellTask], jobs: int) -> Iterator[Outcome]:
             raise
 
 
-def _submitit(tasks: Sequence[CellTask], jobs: int, folder: Path | None, cluster: str | None,
-              params: dict[str, Any]) -> Iterator[Outcome]:
+def _submitit(
+    tasks: Sequence[CellTask], jobs: int, folder: Path | None, cluster: str | None, params: dict[str, Any]
+) -> Iterator[Outcome]:
     try:
         import submitit
     except ImportError:

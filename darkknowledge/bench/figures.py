@@ -67,9 +67,16 @@ def bar_chart(rows: Sequence[Mapping], path: str | Path) -> Path:
         pad = max(1.0, 0.15 * (high - low))
         bottom = max(0.0, low - pad)
         xs = list(range(len(prows)))
-        ax.bar(xs, [(m - bottom) if m is not None else 0.0 for m in means], bottom=bottom,
-               yerr=[(r["last_std"] or 0.0) if r["last_mean"] is not None else 0.0 for r in prows],
-               color=[_color(r) for r in prows], capsize=3, edgecolor="black", linewidth=0.5)
+        ax.bar(
+            xs,
+            [(m - bottom) if m is not None else 0.0 for m in means],
+            bottom=bottom,
+            yerr=[(r["last_std"] or 0.0) if r["last_mean"] is not None else 0.0 for r in prows],
+            color=[_color(r) for r in prows],
+            capsize=3,
+            edgecolor="black",
+            linewidth=0.5,
+        )
         for x, m in zip(xs, means):
             if m is None:
                 ax.text(x, bottom, "n/a", ha="center", va="bottom", fontsize=8)
@@ -81,8 +88,7 @@ def bar_chart(rows: Sequence[Mapping], path: str | Path) -> Path:
         ax.set_xticklabels([str(r["method"]) for r in prows], rotation=45, ha="right", fontsize=8)
         ax.set_title(str(pair), fontsize=10)
         ax.set_ylabel("last-epoch test acc (%)", fontsize=8)
-    fig.suptitle("mean ± sample std over seeds; grey: student alone, orange: vanilla KD, dashed: teacher",
-                 fontsize=9)
+    fig.suptitle("mean ± sample std over seeds; grey: student alone, orange: vanilla KD, dashed: teacher", fontsize=9)
     fig.tight_layout()
     return save_png(fig, path)
 
@@ -105,11 +111,16 @@ def cost_plot(rows: Sequence[Mapping], path: str | Path) -> Path:
         ConfigError: No row has both an accuracy and a train time, or matplotlib is missing.
     """
     pairs = _student_rows(rows)
-    points = [(p, r) for p, rs in pairs.items() for r in rs
-              if r["last_mean"] is not None and r["train_s_mean"] is not None and r["train_s_mean"] > 0]
+    points = [
+        (p, r)
+        for p, rs in pairs.items()
+        for r in rs
+        if r["last_mean"] is not None and r["train_s_mean"] is not None and r["train_s_mean"] > 0
+    ]
     if not points:
-        raise ConfigError("cost_plot: no baseline or method row has both a mean accuracy and a train time; "
-                          "nothing to plot")
+        raise ConfigError(
+            "cost_plot: no baseline or method row has both a mean accuracy and a train time; nothing to plot"
+        )
     names = list(dict.fromkeys(p for p, _ in points))
     fig = new_figure(8.0, 4.2 * len(names))  # one panel per pair: methods labelled by name alone
     times = [r["train_s_mean"] for _, r in points]
@@ -120,18 +131,30 @@ def cost_plot(rows: Sequence[Mapping], path: str | Path) -> Path:
             if pair != name:
                 continue
             marker = "s" if r["kind"] == "baseline" else ("D" if r["method"] == "kd" else "o")
-            ax.errorbar([r["train_s_mean"]], [r["last_mean"]], yerr=[r["last_std"] or 0.0], fmt=marker,
-                        color=_color(r) if r["kind"] == "baseline" or r["method"] == "kd" else color,
-                        capsize=3, markersize=6)
-            ax.annotate(str(r["method"]), (r["train_s_mean"], r["last_mean"]), textcoords="offset points",
-                        xytext=(4, 4), fontsize=7)
+            ax.errorbar(
+                [r["train_s_mean"]],
+                [r["last_mean"]],
+                yerr=[r["last_std"] or 0.0],
+                fmt=marker,
+                color=_color(r) if r["kind"] == "baseline" or r["method"] == "kd" else color,
+                capsize=3,
+                markersize=6,
+            )
+            ax.annotate(
+                str(r["method"]),
+                (r["train_s_mean"], r["last_mean"]),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=7,
+            )
         if max(times) / min(times) > 20:
             ax.set_xscale("log")
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("mean train seconds per seed (teacher training / cache time not included)", fontsize=8)
         ax.set_ylabel("last-epoch test acc (%)", fontsize=8)
         ax.grid(True, alpha=0.3)
-    fig.suptitle("accuracy (mean ± sample std) against training cost; square: student alone, diamond: "
-                 "vanilla KD", fontsize=9)
+    fig.suptitle(
+        "accuracy (mean ± sample std) against training cost; square: student alone, diamond: vanilla KD", fontsize=9
+    )
     fig.tight_layout()
     return save_png(fig, path)

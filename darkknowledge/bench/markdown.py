@@ -71,7 +71,8 @@ def _by_pair(rows: Sequence[Mapping]) -> dict[str, list[Mapping]]:
 
 def _header(pair: str, rows: list[Mapping]) -> list[str]:
     teacher = next((r for r in rows if r["kind"] == "teacher"), None) or next(
-        (r for r in rows if r["teacher_model"]), None)
+        (r for r in rows if r["teacher_model"]), None
+    )
     student = next((r["student"] for r in rows if r["kind"] != "teacher" and r["student"]), None)
     suite = next((r["suite"] for r in rows if r["suite"]), None)
     lines = [f"### {_esc(pair)}" + (f" (suite `{suite}`)" if suite else ""), ""]
@@ -80,14 +81,17 @@ def _header(pair: str, rows: list[Mapping]) -> list[str]:
     else:
         acc = teacher["last_mean"] if teacher["kind"] == "teacher" else teacher["teacher_acc"]
         acc_text = "accuracy not recorded" if acc is None else f"{acc:.2f}% last-epoch test accuracy"
-        lines.append(f"Teacher: **{_esc(teacher['teacher_model'])}**, {acc_text}, hash "
-                     f"`{teacher['teacher_hash'] or 'unknown'}`."
-                     + (f" Student: **{_esc(student)}**." if student else ""))
+        lines.append(
+            f"Teacher: **{_esc(teacher['teacher_model'])}**, {acc_text}, hash "
+            f"`{teacher['teacher_hash'] or 'unknown'}`." + (f" Student: **{_esc(student)}**." if student else "")
+        )
     level = rows[0]["ci_level"] or 0.95
-    protocol = ("Protocol: headline = last-epoch test accuracy, mean ± sample std over the listed seeds; "
-                "best = test accuracy at the epoch best on the validation split; Δ = paired difference "
-                f"(row − reference) with {level:.0%} t-CI over seeds; wins = seeds where the row is ahead, out "
-                "of the paired seeds; costs are means per seed.")
+    protocol = (
+        "Protocol: headline = last-epoch test accuracy, mean ± sample std over the listed seeds; "
+        "best = test accuracy at the epoch best on the validation split; Δ = paired difference "
+        f"(row − reference) with {level:.0%} t-CI over seeds; wins = seeds where the row is ahead, out "
+        "of the paired seeds; costs are means per seed."
+    )
     lines += ["", protocol, ""]
     return lines
 
@@ -103,30 +107,49 @@ def to_markdown(rows: Sequence[Mapping], title: str | None = None) -> str:
     for pair, prows in _by_pair(rows).items():
         pct = f"{(prows[0]['ci_level'] or 0.95):.0%}"
         out += _header(pair, prows)
-        out.append(f"| method | hp | seeds | acc (last) | best (val-selected) | Δ student [{pct} CI] | wins | "
-                   f"Δ KD [{pct} CI] | wins vs KD | train s | teacher s | params | +params | published |")
+        out.append(
+            f"| method | hp | seeds | acc (last) | best (val-selected) | Δ student [{pct} CI] | wins | "
+            f"Δ KD [{pct} CI] | wins vs KD | train s | teacher s | params | +params | published |"
+        )
         out.append("|" + "---|" * 14)
         notes: list[str] = []
         for r in prows:
             best = _pm(r["best_mean"], r["best_std"], r["best_n"]) if r["best_n"] else "—"
             if r["best_selected_on"] == "test":
                 best += " (test-selected)"
-                notes.append(f"- `{_name(r)}`: its best-epoch column was selected on the **test** split (no "
-                             "validation split); it is optimistic and not comparable to val-selected numbers.")
+                notes.append(
+                    f"- `{_name(r)}`: its best-epoch column was selected on the **test** split (no "
+                    "validation split); it is optimistic and not comparable to val-selected numbers."
+                )
             pub = _published(r)
             seeds = ",".join("–" if s is None else str(s) for s in r["seeds"]) or "—"
-            cells = [_name(r), _esc(r["hp"] or "—"), _esc(seeds), _acc(r), best, _delta(r, "d_baseline"),
-                     _wins(r, "d_baseline"), _delta(r, "d_kd"), _wins(r, "d_kd"), _secs(r["train_s_mean"]),
-                     _secs(r["teacher_s_mean"]), _count(r["params"]), _count(r["extra_params"]), pub]
+            cells = [
+                _name(r),
+                _esc(r["hp"] or "—"),
+                _esc(seeds),
+                _acc(r),
+                best,
+                _delta(r, "d_baseline"),
+                _wins(r, "d_baseline"),
+                _delta(r, "d_kd"),
+                _wins(r, "d_kd"),
+                _secs(r["train_s_mean"]),
+                _secs(r["teacher_s_mean"]),
+                _count(r["params"]),
+                _count(r["extra_params"]),
+                pub,
+            ]
             out.append("| " + " | ".join(cells) + " |")
             reasons: dict[str, list[str]] = {}
             for na in r["na"]:
                 reasons.setdefault(na["reason"], []).append("–" if na["seed"] is None else str(na["seed"]))
             for reason, seeds_na in reasons.items():
-                notes.append(f"- `{_name(r)}` n/a (seed{'s' * (len(seeds_na) > 1)} {', '.join(seeds_na)}): "
-                             f"{_esc(reason)}")
-        hashes = {h for r in prows if r["kind"] != "teacher" and r["teacher_hash"]
-                  for h in r["teacher_hash"].split(",")}
+                notes.append(
+                    f"- `{_name(r)}` n/a (seed{'s' * (len(seeds_na) > 1)} {', '.join(seeds_na)}): {_esc(reason)}"
+                )
+        hashes = {
+            h for r in prows if r["kind"] != "teacher" and r["teacher_hash"] for h in r["teacher_hash"].split(",")
+        }
         if len(hashes) > 1:
             notes.append(f"- rows of this pair used different teachers (hashes {', '.join(sorted(hashes))}).")
         out += ([""] + notes if notes else []) + [""]
@@ -138,26 +161,37 @@ def to_markdown_compact(rows: Sequence[Mapping]) -> str:
     ``published`` column when the suite gives papers' numbers)."""
     pct = f"{(rows[0]['ci_level'] or 0.95):.0%}" if rows else "95%"
     pub = any(r.get("published_value") is not None for r in rows)
-    out = [f"| pair | method | acc (last), mean ± std | seeds | Δ student [{pct} CI] | wins | Δ KD [{pct} CI] | "
-           "train s | teacher s | +params |" + (" published |" if pub else ""),
-           "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if pub else "")]
+    out = [
+        f"| pair | method | acc (last), mean ± std | seeds | Δ student [{pct} CI] | wins | Δ KD [{pct} CI] | "
+        "train s | teacher s | +params |" + (" published |" if pub else ""),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if pub else ""),
+    ]
     for r in rows:
         if r["kind"] == "member":
             continue
         paper = f" {_published(r)} |" if pub else ""
         if r["kind"] == "teacher":
-            out.append(f"| {_esc(r['pair'])} | {_name(r)} | {_acc(r)} | — | — | — | — | {_secs(r['train_s_mean'])} "
-                       f"| — | — |{paper}")
+            out.append(
+                f"| {_esc(r['pair'])} | {_name(r)} | {_acc(r)} | — | — | — | — | {_secs(r['train_s_mean'])} "
+                f"| — | — |{paper}"
+            )
             continue
-        out.append(f"| {_esc(r['pair'])} | {_name(r)} | {_acc(r)} | {r['n']} | {_delta(r, 'd_baseline')} | "
-                   f"{_wins(r, 'd_baseline')} | {_delta(r, 'd_kd')} | {_secs(r['train_s_mean'])} | "
-                   f"{_secs(r['teacher_s_mean'])} | {_count(r['extra_params'])} |{paper}")
-    out += ["", ("Last-epoch test accuracy, mean ± sample std over seeds; Δ = paired difference to the same-budget "
-                 f"student trained alone (`ce`) and to KD, with a {pct} t-interval over seeds; wins = seeds ahead "
-                 "of the student alone; train s = mean training seconds per seed; teacher s = teacher-output cache "
-                 "or in-cell teacher training seconds; +params = parameters the method adds during training "
-                 "(adapters, heads, embeddings)." + (" Published: the paper's number for that cell and how it was "
-                                                     "measured." if pub else ""))]
+        out.append(
+            f"| {_esc(r['pair'])} | {_name(r)} | {_acc(r)} | {r['n']} | {_delta(r, 'd_baseline')} | "
+            f"{_wins(r, 'd_baseline')} | {_delta(r, 'd_kd')} | {_secs(r['train_s_mean'])} | "
+            f"{_secs(r['teacher_s_mean'])} | {_count(r['extra_params'])} |{paper}"
+        )
+    out += [
+        "",
+        (
+            "Last-epoch test accuracy, mean ± sample std over seeds; Δ = paired difference to the same-budget "
+            f"student trained alone (`ce`) and to KD, with a {pct} t-interval over seeds; wins = seeds ahead "
+            "of the student alone; train s = mean training seconds per seed; teacher s = teacher-output cache "
+            "or in-cell teacher training seconds; +params = parameters the method adds during training "
+            "(adapters, heads, embeddings)."
+            + (" Published: the paper's number for that cell and how it was measured." if pub else "")
+        ),
+    ]
     return "\n".join(out) + "\n"
 
 

@@ -25,8 +25,11 @@ def objective_value(record: Mapping[str, Any], name: str) -> float | None:
     return float(v) if is_number(v) else None
 
 
-def pareto_front(records: Sequence[Mapping[str, Any]], objectives: Sequence[str] = ("accuracy", "latency_ms_b1"),
-                 maximize: Sequence[str] = ("accuracy",)) -> list[dict]:
+def pareto_front(
+    records: Sequence[Mapping[str, Any]],
+    objectives: Sequence[str] = ("accuracy", "latency_ms_b1"),
+    maximize: Sequence[str] = ("accuracy",),
+) -> list[dict]:
     """The non-dominated feasible records (Deb et al. 2002, Sec. III-A: Pareto domination).
 
     ``a`` dominates ``b`` when it is no worse in every objective and better in one (names in
@@ -74,8 +77,8 @@ def _pair_counts(x: Any, y: Any) -> tuple[float, float, float, float]:
         raise ConfigError("kendall_tau: x and y must be finite (a NaN or inf was given)")
     con = dis = tx = ty = 0.0
     for s in range(0, len(x), 1024):  # blocks of rows bound the memory at 1024 x N
-        dx = np.sign(x[s:s + 1024, None] - x[None, :])  # (b, N)
-        dy = np.sign(y[s:s + 1024, None] - y[None, :])  # (b, N)
+        dx = np.sign(x[s : s + 1024, None] - x[None, :])  # (b, N)
+        dy = np.sign(y[s : s + 1024, None] - y[None, :])  # (b, N)
         prod = dx * dy
         con, dis = con + (prod > 0).sum(), dis + (prod < 0).sum()
         tx, ty = tx + (dx != 0).sum(), ty + (dy != 0).sum()
@@ -133,13 +136,28 @@ def proxy_trust(proxy_acc: Sequence[float], full_acc: Sequence[float], alpha: fl
     agree = con / (con + dis) if con + dis else float("nan")
     out = {"tau": tau, "n": n, "agreement": agree, "z": z, "p_value": p}
     if not math.isfinite(tau):
-        return {**out, "verdict": "inconclusive", "reason": "every candidate got the same accuracy from the proxy "
-                "or from full training, so there is no ranking to compare"}
+        return {
+            **out,
+            "verdict": "inconclusive",
+            "reason": "every candidate got the same accuracy from the proxy "
+            "or from full training, so there is no ranking to compare",
+        }
     if not p < alpha:
-        return {**out, "verdict": "inconclusive", "reason": f"with {n} candidates a tau of {tau:.2f} can be chance "
-                f"(p={p:.2g}); train more candidates fully to tell"}
+        return {
+            **out,
+            "verdict": "inconclusive",
+            "reason": f"with {n} candidates a tau of {tau:.2f} can be chance "
+            f"(p={p:.2g}); train more candidates fully to tell",
+        }
     verdict = next((name for cut, name in TRUST_LEVELS if tau >= cut), "untrustworthy")
-    what = {"trustworthy": "pick the front with it", "rough": "use it to drop clearly bad candidates, then train "
-            "a wider front fully", "untrustworthy": "do not pick students with it"}[verdict]
-    return {**out, "verdict": verdict, "reason": f"the proxy orders {agree:.0%} of candidate pairs as full training "
-            f"does (tau {tau:.2f}, n={n}): {what}"}
+    what = {
+        "trustworthy": "pick the front with it",
+        "rough": "use it to drop clearly bad candidates, then train a wider front fully",
+        "untrustworthy": "do not pick students with it",
+    }[verdict]
+    return {
+        **out,
+        "verdict": verdict,
+        "reason": f"the proxy orders {agree:.0%} of candidate pairs as full training "
+        f"does (tau {tau:.2f}, n={n}): {what}",
+    }

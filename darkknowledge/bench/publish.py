@@ -32,8 +32,10 @@ def rows_of(bench: Any) -> list[dict[str, Any]]:
     """The summarized rows of the bench's finished, current cells."""
     results = bench.finished_results()
     if not results:
-        raise ConfigError(f"suite {bench.suite.name!r}: no finished cell in {bench.results}; run `dk bench "
-                          f"{bench.suite.name}` first (with the same --results)")
+        raise ConfigError(
+            f"suite {bench.suite.name!r}: no finished cell in {bench.results}; run `dk bench "
+            f"{bench.suite.name}` first (with the same --results)"
+        )
     return tables.summarize(results, published_of(bench.suite))
 
 
@@ -44,8 +46,11 @@ def status_notes(bench: Any) -> list[str]:
     if st.todo or st.waiting:
         notes.append(f"{len(st.todo) + len(st.waiting)} cell(s) not run yet: the tables show the finished ones only.")
     if st.stale:
-        notes.append(f"{len(st.stale)} stale cell(s) (their config changed since they ran) are left out: "
-                     + ", ".join(c.id for c in st.stale[:10]) + (" ..." if len(st.stale) > 10 else ""))
+        notes.append(
+            f"{len(st.stale)} stale cell(s) (their config changed since they ran) are left out: "
+            + ", ".join(c.id for c in st.stale[:10])
+            + (" ..." if len(st.stale) > 10 else "")
+        )
     return notes
 
 
@@ -60,8 +65,9 @@ def write_tables(bench: Any, readme: Path | None = None, figures: bool = True) -
     notes = status_notes(bench)
     body = "\n".join(head + [""] + [f"> {n}" for n in notes] + ([""] if notes else [])) + "\n"
     written = {
-        "md": atomic_write(folder / f"{suite.name}.md", lambda f: f.write(body + markdown.to_markdown(rows)),
-                           binary=False),
+        "md": atomic_write(
+            folder / f"{suite.name}.md", lambda f: f.write(body + markdown.to_markdown(rows)), binary=False
+        ),
         "csv": atomic_write(folder / f"{suite.name}.csv", lambda f: f.write(tables.to_csv(rows)), binary=False),
         "json": atomic_write(folder / f"{suite.name}.json", lambda f: f.write(tables.to_json(rows)), binary=False),
     }
@@ -92,8 +98,9 @@ def readme_section(text: str, name: str, kind: str = "bench") -> str:
     begin, end = _markers(name, kind)
     m = re.search(re.escape(begin) + r"\n(.*?)" + re.escape(end), text, flags=re.S)
     if m is None:
-        raise ConfigError(f"the README has no block for {kind} {name!r}: add the lines {begin} and {end} where the "
-                          "table should go")
+        raise ConfigError(
+            f"the README has no block for {kind} {name!r}: add the lines {begin} and {end} where the table should go"
+        )
     return m.group(1)
 
 

@@ -49,9 +49,11 @@ class Status:
 
     def lines(self) -> list[str]:
         """A short human-readable summary."""
-        out = [f"done {len(self.done)}, stale {len(self.stale)}, to run {len(self.todo)}"
-               + (f", waiting for their teacher {len(self.waiting)}" if self.waiting else "")
-               + (f", failed {len(self.failed)}" if self.failed else "")]
+        out = [
+            f"done {len(self.done)}, stale {len(self.stale)}, to run {len(self.todo)}"
+            + (f", waiting for their teacher {len(self.waiting)}" if self.waiting else "")
+            + (f", failed {len(self.failed)}" if self.failed else "")
+        ]
         out += [f"  stale (config changed since it ran): {c.id}" for c in self.stale]
         out += [f"  failed: {c.id}: {why}" for c, why in self.failed]
         return out
@@ -98,8 +100,9 @@ class Bench:
         if cell.kind == "teacher":
             return teacher_config(self.suite, cell.pair)
         assert cell.seed is not None  # a student's cell has a seed
-        return student_config(self.suite, cell.pair, cell.method, cell.seed, teacher_checkpoint,
-                              self._tuned(cell)[1], self._read)
+        return student_config(
+            self.suite, cell.pair, cell.method, cell.seed, teacher_checkpoint, self._tuned(cell)[1], self._read
+        )
 
     def raw_default(self, cell: Cell, teacher_checkpoint: str | None) -> dict[str, Any]:
         """The cell's raw config with the method's default (untuned) values."""
@@ -126,15 +129,24 @@ class Bench:
             payload = read_export(path)
             recorded = payload.get("result")
             recorded = recorded if isinstance(recorded, dict) else {}
-            return {"model": spec.get("name"), "hash": state_hash(payload["state_dict"]), "checkpoint": str(path),
-                    "last_acc": recorded.get("last_acc"), "train_seconds": 0.0}
+            return {
+                "model": spec.get("name"),
+                "hash": state_hash(payload["state_dict"]),
+                "checkpoint": str(path),
+                "last_acc": recorded.get("last_acc"),
+                "train_seconds": 0.0,
+            }
         res = read_result(Cell(pair, "teacher").result_path(self.results))
         if res is None or res.get("status") != "done" or res.get("key") != self.key(Cell(pair, "teacher")):
             return None
         copy = Cell(pair, "teacher").result_path(self.results).with_suffix(".pt")  # kept with the results
-        return {"model": res.get("student"), "hash": res.get("hash"),
-                "checkpoint": str(copy.resolve()) if copy.is_file() else res.get("exported"),
-                "last_acc": res.get("last_acc"), "train_seconds": res.get("train_seconds")}
+        return {
+            "model": res.get("student"),
+            "hash": res.get("hash"),
+            "checkpoint": str(copy.resolve()) if copy.is_file() else res.get("exported"),
+            "last_acc": res.get("last_acc"),
+            "train_seconds": res.get("train_seconds"),
+        }
 
     def key(self, cell: Cell, teacher: dict[str, Any] | None = None) -> str:
         """The cell's key (a student cell needs its pair's ``teacher``)."""
@@ -154,12 +166,24 @@ class Bench:
         hp, tuned = self._tuned(cell)
         key = cell_key(check_cell_config(raw, cell.id), teacher["hash"] if uses and teacher else None)
         public = {k: v for k, v in (teacher or {}).items() if k != "checkpoint"} if uses else None
-        return CellTask(cell, self.suite.name, raw, key, str(cell.work_dir(self.out)),
-                        str(cell.result_path(self.results)), hp, tuned, public)
+        return CellTask(
+            cell,
+            self.suite.name,
+            raw,
+            key,
+            str(cell.work_dir(self.out)),
+            str(cell.result_path(self.results)),
+            hp,
+            tuned,
+            public,
+        )
 
     def _needs_teacher(self, cell: Cell) -> bool:
-        return (cell.kind == "method" and self.suite.method(cell.method).teacher == "pair"
-                and "teacher" in self._raw(cell, None))
+        return (
+            cell.kind == "method"
+            and self.suite.method(cell.method).teacher == "pair"
+            and "teacher" in self._raw(cell, None)
+        )
 
     # ---------------------------------------------------------------- state
     def status(self) -> Status:
@@ -185,8 +209,9 @@ class Bench:
         return [read_result(c.result_path(self.results)) for c in self.status().done]  # type: ignore[misc]
 
     # ---------------------------------------------------------------- running
-    def run(self, executor: str = "serial", jobs: int = 1, cluster: str | None = None,
-            slurm: dict[str, Any] | None = None) -> Status:
+    def run(
+        self, executor: str = "serial", jobs: int = 1, cluster: str | None = None, slurm: dict[str, Any] | None = None
+    ) -> Status:
         """Run the teachers, then every other cell that is not finished with its current key."""
         log.info("%s: %s", self.suite.name, "\n".join(self.status().lines()))
         failures = self.run_teachers(executor, jobs, cluster, slurm)
@@ -197,20 +222,23 @@ class Bench:
         st.failed = failures
         return st
 
-    def run_teachers(self, executor: str = "serial", jobs: int = 1, cluster: str | None = None,
-                     slurm: dict[str, Any] | None = None) -> list[tuple[Cell, str]]:
+    def run_teachers(
+        self, executor: str = "serial", jobs: int = 1, cluster: str | None = None, slurm: dict[str, Any] | None = None
+    ) -> list[tuple[Cell, str]]:
         """Train the pairs' teachers that are not finished with their current key."""
         st = self.status()
         cells = [c for c in st.todo + st.stale if c.kind == "teacher"]
         return self._run([t for t in (self.task(c) for c in cells) if t is not None], executor, jobs, cluster, slurm)
 
-    def _run(self, tasks: list[CellTask], executor: str, jobs: int, cluster: str | None,
-             slurm: dict[str, Any] | None) -> list[tuple[Cell, str]]:
+    def _run(
+        self, tasks: list[CellTask], executor: str, jobs: int, cluster: str | None, slurm: dict[str, Any] | None
+    ) -> list[tuple[Cell, str]]:
         failures = []
         for task in tasks:
             self._event(task, "queued")
-        for i, (task, result, exc) in enumerate(run_tasks(tasks, executor, jobs, self.out / "submitit", cluster,
-                                                          slurm), 1):
+        for i, (task, result, exc) in enumerate(
+            run_tasks(tasks, executor, jobs, self.out / "submitit", cluster, slurm), 1
+        ):
             if exc is not None:
                 why = str(exc) if isinstance(exc, DarkKnowledgeError) else f"{type(exc).__name__}: {exc}"
                 self._event(task, "failed", reason=why)
@@ -220,13 +248,24 @@ class Bench:
             assert result is not None  # no exception: a result
             self._event(task, "end", status=result["status"])
             acc = result.get("last_acc")
-            log.info("[%d/%d] %s: %s (%.1f s)", i, len(tasks), task.cell.id,
-                     f"{acc:.2f}" if acc is not None else result["status"], result.get("wall_seconds", 0.0))
+            log.info(
+                "[%d/%d] %s: %s (%.1f s)",
+                i,
+                len(tasks),
+                task.cell.id,
+                f"{acc:.2f}" if acc is not None else result["status"],
+                result.get("wall_seconds", 0.0),
+            )
         return failures
 
     def _event(self, task: CellTask, event: str, **extra: Any) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "cell": task.cell.id, "key": task.key, "event": event,
-                **extra}
+        line = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "cell": task.cell.id,
+            "key": task.key,
+            "event": event,
+            **extra,
+        }
         with open(self.out / "bench.jsonl", "a", encoding="utf-8") as f:  # append-only log of this process
             f.write(json.dumps(line) + "\n")

@@ -79,8 +79,10 @@ class SearchSpec(_Strict):
     recipe: str = Field(description="base recipe: teacher, data, losses, training budget, reference student")
     overrides: list[str] = Field(default_factory=list, description="dotted overrides of the recipe")
     space: dict[str, Any] = Field(description="the student space: {model, params, ops}")
-    limits: dict[str, float | str] = Field(default_factory=dict, description="upper bounds on measured keys "
-                                           "(params, flops, latency_ms_b1); `reference` = the recipe student's")
+    limits: dict[str, float | str] = Field(
+        default_factory=dict,
+        description="upper bounds on measured keys (params, flops, latency_ms_b1); `reference` = the recipe student's",
+    )
     objectives: list[str] = Field(default_factory=lambda: ["accuracy", "latency_ms_b1"])
     trials: int = Field(default=12, ge=1)
     seed: int = 0
@@ -96,8 +98,11 @@ def load_search(name_or_path: str) -> SearchSpec:
     else:
         shipped = resources.files("darkknowledge.bench").joinpath("searches").joinpath(f"{name_or_path}.yaml")
         if not shipped.is_file():
-            names = sorted(Path(f.name).stem for f in resources.files("darkknowledge.bench").joinpath("searches")
-                           .iterdir() if f.name.endswith(".yaml"))
+            names = sorted(
+                Path(f.name).stem
+                for f in resources.files("darkknowledge.bench").joinpath("searches").iterdir()
+                if f.name.endswith(".yaml")
+            )
             raise ConfigError(f"unknown search {name_or_path!r}; shipped searches: {', '.join(names)}, or a YAML path")
         text = shipped.read_text()
     try:
@@ -132,9 +137,14 @@ class StudentSearch:
         from darkknowledge.students.profile import profile_model
 
         example = torch.randn((1, *self.info.input_shape), generator=torch.Generator().manual_seed(0))
-        found = profile_model(self._model(student), example, batch_n=self.base.data.batch_size,
-                              repeats=max(self.base.profile.repeats, 20), warmup=self.base.profile.warmup,
-                              quant_bits_default=self.base.profile.quant_bits)
+        found = profile_model(
+            self._model(student),
+            example,
+            batch_n=self.base.data.batch_size,
+            repeats=max(self.base.profile.repeats, 20),
+            warmup=self.base.profile.warmup,
+            quant_bits_default=self.base.profile.quant_bits,
+        )
         return dataclasses.asdict(found)
 
     @staticmethod
@@ -150,12 +160,17 @@ class StudentSearch:
             return float(json.loads(done.read_text())["last_acc"])
         over = {"student": student.model_dump(mode="json", exclude_defaults=True), "seed": seed, "seeds": [seed]}
         if proxy:
-            over |= {"train": {"epochs": self.spec.proxy.epochs}, "data": {"holdout": "val"},
-                     "cache": {"enabled": True}}
+            over |= {
+                "train": {"epochs": self.spec.proxy.epochs},
+                "data": {"holdout": "val"},
+                "cache": {"enabled": True},
+            }
         raw = deep_merge({k: v for k, v in self.base.model_dump(mode="json").items() if k != "student"}, over)
         if proxy and not raw["data"].get("val_fraction"):
-            raise ConfigError(f"search {self.spec.name!r}: the proxy is judged on a validation split; give recipe "
-                              f"{self.spec.recipe!r} data.val_fraction > 0")
+            raise ConfigError(
+                f"search {self.spec.name!r}: the proxy is judged on a validation split; give recipe "
+                f"{self.spec.recipe!r} data.val_fraction > 0"
+            )
         if folder.exists():  # a run killed before its result: start it again
             import shutil
 
@@ -178,33 +193,74 @@ class StudentSearch:
             folder = hashlib.sha256(c.key.encode()).hexdigest()[:12]
             return self._run(self.student_of(c), self.out / "proxy" / folder, self.spec.seed, proxy=True)
 
-        result = search_students(self.space, measure, proxy, self.spec.trials, self.out, seed=self.spec.seed,
-                                 limits=limits, objectives=tuple(self.spec.objectives), progress=self.progress)
+        result = search_students(
+            self.space,
+            measure,
+            proxy,
+            self.spec.trials,
+            self.out,
+            seed=self.spec.seed,
+            limits=limits,
+            objectives=tuple(self.spec.objectives),
+            progress=self.progress,
+        )
         cost = next((o for o in self.spec.objectives if o != "accuracy"), "latency_ms_b1")
         front = sorted(result.front, key=lambda r: r["metrics"][cost])  # cheapest first
         chosen = _spread(front, self.spec.final.count)
-        rows = [("reference", "recipe student", ref, ref_profile,
-                 self._run(ref, self.out / "proxy" / "reference", self.spec.seed, proxy=True))]
-        rows += [(f"front-{i}", Candidate.from_dict(r["candidate"]).describe(),
-                  self.student_of(Candidate.from_dict(r["candidate"])), r["metrics"], r["accuracy"])
-                 for i, r in enumerate(chosen)]
+        rows = [
+            (
+                "reference",
+                "recipe student",
+                ref,
+                ref_profile,
+                self._run(ref, self.out / "proxy" / "reference", self.spec.seed, proxy=True),
+            )
+        ]
+        rows += [
+            (
+                f"front-{i}",
+                Candidate.from_dict(r["candidate"]).describe(),
+                self.student_of(Candidate.from_dict(r["candidate"])),
+                r["metrics"],
+                r["accuracy"],
+            )
+            for i, r in enumerate(chosen)
+        ]
         final: list[dict[str, Any]] = []
         for tag, label, student, prof, proxy_acc in rows:
-            accs = [self._run(student, self.out / "final" / tag / f"s{s}", s, proxy=False)
-                    for s in self.spec.final.seeds]
-            final.append({"tag": tag, "label": label, "student": student.model_dump(mode="json", exclude_defaults=True),
-                          "profile": prof, "proxy_acc": proxy_acc, "accs": accs, "mean": statistics.fmean(accs),
-                          "std": statistics.stdev(accs) if len(accs) > 1 else 0.0})
+            accs = [
+                self._run(student, self.out / "final" / tag / f"s{s}", s, proxy=False) for s in self.spec.final.seeds
+            ]
+            final.append(
+                {
+                    "tag": tag,
+                    "label": label,
+                    "student": student.model_dump(mode="json", exclude_defaults=True),
+                    "profile": prof,
+                    "proxy_acc": proxy_acc,
+                    "accs": accs,
+                    "mean": statistics.fmean(accs),
+                    "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                }
+            )
         trust = proxy_trust([f["proxy_acc"] for f in final], [f["mean"] for f in final]) if len(final) > 1 else None
         assert self.base.teacher is not None  # checked in __init__
         teacher = self.profile(self.base.teacher)
         report = self._report(result, final, trust, teacher, limits)
-        atomic_write_text(json.dumps({"limits": limits, "final": final, "trust": trust}, indent=2, default=str) + "\n",
-                          self.out / "final.json")
+        atomic_write_text(
+            json.dumps({"limits": limits, "final": final, "trust": trust}, indent=2, default=str) + "\n",
+            self.out / "final.json",
+        )
         return {"out": self.out, "result": result, "final": final, "trust": trust, "report": report}
 
-    def _report(self, result: Any, final: list[dict[str, Any]], trust: dict[str, Any] | None,
-                teacher: dict[str, Any], limits: dict[str, float]) -> Path:
+    def _report(
+        self,
+        result: Any,
+        final: list[dict[str, Any]],
+        trust: dict[str, Any] | None,
+        teacher: dict[str, Any],
+        limits: dict[str, float],
+    ) -> Path:
         from darkknowledge.students.report import (
             plot_accuracy_latency,
             profile_row,
@@ -215,19 +271,36 @@ class StudentSearch:
         rows = [profile_row("teacher", self.base.teacher.name, teacher, None)]
         rows += [profile_row(f["tag"], f["label"], f["profile"], f["mean"]) for f in final]
         seeds = ",".join(str(s) for s in self.spec.final.seeds)
-        setup = (f"Base recipe `{self.spec.recipe}`; limits {json.dumps(limits)}; {self.spec.trials} trials, "
-                 f"NSGA-II seed {self.spec.seed}; proxy: KD for {self.spec.proxy.epochs} epochs on cached teacher "
-                 "outputs, validation-split accuracy.")
-        lines = [f"# dk search {self.spec.name}", "", self.spec.description, "", setup, "",
-                 "## Trials", "", result.to_markdown().rstrip("\n"), "",
-                 f"## Full budget (seeds {seeds}, last-epoch test accuracy)", "",
-                 "| student | spec | proxy acc (val) | acc mean ± std |", "|---|---|---|---|"]
-        lines += [f"| {f['tag']} | {f['label']} | {f['proxy_acc']:.2f} | {f['mean']:.2f} ± {f['std']:.2f} |"
-                  for f in final]
+        setup = (
+            f"Base recipe `{self.spec.recipe}`; limits {json.dumps(limits)}; {self.spec.trials} trials, "
+            f"NSGA-II seed {self.spec.seed}; proxy: KD for {self.spec.proxy.epochs} epochs on cached teacher "
+            "outputs, validation-split accuracy."
+        )
+        lines = [
+            f"# dk search {self.spec.name}",
+            "",
+            self.spec.description,
+            "",
+            setup,
+            "",
+            "## Trials",
+            "",
+            result.to_markdown().rstrip("\n"),
+            "",
+            f"## Full budget (seeds {seeds}, last-epoch test accuracy)",
+            "",
+            "| student | spec | proxy acc (val) | acc mean ± std |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {f['tag']} | {f['label']} | {f['proxy_acc']:.2f} | {f['mean']:.2f} ± {f['std']:.2f} |" for f in final
+        ]
         lines += ["", student_table(rows).rstrip("\n"), ""]
         if trust is not None:
-            lines.append(f"Proxy vs full budget over these {trust.get('n')} students: Kendall tau "
-                         f"{trust.get('tau', float('nan')):.2f}; {trust.get('verdict', '')}")
+            lines.append(
+                f"Proxy vs full budget over these {trust.get('n')} students: Kendall tau "
+                f"{trust.get('tau', float('nan')):.2f}; {trust.get('verdict', '')}"
+            )
         if plot_accuracy_latency(rows, self.out / "search.png") is not None:
             lines += ["", "![accuracy against latency](search.png)"]
         return atomic_write_text("\n".join(lines) + "\n", self.out / "search.md")
@@ -243,8 +316,9 @@ def _spread(records: Sequence[dict[str, Any]], count: int) -> list[dict[str, Any
     return [records[i] for i in picks]
 
 
-def search_command(name: str, out: str | Path | None = None, trials: int | None = None,
-                   progress: bool = False) -> dict[str, Any]:
+def search_command(
+    name: str, out: str | Path | None = None, trials: int | None = None, progress: bool = False
+) -> dict[str, Any]:
     """``dk search NAME``: run (or resume) a search; returns the report path and the final rows."""
     spec = load_search(name)
     if trials is not None:

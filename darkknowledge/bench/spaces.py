@@ -68,13 +68,14 @@ def suite_space(overrides: Any, where: str = "space") -> dict[str, Range]:
     if overrides is None:
         return {}
     if not isinstance(overrides, Mapping):
-        raise ConfigError(f"{where}: expected a mapping of config paths to ranges, e.g. "
-                          f"{{losses.kd.T: {{low: 1, high: 8, log: true}}}}; got {type(overrides).__name__}")
+        raise ConfigError(
+            f"{where}: expected a mapping of config paths to ranges, e.g. "
+            f"{{losses.kd.T: {{low: 1, high: 8, log: true}}}}; got {type(overrides).__name__}"
+        )
     out: dict[str, Range] = {}
     for key, raw in overrides.items():
         if not isinstance(key, str) or not key.strip() or not all(part.strip() for part in key.split(".")):
-            raise ConfigError(f"{where}: {key!r} is not a dotted config path such as losses.kd.T or "
-                              "train.optimizer.lr")
+            raise ConfigError(f"{where}: {key!r} is not a dotted config path such as losses.kd.T or train.optimizer.lr")
         out[key.strip()] = Range.from_mapping(raw, where=f"{where}.{key.strip()}")
     return out
 

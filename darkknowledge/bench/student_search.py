@@ -98,8 +98,10 @@ def _trial_seed(seed: int, number: int) -> int:
 def _check_objectives(objectives: Any) -> tuple[str, ...]:
     objectives = (objectives,) if isinstance(objectives, str) else tuple(objectives or ())
     if not objectives or not all(o and isinstance(o, str) for o in objectives) or len({*objectives}) < len(objectives):
-        raise ConfigError(f"objectives {list(objectives)!r}: expected distinct names, 'accuracy' (maximised) and/or "
-                          "keys of measure's result (minimised), e.g. ('accuracy', 'latency_ms_b1')")
+        raise ConfigError(
+            f"objectives {list(objectives)!r}: expected distinct names, 'accuracy' (maximised) and/or "
+            "keys of measure's result (minimised), e.g. ('accuracy', 'latency_ms_b1')"
+        )
     return objectives
 
 
@@ -110,8 +112,10 @@ def _check_limits(limits: Any) -> dict[str, float]:
         raise ConfigError(f"limits: expected a mapping such as {{'params': 20000}}, got {limits!r}")
     for k, v in limits.items():
         if k == "accuracy" or not isinstance(k, str):
-            raise ConfigError(f"limits: {k!r} cannot be limited; limits are upper bounds on measure's keys "
-                              "(params, flops, latency_ms_b1, ...)")
+            raise ConfigError(
+                f"limits: {k!r} cannot be limited; limits are upper bounds on measure's keys "
+                "(params, flops, latency_ms_b1, ...)"
+            )
         if not is_number(v) or v <= 0:
             raise ConfigError(f"limits.{k}: expected a positive number (an upper bound), got {v!r}")
     return {k: float(v) for k, v in limits.items()}
@@ -122,23 +126,35 @@ def _metrics(raw: Any, cand: Candidate, needed: Sequence[str]) -> dict[str, Any]
     if dataclasses.is_dataclass(raw) and not isinstance(raw, type):
         raw = dataclasses.asdict(raw)
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"measure({cand.describe()}) returned {type(raw).__name__}; expected a mapping such as "
-                          "{'params': ..., 'flops': ..., 'latency_ms_b1': ...}")
+        raise ConfigError(
+            f"measure({cand.describe()}) returned {type(raw).__name__}; expected a mapping such as "
+            "{'params': ..., 'flops': ..., 'latency_ms_b1': ...}"
+        )
     bad = [k for k in needed if not is_number(raw.get(k))]
     if bad:
         got = ", ".join(f"{k}={raw.get(k)!r}" for k in bad)
-        raise ConfigError(f"measure({cand.describe()}): {got}; the objectives and limits need finite numbers for "
-                          f"{', '.join(needed)} (it returned keys: {', '.join(map(str, raw)) or 'none'})")
-    out: dict[str, Any] = {str(k): (int(v) if isinstance(v, numbers.Integral) else float(v))
-                           for k, v in raw.items() if is_number(v)}
+        raise ConfigError(
+            f"measure({cand.describe()}): {got}; the objectives and limits need finite numbers for "
+            f"{', '.join(needed)} (it returned keys: {', '.join(map(str, raw)) or 'none'})"
+        )
+    out: dict[str, Any] = {
+        str(k): (int(v) if isinstance(v, numbers.Integral) else float(v)) for k, v in raw.items() if is_number(v)
+    }
     out.update({str(k): v for k, v in raw.items() if v is None or isinstance(v, (str, bool))})  # e.g. a device name
     return out
 
 
-def _header(space: StudentSpace, objectives: tuple[str, ...], limits: Mapping[str, float], seed: int,
-            population: int) -> dict[str, Any]:
-    header = {"format": FORMAT, "space": space.to_dict(), "objectives": list(objectives), "limits": dict(limits),
-              "seed": int(seed), "sampler": {"name": "NSGAIISampler", "population_size": int(population)}}
+def _header(
+    space: StudentSpace, objectives: tuple[str, ...], limits: Mapping[str, float], seed: int, population: int
+) -> dict[str, Any]:
+    header = {
+        "format": FORMAT,
+        "space": space.to_dict(),
+        "objectives": list(objectives),
+        "limits": dict(limits),
+        "seed": int(seed),
+        "sampler": {"name": "NSGAIISampler", "population_size": int(population)},
+    }
     return json.loads(json.dumps(header))
 
 
@@ -164,8 +180,10 @@ def _load(path: Path, header: Mapping[str, Any], budget: int, space: StudentSpac
             raise ConfigError(f"{str(path)!r}: trial record {i} is malformed ({r!r:.200}); search into another folder")
     distinct = len({json.dumps(r["candidate"], sort_keys=True) for r in done})
     if distinct > budget:
-        raise ConfigError(f"{str(path)!r} holds {distinct} evaluated candidates, more than trials={budget}; ask for at "
-                          f"least {distinct} (more extends the search) or search into another folder")
+        raise ConfigError(
+            f"{str(path)!r} holds {distinct} evaluated candidates, more than trials={budget}; ask for at "
+            f"least {distinct} (more extends the search) or search into another folder"
+        )
     return done
 
 
@@ -190,13 +208,20 @@ def _replay(optuna: Any, study: Any, space: StudentSpace, records: list[dict], o
     dists = space.distributions()
     for r in records:
         state, values = _tell(r, objectives)
-        study.add_trial(optuna.trial.create_trial(
-            params=space.optuna_params(Candidate.from_dict(r["candidate"])), distributions=dists, values=values,
-            system_attrs=r["system_attrs"], state=getattr(optuna.trial.TrialState, state)))
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=space.optuna_params(Candidate.from_dict(r["candidate"])),
+                distributions=dists,
+                values=values,
+                system_attrs=r["system_attrs"],
+                state=getattr(optuna.trial.TrialState, state),
+            )
+        )
 
 
-def _immigrant(space: StudentSpace, first: Mapping[str, Any], records: Sequence[Mapping[str, Any]], population: int,
-               seed: int) -> Candidate | None:
+def _immigrant(
+    space: StudentSpace, first: Mapping[str, Any], records: Sequence[Mapping[str, Any]], population: int, seed: int
+) -> Candidate | None:
     """After ``population`` repeats in a row, a random candidate not evaluated yet ("random immigrants",
     Grefenstette 1992), for spaces of at most :data:`IMMIGRANT_GRID` candidates; else None."""
     repeats = next((i for i, r in enumerate(reversed(records)) if r.get("reused_from") is None), len(records))
@@ -206,8 +231,13 @@ def _immigrant(space: StudentSpace, first: Mapping[str, Any], records: Sequence[
     return fresh[int(np.random.default_rng(seed).integers(len(fresh)))] if fresh else None
 
 
-def _evaluate(cand: Candidate, measure: Callable[[Candidate], Any], proxy: Callable[[Candidate], float],
-              limits: Mapping[str, float], needed: Sequence[str]) -> dict[str, Any]:
+def _evaluate(
+    cand: Candidate,
+    measure: Callable[[Candidate], Any],
+    proxy: Callable[[Candidate], float],
+    limits: Mapping[str, float],
+    needed: Sequence[str],
+) -> dict[str, Any]:
     """Measure ``cand``; when within every limit, its proxy accuracy (a diverged run: no accuracy)."""
     metrics = _metrics(measure(cand), cand, needed)
     violations = {k: metrics[k] / lim - 1.0 for k, lim in limits.items() if metrics[k] > lim}
@@ -224,11 +254,19 @@ def _evaluate(cand: Candidate, measure: Callable[[Candidate], Any], proxy: Calla
     return {**out, "state": "complete", "accuracy": float(acc)}
 
 
-def search_students(space: StudentSpace | Mapping[str, Any], measure: Callable[[Candidate], Any],
-                    proxy: Callable[[Candidate], float], trials: int, out_dir: str | Path, seed: int = 0,
-                    limits: Mapping[str, float] | None = None,
-                    objectives: Sequence[str] = ("accuracy", "latency_ms_b1"), *,
-                    population_size: int = DEFAULT_POPULATION, progress: bool = False) -> SearchResult:
+def search_students(
+    space: StudentSpace | Mapping[str, Any],
+    measure: Callable[[Candidate], Any],
+    proxy: Callable[[Candidate], float],
+    trials: int,
+    out_dir: str | Path,
+    seed: int = 0,
+    limits: Mapping[str, float] | None = None,
+    objectives: Sequence[str] = ("accuracy", "latency_ms_b1"),
+    *,
+    population_size: int = DEFAULT_POPULATION,
+    progress: bool = False,
+) -> SearchResult:
     """Search ``space`` with NSGA-II until ``trials`` distinct candidates are evaluated (module docstring).
 
     Args:
@@ -284,8 +322,9 @@ def search_students(space: StudentSpace | Mapping[str, Any], measure: Callable[[
             if len(first) >= min(trials, space.size()):
                 break
             kw = {} if native or not limits else {"constraints_func": _constraints_of}
-            study.sampler = optuna.samplers.NSGAIISampler(population_size=population_size,
-                                                          seed=_trial_seed(seed, number), **kw)
+            study.sampler = optuna.samplers.NSGAIISampler(
+                population_size=population_size, seed=_trial_seed(seed, number), **kw
+            )
             immigrant = _immigrant(space, first, records, population_size, _trial_seed(seed, number))
             if immigrant is not None:
                 study.enqueue_trial(space.optuna_params(immigrant))
@@ -295,8 +334,9 @@ def search_students(space: StudentSpace | Mapping[str, Any], measure: Callable[[
             start = time.perf_counter()
             prior = first.get(cand.key)
             if prior is not None:
-                record.update({k: prior[k] for k in ("state", "metrics", "accuracy", "violations")},
-                              reused_from=prior["number"])
+                record.update(
+                    {k: prior[k] for k in ("state", "metrics", "accuracy", "violations")}, reused_from=prior["number"]
+                )
             else:
                 _save(path, header, [*records, {**record, "state": "running"}])
                 record.update(_evaluate(cand, measure, proxy, limits, needed), reused_from=None)
@@ -314,12 +354,22 @@ def search_students(space: StudentSpace | Mapping[str, Any], measure: Callable[[
             record["system_attrs"] = json.loads(json.dumps(study.get_trials(deepcopy=False)[asked.number].system_attrs))
             records.append(record)
             _save(path, header, records)
-            say("student search: trial %d (candidate %d/%d) %s: %s%s", number, len(first), trials, cand.describe(),
+            say(
+                "student search: trial %d (candidate %d/%d) %s: %s%s",
+                number,
+                len(first),
+                trials,
+                cand.describe(),
                 record["state"] if prior is None else f"a repeat of trial {prior['number']}",
-                "" if record["accuracy"] is None else f", accuracy {record['accuracy']:.4g}")
+                "" if record["accuracy"] is None else f", accuracy {record['accuracy']:.4g}",
+            )
         if len(first) < min(trials, space.size()):
-            log.warning("student search: %d proposals gave %d distinct candidates of the %d asked: stopped",
-                        len(records), len(first), trials)
+            log.warning(
+                "student search: %d proposals gave %d distinct candidates of the %d asked: stopped",
+                len(records),
+                len(first),
+                trials,
+            )
     return SearchResult.from_records(records, objectives, limits)
 
 
@@ -357,8 +407,9 @@ class SearchResult:
     limits: dict[str, float]
 
     @classmethod
-    def from_records(cls, records: Sequence[dict], objectives: Sequence[str],
-                     limits: Mapping[str, float] | None = None) -> SearchResult:
+    def from_records(
+        cls, records: Sequence[dict], objectives: Sequence[str], limits: Mapping[str, float] | None = None
+    ) -> SearchResult:
         """The front and the best record per objective of ``records``."""
         objectives = _check_objectives(objectives)
         feasible = pareto_front(records, ())  # every feasible record, each candidate once
@@ -383,20 +434,43 @@ class SearchResult:
             return r["state"].replace("complete", "dominated")
 
         rows.sort(key=lambda r: (status(r) != "**front**", r["state"] != "complete", -(r["accuracy"] or 0.0)))
-        lines = [f"| # | candidate | params | FLOPs | latency b1 (ms) | {' | '.join(extra + [''])}proxy acc | front |",
-                 "|" + "---|" * (7 + len(extra))]
+        lines = [
+            f"| # | candidate | params | FLOPs | latency b1 (ms) | {' | '.join(extra + [''])}proxy acc | front |",
+            "|" + "---|" * (7 + len(extra)),
+        ]
         for r in rows:
             m = r.get("metrics", {})
-            cells = [str(r["number"]), Candidate.from_dict(r["candidate"]).describe(), _fmt(m.get("params")),
-                     _fmt(m.get("flops")), _fmt(m.get("latency_ms_b1"), "ms"), *[_fmt(m.get(o), "ms") for o in extra],
-                     _fmt(r.get("accuracy"), "acc"), status(r)]
+            cells = [
+                str(r["number"]),
+                Candidate.from_dict(r["candidate"]).describe(),
+                _fmt(m.get("params")),
+                _fmt(m.get("flops")),
+                _fmt(m.get("latency_ms_b1"), "ms"),
+                *[_fmt(m.get(o), "ms") for o in extra],
+                _fmt(r.get("accuracy"), "acc"),
+                status(r),
+            ]
             lines.append("| " + " | ".join(cells) + " |")
         limits = ", ".join(f"{k} <= {v:g}" for k, v in self.limits.items()) or "none"
         goal = ", ".join(("max " if o == "accuracy" else "min ") + o for o in self.objectives)
-        head = (f"{len(self.records)} trials, {len(rows)} distinct candidates, {len(self.front)} on the Pareto front "
-                f"({goal}; limits: {limits}).")
+        head = (
+            f"{len(self.records)} trials, {len(rows)} distinct candidates, {len(self.front)} on the Pareto front "
+            f"({goal}; limits: {limits})."
+        )
         return head + "\n\n" + "\n".join(lines) + "\n"
 
 
-__all__ = ["DEFAULT_POPULATION", "INSTALL_HINT", "TRIALS_FILE", "TRUST_LEVELS", "Candidate", "SearchResult",
-           "StudentSpace", "kendall_tau", "objective_value", "pareto_front", "proxy_trust", "search_students"]
+__all__ = [
+    "DEFAULT_POPULATION",
+    "INSTALL_HINT",
+    "TRIALS_FILE",
+    "TRUST_LEVELS",
+    "Candidate",
+    "SearchResult",
+    "StudentSpace",
+    "kendall_tau",
+    "objective_value",
+    "pareto_front",
+    "proxy_trust",
+    "search_students",
+]

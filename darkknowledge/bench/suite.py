@@ -62,16 +62,22 @@ class Pair(_Strict):
     """One teacher-student pair."""
 
     kind: str = Field(default="", description="same family / different families / different kinds of features")
-    teacher: dict[str, Any] = Field(description="the teacher's model config (name, params, train, seed) or "
-                                    "{name, checkpoint}")
+    teacher: dict[str, Any] = Field(
+        description="the teacher's model config (name, params, train, seed) or {name, checkpoint}"
+    )
     student: dict[str, Any] = Field(description="the student's model config (name, params)")
     data: dict[str, Any] = Field(default_factory=dict, description="merged over the suite's data")
     budget: dict[str, Any] = Field(default_factory=dict, description="merged over the suite's budget")
-    published: dict[str, Published] = Field(default_factory=dict, description="method -> published number "
-                                            "('ce' for the student alone, 'teacher' for the teacher)")
-    overrides: dict[str, dict[str, Any]] = Field(default_factory=dict, description="method -> dotted overrides "
-                                                 "for this pair only, applied after the method's own (e.g. a "
-                                                 "paper's per-pair loss weight)")
+    published: dict[str, Published] = Field(
+        default_factory=dict,
+        description="method -> published number ('ce' for the student alone, 'teacher' for the teacher)",
+    )
+    overrides: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="method -> dotted overrides "
+        "for this pair only, applied after the method's own (e.g. a "
+        "paper's per-pair loss weight)",
+    )
 
     @pydantic.model_validator(mode="after")
     def _derived_student(self) -> Pair:
@@ -87,11 +93,16 @@ class Method(_Strict):
     recipe: str = Field(description="shipped recipe name or recipe file (relative to the suite file)")
     overrides: dict[str, Any] = Field(default_factory=dict, description="dotted config path -> value")
     pairs: list[str] | None = Field(default=None, description="the pairs it runs on (default: all)")
-    teacher: Literal["pair", "recipe"] = Field(default="pair", description="pair: the recipe's `teacher:` becomes "
-                                               "the pair's trained teacher; recipe: keep the recipe's own (e.g. "
-                                               "codistill's peer, trained from scratch with the student)")
-    tune: dict[str, Any] = Field(default_factory=dict, description="search ranges replacing the losses' own "
-                                 "(dotted path -> {low, high, log} or {choices})")
+    teacher: Literal["pair", "recipe"] = Field(
+        default="pair",
+        description="pair: the recipe's `teacher:` becomes "
+        "the pair's trained teacher; recipe: keep the recipe's own (e.g. "
+        "codistill's peer, trained from scratch with the student)",
+    )
+    tune: dict[str, Any] = Field(
+        default_factory=dict,
+        description="search ranges replacing the losses' own (dotted path -> {low, high, log} or {choices})",
+    )
 
 
 class Budget(_Strict):
@@ -111,8 +122,10 @@ class Suite(_Strict):
     budget: Budget = Field(default_factory=Budget)
     pairs: dict[str, Pair] = Field(min_length=1)
     methods: dict[str, Method] = Field(default_factory=dict)
-    hp: Literal["default", "tuned"] = Field(default="default", description="tuned: use `dk tune`'s recipes where "
-                                             "they exist (the table marks each cell default or tuned)")
+    hp: Literal["default", "tuned"] = Field(
+        default="default",
+        description="tuned: use `dk tune`'s recipes where they exist (the table marks each cell default or tuned)",
+    )
     trials: int = Field(default=20, ge=1, description="dk tune's trials per (pair, method), the same for all")
     protocol: str = Field(default="", description="how the suite's cells mirror a paper's protocol, if they do")
     source: str = Field(default="", exclude=True, description="the file the suite was read from")
@@ -162,8 +175,10 @@ def load_suite(name_or_path: str, overrides: Sequence[str] = ()) -> Suite:
     else:
         names = suite_names()
         if name_or_path not in names:
-            raise ConfigError(f"unknown suite {name_or_path!r}.{did_you_mean(name_or_path, names)} Shipped suites: "
-                              f"{', '.join(names)}; or give a path to a .yaml file.")
+            raise ConfigError(
+                f"unknown suite {name_or_path!r}.{did_you_mean(name_or_path, names)} Shipped suites: "
+                f"{', '.join(names)}; or give a path to a .yaml file."
+            )
         res = resources.files("darkknowledge.bench").joinpath("suites").joinpath(f"{name_or_path}.yaml")
         text, source = res.read_text(encoding="utf-8"), str(res)
     try:
@@ -187,33 +202,46 @@ def check_suite(suite: Suite) -> None:
     for kind, keys in (("suite", [suite.name]), ("pair", list(suite.pairs)), ("method", list(suite.methods))):
         for key in keys:
             if not key or not all(c.isalnum() or c in "-_." for c in key) or key.startswith("."):
-                raise ConfigError(f"{kind} name {key!r}: use letters, digits, '-', '_' and '.' only (it names a folder)")
+                raise ConfigError(
+                    f"{kind} name {key!r}: use letters, digits, '-', '_' and '.' only (it names a folder)"
+                )
     for name in suite.method_names():
         method = suite.method(name)
         for pair in method.pairs or ():
             if pair not in suite.pairs:
-                raise ConfigError(f"methods.{name}.pairs: unknown pair {pair!r}.{did_you_mean(pair, list(suite.pairs))}"
-                                  f" Pairs: {', '.join(suite.pairs)}")
+                raise ConfigError(
+                    f"methods.{name}.pairs: unknown pair {pair!r}.{did_you_mean(pair, list(suite.pairs))}"
+                    f" Pairs: {', '.join(suite.pairs)}"
+                )
         for key in method.overrides:
             if key.split(".")[0] in FORBIDDEN_OVERRIDES:
-                raise ConfigError(f"methods.{name}.overrides.{key}: a method cannot change "
-                                  f"{key.split('.')[0]!r}, the suite's budget and pair are the same for every "
-                                  "method (set it in `budget:`, `data:` or the pair)")
+                raise ConfigError(
+                    f"methods.{name}.overrides.{key}: a method cannot change "
+                    f"{key.split('.')[0]!r}, the suite's budget and pair are the same for every "
+                    "method (set it in `budget:`, `data:` or the pair)"
+                )
         for pair, p in suite.pairs.items():
             for key in p.overrides.get(name, {}):
                 if key.split(".")[0] in FORBIDDEN_OVERRIDES:
-                    raise ConfigError(f"pairs.{pair}.overrides.{name}.{key}: a method cannot change "
-                                      f"{key.split('.')[0]!r} (set it in the pair's `budget:`, `data:`, student or "
-                                      "teacher)")
+                    raise ConfigError(
+                        f"pairs.{pair}.overrides.{name}.{key}: a method cannot change "
+                        f"{key.split('.')[0]!r} (set it in the pair's `budget:`, `data:`, student or "
+                        "teacher)"
+                    )
         recipe = suite.recipe_path(name)
         if not recipe.endswith((".yaml", ".yml")) and recipe not in names:
-            raise ConfigError(f"methods.{name}.recipe: unknown recipe {recipe!r}.{did_you_mean(recipe, names)} "
-                              f"Shipped recipes: {', '.join(names)}; or a .yaml file next to the suite")
+            raise ConfigError(
+                f"methods.{name}.recipe: unknown recipe {recipe!r}.{did_you_mean(recipe, names)} "
+                f"Shipped recipes: {', '.join(names)}; or a .yaml file next to the suite"
+            )
     for pair, p in suite.pairs.items():
         for name in p.overrides:
             if name not in suite.method_names() or pair not in suite.pairs_of(name):
-                raise ConfigError(f"pairs.{pair}.overrides.{name}: no method {name!r} runs on pair {pair!r}; "
-                                  f"methods here: {', '.join(m for m in suite.method_names() if pair in suite.pairs_of(m))}")
+                raise ConfigError(
+                    f"pairs.{pair}.overrides.{name}: no method {name!r} runs on pair {pair!r}; "
+                    f"methods here: {', '.join(m for m in suite.method_names() if pair in suite.pairs_of(m))}"
+                )
     if "ce" in suite.methods:
-        raise ConfigError("methods.ce: the student alone (cross-entropy) is every suite's baseline already; "
-                          "remove it from `methods`")
+        raise ConfigError(
+            "methods.ce: the student alone (cross-entropy) is every suite's baseline already; remove it from `methods`"
+        )

@@ -29,12 +29,37 @@ _DELTA = ("mean", "lo", "hi", "std", "n", "wins", "ties")
 
 #: Every row has exactly these keys (the CSV columns, in this order).
 ROW_FIELDS: tuple[str, ...] = (
-    "suite", "pair", "method", "kind", "parent", "student", "hp", "status", "seeds", "n",
-    "last_values", "last_mean", "last_std", "best_values", "best_mean", "best_std", "best_n",
-    "best_selected_on", "ci_level",
-    *(f"d_baseline_{k}" for k in _DELTA), *(f"d_kd_{k}" for k in _DELTA),
-    "train_s_mean", "teacher_s_mean", "params", "extra_params",
-    "teacher_model", "teacher_hash", "teacher_acc", "na", "published_value", "published_protocol",
+    "suite",
+    "pair",
+    "method",
+    "kind",
+    "parent",
+    "student",
+    "hp",
+    "status",
+    "seeds",
+    "n",
+    "last_values",
+    "last_mean",
+    "last_std",
+    "best_values",
+    "best_mean",
+    "best_std",
+    "best_n",
+    "best_selected_on",
+    "ci_level",
+    *(f"d_baseline_{k}" for k in _DELTA),
+    *(f"d_kd_{k}" for k in _DELTA),
+    "train_s_mean",
+    "teacher_s_mean",
+    "params",
+    "extra_params",
+    "teacher_model",
+    "teacher_hash",
+    "teacher_acc",
+    "na",
+    "published_value",
+    "published_protocol",
 )
 _LISTS = ("seeds", "last_values", "best_values", "na")
 
@@ -55,8 +80,10 @@ def _check(cells: Sequence[Mapping]) -> None:
             raise ConfigError(f"bench cell #{i} is a {type(c).__name__}, expected a dict of results")
         for name in ("pair", "kind", "status"):
             if name not in c:
-                raise ConfigError(f"bench cell #{i} ({dict(c)!r:.200}) has no {name!r}; every cell names its "
-                                  "pair, kind (teacher|baseline|method) and status (done|n/a)")
+                raise ConfigError(
+                    f"bench cell #{i} ({dict(c)!r:.200}) has no {name!r}; every cell names its "
+                    "pair, kind (teacher|baseline|method) and status (done|n/a)"
+                )
         where = f"bench cell #{i} (pair {c['pair']!r}, method {c.get('method')!r}, seed {c.get('seed')!r})"
         if c["kind"] not in KINDS:
             raise ConfigError(f"{where}: kind={c['kind']!r}; valid kinds: {', '.join(KINDS)}")
@@ -65,8 +92,10 @@ def _check(cells: Sequence[Mapping]) -> None:
         if c["kind"] != "teacher" and not c.get("method"):
             raise ConfigError(f"{where}: a {c['kind']} cell needs a method name")
         if c["status"] == "done" and _num(c.get("last_acc")) is None:
-            raise ConfigError(f"{where}: status 'done' but last_acc={c.get('last_acc')!r}; a finished cell "
-                              "has a finite last-epoch accuracy (mark a failed cell 'n/a' with a reason)")
+            raise ConfigError(
+                f"{where}: status 'done' but last_acc={c.get('last_acc')!r}; a finished cell "
+                "has a finite last-epoch accuracy (mark a failed cell 'n/a' with a reason)"
+            )
         key = (c["pair"], _method_of(c), c.get("seed"))
         if key in seen:
             raise ConfigError(f"{where} appears twice; each (pair, method, seed) is one cell")
@@ -121,8 +150,12 @@ def _cell_row(pair: str, method: str, cells: list[Mapping], level: float) -> dic
     row["student"] = _one_or_mixed([c.get("student") for c in cells])
     row["hp"] = _one_or_mixed([c.get("hp") for c in (done or cells)])
     row["status"] = "done" if len(done) == len(cells) else ("n/a" if not done else "partial")
-    _fill_stats(row, [c.get("seed") for c in done], [float(c["last_acc"]) for c in done],
-                [_num(c.get("best_acc")) for c in done])
+    _fill_stats(
+        row,
+        [c.get("seed") for c in done],
+        [float(c["last_acc"]) for c in done],
+        [_num(c.get("best_acc")) for c in done],
+    )
     selected = [c.get("best_selected_on") for c in done if _num(c.get("best_acc")) is not None]
     row["best_selected_on"] = "test" if "test" in selected else ("val" if selected else None)
     if done:
@@ -138,10 +171,14 @@ def _cell_row(pair: str, method: str, cells: list[Mapping], level: float) -> dic
     elif teachers:
         row["teacher_model"] = _one_or_mixed([t.get("model") for t in teachers])
         row["teacher_hash"] = ",".join(dict.fromkeys(str(t["hash"]) for t in teachers if t.get("hash"))) or None
-        row["teacher_acc"] = _num(next((t.get("last_acc") for t in teachers if _num(t.get("last_acc")) is not None),
-                                       None))
-    row["na"] = [{"seed": c.get("seed"), "reason": str(c.get("reason") or "no reason given")}
-                 for c in cells if c["status"] == "n/a"]
+        row["teacher_acc"] = _num(
+            next((t.get("last_acc") for t in teachers if _num(t.get("last_acc")) is not None), None)
+        )
+    row["na"] = [
+        {"seed": c.get("seed"), "reason": str(c.get("reason") or "no reason given")}
+        for c in cells
+        if c["status"] == "n/a"
+    ]
     return row
 
 
@@ -168,8 +205,12 @@ def _member_rows(parent: dict, cells: list[Mapping], level: float) -> list[dict]
 
 def _fill_teacher(row: dict, by_method: Mapping[str, list[Mapping]]) -> None:
     """A teacher row's model and hash from the students' cells when its own cell does not carry them."""
-    used = [c["teacher"] for cs in by_method.values() for c in cs
-            if c["kind"] != "teacher" and isinstance(c.get("teacher"), Mapping)]
+    used = [
+        c["teacher"]
+        for cs in by_method.values()
+        for c in cs
+        if c["kind"] != "teacher" and isinstance(c.get("teacher"), Mapping)
+    ]
     if row["teacher_hash"] is None:
         row["teacher_hash"] = _one_or_mixed([t.get("hash") for t in used])
     if row["teacher_model"] is None:
@@ -181,8 +222,9 @@ def _seed_values(rows: list[dict]) -> dict:
     return {s: v for r in rows for s, v in zip(r["seeds"], r["last_values"])}
 
 
-def summarize(cells: Sequence[Mapping], published: Mapping[tuple[str, str], Mapping] | None = None,
-              level: float = 0.95) -> list[dict]:
+def summarize(
+    cells: Sequence[Mapping], published: Mapping[tuple[str, str], Mapping] | None = None, level: float = 0.95
+) -> list[dict]:
     """One row per (pair, method), recomputed from the per-cell results.
 
     Args:
@@ -227,8 +269,10 @@ def summarize(cells: Sequence[Mapping], published: Mapping[tuple[str, str], Mapp
         entry = (published or {}).get((row["pair"], row["method"]))
         if entry is not None:
             if not isinstance(entry, Mapping) or _num(entry.get("value")) is None:
-                raise ConfigError(f"published[({row['pair']!r}, {row['method']!r})]={entry!r}: expected "
-                                  "{'value': <accuracy>, 'protocol': '<how it was measured>'}")
+                raise ConfigError(
+                    f"published[({row['pair']!r}, {row['method']!r})]={entry!r}: expected "
+                    "{'value': <accuracy>, 'protocol': '<how it was measured>'}"
+                )
             row["published_value"] = float(entry["value"])
             row["published_protocol"] = str(entry.get("protocol") or "protocol not stated")
     return rows
@@ -248,6 +292,10 @@ def to_csv(rows: Sequence[Mapping]) -> str:
     writer = csv.DictWriter(buf, fieldnames=list(ROW_FIELDS), lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({f: json.dumps(row.get(f)) if f in _LISTS else ("" if row.get(f) is None else row.get(f))
-                         for f in ROW_FIELDS})
+        writer.writerow(
+            {
+                f: json.dumps(row.get(f)) if f in _LISTS else ("" if row.get(f) is None else row.get(f))
+                for f in ROW_FIELDS
+            }
+        )
     return buf.getvalue()

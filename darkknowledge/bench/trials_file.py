@@ -36,6 +36,8 @@ def read_trials(path: Path, header: Mapping[str, Any], elsewhere: str) -> list[A
         raise ConfigError(f"{str(path)!r} cannot be read ({exc}); move it away or {elsewhere}") from None
     differs = [k for k in header if data.get(k) != header[k]]
     if differs:
-        raise ConfigError(f"{str(path)!r} records another search (a different {', '.join(differs)}), so its "
-                          f"trials cannot be continued here: {elsewhere}")
+        raise ConfigError(
+            f"{str(path)!r} records another search (a different {', '.join(differs)}), so its "
+            f"trials cannot be continued here: {elsewhere}"
+        )
     return records

@@ -98,9 +98,13 @@ class TuneResult:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (JSON): the best values and score, every trial, the budget and the space."""
-        return {"best_values": dict(self.best_values), "best_score": self.best_score,
-                "trials": [vars(t).copy() for t in self.trials], "n_trials": self.n_trials,
-                "space": space_to_dict(self.space)}
+        return {
+            "best_values": dict(self.best_values),
+            "best_score": self.best_score,
+            "trials": [vars(t).copy() for t in self.trials],
+            "n_trials": self.n_trials,
+            "space": space_to_dict(self.space),
+        }
 
 
 def _optuna() -> Any:
@@ -136,16 +140,20 @@ def trial_config(cfg: RunConfig, values: Mapping[str, Any], seed: int, holdout: 
 def _check_key(raw: Mapping[str, Any], key: str) -> None:
     """``key``'s parent must exist in the config (``losses.kd.T`` needs a ``kd`` term)."""
     if any(key == f or key.startswith(f + ".") for f in FIXED_KEYS):
-        raise ConfigError(f"search space key {key!r}: it sets the validation data or the trial seed, which every "
-                          f"trial must share; tunable keys are anything but {', '.join(FIXED_KEYS)}")
+        raise ConfigError(
+            f"search space key {key!r}: it sets the validation data or the trial seed, which every "
+            f"trial must share; tunable keys are anything but {', '.join(FIXED_KEYS)}"
+        )
     parts = key.split(".")
     node: Any = raw
     for i, part in enumerate(parts[:-1]):
         if not isinstance(node, Mapping) or part not in node:
-            here = ".".join(parts[:i + 1])
+            here = ".".join(parts[: i + 1])
             known = sorted(node) if isinstance(node, Mapping) else []
-            raise ConfigError(f"search space key {key!r}: the config has no {here!r}.{did_you_mean(part, known)}"
-                              + (f" Keys there: {', '.join(known)}." if known else ""))
+            raise ConfigError(
+                f"search space key {key!r}: the config has no {here!r}.{did_you_mean(part, known)}"
+                + (f" Keys there: {', '.join(known)}." if known else "")
+            )
         node = node[part] if node[part] is not None else {}
     if not isinstance(node, Mapping):
         raise ConfigError(f"search space key {key!r}: {'.'.join(parts[:-1])} is not a mapping")
@@ -162,9 +170,11 @@ def check_space(cfg: RunConfig, space: Mapping[str, Any], seed: int = 0) -> dict
         ConfigError: An empty space, a bad key, or a bound the config refuses (naming both).
     """
     if not isinstance(space, Mapping) or not space:
-        raise ConfigError(f"tune: the search space is empty, nothing to tune for {cfg.name!r} (its losses "
-                          f"{', '.join(cfg.losses) or '-'} declare no search_space); give ranges, e.g. "
-                          "{'losses.kd.T': {'low': 1, 'high': 8, 'log': True}}")
+        raise ConfigError(
+            f"tune: the search space is empty, nothing to tune for {cfg.name!r} (its losses "
+            f"{', '.join(cfg.losses) or '-'} declare no search_space); give ranges, e.g. "
+            "{'losses.kd.T': {'low': 1, 'high': 8, 'log': True}}"
+        )
     ranges = {str(k): Range.from_mapping(v, where=str(k)) for k, v in space.items()}
     raw = cfg.model_dump(mode="json")
     for key, rng in ranges.items():
@@ -203,8 +213,13 @@ def _trial_seed(sampler_seed: int, number: int) -> int:
 
 def _header(cfg: RunConfig, space: Mapping[str, Range], seed: int, sampler_seed: int) -> dict[str, Any]:
     """What every recorded trial depends on; a resume must match it."""
-    header = {"format": FORMAT, "space": space_to_dict(space), "config": cfg.model_dump(mode="json"),
-              "seed": int(seed), "sampler_seed": int(sampler_seed)}
+    header = {
+        "format": FORMAT,
+        "space": space_to_dict(space),
+        "config": cfg.model_dump(mode="json"),
+        "seed": int(seed),
+        "sampler_seed": int(sampler_seed),
+    }
     return json.loads(json.dumps(header))  # as trials.json holds it (tuples as lists)
 
 
@@ -217,18 +232,26 @@ def _load_records(path: Path, header: Mapping[str, Any], budget: int, space: Map
     records = read_trials(path, header, "tune into another folder")
     for r in records:
         if not _well_formed(r, space):
-            raise ConfigError(f"{str(path)!r}: a malformed trial record ({r!r:.200}: number, state, values inside "
-                              "the search space and, once complete, a score); tune into another folder")
+            raise ConfigError(
+                f"{str(path)!r}: a malformed trial record ({r!r:.200}: number, state, values inside "
+                "the search space and, once complete, a score); tune into another folder"
+            )
     records = sorted(records, key=lambda r: r["number"])
     finished = [r for r in records if r["state"] in FINISHED]
     running = [r for r in records if r["state"] == "running"]
     if [r["number"] for r in finished] != list(range(len(finished))) or [r["number"] for r in running] not in (
-            [], [len(finished)]):
-        raise ConfigError(f"{str(path)!r}: the recorded trial numbers {[r['number'] for r in records]} are not "
-                          "0, 1, ... in order; tune into another folder")
+        [],
+        [len(finished)],
+    ):
+        raise ConfigError(
+            f"{str(path)!r}: the recorded trial numbers {[r['number'] for r in records]} are not "
+            "0, 1, ... in order; tune into another folder"
+        )
     if len(finished) > budget:
-        raise ConfigError(f"{str(path)!r} holds {len(finished)} finished trials, more than trials={budget}: every "
-                          "method gets the same budget; use the recorded budget or another folder")
+        raise ConfigError(
+            f"{str(path)!r} holds {len(finished)} finished trials, more than trials={budget}: every "
+            "method gets the same budget; use the recorded budget or another folder"
+        )
     return records
 
 
@@ -252,16 +275,29 @@ def _save_records(path: Path, header: Mapping[str, Any], budget: int, records: l
 
 def _as_trial(r: Mapping[str, Any]) -> Trial:
     score = r.get("score")
-    return Trial(number=int(r["number"]), values=dict(r["values"]), score=None if score is None else float(score),
-                 seconds=float(r.get("seconds", 0.0)), state=str(r["state"]), run_dir=str(r.get("run_dir", "")))
+    return Trial(
+        number=int(r["number"]),
+        values=dict(r["values"]),
+        score=None if score is None else float(score),
+        seconds=float(r.get("seconds", 0.0)),
+        state=str(r["state"]),
+        run_dir=str(r.get("run_dir", "")),
+    )
 
 
 def _show(values: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={json.dumps(v)}" for k, v in values.items())
 
 
-def tune(cfg: RunConfig, space: Mapping[str, Range], trials: int, out: str | Path, seed: int = 0,
-         sampler_seed: int = 0, progress: bool = False) -> TuneResult:
+def tune(
+    cfg: RunConfig,
+    space: Mapping[str, Range],
+    trials: int,
+    out: str | Path,
+    seed: int = 0,
+    sampler_seed: int = 0,
+    progress: bool = False,
+) -> TuneResult:
     """Search ``space`` with exactly ``trials`` trials of ``cfg`` scored on the validation split.
 
     Args:
@@ -283,8 +319,10 @@ def tune(cfg: RunConfig, space: Mapping[str, Range], trials: int, out: str | Pat
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise ConfigError(f"trials: expected a whole number >= 1, got {trials!r}")
     if cfg.data.val_fraction <= 0:
-        raise ConfigError("tune: data.val_fraction is 0, so there is no validation split to score trials on "
-                          "(data.holdout=val needs one); set data.val_fraction, e.g. 0.1")
+        raise ConfigError(
+            "tune: data.val_fraction is 0, so there is no validation split to score trials on "
+            "(data.holdout=val needs one); set data.val_fraction, e.g. 0.1"
+        )
     ranges = check_space(cfg, space, seed)
     optuna = _optuna()
     out = Path(out)
@@ -299,25 +337,47 @@ def tune(cfg: RunConfig, space: Mapping[str, Range], trials: int, out: str | Pat
             for r in records:
                 if r["state"] in FINISHED:
                     ok = r["state"] == "complete"
-                    study.add_trial(optuna.trial.create_trial(
-                        params=r["values"], distributions=dists, value=r["score"] if ok else None,
-                        state=optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.FAIL))
+                    study.add_trial(
+                        optuna.trial.create_trial(
+                            params=r["values"],
+                            distributions=dists,
+                            value=r["score"] if ok else None,
+                            state=optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.FAIL,
+                        )
+                    )
             finished = [r for r in records if r["state"] in FINISHED]
             if finished:
                 say("tune %s: %d of %d trials recorded in %s, replayed", cfg.name, len(finished), trials, path)
             for number in range(len(finished), trials):
-                records = _run_trial(optuna, study, cfg, ranges, number, trials, seed, sampler_seed, out, records,
-                                     header, say)
+                records = _run_trial(
+                    optuna, study, cfg, ranges, number, trials, seed, sampler_seed, out, records, header, say
+                )
     done = [_as_trial(r) for r in records if r["state"] in FINISHED]
     scored = [t for t in done if t.score is not None]
     best = max(scored, key=lambda t: (t.score, -t.number)) if scored else None
-    return TuneResult(best_values=dict(best.values) if best else {}, best_score=best.score if best else None,
-                      trials=done, n_trials=len(done), space=ranges)
+    return TuneResult(
+        best_values=dict(best.values) if best else {},
+        best_score=best.score if best else None,
+        trials=done,
+        n_trials=len(done),
+        space=ranges,
+    )
 
 
-def _run_trial(optuna: Any, study: Any, cfg: RunConfig, ranges: Mapping[str, Range], number: int, budget: int,
-               seed: int, sampler_seed: int, out: Path, records: list[dict], header: Mapping[str, Any],
-               say: Any) -> list[dict]:
+def _run_trial(
+    optuna: Any,
+    study: Any,
+    cfg: RunConfig,
+    ranges: Mapping[str, Range],
+    number: int,
+    budget: int,
+    seed: int,
+    sampler_seed: int,
+    out: Path,
+    records: list[dict],
+    header: Mapping[str, Any],
+    say: Any,
+) -> list[dict]:
     """Ask for trial ``number`` (the recorded values of one cut off mid-run), run it, record it."""
     from darkknowledge.commands import distill
 
@@ -343,11 +403,20 @@ def _run_trial(optuna: Any, study: Any, cfg: RunConfig, ranges: Mapping[str, Ran
     record["seconds"] = round(time.perf_counter() - start, 3)
     _save_records(out / TRIALS_FILE, header, budget, records)
     ok = record["state"] == "complete"
-    study.tell(asked, record["score"] if ok else None,
-               state=optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.FAIL)
+    study.tell(
+        asked,
+        record["score"] if ok else None,
+        state=optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.FAIL,
+    )
     if ok:
-        say("tune %s: trial %d/%d: validation accuracy %.2f (%.1f s)", cfg.name, number + 1, budget,
-            record["score"], record["seconds"])
+        say(
+            "tune %s: trial %d/%d: validation accuracy %.2f (%.1f s)",
+            cfg.name,
+            number + 1,
+            budget,
+            record["score"],
+            record["seconds"],
+        )
     return records
 
 
@@ -361,14 +430,18 @@ def write_tuned_recipe(path: str | Path, cfg: RunConfig, result: TuneResult) -> 
         ConfigError: No trial finished with a score (every one diverged).
     """
     if result.best_score is None:
-        raise ConfigError(f"tune {cfg.name!r}: none of the {result.n_trials} trials finished with a score (every one "
-                          "diverged), so there is no tuned recipe to write")
+        raise ConfigError(
+            f"tune {cfg.name!r}: none of the {result.n_trials} trials finished with a score (every one "
+            "diverged), so there is no tuned recipe to write"
+        )
     overrides = [f"{key}={json.dumps(value)}" for key, value in result.best_values.items()]
     tuned = validate_config(apply_overrides(cfg.model_dump(mode="json"), overrides))
     best = next(t for t in result.trials if t.values == result.best_values and t.score == result.best_score)
-    space = "; ".join(f"{k} {r.kind} " + (json.dumps(list(r.choices)) if r.kind == "choice" else
-                                           f"[{r.low:g}, {r.high:g}]{' log' if r.log else ''}")
-                      for k, r in result.space.items())
+    space = "; ".join(
+        f"{k} {r.kind} "
+        + (json.dumps(list(r.choices)) if r.kind == "choice" else f"[{r.low:g}, {r.high:g}]{' log' if r.log else ''}")
+        for k, r in result.space.items()
+    )
     name = " ".join(str(cfg.name).split())  # one comment line, whatever the name holds
     lines = [
         f"Tuned recipe: {name}, the best of {result.n_trials} trials (the trial budget), written by "
@@ -377,13 +450,25 @@ def write_tuned_recipe(path: str | Path, cfg: RunConfig, result: TuneResult) -> 
         "scored by top-1 accuracy (%) at the last epoch on that held-out validation split (data.holdout=val).",
         "The test split was not read during tuning.",
         f"Search space: {space}",
-        *[f"trial {t.number}: " + (f"validation accuracy {t.score:.2f}" if t.score is not None else t.state)
-          + f" ({t.seconds:.1f} s): {_show(t.values)}" for t in result.trials],
+        *[
+            f"trial {t.number}: "
+            + (f"validation accuracy {t.score:.2f}" if t.score is not None else t.state)
+            + f" ({t.seconds:.1f} s): {_show(t.values)}"
+            for t in result.trials
+        ],
         f"Chosen: trial {best.number}, validation accuracy {best.score:.2f}: {_show(best.values)}",
     ]
     text = "".join(f"# {line}\n" for line in lines) + yaml.safe_dump(tuned.model_dump(mode="json"), sort_keys=False)
     return atomic_write(Path(path), lambda f: f.write(text), binary=False)
 
 
-__all__ = ["Trial", "TuneResult", "check_space", "space_for", "suite_space", "trial_config", "tune",
-           "write_tuned_recipe"]
+__all__ = [
+    "Trial",
+    "TuneResult",
+    "check_space",
+    "space_for",
+    "suite_space",
+    "trial_config",
+    "tune",
+    "write_tuned_recipe",
+]

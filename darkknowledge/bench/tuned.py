@@ -40,8 +40,14 @@ def tuned_values(results: Path, pair: str, method: str) -> dict[str, Any] | None
         raise ConfigError(f"{path}: unreadable tuned values ({exc}); delete it and run `dk tune` again") from None
 
 
-def tune_suite(bench: Any, trials: int | None = None, sampler_seed: int = 0, progress: bool = False,
-               executor: str = "serial", jobs: int = 1) -> list[dict[str, Any]]:
+def tune_suite(
+    bench: Any,
+    trials: int | None = None,
+    sampler_seed: int = 0,
+    progress: bool = False,
+    executor: str = "serial",
+    jobs: int = 1,
+) -> list[dict[str, Any]]:
     """Tune every method of ``bench``'s cells (every pair it runs on) with the same trial budget.
 
     Args:
@@ -84,18 +90,33 @@ def tune_suite(bench: Any, trials: int | None = None, sampler_seed: int = 0, pro
         out = bench.out / "tune" / pair / method
         result = tune(cfg, space, n, out, seed=seed, sampler_seed=sampler_seed, progress=progress)
         path = tuned_path(bench.results, pair, method)
-        record = {"pair": pair, "method": method, "values": result.best, "score": result.best_score,
-                  "trials": result.to_dict()["trials"], "n_trials": len(result.trials), "budget": n, "seed": seed,
-                  "selected_on": "validation split (data.holdout=val); the test split was not read",
-                  "space": space_to_dict(space)}
+        record = {
+            "pair": pair,
+            "method": method,
+            "values": result.best,
+            "score": result.best_score,
+            "trials": result.to_dict()["trials"],
+            "n_trials": len(result.trials),
+            "budget": n,
+            "seed": seed,
+            "selected_on": "validation split (data.holdout=val); the test split was not read",
+            "space": space_to_dict(space),
+        }
         text = json.dumps(record, indent=1, sort_keys=True)
         atomic_write_text(text, path)
         write_tuned_recipe(path.with_suffix(".yaml"), cfg, result)
-        summaries.append({"pair": pair, "method": method, "values": result.best, "score": result.best_score,
-                          "trials": len(result.trials)})
-        log.info("%s/%s: %s -> validation %.2f (%d trials)", pair, method, result.best, result.best_score,
-                 len(result.trials))
+        summaries.append(
+            {
+                "pair": pair,
+                "method": method,
+                "values": result.best,
+                "score": result.best_score,
+                "trials": len(result.trials),
+            }
+        )
+        log.info(
+            "%s/%s: %s -> validation %.2f (%d trials)", pair, method, result.best, result.best_score, len(result.trials)
+        )
     if not summaries and not any(m != BASELINE for _, m in targets):
         raise ConfigError("dk tune: the selected cells hold no method to tune (only the student alone)")
     return summaries
-

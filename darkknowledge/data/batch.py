@@ -66,8 +66,10 @@ class Batch:
             return self.x
         if self.inputs is None or name not in self.inputs:
             have = sorted(self.inputs) if self.inputs else []
-            raise ConfigError(f"this batch has no input view {name!r} (it has {have or 'only its x'}): a model "
-                              "reads a view this split does not hold, or the loader was not asked for it")
+            raise ConfigError(
+                f"this batch has no input view {name!r} (it has {have or 'only its x'}): a model "
+                "reads a view this split does not hold, or the loader was not asked for it"
+            )
         return self.inputs[name]
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
@@ -80,8 +82,9 @@ class Batch:
             self.labeled,
             self.host_idx,
             self.host_view,
-            None if self.inputs is None else {k: v.to(device, non_blocking=non_blocking)
-                                              for k, v in self.inputs.items()},
+            None
+            if self.inputs is None
+            else {k: v.to(device, non_blocking=non_blocking) for k, v in self.inputs.items()},
         )
 
     def __len__(self) -> int:

@@ -53,8 +53,10 @@ class DatasetInfo:
         if view is None or view == self.view:
             return tuple(self.input_shape)
         if self.views is None:
-            raise ConfigError(f"{where}={view!r}: dataset {self.name!r} has one view, {self.view!r}; derive others "
-                              "under data.views: {NAME: {source, transform, params}}")
+            raise ConfigError(
+                f"{where}={view!r}: dataset {self.name!r} has one view, {self.view!r}; derive others "
+                "under data.views: {NAME: {source, transform, params}}"
+            )
         self.views.check(view, where)
         return self.views.shapes[view]
 

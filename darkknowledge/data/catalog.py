@@ -107,8 +107,10 @@ def load_dataset(
     if holdout not in ("test", "val"):
         raise ConfigError(f"data.holdout: expected 'test' or 'val', got {holdout!r}")
     if holdout == "val" and not val_fraction > 0:
-        raise ConfigError("data.holdout=val evaluates on the validation split carved by data.val_fraction, which "
-                          "is 0; set data.val_fraction in (0, 1), e.g. 0.1, or data.holdout=test")
+        raise ConfigError(
+            "data.holdout=val evaluates on the validation split carved by data.val_fraction, which "
+            "is 0; set data.val_fraction in (0, 1), e.g. 0.1, or data.holdout=test"
+        )
     root_path = Path(root).expanduser() if root is not None else data_dir()
     try:
         bundle = builder(root=root_path, split_seed=split_seed, **checked)
@@ -147,8 +149,10 @@ def _carve(bundle: DataBundle, name: str, fraction: float, seed: int, as_test: b
     where = "data.holdout=val" if as_test else "data.val_fraction"
     if bundle.val is not None:
         fix = "use data.holdout=test" if as_test else "set data.val_fraction to 0"
-        raise ConfigError(f"{where}: dataset {name!r} already has a validation split, so none is carved from "
-                          f"its training split; {fix}")
+        raise ConfigError(
+            f"{where}: dataset {name!r} already has a validation split, so none is carved from "
+            f"its training split; {fix}"
+        )
     if not isinstance(bundle.train, TensorData):
         raise ConfigError(f"{where}: dataset {name!r} is not in memory, cannot carve a validation split")
     keep, held = random_split(len(bundle.train), fraction, seed)

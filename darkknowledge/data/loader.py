@@ -157,11 +157,22 @@ class BatchLoader:
         """A loader over the same data and preprocessing with some arguments changed
         (e.g. ``shuffle=False, augment=None, rank=0, world_size=1``)."""
         kwargs: dict[str, Any]
-        kwargs = dict(batch_size=self.batch_size, shuffle=self.shuffle, seed=self.seed, drop_last=self.drop_last,
-                      rank=self.rank, world_size=self.world_size, augment=self.augment,
-                      normalize=self._normalize_arg, device=self.device, num_workers=self.num_workers,
-                      device_data_mb=self.device_data_mb, views=self.views, inputs=self.inputs,
-                      primary=self.primary)
+        kwargs = dict(
+            batch_size=self.batch_size,
+            shuffle=self.shuffle,
+            seed=self.seed,
+            drop_last=self.drop_last,
+            rank=self.rank,
+            world_size=self.world_size,
+            augment=self.augment,
+            normalize=self._normalize_arg,
+            device=self.device,
+            num_workers=self.num_workers,
+            device_data_mb=self.device_data_mb,
+            views=self.views,
+            inputs=self.inputs,
+            primary=self.primary,
+        )
         kwargs.update(changes)
         return BatchLoader(self.data, **kwargs)
 
@@ -171,8 +182,10 @@ class BatchLoader:
             return
         if self.augment is not None or self._norm is not None:
             what = "augmented (data.augment)" if self.augment is not None else "normalised"
-            raise ConfigError(f"loader: the inputs are int64 token ids {tuple(self.data.x.shape[1:])}, which cannot "
-                              f"be {what}; turn it off, or store float inputs")
+            raise ConfigError(
+                f"loader: the inputs are int64 token ids {tuple(self.data.x.shape[1:])}, which cannot "
+                f"be {what}; turn it off, or store float inputs"
+            )
 
     def _check_views(self) -> list[str]:
         """The stored views the batches need; a clear error for a view the data cannot give."""
@@ -189,8 +202,10 @@ class BatchLoader:
         have = set(self.data.views) if isinstance(self.data, TensorData) else set()
         missing = [n for n in stored if n not in have]
         if missing:
-            raise ConfigError(f"loader: the data lacks the stored view {missing[0]!r} that view(s) {sorted(wanted)} "
-                              f"need (it holds {sorted(have) or 'none'})")
+            raise ConfigError(
+                f"loader: the data lacks the stored view {missing[0]!r} that view(s) {sorted(wanted)} "
+                f"need (it holds {sorted(have) or 'none'})"
+            )
         return stored
 
     @staticmethod
@@ -297,7 +312,10 @@ class BatchLoader:
             sources = list(to_device(torch.cat(shares), home).split([len(t) for t in shares]))  # (b,) each
         views_all = data.views_on(self.device) if self.data_on_device() else data.views
         for (k, _, (lo, hi)), local, source in zip(plan, shares, sources):
-            x, y = x_all.index_select(0, source), y_all.index_select(0, source)  # a few times cheaper than x_all[source]
+            x, y = (
+                x_all.index_select(0, source),
+                y_all.index_select(0, source),
+            )  # a few times cheaper than x_all[source]
             stored = {n: views_all[n].index_select(0, source) for n in self._stored_views}  # (b, *view shape) each
             yield self._finish(epoch, k, lo, hi, x, y, source, data.all_labeled, host_idx=local, stored=stored)
 
@@ -322,8 +340,17 @@ class BatchLoader:
             yield self._finish(epoch, k, lo, hi, torch.as_tensor(x), y, local, bool((y != UNLABELED).all()))
 
     def _finish(
-        self, epoch: int, k: int, lo: int, hi: int, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor,
-        labeled: bool, host_idx: torch.Tensor | None = None, stored: dict[str, torch.Tensor] | None = None,
+        self,
+        epoch: int,
+        k: int,
+        lo: int,
+        hi: int,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        idx: torch.Tensor,
+        labeled: bool,
+        host_idx: torch.Tensor | None = None,
+        stored: dict[str, torch.Tensor] | None = None,
     ) -> Batch:
         """Move a raw batch to the device, scale, augment and normalise it (``host_idx``: the
         same indices as ``idx`` on the CPU, when ``idx`` is already on the device)."""
@@ -364,9 +391,7 @@ class BatchLoader:
         mean, std = (t.to(x.device, x.dtype) for t in self._norm)
         if mean.numel() > 1:
             if x.ndim < 2 or x.shape[1] != mean.numel():
-                raise ConfigError(
-                    f"normalize has {mean.numel()} channels but inputs have shape {tuple(x.shape[1:])}"
-                )
+                raise ConfigError(f"normalize has {mean.numel()} channels but inputs have shape {tuple(x.shape[1:])}")
             shape = (1, mean.numel()) + (1,) * (x.ndim - 2)
             mean, std = mean.view(shape), std.view(shape)  # (1, C, 1, ...)
         return (x - mean) / std

@@ -42,8 +42,9 @@ from darkknowledge.errors import ConfigError, ShapeError
 __all__ = ["DerivedView", "ViewPlan", "check_view_in_split", "concat", "plan_views", "split_views"]
 
 
-def plan_views(bundle: DataBundle, derived: Mapping[str, Mapping[str, Any]] | None = None,
-               where: str = "data.views") -> DataBundle:
+def plan_views(
+    bundle: DataBundle, derived: Mapping[str, Mapping[str, Any]] | None = None, where: str = "data.views"
+) -> DataBundle:
     """``bundle`` with its view plan (``info.views``) and a fingerprint that covers the derived views.
 
     Args:
@@ -61,13 +62,19 @@ def plan_views(bundle: DataBundle, derived: Mapping[str, Mapping[str, Any]] | No
     info = bundle.info
     derived = dict(derived or {})
     if info.views is not None:  # planned already (e.g. by the preflight): the same views, or a mistake
-        asked = {n: {"source": d.get("source"), "transform": d.get("transform"), "params": dict(d.get("params") or {})}
-                 for n, d in derived.items() if isinstance(d, Mapping)}
-        have = {d.name: {"source": d.source, "transform": d.transform, "params": dict(d.params)}
-                for d in info.views.derived}
+        asked = {
+            n: {"source": d.get("source"), "transform": d.get("transform"), "params": dict(d.get("params") or {})}
+            for n, d in derived.items()
+            if isinstance(d, Mapping)
+        }
+        have = {
+            d.name: {"source": d.source, "transform": d.transform, "params": dict(d.params)} for d in info.views.derived
+        }
         if asked != have:
-            raise ConfigError(f"{where}: dataset {info.name!r} already has derived views {sorted(have)}, planned "
-                              f"with other settings than {sorted(asked)}; plan the views once")
+            raise ConfigError(
+                f"{where}: dataset {info.name!r} already has derived views {sorted(have)}, planned "
+                f"with other settings than {sorted(asked)}; plan the views once"
+            )
         return bundle
     train = bundle.train
     stored = dict(train.views) if isinstance(train, TensorData) else {}
@@ -84,9 +91,11 @@ def plan_views(bundle: DataBundle, derived: Mapping[str, Mapping[str, Any]] | No
         ready = [n for n, spec in pending.items() if _source(spec, n, where) in shapes]
         if not ready:
             name, spec = next(iter(pending.items()))
-            raise ConfigError(f"{where}.{name}.source: {_source(spec, name, where)!r} is not a view of dataset "
-                              f"{info.name!r} (views: {', '.join(shapes)}, derived: {', '.join(derived)}); "
-                              "a derived view needs an existing source and no cycle")
+            raise ConfigError(
+                f"{where}.{name}.source: {_source(spec, name, where)!r} is not a view of dataset "
+                f"{info.name!r} (views: {', '.join(shapes)}, derived: {', '.join(derived)}); "
+                "a derived view needs an existing source and no cycle"
+            )
         for name in ready:
             spec = pending.pop(name)
             unknown = set(spec) - {"source", "transform", "params"}
@@ -98,8 +107,9 @@ def plan_views(bundle: DataBundle, derived: Mapping[str, Mapping[str, Any]] | No
                 raise ConfigError(f"{where}.{name}: needs a transform (see darkknowledge.data.views)")
             view = DerivedView(name, spec["source"], str(spec["transform"]), dict(spec.get("params") or {}))
             try:
-                shapes[name] = tuple(view_shape(view.transform, view.params, shapes[view.source],
-                                                where=f"{where}.{name}.params"))
+                shapes[name] = tuple(
+                    view_shape(view.transform, view.params, shapes[view.source], where=f"{where}.{name}.params")
+                )
             except (ConfigError, ShapeError) as exc:
                 text = str(exc) if str(exc).startswith(where) else f"{where}.{name}: {exc}"
                 raise type(exc)(text) from None
@@ -107,8 +117,10 @@ def plan_views(bundle: DataBundle, derived: Mapping[str, Mapping[str, Any]] | No
     plan = ViewPlan(info.view, tuple(stored), tuple(ordered), shapes)
     transfer = bundle.transfer
     if isinstance(transfer, TensorData) and len(transfer) and set(transfer.views) != set(stored):
-        raise ConfigError(f"dataset {info.name!r}: the transfer set holds views {sorted(transfer.views)} but the "
-                          f"training split {sorted(stored)}; a transfer set appended to training needs the same")
+        raise ConfigError(
+            f"dataset {info.name!r}: the transfer set holds views {sorted(transfer.views)} but the "
+            f"training split {sorted(stored)}; a transfer set appended to training needs the same"
+        )
     extra = json.dumps([d.describe() for d in ordered], sort_keys=True)
     fp = hashlib.sha256(f"{info.fingerprint}|{extra}".encode()).hexdigest()[:16] if ordered else info.fingerprint
     return replace(bundle, info=replace(info, views=plan, fingerprint=fp))
@@ -134,14 +146,17 @@ def check_view_in_split(info: DatasetInfo, data: Any, name: str, split: str, who
     stored, _ = plan.needs([name])
     missing = [s for s in stored if s not in split_views(data)]
     if missing:
-        raise ConfigError(f"{who}.input={name!r}: the {split} split of dataset {info.name!r} lacks the stored view "
-                          f"{missing[0]!r} it needs; {who} is evaluated on its own view, so the {split} split must "
-                          "hold it (or read another view; a teacher may instead come trained: teacher.checkpoint)")
+        raise ConfigError(
+            f"{who}.input={name!r}: the {split} split of dataset {info.name!r} lacks the stored view "
+            f"{missing[0]!r} it needs; {who} is evaluated on its own view, so the {split} split must "
+            "hold it (or read another view; a teacher may instead come trained: teacher.checkpoint)"
+        )
 
 
 def concat(a: TensorData, b: TensorData) -> TensorData:
     """``a`` then ``b`` (e.g. training split + transfer set), views included."""
     if set(a.views) != set(b.views):
         raise ConfigError(f"cannot append data with views {sorted(b.views)} to data with views {sorted(a.views)}")
-    return TensorData(torch.cat([a.x, b.x]), torch.cat([a.y, b.y]),
-                      {k: torch.cat([v, b.views[k]]) for k, v in a.views.items()})
+    return TensorData(
+        torch.cat([a.x, b.x]), torch.cat([a.y, b.y]), {k: torch.cat([v, b.views[k]]) for k, v in a.views.items()}
+    )

@@ -38,16 +38,18 @@ class TensorData(Dataset):
         y = y.to(torch.int64)
         lowest = int(y.min()) if y.numel() else 0
         if lowest < UNLABELED:
-            raise ConfigError(f"label {lowest} is not a class index: labels must be >= 0, or {UNLABELED} for a "
-                              "sample without a label")
+            raise ConfigError(
+                f"label {lowest} is not a class index: labels must be >= 0, or {UNLABELED} for a sample without a label"
+            )
         views = dict(views or {})
         for name, v in views.items():
             if not isinstance(name, str) or not name.isidentifier():
                 raise ConfigError(f"TensorData view name {name!r} must be a plain identifier (letters, digits, _)")
             if not isinstance(v, torch.Tensor) or v.ndim < 1 or v.shape[0] != x.shape[0]:
                 shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-                raise ConfigError(f"TensorData view {name!r} needs a tensor (N, ...) with N={x.shape[0]} samples "
-                                  f"like x (got {shape})")
+                raise ConfigError(
+                    f"TensorData view {name!r} needs a tensor (N, ...) with N={x.shape[0]} samples like x (got {shape})"
+                )
         self.x = x
         self.y = y
         self.views = views

@@ -50,8 +50,10 @@ class ViewPlan:
     def check(self, name: str, where: str) -> None:
         """Raise a clear error when ``name`` is not a view of this dataset."""
         if name not in self.shapes:
-            raise ConfigError(f"{where}: the data has no view {name!r}; its views: {', '.join(self.names)} "
-                              "(derive another under data.views: {name: {source, transform, params}})")
+            raise ConfigError(
+                f"{where}: the data has no view {name!r}; its views: {', '.join(self.names)} "
+                "(derive another under data.views: {name: {source, transform, params}})"
+            )
 
     def needs(self, wanted: Collection[str]) -> tuple[list[str], list[DerivedView]]:
         """The stored views and the derived views (in computing order) behind ``wanted``."""
@@ -69,8 +71,9 @@ class ViewPlan:
             visit(name)
         return [s for s in self.stored if s in keep], [d for d in self.derived if d.name in keep]
 
-    def compute(self, x: torch.Tensor, stored: Mapping[str, torch.Tensor], wanted: Collection[str]
-                ) -> dict[str, torch.Tensor]:
+    def compute(
+        self, x: torch.Tensor, stored: Mapping[str, torch.Tensor], wanted: Collection[str]
+    ) -> dict[str, torch.Tensor]:
         """The ``wanted`` views of one batch, by name.
 
         Args:

@@ -79,8 +79,11 @@ def _value_range(value: Any) -> Any:
     """Pydantic check of ``render``'s range: ``"sample"`` or finite ``(lo, hi)`` with ``lo < hi``."""
     if value == "sample":
         return value
-    numbers = isinstance(value, (list, tuple)) and len(value) == 2 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    numbers = (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    )
     if not numbers or not value[0] < value[1]:
         raise ValueError("range must be 'sample' or finite numbers (lo, hi) with lo < hi, e.g. (-3, 3)")
     return (float(value[0]), float(value[1]))
@@ -90,9 +93,7 @@ Size = Annotated[PositiveInt | tuple[PositiveInt, PositiveInt], BeforeValidator(
 ValueRange = Annotated[tuple[float, float] | Literal["sample"], BeforeValidator(_value_range)]
 
 
-def register_view_transform(
-    name: str, check: Callable[..., None] | None = None
-) -> Callable[[ViewFn], ViewFn]:
+def register_view_transform(name: str, check: Callable[..., None] | None = None) -> Callable[[ViewFn], ViewFn]:
     """Decorator registering a view transform under ``name``.
 
     The function takes the batch as its first argument ``x`` and its parameters as keywords
@@ -163,8 +164,10 @@ def view_transform(name: str, params: Mapping[str, Any] | None = None, where: st
     fields = signature_fields(fn, exclude=(INPUT_ARG,))
     missing = [k for k, (_, default) in fields.items() if default is ... and k not in params]
     if missing:
-        raise ConfigError(f"{where}: missing required parameter {missing[0]!r} of view transform {name!r} "
-                          f"(its parameters: {', '.join(fields)})")
+        raise ConfigError(
+            f"{where}: missing required parameter {missing[0]!r} of view transform {name!r} "
+            f"(its parameters: {', '.join(fields)})"
+        )
     checked = validate_kwargs(fn, params, where=where, exclude=(INPUT_ARG,))
     resolved = {k: default for k, (_, default) in fields.items() if default is not ...}
     resolved.update(checked)
@@ -205,8 +208,10 @@ def view_shape(
         except DarkKnowledgeError:
             raise
         except (RuntimeError, ValueError, IndexError) as exc:
-            raise ShapeError(f"view transform {name!r} with params {dict(transform.params)} does not accept "
-                             f"samples of shape {shape}: {exc}") from None
+            raise ShapeError(
+                f"view transform {name!r} with params {dict(transform.params)} does not accept "
+                f"samples of shape {shape}: {exc}"
+            ) from None
     return tuple(out.shape[1:])
 
 
@@ -217,8 +222,10 @@ def _expect(x: torch.Tensor, name: str, ndims: tuple[int, ...] | None, layout: s
         got = x.dtype if torch.is_tensor(x) else type(x).__name__
         raise ConfigError(f"view transform {name!r} needs a floating-point tensor, got {got}")
     if x.ndim == 0 or (ndims is not None and x.ndim not in ndims):
-        raise ShapeError(f"view transform {name!r} expects {layout}; got a batch of shape {tuple(x.shape)} "
-                         f"(sample shape {tuple(x.shape[1:])})")
+        raise ShapeError(
+            f"view transform {name!r} expects {layout}; got a batch of shape {tuple(x.shape)} "
+            f"(sample shape {tuple(x.shape[1:])})"
+        )
 
 
 def _check_downsample(size: Any, mode: str, antialias: bool) -> None:
@@ -266,12 +273,16 @@ def downsample(
         target = (1, size)
         grid = (x if x.ndim == 3 else x.unsqueeze(1)).unsqueeze(-2)  # (B, C, 1, L)
     else:
-        raise ShapeError(f"view.downsample.size: a 1-D signal takes one int size, got {size!r} "
-                         f"for a batch of shape {tuple(x.shape)} (sample shape {tuple(x.shape[1:])})")
+        raise ShapeError(
+            f"view.downsample.size: a 1-D signal takes one int size, got {size!r} "
+            f"for a batch of shape {tuple(x.shape)} (sample shape {tuple(x.shape[1:])})"
+        )
     have = tuple(grid.shape[-2:])
     if target[0] > have[0] or target[1] > have[1]:
-        raise ShapeError(f"view.downsample.size: {size!r} is larger than the input, sample shape "
-                         f"{tuple(x.shape[1:])}; downsample only reduces")
+        raise ShapeError(
+            f"view.downsample.size: {size!r} is larger than the input, sample shape "
+            f"{tuple(x.shape[1:])}; downsample only reduces"
+        )
     if mode == "area":
         out = F.adaptive_avg_pool2d(grid, target)  # (B, C, h, w)
     elif mode == "bilinear":

@@ -48,8 +48,10 @@ def restart_hint(path: str | Path) -> str:
     """What to delete to start over without the unreadable file ``path``."""
     path = Path(path)
     if path.name in STAGE_FILES:
-        return (f"Delete the folder {str(path.parent)!r} to train stage {path.parent.name!r} again from the start "
-                "(--resume keeps the run's other stages).")
+        return (
+            f"Delete the folder {str(path.parent)!r} to train stage {path.parent.name!r} again from the start "
+            "(--resume keeps the run's other stages)."
+        )
     return f"Delete or replace {str(path)!r} (recreate it with `dk train` or `dk distill`)."
 
 
@@ -59,8 +61,10 @@ def _unreadable_reason(exc: BaseException) -> str:
     if isinstance(exc, pickle.UnpicklingError) or "weights_only" in text:
         found = re.search(r"GLOBAL (\S+)", text)
         what = f" ({found.group(1)})" if found else ""
-        return (f"it holds a Python object{what} that no darkknowledge checkpoint contains, so it was not "
-                "loaded and none of its code ran")
+        return (
+            f"it holds a Python object{what} that no darkknowledge checkpoint contains, so it was not "
+            "loaded and none of its code ran"
+        )
     if isinstance(exc, EOFError) or "central directory" in text or "zip archive" in text:
         return "it is empty or truncated"
     if isinstance(exc, OSError):
@@ -93,8 +97,10 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu", hint: 
         if isinstance(payload, dict):
             return payload
         reason = f"it holds a {type(payload).__name__}, not the dict of a darkknowledge checkpoint"
-    raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {reason}; it is damaged or not a darkknowledge "
-                          f"checkpoint. {hint or restart_hint(path)}")
+    raise CheckpointError(
+        f"cannot read checkpoint {str(path)!r}: {reason}; it is damaged or not a darkknowledge "
+        f"checkpoint. {hint or restart_hint(path)}"
+    )
 
 
 def state_hash(module_or_state: nn.Module | dict[str, torch.Tensor]) -> str:
@@ -223,13 +229,21 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str | P
             return
         except RuntimeError as exc:
             problem = " ".join(str(exc).split())[:200]
-    raise CheckpointError(f"{where} {str(path)!r}: its weights do not fit the {getattr(model, 'dk_name', 'model')} "
-                          f"model its spec builds ({problem}); the file is damaged or its spec was edited: "
-                          "export the model again")
+    raise CheckpointError(
+        f"{where} {str(path)!r}: its weights do not fit the {getattr(model, 'dk_name', 'model')} "
+        f"model its spec builds ({problem}); the file is damaged or its spec was edited: "
+        "export the model again"
+    )
 
 
-def check_export_fits(payload: dict[str, Any], path: str | Path, dataset: str, input_shape: Sequence[int],
-                      num_classes: int, where: str = "checkpoint") -> None:
+def check_export_fits(
+    payload: dict[str, Any],
+    path: str | Path,
+    dataset: str,
+    input_shape: Sequence[int],
+    num_classes: int,
+    where: str = "checkpoint",
+) -> None:
     """Refuse an exported model trained on inputs of another shape or another number of classes.
 
     The export's spec records ``input_shape`` and ``num_classes`` (zoo models) and its
@@ -253,9 +267,11 @@ def check_export_fits(payload: dict[str, Any], path: str | Path, dataset: str, i
     if shape is not None and list(shape) != list(input_shape):
         raise CheckpointError(
             f"{where} {str(path)!r} holds a model for inputs of shape {tuple(shape)}{origin}, but dataset "
-            f"{dataset!r} has inputs of shape {tuple(input_shape)}; use a model trained on data of this shape")
+            f"{dataset!r} has inputs of shape {tuple(input_shape)}; use a model trained on data of this shape"
+        )
     classes = params.get("num_classes")
     if classes is not None and classes != num_classes:
         raise CheckpointError(
             f"{where} {str(path)!r} holds a model that predicts {classes} classes{origin}, but dataset "
-            f"{dataset!r} has {num_classes}; use a model trained on data with these classes")
+            f"{dataset!r} has {num_classes}; use a model trained on data with these classes"
+        )

@@ -66,8 +66,7 @@ def nonfinite(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
     Args:
         named: ``(name, tensor)`` pairs; other values and integer tensors are skipped.
     """
-    items = [(n, t.detach()) for n, t in named
-             if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
+    items = [(n, t.detach()) for n, t in named if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
     if not items:
         return []
     peaks = torch._foreach_norm([t for _, t in items], ord=math.inf)  # max |x|: NaN stays NaN, no overflow
@@ -106,9 +105,16 @@ class DivergenceWatch:
         lr: The current learning rate of a part (None: the only one), for the message.
     """
 
-    def __init__(self, stage: str, device: torch.device, state: Callable[[], Iterable[tuple[str, torch.Tensor]]],
-                 dist: DistContext | None = None, every: int = CHECK_EVERY, can_resume: bool = True,
-                 lr: Callable[[str | None], float] | None = None) -> None:
+    def __init__(
+        self,
+        stage: str,
+        device: torch.device,
+        state: Callable[[], Iterable[tuple[str, torch.Tensor]]],
+        dist: DistContext | None = None,
+        every: int = CHECK_EVERY,
+        can_resume: bool = True,
+        lr: Callable[[str | None], float] | None = None,
+    ) -> None:
         self.stage, self.state, self.every, self.can_resume = stage, state, every, can_resume
         self.lr = lr
         self.dist = dist or DistContext()
@@ -127,8 +133,9 @@ class DivergenceWatch:
         """A checkpoint of ``step`` was written (after :meth:`check`)."""
         self.saved_step = step
 
-    def observe(self, epoch: int, step: int, loss: torch.Tensor, terms: dict[str, torch.Tensor],
-                part: str | None = None) -> None:
+    def observe(
+        self, epoch: int, step: int, loss: torch.Tensor, terms: dict[str, torch.Tensor], part: str | None = None
+    ) -> None:
         """The loss of (a micro-batch of) ``step`` (1-based) in ``epoch`` (0-based), after its backward."""
         loss = loss.detach()
         self._seen.append(_Seen(epoch, step, part, loss, terms))
@@ -189,16 +196,22 @@ class DivergenceWatch:
             if not applied:
                 what += " (its update was not applied)"
             if not applied and state_bad:  # checked before this step's update: an earlier one diverged
-                what += (f"; the weights were non-finite before it ({shown}): an update after step {since} "
-                         "diverged while its loss was finite")
+                what += (
+                    f"; the weights were non-finite before it ({shown}): an update after step {since} "
+                    "diverged while its loss was finite"
+                )
         elif state_bad:
-            what = (f"the weights or optimizer state became non-finite ({shown}) between steps {since + 1} and "
-                    f"{last} while every loss was finite (an update overflowed)")
+            what = (
+                f"the weights or optimizer state became non-finite ({shown}) between steps {since + 1} and "
+                f"{last} while every loss was finite (an update overflowed)"
+            )
         else:
             what = f"the loss became non-finite on another process between steps {since + 1} and {last}"
         if self.saved_step is not None:
-            resume = (f"nothing after step {self.saved_step} was saved: --resume (same --out) continues from "
-                      f"the last good checkpoint (last.pt, step {self.saved_step}); ")
+            resume = (
+                f"nothing after step {self.saved_step} was saved: --resume (same --out) continues from "
+                f"the last good checkpoint (last.pt, step {self.saved_step}); "
+            )
         elif self.can_resume:
             resume = "no checkpoint of this stage was written before it; "
         else:

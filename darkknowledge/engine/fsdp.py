@@ -52,8 +52,10 @@ def shard_frozen(model: nn.Module, device: torch.device) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     if not (dist.is_available() and dist.is_initialized()):
-        raise ConfigError("distributed.teacher=fsdp shards the teacher across processes: launch with torchrun "
-                          "(nproc_per_node >= 2), or use distributed.teacher=replicate")
+        raise ConfigError(
+            "distributed.teacher=fsdp shards the teacher across processes: launch with torchrun "
+            "(nproc_per_node >= 2), or use distributed.teacher=replicate"
+        )
     model.requires_grad_(False)
     model.eval()
     model.to(device)

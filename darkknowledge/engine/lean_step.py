@@ -97,13 +97,19 @@ class LeanStep:
     def _still_valid(self, bundles: list[_Bundle]) -> bool:
         """No step hooks to run, and every group's options still match the captured state."""
         opt = self.optimizer
-        if (_global_optimizer_pre_hooks or _global_optimizer_post_hooks
-                or opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks):
+        if (
+            _global_optimizer_pre_hooks
+            or _global_optimizer_post_hooks
+            or opt._optimizer_step_pre_hooks
+            or opt._optimizer_step_post_hooks
+        ):
             return False
         kind: str = self.kind  # type: ignore[assignment]  # set: _capture ran
-        return all(_group_supported(kind, b.group)
-                   and (kind != "sgd" or (b.group["momentum"] != 0) == bool(b.state))  # momentum toggled
-                   for b in bundles)
+        return all(
+            _group_supported(kind, b.group)
+            and (kind != "sgd" or (b.group["momentum"] != 0) == bool(b.state))  # momentum toggled
+            for b in bundles
+        )
 
     def step(self) -> None:
         """One optimizer step, the same update as ``optimizer.step()``."""
@@ -132,8 +138,11 @@ class LeanStep:
         except (TypeError, AttributeError) as err:
             if self.kind != "sgd":
                 torch._foreach_sub_(bundles[0].state[2], 1)  # undo the step count the failed call added
-            log.warning("the fused %s kernel cannot be called directly in this torch (%s); "
-                        "using optimizer.step()", self.kind, err)
+            log.warning(
+                "the fused %s kernel cannot be called directly in this torch (%s); using optimizer.step()",
+                self.kind,
+                err,
+            )
             self.kind, self._bundles = None, None
             return False
         return True
@@ -142,9 +151,16 @@ class LeanStep:
         g = b.group
         if self.kind == "sgd":
             getattr(torch, KERNELS["sgd"])(
-                b.params, grads, b.state[0] if b.state else [],
-                weight_decay=g["weight_decay"], momentum=g["momentum"], lr=g["lr"], dampening=g["dampening"],
-                nesterov=g["nesterov"], maximize=g["maximize"], is_first_step=False,
+                b.params,
+                grads,
+                b.state[0] if b.state else [],
+                weight_decay=g["weight_decay"],
+                momentum=g["momentum"],
+                lr=g["lr"],
+                dampening=g["dampening"],
+                nesterov=g["nesterov"],
+                maximize=g["maximize"],
+                is_first_step=False,
             )
             return
         exp_avgs, exp_avg_sqs, steps = b.state
@@ -153,7 +169,19 @@ class LeanStep:
         kernel = getattr(torch, KERNELS["adamw" if decoupled else "adam"])
         beta1, beta2 = g["betas"]
         kernel(
-            b.params, grads, exp_avgs, exp_avg_sqs, [], steps,
-            amsgrad=False, lr=g["lr"], beta1=float(beta1), beta2=float(beta2), weight_decay=g["weight_decay"],
-            eps=g["eps"], maximize=g["maximize"], grad_scale=None, found_inf=None,
+            b.params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            [],
+            steps,
+            amsgrad=False,
+            lr=g["lr"],
+            beta1=float(beta1),
+            beta2=float(beta2),
+            weight_decay=g["weight_decay"],
+            eps=g["eps"],
+            maximize=g["maximize"],
+            grad_scale=None,
+            found_inf=None,
         )

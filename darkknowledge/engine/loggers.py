@@ -82,8 +82,10 @@ def tensorboard_dir(cfg: LogConfig, run_dir: Path | None) -> Path:
     if isinstance(cfg.tensorboard, str):
         return Path(cfg.tensorboard)
     if run_dir is None:
-        raise ConfigError("log.tensorboard=true writes event files into the run folder, and this run has none; "
-                          "give one (--out DIR, out= in the Python API) or a folder: log.tensorboard=PATH")
+        raise ConfigError(
+            "log.tensorboard=true writes event files into the run folder, and this run has none; "
+            "give one (--out DIR, out= in the Python API) or a folder: log.tensorboard=PATH"
+        )
     return Path(run_dir) / "tensorboard"
 
 
@@ -95,9 +97,11 @@ def mlflow_uri(cfg: LogConfig, run_dir: Path | None) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     if run_dir is None:
-        raise ConfigError("log.mlflow=true keeps its store in the run folder, and this run has none; give one "
-                          "(--out DIR, out= in the Python API) or a tracking URI: log.mlflow=sqlite:///PATH/mlflow.db "
-                          "(or set MLFLOW_TRACKING_URI)")
+        raise ConfigError(
+            "log.mlflow=true keeps its store in the run folder, and this run has none; give one "
+            "(--out DIR, out= in the Python API) or a tracking URI: log.mlflow=sqlite:///PATH/mlflow.db "
+            "(or set MLFLOW_TRACKING_URI)"
+        )
     return "sqlite:///" + str((Path(run_dir) / "mlflow" / "mlflow.db").resolve())
 
 
@@ -112,8 +116,10 @@ def check_loggers(cfg: LogConfig, run_dir: Path | None) -> None:
         if name == "mlflow" and not missing and mlflow_uri(cfg, run_dir).startswith("sqlite:"):
             missing = [p for p in _SQL_PACKAGES if not _import(p)]
         if missing:
-            raise ConfigError(f"log.{name}: the package {missing[0]!r} is not installed; install the extra: "
-                              f"pip install \"darkknowledge[{name}]\" (or set log.{name}=false)")
+            raise ConfigError(
+                f"log.{name}: the package {missing[0]!r} is not installed; install the extra: "
+                f'pip install "darkknowledge[{name}]" (or set log.{name}=false)'
+            )
         if name == "tensorboard":
             tensorboard_dir(cfg, run_dir)
         else:
@@ -129,8 +135,9 @@ class Loggers:
         facts: What ``loggers.json`` records per logger besides the count (e.g. the MLflow run id).
     """
 
-    def __init__(self, sinks: list[tuple[Sink, int]], state: Path | None,
-                 facts: dict[str, dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self, sinks: list[tuple[Sink, int]], state: Path | None, facts: dict[str, dict[str, Any]] | None = None
+    ) -> None:
         self._sinks = [s for s, _ in sinks]  # those still sent records (one that failed is dropped)
         self._sent = {s.name: n for s, n in sinks}
         self._facts = facts or {}
@@ -141,7 +148,7 @@ class Loggers:
     def catch_up(self, records: list[dict[str, Any]]) -> None:
         """Send each logger the records of ``metrics.jsonl`` it has not had (a resumed run)."""
         for sink in list(self._sinks):
-            for record in records[self._sent[sink.name]:]:
+            for record in records[self._sent[sink.name] :]:
                 self._send(sink, record)
         self._save()
 
@@ -157,8 +164,13 @@ class Loggers:
         try:
             sink.write(step, values)
         except Exception as exc:  # noqa: BLE001 - a logger's failure must not end the training
-            log.warning("log.%s: stopped sending metrics (%s: %s); metrics.jsonl keeps every record, and --resume "
-                        "sends the rest", sink.name, type(exc).__name__, exc)
+            log.warning(
+                "log.%s: stopped sending metrics (%s: %s); metrics.jsonl keeps every record, and --resume "
+                "sends the rest",
+                sink.name,
+                type(exc).__name__,
+                exc,
+            )
             self._sinks.remove(sink)
             return
         self._sent[sink.name] += 1
@@ -202,8 +214,15 @@ def read_state(run_dir: Path | None) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def open_loggers(cfg: LogConfig, run_dir: Path | None, *, name: str, config: Mapping[str, Any],
-                 resume: bool, records: list[dict[str, Any]]) -> Loggers | None:
+def open_loggers(
+    cfg: LogConfig,
+    run_dir: Path | None,
+    *,
+    name: str,
+    config: Mapping[str, Any],
+    resume: bool,
+    records: list[dict[str, Any]],
+) -> Loggers | None:
     """Open the loggers ``cfg`` asks for (None when it asks for none): a fresh run starts new ones;
     a resumed run continues those ``loggers.json`` names and sends them what they missed.
 
@@ -239,10 +258,18 @@ def open_loggers(cfg: LogConfig, run_dir: Path | None, *, name: str, config: Map
         uri = mlflow_uri(cfg, run_dir)
         before = state.get("mlflow", {})
         same = before.get("uri") == uri
-        artifacts = Path(run_dir) / "mlflow" / "artifacts" if run_dir is not None and uri.startswith("sqlite:") else None
-        sink = MLflowSink(uri, cfg.experiment or name, run_name=Path(run_dir).name if run_dir is not None else name,
-                          config=config, run_id=before.get("run_id") if same else None, artifacts=artifacts,
-                          tags={"darkknowledge.run_dir": str(Path(run_dir).resolve()) if run_dir is not None else ""})
+        artifacts = (
+            Path(run_dir) / "mlflow" / "artifacts" if run_dir is not None and uri.startswith("sqlite:") else None
+        )
+        sink = MLflowSink(
+            uri,
+            cfg.experiment or name,
+            run_name=Path(run_dir).name if run_dir is not None else name,
+            config=config,
+            run_id=before.get("run_id") if same else None,
+            artifacts=artifacts,
+            tags={"darkknowledge.run_dir": str(Path(run_dir).resolve()) if run_dir is not None else ""},
+        )
         sinks.append((sink, int(before.get("sent", 0)) if same and sink.resumed else 0))
         facts["mlflow"] = {"uri": uri, "run_id": sink.run_id, "experiment": cfg.experiment or name}
     opened = Loggers(sinks, Path(run_dir) / STATE_FILE if run_dir is not None else None, facts)
@@ -252,7 +279,9 @@ def open_loggers(cfg: LogConfig, run_dir: Path | None, *, name: str, config: Map
 
 
 def _where(name: str, facts: Mapping[str, Any]) -> str:
-    return f"TensorBoard ({facts['dir']})" if name == "tensorboard" else f"MLflow ({facts['uri']}, run {facts['run_id']})"
+    return (
+        f"TensorBoard ({facts['dir']})" if name == "tensorboard" else f"MLflow ({facts['uri']}, run {facts['run_id']})"
+    )
 
 
 __all__ = ["LOGGERS", "Loggers", "Sink", "check_loggers", "open_loggers", "scalars"]

@@ -35,7 +35,9 @@ def evaluate(
         return _evaluate(model, batches, dist, amp)
 
 
-def _evaluate(model: nn.Module, batches: Iterable[Batch], dist: DistContext, amp: torch.dtype | None) -> dict[str, float]:
+def _evaluate(
+    model: nn.Module, batches: Iterable[Batch], dist: DistContext, amp: torch.dtype | None
+) -> dict[str, float]:
     was_training = model.training
     model.eval()
     sums: torch.Tensor | None = None
@@ -55,12 +57,14 @@ def _evaluate(model: nn.Module, batches: Iterable[Batch], dist: DistContext, amp
             k = min(5, num_classes)
             topk = logits.topk(k, dim=-1).indices  # (B, k)
             hit = topk == y[:, None]  # (B, k)
-            step = torch.stack([
-                hit[:, 0].sum().float(),
-                hit.any(dim=-1).sum().float(),
-                F.cross_entropy(logits, y, reduction="sum") if y.numel() else logits.sum() * 0,
-                torch.tensor(float(y.numel()), device=logits.device),
-            ])
+            step = torch.stack(
+                [
+                    hit[:, 0].sum().float(),
+                    hit.any(dim=-1).sum().float(),
+                    F.cross_entropy(logits, y, reduction="sum") if y.numel() else logits.sum() * 0,
+                    torch.tensor(float(y.numel()), device=logits.device),
+                ]
+            )
             sums = step if sums is None else sums + step
     finally:
         model.train(was_training)

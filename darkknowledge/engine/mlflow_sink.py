@@ -83,8 +83,16 @@ class MLflowSink:
 
     name = "mlflow"
 
-    def __init__(self, uri: str, experiment: str, run_name: str, config: Mapping[str, Any],
-                 run_id: str | None = None, artifacts: Path | None = None, tags: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        run_name: str,
+        config: Mapping[str, Any],
+        run_id: str | None = None,
+        artifacts: Path | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
         from mlflow.entities import Metric, Param
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
@@ -102,13 +110,19 @@ class MLflowSink:
                     found = self.client.get_experiment_by_name(experiment)
                     if artifacts is not None and found is None:
                         artifacts.mkdir(parents=True, exist_ok=True)
-                    exp_id = found.experiment_id if found is not None else self.client.create_experiment(
-                        experiment, artifact_location=artifacts.resolve().as_uri() if artifacts is not None else None)
+                    exp_id = (
+                        found.experiment_id
+                        if found is not None
+                        else self.client.create_experiment(
+                            experiment,
+                            artifact_location=artifacts.resolve().as_uri() if artifacts is not None else None,
+                        )
+                    )
                     run = self.client.create_run(exp_id, run_name=run_name, tags=dict(tags or {}))
                     self.run_id = run.info.run_id
                     params = [Param(k, v) for k, v in config_params(config).items()]
                     for i in range(0, len(params), _BATCH):
-                        self.client.log_batch(self.run_id, params=params[i:i + _BATCH])
+                        self.client.log_batch(self.run_id, params=params[i : i + _BATCH])
         except MlflowException as exc:
             raise ConfigError(f"log.mlflow: MLflow cannot use the tracking store {uri!r}: {exc.message}") from None
 
@@ -119,8 +133,9 @@ class MLflowSink:
         try:
             run = self.client.get_run(run_id)
         except error:
-            log.warning("log.mlflow: the run %s of this folder is not in %s; starting a new MLflow run", run_id,
-                        self.uri)
+            log.warning(
+                "log.mlflow: the run %s of this folder is not in %s; starting a new MLflow run", run_id, self.uri
+            )
             return None
         return run_id if run.info.lifecycle_stage == "active" else None
 
@@ -128,7 +143,7 @@ class MLflowSink:
         now = int(time.time() * 1000)
         metrics = [self._metric(metric_key(k), v, now, step) for k, v in values.items()]
         for i in range(0, len(metrics), 1000):
-            self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
 
     def close(self, status: str) -> None:
         self.client.set_terminated(self.run_id, status=status)

@@ -66,8 +66,10 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]
             new_index = {id(p): i for i, p in enumerate(optimizer.param_groups[0]["params"])}
             saved_ids = [i for g in groups for i in g["params"]]  # flat ids in the old order
             remap = {sid: new_index[id(p)] for sid, p in zip(saved_ids, old)}
-            saved = {"state": {remap[k]: v for k, v in saved["state"].items()},
-                     "param_groups": [{**groups[0], "params": sorted(remap.values())}]}
+            saved = {
+                "state": {remap[k]: v for k, v in saved["state"].items()},
+                "param_groups": [{**groups[0], "params": sorted(remap.values())}],
+            }
     optimizer.load_state_dict(saved)
 
 

@@ -43,8 +43,13 @@ class Progress:
             yield from batches
             return
         self._bar = tqdm(
-            batches, total=total, initial=initial, desc=f"{self.desc} {epoch + 1}/{epochs}",
-            leave=False, dynamic_ncols=True, file=sys.stderr,
+            batches,
+            total=total,
+            initial=initial,
+            desc=f"{self.desc} {epoch + 1}/{epochs}",
+            leave=False,
+            dynamic_ncols=True,
+            file=sys.stderr,
         )
         try:
             yield from self._bar

@@ -38,8 +38,9 @@ class PartStepper:
         amp: The autocast dtype, or None.
     """
 
-    def __init__(self, part: Part, cfg: TrainConfig, steps_per_epoch: int, device: torch.device,
-                 amp: torch.dtype | None) -> None:
+    def __init__(
+        self, part: Part, cfg: TrainConfig, steps_per_epoch: int, device: torch.device, amp: torch.dtype | None
+    ) -> None:
         self.part = part
         self.optimizer = build_optimizer(part.parameters(), part.optimizer or cfg.optimizer)
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -91,8 +92,11 @@ class PartStepper:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
 
     def load_state_dict(self, state: dict[str, Any], module: nn.Module) -> None:
         load_optimizer_state(self.optimizer, state["optimizer"], module)

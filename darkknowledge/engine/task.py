@@ -127,8 +127,9 @@ class Task:
         """The epoch's training batches as the steps see them (default: ``stream``)."""
         return stream
 
-    def training_step(self, model: nn.Module, batch: Batch, epoch_progress: float,
-                      part: str = MAIN) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def training_step(
+        self, model: nn.Module, batch: Batch, epoch_progress: float, part: str = MAIN
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of one step of ``part``. ``model`` is ``module``, possibly DDP-wrapped: call it
         (its ``forward``) so that DDP sees every parameter the loss uses."""
         return model(batch, epoch_progress)

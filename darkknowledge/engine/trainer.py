@@ -80,8 +80,9 @@ def check_parts(parts: list[Part], module: nn.Module) -> None:
             if id(p) not in owned:
                 raise ConfigError(f"part {part.name!r} holds parameters outside the task's module")
             if id(p) in seen:
-                raise ConfigError(f"parts {seen[id(p)]!r} and {part.name!r} share a parameter; give each "
-                                  "parameter to one part")
+                raise ConfigError(
+                    f"parts {seen[id(p)]!r} and {part.name!r} share a parameter; give each parameter to one part"
+                )
             seen[id(p)] = part.name
 
 
@@ -148,8 +149,9 @@ class Trainer:
             self._watch.saved(step)
             self.task.saved(step)
 
-    def _state(self, epoch: int, batch: int, step: int, result: StageResult,
-               steppers: dict[str, PartStepper]) -> dict[str, Any]:
+    def _state(
+        self, epoch: int, batch: int, step: int, result: StageResult, steppers: dict[str, PartStepper]
+    ) -> dict[str, Any]:
         return {
             "format": 2,
             "kind": "train",
@@ -185,13 +187,17 @@ class Trainer:
         if parts is None:  # format 1: one optimizer, saved under its own keys
             parts = {next(iter(steppers)): {k: state.get(k) for k in ("optimizer", "scheduler", "scaler")}}
         if set(parts) != set(steppers):
-            raise CheckpointError(f"refusing to resume {str(path)!r}: it holds the parts {sorted(parts)}, "
-                                  f"this task trains {sorted(steppers)}")
+            raise CheckpointError(
+                f"refusing to resume {str(path)!r}: it holds the parts {sorted(parts)}, "
+                f"this task trains {sorted(steppers)}"
+            )
         try:
             self.task.module.load_state_dict(state["module"])
         except RuntimeError as exc:
-            raise CheckpointError(f"cannot resume {str(path)!r}: its weights do not fit this stage's models (a "
-                                  f"checkpoint of another recipe, or of an older darkknowledge?): {exc}") from None
+            raise CheckpointError(
+                f"cannot resume {str(path)!r}: its weights do not fit this stage's models (a "
+                f"checkpoint of another recipe, or of an older darkknowledge?): {exc}"
+            ) from None
         for name, stepper in steppers.items():
             stepper.load_state_dict(parts[name], stepper.part.module)
         restore_rng(state["rng"])
@@ -218,9 +224,15 @@ class Trainer:
         selected_on = "val" if val is not None else "test"
         score = (val or test)[primary]["top1"]
         if not result.best or score > result.best["score"]:
-            result.best = {"epoch": epoch + 1, "score": score, "top1": test[primary]["top1"], "selected_on": selected_on}
-            self._save("best.pt", {"format": 2, "kind": "best", "module": self.task.module.state_dict(),
-                                   "best": result.best})
+            result.best = {
+                "epoch": epoch + 1,
+                "score": score,
+                "top1": test[primary]["top1"],
+                "selected_on": selected_on,
+            }
+            self._save(
+                "best.pt", {"format": 2, "kind": "best", "module": self.task.module.state_dict(), "best": result.best}
+            )
         self.metrics.write({**record, "kind": "eval"})
 
     def _epoch_means(self, logged: dict[str, list[torch.Tensor]]) -> dict[str, float]:
@@ -262,26 +274,36 @@ class Trainer:
         check_parts(parts, module)
         several = len(parts) > 1
         if several and cfg.grad_accum > 1:
-            raise ConfigError(f"train.grad_accum={cfg.grad_accum}: a task with several optimizers "
-                              f"({', '.join(p.name for p in parts)}) steps every part on whole batches; "
-                              "set grad_accum to 1")
+            raise ConfigError(
+                f"train.grad_accum={cfg.grad_accum}: a task with several optimizers "
+                f"({', '.join(p.name for p in parts)}) steps every part on whole batches; "
+                "set grad_accum to 1"
+            )
         model: nn.Module = module
         if self.dist.enabled:
             ids = [device.index] if device.type == "cuda" else None
             # several parts: each step's loss uses only some parameters
             model = nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=several)
         n_batches = len(loader)
-        steppers = {p.name: PartStepper(p, cfg, math.ceil(n_batches / (p.every if several else cfg.grad_accum)),
-                                        device, self.amp) for p in parts}
+        steppers = {
+            p.name: PartStepper(
+                p, cfg, math.ceil(n_batches / (p.every if several else cfg.grad_accum)), device, self.amp
+            )
+            for p in parts
+        }
         trained = [p for s in steppers.values() for p in s.params]
         for p in trained:  # no gradient left over from setup
             p.grad = None
         result = StageResult(self.stage)
         start_epoch, start_batch, step = self._resume(steppers, result) if resume else (0, 0, 0)
         self._watch = DivergenceWatch(
-            self.stage, device, lambda: named_state(module, {n: s.optimizer for n, s in steppers.items()}),
-            self.dist, can_resume=self.run_dir is not None,
-            lr=lambda part: (steppers[part] if part else next(iter(steppers.values()))).lr)
+            self.stage,
+            device,
+            lambda: named_state(module, {n: s.optimizer for n, s in steppers.items()}),
+            self.dist,
+            can_resume=self.run_dir is not None,
+            lr=lambda part: (steppers[part] if part else next(iter(steppers.values()))).lr,
+        )
         ckpt = self._ckpt("last.pt")
         self._watch.start(step, saved=resume and ckpt is not None and ckpt.is_file())
         run_epoch = self._epoch_of_parts if several else self._epoch_of_one
@@ -301,9 +323,17 @@ class Trainer:
             result.train_seconds += time.perf_counter() - timer["t0"]
             result.epoch_seconds.append(time.perf_counter() - t0)
             lrs = {f"lr/{n}": s.lr for n, s in steppers.items()} if several else {}
-            self.metrics.write({"kind": "train", "stage": self.stage, "epoch": epoch + 1, "step": step,
-                                "lr": next(iter(steppers.values())).lr, **lrs,
-                                **{f"train/{k}": v for k, v in means.items()}})
+            self.metrics.write(
+                {
+                    "kind": "train",
+                    "stage": self.stage,
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "lr": next(iter(steppers.values())).lr,
+                    **lrs,
+                    **{f"train/{k}": v for k, v in means.items()},
+                }
+            )
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                 self._evaluate(result, epoch, step)
             top1 = result.last.get(task.primary, {}).get("top1")
@@ -319,8 +349,16 @@ class Trainer:
         if self.progress.enabled and (b - start) % 25 == 0:  # a host sync only for the display
             self.progress.show({k: float(torch.stack(v).float().mean()) for k, v in logged.items()})
 
-    def _checkpoint_within(self, epoch: int, b: int, n_batches: int, step: int, result: StageResult,
-                           steppers: dict[str, PartStepper], timer: dict[str, float]) -> None:
+    def _checkpoint_within(
+        self,
+        epoch: int,
+        b: int,
+        n_batches: int,
+        step: int,
+        result: StageResult,
+        steppers: dict[str, PartStepper],
+        timer: dict[str, float],
+    ) -> None:
         every = self.cfg.checkpoint_every_steps
         if every and step % every == 0 and b + 1 < n_batches:
             self._watch.check(step)  # never a non-finite checkpoint
@@ -329,9 +367,19 @@ class Trainer:
             timer["t0"] = now
             self._save_last(self._state(epoch, b + 1, step, result, steppers), step)
 
-    def _epoch_of_one(self, model: nn.Module, steppers: dict[str, PartStepper], stream: Any, epoch: int,
-                      start: int, n_batches: int, step: int, logged: dict[str, list[torch.Tensor]],
-                      result: StageResult, timer: dict[str, float]) -> int:
+    def _epoch_of_one(
+        self,
+        model: nn.Module,
+        steppers: dict[str, PartStepper],
+        stream: Any,
+        epoch: int,
+        start: int,
+        n_batches: int,
+        step: int,
+        logged: dict[str, list[torch.Tensor]],
+        result: StageResult,
+        timer: dict[str, float],
+    ) -> int:
         """One epoch of a one-part task, with gradient accumulation."""
         cfg, task, watch = self.cfg, self.task, self._watch
         (stepper,) = steppers.values()
@@ -354,9 +402,19 @@ class Trainer:
             self._checkpoint_within(epoch, b, n_batches, step, result, steppers, timer)
         return step
 
-    def _epoch_of_parts(self, model: nn.Module, steppers: dict[str, PartStepper], stream: Any, epoch: int,
-                        start: int, n_batches: int, step: int, logged: dict[str, list[torch.Tensor]],
-                        result: StageResult, timer: dict[str, float]) -> int:
+    def _epoch_of_parts(
+        self,
+        model: nn.Module,
+        steppers: dict[str, PartStepper],
+        stream: Any,
+        epoch: int,
+        start: int,
+        n_batches: int,
+        step: int,
+        logged: dict[str, list[torch.Tensor]],
+        result: StageResult,
+        timer: dict[str, float],
+    ) -> int:
         """One epoch of a task with several parts: each due part steps on the batch in turn.
 
         ``step`` counts batches; a part due at batch ``n`` of the stage steps there (``Part.every``).

@@ -114,15 +114,17 @@ class EvalConfig(_Strict):
 
     prompts: list[str] = Field(default_factory=list, description="greedy generations of teacher and students")
     max_new_tokens: int = Field(default=32, gt=0)
-    kl_blocks: int | None = Field(default=None, gt=0, description="held-out blocks for the teacher-student KL "
-                                                                   "(None: all)")
+    kl_blocks: int | None = Field(
+        default=None, gt=0, description="held-out blocks for the teacher-student KL (None: all)"
+    )
 
 
 class DistributedConfig(_Strict):
     """How the teacher is placed under ``torchrun`` (one process: a whole teacher); students train with DDP."""
 
-    teacher: Literal["replicate", "fsdp"] = Field(default="replicate", description="fsdp: shard the frozen "
-                                                  "teacher with FSDP2 (no optimizer state)")
+    teacher: Literal["replicate", "fsdp"] = Field(
+        default="replicate", description="fsdp: shard the frozen teacher with FSDP2 (no optimizer state)"
+    )
 
 
 class LMRunConfig(_Strict):
@@ -137,8 +139,9 @@ class LMRunConfig(_Strict):
     student: LMModelConfig = Field(default_factory=LMModelConfig)
     tokenizer: Literal["teacher"] = Field(default="teacher", description="students share the teacher's tokenizer")
     cache: LMCacheConfig = Field(default_factory=LMCacheConfig)
-    arms: dict[str, ArmConfig] = Field(default_factory=lambda: {"ce": ArmConfig(losses={"ce": {}}),
-                                                                 "fkl": ArmConfig(losses={"fkl": {}})})
+    arms: dict[str, ArmConfig] = Field(
+        default_factory=lambda: {"ce": ArmConfig(losses={"ce": {}}), "fkl": ArmConfig(losses={"fkl": {}})}
+    )
     variants: VariantsConfig = Field(default_factory=VariantsConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -163,8 +166,10 @@ def validate_lm_config(raw: dict[str, Any]) -> LMRunConfig:
     """Validate a raw ``kind: lm`` recipe (errors name the key path, with a "did you mean")."""
     for key in raw:
         if key not in LMRunConfig.model_fields:
-            raise ConfigError(f"{key}: unknown key.{key_hint(str(key), LMRunConfig)} Valid keys: "
-                              f"{', '.join(LMRunConfig.model_fields)}.")
+            raise ConfigError(
+                f"{key}: unknown key.{key_hint(str(key), LMRunConfig)} Valid keys: "
+                f"{', '.join(LMRunConfig.model_fields)}."
+            )
     try:
         return LMRunConfig(**raw)
     except pydantic.ValidationError as exc:

@@ -55,8 +55,22 @@ MIN_PARAGRAPH_CHARS = 80
 MIN_PROSE_SHARE = 0.85
 """Least share of letters and spaces in a kept paragraph (prose, not code or tables)."""
 
-SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "idlelib", "tkinter",
-                       "turtledemo", "lib2to3", "__pycache__", "ensurepip", "venv"})
+SKIP_DIRS = frozenset(
+    {
+        "site-packages",
+        "dist-packages",
+        "test",
+        "tests",
+        "idle_test",
+        "idlelib",
+        "tkinter",
+        "turtledemo",
+        "lib2to3",
+        "__pycache__",
+        "ensurepip",
+        "venv",
+    }
+)
 """Folders of the standard library the built-in corpus leaves out (tests, GUIs, installed packages)."""
 
 SKIP_MODULES = frozenset({"antigravity", "this", "turtle", "__hello__", "__phello__"})
@@ -165,8 +179,10 @@ def builtin_corpus(max_docs: int | None = None) -> list[str]:
         raise ConfigError(f"max_docs must be >= 1 or None (got {max_docs})")
     docs = _builtin_paragraphs()
     if not docs:
-        raise ConfigError(f"no docstrings found under {sysconfig.get_paths()['stdlib']!r}: this Python install "
-                          "ships no standard-library sources; use source 'text' with your own files")
+        raise ConfigError(
+            f"no docstrings found under {sysconfig.get_paths()['stdlib']!r}: this Python install "
+            "ships no standard-library sources; use source 'text' with your own files"
+        )
     return list(docs[:max_docs])
 
 
@@ -192,8 +208,9 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataFormatError(f"{str(path)!r} line {number}: not valid JSON ({exc.msg} at column {exc.colno})") \
-                from None
+            raise DataFormatError(
+                f"{str(path)!r} line {number}: not valid JSON ({exc.msg} at column {exc.colno})"
+            ) from None
         if not isinstance(row, dict):
             raise DataFormatError(f"{str(path)!r} line {number}: expected a JSON object, got {type(row).__name__}")
         yield number, row
@@ -201,8 +218,10 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 def _field(row: Mapping[str, Any], field: str, where: str) -> str:
     if field not in row:
-        raise DataFormatError(f"{where}: no field {field!r} (fields present: {sorted(row)}); name the text field "
-                              "with text_field / prompt_field / response_field")
+        raise DataFormatError(
+            f"{where}: no field {field!r} (fields present: {sorted(row)}); name the text field "
+            "with text_field / prompt_field / response_field"
+        )
     value = row[field]
     if not isinstance(value, str):
         raise DataFormatError(f"{where}: field {field!r} must be a string (got {type(value).__name__})")
@@ -235,8 +254,11 @@ def read_text(path: str | Path, text_field: str = "text") -> list[str]:
     elif path.suffix == ".txt":
         docs = paragraphs(_read(path))
     elif path.suffix == ".jsonl":
-        docs = [text.strip() for number, row in _jsonl_rows(path)
-                if (text := _field(row, text_field, f"{str(path)!r} line {number}")).strip()]
+        docs = [
+            text.strip()
+            for number, row in _jsonl_rows(path)
+            if (text := _field(row, text_field, f"{str(path)!r} line {number}")).strip()
+        ]
     else:
         raise ConfigError(f"cannot read {str(path)!r}: expected a .txt or .jsonl file or a folder of .txt files")
     if not docs:
@@ -262,15 +284,19 @@ def instruction_pair(row: Mapping[str, Any], prompt_field: str, response_field: 
             raise DataFormatError(f"{where}: 'messages' must be a list of {{'role': str, 'content': str}} objects")
         if len(messages) < 2 or messages[-1]["role"] != "assistant":
             roles = [m["role"] for m in messages]
-            raise DataFormatError(f"{where}: 'messages' must hold a prompt and end with an 'assistant' message "
-                                  f"(the response); roles here: {roles}")
+            raise DataFormatError(
+                f"{where}: 'messages' must hold a prompt and end with an 'assistant' message "
+                f"(the response); roles here: {roles}"
+            )
         prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
         return prompt, messages[-1]["content"]
     return _field(row, prompt_field, where), _field(row, response_field, where)
 
 
 def read_instructions(
-    path: str | Path, prompt_field: str = "prompt", response_field: str = "response",
+    path: str | Path,
+    prompt_field: str = "prompt",
+    response_field: str = "response",
 ) -> list[tuple[Prompt, str]]:
     """Prompt/response pairs from a JSONL file.
 
@@ -285,8 +311,10 @@ def read_instructions(
     path = _check_file(path)
     if path.is_dir() or path.suffix != ".jsonl":
         raise ConfigError(f"instructions are read from a .jsonl file (got {str(path)!r})")
-    pairs = [instruction_pair(row, prompt_field, response_field, f"{str(path)!r} line {number}")
-             for number, row in _jsonl_rows(path)]
+    pairs = [
+        instruction_pair(row, prompt_field, response_field, f"{str(path)!r} line {number}")
+        for number, row in _jsonl_rows(path)
+    ]
     if not pairs:
         raise ConfigError(f"{str(path)!r} holds no instruction pairs")
     return pairs
@@ -296,8 +324,9 @@ def _dataset_rows(name: str, split: str, config: str | None, data_files: Any, ma
     try:
         import datasets  # optional: imported only when this source is used
     except ImportError:
-        raise ConfigError("the 'datasets' source needs the Hugging Face datasets package: pip install datasets") \
-            from None
+        raise ConfigError(
+            "the 'datasets' source needs the Hugging Face datasets package: pip install datasets"
+        ) from None
     try:
         data = datasets.load_dataset(name, config, split=split, data_files=data_files)
     except (FileNotFoundError, ValueError) as exc:
@@ -308,8 +337,13 @@ def _dataset_rows(name: str, split: str, config: str | None, data_files: Any, ma
 
 
 def from_datasets(
-    name: str, split: str = "train", field: str = "text", *, config: str | None = None,
-    data_files: str | Sequence[str] | Mapping[str, Any] | None = None, max_docs: int | None = None,
+    name: str,
+    split: str = "train",
+    field: str = "text",
+    *,
+    config: str | None = None,
+    data_files: str | Sequence[str] | Mapping[str, Any] | None = None,
+    max_docs: int | None = None,
 ) -> list[str]:
     """Documents of a Hugging Face ``datasets`` dataset (e.g. ``"json"`` with ``data_files``).
 
@@ -326,23 +360,30 @@ def from_datasets(
         DataFormatError: A row lacks ``field``.
     """
     rows = _dataset_rows(name, split, config, data_files, max_docs)
-    docs = [text.strip() for i, row in enumerate(rows)
-            if (text := _field(row, field, f"dataset {name!r} row {i}")).strip()]
+    docs = [
+        text.strip() for i, row in enumerate(rows) if (text := _field(row, field, f"dataset {name!r} row {i}")).strip()
+    ]
     if not docs:
         raise ConfigError(f"dataset {name!r} split {split!r} holds no text in field {field!r}")
     return docs
 
 
 def instructions_from_datasets(
-    name: str, split: str = "train", prompt_field: str = "prompt", response_field: str = "response", *,
-    config: str | None = None, data_files: str | Sequence[str] | Mapping[str, Any] | None = None,
+    name: str,
+    split: str = "train",
+    prompt_field: str = "prompt",
+    response_field: str = "response",
+    *,
+    config: str | None = None,
+    data_files: str | Sequence[str] | Mapping[str, Any] | None = None,
     max_docs: int | None = None,
 ) -> list[tuple[Prompt, str]]:
     """Prompt/response pairs of a ``datasets`` dataset (two columns or a ``messages`` column;
     see :func:`read_instructions`)."""
     rows = _dataset_rows(name, split, config, data_files, max_docs)
-    return [instruction_pair(row, prompt_field, response_field, f"dataset {name!r} row {i}")
-            for i, row in enumerate(rows)]
+    return [
+        instruction_pair(row, prompt_field, response_field, f"dataset {name!r} row {i}") for i, row in enumerate(rows)
+    ]
 
 
 def split_documents(docs: Sequence[Any], heldout_fraction: float, seed: int) -> tuple[list[Any], list[Any]]:

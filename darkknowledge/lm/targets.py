@@ -91,11 +91,14 @@ class SparseTargets:
         if self.kind not in SPARSE_KINDS:
             raise ConfigError(f"sparse targets kind {self.kind!r} is not one of {SPARSE_KINDS}")
         if self.ids.ndim != 2 or self.logp.shape != self.ids.shape or self.tail.shape != self.ids.shape[:1]:
-            raise ShapeError(f"sparse targets need ids and logp (N, k) and tail (N,); got ids {tuple(self.ids.shape)}, "
-                             f"logp {tuple(self.logp.shape)}, tail {tuple(self.tail.shape)}")
+            raise ShapeError(
+                f"sparse targets need ids and logp (N, k) and tail (N,); got ids {tuple(self.ids.shape)}, "
+                f"logp {tuple(self.logp.shape)}, tail {tuple(self.tail.shape)}"
+            )
         if (self.weights is None) != (self.kind == "topk"):
-            raise ConfigError(f"sparse targets of kind {self.kind!r} "
-                              f"{'need' if self.kind == 'sampled' else 'take no'} weights")
+            raise ConfigError(
+                f"sparse targets of kind {self.kind!r} {'need' if self.kind == 'sampled' else 'take no'} weights"
+            )
         if not self.positions:
             self.positions = (int(self.ids.shape[0]),)
 
@@ -107,20 +110,37 @@ class SparseTargets:
     def rows(self, keep: torch.Tensor) -> SparseTargets:
         """The targets of the kept flat positions ``keep`` ``(n,)``."""
         w = None if self.weights is None else self.weights.index_select(0, keep)
-        return SparseTargets(self.ids.index_select(0, keep), self.logp.index_select(0, keep),
-                             self.tail.index_select(0, keep), w, self.T, self.vocab, self.kind)
+        return SparseTargets(
+            self.ids.index_select(0, keep),
+            self.logp.index_select(0, keep),
+            self.tail.index_select(0, keep),
+            w,
+            self.T,
+            self.vocab,
+            self.kind,
+        )
 
     def to(self, device: torch.device | str) -> SparseTargets:
         """The same targets on ``device``."""
         w = None if self.weights is None else self.weights.to(device)
-        return SparseTargets(self.ids.to(device), self.logp.to(device), self.tail.to(device), w, self.T,
-                             self.vocab, self.kind, self.positions)
+        return SparseTargets(
+            self.ids.to(device),
+            self.logp.to(device),
+            self.tail.to(device),
+            w,
+            self.T,
+            self.vocab,
+            self.kind,
+            self.positions,
+        )
 
     def check_vocab(self, vocab: int, who: str = "student") -> None:
         """Raise a clear error when the ``who`` model's vocabulary differs from the teacher's."""
         if vocab != self.vocab:
-            raise ShapeError(f"the {who} predicts {vocab} tokens but the teacher's targets cover a vocabulary of "
-                             f"{self.vocab}: teacher and student must share one tokenizer (vocabulary mismatch)")
+            raise ShapeError(
+                f"the {who} predicts {vocab} tokens but the teacher's targets cover a vocabulary of "
+                f"{self.vocab}: teacher and student must share one tokenizer (vocabulary mismatch)"
+            )
 
 
 def tail_log_mass(logp: torch.Tensor) -> torch.Tensor:
@@ -146,8 +166,9 @@ def topk_targets(logits: torch.Tensor, k: int, T: float = 1.0) -> SparseTargets:
     return SparseTargets(ids, top, tail_log_mass(top), None, T, vocab, "topk", tuple(logits.shape[:-1]))
 
 
-def sampled_targets(logits: torch.Tensor, draws: int, T: float = 1.0,
-                    generator: torch.Generator | None = None) -> SparseTargets:
+def sampled_targets(
+    logits: torch.Tensor, draws: int, T: float = 1.0, generator: torch.Generator | None = None
+) -> SparseTargets:
     """``draws`` token ids per position sampled from ``softmax(logits / T)`` with replacement.
 
     Returns targets with one slot per draw: the distinct ids drawn (first), their exact teacher

@@ -40,26 +40,40 @@ SOURCES = ("builtin", "text", "instructions", "datasets")
 """The valid ``source`` values of :func:`load_text_data`."""
 
 
-def _documents(source: str, path: str | Path | None, instruction: bool, max_docs: int | None, text_field: str,
-               prompt_field: str, response_field: str, split: str, config: str | None,
-               data_files: Any) -> list[Any]:
+def _documents(
+    source: str,
+    path: str | Path | None,
+    instruction: bool,
+    max_docs: int | None,
+    text_field: str,
+    prompt_field: str,
+    response_field: str,
+    split: str,
+    config: str | None,
+    data_files: Any,
+) -> list[Any]:
     """The documents (texts, or ``(prompt, response)`` pairs with ``instruction``) of ``source``."""
     if source == "builtin":
         if instruction:
-            raise ConfigError("source 'builtin' is plain text; instruction=True needs source 'instructions' or "
-                              "'datasets'")
+            raise ConfigError(
+                "source 'builtin' is plain text; instruction=True needs source 'instructions' or 'datasets'"
+            )
         return corpus.builtin_corpus(max_docs)
     if path is None:
-        raise ConfigError(f"source {source!r} needs path ("
-                          + ("the dataset name" if source == "datasets" else "a file or folder") + ")")
+        raise ConfigError(
+            f"source {source!r} needs path ("
+            + ("the dataset name" if source == "datasets" else "a file or folder")
+            + ")"
+        )
     if source == "datasets":
         if instruction:
             docs: list[Any] = corpus.instructions_from_datasets(
-                str(path), split, prompt_field, response_field, config=config, data_files=data_files,
-                max_docs=max_docs)
+                str(path), split, prompt_field, response_field, config=config, data_files=data_files, max_docs=max_docs
+            )
         else:
-            docs = corpus.from_datasets(str(path), split, text_field, config=config, data_files=data_files,
-                                        max_docs=max_docs)
+            docs = corpus.from_datasets(
+                str(path), split, text_field, config=config, data_files=data_files, max_docs=max_docs
+            )
     elif instruction:
         docs = corpus.read_instructions(path, prompt_field, response_field)
     else:
@@ -124,15 +138,22 @@ def load_text_data(
     if max_docs is not None and max_docs < 1:
         raise ConfigError(f"max_docs must be >= 1 or None (got {max_docs})")
     instruction = instruction or source == "instructions"
-    docs = _documents(source, path, instruction, max_docs, text_field, prompt_field, response_field, split, config,
-                      data_files)
+    docs = _documents(
+        source, path, instruction, max_docs, text_field, prompt_field, response_field, split, config, data_files
+    )
     train_i, held_i = corpus.split_documents(range(len(docs)), heldout_fraction, seed)
     cache_file: Path | None = None
     if instruction:
         examples = format_instructions(docs, tokenizer)
         if pad_id is None:
-            pad_id = next((i for i in (getattr(tokenizer, "pad_token_id", None),
-                                       getattr(tokenizer, "eos_token_id", None)) if i is not None), 0)
+            pad_id = next(
+                (
+                    i
+                    for i in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None))
+                    if i is not None
+                ),
+                0,
+            )
         train = pad_examples([examples[i] for i in train_i], block_len, pad_id)
         held = pad_examples([examples[i] for i in held_i], block_len, pad_id)
     else:
@@ -143,11 +164,16 @@ def load_text_data(
         held = pack([ids[i] for i in held_i], block_len, tokenizer.eos_token_id)
         if len(train) == 0:
             total = sum(len(ids[i]) for i in train_i)
-            raise ConfigError(f"the training documents hold {total} tokens, too few for one block of block_len="
-                              f"{block_len} (+1); lower block_len or add text")
+            raise ConfigError(
+                f"the training documents hold {total} tokens, too few for one block of block_len="
+                f"{block_len} (+1); lower block_len or add text"
+            )
     if held_i and len(held) == 0:
-        logger.warning("load_text_data: the %d held-out documents fill no block of block_len=%d; held-out set is "
-                       "empty", len(held_i), block_len)
+        logger.warning(
+            "load_text_data: the %d held-out documents fill no block of block_len=%d; held-out set is empty",
+            len(held_i),
+            block_len,
+        )
     description = {
         "source": source,
         "path": None if path is None else str(path),
@@ -160,6 +186,15 @@ def load_text_data(
         "cache_bytes": cache_file.stat().st_size if cache_file is not None and cache_file.is_file() else 0,
         "seconds": round(time.perf_counter() - started, 3),
     }
-    logger.info("text data %s: %d + %d documents -> %d + %d blocks of %d (%d training targets) in %.1f s", source,
-                len(train_i), len(held_i), len(train), len(held), block_len, train.tokens, description["seconds"])
+    logger.info(
+        "text data %s: %d + %d documents -> %d + %d blocks of %d (%d training targets) in %.1f s",
+        source,
+        len(train_i),
+        len(held_i),
+        len(train),
+        len(held),
+        block_len,
+        train.tokens,
+        description["seconds"],
+    )
     return train, held, description

@@ -62,8 +62,9 @@ class TokenBlocks:
 
     def __post_init__(self) -> None:
         if self.x.ndim != 2 or self.x.shape != self.y.shape:
-            raise ShapeError(f"TokenBlocks needs x and y of one shape (N, L) (got {tuple(self.x.shape)} and "
-                             f"{tuple(self.y.shape)})")
+            raise ShapeError(
+                f"TokenBlocks needs x and y of one shape (N, L) (got {tuple(self.x.shape)} and {tuple(self.y.shape)})"
+            )
         if self.x.dtype != torch.int64 or self.y.dtype != torch.int64:
             raise ShapeError(f"TokenBlocks holds int64 ids (got x {self.x.dtype}, y {self.y.dtype})")
 
@@ -160,14 +161,24 @@ def pad_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]], block_
         truncated += cut
         rows.append((seq, len(prompt)))
     if truncated:
-        logger.warning("pad_examples: %d of %d examples longer than block_len + 1 = %d tokens were truncated (and kept)",
-                       truncated, len(examples), block_len + 1)
+        logger.warning(
+            "pad_examples: %d of %d examples longer than block_len + 1 = %d tokens were truncated (and kept)",
+            truncated,
+            len(examples),
+            block_len + 1,
+        )
     if dropped:
-        logger.warning("pad_examples: %d of %d examples were dropped: no response token fits in block_len = %d",
-                       dropped, len(examples), block_len)
+        logger.warning(
+            "pad_examples: %d of %d examples were dropped: no response token fits in block_len = %d",
+            dropped,
+            len(examples),
+            block_len,
+        )
     if not rows:
-        raise ConfigError(f"no example keeps a response token within block_len={block_len} (of {len(examples)}); "
-                          "raise block_len or shorten the prompts")
+        raise ConfigError(
+            f"no example keeps a response token within block_len={block_len} (of {len(examples)}); "
+            "raise block_len or shorten the prompts"
+        )
     width = max(len(seq) - 1 for seq, _ in rows)
     x = torch.full((len(rows), width), int(pad_id), dtype=torch.int64)  # (N, W)
     y = torch.full((len(rows), width), UNLABELED, dtype=torch.int64)  # (N, W)
@@ -213,21 +224,26 @@ def format_instructions(pairs: Sequence[tuple[Prompt, str]], tokenizer: Any) -> 
             prompt's ids as a prefix of the conversation's (the response could not be cut off).
     """
     if not getattr(tokenizer, "chat_template", None):
-        raise ConfigError("instruction data needs a tokenizer with a chat template (tokenizer.chat_template is "
-                          "unset); use an instruct model's tokenizer or set chat_template")
+        raise ConfigError(
+            "instruction data needs a tokenizer with a chat template (tokenizer.chat_template is "
+            "unset); use an instruct model's tokenizer or set chat_template"
+        )
     eos = getattr(tokenizer, "eos_token_id", None)
     out = []
     for i, (prompt, response) in enumerate(pairs):
         messages = _messages(prompt)
         prompt_ids = as_ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
-        full = as_ids(tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": response}],
-                                                    tokenize=True))
+        full = as_ids(
+            tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": response}], tokenize=True)
+        )
         if full[: len(prompt_ids)] != prompt_ids:
-            raise ConfigError(f"pair {i}: the chat template does not keep the prompt's ids as a prefix of the "
-                              "conversation's (prompt with add_generation_prompt=True vs prompt + response), so the "
-                              "response tokens cannot be told apart; use a template that renders the assistant turn "
-                              "after the generation prompt")
-        reply = full[len(prompt_ids):]
+            raise ConfigError(
+                f"pair {i}: the chat template does not keep the prompt's ids as a prefix of the "
+                "conversation's (prompt with add_generation_prompt=True vs prompt + response), so the "
+                "response tokens cannot be told apart; use a template that renders the assistant turn "
+                "after the generation prompt"
+            )
+        reply = full[len(prompt_ids) :]
         if eos is not None and eos in reply:
             reply = reply[: len(reply) - reply[::-1].index(eos)]
         out.append((prompt_ids, reply))
@@ -262,8 +278,9 @@ def texts_fingerprint(texts: Sequence[str]) -> str:
 
 def token_cache_path(texts: Sequence[str], tokenizer: Any, cache_dir: str | Path, add_eos: bool = True) -> Path:
     """The file :func:`tokenize_cached` keeps these texts' ids in."""
-    key = hashlib.sha256(repr((TOKEN_CACHE_VERSION, texts_fingerprint(texts), tokenizer_fingerprint(tokenizer),
-                               bool(add_eos))).encode()).hexdigest()[:FINGERPRINT_CHARS]
+    key = hashlib.sha256(
+        repr((TOKEN_CACHE_VERSION, texts_fingerprint(texts), tokenizer_fingerprint(tokenizer), bool(add_eos))).encode()
+    ).hexdigest()[:FINGERPRINT_CHARS]
     return Path(cache_dir).expanduser() / f"tokens-{key}.npz"
 
 
@@ -286,7 +303,10 @@ def _load(path: Path, n: int) -> list[list[int]] | None:
 
 
 def tokenize_cached(
-    texts: Sequence[str], tokenizer: Any, cache_dir: str | Path | None, add_eos: bool = True,
+    texts: Sequence[str],
+    tokenizer: Any,
+    cache_dir: str | Path | None,
+    add_eos: bool = True,
 ) -> list[list[int]]:
     """Each text's ids (no special tokens added, EOS appended with ``add_eos``), read from
     the disk cache when these texts met this tokenizer before.
@@ -306,8 +326,10 @@ def tokenize_cached(
     """
     eos = getattr(tokenizer, "eos_token_id", None)
     if add_eos and eos is None:
-        raise ConfigError("add_eos needs a tokenizer with an EOS token (tokenizer.eos_token_id is None); set "
-                          "tokenizer.eos_token or pass add_eos=False")
+        raise ConfigError(
+            "add_eos needs a tokenizer with an EOS token (tokenizer.eos_token_id is None); set "
+            "tokenizer.eos_token or pass add_eos=False"
+        )
     path = None if cache_dir is None else token_cache_path(texts, tokenizer, cache_dir, add_eos)
     if path is not None and path.is_file():
         cached = _load(path, len(texts))

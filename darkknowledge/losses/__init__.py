@@ -38,8 +38,9 @@ def create_loss(name: str, where: str | None = None, **params: Any) -> DistillLo
     where = where or f"losses.{name}"
     for old, new in cls.renamed.items():
         if old in params:
-            raise ConfigError(f"{where}.{old}: renamed to {new!r} (every loss calls its temperature T); "
-                              f"write {new}: {params[old]!r}")
+            raise ConfigError(
+                f"{where}.{old}: renamed to {new!r} (every loss calls its temperature T); write {new}: {params[old]!r}"
+            )
     checked = validate_kwargs(cls, params, where=where)
     return cls(**checked)
 

@@ -141,8 +141,9 @@ def logit_l1(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torc
     return per_sample.sum() / max(1, per_sample.numel())
 
 
-def student_side(fake_out: torch.Tensor, labels: torch.Tensor, kind: str, aux_weight: float,
-                 all_labeled: bool = False) -> torch.Tensor:
+def student_side(
+    fake_out: torch.Tensor, labels: torch.Tensor, kind: str, aux_weight: float, all_labeled: bool = False
+) -> torch.Tensor:
     """The generator's adversarial loss: ``generator_loss(D(s)[0]) + aux_weight * CE(D(s)[1:], y)``.
 
     Args:
@@ -158,8 +159,14 @@ def student_side(fake_out: torch.Tensor, labels: torch.Tensor, kind: str, aux_we
     return loss
 
 
-def discriminator_side(real_out: torch.Tensor, fake_out: torch.Tensor, labels: torch.Tensor, kind: str,
-                       aux_weight: float, all_labeled: bool = False) -> torch.Tensor:
+def discriminator_side(
+    real_out: torch.Tensor,
+    fake_out: torch.Tensor,
+    labels: torch.Tensor,
+    kind: str,
+    aux_weight: float,
+    all_labeled: bool = False,
+) -> torch.Tensor:
     """The discriminator's loss: real/fake on column 0, plus the label head on both (ACGAN).
 
     Args:
@@ -172,8 +179,9 @@ def discriminator_side(real_out: torch.Tensor, fake_out: torch.Tensor, labels: t
     """
     loss = discriminator_loss(real_out[:, 0], fake_out[:, 0], kind)
     if aux_weight > 0:
-        loss = loss + aux_weight * (label_head_loss(real_out, labels, all_labeled)
-                                    + label_head_loss(fake_out, labels, all_labeled))
+        loss = loss + aux_weight * (
+            label_head_loss(real_out, labels, all_labeled) + label_head_loss(fake_out, labels, all_labeled)
+        )
     return loss
 
 
@@ -198,8 +206,10 @@ class AdversarialKD(DistillLoss):
     """
 
     knowledge = "response"
-    citation = ("Xu, Hsu, Huang. Training Shallow and Thin Networks for Acceleration via Knowledge Distillation "
-                "with Conditional Adversarial Networks. ICLR 2018 Workshop (arXiv:1709.00513).")
+    citation = (
+        "Xu, Hsu, Huang. Training Shallow and Thin Networks for Acceleration via Knowledge Distillation "
+        "with Conditional Adversarial Networks. ICLR 2018 Workshop (arXiv:1709.00513)."
+    )
     needs_spec = Needs(teacher=True, teacher_logits=True, labels=True)  # labels: conditional or aux_weight > 0 (bind)
     search_space = {
         "weight": Range(low=0.01, high=10.0, log=True),  # the adversarial term's weight next to ce/kd
@@ -274,5 +284,6 @@ class AdversarialKD(DistillLoss):
         """The discriminator with its optimizer and step ratio (None before ``setup``)."""
         if self.discriminator is None:
             return None
-        return Adversary(module=self.discriminator, loss=self.discriminator_step, optimizer=self.d_optimizer,
-                         every=self.d_every)
+        return Adversary(
+            module=self.discriminator, loss=self.discriminator_step, optimizer=self.d_optimizer, every=self.d_every
+        )

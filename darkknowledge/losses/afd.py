@@ -94,8 +94,10 @@ class FeatureDiscriminator(nn.Module):
         super().__init__()
         dims = len(shape) - 1
         if dims not in (0, 1, 2):
-            raise ShapeError(f"afd: no discriminator for features of per-sample shape {shape}; "
-                             "tap a vector (B, D) or a feature map (B, C, L) / (B, C, H, W)")
+            raise ShapeError(
+                f"afd: no discriminator for features of per-sample shape {shape}; "
+                "tap a vector (B, D) or a feature map (B, C, L) / (B, C, H, W)"
+            )
         blocks: list[nn.Module] = []
         width, size = shape[0], list(shape[1:])
         for i in range(layers):
@@ -138,8 +140,7 @@ class AFD(FeatureLoss):
     """
 
     knowledge = "feature"
-    citation = ("Chung, Park, Kim, Kwak. Feature-map-level Online Adversarial Knowledge Distillation. "
-                "ICML 2020.")
+    citation = "Chung, Park, Kim, Kwak. Feature-map-level Online Adversarial Knowledge Distillation. ICML 2020."
     default_taps = "last_stage"
     search_space = {
         "weight": Range(low=0.01, high=10.0, log=True),  # the adversarial term's weight next to ce/kd
@@ -176,9 +177,11 @@ class AFD(FeatureLoss):
             s_shape, t_shape = tuple(f_s.shape[1:]), tuple(f_t.shape[1:])
             cross = (len(s_shape), len(t_shape)) in CROSS_RANK_PAIRS
             if (len(s_shape) != len(t_shape) and not cross) or len(t_shape) not in (1, 2, 3):
-                raise ShapeError(f"losses.afd: student tap {sp!r} {tuple(f_s.shape)} and teacher tap {tp!r} "
-                                 f"{tuple(f_t.shape)}: pair feature maps (B, C, L) / (B, C, H, W) (of the same rank, "
-                                 "or a sequence with a map), or vectors (B, D)")
+                raise ShapeError(
+                    f"losses.afd: student tap {sp!r} {tuple(f_s.shape)} and teacher tap {tp!r} "
+                    f"{tuple(f_t.shape)}: pair feature maps (B, C, L) / (B, C, H, W) (of the same rank, "
+                    "or a sequence with a map), or vectors (B, D)"
+                )
             adapters.append(build_adapter(s_shape, t_shape, batch_norm=True, identity_if_equal=True))
             discriminators.append(FeatureDiscriminator(t_shape, self.hidden, self.layers))
         self.adapters = nn.ModuleList(adapters)
@@ -203,13 +206,16 @@ class AFD(FeatureLoss):
         """The discriminators' loss on a step's detached maps: teacher real, adapted student fake."""
         with torch.no_grad():  # the adapters belong to the student: no gradient from the discriminators' loss
             fakes = self._fake(student)
-        losses = [discriminator_loss(d(f_t.detach()), d(fake), self.gan)
-                  for d, f_t, fake in zip(self._built(), self.teacher_features(teacher), fakes)]
+        losses = [
+            discriminator_loss(d(f_t.detach()), d(fake), self.gan)
+            for d, f_t, fake in zip(self._built(), self.teacher_features(teacher), fakes)
+        ]
         return torch.stack(losses).sum()
 
     def adversary(self) -> Adversary | None:
         """All pairs' discriminators, their optimizer and step ratio (None before ``setup``)."""
         if self.discriminators is None:
             return None
-        return Adversary(module=self.discriminators, loss=self.discriminator_step, optimizer=self.d_optimizer,
-                         every=self.d_every)
+        return Adversary(
+            module=self.discriminators, loss=self.discriminator_step, optimizer=self.d_optimizer, every=self.d_every
+        )

@@ -136,8 +136,10 @@ def logits_of(output: Any) -> torch.Tensor:
         return logits
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
-    raise ShapeError(f"cannot find logits in a model output of type {type(output).__name__}; return a tensor "
-                     "(B, K), an object with .logits, or a tuple whose first item is the logits")
+    raise ShapeError(
+        f"cannot find logits in a model output of type {type(output).__name__}; return a tensor "
+        "(B, K), an object with .logits, or a tuple whose first item is the logits"
+    )
 
 
 def run_model(model: nn.Module, x: Any) -> torch.Tensor:
@@ -229,8 +231,10 @@ def class_logits(out: Outputs, reader: str) -> torch.Tensor:
         ShapeError: The outputs have none (a language model's per-token outputs: the token losses read them).
     """
     if out.logits is None:
-        raise ShapeError(f"{reader} reads logits (B, K), but these outputs have none (a language model's "
-                         "per-token outputs are read by the token losses)")
+        raise ShapeError(
+            f"{reader} reads logits (B, K), but these outputs have none (a language model's "
+            "per-token outputs are read by the token losses)"
+        )
     return out.logits
 
 

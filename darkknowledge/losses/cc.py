@@ -127,12 +127,8 @@ class CC(FeatureLoss):
             raise ConfigError("loss 'cc' reads teacher features, but the run has no teacher")
         if not self.embed:
             return
-        self.embed_s = nn.ModuleList(
-            nn.Linear(f[0].numel(), self.feat_dim) for f in self.student_features(student)
-        )
-        self.embed_t = nn.ModuleList(
-            nn.Linear(f[0].numel(), self.feat_dim) for f in self.teacher_features(teacher)
-        )
+        self.embed_s = nn.ModuleList(nn.Linear(f[0].numel(), self.feat_dim) for f in self.student_features(student))
+        self.embed_t = nn.ModuleList(nn.Linear(f[0].numel(), self.feat_dim) for f in self.teacher_features(teacher))
 
     def _embed(self, feature: torch.Tensor, layer: nn.Module | None) -> torch.Tensor:
         x = feature.reshape(len(feature), -1)  # (B, D)

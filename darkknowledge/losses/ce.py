@@ -69,14 +69,16 @@ class CrossEntropy(DistillLoss):
     def sequence_cross_entropy(self, student: Outputs, batch: Batch) -> torch.Tensor:
         """Mean next-token cross-entropy over the kept positions, chunked (see the module docstring)."""
         if self.label_smoothing:
-            raise ConfigError(f"losses.ce.label_smoothing={self.label_smoothing}: not supported on a language "
-                              "model's tokens; use 0")
+            raise ConfigError(
+                f"losses.ce.label_smoothing={self.label_smoothing}: not supported on a language model's tokens; use 0"
+            )
         dist = student.tokens if isinstance(student.tokens, LazyLogits) else class_logits(student, "loss 'ce'")
         return sequence_cross_entropy(dist, batch.y)
 
 
-def sequence_cross_entropy(dist: torch.Tensor | LazyLogits, y: torch.Tensor,
-                           chunk_size: int | Literal["auto"] | None = DEFAULT_CHUNK) -> torch.Tensor:
+def sequence_cross_entropy(
+    dist: torch.Tensor | LazyLogits, y: torch.Tensor, chunk_size: int | Literal["auto"] | None = DEFAULT_CHUNK
+) -> torch.Tensor:
     """``-log p_s(y_t)`` averaged over the positions with ``y_t != -1``, a chunk of positions at a time.
 
     Args:

@@ -121,7 +121,9 @@ def nce_loss(scores: torch.Tensor, num_samples: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def momentum_update(memory: torch.Tensor, index: torch.Tensor, embedding: torch.Tensor, momentum: float) -> torch.Tensor:
+def momentum_update(
+    memory: torch.Tensor, index: torch.Tensor, embedding: torch.Tensor, momentum: float
+) -> torch.Tensor:
     """``memory[i] <- normalize(momentum * memory[i] + (1 - momentum) * embedding_i)``, out of place.
 
     Out of place because the current step's graph still holds ``memory`` (the scores' backward

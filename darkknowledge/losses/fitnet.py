@@ -131,8 +131,10 @@ class FitNet(FeatureLoss):
                 )
             if not self.regressor:
                 if s_shape != t_shape:
-                    raise ShapeError(f"losses.fitnet: regressor: false needs equal shapes, but student tap {sp!r} "
-                                     f"is {tuple(f_s.shape)} and teacher tap {tp!r} {tuple(f_t.shape)}")
+                    raise ShapeError(
+                        f"losses.fitnet: regressor: false needs equal shapes, but student tap {sp!r} "
+                        f"is {tuple(f_s.shape)} and teacher tap {tp!r} {tuple(f_t.shape)}"
+                    )
                 regressors.append(nn.Identity())
                 continue
             reg = build_adapter(s_shape, t_shape, batch_norm=True, identity_if_equal=False)

@@ -76,8 +76,10 @@ class ForwardKL(TokenDivergence):
         chunk_size: Tokens per chunk (None or 0: unchunked; ``auto``: by vocabulary, see ``chunk_rows``).
     """
 
-    citation = ("Kim, Rush. Sequence-Level Knowledge Distillation. EMNLP 2016 (word-level KD); "
-                "Anshumann et al. Sparse Logit Sampling: Accelerating Knowledge Distillation in LLMs. ACL 2025.")
+    citation = (
+        "Kim, Rush. Sequence-Level Knowledge Distillation. EMNLP 2016 (word-level KD); "
+        "Anshumann et al. Sparse Logit Sampling: Accelerating Knowledge Distillation in LLMs. ACL 2025."
+    )
     search_space: ClassVar[dict[str, Range]] = {
         "weight": Range(low=0.1, high=10.0, log=True),  # the term's scale against ce
         "T": Range(low=0.5, high=2.0, log=True),  # a band around the papers' T = 1

@@ -138,9 +138,7 @@ class FT(FeatureLoss):
     """
 
     knowledge = "feature"
-    citation = (
-        "Kim, Park, Kwak. Paraphrasing Complex Network: Network Compression via Factor Transfer. NeurIPS 2018."
-    )
+    citation = "Kim, Park, Kwak. Paraphrasing Complex Network: Network Compression via Factor Transfer. NeurIPS 2018."
     default_taps = "last_stage"
     search_space = {
         "weight": Range(low=10.0, high=1000.0, log=True),  # RepDistiller: 200; authors: 500
@@ -235,8 +233,12 @@ class FT(FeatureLoss):
             opt.zero_grad(set_to_none=True)  # no stale grads (clip_grad_norm walks every parameter)
             para.requires_grad_(False)
             para.eval()
-        log.info("ft: paraphraser reconstruction loss %.4g (epoch 1) -> %.4g (epoch %d)",
-                 first, last, self.paraphraser_epochs)
+        log.info(
+            "ft: paraphraser reconstruction loss %.4g (epoch 1) -> %.4g (epoch %d)",
+            first,
+            last,
+            self.paraphraser_epochs,
+        )
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> torch.Tensor:
         total: torch.Tensor | float = 0.0

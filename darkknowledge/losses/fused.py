@@ -52,7 +52,11 @@ def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float)
 
 
 def kd_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, T: float, alpha: float,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    T: float,
+    alpha: float,
     all_labeled: bool = False,
 ) -> torch.Tensor:
     """:func:`darkknowledge.losses.kd.kd_loss` in fewer ops.

@@ -131,5 +131,12 @@ def generator_loss(fake_scores: torch.Tensor, kind: str) -> torch.Tensor:
     return 0.5 * _mean((f - 1.0).pow(2))  # least_squares
 
 
-__all__ = ["GAN_KINDS", "GanKind", "check_kind", "dcgan_adam", "discriminator_loss", "generator_loss",
-           "optimizer_config"]
+__all__ = [
+    "GAN_KINDS",
+    "GanKind",
+    "check_kind",
+    "dcgan_adam",
+    "discriminator_loss",
+    "generator_loss",
+    "optimizer_config",
+]

@@ -40,8 +40,9 @@ from darkknowledge.losses.kd import soft_log_probs
 from darkknowledge.search_space import Range
 
 
-def generalized_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float,
-                                  t2: bool = False) -> torch.Tensor:
+def generalized_distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float, t2: bool = False
+) -> torch.Tensor:
     """``scale * mean_b CE(softmax(z_t / T), softmax(z_s))``, ``scale = T^2`` when ``t2`` else 1.
 
     Args:
@@ -73,8 +74,7 @@ class GeneralizedDistillation(DistillLoss):
     """
 
     knowledge = "response"
-    citation = ("Lopez-Paz, Bottou, Schölkopf, Vapnik. Unifying distillation and privileged information. "
-                "ICLR 2016.")
+    citation = "Lopez-Paz, Bottou, Schölkopf, Vapnik. Unifying distillation and privileged information. ICLR 2016."
     needs_spec = Needs(teacher=True, teacher_logits=True)
     T: float
     search_space: ClassVar[dict[str, Range]] = {

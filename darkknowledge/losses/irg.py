@@ -143,9 +143,7 @@ class IRG(FeatureLoss):
     """
 
     knowledge = "relation"
-    citation = (
-        "Liu, Cao, Li, Yuan, Hu, Li, Duan. Knowledge Distillation via Instance Relationship Graph. CVPR 2019."
-    )
+    citation = "Liu, Cao, Li, Yuan, Hu, Li, Duan. Knowledge Distillation via Instance Relationship Graph. CVPR 2019."
     default_taps = "last_stage"
     uses_logits = True
     search_space = {
@@ -172,13 +170,17 @@ class IRG(FeatureLoss):
             raise ConfigError("loss 'irg' reads teacher features, but the run has no teacher")
         given = (self.student_taps, self.teacher_taps)
         if not self.student_taps:  # default: last stage + penultimate (the deepest two layers)
-            self.student_taps = list(dict.fromkeys(
-                default_paths(student, "last_stage", "student") + default_paths(student, "penultimate", "student")
-            ))
+            self.student_taps = list(
+                dict.fromkeys(
+                    default_paths(student, "last_stage", "student") + default_paths(student, "penultimate", "student")
+                )
+            )
         if not self.teacher_taps:
-            self.teacher_taps = list(dict.fromkeys(
-                default_paths(teacher, "last_stage", "teacher") + default_paths(teacher, "penultimate", "teacher")
-            ))
+            self.teacher_taps = list(
+                dict.fromkeys(
+                    default_paths(teacher, "last_stage", "teacher") + default_paths(teacher, "penultimate", "teacher")
+                )
+            )
         try:
             return super().bind(student, teacher)
         finally:
@@ -187,7 +189,10 @@ class IRG(FeatureLoss):
     def setup(self, student: Outputs, teacher: Outputs | None, info: SetupInfo) -> None:
         check_logits_match(student, teacher, "irg")
         if self.transform == "vertex":
-            for feats, role in ((self.student_features(student), "student"), (self.teacher_features(teacher), "teacher")):
+            for feats, role in (
+                (self.student_features(student), "student"),
+                (self.teacher_features(teacher), "teacher"),
+            ):
                 for k in range(len(feats) - 1):
                     if feats[k][0].numel() != feats[k + 1][0].numel():
                         raise ShapeError(
@@ -198,6 +203,9 @@ class IRG(FeatureLoss):
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> torch.Tensor:
         return irg_loss(
-            self.student_features(student), self.teacher_features(teacher),
-            *logits_pair(student, teacher, "irg"), self.weights, self.transform,
+            self.student_features(student),
+            self.teacher_features(teacher),
+            *logits_pair(student, teacher, "irg"),
+            self.weights,
+            self.transform,
         )

@@ -72,8 +72,10 @@ class GeneralizedJSD(TokenDivergence):
         chunk_size: Tokens per chunk (None or 0: unchunked; ``auto``: by vocabulary, see ``chunk_rows``).
     """
 
-    citation = ("Agarwal, Vieillard, Zhou, Stanczyk, Ramos, Geist, Bachem. On-Policy Distillation of Language "
-                "Models: Learning from Self-Generated Mistakes. ICLR 2024.")
+    citation = (
+        "Agarwal, Vieillard, Zhou, Stanczyk, Ramos, Geist, Bachem. On-Policy Distillation of Language "
+        "Models: Learning from Self-Generated Mistakes. ICLR 2024."
+    )
     search_space: ClassVar[dict[str, Range]] = {
         "beta": Range(low=0.1, high=0.9),  # GKD: JSD(0.1), JSD(0.5), JSD(0.9)
         "weight": Range(low=0.1, high=10.0, log=True),  # the term's scale against ce

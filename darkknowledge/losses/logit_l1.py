@@ -62,8 +62,7 @@ class LogitL1(DistillLoss):
     """
 
     knowledge = "response"
-    citation = ("Fang, Song, Shen, Wang, Chen, Song. Data-Free Adversarial Distillation. "
-                "arXiv:1912.11006, 2019.")
+    citation = "Fang, Song, Shen, Wang, Chen, Song. Data-Free Adversarial Distillation. arXiv:1912.11006, 2019."
     needs_spec = Needs(teacher=True, teacher_logits=True)
     search_space: ClassVar[dict[str, Range]] = {
         "weight": Range(low=0.1, high=10.0, log=True),  # DFAD: the student's only loss (weight 1)

@@ -147,8 +147,12 @@ class OFD(FeatureLoss):
             raise ConfigError("loss 'ofd' reads teacher features, but the run has no teacher")
         given = (self.student_taps, self.teacher_taps)
         try:
-            s = self.student_taps or [pre_activation_tap(student, p) for p in default_paths(student, "stages", "student")]
-            t = self.teacher_taps or [pre_activation_tap(teacher, p) for p in default_paths(teacher, "stages", "teacher")]
+            s = self.student_taps or [
+                pre_activation_tap(student, p) for p in default_paths(student, "stages", "student")
+            ]
+            t = self.teacher_taps or [
+                pre_activation_tap(teacher, p) for p in default_paths(teacher, "stages", "teacher")
+            ]
             if len(s) != len(t) and not (self.student_taps and self.teacher_taps):
                 s, t = align_by_depth(s, t)
             self.student_taps, self.teacher_taps = s, t

@@ -88,9 +88,7 @@ class PKT(FeatureLoss):
     """
 
     knowledge = "relation"
-    citation = (
-        "Passalis, Tefas. Learning Deep Representations with Probabilistic Knowledge Transfer. ECCV 2018."
-    )
+    citation = "Passalis, Tefas. Learning Deep Representations with Probabilistic Knowledge Transfer. ECCV 2018."
     default_taps = "penultimate"
     search_space = {
         "weight": Range(low=3000.0, high=100000.0, log=True),  # RepDistiller: 30000

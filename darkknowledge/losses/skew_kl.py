@@ -74,8 +74,7 @@ def skew_reverse_kl(s_logp: torch.Tensor, t_logp: torch.Tensor, lam: float) -> t
     return kl_rows(s_logp, mix)  # (n,)
 
 
-CITATION = ("Ko, Kim, Chen, Yun. DistiLLM: Towards Streamlined Distillation for Large Language Models. "
-            "ICML 2024.")
+CITATION = "Ko, Kim, Chen, Yun. DistiLLM: Towards Streamlined Distillation for Large Language Models. ICML 2024."
 
 
 SEARCH_SPACE = {"lam": LAM_RANGE, "weight": Range(low=0.1, high=10.0, log=True)}

@@ -36,25 +36,30 @@ class _FusedChunks(torch.autograd.Function):
     """``sum_chunks fn(rows[chunk], per_row[chunk])`` with the gradients taken in the forward."""
 
     @staticmethod
-    def forward(ctx, fn: ChunkFn, size: int, per_row: torch.Tensor, rows: torch.Tensor,
-                *params: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx, fn: ChunkFn, size: int, per_row: torch.Tensor, rows: torch.Tensor, *params: torch.Tensor
+    ) -> torch.Tensor:
         want_rows = ctx.needs_input_grad[3]
         wanted = [p for p, need in zip(params, ctx.needs_input_grad[4:], strict=True) if need]
         grad_rows = torch.zeros_like(rows) if want_rows else None  # (n, d|V)
         grad_params = [torch.zeros_like(p) for p in wanted]
-        total = torch.zeros((), dtype=torch.float64 if rows.dtype == torch.float64 else torch.float32,
-                            device=rows.device)
+        total = torch.zeros(
+            (), dtype=torch.float64 if rows.dtype == torch.float64 else torch.float32, device=rows.device
+        )
         for start in range(0, rows.shape[0], size):
             with torch.enable_grad():
-                chunk = rows[start:start + size].detach().requires_grad_(want_rows)  # (c, d|V)
-                value = fn(chunk, per_row[start:start + size])  # scalar
+                chunk = rows[start : start + size].detach().requires_grad_(want_rows)  # (c, d|V)
+                value = fn(chunk, per_row[start : start + size])  # scalar
                 inputs = ([chunk] if want_rows else []) + wanted
-                grads = torch.autograd.grad(value, inputs, allow_unused=True) if inputs and value.requires_grad \
+                grads = (
+                    torch.autograd.grad(value, inputs, allow_unused=True)
+                    if inputs and value.requires_grad
                     else [None] * len(inputs)
+                )
             if grad_rows is not None:  # want_rows
                 g, grads = grads[0], grads[1:]
                 if g is not None:
-                    grad_rows[start:start + size] = g
+                    grad_rows[start : start + size] = g
             for acc, g in zip(grad_params, grads, strict=True):
                 if g is not None:
                     acc.add_(g)
@@ -72,8 +77,13 @@ class _FusedChunks(torch.autograd.Function):
         return (None, None, None, grad_rows, *grad_params)
 
 
-def chunked_sum(fn: ChunkFn, rows: torch.Tensor, per_row: torch.Tensor, size: int | None,
-                head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+def chunked_sum(
+    fn: ChunkFn,
+    rows: torch.Tensor,
+    per_row: torch.Tensor,
+    size: int | None,
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """``sum over chunks of fn(rows[chunk], per_row[chunk])``, keeping no chunk's ``(c, V)`` tensors.
 
     Args:
@@ -91,8 +101,10 @@ def chunked_sum(fn: ChunkFn, rows: torch.Tensor, per_row: torch.Tensor, size: in
     if not size or size >= n or not torch.is_grad_enabled():
         if not size or size >= n:
             return fn(rows, per_row)
-        return sum((fn(r, p) for r, p in zip(torch.split(rows, size), torch.split(per_row, size), strict=True)),
-                   start=torch.zeros((), device=rows.device))
+        return sum(
+            (fn(r, p) for r, p in zip(torch.split(rows, size), torch.split(per_row, size), strict=True)),
+            start=torch.zeros((), device=rows.device),
+        )
     if head is None or isinstance(head, nn.Module):
         params = [p for p in head.parameters() if p.requires_grad] if isinstance(head, nn.Module) else []
         return _FusedChunks.apply(fn, size, per_row, rows, *params)

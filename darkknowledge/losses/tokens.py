@@ -92,6 +92,7 @@ def chunk_rows(chunk_size: int | Literal["auto"] | None, vocab: int) -> int | No
         return max(1, CHUNK_ELEMENTS // max(1, vocab))
     return int(chunk_size) if chunk_size else None
 
+
 Divergence = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``(s_logp (n, m), t_logp (n, m)) -> (n,)``."""
 SampledEstimator = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -190,12 +191,16 @@ def check_sources(student: torch.Tensor | LazyLogits, teacher: Source, loss_name
     """Raise ``ShapeError`` when student and teacher differ in vocabulary or in positions."""
     v_s, v_t = _vocab(student), _vocab(teacher)
     if v_s != v_t:
-        raise ShapeError(f"loss {loss_name!r}: the student predicts {v_s} tokens but the teacher predicts {v_t} "
-                         "(vocabulary mismatch): teacher and student must share one tokenizer/class set")
+        raise ShapeError(
+            f"loss {loss_name!r}: the student predicts {v_s} tokens but the teacher predicts {v_t} "
+            "(vocabulary mismatch): teacher and student must share one tokenizer/class set"
+        )
     n_s, n_t = _positions(student), _positions(teacher)
     if n_s != n_t:
-        raise ShapeError(f"loss {loss_name!r}: the student's distribution covers {n_s} positions but the "
-                         f"teacher's covers {n_t}: both must come from the same batch")
+        raise ShapeError(
+            f"loss {loss_name!r}: the student's distribution covers {n_s} positions but the "
+            f"teacher's covers {n_t}: both must come from the same batch"
+        )
 
 
 def log_softmax_at(z: torch.Tensor, T: float) -> torch.Tensor:
@@ -286,15 +291,21 @@ def token_divergence(
     """
     check_sources(student, teacher, loss_name)
     if isinstance(teacher, SparseTargets) and not math.isclose(teacher.T, T, rel_tol=1e-6):
-        raise ConfigError(f"loss {loss_name!r}: T={T} but the teacher's sparse targets hold log-probabilities at "
-                          f"T={teacher.T}; set the loss's T to {teacher.T} or rebuild the targets at T={T}")
+        raise ConfigError(
+            f"loss {loss_name!r}: T={T} but the teacher's sparse targets hold log-probabilities at "
+            f"T={teacher.T}; set the loss's T to {teacher.T} or rebuild the targets at T={T}"
+        )
     n_all = _positions(student)
     if y.numel() != n_all:
-        raise ShapeError(f"loss {loss_name!r}: the batch holds {y.numel()} targets but the student's distribution "
-                         f"covers {n_all} positions; y must have one entry per position (-1: ignored)")
+        raise ShapeError(
+            f"loss {loss_name!r}: the batch holds {y.numel()} targets but the student's distribution "
+            f"covers {n_all} positions; y must have one entry per position (-1: ignored)"
+        )
     head = student.head if isinstance(student, LazyLogits) else None
     flat = student.rows() if isinstance(student, LazyLogits) else student.reshape(-1, student.shape[-1])  # (N, d|V)
-    if isinstance(student, LazyLogits) or student.ndim > 2:  # a sequence: ignored positions (padding, prompts) are masked out
+    if (
+        isinstance(student, LazyLogits) or student.ndim > 2
+    ):  # a sequence: ignored positions (padding, prompts) are masked out
         keep_mask = y.reshape(-1).to(flat.device) != UNLABELED  # (N,)
     else:  # a classifier's samples: every one is taught, labelled or not
         keep_mask = torch.ones(n_all, dtype=torch.bool, device=flat.device)  # (N,)
@@ -307,8 +318,9 @@ def token_divergence(
         teacher = teacher.to(flat.device)
     elif isinstance(teacher, torch.Tensor):
         teacher = teacher.detach().reshape(-1, teacher.shape[-1])  # (N, V), a constant
-    fn = partial(_chunk_sum, head=head, vocab=_vocab(student), teacher=teacher,
-                 divergence=divergence, sampled=sampled, T=T)
+    fn = partial(
+        _chunk_sum, head=head, vocab=_vocab(student), teacher=teacher, divergence=divergence, sampled=sampled, T=T
+    )
     total = chunked_sum(fn, kept, keep, chunk_rows(chunk_size, _vocab(student)), head)
     return total / n
 
@@ -354,12 +366,12 @@ class TokenDivergence(DistillLoss):
         """The student's and the teacher's per-token distributions (``tokens``, else ``logits``)."""
         s = student.tokens if student.tokens is not None else student.logits
         if s is None or isinstance(s, SparseTargets):
-            raise ShapeError(f"loss {self.label()!r} needs the student's logits or LazyLogits, got "
-                             f"{type(s).__name__}")
+            raise ShapeError(f"loss {self.label()!r} needs the student's logits or LazyLogits, got {type(s).__name__}")
         t = None if teacher is None else (teacher.tokens if teacher.tokens is not None else teacher.logits)
         if t is None:
-            raise ShapeError(f"loss {self.label()!r} needs the teacher's logits, LazyLogits or sparse targets; "
-                             "the teacher gave none")
+            raise ShapeError(
+                f"loss {self.label()!r} needs the teacher's logits, LazyLogits or sparse targets; the teacher gave none"
+            )
         return s, t
 
     def setup(self, student: Outputs, teacher: Outputs | None, info: SetupInfo) -> None:
@@ -367,5 +379,6 @@ class TokenDivergence(DistillLoss):
 
     def forward(self, student: Outputs, teacher: Outputs | None, batch: Batch) -> torch.Tensor:
         s, t = self.distributions(student, teacher)
-        return token_divergence(s, t, batch.y, self.divergence, self.T, self.chunk_size, self.sampled_estimator(),
-                                self.label())
+        return token_divergence(
+            s, t, batch.y, self.divergence, self.T, self.chunk_size, self.sampled_estimator(), self.label()
+        )

@@ -48,8 +48,7 @@ class TotalVariation(TokenDivergence):
         chunk_size: Tokens per chunk (None or 0: unchunked; ``auto``: by vocabulary, see ``chunk_rows``).
     """
 
-    citation = ("Wen, Li, Du, Mou. f-Divergence Minimization for Sequence-Level Knowledge Distillation. "
-                "ACL 2023.")
+    citation = "Wen, Li, Du, Mou. f-Divergence Minimization for Sequence-Level Knowledge Distillation. ACL 2023."
     search_space: ClassVar[dict[str, Range]] = {
         "weight": Range(low=0.1, high=10.0, log=True),  # the term's scale against ce
         "T": Range(low=0.5, high=2.0, log=True),  # a band around T = 1

@@ -60,9 +60,7 @@ def as_map(x: torch.Tensor, where: str) -> torch.Tensor:
     return x
 
 
-def paired_maps(
-    f_s: torch.Tensor, f_t: torch.Tensor, sp: str, tp: str, loss: str
-) -> tuple[torch.Tensor, torch.Tensor]:
+def paired_maps(f_s: torch.Tensor, f_t: torch.Tensor, sp: str, tp: str, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Both features as maps (:func:`as_map`); a 1-D map paired with a 2-D one raises ``ShapeError``."""
     f_s, f_t = as_map(f_s, f"student tap {sp!r}"), as_map(f_t, f"teacher tap {tp!r}")
     if f_s.dim() != f_t.dim():

@@ -57,9 +57,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         checked = validate_kwargs(builder, kwargs, where=f"model {name!r}")
         model = builder(**checked)
         if not isinstance(model, nn.Module):
-            raise ConfigError(
-                f"model {name!r}: the builder returned {type(model).__name__}, not an nn.Module"
-            )
+            raise ConfigError(f"model {name!r}: the builder returned {type(model).__name__}, not an nn.Module")
         kwargs = checked
     model.dk_name = name  # type: ignore[assignment]  # a plain attribute (__setattr__ is typed for tensors, modules)
     model.dk_params = to_jsonable(dict(kwargs))

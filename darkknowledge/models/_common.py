@@ -96,9 +96,7 @@ def image_channels(where: str, input_shape: Sequence[int]) -> int:
     """
     shape = tuple(input_shape)
     if len(shape) not in (2, 3) or any(s < 1 for s in shape):
-        raise ConfigError(
-            f"{where}.input_shape: expected an image shape (C, H, W) or (H, W), got {shape!r}"
-        )
+        raise ConfigError(f"{where}.input_shape: expected an image shape (C, H, W) or (H, W), got {shape!r}")
     return shape[0] if len(shape) == 3 else 1
 
 
@@ -110,9 +108,7 @@ def sequence_channels_length(where: str, input_shape: Sequence[int]) -> tuple[in
     """
     shape = tuple(input_shape)
     if len(shape) not in (1, 2) or any(s < 1 for s in shape):
-        raise ConfigError(
-            f"{where}.input_shape: expected a signal shape (L,) or (C, L), got {shape!r}"
-        )
+        raise ConfigError(f"{where}.input_shape: expected a signal shape (L,) or (C, L), got {shape!r}")
     return (1, shape[0]) if len(shape) == 1 else (shape[0], shape[1])
 
 

@@ -25,13 +25,23 @@ class BlockStack1d(nn.Module):
     flatten: nn.Flatten
     fc: nn.Linear
 
-    def make_layer(self, first: bool, in_channels: int, out_channels: int, kernel_size: int, stride: int,
-                   batch_norm: bool) -> list[nn.Module]:
+    def make_layer(
+        self, first: bool, in_channels: int, out_channels: int, kernel_size: int, stride: int, batch_norm: bool
+    ) -> list[nn.Module]:
         """The modules of one layer (``first``: the network's very first one), appended to its block."""
         raise NotImplementedError
 
-    def build(self, in_channels: int, length: int, num_classes: int, channels: int, depth: int, kernel_size: int,
-              batch_norm: bool, block_layers: int) -> None:
+    def build(
+        self,
+        in_channels: int,
+        length: int,
+        num_classes: int,
+        channels: int,
+        depth: int,
+        kernel_size: int,
+        batch_norm: bool,
+        block_layers: int,
+    ) -> None:
         """``depth`` blocks of ``block_layers`` layers (a block's first at stride 2, the first
         block's at 1; ``padding = kernel_size // 2``), then ``flatten`` and ``fc``."""
         blocks: list[nn.Module] = []
@@ -99,11 +109,13 @@ class CNN1d(BlockStack1d):
         super().__init__()
         self.build(in_channels, length, num_classes, channels, depth, kernel_size, batch_norm, block_layers)
 
-    def make_layer(self, first: bool, in_channels: int, out_channels: int, kernel_size: int, stride: int,
-                   batch_norm: bool) -> list[nn.Module]:
+    def make_layer(
+        self, first: bool, in_channels: int, out_channels: int, kernel_size: int, stride: int, batch_norm: bool
+    ) -> list[nn.Module]:
         """Conv1d (``padding = kernel_size // 2``), BatchNorm1d if enabled, ReLU."""
-        conv = nn.Conv1d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2,
-                         bias=not batch_norm)
+        conv = nn.Conv1d(
+            in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=not batch_norm
+        )
         return [conv, *([nn.BatchNorm1d(out_channels)] if batch_norm else []), nn.ReLU()]
 
 
@@ -133,7 +145,13 @@ def cnn1d(
         The model; taps ``blocks.0`` ... , penultimate feature ``fc:input``.
     """
     where = "model 'cnn1d'"
-    check_positive(where, num_classes=num_classes, channels=channels, depth=depth, kernel_size=kernel_size,
-                   block_layers=block_layers)
+    check_positive(
+        where,
+        num_classes=num_classes,
+        channels=channels,
+        depth=depth,
+        kernel_size=kernel_size,
+        block_layers=block_layers,
+    )
     in_channels, length = sequence_channels_length(where, input_shape)
     return CNN1d(in_channels, length, num_classes, channels, depth, kernel_size, batch_norm, block_layers)

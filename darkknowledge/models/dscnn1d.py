@@ -44,8 +44,12 @@ from darkknowledge.models.cnn1d import BlockStack1d
 def full_layer(in_channels: int, out_channels: int, kernel_size: int, stride: int, batch_norm: bool) -> nn.Sequential:
     """``conv`` (k taps, ``padding = k // 2``), optional ``bn``, ``relu``: ``(B, M, L) -> (B, N, L')``."""
     layers: list[tuple[str, nn.Module]] = [
-        ("conv", nn.Conv1d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2,
-                           bias=not batch_norm)),
+        (
+            "conv",
+            nn.Conv1d(
+                in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=not batch_norm
+            ),
+        ),
     ]
     if batch_norm:
         layers.append(("bn", nn.BatchNorm1d(out_channels)))
@@ -59,8 +63,18 @@ def separable_layer(
     """Depthwise ``dw`` (k taps, groups = M, the stride) then pointwise ``pw`` (1x1), each with
     optional BN and a ReLU: ``(B, M, L) -> (B, M, L') -> (B, N, L')`` (MobileNets Fig. 3 right)."""
     layers: list[tuple[str, nn.Module]] = [
-        ("dw", nn.Conv1d(in_channels, in_channels, kernel_size, stride=stride, padding=kernel_size // 2,
-                         groups=in_channels, bias=not batch_norm)),
+        (
+            "dw",
+            nn.Conv1d(
+                in_channels,
+                in_channels,
+                kernel_size,
+                stride=stride,
+                padding=kernel_size // 2,
+                groups=in_channels,
+                bias=not batch_norm,
+            ),
+        ),
     ]
     if batch_norm:
         layers.append(("dw_bn", nn.BatchNorm1d(in_channels)))
@@ -100,8 +114,9 @@ class DSCNN1d(BlockStack1d):
         super().__init__()
         self.build(in_channels, length, num_classes, channels, depth, kernel_size, batch_norm, block_layers)
 
-    def make_layer(self, first: bool, in_channels: int, out_channels: int, kernel_size: int, stride: int,
-                   batch_norm: bool) -> list[nn.Module]:
+    def make_layer(
+        self, first: bool, in_channels: int, out_channels: int, kernel_size: int, stride: int, batch_norm: bool
+    ) -> list[nn.Module]:
         """The network's first layer a full conv, every other one depthwise-separable."""
         make = full_layer if first else separable_layer
         return [make(in_channels, out_channels, kernel_size, stride, batch_norm)]
@@ -133,7 +148,13 @@ def dscnn1d(
         The model; taps ``blocks.0`` ... , penultimate feature ``fc:input``.
     """
     where = "model 'dscnn1d'"
-    check_positive(where, num_classes=num_classes, channels=channels, depth=depth, kernel_size=kernel_size,
-                   block_layers=block_layers)
+    check_positive(
+        where,
+        num_classes=num_classes,
+        channels=channels,
+        depth=depth,
+        kernel_size=kernel_size,
+        block_layers=block_layers,
+    )
     in_channels, length = sequence_channels_length(where, input_shape)
     return DSCNN1d(in_channels, length, num_classes, channels, depth, kernel_size, batch_norm, block_layers)

@@ -137,7 +137,7 @@ def create_external(source: str, name: str, **kwargs: Any) -> nn.Module:
 
         checked = validate_kwargs(create_hf_classifier, kwargs, where=f"model {full_name!r}", exclude=("name",))
         model = create_hf_classifier(name, **checked)
-        model.dk_name = full_name
+        model.dk_name = full_name  # type: ignore[assignment]  # a plain attribute (__setattr__ is typed for tensors, modules)
         model.dk_params = to_jsonable(params)
         return model
     lib_kwargs = dict(kwargs)

@@ -48,8 +48,16 @@ TASKS: dict[str, tuple[str, str]] = {
 """Task -> (the ``transformers`` auto class, the name of its model-type -> class mapping)."""
 
 _ARCH_SUFFIX: dict[str, str] = {"ForImageClassification": "image", "ForSequenceClassification": "sequence"}
-_BLOCK_CONTAINERS = ("encoder.stages", "encoder.layer", "encoder.layers", "layers", "transformer.layer",
-                     "encoder.block", "stages", "blocks")
+_BLOCK_CONTAINERS = (
+    "encoder.stages",
+    "encoder.layer",
+    "encoder.layers",
+    "layers",
+    "transformer.layer",
+    "encoder.block",
+    "stages",
+    "blocks",
+)
 """Where ``transformers`` models keep their stages / layers, under the base model's prefix."""
 
 
@@ -58,8 +66,10 @@ def require_transformers(full_name: str) -> ModuleType:
     try:
         return importlib.import_module("transformers")
     except ImportError:
-        raise ConfigError(f"model {full_name!r} needs the optional package 'transformers', which is not "
-                          f"installed. Install it with: {INSTALL}") from None
+        raise ConfigError(
+            f"model {full_name!r} needs the optional package 'transformers', which is not "
+            f"installed. Install it with: {INSTALL}"
+        ) from None
 
 
 def _quiet(tf: ModuleType) -> None:
@@ -86,8 +96,11 @@ def _task_of(
         )
     want_rank = 3 if chosen == "image" else 1
     if input_shape is not None and len(input_shape) != want_rank:
-        what = "an image classifier reads images (C, H, W)" if chosen == "image" else \
-            "a sequence classifier reads token ids (L,)"
+        what = (
+            "an image classifier reads images (C, H, W)"
+            if chosen == "image"
+            else "a sequence classifier reads token ids (L,)"
+        )
         raise ConfigError(f"model {full_name!r}: {what}, but the data's inputs have shape {tuple(input_shape)}")
     return chosen
 
@@ -103,8 +116,9 @@ def _check_config_keys(tf: ModuleType, model_type: str, overrides: dict[str, Any
             )
 
 
-def _fit_input(config: Any, task: str, input_shape: tuple[int, ...] | None, given: dict[str, Any],
-               full_name: str) -> None:
+def _fit_input(
+    config: Any, task: str, input_shape: tuple[int, ...] | None, given: dict[str, Any], full_name: str
+) -> None:
     """Give a built config the data's channels and image size (unless ``given`` sets them); check a
     sequence fits the position embeddings."""
     if input_shape is None:
@@ -118,8 +132,10 @@ def _fit_input(config: Any, task: str, input_shape: tuple[int, ...] | None, give
         return
     positions = getattr(config, "max_position_embeddings", None)
     if isinstance(positions, int) and input_shape[0] > positions:
-        raise ConfigError(f"model {full_name!r}: sequences of {input_shape[0]} tokens exceed the config's "
-                          f"max_position_embeddings={positions}; set params.config.max_position_embeddings")
+        raise ConfigError(
+            f"model {full_name!r}: sequences of {input_shape[0]} tokens exceed the config's "
+            f"max_position_embeddings={positions}; set params.config.max_position_embeddings"
+        )
 
 
 def _check_saved_input(config: Any, task: str, input_shape: tuple[int, ...] | None, full_name: str) -> None:
@@ -129,14 +145,18 @@ def _check_saved_input(config: Any, task: str, input_shape: tuple[int, ...] | No
     channels, height, width = input_shape
     saved = getattr(config, "num_channels", None)
     if isinstance(saved, int) and saved != channels:
-        raise ConfigError(f"model {full_name!r}: the saved model reads {saved}-channel images but the data's have "
-                          f"{channels} channels (inputs {tuple(input_shape)})")
+        raise ConfigError(
+            f"model {full_name!r}: the saved model reads {saved}-channel images but the data's have "
+            f"{channels} channels (inputs {tuple(input_shape)})"
+        )
     size = getattr(config, "image_size", None)
     if size is not None:
         want = [size, size] if isinstance(size, int) else list(size)
         if want != [height, width]:
-            raise ConfigError(f"model {full_name!r}: the saved model reads {want[0]}x{want[1]} images but the data's "
-                              f"are {height}x{width}; resize the data, or build the model from a config")
+            raise ConfigError(
+                f"model {full_name!r}: the saved model reads {want[0]}x{want[1]} images but the data's "
+                f"are {height}x{width}; resize the data, or build the model from a config"
+            )
 
 
 def hf_feature_taps(model: nn.Module) -> list[str]:
@@ -187,17 +207,27 @@ def _model_types(task: str) -> list[str]:
     return sorted(mapping)
 
 
-def _from_folder(tf: ModuleType, source: str, task: str | None, input_shape: tuple[int, ...] | None,
-                 num_classes: int | None, overrides: dict[str, Any], pretrained: bool,
-                 ignore_mismatched_sizes: bool, full_name: str) -> nn.Module:
+def _from_folder(
+    tf: ModuleType,
+    source: str,
+    task: str | None,
+    input_shape: tuple[int, ...] | None,
+    num_classes: int | None,
+    overrides: dict[str, Any],
+    pretrained: bool,
+    ignore_mismatched_sizes: bool,
+    full_name: str,
+) -> nn.Module:
     """A saved model (a local folder, or a hub id): its weights, or its architecture at random."""
     folder = Path(source)
     task = _task_of(task, input_shape, _saved_architectures(folder) if folder.is_dir() else None, full_name)
     try:
         config = tf.AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"model {full_name!r}: {source!r} is neither a folder holding a saved transformers "
-                          f"model (config.json) nor a model type ({exc})") from None
+        raise ConfigError(
+            f"model {full_name!r}: {source!r} is neither a folder holding a saved transformers "
+            f"model (config.json) nor a model type ({exc})"
+        ) from None
     _check_config_keys(tf, config.model_type, overrides, full_name)
     for key, value in overrides.items():
         setattr(config, key, value)
@@ -214,20 +244,30 @@ def _from_folder(tf: ModuleType, source: str, task: str | None, input_shape: tup
     try:
         if not pretrained:
             return auto.from_config(config)
-        return auto.from_pretrained(source, config=config, ignore_mismatched_sizes=ignore_mismatched_sizes,
-                                    dtype=torch.float32)
+        return auto.from_pretrained(
+            source, config=config, ignore_mismatched_sizes=ignore_mismatched_sizes, dtype=torch.float32
+        )
     except (OSError, ValueError, RuntimeError) as exc:
         raise ConfigError(f"model {full_name!r}: cannot load a {task} classifier from {source!r}: {exc}") from None
 
 
-def _from_config(tf: ModuleType, model_type: str, task: str | None, input_shape: tuple[int, ...] | None,
-                 num_classes: int | None, overrides: dict[str, Any], full_name: str) -> nn.Module:
+def _from_config(
+    tf: ModuleType,
+    model_type: str,
+    task: str | None,
+    input_shape: tuple[int, ...] | None,
+    num_classes: int | None,
+    overrides: dict[str, Any],
+    full_name: str,
+) -> nn.Module:
     """A new, randomly initialised model of ``model_type`` built from a config."""
     task = _task_of(task, input_shape, None, full_name)
     types = _model_types(task)
     if model_type not in types:
-        raise ConfigError(f"model {full_name!r}: transformers has no {task} classifier of model type "
-                          f"{model_type!r}.{did_you_mean(model_type, types)} Model types with one: {', '.join(types)}.")
+        raise ConfigError(
+            f"model {full_name!r}: transformers has no {task} classifier of model type "
+            f"{model_type!r}.{did_you_mean(model_type, types)} Model types with one: {', '.join(types)}."
+        )
     _check_config_keys(tf, model_type, overrides, full_name)
     try:
         config = tf.AutoConfig.for_model(model_type, **overrides)
@@ -239,8 +279,9 @@ def _from_config(tf: ModuleType, model_type: str, task: str | None, input_shape:
     try:
         return _auto_class(tf, task).from_config(config)
     except (ValueError, TypeError, RuntimeError) as exc:
-        raise ConfigError(f"model {full_name!r}: cannot build a {task} classifier from params.config "
-                          f"{overrides}: {exc}") from None
+        raise ConfigError(
+            f"model {full_name!r}: cannot build a {task} classifier from params.config {overrides}: {exc}"
+        ) from None
 
 
 def create_hf_classifier(
@@ -280,18 +321,22 @@ def create_hf_classifier(
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     if Path(name).is_dir() or (name not in CONFIG_MAPPING and "/" in name):
-        model = _from_folder(tf, name, task, shape, num_classes, overrides, pretrained, ignore_mismatched_sizes,
-                             full_name)
+        model = _from_folder(
+            tf, name, task, shape, num_classes, overrides, pretrained, ignore_mismatched_sizes, full_name
+        )
     elif name in CONFIG_MAPPING:
         if not pretrained or ignore_mismatched_sizes:
-            raise ConfigError(f"model {full_name!r}: pretrained / ignore_mismatched_sizes apply to a saved model "
-                              f"(a folder); {name!r} is a model type, built from params.config with random weights")
+            raise ConfigError(
+                f"model {full_name!r}: pretrained / ignore_mismatched_sizes apply to a saved model "
+                f"(a folder); {name!r} is a model type, built from params.config with random weights"
+            )
         model = _from_config(tf, name, task, shape, num_classes, overrides, full_name)
     else:
-        raise ConfigError(f"model {full_name!r}: {name!r} is neither a folder nor a transformers model type."
-                          f"{did_you_mean(name, list(CONFIG_MAPPING))} A folder must exist and hold a model "
-                          "written by save_pretrained.")
+        raise ConfigError(
+            f"model {full_name!r}: {name!r} is neither a folder nor a transformers model type."
+            f"{did_you_mean(name, list(CONFIG_MAPPING))} A folder must exist and hold a model "
+            "written by save_pretrained."
+        )
     model.train()  # from_pretrained returns eval(); a new zoo model is in training mode
-    model.feature_taps = functools.partial(_fixed_taps, tuple(hf_feature_taps(model)))
+    model.feature_taps = functools.partial(_fixed_taps, tuple(hf_feature_taps(model)))  # type: ignore[assignment]  # a plain attribute
     return model
-

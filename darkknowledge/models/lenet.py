@@ -60,9 +60,7 @@ KERNEL = 5
 
 def conv_block(in_channels: int, out_channels: int, batch_norm: bool, pool: bool) -> nn.Sequential:
     """``conv`` 5x5 (no padding), optional ``bn``, ``relu``, optional 2x2 max ``pool``."""
-    layers: list[tuple[str, nn.Module]] = [
-        ("conv", nn.Conv2d(in_channels, out_channels, KERNEL, bias=not batch_norm))
-    ]
+    layers: list[tuple[str, nn.Module]] = [("conv", nn.Conv2d(in_channels, out_channels, KERNEL, bias=not batch_norm))]
     if batch_norm:
         layers.append(("bn", nn.BatchNorm2d(out_channels)))
     layers.append(("relu", nn.ReLU()))

@@ -102,7 +102,11 @@ class MobileNetV2Cifar(nn.Module):
     """
 
     def __init__(
-        self, num_classes: int = 10, width_mult: float = 0.5, expand_ratio: int = 6, in_channels: int = 3,
+        self,
+        num_classes: int = 10,
+        width_mult: float = 0.5,
+        expand_ratio: int = 6,
+        in_channels: int = 3,
         blocks: Sequence[int] = _BLOCKS,
     ) -> None:
         super().__init__()
@@ -141,7 +145,11 @@ class MobileNetV2Cifar(nn.Module):
 
 
 def build_mobilenetv2(
-    name: str, num_classes: int, input_shape: Sequence[int], width_mult: float, expand_ratio: int,
+    name: str,
+    num_classes: int,
+    input_shape: Sequence[int],
+    width_mult: float,
+    expand_ratio: int,
     blocks: Sequence[int] = _BLOCKS,
 ) -> MobileNetV2Cifar:
     """Check the params and build a CIFAR MobileNetV2.

@@ -42,8 +42,10 @@ class ResidualPair(nn.Module):
         super().__init__()
         fc = getattr(student, "fc", None)
         if not isinstance(fc, nn.Linear):
-            raise ConfigError(f"model 'residual_pair': the student {getattr(student, 'dk_name', '?')!r} has no Linear "
-                              "`fc` classifier whose input is its penultimate feature")
+            raise ConfigError(
+                f"model 'residual_pair': the student {getattr(student, 'dk_name', '?')!r} has no Linear "
+                "`fc` classifier whose input is its penultimate feature"
+            )
         self.student_features = int(fc.in_features)
         student.fc = nn.Identity()  # zoo models end with fc(h): the trunk now returns h
         self.student = student
@@ -95,8 +97,10 @@ def residual_pair(
     for key, spec in (("student", student), ("assistant", assistant)):
         if "name" not in spec or set(spec) - {"name", "params"}:
             raise ConfigError(f"model 'residual_pair'.{key}: expected {{name, params}}, got {spec!r}")
-    s = create_model(student["name"], **{**student.get("params", {}), "num_classes": num_classes,
-                                         "input_shape": input_shape})
-    a = create_model(assistant["name"], **{**assistant.get("params", {}), "num_classes": feature_dim,
-                                           "input_shape": input_shape})
+    s = create_model(
+        student["name"], **{**student.get("params", {}), "num_classes": num_classes, "input_shape": input_shape}
+    )
+    a = create_model(
+        assistant["name"], **{**assistant.get("params", {}), "num_classes": feature_dim, "input_shape": input_shape}
+    )
     return ResidualPair(s, a, feature_dim, num_classes)

@@ -90,8 +90,9 @@ class ResNetBottleneckCifar(nn.Module):
             ``planes[0]`` channels.
     """
 
-    def __init__(self, blocks: Sequence[int], num_classes: int = 10, in_channels: int = 3,
-                 planes: Sequence[int] = _PLANES) -> None:
+    def __init__(
+        self, blocks: Sequence[int], num_classes: int = 10, in_channels: int = 3, planes: Sequence[int] = _PLANES
+    ) -> None:
         super().__init__()
         if len(blocks) != 4 or any(n < 1 for n in blocks):
             raise ValueError(f"blocks must be four counts >= 1, got {list(blocks)}")
@@ -143,9 +144,7 @@ NumClasses = Annotated[int, Field(ge=1)]
 
 
 @register_model("resnet50_cifar")
-def resnet50_cifar(
-    num_classes: NumClasses = 10, input_shape: tuple[int, ...] = (3, 32, 32)
-) -> ResNetBottleneckCifar:
+def resnet50_cifar(num_classes: NumClasses = 10, input_shape: tuple[int, ...] = (3, 32, 32)) -> ResNetBottleneckCifar:
     """ResNet-50 with a CIFAR stem (RepDistiller's ``ResNet50``, ~23.71M params on CIFAR-100).
 
     Raises:

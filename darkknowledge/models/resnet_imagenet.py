@@ -51,8 +51,14 @@ class ResNetImageNet(nn.Module):
         widths: Channels of the four stages; the stem has ``widths[0]``.
     """
 
-    def __init__(self, blocks: Sequence[int], num_classes: int = 1000, in_channels: int = 3,
-                 stem: Literal["imagenet", "cifar"] = "imagenet", widths: Sequence[int] = _WIDTHS) -> None:
+    def __init__(
+        self,
+        blocks: Sequence[int],
+        num_classes: int = 1000,
+        in_channels: int = 3,
+        stem: Literal["imagenet", "cifar"] = "imagenet",
+        widths: Sequence[int] = _WIDTHS,
+    ) -> None:
         super().__init__()
         if len(blocks) != 4 or any(n < 1 for n in blocks):
             raise ValueError(f"blocks must be four counts >= 1, got {list(blocks)}")
@@ -113,8 +119,12 @@ class ResNetImageNet(nn.Module):
 
 
 def build_resnet_imagenet(
-    name: str, blocks: Sequence[int], num_classes: int, input_shape: Sequence[int],
-    stem: Literal["imagenet", "cifar"] = "imagenet", widths: Sequence[int] = _WIDTHS,
+    name: str,
+    blocks: Sequence[int],
+    num_classes: int,
+    input_shape: Sequence[int],
+    stem: Literal["imagenet", "cifar"] = "imagenet",
+    widths: Sequence[int] = _WIDTHS,
 ) -> ResNetImageNet:
     """Check the framework-filled params and build a four-stage ResNet (ImageNet or CIFAR stem).
 

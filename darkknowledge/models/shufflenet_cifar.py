@@ -85,9 +85,7 @@ class ShuffleV1Block(nn.Module):
         group_first: Group the first 1x1 conv (False only for the network's first block).
     """
 
-    def __init__(
-        self, in_planes: int, out_planes: int, stride: int, groups: int, group_first: bool = True
-    ) -> None:
+    def __init__(self, in_planes: int, out_planes: int, stride: int, groups: int, group_first: bool = True) -> None:
         super().__init__()
         mid = out_planes // 4
         first_groups = groups if group_first else 1
@@ -129,8 +127,12 @@ class ShuffleNetV1Cifar(nn.Module):
     """
 
     def __init__(
-        self, num_classes: int = 10, in_channels: int = 3, widths: Sequence[int] = _V1_WIDTHS,
-        blocks: Sequence[int] = _V1_BLOCKS, stem: int = _STEM,
+        self,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        widths: Sequence[int] = _V1_WIDTHS,
+        blocks: Sequence[int] = _V1_BLOCKS,
+        stem: int = _STEM,
     ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, stem, kernel_size=1, bias=False)
@@ -249,8 +251,13 @@ class ShuffleNetV2Cifar(nn.Module):
     """
 
     def __init__(
-        self, num_classes: int = 10, in_channels: int = 3, widths: Sequence[int] = _V2_WIDTHS,
-        blocks: Sequence[int] = _V2_BLOCKS, stem: int = _STEM, last: int = _V2_LAST,
+        self,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        widths: Sequence[int] = _V2_WIDTHS,
+        blocks: Sequence[int] = _V2_BLOCKS,
+        stem: int = _STEM,
+        last: int = _V2_LAST,
     ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, stem, kernel_size=1, bias=False)
@@ -306,8 +313,9 @@ def check_v1_widths(where: str, stem: int, widths: Sequence[int]) -> None:
     previous width are positive multiples of :data:`V1_CHANNEL_STEP` (12)."""
     step = V1_CHANNEL_STEP
     if stem % step:
-        raise ConfigError(f"{where}.stem_channels: must be a positive multiple of {step} "
-                          f"(4 x {_V1_GROUPS} groups), got {stem}")
+        raise ConfigError(
+            f"{where}.stem_channels: must be a positive multiple of {step} (4 x {_V1_GROUPS} groups), got {stem}"
+        )
     previous = stem
     for i, width in enumerate(widths):
         if width % step or width <= previous:
@@ -376,6 +384,8 @@ def shufflenetv2(
     in_channels = _checked_channels("shufflenetv2", num_classes, input_shape)
     odd = [w for w in widths if w % 2]
     if odd:
-        raise ConfigError(f"model 'shufflenetv2'.widths: ShuffleNetV2 splits every stage in two halves, so "
-                          f"each width must be even, got {list(widths)}")
+        raise ConfigError(
+            f"model 'shufflenetv2'.widths: ShuffleNetV2 splits every stage in two halves, so "
+            f"each width must be even, got {list(widths)}"
+        )
     return ShuffleNetV2Cifar(num_classes, in_channels, widths, blocks, stem_channels, last_channels)

@@ -82,9 +82,7 @@ class NetworkBlock(nn.Module):
         dropout: Dropout inside every block.
     """
 
-    def __init__(
-        self, nb_layers: int, in_planes: int, out_planes: int, stride: int, dropout: float = 0.0
-    ) -> None:
+    def __init__(self, nb_layers: int, in_planes: int, out_planes: int, stride: int, dropout: float = 0.0) -> None:
         super().__init__()
         blocks = [WideBasicBlock(in_planes, out_planes, stride, dropout)]
         blocks.extend(WideBasicBlock(out_planes, out_planes, 1, dropout) for _ in range(1, nb_layers))
@@ -123,7 +121,11 @@ class WideResNet(nn.Module):
     """
 
     def __init__(
-        self, blocks: Sequence[int], widths: Sequence[int], num_classes: int = 10, dropout: float = 0.0,
+        self,
+        blocks: Sequence[int],
+        widths: Sequence[int],
+        num_classes: int = 10,
+        dropout: float = 0.0,
         in_channels: int = 3,
     ) -> None:
         super().__init__()
@@ -173,8 +175,7 @@ def build_wrn(
     check_dropout(where, dropout)
     if depth < 10 or (depth - 4) % 6 != 0:
         raise ConfigError(
-            f"{where}.depth: a Wide ResNet needs depth = 6n + 4 with n >= 1 "
-            f"(10, 16, 22, 28, 40, ...), got {depth}"
+            f"{where}.depth: a Wide ResNet needs depth = 6n + 4 with n >= 1 (10, 16, 22, 28, 40, ...), got {depth}"
         )
     blocks, widths = wrn_layout(depth, widen)
     return WideResNet(blocks, widths, num_classes, dropout, image_channels(where, input_shape))

@@ -27,8 +27,10 @@ def read_recipe(name_or_path: str) -> dict[str, Any]:
         try:
             text = path.read_bytes().decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise ConfigError(f"recipe file {str(path)!r} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
-                              f"offset {exc.start}); save it as UTF-8") from None
+            raise ConfigError(
+                f"recipe file {str(path)!r} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
+                f"offset {exc.start}); save it as UTF-8"
+            ) from None
         except OSError as exc:
             raise ConfigError(f"recipe file {str(path)!r} cannot be read: {exc.strerror or exc}") from None
     else:

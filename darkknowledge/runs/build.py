@@ -86,8 +86,12 @@ def build_data(cfg: RunConfig) -> DataBundle:
     """Load the configured dataset (with its validation split and transfer set); with
     ``data.holdout=val`` the run evaluates on the validation split, never the test split."""
     bundle = load_dataset(
-        cfg.data.name, root=cfg.data.root, split_seed=cfg.data.split_seed,
-        val_fraction=cfg.data.val_fraction, holdout=cfg.data.holdout, **cfg.data.params,
+        cfg.data.name,
+        root=cfg.data.root,
+        split_seed=cfg.data.split_seed,
+        val_fraction=cfg.data.val_fraction,
+        holdout=cfg.data.holdout,
+        **cfg.data.params,
     )
     return with_views(cfg, bundle)
 
@@ -136,13 +140,21 @@ def make_loaders(
     """
     norm = bundle.info.normalization
     inputs = tuple(dict.fromkeys((*run_views(cfg, bundle.info), *([primary] if primary else ()))))
-    common: dict[str, Any] = dict(rank=dist.rank, world_size=dist.world_size, normalize=norm, device=device,
-                                  device_data_mb=cfg.data.device_data_mb, views=bundle.info.views)
-    test_loader = BatchLoader(bundle.test, cfg.data.eval_batch_size, shuffle=False,
-                              **_readable(common, bundle.test, inputs, primary))
+    common: dict[str, Any] = dict(
+        rank=dist.rank,
+        world_size=dist.world_size,
+        normalize=norm,
+        device=device,
+        device_data_mb=cfg.data.device_data_mb,
+        views=bundle.info.views,
+    )
+    test_loader = BatchLoader(
+        bundle.test, cfg.data.eval_batch_size, shuffle=False, **_readable(common, bundle.test, inputs, primary)
+    )
     val_loader = (
-        BatchLoader(bundle.val, cfg.data.eval_batch_size, shuffle=False,
-                    **_readable(common, bundle.val, inputs, primary))
+        BatchLoader(
+            bundle.val, cfg.data.eval_batch_size, shuffle=False, **_readable(common, bundle.val, inputs, primary)
+        )
         if bundle.val is not None and num_samples(bundle.val)
         else None
     )
@@ -155,8 +167,17 @@ def make_loaders(
         data = concat(data, bundle.transfer)
     aug_cfg = cfg.data.augment
     augment = Augment(**aug_cfg.model_dump()) if aug_cfg.enabled() else None
-    train_loader = BatchLoader(data, cfg.data.batch_size, shuffle=True, seed=seed, augment=augment,
-                               num_workers=cfg.data.num_workers, inputs=inputs, primary=primary, **common)
+    train_loader = BatchLoader(
+        data,
+        cfg.data.batch_size,
+        shuffle=True,
+        seed=seed,
+        augment=augment,
+        num_workers=cfg.data.num_workers,
+        inputs=inputs,
+        primary=primary,
+        **common,
+    )
     return train_loader, test_loader, val_loader
 
 
@@ -192,8 +213,10 @@ def build_model(spec: ModelConfig, info: DatasetInfo, where: str = "student") ->
             )
         params = {**params, **saved_spec.get("params", {})}
         if saved_spec.get("ops", "plain") != spec.ops:
-            raise CheckpointError(f"{where}.checkpoint {spec.checkpoint!r} holds a model with ops "
-                                  f"{saved_spec.get('ops', 'plain')!r}, but {where}.ops is {spec.ops!r}")
+            raise CheckpointError(
+                f"{where}.checkpoint {spec.checkpoint!r} holds a model with ops "
+                f"{saved_spec.get('ops', 'plain')!r}, but {where}.ops is {spec.ops!r}"
+            )
     if params.get("num_classes") != info.num_classes:
         raise ConfigError(
             f"{where}: the model predicts {params.get('num_classes')} classes but dataset {info.name!r} has "

@@ -79,8 +79,9 @@ class RunContext(Context):
         return f"{method}-{part}-s{seed}" if part else f"{method}-s{seed}"
 
     # ------------------------------------------------------------ models
-    def model(self, spec: ModelConfig | Mapping[str, Any] | None = None, seed: int | None = None,
-              where: str = "student") -> nn.Module:
+    def model(
+        self, spec: ModelConfig | Mapping[str, Any] | None = None, seed: int | None = None, where: str = "student"
+    ) -> nn.Module:
         if spec is None:
             spec = self.cfg.student
         elif isinstance(spec, Mapping):
@@ -132,19 +133,38 @@ class RunContext(Context):
         return Frozen(model, name, cache=self.cfg.cache)
 
     def _missing_teacher(self) -> nn.Module:
-        raise ConfigError(f"scheme {self.scheme_name!r} needs a pre-trained teacher: add a `teacher:` section "
-                          "(model name, and `checkpoint:` or `train:` settings) to the recipe")
+        raise ConfigError(
+            f"scheme {self.scheme_name!r} needs a pre-trained teacher: add a `teacher:` section "
+            "(model name, and `checkpoint:` or `train:` settings) to the recipe"
+        )
 
     # ------------------------------------------------------------ stages
-    def train(self, stage: str, task: Task, seed: int, role: str = "student", train_cfg: TrainConfig | None = None,
-              with_transfer: bool = False, label: str | None = None) -> list[dict[str, Any]]:
-        entries = self.session.train_stage(stage, role, task, seed, train_cfg=train_cfg, with_transfer=with_transfer,
-                                           label=label or self.scheme_name, scheme_name=self.scheme_name)
+    def train(
+        self,
+        stage: str,
+        task: Task,
+        seed: int,
+        role: str = "student",
+        train_cfg: TrainConfig | None = None,
+        with_transfer: bool = False,
+        label: str | None = None,
+    ) -> list[dict[str, Any]]:
+        entries = self.session.train_stage(
+            stage,
+            role,
+            task,
+            seed,
+            train_cfg=train_cfg,
+            with_transfer=with_transfer,
+            label=label or self.scheme_name,
+            scheme_name=self.scheme_name,
+        )
         self.exports[stage] = task.export_model()
         return entries
 
-    def train_alone(self, stage: str, model: nn.Module, seed: int, role: str = "stage",
-                    train_cfg: TrainConfig | None = None) -> dict[str, Any]:
+    def train_alone(
+        self, stage: str, model: nn.Module, seed: int, role: str = "stage", train_cfg: TrainConfig | None = None
+    ) -> dict[str, Any]:
         entry = self.session.train_alone(stage, role, model, seed, train_cfg=train_cfg)
         self.exports[stage] = model
         return entry
@@ -165,8 +185,9 @@ class RunContext(Context):
     def evaluate(self, model: nn.Module, seed: int) -> dict[str, float]:
         s = self.session
         model.to(s.device)
-        _, test_loader, _ = make_loaders(self.cfg, s.bundle, seed, s.device, s.dist, train=False,
-                                         primary=input_name(model))
+        _, test_loader, _ = make_loaders(
+            self.cfg, s.bundle, seed, s.device, s.dist, train=False, primary=input_name(model)
+        )
         try:
             return evaluate(model, test_loader, s.dist)
         finally:

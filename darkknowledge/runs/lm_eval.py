@@ -20,8 +20,9 @@ from darkknowledge.losses.base import Outputs
 
 
 @torch.no_grad()
-def teacher_student_kl(student: nn.Module, cache: Any, blocks: TokenBlocks, device: torch.device,
-                       batch_size: int = 8) -> float:
+def teacher_student_kl(
+    student: nn.Module, cache: Any, blocks: TokenBlocks, device: torch.device, batch_size: int = 8
+) -> float:
     """Mean ``KL(p_teacher || p_student)`` per held-out target token (nats).
 
     Args:
@@ -53,8 +54,9 @@ def teacher_student_kl(student: nn.Module, cache: Any, blocks: TokenBlocks, devi
     return total / max(count, 1)
 
 
-def generations(models: dict[str, nn.Module], tokenizer: Any, prompts: list[str], max_new_tokens: int,
-                device: torch.device) -> dict[str, list[str]]:
+def generations(
+    models: dict[str, nn.Module], tokenizer: Any, prompts: list[str], max_new_tokens: int, device: torch.device
+) -> dict[str, list[str]]:
     """Greedy continuations of the same prompts by each model, by name."""
     out = {}
     for name, model in models.items():

@@ -29,13 +29,22 @@ def lm_rows(results: Sequence[dict[str, Any]], baseline_arm: str | None) -> list
     rows = []
     for label, entries in groups.items():
         ppl = _by_seed(entries, "heldout_ppl")
-        row: dict[str, Any] = {"label": label, "arm": entries[0]["arm"], "method": entries[0]["method"],
-                               "cache": entries[0].get("cache"), "seeds": sorted(ppl), "n": len(ppl)}
+        row: dict[str, Any] = {
+            "label": label,
+            "arm": entries[0]["arm"],
+            "method": entries[0]["method"],
+            "cache": entries[0].get("cache"),
+            "seeds": sorted(ppl),
+            "n": len(ppl),
+        }
         row["ppl"], row["ppl_std"] = mean_std(ppl.values())
         row["ppl_by_seed"] = ppl
         row["val_ppl"] = mean_std(_by_seed(entries, "val_ppl").values())[0]
-        row["kl"] = mean_std(_by_seed(entries, "kl_teacher_student").values())[0] if any(
-            e.get("kl_teacher_student") is not None for e in entries) else math.nan
+        row["kl"] = (
+            mean_std(_by_seed(entries, "kl_teacher_student").values())[0]
+            if any(e.get("kl_teacher_student") is not None for e in entries)
+            else math.nan
+        )
         row["acc"] = mean_std(_by_seed(entries, "next_token_acc").values())[0]
         row["tok_s"] = mean_std(_by_seed(entries, "train_tokens_per_s").values())[0]
         cache = entries[0].get("teacher_cache") or {}
@@ -64,19 +73,27 @@ def _diff(row: dict[str, Any]) -> str:
 
 def table_lines(rows: Sequence[dict[str, Any]], teacher: dict[str, Any] | None) -> list[str]:
     """The main Markdown table (teacher first)."""
-    out = [("| student | objective | teacher outputs | held-out ppl | Δ ppl vs alone (95% CI) | KL(t‖s) | "
-            "next-token acc | train tok/s | seeds |"),
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        (
+            "| student | objective | teacher outputs | held-out ppl | Δ ppl vs alone (95% CI) | KL(t‖s) | "
+            "next-token acc | train tok/s | seeds |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     if teacher is not None:
-        out.append(f"| teacher ({teacher['model']}, {teacher['params'] / 1e6:.1f}M) | pre-trained | — | "
-                   f"{teacher['heldout_ppl']:.1f} | — | 0 | {teacher['next_token_acc']:.2f} | — | — |")
+        out.append(
+            f"| teacher ({teacher['model']}, {teacher['params'] / 1e6:.1f}M) | pre-trained | — | "
+            f"{teacher['heldout_ppl']:.1f} | — | 0 | {teacher['next_token_acc']:.2f} | — | — |"
+        )
     for r in rows:
         source = "none (alone)" if not r["reads_teacher"] else r["cache"] if r["cache"] != "none" else "live teacher"
         if r["bytes_per_token"] and r["reads_teacher"]:
             source += f" ({r['bytes_per_token']:,} B/token)"
         kl = f"{r['kl']:.3f}" if r["kl"] == r["kl"] else "—"
-        out.append(f"| {r['label']} | {r['method']} | {source} | {_pm(r['ppl'], r['ppl_std'], r['n'])} | {_diff(r)} | "
-                   f"{kl} | {r['acc']:.2f} | {r['tok_s']:,.0f} | {','.join(str(s) for s in r['seeds'])} |")
+        out.append(
+            f"| {r['label']} | {r['method']} | {source} | {_pm(r['ppl'], r['ppl_std'], r['n'])} | {_diff(r)} | "
+            f"{kl} | {r['acc']:.2f} | {r['tok_s']:,.0f} | {','.join(str(s) for s in r['seeds'])} |"
+        )
     return out
 
 
@@ -91,49 +108,80 @@ def verdicts(rows: Sequence[dict[str, Any]], baseline_arm: str | None) -> list[s
             continue
         better = r["ppl"] < base["ppl"]
         sure = d["n"] > 1 and d["hi"] < 0
-        out.append(f"- {r['label']}: held-out perplexity {r['ppl']:.1f} against {base['ppl']:.1f} alone: "
-                   + ("lower" if better else "not lower") + (", and the 95% interval of the paired difference "
-                                                              "excludes 0" if sure else "") + ".")
+        out.append(
+            f"- {r['label']}: held-out perplexity {r['ppl']:.1f} against {base['ppl']:.1f} alone: "
+            + ("lower" if better else "not lower")
+            + (", and the 95% interval of the paired difference excludes 0" if sure else "")
+            + "."
+        )
     for r in rows:
         arm_dense = [o for o in rows if o["arm"] == r["arm"] and o["cache"] == "dense" and o is not r]
         if r["cache"] in ("topk", "sampled") and arm_dense:
             ref = arm_dense[0]
             d = paired_ci(r["ppl_by_seed"], ref["ppl_by_seed"])
-            head = (f"- {r['label']} ({r['bytes_per_token']} bytes/token): perplexity {r['ppl']:.1f} against "
-                    f"{ref['ppl']:.1f} from the full distribution (paired difference {d['mean_diff']:+.1f}")
+            head = (
+                f"- {r['label']} ({r['bytes_per_token']} bytes/token): perplexity {r['ppl']:.1f} against "
+                f"{ref['ppl']:.1f} from the full distribution (paired difference {d['mean_diff']:+.1f}"
+            )
             if d["n"] < 2:
                 out.append(head + "; one seed, so no interval: run several seeds to judge the gap).")
             else:
                 within = d["lo"] <= 0.0 <= d["hi"]
-                out.append(head + f", 95% CI [{d['lo']:+.1f}, {d['hi']:+.1f}] over {d['n']} seeds): "
-                           + ("within noise." if within else "a real difference at this level."))
+                out.append(
+                    head
+                    + f", 95% CI [{d['lo']:+.1f}, {d['hi']:+.1f}] over {d['n']} seeds): "
+                    + ("within noise." if within else "a real difference at this level.")
+                )
     if base is not None:
         for r in rows:
             if r["cache"] in ("topk", "sampled") and r["tok_s"] == r["tok_s"]:
-                out.append(f"- {r['label']} trains at {r['tok_s'] / base['tok_s']:.2f}x the tokens/s of the student "
-                           "alone with cross-entropy (same machine, same run).")
+                out.append(
+                    f"- {r['label']} trains at {r['tok_s'] / base['tok_s']:.2f}x the tokens/s of the student "
+                    "alone with cross-entropy (same machine, same run)."
+                )
     return out
 
 
-def render_lm_report(title: str, rows: Sequence[dict[str, Any]], teacher: dict[str, Any] | None,
-                     notes: Sequence[str], caches: Sequence[dict[str, Any]], baseline_arm: str | None,
-                     samples: dict[str, list[str]] | None = None, prompts: Sequence[str] = ()) -> str:
+def render_lm_report(
+    title: str,
+    rows: Sequence[dict[str, Any]],
+    teacher: dict[str, Any] | None,
+    notes: Sequence[str],
+    caches: Sequence[dict[str, Any]],
+    baseline_arm: str | None,
+    samples: dict[str, list[str]] | None = None,
+    prompts: Sequence[str] = (),
+) -> str:
     """``report.md``: the table, the verdicts, the caches and the generations."""
-    lines = [f"# {title}", "", *table_lines(rows, teacher), "",
-             ("Perplexity is exp(mean cross-entropy) over the held-out target tokens (documents never trained on); "
-              "Δ is the paired per-seed difference to the same student trained alone with cross-entropy from the same "
-              "initialisation (negative: distillation helped); KL(t‖s) is the per-token KL from the teacher on "
-              "held-out text."), ""]
+    lines = [
+        f"# {title}",
+        "",
+        *table_lines(rows, teacher),
+        "",
+        (
+            "Perplexity is exp(mean cross-entropy) over the held-out target tokens (documents never trained on); "
+            "Δ is the paired per-seed difference to the same student trained alone with cross-entropy from the same "
+            "initialisation (negative: distillation helped); KL(t‖s) is the per-token KL from the teacher on "
+            "held-out text."
+        ),
+        "",
+    ]
     found = verdicts(rows, baseline_arm)
     if found:
         lines += ["## Verdict", "", *found, ""]
     if caches:
-        lines += ["## Teacher-output caches", "", "| cache | bytes/token | size MB | build s | teacher tok/s | blocks |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "## Teacher-output caches",
+            "",
+            "| cache | bytes/token | size MB | build s | teacher tok/s | blocks |",
+            "|---|---|---|---|---|---|",
+        ]
         for c in caches:
-            lines.append(f"| {c.get('kind')} | {c.get('bytes_per_token'):,} | {c.get('size_mb', 0):.1f} | "
-                         f"{c.get('build_seconds', 0):.1f} | {c.get('teacher_tokens_per_s', 0):,.0f} | "
-                         f"{c.get('blocks', '')} |")
+            lines.append(
+                f"| {c.get('kind')} | {c.get('bytes_per_token'):,} | {c.get('size_mb', 0):.1f} | "
+                f"{c.get('build_seconds', 0):.1f} | {c.get('teacher_tokens_per_s', 0):,.0f} | "
+                f"{c.get('blocks', '')} |"
+            )
         lines.append("")
     if notes:
         lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]

@@ -21,19 +21,23 @@ def _label(losses: dict[str, Any]) -> str:
     for name, spec in losses.items():
         params = {k: v for k, v in (spec or {}).items() if k not in ("weight", "loss")}
         weight = (spec or {}).get("weight")
-        text = (spec or {}).get("loss", name) + (f"({', '.join(f'{k}={v}' for k, v in params.items())})" if params else "")
+        text = (spec or {}).get("loss", name) + (
+            f"({', '.join(f'{k}={v}' for k, v in params.items())})" if params else ""
+        )
         parts.append(f"{weight}·{text}" if weight not in (None, 1, 1.0) else text)
     return " + ".join(parts)
 
 
 def baseline_arm(cfg: LMRunConfig) -> str | None:
     """The arm trained alone (reads no teacher), whose perplexity the others are compared with."""
-    return next((a for a, spec in cfg.arms.items()
-                 if not any(_reads_teacher(n, s) for n, s in spec.losses.items())), None)
+    return next(
+        (a for a, spec in cfg.arms.items() if not any(_reads_teacher(n, s) for n, s in spec.losses.items())), None
+    )
 
 
-def run_lm(cfg: LMRunConfig, out: str | Path | None = None, resume: bool = False,
-           progress: bool = True) -> dict[str, Any]:
+def run_lm(
+    cfg: LMRunConfig, out: str | Path | None = None, resume: bool = False, progress: bool = True
+) -> dict[str, Any]:
     """Train the teacher's students over seeds, arm by arm, then the variants; write the report.
 
     Returns:
@@ -60,27 +64,43 @@ def run_lm(cfg: LMRunConfig, out: str | Path | None = None, resume: bool = False
                     if kind == (spec.cache or cfg.cache.kind):
                         continue
                     for seed in cfg.seeds:
-                        s.train_arm(f"{variant_arm}@{kind}-s{seed}", variant_arm, spec.losses, kind, seed, _label(spec.losses))
+                        s.train_arm(
+                            f"{variant_arm}@{kind}-s{seed}", variant_arm, spec.losses, kind, seed, _label(spec.losses)
+                        )
         rows = lm_rows(s.run.results, base)
         samples = _samples(s, cfg)
         found = [e.get(k) for e in s.run.results for k in ("teacher_cache", "kl_cache")]
         caches = list({c["path"]: c for c in found if c}.values())  # each once (read back on --resume)
         params = next(r["params"] for r in s.run.results if r.get("role") in ("student", "baseline"))
-        notes = [f"data: {_describe_data(s.data_facts)}",
-                 (f"student: {cfg.student.family} {cfg.student.hidden_size}d x {cfg.student.layers} layers "
-                  f"({params / 1e6:.2f}M parameters, {s.vocab:,}-token vocabulary shared with the teacher); "
-                  f"{cfg.train.epochs} epochs, batch {cfg.data.batch_size} x {cfg.data.block_len} tokens"),
-                 ("each arm at a seed starts from the same initialisation and sees the same batches; teacher "
-                  "outputs come from caches built once (the teacher does not run while students train)")]
+        notes = [
+            f"data: {_describe_data(s.data_facts)}",
+            (
+                f"student: {cfg.student.family} {cfg.student.hidden_size}d x {cfg.student.layers} layers "
+                f"({params / 1e6:.2f}M parameters, {s.vocab:,}-token vocabulary shared with the teacher); "
+                f"{cfg.train.epochs} epochs, batch {cfg.data.batch_size} x {cfg.data.block_len} tokens"
+            ),
+            (
+                "each arm at a seed starts from the same initialisation and sees the same batches; teacher "
+                "outputs come from caches built once (the teacher does not run while students train)"
+            ),
+        ]
         if cfg.variants.caches:
-            notes.append(f"variants: {cfg.variants.of} arm re-trained from {', '.join(cfg.variants.caches)} caches "
-                         "(best = lowest validation perplexity among distilled arms)")
+            notes.append(
+                f"variants: {cfg.variants.of} arm re-trained from {', '.join(cfg.variants.caches)} caches "
+                "(best = lowest validation perplexity among distilled arms)"
+            )
         title = f"{cfg.name}: {cfg.teacher.path or cfg.teacher.source} -> {cfg.student.family} student"
         text = render_lm_report(title, rows, teacher, notes, caches, base, samples, cfg.eval.prompts)
         report = s.run.write_text("report.md", text)
         lines = table_lines(rows, teacher)
-        return {"run_dir": s.run.path, "rows": rows, "table": lines, "verdict": "\n".join(verdicts(rows, base)),
-                "report": report, "name": cfg.name}
+        return {
+            "run_dir": s.run.path,
+            "rows": rows,
+            "table": lines,
+            "verdict": "\n".join(verdicts(rows, base)),
+            "report": report,
+            "name": cfg.name,
+        }
     finally:
         s.close()
 
@@ -102,8 +122,17 @@ def _samples(s: LMSession, cfg: LMRunConfig) -> dict[str, list[str]] | None:
 
 
 def _describe_data(facts: dict[str, Any]) -> str:
-    keys = ("source", "documents", "train_blocks", "val_blocks", "heldout_blocks", "train_tokens", "heldout_tokens",
-            "block_len")
+    keys = (
+        "source",
+        "documents",
+        "train_blocks",
+        "val_blocks",
+        "heldout_blocks",
+        "train_tokens",
+        "heldout_tokens",
+        "block_len",
+    )
+
     def show(value: Any) -> str:
         if isinstance(value, dict):  # e.g. documents per split
             return " + ".join(f"{show(v)} {k}" for k, v in value.items())

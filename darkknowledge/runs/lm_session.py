@@ -98,8 +98,14 @@ class LMSession:
         self.loggers: Loggers | None = None
         self._load()
         if cfg.log.asked() and self.dist.is_main:
-            self.loggers = open_loggers(cfg.log, self.run.path, name=cfg.name, config=cfg.model_dump(mode="json"),
-                                        resume=resume, records=self.metrics.records())
+            self.loggers = open_loggers(
+                cfg.log,
+                self.run.path,
+                name=cfg.name,
+                config=cfg.model_dump(mode="json"),
+                resume=resume,
+                records=self.metrics.records(),
+            )
             self.metrics.attach(self.loggers)
         self.clock = RunClock()
         self.clock.plan(lm_plan(cfg, len(self.loader(self.train, cfg.seeds[0], True))))
@@ -124,38 +130,67 @@ class LMSession:
             shard_frozen(self.teacher_model, self.device)
         d = cfg.data
         train, heldout, self.data_facts = load_text_data(
-            d.source, self.tokenizer, block_len=d.block_len, heldout_fraction=d.heldout_fraction, seed=d.split_seed,
-            cache_dir=cache_dir() / "lm-tokens", path=d.path, instruction=d.source == "instructions",
-            max_docs=d.max_docs, text_field=d.text_field, prompt_field=d.prompt_field,
-            response_field=d.response_field)
+            d.source,
+            self.tokenizer,
+            block_len=d.block_len,
+            heldout_fraction=d.heldout_fraction,
+            seed=d.split_seed,
+            cache_dir=cache_dir() / "lm-tokens",
+            path=d.path,
+            instruction=d.source == "instructions",
+            max_docs=d.max_docs,
+            text_field=d.text_field,
+            prompt_field=d.prompt_field,
+            response_field=d.response_field,
+        )
         if len(train) <= d.val_blocks:
-            raise ConfigError(f"data: {len(train)} training blocks of {d.block_len} tokens, not more than "
-                              f"data.val_blocks={d.val_blocks}; use more text, shorter blocks or fewer val_blocks")
+            raise ConfigError(
+                f"data: {len(train)} training blocks of {d.block_len} tokens, not more than "
+                f"data.val_blocks={d.val_blocks}; use more text, shorter blocks or fewer val_blocks"
+            )
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(d.split_seed))
         self.val = train.subset(order[: d.val_blocks])
-        rest = order[d.val_blocks:]
+        rest = order[d.val_blocks :]
         self.train = train.subset(rest[: d.train_blocks] if d.train_blocks else rest)
         self.heldout = heldout.subset(torch.arange(min(len(heldout), d.heldout_blocks or len(heldout))))
         if len(self.heldout) == 0:
             raise ConfigError("data: no held-out block; raise data.heldout_fraction or use more text")
-        self.data_facts.update({"train_blocks": len(self.train), "val_blocks": len(self.val),
-                                "heldout_blocks": len(self.heldout), "train_tokens": self.train.tokens,
-                                "heldout_tokens": self.heldout.tokens, "block_len": d.block_len})
+        self.data_facts.update(
+            {
+                "train_blocks": len(self.train),
+                "val_blocks": len(self.val),
+                "heldout_blocks": len(self.heldout),
+                "train_tokens": self.train.tokens,
+                "heldout_tokens": self.heldout.tokens,
+                "block_len": d.block_len,
+            }
+        )
 
     def _teacher_model(self, spec: LMModelConfig) -> nn.Module:
         if spec.source == "config":
-            raise ConfigError("teacher.source: config builds an untrained model; a teacher must be smollm2 or "
-                              "pretrained (a trained model)")
+            raise ConfigError(
+                "teacher.source: config builds an untrained model; a teacher must be smollm2 or "
+                "pretrained (a trained model)"
+            )
         return load_pretrained(spec.source, spec.path, spec.gguf_file)
 
     def student(self, seed: int) -> nn.Module:
         """A new student for ``seed`` (the same initialisation for every arm at a seed)."""
         s = self.cfg.student
         if s.source == "config":
-            return build_from_config(s.family, self.vocab, hidden_size=s.hidden_size, layers=s.layers, heads=s.heads,
-                                     kv_heads=s.kv_heads, intermediate_size=s.intermediate_size,
-                                     max_positions=s.max_positions, tie_embeddings=s.tie_embeddings, seed=seed,
-                                     extra=s.extra)
+            return build_from_config(
+                s.family,
+                self.vocab,
+                hidden_size=s.hidden_size,
+                layers=s.layers,
+                heads=s.heads,
+                kv_heads=s.kv_heads,
+                intermediate_size=s.intermediate_size,
+                max_positions=s.max_positions,
+                tie_embeddings=s.tie_embeddings,
+                seed=seed,
+                extra=s.extra,
+            )
         model = load_pretrained(s.source, s.path, s.gguf_file)
         model.train()
         model.requires_grad_(True)
@@ -165,8 +200,16 @@ class LMSession:
         d = self.cfg.data
         # training drops a last partial batch: every rank then has a share of every step (an LM step
         # cannot run on zero blocks, and a sharded teacher needs every rank in each forward)
-        return TokenLoader(blocks, d.batch_size if train else d.eval_batch_size, shuffle=train, seed=seed,
-                           drop_last=train, rank=self.dist.rank, world_size=self.dist.world_size, device=self.device)
+        return TokenLoader(
+            blocks,
+            d.batch_size if train else d.eval_batch_size,
+            shuffle=train,
+            seed=seed,
+            drop_last=train,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            device=self.device,
+        )
 
     # ------------------------------------------------------------------ caches
     def cache(self, kind: str, blocks: TokenBlocks | None = None, name: str = "train") -> TokenCache:
@@ -184,16 +227,28 @@ class LMSession:
 
         def run(x: torch.Tensor) -> torch.Tensor:
             if sharded:
-                raise ConfigError(f"cache.kind={kind}: a teacher sharded with FSDP2 runs on every rank at once and "
-                                  "cannot fill a cache from rank 0; build the cache with a one-process run first "
-                                  "(it is reused), or train these arms from the live teacher (cache: none)")
+                raise ConfigError(
+                    f"cache.kind={kind}: a teacher sharded with FSDP2 runs on every rank at once and "
+                    "cannot fill a cache from rank 0; build the cache with a one-process run first "
+                    "(it is reused), or train these arms from the live teacher (cache: none)"
+                )
             return teacher(input_ids=x.to(self.device)).logits  # (b, L, V)
 
         built, error = None, None
         if self.dist.is_main:
             try:
-                built = load_or_build(run, blocks.x, kind=kind, k=c.k, draws=c.draws, T=c.T, batch_size=c.batch_size,
-                                      seed=c.seed, fingerprint=fingerprint, root=cache_dir() / "lm_teacher_outputs")
+                built = load_or_build(
+                    run,
+                    blocks.x,
+                    kind=kind,
+                    k=c.k,
+                    draws=c.draws,
+                    T=c.T,
+                    batch_size=c.batch_size,
+                    seed=c.seed,
+                    fingerprint=fingerprint,
+                    root=cache_dir() / "lm_teacher_outputs",
+                )
             except DarkKnowledgeError as exc:
                 error = exc
         if self.dist.enabled:
@@ -218,15 +273,24 @@ class LMSession:
         metrics = evaluate(self.teacher_model, self.loader(self.heldout, 0, False), self.dist)
         seconds = time.perf_counter() - t0
         source = self.cfg.teacher.path or self.cfg.teacher.source
-        entry = {"name": "teacher", "role": "teacher", "model": source, "method": "pre-trained",
-                 "params": sum(p.numel() for p in self.teacher_model.parameters()), "teacher_hash": self.teacher_hash,
-                 **_lm_metrics(metrics), "eval_tokens_per_s": round(metrics["n"] / max(seconds, 1e-9), 1),
-                 "load_seconds": round(self.teacher_seconds, 1), "seed": None}
+        entry = {
+            "name": "teacher",
+            "role": "teacher",
+            "model": source,
+            "method": "pre-trained",
+            "params": sum(p.numel() for p in self.teacher_model.parameters()),
+            "teacher_hash": self.teacher_hash,
+            **_lm_metrics(metrics),
+            "eval_tokens_per_s": round(metrics["n"] / max(seconds, 1e-9), 1),
+            "load_seconds": round(self.teacher_seconds, 1),
+            "seed": None,
+        }
         self.run.add_result(entry, self.cfg.name)
         return entry
 
-    def train_arm(self, stage: str, arm: str, losses: dict[str, Any], cache_kind: str, seed: int,
-                  label: str) -> dict[str, Any]:
+    def train_arm(
+        self, stage: str, arm: str, losses: dict[str, Any], cache_kind: str, seed: int, label: str
+    ) -> dict[str, Any]:
         """Train one student (``arm`` at ``seed``) as a resumable stage; its results entry."""
         student = self.student(seed)
         stage_dir = self.run.stage_dir(stage)
@@ -239,14 +303,28 @@ class LMSession:
         reads = any(_reads_teacher(name, spec) for name, spec in losses.items())
         teacher = None
         if reads:
-            teacher = (LMTeacher(self.teacher_model, fingerprint=self.teacher_hash) if cache_kind == "none"
-                       else LMTeacher(cache=self.cache(cache_kind), fingerprint=self.teacher_hash))
+            teacher = (
+                LMTeacher(self.teacher_model, fingerprint=self.teacher_hash)
+                if cache_kind == "none"
+                else LMTeacher(cache=self.cache(cache_kind), fingerprint=self.teacher_hash)
+            )
         task = lm_task(student, losses, teacher, where=f"arms.{arm}.losses")
         train_loader = self.loader(self.train, seed, True)
-        trainer = Trainer(task, train_loader, self.loader(self.heldout, seed, False), self.cfg.train, self.device,
-                          stage=stage, run_dir=stage_dir, val_loader=self.loader(self.val, seed, False),
-                          dist=self.dist, metrics=self.metrics, config=self.cfg.model_dump(mode="json"),
-                          progress=self.progress, clock=self.clock.begin(stage, seed))
+        trainer = Trainer(
+            task,
+            train_loader,
+            self.loader(self.heldout, seed, False),
+            self.cfg.train,
+            self.device,
+            stage=stage,
+            run_dir=stage_dir,
+            val_loader=self.loader(self.val, seed, False),
+            dist=self.dist,
+            metrics=self.metrics,
+            config=self.cfg.model_dump(mode="json"),
+            progress=self.progress,
+            clock=self.clock.begin(stage, seed),
+        )
         try:
             result = trainer.fit(resume=self.resume)
         except BaseException:
@@ -255,22 +333,42 @@ class LMSession:
             raise
         last, val = result.last["student"], result.history[-1].get("val", {}).get("student", {})
         tokens = self.train.tokens * self.cfg.train.epochs
-        entry = {"name": stage, "role": "baseline" if not reads else "student", "arm": arm, "method": label,
-                 "cache": cache_kind if reads else None, "seed": seed, "params": sum(p.numel() for p in student.parameters()),
-                 **_lm_metrics(last), "val_ppl": _ppl(val.get("loss", math.nan)),
-                 "train_seconds": round(result.train_seconds, 2), "steps": result.steps, "epochs": self.cfg.train.epochs,
-                 "train_tokens_per_s": round(tokens / max(result.train_seconds, 1e-9), 1),
-                 "losses": sorted(losses), "teacher_hash": task.fingerprint()}
+        entry = {
+            "name": stage,
+            "role": "baseline" if not reads else "student",
+            "arm": arm,
+            "method": label,
+            "cache": cache_kind if reads else None,
+            "seed": seed,
+            "params": sum(p.numel() for p in student.parameters()),
+            **_lm_metrics(last),
+            "val_ppl": _ppl(val.get("loss", math.nan)),
+            "train_seconds": round(result.train_seconds, 2),
+            "steps": result.steps,
+            "epochs": self.cfg.train.epochs,
+            "train_tokens_per_s": round(tokens / max(result.train_seconds, 1e-9), 1),
+            "losses": sorted(losses),
+            "teacher_hash": task.fingerprint(),
+        }
         if reads and cache_kind != "none":
             entry["teacher_cache"] = self.caches[f"train:{cache_kind}"].describe()
         kl_cache = self._heldout_cache()
         if kl_cache is not None:
             entry["kl_cache"] = kl_cache.describe()
-            entry["kl_teacher_student"] = teacher_student_kl(student, kl_cache, self.heldout_kl, self.device,
-                                                             self.cfg.data.eval_batch_size)
+            entry["kl_teacher_student"] = teacher_student_kl(
+                student, kl_cache, self.heldout_kl, self.device, self.cfg.data.eval_batch_size
+            )
         if stage_dir is not None and self.dist.is_main:
-            atomic_save({"format": 1, "kind": "lm_student", "state_dict": student.state_dict(),
-                         "spec": self.cfg.student.model_dump(mode="json"), "result": entry}, stage_dir / "model.pt")
+            atomic_save(
+                {
+                    "format": 1,
+                    "kind": "lm_student",
+                    "state_dict": student.state_dict(),
+                    "spec": self.cfg.student.model_dump(mode="json"),
+                    "result": entry,
+                },
+                stage_dir / "model.pt",
+            )
         self.run.add_result(entry, self.cfg.name)
         return entry
 
@@ -291,8 +389,11 @@ def lm_plan(cfg: LMRunConfig, batches: int | None = None) -> list[PlannedStage]:
     out = [PlannedStage.of(f"{arm}-s{seed}", seed, epochs, batches) for seed in cfg.seeds for arm in cfg.arms]
     of = cfg.variants.of
     if of == "best":
-        kinds = {spec.cache or cfg.cache.kind for spec in cfg.arms.values()
-                 if any(_reads_teacher(n, s) for n, s in spec.losses.items())}
+        kinds = {
+            spec.cache or cfg.cache.kind
+            for spec in cfg.arms.values()
+            if any(_reads_teacher(n, s) for n, s in spec.losses.items())
+        }
     else:
         kinds = {cfg.arms[of].cache or cfg.cache.kind} if of in cfg.arms else set()
     if not kinds:
@@ -315,5 +416,9 @@ def _ppl(loss: float) -> float:
 
 
 def _lm_metrics(metrics: dict[str, float]) -> dict[str, Any]:
-    return {"heldout_ppl": _ppl(metrics["loss"]), "heldout_loss": metrics["loss"], "next_token_acc": metrics["top1"],
-            "heldout_tokens": metrics["n"]}
+    return {
+        "heldout_ppl": _ppl(metrics["loss"]),
+        "heldout_loss": metrics["loss"],
+        "next_token_acc": metrics["top1"],
+        "heldout_tokens": metrics["n"],
+    }

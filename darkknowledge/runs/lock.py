@@ -124,8 +124,15 @@ class RunLock:
                 raise RunFolderBusyError(self._busy_message())
             f.seek(0)
             f.truncate()
-            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
-                       "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+            json.dump(
+                {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "command": self.command,
+                    "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                },
+                f,
+            )
             f.flush()
             _HELD[key] = [f, 1]
         self._finalizer = weakref.finalize(self, _release, key)
@@ -141,11 +148,14 @@ class RunLock:
         who = f"pid {info['pid']}" if "pid" in info else "another process"
         if info.get("host") and info["host"] != socket.gethostname():
             who += f" on {info['host']}"
-        details = ", ".join(str(v) for v in (info.get("command"), info.get("started") and
-                                             f"started {info['started']}") if v)
-        return (f"run folder {str(self.folder)!r} is in use by {who}{f' ({details})' if details else ''}; "
-                "two runs writing one folder would mix their results. Wait for it to finish, or choose "
-                "another --out.")
+        details = ", ".join(
+            str(v) for v in (info.get("command"), info.get("started") and f"started {info['started']}") if v
+        )
+        return (
+            f"run folder {str(self.folder)!r} is in use by {who}{f' ({details})' if details else ''}; "
+            "two runs writing one folder would mix their results. Wait for it to finish, or choose "
+            "another --out."
+        )
 
     def __enter__(self) -> RunLock:
         return self.acquire()

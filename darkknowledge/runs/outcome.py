@@ -15,9 +15,14 @@ from typing import Any
 from torch import nn
 
 
-def summary_lines(entry: dict[str, Any], teacher: dict[str, Any] | None = None,
-                  members: Sequence[dict[str, Any]] = (), run_dir: Path | str | None = None,
-                  exported: Path | str | None = None, what: str = "student") -> list[str]:
+def summary_lines(
+    entry: dict[str, Any],
+    teacher: dict[str, Any] | None = None,
+    members: Sequence[dict[str, Any]] = (),
+    run_dir: Path | str | None = None,
+    exported: Path | str | None = None,
+    what: str = "student",
+) -> list[str]:
     """The lines ``dk distill`` / ``dk train`` print for a trained model.
 
     Args:

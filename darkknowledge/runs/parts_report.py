@@ -37,7 +37,7 @@ def part_losses(records: Sequence[dict[str, Any]], stage: str) -> list[dict[str,
     for r in records:
         if r.get("kind") != "train" or r.get("stage") != stage:
             continue
-        values = {k[len("train/"):]: v for k, v in r.items() if k.startswith("train/") and k.count("/") == 2}
+        values = {k[len("train/") :]: v for k, v in r.items() if k.startswith("train/") and k.count("/") == 2}
         if values:
             by_epoch[int(r["epoch"])] = {"epoch": int(r["epoch"]), **values}
     return [by_epoch[e] for e in sorted(by_epoch)]
@@ -134,15 +134,22 @@ def parts_sections(run_path: Path, results: Sequence[dict[str, Any]]) -> list[st
         out += [f"### {stage} ({entry.get('method')})", ""]
         if samples.is_file() and plots:
             payload = safe_load(samples, map_location="cpu")
-            samples_figure(payload["x"], folder / "samples.png",
-                           f"{stage}: {payload.get('synthesizer', '')} samples (step {payload.get('step', '?')})")
+            samples_figure(
+                payload["x"],
+                folder / "samples.png",
+                f"{stage}: {payload.get('synthesizer', '')} samples (step {payload.get('step', '?')})",
+            )
             out += [f"![synthetic samples of {stage}]({stage}/samples.png)", ""]
         if losses:
             if plots:
                 losses_figure(losses, folder / "losses.png", f"{stage}: each part's loss per epoch")
                 out += [f"![losses of {stage}]({stage}/losses.png)", ""]
-            out += ["Each part's training loss per epoch (mean over the epoch's steps of that part):", "",
-                    *losses_table(losses), ""]
+            out += [
+                "Each part's training loss per epoch (mean over the epoch's steps of that part):",
+                "",
+                *losses_table(losses),
+                "",
+            ]
     if out and not plots:
         out.append("(figures need matplotlib: pip install matplotlib, then rerun with --resume to draw them)")
     return (["## Synthesised samples and the parts' losses", ""] + out) if out else []

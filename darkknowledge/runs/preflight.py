@@ -75,28 +75,49 @@ class PreflightContext(RunContext):
         self.train_alone(where, model, spec.seed, role="teacher", train_cfg=self.cfg.teacher_train(spec, where))
         return model
 
-    def train(self, stage: str, task: Task, seed: int, role: str = "student", train_cfg: TrainConfig | None = None,
-              with_transfer: bool = False, label: str | None = None) -> list[dict[str, Any]]:
+    def train(
+        self,
+        stage: str,
+        task: Task,
+        seed: int,
+        role: str = "student",
+        train_cfg: TrainConfig | None = None,
+        with_transfer: bool = False,
+        label: str | None = None,
+    ) -> list[dict[str, Any]]:
         batches = dry_run(self.session, stage, task, seed, train_cfg or self.cfg.train, with_transfer)
         self.planned.append(PlannedStage.of(stage, seed, (train_cfg or self.cfg.train).epochs, batches))
         self.exports[stage] = task.export_model()
-        entry = {"name": stage, "role": role, "seed": seed, "scheme": self.scheme_name, "method": label,
-                 "model": stage, "losses": [], "epochs": (train_cfg or self.cfg.train).epochs,
-                 "last_acc": math.nan, "best_acc": math.nan, "best_selected_on": None}
+        entry = {
+            "name": stage,
+            "role": role,
+            "seed": seed,
+            "scheme": self.scheme_name,
+            "method": label,
+            "model": stage,
+            "losses": [],
+            "epochs": (train_cfg or self.cfg.train).epochs,
+            "last_acc": math.nan,
+            "best_acc": math.nan,
+            "best_selected_on": None,
+        }
         return [entry]
 
-    def train_alone(self, stage: str, model: nn.Module, seed: int, role: str = "stage",
-                    train_cfg: TrainConfig | None = None) -> dict[str, Any]:
-        return self.train(stage, offline_task(model, build_objective({"ce": {}})), seed, role=role,
-                          train_cfg=train_cfg)[0]
+    def train_alone(
+        self, stage: str, model: nn.Module, seed: int, role: str = "stage", train_cfg: TrainConfig | None = None
+    ) -> dict[str, Any]:
+        return self.train(
+            stage, offline_task(model, build_objective({"ce": {}})), seed, role=role, train_cfg=train_cfg
+        )[0]
 
     def reuse(self, stage: str, model: nn.Module) -> bool:
         return False
 
     def evaluate(self, model: nn.Module, seed: int) -> dict[str, float]:
         s = self.session
-        _, test_loader, _ = make_loaders(self.cfg, s.bundle, seed, s.device, s.dist, train=False,
-                                         primary=input_name(model))
+        _, test_loader, _ = make_loaders(
+            self.cfg, s.bundle, seed, s.device, s.dist, train=False, primary=input_name(model)
+        )
         model.to(s.device)
         try:
             _forward_once(model, next(iter(test_loader)))
@@ -124,9 +145,16 @@ def dry_run(session: Session, stage: str, task: Task, seed: int, train_cfg: Trai
     Teachers' output caches are checked (they hold what the losses read) but not built.
     """
     own = task.training_data(seed, session.device, session.dist)
-    train_loader, test_loader, _ = make_loaders(session.cfg, session.bundle, seed, session.device, session.dist,
-                                                with_transfer=with_transfer, train=own is None,
-                                                primary=input_name(task.export_model()))
+    train_loader, test_loader, _ = make_loaders(
+        session.cfg,
+        session.bundle,
+        seed,
+        session.device,
+        session.dist,
+        with_transfer=with_transfer,
+        train=own is None,
+        primary=input_name(task.export_model()),
+    )
     train_loader = own if own is not None else train_loader
     assert train_loader is not None  # made above unless the task brings its own
     task.to(session.device)
@@ -134,16 +162,19 @@ def dry_run(session: Session, stage: str, task: Task, seed: int, train_cfg: Trai
         task.dry_attach(train_loader, session.dist)  # caches checked, not built: a dry run's teachers run live
         train_loader.set_epoch(0)
         first = next(iter(train_loader))
-        task.setup(first, SetupInfo(num_samples=num_samples(train_loader.data), batch_size=len(first),
-                                    epochs=train_cfg.epochs))
+        task.setup(
+            first, SetupInfo(num_samples=num_samples(train_loader.data), batch_size=len(first), epochs=train_cfg.epochs)
+        )
         module = task.module
         module.train()
         with torch.no_grad():
             for part in task.parts():
                 loss, _ = task.training_step(module, first, 0.0, part.name)
                 if loss.dim() != 0:
-                    raise ShapeError(f"[{stage}] the training step of part {part.name!r} returned a loss of shape "
-                                     f"{tuple(loss.shape)}; it must be a scalar")
+                    raise ShapeError(
+                        f"[{stage}] the training step of part {part.name!r} returned a loss of shape "
+                        f"{tuple(loss.shape)}; it must be a scalar"
+                    )
         test_batch = next(iter(test_loader))
         for model in task.eval_models().values():
             _forward_once(model, test_batch)
@@ -154,8 +185,13 @@ def dry_run(session: Session, stage: str, task: Task, seed: int, train_cfg: Trai
         task.to(torch.device("cpu"))
 
 
-def preflight(cfg: RunConfig, plan: Callable[[PreflightContext], Any], transfer: bool | None = None,
-              bundle: DataBundle | None = None, planned: list[PlannedStage] | None = None) -> DataBundle:
+def preflight(
+    cfg: RunConfig,
+    plan: Callable[[PreflightContext], Any],
+    transfer: bool | None = None,
+    bundle: DataBundle | None = None,
+    planned: list[PlannedStage] | None = None,
+) -> DataBundle:
     """Play ``plan`` with a :class:`PreflightContext`: every stage dry-run on one batch, nothing written.
 
     Args:

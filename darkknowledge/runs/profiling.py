@@ -49,8 +49,14 @@ class Profiler:
             generator = torch.Generator().manual_seed(0)
             example = torch.randn((1, *shape), generator=generator)  # (1, *input_shape): latency needs no real data
             try:
-                found = profile_model(model, example, batch_n=self.batch_n, repeats=self.cfg.repeats,
-                                      warmup=self.cfg.warmup, quant_bits_default=self.cfg.quant_bits)
+                found = profile_model(
+                    model,
+                    example,
+                    batch_n=self.batch_n,
+                    repeats=self.cfg.repeats,
+                    warmup=self.cfg.warmup,
+                    quant_bits_default=self.cfg.quant_bits,
+                )
             except (RuntimeError, ValueError, TypeError) as exc:  # a custom model the profiler cannot run
                 log.warning("profile of %s skipped: %s", spec.get("name"), " ".join(str(exc).split())[:200])
                 return None

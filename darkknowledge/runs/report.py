@@ -39,20 +39,25 @@ def group_rows(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         method = es[0].get("method") or "+".join(es[0].get("losses", ())) or "-"
         last_m, last_s = mean_std([e["last_acc"] for e in es if e.get("last_acc") is not None])
         best_m, best_s = mean_std([e["best_acc"] for e in es if e.get("best_acc") is not None])
-        rows.append({
-            "role": role,
-            "model": model,
-            "method": method,
-            "params": es[0]["params"],
-            "extra_params": es[0].get("extra_params", 0),
-            "seeds": [e.get("seed") for e in es],
-            "last_mean": last_m, "last_std": last_s, "best_mean": best_m, "best_std": best_s,
-            "last_values": [e.get("last_acc") for e in es],
-            "time_mean": statistics.fmean(float(e.get("train_seconds", 0.0)) for e in es),
-            "steps": es[0].get("steps"),
-            "reused": any("reused_from" in e or "source" in e for e in es),
-            "selected_on": es[0].get("best_selected_on", "test"),
-        })
+        rows.append(
+            {
+                "role": role,
+                "model": model,
+                "method": method,
+                "params": es[0]["params"],
+                "extra_params": es[0].get("extra_params", 0),
+                "seeds": [e.get("seed") for e in es],
+                "last_mean": last_m,
+                "last_std": last_s,
+                "best_mean": best_m,
+                "best_std": best_s,
+                "last_values": [e.get("last_acc") for e in es],
+                "time_mean": statistics.fmean(float(e.get("train_seconds", 0.0)) for e in es),
+                "steps": es[0].get("steps"),
+                "reused": any("reused_from" in e or "source" in e for e in es),
+                "selected_on": es[0].get("best_selected_on", "test"),
+            }
+        )
     return rows
 
 
@@ -86,31 +91,57 @@ def _fmt(m: float, s: float, n: int) -> str:
 
 def table_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     """A Markdown table of the rows (also readable as plain text)."""
-    head = ["model", "role", "method", "params", "acc (last) mean ± std", "acc (best epoch)", "train s", "steps",
-            "seeds"]
+    head = [
+        "model",
+        "role",
+        "method",
+        "params",
+        "acc (last) mean ± std",
+        "acc (best epoch)",
+        "train s",
+        "steps",
+        "seeds",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         n = len(r["seeds"])
         params = f"{r['params'] / 1e3:.1f}K" + (f" +{r['extra_params'] / 1e3:.1f}K" if r["extra_params"] else "")
         time_s = "cached" if r["reused"] else f"{r['time_mean']:.1f}"
         seeds = ",".join(str(s) for s in r["seeds"] if s is not None) or "-"
-        lines.append("| " + " | ".join([
-            r["model"], r["role"], r["method"], params, _fmt(r["last_mean"], r["last_std"], n),
-            _fmt(r["best_mean"], r["best_std"], n), time_s, str(r["steps"]) if r.get("steps") else "-", seeds,
-        ]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["model"],
+                    r["role"],
+                    r["method"],
+                    params,
+                    _fmt(r["last_mean"], r["last_std"], n),
+                    _fmt(r["best_mean"], r["best_std"], n),
+                    time_s,
+                    str(r["steps"]) if r.get("steps") else "-",
+                    seeds,
+                ]
+            )
+            + " |"
+        )
     return lines
 
 
-def render_report(title: str, rows: Sequence[dict[str, Any]], notes: Sequence[str] = (),
-                  sections: Sequence[str] = ()) -> str:
+def render_report(
+    title: str, rows: Sequence[dict[str, Any]], notes: Sequence[str] = (), sections: Sequence[str] = ()
+) -> str:
     """The ``report.md`` text: table, verdict, protocol notes, then further sections (Markdown lines)."""
     selected = {r["selected_on"] for r in rows}
     parts = [f"# {title}", "", *table_lines(rows), "", f"**Verdict.** {verdict(rows)}", ""]
-    parts.append("Protocol: accuracy is top-1 on the test split at the last epoch, mean ± sample std over the "
-                 "seeds listed; 'best epoch' selects on the " + ("validation split" if selected == {"val"} else
-                 "test split (optimistic, shown for comparison only)") + ". Baseline and distilled student of a seed "
-                 "start from the same initialisation and train with the same epochs and optimizer ('steps' counts optimizer "
-                 "steps: a student that also reads an unlabeled transfer set takes more of them per epoch).")
+    parts.append(
+        "Protocol: accuracy is top-1 on the test split at the last epoch, mean ± sample std over the "
+        "seeds listed; 'best epoch' selects on the "
+        + ("validation split" if selected == {"val"} else "test split (optimistic, shown for comparison only)")
+        + ". Baseline and distilled student of a seed "
+        "start from the same initialisation and train with the same epochs and optimizer ('steps' counts optimizer "
+        "steps: a student that also reads an unlabeled transfer set takes more of them per epoch)."
+    )
     parts += [f"- {n}" for n in notes]
     if sections:
         parts += ["", *sections]

@@ -42,9 +42,9 @@ log = logging.getLogger(__name__)
 #: recorded run under settings it was not trained with, while ``config.yaml`` claimed the new ones.
 SAFE_TO_CHANGE: dict[str, str] = {
     "train.epochs": "may grow, to extend a run: finished stages continue from their last.pt for the extra epochs "
-                    "(shortening is refused)",
+    "(shortening is refused)",
     "train.optimizer.lr": "may be lowered, to get past a divergence: unfinished stages continue from their last "
-                          "good last.pt with the lower rate (on the same schedule); finished stages are kept",
+    "good last.pt with the lower rate (on the same schedule); finished stages are kept",
     "description": "free text",
     "train.device": "where the run continues; checkpoints are loaded onto the new device",
     "train.checkpoint_every_steps": "only how often last.pt is written inside an epoch",
@@ -61,9 +61,14 @@ _UNSET = object()
 
 def safe_keys_text() -> str:
     """The safe keys, for error messages."""
-    return ", ".join(["train.epochs (to extend, not shorten)", "train.optimizer.lr (to lower it)",
-                      *list(SAFE_TO_CHANGE)[2:],
-                      "teacher checkpoint paths (the weights are compared by hash)"])
+    return ", ".join(
+        [
+            "train.epochs (to extend, not shorten)",
+            "train.optimizer.lr (to lower it)",
+            *list(SAFE_TO_CHANGE)[2:],
+            "teacher checkpoint paths (the weights are compared by hash)",
+        ]
+    )
 
 
 def open_run_folder(path: Path, config: Mapping[str, Any], identity: Mapping[str, Any], resume: bool) -> RunLock:
@@ -87,13 +92,17 @@ def open_run_folder(path: Path, config: Mapping[str, Any], identity: Mapping[str
     if path.exists() and not path.is_dir():
         raise ConfigError(f"run folder {str(path)!r} is a file, not a folder; choose another --out")
     if resume and not path.is_dir():
-        raise ConfigError(f"--resume: run folder {str(path)!r} does not exist, so there is nothing to resume; "
-                          "check the path given to --out, or drop --resume to start a new run there")
+        raise ConfigError(
+            f"--resume: run folder {str(path)!r} does not exist, so there is nothing to resume; "
+            "check the path given to --out, or drop --resume to start a new run there"
+        )
     try:
         lock = RunLock(path, describe_identity(identity)).acquire()
     except OSError as exc:
-        raise ConfigError(f"run folder {str(path)!r} cannot be created or written ({exc.strerror or exc}); "
-                          "choose a folder you can write with --out") from None
+        raise ConfigError(
+            f"run folder {str(path)!r} cannot be created or written ({exc.strerror or exc}); "
+            "choose a folder you can write with --out"
+        ) from None
     try:
         if resume:
             check_resume(path, config, identity)
@@ -105,8 +114,9 @@ def open_run_folder(path: Path, config: Mapping[str, Any], identity: Mapping[str
     return lock
 
 
-def open_on_ranks(dist: DistContext, run_dir: Path | None, config: Mapping[str, Any], identity: Mapping[str, Any],
-                  resume: bool) -> tuple[Path | None, RunLock | None]:
+def open_on_ranks(
+    dist: DistContext, run_dir: Path | None, config: Mapping[str, Any], identity: Mapping[str, Any], resume: bool
+) -> tuple[Path | None, RunLock | None]:
     """:func:`open_run_folder` on rank 0 only: rank 0's folder holds on every rank, and an error is
     raised on every rank. Returns the folder and rank 0's lock (None elsewhere, or without a folder)."""
     path = Path(run_dir) if run_dir is not None else None
@@ -132,20 +142,25 @@ def check_fresh(path: Path) -> None:
     stages = trained_stages(path)
     if stages:
         shown = ", ".join(stages[:6]) + (", ..." if len(stages) > 6 else "")
-        raise ConfigError(f"run folder {str(path)!r} already holds a run (trained: {shown}); continue it with "
-                          "--resume, or choose another --out (nothing was overwritten)")
+        raise ConfigError(
+            f"run folder {str(path)!r} already holds a run (trained: {shown}); continue it with "
+            "--resume, or choose another --out (nothing was overwritten)"
+        )
 
 
 def check_resume(path: Path, config: Mapping[str, Any], identity: Mapping[str, Any]) -> None:
     """Refuse to resume ``path`` with another command or a changed config (see :data:`SAFE_TO_CHANGE`)."""
     recorded_file = path / "config.yaml"
     if not recorded_file.is_file():
-        raise CheckpointError(f"refusing to resume {str(path)!r}: it holds no config.yaml, so no run to continue; "
-                              "drop --resume to start a new run there")
+        raise CheckpointError(
+            f"refusing to resume {str(path)!r}: it holds no config.yaml, so no run to continue; "
+            "drop --resume to start a new run there"
+        )
     found = read_identity(path)
     if found is None:
-        log.warning("%s has no run.json (written by an older darkknowledge): the command that wrote it is not "
-                    "checked", path)
+        log.warning(
+            "%s has no run.json (written by an older darkknowledge): the command that wrote it is not checked", path
+        )
     elif not same_identity(found, identity):
         raise CheckpointError(
             f"refusing to resume {str(path)!r}: it holds a run of {describe_identity(found)}, not of "
@@ -157,8 +172,10 @@ def check_resume(path: Path, config: Mapping[str, Any], identity: Mapping[str, A
         if not isinstance(recorded, dict):
             raise ValueError("not a mapping")
     except (OSError, ValueError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise CheckpointError(f"cannot read {str(recorded_file)!r} ({exc}), so the resumed config cannot be "
-                              "checked against it; start a new run folder with --out") from None
+        raise CheckpointError(
+            f"cannot read {str(recorded_file)!r} ({exc}), so the resumed config cannot be "
+            "checked against it; start a new run folder with --out"
+        ) from None
     refused, allowed = config_changes(recorded, config, identity)
     if refused:
         raise ConfigError(
@@ -170,8 +187,9 @@ def check_resume(path: Path, config: Mapping[str, Any], identity: Mapping[str, A
         log.info("resuming %s with %s", path, change)
 
 
-def config_changes(recorded: Mapping[str, Any], current: Mapping[str, Any],
-                   identity: Mapping[str, Any] | None = None) -> tuple[list[str], list[str]]:
+def config_changes(
+    recorded: Mapping[str, Any], current: Mapping[str, Any], identity: Mapping[str, Any] | None = None
+) -> tuple[list[str], list[str]]:
     """The differences between a recorded and a new resolved config: ``(refused, allowed)``.
 
     Each is ``"key old -> new"``. A key missing from the recorded config whose new value is
@@ -200,9 +218,11 @@ def config_changes(recorded: Mapping[str, Any], current: Mapping[str, Any],
                 continue
             pinned = _teachers_following_epochs(old, new, identity)
             if pinned:
-                refused.append(change + f" (it also sets the epochs of {', '.join(pinned)}, trained in this run: "
-                               "extending would change that teacher under the students distilled from it; keep "
-                               f"it with {pinned[0]}.train.epochs={a})")
+                refused.append(
+                    change + f" (it also sets the epochs of {', '.join(pinned)}, trained in this run: "
+                    "extending would change that teacher under the students distilled from it; keep "
+                    f"it with {pinned[0]}.train.epochs={a})"
+                )
                 continue
             allowed.append(change)
         elif key in lr_keys and isinstance(a, (int, float)) and isinstance(b, (int, float)):
@@ -214,15 +234,20 @@ def config_changes(recorded: Mapping[str, Any], current: Mapping[str, Any],
     return refused, allowed
 
 
-def _teachers_following_epochs(old: Mapping[str, Any], new: Mapping[str, Any],
-                               identity: Mapping[str, Any] | None) -> list[str]:
+def _teachers_following_epochs(
+    old: Mapping[str, Any], new: Mapping[str, Any], identity: Mapping[str, Any] | None
+) -> list[str]:
     """Teachers trained in the run (no checkpoint) whose epochs come from ``train.epochs``."""
     if identity is not None and identity.get("command") == "train":
         return []  # `dk train` trains one model; a teacher in the recipe is not part of the run
     teachers = sorted({k.rsplit(".", 1)[0] for k in new if re.match(r"^(teacher|teachers\.\d+)\.name$", k)})
-    return [where for where in teachers
-            if new.get(f"{where}.checkpoint") in (None, _UNSET) and f"{where}.train.epochs" not in new
-            and f"{where}.name" in old]
+    return [
+        where
+        for where in teachers
+        if new.get(f"{where}.checkpoint") in (None, _UNSET)
+        and f"{where}.train.epochs" not in new
+        and f"{where}.name" in old
+    ]
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -279,8 +304,11 @@ class FinishedStage:
         """
         model_pt, last_pt = self.stage_dir / "model.pt", self.stage_dir / "last.pt"
         if not model_pt.is_file() and not last_pt.is_file():
-            log.warning("[%s] results.json lists it as finished, but %s holds no checkpoint: training it again from "
-                        "the start", self.stage, self.stage_dir)
+            log.warning(
+                "[%s] results.json lists it as finished, but %s holds no checkpoint: training it again from the start",
+                self.stage,
+                self.stage_dir,
+            )
             return False
         self._check_teacher(task, last_pt)
         recorded = self.entry.get("epochs")
@@ -293,8 +321,11 @@ class FinishedStage:
         except CheckpointError as exc:
             if not last_pt.is_file():
                 raise
-            log.warning("[%s] %s; rebuilding its model.pt from the stage's last.pt (its final weights)",
-                        self.stage, str(exc).split(". Delete")[0])
+            log.warning(
+                "[%s] %s; rebuilding its model.pt from the stage's last.pt (its final weights)",
+                self.stage,
+                str(exc).split(". Delete")[0],
+            )
             return False
         log.info("[%s] finished earlier; reusing it", self.stage)
         return True
@@ -319,19 +350,34 @@ class FinishedStage:
 
     def _extend(self, recorded: int, epochs: int, scheduler: str, last_pt: Path) -> None:
         if epochs < recorded:
-            raise ConfigError(f"refusing to resume {str(self.run_path)!r}: stage {self.stage!r} ran {recorded} epochs "
-                              f"and train.epochs={epochs} would shorten it (a run can be extended, not shortened); "
-                              "start a new run folder with --out")
+            raise ConfigError(
+                f"refusing to resume {str(self.run_path)!r}: stage {self.stage!r} ran {recorded} epochs "
+                f"and train.epochs={epochs} would shorten it (a run can be extended, not shortened); "
+                "start a new run folder with --out"
+            )
         if not last_pt.is_file():
-            raise CheckpointError(f"cannot extend stage {self.stage!r} from {recorded} to {epochs} epochs: "
-                                  f"{str(last_pt)!r} is missing (the extra epochs continue from its optimizer state). "
-                                  f"Delete {str(self.stage_dir)!r} to train the stage again from the start, or keep "
-                                  f"{recorded} epochs")
+            raise CheckpointError(
+                f"cannot extend stage {self.stage!r} from {recorded} to {epochs} epochs: "
+                f"{str(last_pt)!r} is missing (the extra epochs continue from its optimizer state). "
+                f"Delete {str(self.stage_dir)!r} to train the stage again from the start, or keep "
+                f"{recorded} epochs"
+            )
         self.extended_from = recorded
         if scheduler == "cosine":
-            log.warning("[%s] extending from %d to %d epochs: the cosine LR schedule now spans %d epochs, so the rate "
-                        "goes back up to its value at epoch %d of the longer cosine and decays to its floor again",
-                        self.stage, recorded, epochs, epochs, recorded)
+            log.warning(
+                "[%s] extending from %d to %d epochs: the cosine LR schedule now spans %d epochs, so the rate "
+                "goes back up to its value at epoch %d of the longer cosine and decays to its floor again",
+                self.stage,
+                recorded,
+                epochs,
+                epochs,
+                recorded,
+            )
         else:
-            log.info("[%s] extending from %d to %d epochs (the %s LR schedule continues)", self.stage, recorded,
-                     epochs, scheduler)
+            log.info(
+                "[%s] extending from %d to %d epochs (the %s LR schedule continues)",
+                self.stage,
+                recorded,
+                epochs,
+                scheduler,
+            )

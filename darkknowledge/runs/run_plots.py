@@ -48,13 +48,25 @@ def _curves(by_stage: dict[str, list[dict[str, Any]]], entries: Sequence[dict[st
         rows = epoch_rows(by_stage.get(e["name"], []))
         evals = [(r["epoch"], r["test_acc"]) for r in rows if "test_acc" in r]
         if e["role"] == "teacher" and e.get("last_acc") is not None:
-            acc_ax.axhline(e["last_acc"], color=colour, linestyle="--", linewidth=1,
-                           label=label if label not in acc_ax.get_legend_handles_labels()[1] else None)
+            acc_ax.axhline(
+                e["last_acc"],
+                color=colour,
+                linestyle="--",
+                linewidth=1,
+                label=label if label not in acc_ax.get_legend_handles_labels()[1] else None,
+            )
         if evals:
             xs, ys = zip(*evals, strict=True)
             shown = label not in acc_ax.get_legend_handles_labels()[1]
-            acc_ax.plot(xs, ys, color=colour, linewidth=1.2, marker="." if len(xs) < 30 else None,
-                        label=label if shown else None, alpha=0.85)
+            acc_ax.plot(
+                xs,
+                ys,
+                color=colour,
+                linewidth=1.2,
+                marker="." if len(xs) < 30 else None,
+                label=label if shown else None,
+                alpha=0.85,
+            )
         for r in rows:
             for term, v in r.items():
                 if term not in NOT_TERMS and isinstance(v, (int, float)):
@@ -63,8 +75,13 @@ def _curves(by_stage: dict[str, list[dict[str, Any]]], entries: Sequence[dict[st
     acc_ax.legend(fontsize=7, loc="best")
     for (label, term), per_epoch in losses.items():
         epochs = sorted(per_epoch)
-        loss_ax.plot(epochs, [sum(per_epoch[x]) / len(per_epoch[x]) for x in epochs], color=colours.get(label, "k"),
-                     linewidth=1.2, label=f"{term} ({label})")
+        loss_ax.plot(
+            epochs,
+            [sum(per_epoch[x]) / len(per_epoch[x]) for x in epochs],
+            color=colours.get(label, "k"),
+            linewidth=1.2,
+            label=f"{term} ({label})",
+        )
     loss_ax.set(xlabel="epoch", ylabel="training loss term", title="loss terms per epoch (mean over seeds)")
     if losses:
         if all(v > 0 for per_epoch in losses.values() for vs in per_epoch.values() for v in vs):
@@ -101,8 +118,15 @@ def _cost(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     for i, r in enumerate(rows):
         name = f"{r['role']}: {r['model']} ({r['method']})"
         for ax, x in ((time_ax, r["time_mean"]), (params_ax, r["params"] + r.get("extra_params", 0))):
-            ax.errorbar([x], [r["last_mean"]], yerr=[r["last_std"] if r["last_std"] == r["last_std"] else 0.0],
-                        fmt="o", color=f"C{i % 10}", capsize=3, label=name)
+            ax.errorbar(
+                [x],
+                [r["last_mean"]],
+                yerr=[r["last_std"] if r["last_std"] == r["last_std"] else 0.0],
+                fmt="o",
+                color=f"C{i % 10}",
+                capsize=3,
+                label=name,
+            )
     time_ax.set(xlabel="training time per seed (s)", ylabel="test accuracy (%)", title="accuracy against time")
     params_ax.set(xlabel="parameters (trained, adapters included)", title="accuracy against size")
     params_ax.set_xscale("log")
@@ -110,8 +134,12 @@ def _cost(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     return save_png(fig, path)
 
 
-def run_figures(run_path: Path | None, entries: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]],
-                records: Sequence[dict[str, Any]]) -> list[str]:
+def run_figures(
+    run_path: Path | None,
+    entries: Sequence[dict[str, Any]],
+    rows: Sequence[dict[str, Any]],
+    records: Sequence[dict[str, Any]],
+) -> list[str]:
     """Draw the run's figures into ``run_path`` and return the report's Markdown lines for them.
 
     Args:
@@ -132,8 +160,10 @@ def run_figures(run_path: Path | None, entries: Sequence[dict[str, Any]], rows: 
     for r in records:
         by_stage.setdefault(str(r.get("stage")), []).append(r)
     drawn = []
-    jobs = [("curves.png", "learning curves", lambda p: _curves(by_stage, entries, p)),
-            ("comparison.png", "comparison over seeds", lambda p: _comparison(rows, p))]
+    jobs = [
+        ("curves.png", "learning curves", lambda p: _curves(by_stage, entries, p)),
+        ("comparison.png", "comparison over seeds", lambda p: _comparison(rows, p)),
+    ]
     trained = [r for r in rows if r["role"] != "teacher"]
     if len(trained) >= 2:
         jobs.append(("cost.png", "accuracy against cost", lambda p: _cost(trained, p)))

@@ -51,8 +51,13 @@ def same_identity(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     return all(a.get(k) == b.get(k) for k in IDENTITY_KEYS)
 
 
-def choose_run_dir(name: str, out: str | Path | None, resume: bool, base: str | Path = "runs",
-                   identity: Mapping[str, Any] | None = None) -> Path:
+def choose_run_dir(
+    name: str,
+    out: str | Path | None,
+    resume: bool,
+    base: str | Path = "runs",
+    identity: Mapping[str, Any] | None = None,
+) -> Path:
     """The run folder: ``out`` if given; else ``runs/<name>`` or, when that holds an earlier
     run and we are not resuming, the next free ``runs/<name>-N`` (nothing is overwritten).
 
@@ -72,8 +77,11 @@ def choose_run_dir(name: str, out: str | Path | None, resume: bool, base: str | 
     candidates = [base / name] + sorted(base.glob(f"{name}-*"), key=lambda p: _suffix(p, name))
     existing = [p for p in candidates if p.exists() and _suffix(p, name) > 0]
     if resume:
-        ours = [p for p in existing if (found := read_identity(p)) is not None
-                and (identity is None or same_identity(found, identity))]
+        ours = [
+            p
+            for p in existing
+            if (found := read_identity(p)) is not None and (identity is None or same_identity(found, identity))
+        ]
         if ours:
             return ours[-1]
         what = describe_identity(identity) if identity is not None else f"recipe {name!r}"
@@ -102,8 +110,11 @@ def trained_stages(folder: str | Path) -> list[str]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = [p.name for p in sorted(folder.iterdir())
-             if p.is_dir() and any((p / f).is_file() for f in ("last.pt", "best.pt", "model.pt"))]
+    found = [
+        p.name
+        for p in sorted(folder.iterdir())
+        if p.is_dir() and any((p / f).is_file() for f in ("last.pt", "best.pt", "model.pt"))
+    ]
     return found + [p.name for p in sorted(folder.glob("*.pt")) if p.is_file()]
 
 
@@ -173,8 +184,9 @@ def _read_results(path: Path) -> list[dict[str, Any]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         models = data["models"]
-        if not isinstance(models, list) or not all(isinstance(m, dict) and isinstance(m.get("name"), str)
-                                                   for m in models):
+        if not isinstance(models, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("name"), str) for m in models
+        ):
             raise ValueError("'models' is not a list of entries with a name")
     except (OSError, ValueError, UnicodeDecodeError, KeyError, TypeError) as exc:
         reason = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc)

@@ -113,8 +113,10 @@ class Session:
     ) -> None:
         self.cfg, self.resume, self.progress = cfg, resume, progress
         if resume and run_dir is None:
-            raise ConfigError("resume: there is no run folder to continue; give the folder of the run (--out DIR, "
-                              "or out= in the Python API)")
+            raise ConfigError(
+                "resume: there is no run folder to continue; give the folder of the run (--out DIR, "
+                "or out= in the Python API)"
+            )
         loggers = loggers and bool(cfg.log.asked())
         if loggers:
             check_loggers(cfg.log, run_dir)  # before the folder is written
@@ -134,13 +136,20 @@ class Session:
             self.run.write_identity({**self.identity, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
         self.loggers: Loggers | None = None
         if loggers and self.dist.is_main:
-            self.loggers = open_loggers(cfg.log, self.run.path, name=cfg.name, config=cfg.model_dump(mode="json"),
-                                        resume=resume, records=self.metrics.records())
+            self.loggers = open_loggers(
+                cfg.log,
+                self.run.path,
+                name=cfg.name,
+                config=cfg.model_dump(mode="json"),
+                resume=resume,
+                records=self.metrics.records(),
+            )
             self.metrics.attach(self.loggers)
 
     def _open_run_folder(self, run_dir: Path | None) -> RunLock | None:
-        self._run_dir, lock = open_on_ranks(self.dist, run_dir, self.cfg.model_dump(mode="json"), self.identity,
-                                            self.resume)
+        self._run_dir, lock = open_on_ranks(
+            self.dist, run_dir, self.cfg.model_dump(mode="json"), self.identity, self.resume
+        )
         return lock
 
     def close(self, failed: bool = False, interrupted: bool = False) -> None:
@@ -200,14 +209,30 @@ class Session:
         seed_everything(seed)
         own = task.training_data(seed, self.device, self.dist)  # e.g. synthetic batches: the split is not read
         train_loader, test_loader, val_loader = make_loaders(
-            self.cfg, self.bundle, seed, self.device, self.dist, with_transfer=with_transfer, train=own is None,
+            self.cfg,
+            self.bundle,
+            seed,
+            self.device,
+            self.dist,
+            with_transfer=with_transfer,
+            train=own is None,
             primary=input_name(export),
         )
         train_loader = own if own is not None else train_loader
         trainer = Trainer(
-            task, train_loader, test_loader, train_cfg, self.device, stage=stage,
-            run_dir=stage_dir, val_loader=val_loader, dist=self.dist, metrics=self.metrics,
-            config=self.cfg.model_dump(mode="json"), progress=self.progress, clock=self.clock.begin(stage, seed),
+            task,
+            train_loader,
+            test_loader,
+            train_cfg,
+            self.device,
+            stage=stage,
+            run_dir=stage_dir,
+            val_loader=val_loader,
+            dist=self.dist,
+            metrics=self.metrics,
+            config=self.cfg.model_dump(mode="json"),
+            progress=self.progress,
+            clock=self.clock.begin(stage, seed),
         )
         try:
             result = trainer.fit(resume=self.resume)
@@ -217,8 +242,13 @@ class Session:
             raise
         task.to(torch.device("cpu"))
         primary = task.primary
-        log.info("[%s] done: test acc %.2f (best-epoch %.2f), %.1fs", stage, result.last[primary]["top1"],
-                 result.best["top1"], result.train_seconds)
+        log.info(
+            "[%s] done: test acc %.2f (best-epoch %.2f), %.1fs",
+            stage,
+            result.last[primary]["top1"],
+            result.best["top1"],
+            result.train_seconds,
+        )
         models = task.eval_models()
         facts = task.describe()
         train_data = getattr(train_loader, "data", None)
@@ -231,18 +261,27 @@ class Session:
             "train_seconds": round(result.train_seconds, 3),
             "losses": sorted(facts.get("losses", ())),
             "train_samples": num_samples(train_data) if train_data is not None else None,
-            "transfer": bool(own is None and with_transfer and self.cfg.data.use_transfer and self.bundle.transfer is not None
-                             and num_samples(self.bundle.transfer)),
+            "transfer": bool(
+                own is None
+                and with_transfer
+                and self.cfg.data.use_transfer
+                and self.bundle.transfer is not None
+                and num_samples(self.bundle.transfer)
+            ),
             "teacher_hash": task.fingerprint(),  # a resume of this stage must see the same teacher
         }
         if extended_from is not None:
             common["extended_from"] = extended_from
         entry = {
-            "name": stage, "role": role, "model": model_spec(export)["name"], **common,
+            "name": stage,
+            "role": role,
+            "model": model_spec(export)["name"],
+            **common,
             "params": count_params(export),
             "extra_params": facts.get("adapter_params", 0),
             **_accuracies(result.last[primary]),
-            "best_acc": result.best["top1"], "best_epoch": result.best["epoch"],
+            "best_acc": result.best["top1"],
+            "best_epoch": result.best["epoch"],
             "best_selected_on": result.best["selected_on"],
         }
         if "cache" in facts:
@@ -257,21 +296,35 @@ class Session:
             if name == primary:
                 continue
             spec = model_spec(member)
-            entries.append({"name": f"{stage}:{name}", "role": name, "model": name if spec.get("custom") else spec["name"],
-                            **common,
-                            "params": count_params(member), "extra_params": 0, "member_of": stage,
-                            **_accuracies(result.last[name]), "best_acc": None,
-                            "best_selected_on": result.best["selected_on"]})
+            entries.append(
+                {
+                    "name": f"{stage}:{name}",
+                    "role": name,
+                    "model": name if spec.get("custom") else spec["name"],
+                    **common,
+                    "params": count_params(member),
+                    "extra_params": 0,
+                    "member_of": stage,
+                    **_accuracies(result.last[name]),
+                    "best_acc": None,
+                    "best_selected_on": result.best["selected_on"],
+                }
+            )
         if stage_dir is not None and self.dist.is_main:
-            export_model(export, stage_dir / "model.pt", model_spec(export),
-                         {"data": self.cfg.data.model_dump(mode="json"), "result": entry})
+            export_model(
+                export,
+                stage_dir / "model.pt",
+                model_spec(export),
+                {"data": self.cfg.data.model_dump(mode="json"), "result": entry},
+            )
         for e in entries[1:]:
             self.run.add_result(e, self.cfg.name)
         self.run.add_result(entry, self.cfg.name)  # last: a stage counts as done once its primary entry exists
         return entries
 
-    def train_alone(self, stage: str, role: str, model: nn.Module, seed: int,
-                    train_cfg: TrainConfig | None = None) -> dict[str, Any]:
+    def train_alone(
+        self, stage: str, role: str, model: nn.Module, seed: int, train_cfg: TrainConfig | None = None
+    ) -> dict[str, Any]:
         """Train ``model`` with cross-entropy alone (a teacher or a baseline); its entry."""
         task = offline_task(model, build_objective({"ce": {}}))
         return self.train_stage(stage, role, task, seed, train_cfg=train_cfg)[0]
@@ -284,12 +337,19 @@ class Session:
         assert spec is not None  # asked for a recipe with a teacher
         ident = {
             # `input`, `width`, ... only when set: teachers keep the keys they had before those fields existed
-            "teacher": spec.model_dump(mode="json", exclude={"checkpoint", "reuse"} | {
-                f for f in _LATER_FIELDS if getattr(spec, f) == TeacherConfig.model_fields[f].default}),
+            "teacher": spec.model_dump(
+                mode="json",
+                exclude={"checkpoint", "reuse"}
+                | {f for f in _LATER_FIELDS if getattr(spec, f) == TeacherConfig.model_fields[f].default},
+            ),
             # only what differs from the defaults: a new engine option keeps existing teachers valid
             "train": cfg.teacher_train(spec, where).model_dump(mode="json", exclude_defaults=True),
-            "data": {"fingerprint": self.bundle.info.fingerprint, "batch_size": cfg.data.batch_size,
-                     "augment": cfg.data.augment.model_dump(mode="json"), "val_fraction": cfg.data.val_fraction},
+            "data": {
+                "fingerprint": self.bundle.info.fingerprint,
+                "batch_size": cfg.data.batch_size,
+                "augment": cfg.data.augment.model_dump(mode="json"),
+                "val_fraction": cfg.data.val_fraction,
+            },
             "world_size": self.dist.world_size,
         }
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
@@ -305,22 +365,31 @@ class Session:
         cfg = self.cfg
         spec = spec if spec is not None else cfg.teacher
         if spec is None:
-            raise ConfigError(f"this run has no {where}: add a `{where}:` section (a model name, or a checkpoint) "
-                              "to the recipe")
+            raise ConfigError(
+                f"this run has no {where}: add a `{where}:` section (a model name, or a checkpoint) to the recipe"
+            )
         info = self.bundle.info
         if spec.checkpoint:
             hint = f"Point {where}.checkpoint at an exported model (student.pt, model.pt), or drop it to train one."
             try:
                 payload = read_export(spec.checkpoint, hint=hint)
                 shape = info.input_shape_of(spec.input, f"{where}.input")
-                check_export_fits(payload, spec.checkpoint, info.name, shape, info.num_classes,
-                                  where=f"{where}.checkpoint")
+                check_export_fits(
+                    payload, spec.checkpoint, info.name, shape, info.num_classes, where=f"{where}.checkpoint"
+                )
             except CheckpointError as exc:
                 text = str(exc)
                 raise CheckpointError(text if text.startswith(where) else f"{where}.checkpoint: {text}") from None
             model = build_model(spec, info, where)
-            entry = {"name": where, "role": "teacher", "model": spec.name, "seed": None,
-                     "params": count_params(model), "source": spec.checkpoint, "train_seconds": 0.0}
+            entry = {
+                "name": where,
+                "role": "teacher",
+                "model": spec.name,
+                "seed": None,
+                "params": count_params(model),
+                "source": spec.checkpoint,
+                "train_seconds": 0.0,
+            }
             recorded = payload.get("result")
             recorded = recorded if isinstance(recorded, dict) else {}
             entry.update({k: recorded[k] for k in ("last_acc", "best_acc") if k in recorded})
@@ -360,8 +429,9 @@ def _accuracies(metrics: dict[str, float]) -> dict[str, Any]:
     return {"last_acc": metrics["top1"], "last_top5": metrics.get("top5")}
 
 
-def _reuse_teacher(cached: Path, spec: TeacherConfig, info: DatasetInfo,
-                   where: str) -> tuple[nn.Module, dict[str, Any]] | None:
+def _reuse_teacher(
+    cached: Path, spec: TeacherConfig, info: DatasetInfo, where: str
+) -> tuple[nn.Module, dict[str, Any]] | None:
     """The trained teacher in the cache file ``cached``, or None (with a warning, the file
     deleted) when it cannot be read or does not fit: the caller then trains it again."""
     try:
@@ -371,8 +441,9 @@ def _reuse_teacher(cached: Path, spec: TeacherConfig, info: DatasetInfo,
         model = build_model(spec, info, where)
         load_weights(model, payload["state_dict"], cached, where="cached teacher")
     except (CheckpointError, ConfigError) as exc:
-        log.warning("the cached trained teacher %s is unreadable (%s); deleting it and training the teacher again",
-                    cached, exc)
+        log.warning(
+            "the cached trained teacher %s is unreadable (%s); deleting it and training the teacher again", cached, exc
+        )
         cached.unlink(missing_ok=True)
         return None
     return model, payload

@@ -25,8 +25,13 @@ def student_rows(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     profiled = [e for e in entries if isinstance(e.get("profile"), dict)]
     out = []
     for row in group_rows(profiled):
-        first = next(e for e in profiled if e["role"] == row["role"] and e["model"] == row["model"]
-                     and (e.get("method") or "+".join(e.get("losses", ())) or "-") == row["method"])
+        first = next(
+            e
+            for e in profiled
+            if e["role"] == row["role"]
+            and e["model"] == row["model"]
+            and (e.get("method") or "+".join(e.get("losses", ())) or "-") == row["method"]
+        )
         label = row["model"] if row["role"] in ("teacher", "baseline") else f"{row['model']} ({row['method']})"
         acc = row["last_mean"] if row["last_mean"] == row["last_mean"] else None  # NaN: no accuracy recorded
         out.append(profile_row(row["role"], label, first["profile"], acc))
@@ -39,17 +44,25 @@ def student_section(run_path: Path | None, entries: Sequence[dict[str, Any]]) ->
     if not rows:
         return []
     first = rows[0]
-    lines = ["## Student report", "",
-             student_table(rows).rstrip("\n"), "",
-             f"Sizes: the safetensors file of the weights in float32, and quantized (a quantized model's own bits; "
-             f"a float model's weights at {first.get('ptq_bits') or 8} bits per channel, post-training: what it would "
-             f"take, not what it was trained at). FLOPs per sample (2 x multiply-accumulates, torch's flop counter). "
-             f"Latency: median of {first.get('repeats', '?')} timed forward calls on the CPU "
-             f"({first.get('threads', '?')} threads) after warm-up, at batch 1 and at the training batch "
-             f"({first['batch_n']}); accuracy: mean last-epoch top-1 over the seeds."
-             + (" A quantized model is timed as trained, with its fake-quantization in float arithmetic: integer "
-                "kernels of a deployment runtime are what turn its bits into speed, so its latency here is not "
-                "its deployed latency." if any(r.get("quant_bits") for r in rows) else "")]
+    lines = [
+        "## Student report",
+        "",
+        student_table(rows).rstrip("\n"),
+        "",
+        f"Sizes: the safetensors file of the weights in float32, and quantized (a quantized model's own bits; "
+        f"a float model's weights at {first.get('ptq_bits') or 8} bits per channel, post-training: what it would "
+        f"take, not what it was trained at). FLOPs per sample (2 x multiply-accumulates, torch's flop counter). "
+        f"Latency: median of {first.get('repeats', '?')} timed forward calls on the CPU "
+        f"({first.get('threads', '?')} threads) after warm-up, at batch 1 and at the training batch "
+        f"({first['batch_n']}); accuracy: mean last-epoch top-1 over the seeds."
+        + (
+            " A quantized model is timed as trained, with its fake-quantization in float arithmetic: integer "
+            "kernels of a deployment runtime are what turn its bits into speed, so its latency here is not "
+            "its deployed latency."
+            if any(r.get("quant_bits") for r in rows)
+            else ""
+        ),
+    ]
     if run_path is not None and len(rows) > 1:
         try:
             figure = plot_accuracy_latency(rows, run_path / "students.png")

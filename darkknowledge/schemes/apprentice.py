@@ -72,7 +72,8 @@ class ApprenticeParams(SchemeParams):
     teacher_losses: dict[str, dict[str, Any] | None] = Field(
         default_factory=losses_default({"ce": {}}),
         description="what the full-precision teacher learns, from the labels alone (the paper's alpha H(y, p_T): "
-                    "ce, weight alpha); no term may read a teacher")
+        "ce, weight alpha); no term may read a teacher",
+    )
 
 
 def teacher_objective(ctx: Context, losses: Mapping[str, Any]) -> Objective:
@@ -82,19 +83,24 @@ def teacher_objective(ctx: Context, losses: Mapping[str, Any]) -> Objective:
         ConfigError: No term, or a term that reads a teacher.
     """
     if not losses:
-        raise ConfigError(f"{TEACHER_LOSSES_WHERE}: the teacher needs a loss of its own, got none; "
-                          "use {ce: {}} (the paper's alpha H(y, p_T), alpha = 1)")
+        raise ConfigError(
+            f"{TEACHER_LOSSES_WHERE}: the teacher needs a loss of its own, got none; "
+            "use {ce: {}} (the paper's alpha H(y, p_T), alpha = 1)"
+        )
     objective = ctx.objective(losses, where=TEACHER_LOSSES_WHERE)
     reading = objective.teacher_terms()
     if reading:
-        raise ConfigError(f"{TEACHER_LOSSES_WHERE}: {reading} read a teacher, but in Apprentice's scheme A the "
-                          "teacher learns from the labels alone (alpha H(y, p_T)); use terms that read none, "
-                          "e.g. {ce: {}}")
+        raise ConfigError(
+            f"{TEACHER_LOSSES_WHERE}: {reading} read a teacher, but in Apprentice's scheme A the "
+            "teacher learns from the labels alone (alpha H(y, p_T)); use terms that read none, "
+            "e.g. {ce: {}}"
+        )
     return objective
 
 
-def apprentice_task(student: nn.Module, teacher: nn.Module, student_objective: Objective,
-                    teacher_objective: Objective) -> FlowTask:
+def apprentice_task(
+    student: nn.Module, teacher: nn.Module, student_objective: Objective, teacher_objective: Objective
+) -> FlowTask:
     """The joint stage: ``student`` taught by ``teacher`` (detached); ``teacher`` by its own objective.
 
     Args:
@@ -122,13 +128,17 @@ def teacher_architecture(ctx: Context, scheme: str) -> ModelConfig:
     """
     spec = ctx.cfg.teacher
     if spec is None:
-        raise ConfigError(f"scheme {scheme!r} needs a `teacher:` section naming the full-precision teacher's "
-                          "architecture (e.g. teacher: {name: cnn1d}); scheme A trains it from scratch with the "
-                          "student")
+        raise ConfigError(
+            f"scheme {scheme!r} needs a `teacher:` section naming the full-precision teacher's "
+            "architecture (e.g. teacher: {name: cnn1d}); scheme A trains it from scratch with the "
+            "student"
+        )
     if spec.checkpoint:
-        raise ConfigError(f"scheme {scheme!r} trains the teacher from scratch with the student (Apprentice's "
-                          f"scheme A), but teacher.checkpoint is {spec.checkpoint!r}; remove it, or use scheme "
-                          "'offline' for scheme B (a pre-trained, frozen teacher)")
+        raise ConfigError(
+            f"scheme {scheme!r} trains the teacher from scratch with the student (Apprentice's "
+            f"scheme A), but teacher.checkpoint is {spec.checkpoint!r}; remove it, or use scheme "
+            "'offline' for scheme B (a pre-trained, frozen teacher)"
+        )
     fields = set(ModelConfig.model_fields) - {"checkpoint"}
     return ModelConfig(**spec.model_dump(include=fields))
 
@@ -137,10 +147,14 @@ def teacher_architecture(ctx: Context, scheme: str) -> ModelConfig:
 class Apprentice(Scheme):
     """Apprentice scheme A: a full-precision teacher and the low-precision student trained jointly."""
 
-    citation = ("Mishra, Marr. Apprentice: Using Knowledge Distillation Techniques To Improve Low-Precision "
-                "Network Accuracy. ICLR 2018.")
-    summary = ("a full-precision teacher and the (low-precision) student trained together from scratch; the student "
-               "learns the losses from the teacher's detached outputs, the teacher from the labels")
+    citation = (
+        "Mishra, Marr. Apprentice: Using Knowledge Distillation Techniques To Improve Low-Precision "
+        "Network Accuracy. ICLR 2018."
+    )
+    summary = (
+        "a full-precision teacher and the (low-precision) student trained together from scratch; the student "
+        "learns the losses from the teacher's detached outputs, the teacher from the labels"
+    )
     report_notes: ClassVar[tuple[str, ...]] = (
         (
             "apprentice: scheme A of Mishra & Marr; the teacher architecture is trained from scratch together with "

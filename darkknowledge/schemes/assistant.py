@@ -91,9 +91,11 @@ def _pick_depths(low: int, high: int, candidates: tuple[int, ...], fracs: list[f
     """Distinct depths strictly between ``low`` and ``high``, nearest to each interpolated target."""
     free = [d for d in candidates if min(low, high) < d < max(low, high)]
     if len(free) < len(fracs):
-        raise ConfigError(f"{where}: only {len(free)} depth(s) lie strictly between {low} and {high} "
-                          f"({free or 'none'}), not enough for {len(fracs)} assistant(s); lower num_assistants "
-                          "or give `assistants:` explicitly")
+        raise ConfigError(
+            f"{where}: only {len(free)} depth(s) lie strictly between {low} and {high} "
+            f"({free or 'none'}), not enough for {len(fracs)} assistant(s); lower num_assistants "
+            "or give `assistants:` explicitly"
+        )
     picked: list[int] = []
     for frac in fracs:
         target = interpolate(low, high, frac, "linear")
@@ -127,7 +129,8 @@ def interpolate_assistants(
             f"scheme 'assistant': cannot interpolate assistants between teacher {teacher.name!r} and student "
             f"{student.name!r}: they are not of one interpolable family (mlp, cnn1d, resnet8..110, resnet8x4/32x4, "
             "wrn). Give the assistants explicitly, e.g. `scheme: {name: assistant, params: {assistants: "
-            "[{name: cnn1d, params: {channels: 16}}]}}`")
+            "[{name: cnn1d, params: {channels: 16}}]}}`"
+        )
     family, t, s = ft[0], ft[1], fs[1]
     fracs = [1.0 - i / (num + 1) for i in range(1, num + 1)]
     out: list[ModelConfig] = []
@@ -139,16 +142,19 @@ def interpolate_assistants(
             out.append(ModelConfig(name="mlp", params={**student.params, "hidden": hidden}))
     elif family == "cnn1d":
         for frac in fracs:
-            params = {**student.params,
-                      "channels": max(1, round(interpolate(s["channels"], t["channels"], frac, spacing))),
-                      "depth": round(interpolate(s["depth"], t["depth"], frac, "linear"))}
+            params = {
+                **student.params,
+                "channels": max(1, round(interpolate(s["channels"], t["channels"], frac, spacing))),
+                "depth": round(interpolate(s["depth"], t["depth"], frac, "linear")),
+            }
             if s["kernel_size"] != t["kernel_size"]:
                 # odd: same-length padding
                 params["kernel_size"] = round(interpolate(s["kernel_size"], t["kernel_size"], frac, "linear")) | 1
             out.append(ModelConfig(name="cnn1d", params=params))
     elif family in ("resnet", "resnet_x4"):
-        depths = _pick_depths(s["depth"], t["depth"], RESNET_X4_DEPTHS if family == "resnet_x4" else RESNET_DEPTHS,
-                              fracs, where)
+        depths = _pick_depths(
+            s["depth"], t["depth"], RESNET_X4_DEPTHS if family == "resnet_x4" else RESNET_DEPTHS, fracs, where
+        )
         suffix = "x4" if family == "resnet_x4" else ""
         out = [ModelConfig(name=f"resnet{d}{suffix}", params={}) for d in depths]
     else:  # wrn: depth 6n + 4, widen interpolated
@@ -177,25 +183,32 @@ def check_sizes(sizes: list[tuple[str, int]]) -> None:
     for (a, pa), (b, pb) in zip(sizes, sizes[1:]):
         if not pb < pa:
             chain = " -> ".join(f"{n} ({p})" for n, p in sizes)
-            raise ConfigError(f"scheme 'assistant': the chain must shrink at every link, but {b} has {pb} parameters, "
-                              f"not fewer than {a} ({pa}). Chain: {chain}. Give smaller assistants, fewer of them, "
-                              "or a larger gap between teacher and student")
+            raise ConfigError(
+                f"scheme 'assistant': the chain must shrink at every link, but {b} has {pb} parameters, "
+                f"not fewer than {a} ({pa}). Chain: {chain}. Give smaller assistants, fewer of them, "
+                "or a larger gap between teacher and student"
+            )
 
 
 class AssistantParams(SchemeParams):
     """``scheme.params`` of ``assistant``."""
 
-    assistants: list[ModelConfig] | None = Field(default=None, description="explicit assistant specs, largest "
-                                                  "(next to the teacher) first")
-    num_assistants: Annotated[int, Field(ge=1, le=8)] = Field(default=1, description="how many assistants to "
-                                                              "interpolate when assistants is not given")
+    assistants: list[ModelConfig] | None = Field(
+        default=None, description="explicit assistant specs, largest (next to the teacher) first"
+    )
+    num_assistants: Annotated[int, Field(ge=1, le=8)] = Field(
+        default=1, description="how many assistants to interpolate when assistants is not given"
+    )
     spacing: Spacing = Field(default="geometric", description="width interpolation: geometric or linear")
-    assistant_train: dict[str, Any] | None = Field(default=None, description="overrides of train for the "
-                                                   "assistant stages")
-    assistant_losses: dict[str, dict[str, Any] | None] | None = Field(default=None, description="losses of the "
-                                                                      "assistant stages (default: the recipe's losses)")
-    plain_kd: bool = Field(default=False, description="also distill a student from the teacher directly (same "
-                           "init), as a comparison row")
+    assistant_train: dict[str, Any] | None = Field(
+        default=None, description="overrides of train for the assistant stages"
+    )
+    assistant_losses: dict[str, dict[str, Any] | None] | None = Field(
+        default=None, description="losses of the assistant stages (default: the recipe's losses)"
+    )
+    plain_kd: bool = Field(
+        default=False, description="also distill a student from the teacher directly (same init), as a comparison row"
+    )
 
 
 @register_scheme("assistant")
@@ -210,7 +223,9 @@ class TeacherAssistant(Scheme):
         "the student is distilled from the last assistant, never from the teacher directly",
     )
 
-    example: ClassVar[dict[str, Any]] = {"scheme": {"params": {"assistants": [{"name": "mlp", "params": {"hidden": [24]}}]}}}
+    example: ClassVar[dict[str, Any]] = {
+        "scheme": {"params": {"assistants": [{"name": "mlp", "params": {"hidden": [24]}}]}}
+    }
     Params = AssistantParams
 
     @classmethod
@@ -220,11 +235,17 @@ class TeacherAssistant(Scheme):
         assistant_losses, assistant_train, plain_kd = params.assistant_losses, params.assistant_train, params.plain_kd
         teacher = ctx.teacher()
         student = ctx.student(seed)
-        specs = list(assistants) if assistants else interpolate_assistants(
-            _spec_of(teacher), _spec_of(student), num_assistants, spacing)
+        specs = (
+            list(assistants)
+            if assistants
+            else interpolate_assistants(_spec_of(teacher), _spec_of(student), num_assistants, spacing)
+        )
         models = [ctx.model(spec, seed=seed, where=f"scheme.params.assistants.{i}") for i, spec in enumerate(specs)]
-        sizes = ([("teacher", count_params(teacher))] + [(f"assistant{i + 1}", count_params(m)) for i, m in enumerate(models)]
-                 + [("student", count_params(student))])
+        sizes = (
+            [("teacher", count_params(teacher))]
+            + [(f"assistant{i + 1}", count_params(m)) for i, m in enumerate(models)]
+            + [("student", count_params(student))]
+        )
         if assistants:  # given: the user may bridge an architecture gap rather than a size gap
             try:
                 check_sizes(sizes)
@@ -236,16 +257,47 @@ class TeacherAssistant(Scheme):
         transfer = ctx.uses_transfer(cls)
         links, prev, prev_name = [], teacher, "teacher"
         for i, model in enumerate(models, 1):
-            links.append(Stage(part=f"ta{i}", model=model, teacher=prev, losses=assistant_losses or ctx.cfg.losses,
-                              role=f"assistant{i}", train_cfg=ta_cfg, with_transfer=transfer, label=cls.registry_name,
-                              where=f"scheme.params.assistants.{i - 1}", teacher_name=prev_name))
+            links.append(
+                Stage(
+                    part=f"ta{i}",
+                    model=model,
+                    teacher=prev,
+                    losses=assistant_losses or ctx.cfg.losses,
+                    role=f"assistant{i}",
+                    train_cfg=ta_cfg,
+                    with_transfer=transfer,
+                    label=cls.registry_name,
+                    where=f"scheme.params.assistants.{i - 1}",
+                    teacher_name=prev_name,
+                )
+            )
             prev, prev_name = model, f"assistant{i}"
-        links.append(Stage(part=None, model=student, teacher=prev, losses=ctx.cfg.losses, role="student",
-                          with_transfer=transfer, label=cls.registry_name, where="losses", teacher_name=prev_name))
+        links.append(
+            Stage(
+                part=None,
+                model=student,
+                teacher=prev,
+                losses=ctx.cfg.losses,
+                role="student",
+                with_transfer=transfer,
+                label=cls.registry_name,
+                where="losses",
+                teacher_name=prev_name,
+            )
+        )
         entries = run_chain(ctx, seed, links)
         if plain_kd:
-            direct = Stage(part="kd", model=ctx.student(seed), teacher=teacher, losses=ctx.cfg.losses, role="direct_kd",
-                          with_transfer=transfer, label="+".join(ctx.cfg.losses), where="losses", teacher_name="teacher")
+            direct = Stage(
+                part="kd",
+                model=ctx.student(seed),
+                teacher=teacher,
+                losses=ctx.cfg.losses,
+                role="direct_kd",
+                with_transfer=transfer,
+                label="+".join(ctx.cfg.losses),
+                where="losses",
+                teacher_name="teacher",
+            )
             entries += run_chain(ctx, seed, [direct])
         return entries
 

@@ -40,8 +40,9 @@ class SchemeParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
-    transfer: StrictBool | None = Field(default=None, description="the students also read the unlabeled transfer set "
-                                  "(default: the scheme's own choice)")
+    transfer: StrictBool | None = Field(
+        default=None, description="the students also read the unlabeled transfer set (default: the scheme's own choice)"
+    )
 
 
 MOVED_TO_LOSSES = {
@@ -68,8 +69,10 @@ def resolve_scheme(name: str, params: dict[str, Any]) -> tuple[type[Scheme], Sch
             continue
         if key in cls.moved:
             raise ConfigError(f"scheme.params.{key}: not a parameter of scheme {name!r} any more; {cls.moved[key]}")
-        raise ConfigError(f"scheme.params.{key}: unknown parameter {key!r}.{did_you_mean(key, fields)} "
-                          f"Valid parameters: {', '.join(fields)}.")
+        raise ConfigError(
+            f"scheme.params.{key}: unknown parameter {key!r}.{did_you_mean(key, fields)} "
+            f"Valid parameters: {', '.join(fields)}."
+        )
     try:
         return cls, cls.Params(**params)
     except pydantic.ValidationError as exc:
@@ -110,8 +113,9 @@ class Scheme:
     def run(cls, ctx: Context, seed: int, params: Any) -> list[dict[str, Any]]:
         """Train the scheme for one seed; returns the results entries (primary first)."""
         task = cls.task(ctx, seed, params)
-        return ctx.train(ctx.stage_name(seed), task, seed, with_transfer=ctx.uses_transfer(cls),
-                         label=cls.label(ctx, params))
+        return ctx.train(
+            ctx.stage_name(seed), task, seed, with_transfer=ctx.uses_transfer(cls), label=cls.label(ctx, params)
+        )
 
     @classmethod
     def check(cls, ctx: Context, seed: int, params: Any) -> None:

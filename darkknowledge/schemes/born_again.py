@@ -57,8 +57,9 @@ def generation_seed(seed: int, k: int) -> int:
 class BornAgainParams(SchemeParams):
     """``scheme.params`` of ``born_again``."""
 
-    generations: Annotated[int, Field(ge=1, le=20)] = Field(default=2, description="K, the born-again generations "
-                                                            "after generation 0")
+    generations: Annotated[int, Field(ge=1, le=20)] = Field(
+        default=2, description="K, the born-again generations after generation 0"
+    )
     ensemble: bool = Field(default=True, description="also report the ensemble of all generations (BANE)")
 
 
@@ -120,11 +121,22 @@ class BornAgain(Scheme):
         """Evaluate the BANE on the test split and record it as the ``ensemble`` row."""
         metrics = ctx.evaluate(ProbabilityEnsemble(models), seed)
         entry = {
-            "name": f"{last['name']}:ensemble", "role": "ensemble", "model": last.get("model"),
-            "seed": seed, "scheme": "born_again", "method": f"born_again(ensemble of {len(models)})",
-            "epochs": last.get("epochs"), "steps": 0, "train_seconds": 0.0, "losses": last.get("losses", []),
-            "params": sum(count_params(m) for m in models), "extra_params": 0, "member_of": last["name"],
-            "last_acc": metrics["top1"], "last_top5": metrics.get("top5"), "best_acc": None,
+            "name": f"{last['name']}:ensemble",
+            "role": "ensemble",
+            "model": last.get("model"),
+            "seed": seed,
+            "scheme": "born_again",
+            "method": f"born_again(ensemble of {len(models)})",
+            "epochs": last.get("epochs"),
+            "steps": 0,
+            "train_seconds": 0.0,
+            "losses": last.get("losses", []),
+            "params": sum(count_params(m) for m in models),
+            "extra_params": 0,
+            "member_of": last["name"],
+            "last_acc": metrics["top1"],
+            "last_top5": metrics.get("top5"),
+            "best_acc": None,
             "best_selected_on": last.get("best_selected_on"),  # no best epoch of its own; keeps the protocol line
         }
         ctx.record(entry)

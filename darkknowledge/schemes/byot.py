@@ -66,8 +66,10 @@ def check_stages(net: nn.Module, stages: list[str] | None) -> tuple[list[str], s
     deepest = default_taps(net)
     if stages is None:
         if len(deepest) < 2:
-            raise ConfigError(f"byot: model {type(net).__name__} lists {len(deepest)} stage(s) in feature_taps(); "
-                              "set scheme.params.stages to module paths for the heads")
+            raise ConfigError(
+                f"byot: model {type(net).__name__} lists {len(deepest)} stage(s) in feature_taps(); "
+                "set scheme.params.stages to module paths for the heads"
+            )
         stages = deepest[:-1]
     if not stages:
         raise ConfigError("byot: scheme.params.stages is empty; give at least one module path for a head")
@@ -79,8 +81,14 @@ def check_stages(net: nn.Module, stages: list[str] | None) -> tuple[list[str], s
     return list(stages), (deepest[-1] if deepest else None)
 
 
-def build_heads(net: nn.Module, stages: list[str], deep_stage: str | None, sample: torch.Tensor,
-                bottleneck: BottleneckKind, width: int | None) -> list[AuxHead]:
+def build_heads(
+    net: nn.Module,
+    stages: list[str],
+    deep_stage: str | None,
+    sample: torch.Tensor,
+    bottleneck: BottleneckKind,
+    width: int | None,
+) -> list[AuxHead]:
     """One head per stage, sized by a dry run of ``net`` on ``sample``."""
     paths = list(dict.fromkeys([*stages, PENULTIMATE] + ([deep_stage] if deep_stage else [])))
     shapes = probe_shapes(net, sample, paths)
@@ -93,8 +101,18 @@ def build_heads(net: nn.Module, stages: list[str], deep_stage: str | None, sampl
         num_classes = int(net(sample[:1]).shape[-1])  # (1, K)
     net.train(was_training)
     map_shape = shapes.get(deep_stage) if deep_stage else None
-    return [make_head(bottleneck, shapes[stage], map_shape, dim_shape[0], num_classes, width,
-                      where=f"byot head{i + 1} at {stage!r}") for i, stage in enumerate(stages)]
+    return [
+        make_head(
+            bottleneck,
+            shapes[stage],
+            map_shape,
+            dim_shape[0],
+            num_classes,
+            width,
+            where=f"byot head{i + 1} at {stage!r}",
+        )
+        for i, stage in enumerate(stages)
+    ]
 
 
 class BYOTFlow(Flow):
@@ -103,8 +121,9 @@ class BYOTFlow(Flow):
     def __init__(self, net: nn.Module, heads: list[AuxHead], stages: list[str], links: list[Any]) -> None:
         self.stages = list(stages)
         self.head_views = [f"head{i + 1}" for i in range(len(heads))]
-        super().__init__({"student": net, **dict(zip(self.head_views, heads))}, links,
-                         extra_taps={"student": self.stages})
+        super().__init__(
+            {"student": net, **dict(zip(self.head_views, heads))}, links, extra_taps={"student": self.stages}
+        )
 
     def compute_views(self, batch: Batch) -> dict[str, Outputs]:
         net = self.run_view("student", batch.x)
@@ -125,42 +144,68 @@ class BYOTFlow(Flow):
 class BYOTParams(SchemeParams):
     """``scheme.params`` of ``byot``."""
 
-    stages: list[str] | None = Field(default=None, description="module paths of the stages that get a head "
-                                     "(default: every stage of feature_taps() but the deepest)")
-    bottleneck: BottleneckKind = Field(default="conv", description="conv (strided convs to the deepest stage's map) "
-                                       "or mlp")
-    width: Annotated[int, Field(ge=1)] | None = Field(default=None, description="bottleneck width (default: the "
-                                                      "deepest stage's channels, or D for mlp)")
+    stages: list[str] | None = Field(
+        default=None,
+        description="module paths of the stages that get a head "
+        "(default: every stage of feature_taps() but the deepest)",
+    )
+    bottleneck: BottleneckKind = Field(
+        default="conv", description="conv (strided convs to the deepest stage's map) or mlp"
+    )
+    width: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="bottleneck width (default: the deepest stage's channels, or D for mlp)"
+    )
 
 
 @register_scheme("byot")
 class BYOT(Scheme):
     """Self-distillation: the network's deepest classifier teaches auxiliary heads at its stages."""
 
-    citation = ("Zhang et al., Be Your Own Teacher: Improve the Performance of Convolutional Neural Networks "
-                "via Self Distillation, ICCV 2019.")
+    citation = (
+        "Zhang et al., Be Your Own Teacher: Improve the Performance of Convolutional Neural Networks "
+        "via Self Distillation, ICCV 2019."
+    )
     summary = "the network's deepest classifier teaches auxiliary heads at its shallower stages (self-distillation)"
     report_notes: ClassVar[tuple[str, ...]] = (
-        ("byot: the 'student' row is the network alone (its own, deepest classifier; heads removed at export); "
-         "'headN' rows are early exits (the network up to stage N plus that head); their params column counts "
-         "the whole network"),
+        (
+            "byot: the 'student' row is the network alone (its own, deepest classifier; heads removed at export); "
+            "'headN' rows are early exits (the network up to stage N plus that head); their params column counts "
+            "the whole network"
+        ),
     )
-    example: ClassVar[dict[str, Any]] = {"teacher": None, "student": {"name": "cnn1d", "params": {"channels": 8}},
-                                         "losses": {"ce": {"weight": 0.7}, "kd": {"T": 3.0, "alpha": 1.0, "weight": 0.3}}}
+    example: ClassVar[dict[str, Any]] = {
+        "teacher": None,
+        "student": {"name": "cnn1d", "params": {"channels": 8}},
+        "losses": {"ce": {"weight": 0.7}, "kd": {"T": 3.0, "alpha": 1.0, "weight": 0.3}},
+    }
     Params = BYOTParams
-    moved = {**{k: MOVED_TO_LOSSES[k] for k in ("T", "alpha")},
-             "lam": "the feature term is a loss: losses.feat: {loss: fitnet, regressor: false, ...} with its weight"}
+    moved = {
+        **{k: MOVED_TO_LOSSES[k] for k in ("T", "alpha")},
+        "lam": "the feature term is a loss: losses.feat: {loss: fitnet, regressor: false, ...} with its weight",
+    }
 
     @classmethod
     def task(cls, ctx: Context, seed: int, params: Any) -> FlowTask:
         """The recipe's student (the baseline's init of ``seed``) with heads at ``params.stages``."""
         require_teacher_terms(ctx.objective(), "byot", "kd: {T: 3, alpha: 1, weight: 0.3}")
-        return byot_task(ctx.student(seed), ctx.objective, params.stages, params.bottleneck, params.width,
-                         torch.zeros(2, *ctx.info.input_shape))
+        return byot_task(
+            ctx.student(seed),
+            ctx.objective,
+            params.stages,
+            params.bottleneck,
+            params.width,
+            torch.zeros(2, *ctx.info.input_shape),
+        )
 
 
-def byot_task(net: nn.Module, make: Any, stages: list[str] | None, bottleneck: BottleneckKind,
-              width: int | None, sample: torch.Tensor) -> FlowTask:
+def byot_task(
+    net: nn.Module,
+    make: Any,
+    stages: list[str] | None,
+    bottleneck: BottleneckKind,
+    width: int | None,
+    sample: torch.Tensor,
+) -> FlowTask:
     """BYOT's plan for ``net``: heads at ``stages``, each taught by the network through ``make()``."""
     net = unwrap(net)
     if bottleneck not in ("conv", "mlp"):
@@ -171,9 +216,11 @@ def byot_task(net: nn.Module, make: Any, stages: list[str] | None, bottleneck: B
     teacher = Peer("student", net, name="the deepest classifier")
     links: list[Any] = taught("student", make, [], untaught=True)
     if not links:
-        raise ConfigError(f"scheme 'byot': the network's own classifier learns from the terms that read no teacher "
-                          f"(the paper's (1 - a) CE), but none of the losses {list(make().terms)} is one; add "
-                          "ce: {weight: 0.7}")
+        raise ConfigError(
+            f"scheme 'byot': the network's own classifier learns from the terms that read no teacher "
+            f"(the paper's (1 - a) CE), but none of the losses {list(make().terms)} is one; add "
+            "ce: {weight: 0.7}"
+        )
     for i in range(len(heads)):
         links += taught(f"head{i + 1}", make, [teacher], suffix=f"@head{i + 1}")
     flow = BYOTFlow(net, heads, stages, links)

@@ -95,6 +95,15 @@ def run_chain(ctx: Context, seed: int, links: Sequence[Stage]) -> list[dict[str,
         task = link_task(ctx, link)  # built now: its teacher is frozen with the weights an earlier link trained
         stage = ctx.stage_name(seed, link.part)
         log.info("[%s] %s taught by %s", stage, link.role, link.teacher_name or "labels alone")
-        per_link.append(ctx.train(stage, task, seed, role=link.role, train_cfg=link.train_cfg,
-                                  with_transfer=link.with_transfer, label=link.label or None))
+        per_link.append(
+            ctx.train(
+                stage,
+                task,
+                seed,
+                role=link.role,
+                train_cfg=link.train_cfg,
+                with_transfer=link.with_transfer,
+                label=link.label or None,
+            )
+        )
     return [entry for entries in reversed(per_link) for entry in entries]

@@ -40,8 +40,10 @@ if TYPE_CHECKING:
 class Codistill(Scheme):
     """Online two-way distillation between a student and a large teacher, after a burn-in."""
 
-    citation = ("Anil et al. Large scale distributed neural network training through online distillation. "
-                "ICLR 2018; Zhang et al. Deep Mutual Learning. CVPR 2018.")
+    citation = (
+        "Anil et al. Large scale distributed neural network training through online distillation. "
+        "ICLR 2018; Zhang et al. Deep Mutual Learning. CVPR 2018."
+    )
     summary = "a large teacher and the student trained together from scratch; after a burn-in each distils the other"
     report_notes: ClassVar[tuple[str, ...]] = (
         (
@@ -57,10 +59,14 @@ class Codistill(Scheme):
         """The recipe's student (the baseline's initialisation) and a fresh ``teacher:`` architecture."""
         spec = ctx.cfg.teacher
         if spec is None:
-            raise ConfigError("scheme 'codistill' needs a `teacher:` section naming the large model's "
-                              "architecture (e.g. teacher: {name: cnn1d}); it is trained from scratch with the student")
+            raise ConfigError(
+                "scheme 'codistill' needs a `teacher:` section naming the large model's "
+                "architecture (e.g. teacher: {name: cnn1d}); it is trained from scratch with the student"
+            )
         if spec.checkpoint:
-            raise ConfigError(f"scheme 'codistill' trains the teacher from scratch, but teacher.checkpoint is "
-                              f"{spec.checkpoint!r}; remove it (or use scheme 'offline' for a pre-trained teacher)")
+            raise ConfigError(
+                f"scheme 'codistill' trains the teacher from scratch, but teacher.checkpoint is "
+                f"{spec.checkpoint!r}; remove it (or use scheme 'offline' for a pre-trained teacher)"
+            )
         teacher = ctx.model({"name": spec.name, "params": dict(spec.params)}, seed=peer_seed(seed, 1), where="teacher")
         return mutual_task(ctx, [ctx.student(seed), teacher], ["student", "teacher_peer"], ensemble=False)

@@ -39,9 +39,12 @@ COHORT_MOVED = {k: MOVED_TO_LOSSES[k] for k in ("T", "weight", "burn_in", "rampu
 class CohortParams(SchemeParams):
     """``scheme.params`` of a cohort: its peers."""
 
-    peers: list[Any] | None = Field(default=None, description="model specs {name, params}, one per peer "
-                                    "(default: n copies of the recipe's student)")
-    n: Annotated[int, Field(ge=2)] | None = Field(default=None, description="number of peers (default 2, or len(peers))")
+    peers: list[Any] | None = Field(
+        default=None, description="model specs {name, params}, one per peer (default: n copies of the recipe's student)"
+    )
+    n: Annotated[int, Field(ge=2)] | None = Field(
+        default=None, description="number of peers (default 2, or len(peers))"
+    )
 
 
 def peer_seed(seed: int, index: int) -> int:
@@ -63,8 +66,9 @@ def view_suffix(name: str) -> str:
     return "" if name == "student" else f"@{name}"
 
 
-def build_peers(ctx: Context, seed: int, peers: Sequence[Mapping[str, Any]] | None,
-                n: int | None, where: str = "scheme.params") -> list[nn.Module]:
+def build_peers(
+    ctx: Context, seed: int, peers: Sequence[Mapping[str, Any]] | None, n: int | None, where: str = "scheme.params"
+) -> list[nn.Module]:
     """The cohort of one seed: ``peers`` model specs, or ``n`` copies of the recipe's student.
 
     Peer 0 is built with ``seed`` itself, so with the default peers (or a first spec equal to
@@ -89,13 +93,15 @@ def build_peers(ctx: Context, seed: int, peers: Sequence[Mapping[str, Any]] | No
         if len(peers) < 2:
             raise ConfigError(f"{where}.peers: a cohort needs at least 2 peer specs, got {len(peers)}")
         if n is not None and n != len(peers):
-            raise ConfigError(f"{where}.n={n} disagrees with the {len(peers)} specs in {where}.peers; "
-                              "drop n or list exactly n peers")
+            raise ConfigError(
+                f"{where}.n={n} disagrees with the {len(peers)} specs in {where}.peers; drop n or list exactly n peers"
+            )
         specs = list(peers)
     models = []
     for i, spec in enumerate(specs):
         if spec is not None and not isinstance(spec, Mapping):
-            raise ConfigError(f"{where}.peers.{i}: expected a model spec like {{name: mlp, params: {{hidden: [64]}}}}, "
-                              f"got {spec!r}")
+            raise ConfigError(
+                f"{where}.peers.{i}: expected a model spec like {{name: mlp, params: {{hidden: [64]}}}}, got {spec!r}"
+            )
         models.append(ctx.model(spec, seed=peer_seed(seed, i), where=f"{where}.peers.{i}"))
     return models

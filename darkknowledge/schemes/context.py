@@ -52,8 +52,9 @@ class Context:
         raise NotImplementedError
 
     # ------------------------------------------------------------ building blocks
-    def model(self, spec: ModelConfig | Mapping[str, Any] | None = None, seed: int | None = None,
-              where: str = "student") -> nn.Module:
+    def model(
+        self, spec: ModelConfig | Mapping[str, Any] | None = None, seed: int | None = None, where: str = "student"
+    ) -> nn.Module:
         """A fresh zoo model (default: the recipe's student), seeded first when ``seed`` is given."""
         raise NotImplementedError
 
@@ -82,14 +83,23 @@ class Context:
         raise NotImplementedError
 
     # ------------------------------------------------------------ stages
-    def train(self, stage: str, task: Task, seed: int, role: str = "student", train_cfg: TrainConfig | None = None,
-              with_transfer: bool = False, label: str | None = None) -> list[dict[str, Any]]:
+    def train(
+        self,
+        stage: str,
+        task: Task,
+        seed: int,
+        role: str = "student",
+        train_cfg: TrainConfig | None = None,
+        with_transfer: bool = False,
+        label: str | None = None,
+    ) -> list[dict[str, Any]]:
         """Train ``task`` as one resumable stage (skipped when finished earlier and resuming);
         returns the results entries, primary model first."""
         raise NotImplementedError
 
-    def train_alone(self, stage: str, model: nn.Module, seed: int, role: str = "stage",
-                    train_cfg: TrainConfig | None = None) -> dict[str, Any]:
+    def train_alone(
+        self, stage: str, model: nn.Module, seed: int, role: str = "stage", train_cfg: TrainConfig | None = None
+    ) -> dict[str, Any]:
         """Train ``model`` with cross-entropy alone as one stage (e.g. generation 0)."""
         raise NotImplementedError
 

@@ -55,8 +55,10 @@ def split(out: Outputs, b: int) -> tuple[Outputs, Outputs]:
     """Outputs of ``[x; x']`` cut into those of ``x`` and of ``x'`` (batch-first tensors)."""
     feats = {k: v.split([b, v.shape[0] - b]) for k, v in out.features.items()}
     logits = class_logits(out, "scheme 'cskd'")
-    return (Outputs(logits=logits[:b], features={k: v[0] for k, v in feats.items()}),
-            Outputs(logits=logits[b:], features={k: v[1] for k, v in feats.items()}))
+    return (
+        Outputs(logits=logits[:b], features={k: v[0] for k, v in feats.items()}),
+        Outputs(logits=logits[b:], features={k: v[1] for k, v in feats.items()}),
+    )
 
 
 class CSKDFlow(Flow):
@@ -76,29 +78,37 @@ class CSKDFlow(Flow):
     def attach(self, loader: Any) -> None:
         data = loader.data
         if not isinstance(data, TensorData):
-            raise ConfigError("cskd draws same-class partners from an in-memory tensor dataset, "
-                              f"got {type(data).__name__}")
+            raise ConfigError(
+                f"cskd draws same-class partners from an in-memory tensor dataset, got {type(data).__name__}"
+            )
         if getattr(loader, "primary", None) not in (None, getattr(getattr(loader, "views", None), "base", None)):
-            raise ConfigError(f"cskd draws partners from the stored input, but the student reads view "
-                              f"{loader.primary!r} of a paired dataset; drop student.input (or use another scheme)")
+            raise ConfigError(
+                f"cskd draws partners from the stored input, but the student reads view "
+                f"{loader.primary!r} of a paired dataset; drop student.input (or use another scheme)"
+            )
         if getattr(loader, "augment", None) is not None:
             log.warning("cskd: data.augment is on, but the partners x' are fetched without augmentation")
-        self.partners = ClassPartners(data.x, data.y, self.num_classes, self.seed,
-                                      getattr(loader, "_normalize_arg", None)).to(loader.device)
+        self.partners = ClassPartners(
+            data.x, data.y, self.num_classes, self.seed, getattr(loader, "_normalize_arg", None)
+        ).to(loader.device)
 
     def setup(self, batch: Batch, info: SetupInfo | None = None) -> None:
         """The dry run, after checking that the batch addresses the training data partners come from."""
         partners = self.partners
         if partners is not None:
             idx = batch.idx.to(partners.y.device)
-            if idx.numel() and (int(idx.max()) >= len(partners.y)
-                                or not torch.equal(partners.y[idx], batch.y.to(partners.y.device))):
-                raise ConfigError("cskd: the batch's indices and labels do not address the training data given to "
-                                  "attach(loader); cskd draws the partners from that data")
+            if idx.numel() and (
+                int(idx.max()) >= len(partners.y) or not torch.equal(partners.y[idx], batch.y.to(partners.y.device))
+            ):
+                raise ConfigError(
+                    "cskd: the batch's indices and labels do not address the training data given to "
+                    "attach(loader); cskd draws the partners from that data"
+                )
         super().setup(batch, info)
 
-    def forward(self, batch: Batch, epoch_progress: float = 0.0,
-                part: str = MAIN) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, batch: Batch, epoch_progress: float = 0.0, part: str = MAIN
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if part == MAIN:
             self._step_key = round(epoch_progress * 1_000_000)  # the draw of this step (the same on every rank)
         return super().forward(batch, epoch_progress, part)
@@ -118,9 +128,14 @@ class CSKD(Scheme):
 
     citation = "Yun et al., Regularizing Class-wise Predictions via Self-knowledge Distillation, CVPR 2020."
     summary = "the model's own (detached) prediction on another sample of the class teaches it"
-    example: ClassVar[dict[str, Any]] = {"teacher": None, "losses": {"ce": {}, "cls": {"loss": "kd", "T": 4.0, "alpha": 1.0}}}
-    moved = {"T": MOVED_TO_LOSSES["T"],
-             "lambda_cls": "the class-wise term is a loss: losses.cls: {loss: kd, T: 4, alpha: 1, weight: lambda_cls}"}
+    example: ClassVar[dict[str, Any]] = {
+        "teacher": None,
+        "losses": {"ce": {}, "cls": {"loss": "kd", "T": 4.0, "alpha": 1.0}},
+    }
+    moved = {
+        "T": MOVED_TO_LOSSES["T"],
+        "lambda_cls": "the class-wise term is a loss: losses.cls: {loss: kd, T: 4, alpha: 1, weight: lambda_cls}",
+    }
 
     @classmethod
     def task(cls, ctx: Context, seed: int, params: Any) -> FlowTask:

@@ -46,16 +46,19 @@ class NoisyFlow(Flow):
 class EMAParams(SchemeParams):
     """``scheme.params`` of ``ema``."""
 
-    decay: Annotated[float, Field(ge=0.0, le=1.0)] = Field(default=0.99, description="EMA decay (paper: 0.99, "
-                                                           "then 0.999)")
+    decay: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        default=0.99, description="EMA decay (paper: 0.99, then 0.999)"
+    )
     warmup: bool = Field(default=True, description="min(decay, 1 - 1/(t+1)) as in the authors' code")
-    noise: Annotated[float, Field(ge=0.0)] = Field(default=0.0, description="std of the Gaussian input noise, "
-                                                   "drawn independently for student and teacher")
+    noise: Annotated[float, Field(ge=0.0)] = Field(
+        default=0.0, description="std of the Gaussian input noise, drawn independently for student and teacher"
+    )
     export: Literal["student", "ema"] = Field(default="student", description="the model written to model.pt")
 
 
-def ema_task(student: Any, make: Any, decay: float = 0.99, warmup: bool = True, noise: float = 0.0,
-             export: str = "student") -> FlowTask:
+def ema_task(
+    student: Any, make: Any, decay: float = 0.99, warmup: bool = True, noise: float = 0.0, export: str = "student"
+) -> FlowTask:
     """``student`` taught by the EMA of its weights through ``make()``."""
     student = unwrap(student)
     teacher = EMA(student, decay, warmup, noise)  # copies the student before any hook is attached
@@ -70,12 +73,16 @@ class MeanTeacher(Scheme):
     """Mean teacher: the EMA of the student's weights is its teacher (recipe's ``losses``)."""
 
     default_transfer = True
-    citation = ("Tarvainen & Valpola, Mean teachers are better role models: Weight-averaged consistency "
-                "targets improve semi-supervised deep learning results, NeurIPS 2017.")
+    citation = (
+        "Tarvainen & Valpola, Mean teachers are better role models: Weight-averaged consistency "
+        "targets improve semi-supervised deep learning results, NeurIPS 2017."
+    )
     summary = "an exponential moving average of the student's own weights teaches the student"
     report_notes: ClassVar[tuple[str, ...]] = (
-        ("ema: the 'ema' row is the mean teacher itself (weight average of the student, not trained by "
-         "gradients); with export: ema it is the primary row and the gradient-trained network is 'online'"),
+        (
+            "ema: the 'ema' row is the mean teacher itself (weight average of the student, not trained by "
+            "gradients); with export: ema it is the primary row and the gradient-trained network is 'online'"
+        ),
     )
     example: ClassVar[dict[str, Any]] = {"teacher": None}
     Params = EMAParams

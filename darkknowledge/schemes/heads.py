@@ -65,12 +65,16 @@ def conv_bottleneck(in_shape: tuple[int, ...], map_shape: tuple[int, ...], dim: 
     """
     spatial = len(in_shape) - 1
     if spatial not in _CONV or len(map_shape) != len(in_shape):
-        raise ShapeError(f"conv bottleneck: stage feature {in_shape} and deepest stage map {map_shape} must both be "
-                         "(C, L), (C, H, W) or (C, D, H, W) maps; use bottleneck: mlp")
+        raise ShapeError(
+            f"conv bottleneck: stage feature {in_shape} and deepest stage map {map_shape} must both be "
+            "(C, L), (C, H, W) or (C, D, H, W) maps; use bottleneck: mlp"
+        )
     mode = _reduce_mode(map_shape, dim)
     if mode is None:
-        raise ShapeError(f"conv bottleneck: the deepest stage map {map_shape} neither flattens nor pools to the "
-                         f"penultimate feature of size {dim}; use bottleneck: mlp")
+        raise ShapeError(
+            f"conv bottleneck: the deepest stage map {map_shape} neither flattens nor pools to the "
+            f"penultimate feature of size {dim}; use bottleneck: mlp"
+        )
     conv, target = _CONV[spatial], list(map_shape[1:])
     layers: list[nn.Module] = [conv(in_shape[0], width, 1), nn.ReLU()]
     size = list(in_shape[1:])
@@ -85,8 +89,9 @@ def conv_bottleneck(in_shape: tuple[int, ...], map_shape: tuple[int, ...], dim: 
 
 def mlp_bottleneck(in_shape: tuple[int, ...], dim: int, width: int) -> nn.Sequential:
     """Flatten, ``Linear(prod(in_shape), width)``, ReLU, ``Linear(width, dim)``, ReLU."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(in_shape), width), nn.ReLU(),
-                         nn.Linear(width, dim), nn.ReLU())
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(math.prod(in_shape), width), nn.ReLU(), nn.Linear(width, dim), nn.ReLU()
+    )
 
 
 class AuxHead(nn.Module):
@@ -105,8 +110,15 @@ class AuxHead(nn.Module):
         return feat, self.fc(feat)  # (B, D), (B, K)
 
 
-def make_head(kind: BottleneckKind, in_shape: tuple[int, ...], map_shape: tuple[int, ...] | None, dim: int,
-              num_classes: int, width: int | None = None, where: str = "head") -> AuxHead:
+def make_head(
+    kind: BottleneckKind,
+    in_shape: tuple[int, ...],
+    map_shape: tuple[int, ...] | None,
+    dim: int,
+    num_classes: int,
+    width: int | None = None,
+    where: str = "head",
+) -> AuxHead:
     """One auxiliary head for a stage of per-sample shape ``in_shape``.
 
     Args:
@@ -122,8 +134,10 @@ def make_head(kind: BottleneckKind, in_shape: tuple[int, ...], map_shape: tuple[
         raise ConfigError(f"{where}: unknown bottleneck {kind!r}; valid: 'conv', 'mlp'")
     if kind == "conv" and len(in_shape) > 1:
         if map_shape is None:
-            raise ShapeError(f"{where}: the conv bottleneck needs the model's deepest stage (feature_taps()); "
-                             "this model has none: use bottleneck: mlp")
+            raise ShapeError(
+                f"{where}: the conv bottleneck needs the model's deepest stage (feature_taps()); "
+                "this model has none: use bottleneck: mlp"
+            )
         try:
             body = conv_bottleneck(in_shape, map_shape, dim, width or map_shape[0])
         except ShapeError as exc:

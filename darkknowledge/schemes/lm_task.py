@@ -40,8 +40,9 @@ class LMFlow(Flow):
         return Outputs(logits=None, features=feats, tokens=lazy)
 
 
-def lm_task(student: nn.Module, losses: dict[str, dict[str, Any] | None], teacher: LMTeacher | None,
-            where: str = "losses") -> FlowTask:
+def lm_task(
+    student: nn.Module, losses: dict[str, dict[str, Any] | None], teacher: LMTeacher | None, where: str = "losses"
+) -> FlowTask:
     """The engine task that trains ``student`` by ``losses`` from ``teacher`` (None: the losses read none).
 
     Raises:

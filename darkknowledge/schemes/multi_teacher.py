@@ -66,12 +66,16 @@ class MultiTeacherParams(SchemeParams):
 
     aggregation: Aggregation = Field(default="mean", description="how the teachers are combined")
     weights: list[Annotated[float, Field(ge=0.0)]] | None = Field(
-        default=None, description="weighted: one weight per teacher, in the order teacher, teachers.0, ...")
+        default=None, description="weighted: one weight per teacher, in the order teacher, teachers.0, ..."
+    )
     confidence: Literal["ce", "entropy", "correct"] | None = Field(
-        default=None, description="confidence: ce (CA-MKD, default), entropy (EBKD) or correct")
+        default=None, description="confidence: ce (CA-MKD, default), entropy (EBKD) or correct"
+    )
     T: Annotated[float, Field(gt=0.0)] | None = Field(
-        default=None, description="mean/weighted/confidence: the temperature at which probabilities are mixed "
-                                  "(default: the T of the losses that read the mixture, else 1)")
+        default=None,
+        description="mean/weighted/confidence: the temperature at which probabilities are mixed "
+        "(default: the T of the losses that read the mixture, else 1)",
+    )
 
 
 def mixing_temperature(objective: Objective, given: float | None) -> float:
@@ -80,29 +84,44 @@ def mixing_temperature(objective: Objective, given: float | None) -> float:
         return given
     temps = objective.temperatures()
     if len(set(temps.values())) > 1:
-        raise ConfigError(f"multi_teacher: the losses soften logits at different temperatures {temps}; set "
-                          "scheme.params.T to choose the one at which teacher probabilities are mixed")
+        raise ConfigError(
+            f"multi_teacher: the losses soften logits at different temperatures {temps}; set "
+            "scheme.params.T to choose the one at which teacher probabilities are mixed"
+        )
     return next(iter(temps.values()), 1.0)
 
 
-def multi_teacher_task(student: nn.Module, make: Callable[[], Objective], teachers: list[Frozen],
-                       aggregation: str = "mean", weights: list[float] | None = None,
-                       confidence: str | None = None, T: float | None = None, seed: int = 0) -> FlowTask:
+def multi_teacher_task(
+    student: nn.Module,
+    make: Callable[[], Objective],
+    teachers: list[Frozen],
+    aggregation: str = "mean",
+    weights: list[float] | None = None,
+    confidence: str | None = None,
+    T: float | None = None,
+    seed: int = 0,
+) -> FlowTask:
     """``teachers`` (>= 2) teach ``student`` through ``make()``, combined by ``aggregation``."""
     names = [t.name for t in teachers]
     if len(teachers) < 2:
-        raise ConfigError(f"scheme multi_teacher needs at least 2 teachers, got {len(teachers)} ({names}); add a "
-                          "`teachers:` list to the recipe, e.g. teachers: [{name: cnn1d, seed: 1}]")
+        raise ConfigError(
+            f"scheme multi_teacher needs at least 2 teachers, got {len(teachers)} ({names}); add a "
+            "`teachers:` list to the recipe, e.g. teachers: [{name: cnn1d, seed: 1}]"
+        )
     if weights is not None and aggregation != "weighted":
         raise ConfigError(f"scheme.params.weights is only used with aggregation 'weighted' (got {aggregation!r})")
     if confidence is not None and aggregation != "confidence":
         raise ConfigError(f"scheme.params.confidence is only used with aggregation 'confidence' (got {aggregation!r})")
     if T is not None and aggregation not in MIXING:
-        raise ConfigError(f"scheme.params.T is only used with mean/weighted/confidence, not {aggregation!r} "
-                          "(each teacher's losses use their own T)")
+        raise ConfigError(
+            f"scheme.params.T is only used with mean/weighted/confidence, not {aggregation!r} "
+            "(each teacher's losses use their own T)"
+        )
     if aggregation == "weighted" and weights is None:
-        raise ConfigError(f"aggregation 'weighted' needs scheme.params.weights: one weight per teacher "
-                          f"({len(teachers)}: {', '.join(names)})")
+        raise ConfigError(
+            f"aggregation 'weighted' needs scheme.params.weights: one weight per teacher "
+            f"({len(teachers)}: {', '.join(names)})"
+        )
     objective = make()
     require_teacher_terms(objective, "multi_teacher", "kd: {T: 4, alpha: 0.9}")
     if aggregation in MIXING:
@@ -113,8 +132,14 @@ def multi_teacher_task(student: nn.Module, make: Callable[[], Objective], teache
         if aggregation == "random":
             for t in teachers:  # only the drawn teacher runs in a step
                 t.lookahead = False
-        links = taught("student", make, teachers, mode="draw" if aggregation == "random" else "mean", seed=seed,
-                       teacher_suffixes=[f"@t{i}" for i in range(len(teachers))] if aggregation == "per_teacher" else None)
+        links = taught(
+            "student",
+            make,
+            teachers,
+            mode="draw" if aggregation == "random" else "mean",
+            seed=seed,
+            teacher_suffixes=[f"@t{i}" for i in range(len(teachers))] if aggregation == "per_teacher" else None,
+        )
     flow = Flow({"student": student}, links)
     return FlowTask(flow, {"student": flow.view_model("student")})
 
@@ -125,10 +150,13 @@ class MultiTeacher(Scheme):
     teacher per step, or one loss per teacher (see module docstring)."""
 
     default_transfer = True
-    citation = ("Hinton et al. 2015 (ensemble mean); Fukuda et al., Interspeech 2017 (random teacher per step); "
-                "Zhang et al., CA-MKD, ICASSP 2022; Kwon et al., EBKD, ICASSP 2020 (confidence weights).")
-    summary = ("several frozen teachers teach one student: mixed soft labels, a random teacher per step, "
-               "or a loss per teacher")
+    citation = (
+        "Hinton et al. 2015 (ensemble mean); Fukuda et al., Interspeech 2017 (random teacher per step); "
+        "Zhang et al., CA-MKD, ICASSP 2022; Kwon et al., EBKD, ICASSP 2020 (confidence weights)."
+    )
+    summary = (
+        "several frozen teachers teach one student: mixed soft labels, a random teacher per step, or a loss per teacher"
+    )
     report_notes: ClassVar[tuple[str, ...]] = (
         "multi_teacher: every teacher of the recipe (`teacher`, then `teachers`) teaches the student; the teacher "
         "rows list each one",
@@ -141,8 +169,16 @@ class MultiTeacher(Scheme):
     def task(cls, ctx: Context, seed: int, params: Any) -> FlowTask:
         """The student (seed's init) taught by every teacher of the recipe."""
         teachers = [ctx.frozen(model, where) for where, model in ctx.teachers()]
-        return multi_teacher_task(ctx.student(seed), ctx.objective, teachers, params.aggregation, params.weights,
-                                  params.confidence, params.T, seed)
+        return multi_teacher_task(
+            ctx.student(seed),
+            ctx.objective,
+            teachers,
+            params.aggregation,
+            params.weights,
+            params.confidence,
+            params.T,
+            seed,
+        )
 
     @classmethod
     def label(cls, ctx: Context, params: Any) -> str:

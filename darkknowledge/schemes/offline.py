@@ -25,8 +25,14 @@ if TYPE_CHECKING:
     from darkknowledge.schemes.context import Context
 
 
-def offline_task(student: nn.Module, objective: Objective, teacher: nn.Module | Frozen | None = None,
-                 cache: CacheConfig | None = None, teacher_name: str = "teacher", where: str = "losses") -> FlowTask:
+def offline_task(
+    student: nn.Module,
+    objective: Objective,
+    teacher: nn.Module | Frozen | None = None,
+    cache: CacheConfig | None = None,
+    teacher_name: str = "teacher",
+    where: str = "losses",
+) -> FlowTask:
     """``teacher`` (frozen) teaches ``student`` through ``objective``; no teacher: ``student`` alone.
 
     A teacher that no term reads is not run at all.

@@ -185,9 +185,11 @@ class ONE(Scheme):
         teacher = Peer("ensemble", peers[0])
         links: list[Any] = taught("ensemble", ctx.objective, [], untaught=True, suffix="@ensemble")
         if not links:
-            raise ConfigError(f"scheme 'one': the gated ensemble learns from the terms that read no teacher (the "
-                              f"paper's CE(z_e)), but none of the losses {list(ctx.objective().terms)} is one; "
-                              "add ce: {}")
+            raise ConfigError(
+                f"scheme 'one': the gated ensemble learns from the terms that read no teacher (the "
+                f"paper's CE(z_e)), but none of the losses {list(ctx.objective().terms)} is one; "
+                "add ce: {}"
+            )
         for name in names:
             links += taught(name, ctx.objective, [teacher], suffix=view_suffix(name))
         flow = ONEFlow(dict(zip(names, peers)), params.gate_tap, links)

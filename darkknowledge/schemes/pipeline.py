@@ -59,8 +59,10 @@ class PipelineStage(BaseModel):
     @classmethod
     def _check_name(cls, v: str) -> str:
         if not _NAME.fullmatch(v) or v in RESERVED:
-            raise ValueError(f"stage name {v!r} must be letters, digits and '_' (starting with a letter) "
-                             f"and not one of {', '.join(RESERVED)}")
+            raise ValueError(
+                f"stage name {v!r} must be letters, digits and '_' (starting with a letter) "
+                f"and not one of {', '.join(RESERVED)}"
+            )
         return v
 
 
@@ -84,10 +86,17 @@ def check_stages(stages: list[PipelineStage], has_teacher: bool) -> None:
         valid = [*seen, "teacher"] if has_teacher else list(seen)
         if stage.teacher is not None and stage.teacher not in valid:
             later = [s.name for s in stages[i:]]
-            why = (" (a stage can only be taught by an earlier one)" if stage.teacher in later else
-                   " (the recipe has no `teacher:` section)" if stage.teacher == "teacher" else "")
-            raise ConfigError(f"{where}.teacher: unknown teacher {stage.teacher!r}{why}; valid: "
-                              f"{', '.join(repr(v) for v in valid) or 'none (first stage: use null)'}, or null")
+            why = (
+                " (a stage can only be taught by an earlier one)"
+                if stage.teacher in later
+                else " (the recipe has no `teacher:` section)"
+                if stage.teacher == "teacher"
+                else ""
+            )
+            raise ConfigError(
+                f"{where}.teacher: unknown teacher {stage.teacher!r}{why}; valid: "
+                f"{', '.join(repr(v) for v in valid) or 'none (first stage: use null)'}, or null"
+            )
         seen.append(stage.name)
 
 
@@ -108,10 +117,21 @@ class Pipeline(Scheme):
         "after them",
     )
 
-    example: ClassVar[dict[str, Any]] = {"scheme": {"params": {"stages": [
-        {"name": "mid", "model": {"name": "mlp", "params": {"hidden": [24]}}, "teacher": "teacher",
-         "losses": {"kd": {"alpha": 1.0}}},
-        {"name": "last", "teacher": "mid", "losses": {"ce": {}, "kd": {"alpha": 1.0}}}]}}}
+    example: ClassVar[dict[str, Any]] = {
+        "scheme": {
+            "params": {
+                "stages": [
+                    {
+                        "name": "mid",
+                        "model": {"name": "mlp", "params": {"hidden": [24]}},
+                        "teacher": "teacher",
+                        "losses": {"kd": {"alpha": 1.0}},
+                    },
+                    {"name": "last", "teacher": "mid", "losses": {"ce": {}, "kd": {"alpha": 1.0}}},
+                ]
+            }
+        }
+    }
     Params = PipelineParams
 
     @classmethod
@@ -125,15 +145,32 @@ class Pipeline(Scheme):
         for i, stage in enumerate(stages):
             where = f"scheme.params.stages.{i}"
             last = i == len(stages) - 1
-            model = (ctx.student(seed) if stage.model == "student"
-                     else ctx.model(stage.model, seed=seed, where=f"{where}.model"))
-            teacher = None if stage.teacher is None else ctx.teacher() if stage.teacher == "teacher" \
+            model = (
+                ctx.student(seed)
+                if stage.model == "student"
+                else ctx.model(stage.model, seed=seed, where=f"{where}.model")
+            )
+            teacher = (
+                None
+                if stage.teacher is None
+                else ctx.teacher()
+                if stage.teacher == "teacher"
                 else models[stage.teacher]
+            )
             transfer = stage.with_transfer if stage.with_transfer is not None else teacher is not None
-            links.append(Stage(part=None if last else stage.name, model=model, teacher=teacher, losses=stage.losses,
-                              role="student" if last else stage.name,
-                              train_cfg=ctx.train_cfg(stage.train, f"{where}.train") if stage.train else None,
-                              with_transfer=transfer, label=cls.registry_name, where=f"{where}.losses",
-                              teacher_name=stage.teacher))
+            links.append(
+                Stage(
+                    part=None if last else stage.name,
+                    model=model,
+                    teacher=teacher,
+                    losses=stage.losses,
+                    role="student" if last else stage.name,
+                    train_cfg=ctx.train_cfg(stage.train, f"{where}.train") if stage.train else None,
+                    with_transfer=transfer,
+                    label=cls.registry_name,
+                    where=f"{where}.losses",
+                    teacher_name=stage.teacher,
+                )
+            )
             models[stage.name] = model
         return run_chain(ctx, seed, links)

@@ -94,18 +94,24 @@ class QKDParams(SchemeParams):
     """``scheme.params`` of ``qkd``: the phases' epochs (all three or none) and the teacher's rate."""
 
     self_study_epochs: Annotated[int, Field(ge=0)] | None = Field(
-        default=None, description="SS epochs: the student alone with cross-entropy (0 skips it)")
+        default=None, description="SS epochs: the student alone with cross-entropy (0 skips it)"
+    )
     co_study_epochs: Annotated[int, Field(ge=0)] | None = Field(
-        default=None, description="CS epochs: teacher and student learn from each other (0 skips it)")
+        default=None, description="CS epochs: teacher and student learn from each other (0 skips it)"
+    )
     tutor_epochs: Annotated[int, Field(ge=1)] | None = Field(
-        default=None, description="TU epochs: the frozen co-studied teacher teaches the student "
-        "(default for all three: train.epochs split 30/30/40; given, the three add up to train.epochs)")
+        default=None,
+        description="TU epochs: the frozen co-studied teacher teaches the student "
+        "(default for all three: train.epochs split 30/30/40; given, the three add up to train.epochs)",
+    )
     teacher_lr: Annotated[float, Field(gt=0.0)] | None = Field(
-        default=None, description="the teacher's learning rate in co-studying (default: train.optimizer.lr)")
+        default=None, description="the teacher's learning rate in co-studying (default: train.optimizer.lr)"
+    )
 
 
-def phase_epochs(total: int, given: tuple[int | None, int | None, int | None],
-                 split: tuple[float, float, float] = DEFAULT_SPLIT) -> tuple[int, int, int]:
+def phase_epochs(
+    total: int, given: tuple[int | None, int | None, int | None], split: tuple[float, float, float] = DEFAULT_SPLIT
+) -> tuple[int, int, int]:
     """The epochs of SS, CS and TU: ``given`` when all three are set, else ``total`` split by ``split``.
 
     The default split rounds SS and CS half up and gives TU the rest, e.g. 10 -> (3, 3, 4),
@@ -123,21 +129,27 @@ def phase_epochs(total: int, given: tuple[int | None, int | None, int | None],
     named = dict(zip(PHASES, given))
     if all(v is None for v in given):
         if total < 3:
-            raise ConfigError(f"train.epochs={total} is too few for QKD's three phases (self-studying, co-studying, "
-                              "tutoring: at least 1 epoch each by default); raise train.epochs, or set all of "
-                              f"scheme.params.{', '.join(PHASES)} (0 skips a phase)")
+            raise ConfigError(
+                f"train.epochs={total} is too few for QKD's three phases (self-studying, co-studying, "
+                "tutoring: at least 1 epoch each by default); raise train.epochs, or set all of "
+                f"scheme.params.{', '.join(PHASES)} (0 skips a phase)"
+            )
         ss, cs = (int(total * share + 0.5) for share in split[:2])
         return ss, cs, total - ss - cs
     if any(v is None for v in given):
         missing = [k for k, v in named.items() if v is None]
-        raise ConfigError(f"scheme.params: {', '.join(missing)} not set while "
-                          f"{', '.join(k for k in PHASES if k not in missing)} is; give all three phases' epochs "
-                          f"(adding up to train.epochs={total}) or none (train.epochs split 30/30/40)")
+        raise ConfigError(
+            f"scheme.params: {', '.join(missing)} not set while "
+            f"{', '.join(k for k in PHASES if k not in missing)} is; give all three phases' epochs "
+            f"(adding up to train.epochs={total}) or none (train.epochs split 30/30/40)"
+        )
     ss, cs, tu = (int(v) for v in given)  # type: ignore[arg-type]  # None: refused above
     if ss + cs + tu != total:
-        raise ConfigError(f"scheme.params: self_study_epochs + co_study_epochs + tutor_epochs = {ss} + {cs} + {tu} "
-                          f"= {ss + cs + tu}, but train.epochs is {total}; make the phases add up to train.epochs "
-                          "(or leave all three out to split train.epochs 30/30/40)")
+        raise ConfigError(
+            f"scheme.params: self_study_epochs + co_study_epochs + tutor_epochs = {ss} + {cs} + {tu} "
+            f"= {ss + cs + tu}, but train.epochs is {total}; make the phases add up to train.epochs "
+            "(or leave all three out to split train.epochs 30/30/40)"
+        )
     return ss, cs, tu
 
 
@@ -154,10 +166,13 @@ class CoStudyFlow(Flow):
         teacher_objective: What the teacher learns from the student.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, student_objective: Objective,
-                 teacher_objective: Objective) -> None:
-        links = [Link("student", student_objective, Peer(TEACHER, teacher)),
-                 Link(TEACHER, teacher_objective, Peer("student", student, name="student"), suffix=f"@{TEACHER}")]
+    def __init__(
+        self, student: nn.Module, teacher: nn.Module, student_objective: Objective, teacher_objective: Objective
+    ) -> None:
+        links = [
+            Link("student", student_objective, Peer(TEACHER, teacher)),
+            Link(TEACHER, teacher_objective, Peer("student", student, name="student"), suffix=f"@{TEACHER}"),
+        ]
         super().__init__({"student": student, TEACHER: teacher}, links)
         self.part_links = {MAIN: self.links[0], TEACHER: self.links[1]}
 
@@ -172,8 +187,9 @@ class CoStudyFlow(Flow):
                     views[name] = self.run_view(name, model_input(batch, self._modules[name]))
         return views
 
-    def forward(self, batch: Batch, epoch_progress: float = 0.0,
-                part: str = MAIN) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, batch: Batch, epoch_progress: float = 0.0, part: str = MAIN
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(loss, {term: value})`` of the learner of ``part`` (``main``: the student)."""
         link = self.part_links.get(part)
         if link is None:
@@ -209,18 +225,28 @@ class CoStudyTask(FlowTask):
         flow = self.flow
         found = flow.adversaries()
         if found:
-            raise ConfigError(f"scheme 'qkd': co-studying trains the student and the teacher with one optimizer each "
-                              f"and cannot add the discriminators of {sorted(found)}; use losses without one")
+            raise ConfigError(
+                f"scheme 'qkd': co-studying trains the student and the teacher with one optimizer each "
+                f"and cannot add the discriminators of {sorted(found)}; use losses without one"
+            )
         student, teacher = flow.part_links[MAIN], flow.part_links[TEACHER]
-        return [Part(MAIN, flow, exclude=(flow.get_submodule(TEACHER), teacher.objective)),
-                Part(TEACHER, flow, self.teacher_optimizer, exclude=(flow.get_submodule("student"), student.objective))]
+        return [
+            Part(MAIN, flow, exclude=(flow.get_submodule(TEACHER), teacher.objective)),
+            Part(TEACHER, flow, self.teacher_optimizer, exclude=(flow.get_submodule("student"), student.objective)),
+        ]
 
     def fingerprint(self) -> str | None:
         return self._fingerprint
 
 
-def co_study_task(ctx: Context, student: nn.Module, teacher: nn.Module, pretrained_hash: str,
-                  teacher_lr: float | None, train_optimizer: OptimizerConfig) -> CoStudyTask:
+def co_study_task(
+    ctx: Context,
+    student: nn.Module,
+    teacher: nn.Module,
+    pretrained_hash: str,
+    teacher_lr: float | None,
+    train_optimizer: OptimizerConfig,
+) -> CoStudyTask:
     """The co-studying stage: ``student`` and ``teacher`` (trained in place) learn the recipe's ``losses``
     from each other.
 
@@ -261,7 +287,7 @@ def reload_co_studied(ctx: Context, stage: str, teacher: nn.Module) -> None:
     path = folder / "last.pt"
     state = safe_load(path, hint=f"delete {str(folder)!r} to co-study again").get("module", {})
     prefix = f"{TEACHER}."
-    own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     load_weights(teacher, own, path, where=f"stage {stage!r}'s co-studied teacher")
     log.info("[%s] finished earlier; its co-studied teacher is reloaded from %s", stage, path)
 
@@ -271,8 +297,10 @@ class QKD(Scheme):
     """QKD: self-studying, co-studying with the teacher, then tutoring by the co-studied teacher."""
 
     citation = "Kim, Bhalgat, Lee, Patel, Kwak. QKD: Quantization-aware Knowledge Distillation. arXiv:1911.12491, 2019."
-    summary = ("three phases: the (quantized) student alone, then with the pre-trained teacher learning from each "
-               "other, then taught by the co-studied teacher, frozen")
+    summary = (
+        "three phases: the (quantized) student alone, then with the pre-trained teacher learning from each "
+        "other, then taught by the co-studied teacher, frozen"
+    )
     report_notes: ClassVar[tuple[str, ...]] = (
         (
             "qkd: per seed, 'self_study' is the student after self-studying (cross-entropy alone), 'co_study' the "
@@ -282,8 +310,13 @@ class QKD(Scheme):
         ),
     )
     example: ClassVar[dict[str, Any]] = {
-        "train": {"epochs": 4, "optimizer": {"name": "adamw", "lr": 0.01}, "scheduler": {"name": "constant"},
-                  "deterministic": True, "device": "cpu"},
+        "train": {
+            "epochs": 4,
+            "optimizer": {"name": "adamw", "lr": 0.01},
+            "scheduler": {"name": "constant"},
+            "deterministic": True,
+            "device": "cpu",
+        },
         "scheme": {"params": {"self_study_epochs": 1, "co_study_epochs": 1, "tutor_epochs": 2, "teacher_lr": 0.005}},
     }
     Params = QKDParams
@@ -299,21 +332,32 @@ class QKD(Scheme):
         Raises:
             ConfigError: Bad phase epochs, no pre-trained teacher, or losses that read no teacher.
         """
-        ss, cs, tu = phase_epochs(ctx.cfg.train.epochs,
-                                  (params.self_study_epochs, params.co_study_epochs, params.tutor_epochs))
+        ss, cs, tu = phase_epochs(
+            ctx.cfg.train.epochs, (params.self_study_epochs, params.co_study_epochs, params.tutor_epochs)
+        )
         if ctx.cfg.teacher is None:
-            raise ConfigError("scheme 'qkd' needs a pre-trained full-precision teacher: add a `teacher:` section "
-                              "(model name, and `checkpoint:` or `train:` settings) to the recipe")
+            raise ConfigError(
+                "scheme 'qkd' needs a pre-trained full-precision teacher: add a `teacher:` section "
+                "(model name, and `checkpoint:` or `train:` settings) to the recipe"
+            )
         require_teacher_terms(ctx.objective(), cls.registry_name, example="kd: {T: 2, alpha: 1}")
-        _refuse_extension(ctx, [(ctx.stage_name(seed, "ss"), ss), (ctx.stage_name(seed, "cs"), cs),
-                                (ctx.stage_name(seed), tu)])
+        _refuse_extension(
+            ctx, [(ctx.stage_name(seed, "ss"), ss), (ctx.stage_name(seed, "cs"), cs), (ctx.stage_name(seed), tu)]
+        )
         transfer = ctx.uses_transfer(cls)
         pretrained = ctx.teacher()
         student = ctx.student(seed)
         out: list[dict[str, Any]] = []
         if ss:  # cross-entropy alone: the context's stage of a model trained on the labels
-            out = [ctx.train_alone(ctx.stage_name(seed, "ss"), student, seed, role="self_study",
-                                   train_cfg=ctx.train_cfg({"epochs": ss}))]
+            out = [
+                ctx.train_alone(
+                    ctx.stage_name(seed, "ss"),
+                    student,
+                    seed,
+                    role="self_study",
+                    train_cfg=ctx.train_cfg({"epochs": ss}),
+                )
+            ]
         teacher = pretrained
         if cs:
             teacher = trainable_copy(ctx, pretrained)
@@ -321,14 +365,34 @@ class QKD(Scheme):
             train_cfg = ctx.train_cfg({"epochs": cs})
             task = co_study_task(ctx, student, teacher, started, params.teacher_lr, train_cfg.optimizer)
             stage = ctx.stage_name(seed, "cs")
-            out = ctx.train(stage, task, seed, role="co_study", train_cfg=train_cfg, with_transfer=transfer,
-                            label=cls.registry_name) + out
+            out = (
+                ctx.train(
+                    stage,
+                    task,
+                    seed,
+                    role="co_study",
+                    train_cfg=train_cfg,
+                    with_transfer=transfer,
+                    label=cls.registry_name,
+                )
+                + out
+            )
             task.release()
             if state_hash(teacher) == started:  # finished in an earlier process: its teacher is in its last.pt
                 reload_co_studied(ctx, stage, teacher)
         tutor = offline_task(student, ctx.objective(), ctx.frozen(teacher, TEACHER if cs else "teacher"))
-        out = ctx.train(ctx.stage_name(seed), tutor, seed, role="student", train_cfg=ctx.train_cfg({"epochs": tu}),
-                        with_transfer=transfer, label=cls.registry_name) + out
+        out = (
+            ctx.train(
+                ctx.stage_name(seed),
+                tutor,
+                seed,
+                role="student",
+                train_cfg=ctx.train_cfg({"epochs": tu}),
+                with_transfer=transfer,
+                label=cls.registry_name,
+            )
+            + out
+        )
         return out
 
 
@@ -349,9 +413,10 @@ def _refuse_extension(ctx: Context, phases: list[tuple[str, int]]) -> None:
         result = safe_load(model_pt).get("result", {}) if model_pt is not None and model_pt.is_file() else {}
         recorded.append(result.get("epochs") if isinstance(result, dict) else None)
     for i, ((stage, epochs), had) in enumerate(zip(phases, recorded)):
-        later = any(r is not None for r in recorded[i + 1:])
+        later = any(r is not None for r in recorded[i + 1 :])
         if had is not None and had != epochs and later:
             raise ConfigError(
                 f"scheme 'qkd': stage {stage!r} trained {had} epochs and this run asks for {epochs}, but a later "
                 "phase has already trained from it; the phases share one student, so a finished QKD run cannot be "
-                "extended by --resume: start a new run (or keep train.epochs and the phases' epochs as they were)")
+                "extended by --resume: start a new run (or keep train.epochs and the phases' epochs as they were)"
+            )

@@ -100,19 +100,39 @@ class ResidualFlow(Flow):
             for t in taps:
                 t.active = False
         trunk, pair = self.taps.get("student"), self.taps.get("pair")
-        return {"student": Outputs(logits=self.head(h), features=trunk.pop() if trunk is not None else {}),
-                "pair": Outputs(logits=self.pair.fc(f_s + f_a), features=pair.pop() if pair is not None else {})}
+        return {
+            "student": Outputs(logits=self.head(h), features=trunk.pop() if trunk is not None else {}),
+            "pair": Outputs(logits=self.pair.fc(f_s + f_a), features=pair.pop() if pair is not None else {}),
+        }
 
 
 def mimic_objective(name: str, student_tap: str, weight: float) -> Objective:
     """``weight * mean (F - target)^2`` between a pair feature and the teacher's (no regressor)."""
-    return Objective.from_config({name: {"loss": "fitnet", "regressor": False, "relu": False, "weight": weight,
-                                         "student_taps": [student_tap], "teacher_taps": [FEATURE]}},
-                                 where="scheme.params")
+    return Objective.from_config(
+        {
+            name: {
+                "loss": "fitnet",
+                "regressor": False,
+                "relu": False,
+                "weight": weight,
+                "student_taps": [student_tap],
+                "teacher_taps": [FEATURE],
+            }
+        },
+        where="scheme.params",
+    )
 
 
-def residual_task(teacher: nn.Module | Frozen, student: nn.Module, assistant: dict[str, Any], objective: Any,
-                  beta: float = 1.0, gamma: float = 1.0, pair_ce: float = 0.0, seed: int | None = None) -> FlowTask:
+def residual_task(
+    teacher: nn.Module | Frozen,
+    student: nn.Module,
+    assistant: dict[str, Any],
+    objective: Any,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    pair_ce: float = 0.0,
+    seed: int | None = None,
+) -> FlowTask:
     """The plan from a trained teacher, a student and an assistant spec.
 
     Args:
@@ -128,20 +148,34 @@ def residual_task(teacher: nn.Module | Frozen, student: nn.Module, assistant: di
     frozen = teacher if isinstance(teacher, Frozen) else Frozen(teacher, "teacher")
     fc = getattr(frozen.model, "fc", None)
     if not isinstance(fc, nn.Linear):
-        raise ShapeError(f"residual: the teacher {getattr(frozen.model, 'dk_name', type(frozen.model).__name__)!r} has "
-                         "no Linear `fc` classifier; its input is the feature the assistant completes")
+        raise ShapeError(
+            f"residual: the teacher {getattr(frozen.model, 'dk_name', type(frozen.model).__name__)!r} has "
+            "no Linear `fc` classifier; its input is the feature the assistant completes"
+        )
     head = getattr(student, "fc", None)
     if not isinstance(head, nn.Linear):
-        raise ShapeError(f"residual: the student {getattr(student, 'dk_name', type(student).__name__)!r} has no "
-                         "Linear `fc` classifier")
+        raise ShapeError(
+            f"residual: the student {getattr(student, 'dk_name', type(student).__name__)!r} has no "
+            "Linear `fc` classifier"
+        )
     shape = getattr(student, "dk_params", {}).get("input_shape")  # absent: the builders' default
     dims = {"input_shape": tuple(shape)} if shape else {}
-    s_spec = {"name": student.dk_name,
-              "params": {k: v for k, v in getattr(student, "dk_params", {}).items() if k not in ("num_classes", "input_shape")}}
+    s_spec = {
+        "name": student.dk_name,
+        "params": {
+            k: v for k, v in getattr(student, "dk_params", {}).items() if k not in ("num_classes", "input_shape")
+        },
+    }
     if seed is not None:
         torch.manual_seed(seed)
-    pair = create_model("residual_pair", num_classes=int(fc.out_features), **dims, student=s_spec,
-                        assistant=assistant, feature_dim=int(fc.in_features))
+    pair = create_model(
+        "residual_pair",
+        num_classes=int(fc.out_features),
+        **dims,
+        student=s_spec,
+        assistant=assistant,
+        feature_dim=int(fc.in_features),
+    )
     assert isinstance(pair, ResidualPair)
     pair.student.load_state_dict({k: v for k, v in student.state_dict().items() if not k.startswith("fc.")})
     pair.fc.load_state_dict(fc.state_dict())
@@ -149,27 +183,47 @@ def residual_task(teacher: nn.Module | Frozen, student: nn.Module, assistant: di
     make = objective if callable(objective) and not isinstance(objective, nn.Module) else (lambda: objective)
     links: list[Any] = taught("student", make, [frozen])
     links.append(Link("pair", mimic_objective("mimic", "connector", beta), frozen, where="scheme.params.beta"))
-    links.append(Link("pair", mimic_objective("residual", "assistant", gamma),
-                      ResidualTarget(frozen, "pair", "connector", FEATURE), where="scheme.params.gamma"))
+    links.append(
+        Link(
+            "pair",
+            mimic_objective("residual", "assistant", gamma),
+            ResidualTarget(frozen, "pair", "connector", FEATURE),
+            where="scheme.params.gamma",
+        )
+    )
     if pair_ce > 0:
-        links.append(Link("pair", Objective.from_config({"pair_ce": {"loss": "ce", "weight": pair_ce}}),
-                          where="scheme.params.pair_ce"))
+        links.append(
+            Link(
+                "pair",
+                Objective.from_config({"pair_ce": {"loss": "ce", "weight": pair_ce}}),
+                where="scheme.params.pair_ce",
+            )
+        )
     flow = ResidualFlow(pair, head, links)
     name = getattr(pair, "dk_params", {}).get("student", {}).get("name", "student")
-    evaluate = {"pair": pair, "student_alone": _View(pair, head, own_head=True, name=name),
-                "without_assistant": _View(pair, head, own_head=False, name="student+connector+fc_T")}
+    evaluate = {
+        "pair": pair,
+        "student_alone": _View(pair, head, own_head=True, name=name),
+        "without_assistant": _View(pair, head, own_head=False, name="student+connector+fc_T"),
+    }
     return FlowTask(flow, evaluate, primary="pair", export=pair)
 
 
 class ResidualParams(SchemeParams):
     """``scheme.params`` of ``residual``."""
 
-    assistant: ModelConfig | None = Field(default=None, description="zoo spec of the assistant (default: mlp, "
-                                          "hidden [64]); its output width is set to the teacher's feature width")
+    assistant: ModelConfig | None = Field(
+        default=None,
+        description="zoo spec of the assistant (default: mlp, "
+        "hidden [64]); its output width is set to the teacher's feature width",
+    )
     beta: Annotated[float, Field(ge=0.0)] = Field(default=1.0, description="weight of the student's mimic loss L_S")
-    gamma: Annotated[float, Field(ge=0.0)] = Field(default=1.0, description="weight of the assistant's residual loss L_A")
-    pair_ce: Annotated[float, Field(ge=0.0)] = Field(default=0.0, description="weight of cross-entropy on the pair's "
-                                                     "logits (0 = the paper's losses only)")
+    gamma: Annotated[float, Field(ge=0.0)] = Field(
+        default=1.0, description="weight of the assistant's residual loss L_A"
+    )
+    pair_ce: Annotated[float, Field(ge=0.0)] = Field(
+        default=0.0, description="weight of cross-entropy on the pair's logits (0 = the paper's losses only)"
+    )
 
 
 @register_scheme("residual")
@@ -178,7 +232,9 @@ class Residual(Scheme):
 
     default_transfer = True
     citation = "Gao, Shen, Li, Loy. Residual Knowledge Distillation. arXiv:2002.09168, 2020."
-    summary = "student mimics the teacher's feature, an assistant learns the (detached) residual; fc_T(S + A) at inference"
+    summary = (
+        "student mimics the teacher's feature, an assistant learns the (detached) residual; fc_T(S + A) at inference"
+    )
     report_notes: ClassVar[tuple[str, ...]] = (
         "residual: the student row is the pair fc_T(connector(S) + A); ':student_alone' is the student's own head, "
         "':without_assistant' is fc_T(connector(S)), i.e. what the assistant adds",
@@ -190,5 +246,13 @@ class Residual(Scheme):
         """The pair for ``seed``: the recipe student (baseline init), an assistant, the teacher's classifier."""
         teacher = ctx.frozen(ctx.teacher(), "teacher")
         spec = params.assistant or ModelConfig(name="mlp", params={"hidden": [64]})
-        return residual_task(teacher, ctx.student(seed), spec.model_dump(include={"name", "params"}), ctx.objective,
-                             beta=params.beta, gamma=params.gamma, pair_ce=params.pair_ce, seed=seed)
+        return residual_task(
+            teacher,
+            ctx.student(seed),
+            spec.model_dump(include={"name", "params"}),
+            ctx.objective,
+            beta=params.beta,
+            gamma=params.gamma,
+            pair_ce=params.pair_ce,
+            seed=seed,
+        )

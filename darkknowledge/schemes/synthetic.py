@@ -62,8 +62,9 @@ class SyntheticModule(nn.Module):
             return batch
         key = round(epoch_progress * 1_000_000)  # the same on every part of the step and on every rank
         if self._latent is None or self._latent[0] != key:
-            latent = draw_latent(self.seed, (key, 0), self.synthetic_batch, self.synth.latent_dim,
-                                 self.synth.num_classes, batch.y.device)
+            latent = draw_latent(
+                self.seed, (key, 0), self.synthetic_batch, self.synth.latent_dim, self.synth.num_classes, batch.y.device
+            )
             self._latent = (key, latent)
         return self._latent[1]
 
@@ -75,11 +76,13 @@ class SyntheticModule(nn.Module):
         none = torch.full((x.shape[0],), UNLABELED, dtype=torch.long, device=x.device)
         if not self.real:
             return Batch(x, none, none)
-        return Batch(torch.cat([batch.x, x.to(batch.x.dtype)]), torch.cat([batch.y, none]),
-                     torch.cat([batch.idx, none]))
+        return Batch(
+            torch.cat([batch.x, x.to(batch.x.dtype)]), torch.cat([batch.y, none]), torch.cat([batch.idx, none])
+        )
 
-    def forward(self, batch: Batch, epoch_progress: float = 0.0,
-                part: str = STUDENT) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, batch: Batch, epoch_progress: float = 0.0, part: str = STUDENT
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if part in self._synth_parts:
             latent = self.latent(batch, epoch_progress)
             self.synth.to_device_of(latent)
@@ -105,9 +108,18 @@ class SyntheticTask(Task):
         samples: How many samples are kept.
     """
 
-    def __init__(self, flow: Flow, teacher: Frozen, synth: Synthesizer, seed: int, batch_size: int, steps: int,
-                 real: bool = False, keep_samples: Callable[[dict[str, Any]], Any] | None = None,
-                 samples: int = 64) -> None:
+    def __init__(
+        self,
+        flow: Flow,
+        teacher: Frozen,
+        synth: Synthesizer,
+        seed: int,
+        batch_size: int,
+        steps: int,
+        real: bool = False,
+        keep_samples: Callable[[dict[str, Any]], Any] | None = None,
+        samples: int = 64,
+    ) -> None:
         self._module = SyntheticModule(flow, synth, real, seed, batch_size)
         self.teacher, self.synth, self.flow = teacher, synth, flow
         self.seed, self.batch_size, self.steps, self.real = seed, batch_size, steps, real
@@ -118,12 +130,16 @@ class SyntheticTask(Task):
     def _check_objective(self) -> None:
         needs = self.flow.links[0].needs
         if needs is not None and needs.indices:
-            raise ConfigError("losses that read dataset indices (memory banks, e.g. crd) cannot learn from "
-                              "synthesised inputs: they are samples of no dataset")
+            raise ConfigError(
+                "losses that read dataset indices (memory banks, e.g. crd) cannot learn from "
+                "synthesised inputs: they are samples of no dataset"
+            )
         if not self.real and needs is not None and needs.labels:
             terms = [n for n, t in self.flow.links[0].objective.terms.items() if t.needs_spec.labels]
-            raise ConfigError(f"losses {terms} read labels, but a data-free student has none (it never sees the "
-                              "training data); use losses that read only the teacher (e.g. kd: {T: 1, alpha: 1})")
+            raise ConfigError(
+                f"losses {terms} read labels, but a data-free student has none (it never sees the "
+                "training data); use losses that read only the teacher (e.g. kd: {T: 1, alpha: 1})"
+            )
 
     @property
     def module(self) -> nn.Module:
@@ -137,15 +153,19 @@ class SyntheticTask(Task):
         if len(set(names)) != len(names):
             raise ConfigError(f"part names collide: {names}")
         student = Part(STUDENT, self.flow, exclude=tuple(a.module for _, a in adversaries.values()))
-        return [*synth_parts, student,
-                *(Part(name, a.module, a.optimizer, every=a.every) for name, (_, a) in adversaries.items())]
+        return [
+            *synth_parts,
+            student,
+            *(Part(name, a.module, a.optimizer, every=a.every) for name, (_, a) in adversaries.items()),
+        ]
 
     def training_data(self, seed: int, device: torch.device, dist: Any = None) -> LatentLoader | None:
         if self.real:
             return None
         rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
-        return LatentLoader(self.seed, self.batch_size, self.steps, self.synth.latent_dim, self.synth.num_classes,
-                            device, rank, world)
+        return LatentLoader(
+            self.seed, self.batch_size, self.steps, self.synth.latent_dim, self.synth.num_classes, device, rank, world
+        )
 
     def attach(self, loader: Any, dist: Any = None) -> None:
         self.teacher.attach(loader, dist)  # a live teacher: nothing to build
@@ -167,16 +187,23 @@ class SyntheticTask(Task):
     def batches(self, stream: Iterator[Batch]) -> Iterator[Batch]:
         return stream
 
-    def training_step(self, model: nn.Module, batch: Batch, epoch_progress: float,
-                      part: str = MAIN) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def training_step(
+        self, model: nn.Module, batch: Batch, epoch_progress: float, part: str = MAIN
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return model(batch, epoch_progress, STUDENT if part == MAIN else part)  # MAIN: the only part
 
     def saved(self, step: int) -> None:
         """The synthesiser's pool drops what no resume needs; its current samples are kept for the report."""
         self.synth.saved()
         if self.keep_samples is not None and self.samples:
-            self.keep_samples({"x": self.synth.preview(self.samples, self.seed), "step": step,
-                               "synthesizer": self.synth.registry_name, "input_shape": list(self.synth.input_shape)})
+            self.keep_samples(
+                {
+                    "x": self.synth.preview(self.samples, self.seed),
+                    "step": step,
+                    "synthesizer": self.synth.registry_name,
+                    "input_shape": list(self.synth.input_shape),
+                }
+            )
 
     def eval_models(self) -> dict[str, nn.Module]:
         return {"student": self.flow.view_model("student")}
@@ -195,5 +222,9 @@ class SyntheticTask(Task):
     def describe(self) -> dict[str, Any]:
         student = count_params(self.flow.view_model("student"), trainable_only=True)
         adapters = count_params(self.flow, trainable_only=True) - student
-        return {"losses": self.flow.term_names(), "adapter_params": adapters,
-                "generator_params": count_params(self.synth, trainable_only=True), **self.synth.describe()}
+        return {
+            "losses": self.flow.term_names(),
+            "adapter_params": adapters,
+            "generator_params": count_params(self.synth, trainable_only=True),
+            **self.synth.describe(),
+        }

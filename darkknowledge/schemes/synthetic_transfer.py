@@ -27,8 +27,11 @@ class SyntheticTransferParams(SchemeParams):
     """``scheme.params`` of ``synthetic_transfer``."""
 
     synthesizer: SynthesizerSpec = Field(description="how the extra samples are made (e.g. dfad's generator)")
-    synthetic_batch: int | None = Field(default=None, ge=1, description="synthesised samples added to each real "
-                                        "batch (default: half of data.batch_size)")
+    synthetic_batch: int | None = Field(
+        default=None,
+        ge=1,
+        description="synthesised samples added to each real batch (default: half of data.batch_size)",
+    )
     samples: int = Field(default=64, ge=0, description="synthesised samples kept for the report (samples.pt)")
 
 
@@ -37,14 +40,17 @@ class SyntheticTransfer(Scheme):
     """Each real batch is extended by a generator's samples, labelled by the teacher alone."""
 
     default_transfer = True
-    citation = ("Gou et al., Knowledge Distillation: A Survey, IJCV 2021 (Sec. 5.1, generator-made transfer "
-                "data); Fang et al., Data-Free Adversarial Distillation, arXiv:1912.11006, 2019 (the generator).")
+    citation = (
+        "Gou et al., Knowledge Distillation: A Survey, IJCV 2021 (Sec. 5.1, generator-made transfer "
+        "data); Fang et al., Data-Free Adversarial Distillation, arXiv:1912.11006, 2019 (the generator)."
+    )
     summary = "a generator trained against teacher and student adds synthetic samples to every real batch"
     Params = SyntheticTransferParams
     example: ClassVar[dict[str, Any]] = {
         "losses": {"ce": {}, "kd": {"T": 4.0, "alpha": 1.0}},
-        "scheme": {"params": {"synthesizer": {"name": "dfad", "params": {"latent_dim": 8, "every": 2}},
-                              "synthetic_batch": 8}},
+        "scheme": {
+            "params": {"synthesizer": {"name": "dfad", "params": {"latent_dim": 8, "every": 2}}, "synthetic_batch": 8}
+        },
     }
 
     @classmethod
@@ -54,5 +60,6 @@ class SyntheticTransfer(Scheme):
     @classmethod
     def task(cls, ctx: Context, seed: int, params: Any) -> SyntheticTask:
         extra = params.synthetic_batch or max(1, ctx.cfg.data.batch_size // 2)
-        return synthetic_task(ctx, seed, params.synthesizer, ctx.stage_name(seed), extra, 1, real=True,
-                              samples=params.samples)
+        return synthetic_task(
+            ctx, seed, params.synthesizer, ctx.stage_name(seed), extra, 1, real=True, samples=params.samples
+        )

@@ -35,8 +35,9 @@ class FlowTask(Task):
         export: The deployable model (default: ``evaluate[primary]``).
     """
 
-    def __init__(self, flow: Flow, evaluate: Mapping[str, nn.Module], primary: str = "student",
-                 export: nn.Module | None = None) -> None:
+    def __init__(
+        self, flow: Flow, evaluate: Mapping[str, nn.Module], primary: str = "student", export: nn.Module | None = None
+    ) -> None:
         self.flow = flow
         self._evaluate = dict(evaluate)
         self.primary = primary
@@ -52,11 +53,14 @@ class FlowTask(Task):
         adversaries = self.flow.adversaries()
         if not adversaries:
             return [Part(MAIN, self.flow)]
-        return [Part(MAIN, self.flow, exclude=tuple(a.module for _, a in adversaries.values())),
-                *(Part(name, a.module, a.optimizer, every=a.every) for name, (_, a) in adversaries.items())]
+        return [
+            Part(MAIN, self.flow, exclude=tuple(a.module for _, a in adversaries.values())),
+            *(Part(name, a.module, a.optimizer, every=a.every) for name, (_, a) in adversaries.items()),
+        ]
 
-    def training_step(self, model: nn.Module, batch: Batch, epoch_progress: float,
-                      part: str = MAIN) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def training_step(
+        self, model: nn.Module, batch: Batch, epoch_progress: float, part: str = MAIN
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return model(batch, epoch_progress) if part == MAIN else model(batch, epoch_progress, part)
 
     @property
@@ -79,12 +83,19 @@ class FlowTask(Task):
         self.flow.attach(loader)
 
     def _check_labels(self, loader: Any) -> None:
-        reading = [name for link in self.flow.links if link.needs is not None and link.needs.labels
-                   for name, term in link.objective.terms.items() if term.needs_spec.labels]
+        reading = [
+            name
+            for link in self.flow.links
+            if link.needs is not None and link.needs.labels
+            for name, term in link.objective.terms.items()
+            if term.needs_spec.labels
+        ]
         data = getattr(loader, "data", None)
         if reading and isinstance(data, TensorData) and data.num_labeled == 0:
-            raise ConfigError(f"losses {sorted(set(reading))} read labels, but the training data has none; "
-                              "use losses that read only the teacher (e.g. kd: {alpha: 1})")
+            raise ConfigError(
+                f"losses {sorted(set(reading))} read labels, but the training data has none; "
+                "use losses that read only the teacher (e.g. kd: {alpha: 1})"
+            )
 
     def setup(self, batch: Batch, info: SetupInfo | None = None) -> None:
         self.flow.setup(batch, info)

@@ -39,10 +39,13 @@ if TYPE_CHECKING:
 class TfKDParams(SchemeParams):
     """``scheme.params`` of ``tfkd``: the virtual teacher."""
 
-    a: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(default=0.99, description="probability of the correct class "
-                                                       "in the virtual teacher (official: 0.99; paper 0.9-0.99)")
-    T: Annotated[float, Field(gt=0.0)] = Field(default=20.0, description="temperature that softens the virtual "
-                                               "teacher (official CIFAR-100: 20)")
+    a: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
+        default=0.99,
+        description="probability of the correct class in the virtual teacher (official: 0.99; paper 0.9-0.99)",
+    )
+    T: Annotated[float, Field(gt=0.0)] = Field(
+        default=20.0, description="temperature that softens the virtual teacher (official CIFAR-100: 20)"
+    )
 
 
 @register_scheme("tfkd")
@@ -51,11 +54,16 @@ class TfKD(Scheme):
 
     citation = "Yuan et al., Revisiting Knowledge Distillation via Label Smoothing Regularization (Tf-KD), CVPR 2020."
     summary = "a manually designed virtual teacher (a on the true class, uniform rest) teaches the student"
-    example: ClassVar[dict[str, Any]] = {"teacher": None, "losses": {"ce": {"weight": 0.5}, "tf_reg": {"loss": "kd", "T": 1.0, "alpha": 1.0, "weight": 0.5}}}
+    example: ClassVar[dict[str, Any]] = {
+        "teacher": None,
+        "losses": {"ce": {"weight": 0.5}, "tf_reg": {"loss": "kd", "T": 1.0, "alpha": 1.0, "weight": 0.5}},
+    }
     Params = TfKDParams
-    moved = {"alpha": "the weights are the losses': ce: {weight: 1 - alpha}, tf_reg: {loss: kd, T: 1, alpha: 1, "
-                      "weight: alpha * multiplier}",
-             "multiplier": "the scale of the term is its weight: losses.tf_reg.weight (alpha * multiplier)"}
+    moved = {
+        "alpha": "the weights are the losses': ce: {weight: 1 - alpha}, tf_reg: {loss: kd, T: 1, alpha: 1, "
+        "weight: alpha * multiplier}",
+        "multiplier": "the scale of the term is its weight: losses.tf_reg.weight (alpha * multiplier)",
+    }
 
     @classmethod
     def task(cls, ctx: Context, seed: int, params: Any) -> FlowTask:

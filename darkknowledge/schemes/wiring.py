@@ -19,9 +19,18 @@ from darkknowledge.teachers.base import Teacher
 from darkknowledge.teachers.flow import Group, Link, Mode
 
 
-def taught(view: str, make: Callable[[], Objective], teachers: Sequence[Teacher], *, mode: Mode = "mean",
-           suffix: str = "", teacher_suffixes: Sequence[str] | None = None, seed: int = 0,
-           untaught: bool = False, where: str = "losses") -> list[Link | Group]:
+def taught(
+    view: str,
+    make: Callable[[], Objective],
+    teachers: Sequence[Teacher],
+    *,
+    mode: Mode = "mean",
+    suffix: str = "",
+    teacher_suffixes: Sequence[str] | None = None,
+    seed: int = 0,
+    untaught: bool = False,
+    where: str = "losses",
+) -> list[Link | Group]:
     """Links that teach ``view`` the objective ``make()`` from ``teachers``.
 
     Args:
@@ -61,5 +70,7 @@ def require_teacher_terms(objective: Objective, scheme: str, example: str = "kd:
         ConfigError: None of the losses reads a teacher.
     """
     if not objective.teacher_terms():
-        raise ConfigError(f"scheme {scheme!r}: none of the losses {list(objective.terms)} reads a teacher, so nothing "
-                          f"would be distilled; add a distillation term such as {example}")
+        raise ConfigError(
+            f"scheme {scheme!r}: none of the losses {list(objective.terms)} reads a teacher, so nothing "
+            f"would be distilled; add a distillation term such as {example}"
+        )

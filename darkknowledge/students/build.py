@@ -28,8 +28,9 @@ QUANT_ATTR = "dk_quantize"
 """Attribute holding the validated quantization spec (a dict) of a built model (absent: float)."""
 
 
-def resolved_family(name: str, params: Mapping[str, Any], width: float = 1.0, depth: float = 1.0,
-                    where: str = "student") -> tuple[str, dict[str, Any]]:
+def resolved_family(
+    name: str, params: Mapping[str, Any], width: float = 1.0, depth: float = 1.0, where: str = "student"
+) -> tuple[str, dict[str, Any]]:
     """The registered ``(name, params)`` a spec builds: itself, or its family shrunk.
 
     Raises:
@@ -49,8 +50,9 @@ def quant_spec(quantize: Mapping[str, Any], where: str = "student.quantize") -> 
     return as_spec(quantize, where)
 
 
-def convert(model: nn.Module, ops: str = "plain", quantize: Mapping[str, Any] | None = None,
-            where: str = "student") -> nn.Module:
+def convert(
+    model: nn.Module, ops: str = "plain", quantize: Mapping[str, Any] | None = None, where: str = "student"
+) -> nn.Module:
     """Apply ``ops`` then ``quantize`` to a freshly built ``model`` in place and mark it.
 
     Args:

@@ -92,9 +92,18 @@ class DepthwiseSeparable(nn.Module):
         conv_cls, bn_cls = _CONVS[type(conv)]
         factory = {"device": conv.weight.device, "dtype": conv.weight.dtype}
         m, n = conv.in_channels, conv.out_channels
-        self.depthwise = conv_cls(m, m, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                                  dilation=conv.dilation, groups=m, bias=False, padding_mode=conv.padding_mode,
-                                  **factory)
+        self.depthwise = conv_cls(
+            m,
+            m,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=m,
+            bias=False,
+            padding_mode=conv.padding_mode,
+            **factory,
+        )
         self.bn = bn_cls(m, **factory)
         self.pointwise = conv_cls(m, n, 1, bias=conv.bias is not None, **factory)
         self.requires_grad_(conv.weight.requires_grad)
@@ -132,8 +141,10 @@ def to_depthwise(model: nn.Module, where: str = "student") -> list[str]:
         ['blocks.0.0', 'blocks.1.0', 'blocks.2.0']
     """
     if convertible(model):
-        raise ConfigError(f"{where}: the model is itself a single {type(model).__name__}; put it inside a module "
-                          "(e.g. nn.Sequential(conv)) so that it can be replaced")
+        raise ConfigError(
+            f"{where}: the model is itself a single {type(model).__name__}; put it inside a module "
+            "(e.g. nn.Sequential(conv)) so that it can be replaced"
+        )
     replacements: dict[int, DepthwiseSeparable] = {}
     replaced: list[str] = []
     for parent_path, parent in list(model.named_modules()):
@@ -145,9 +156,11 @@ def to_depthwise(model: nn.Module, where: str = "student") -> list[str]:
             setattr(parent, child_name, replacements[id(child)])
             replaced.append(f"{parent_path}.{child_name}" if parent_path else child_name)
     if not replaced:
-        raise ConfigError(f"{where}: 'depthwise' has nothing to convert in {type(model).__name__}: "
-                          f"{_why_none(model)}. It makes nn.Conv1d/nn.Conv2d layers with groups=1, a kernel "
-                          "of more than one tap and more than one input channel depthwise-separable")
+        raise ConfigError(
+            f"{where}: 'depthwise' has nothing to convert in {type(model).__name__}: "
+            f"{_why_none(model)}. It makes nn.Conv1d/nn.Conv2d layers with groups=1, a kernel "
+            "of more than one tap and more than one input channel depthwise-separable"
+        )
     return replaced
 
 
@@ -160,6 +173,10 @@ def _why_none(model: nn.Module) -> str:
     pointwise = sum(1 for m in convs if m.groups == 1 and math.prod(m.kernel_size) == 1)
     single = sum(1 for m in convs if m.groups == 1 and math.prod(m.kernel_size) > 1 and m.in_channels == 1)
     other = len(convs) - grouped - pointwise - single
-    parts = [f"{grouped} grouped/depthwise", f"{pointwise} 1x1", f"{single} with one input channel",
-             f"{other} of another kind (transposed, 3-D)"]
+    parts = [
+        f"{grouped} grouped/depthwise",
+        f"{pointwise} 1x1",
+        f"{single} with one input channel",
+        f"{other} of another kind (transposed, 3-D)",
+    ]
     return f"its {len(convs)} convolutions are " + ", ".join(p for p in parts if not p.startswith("0 "))

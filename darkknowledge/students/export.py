@@ -78,8 +78,11 @@ def _compare(got: Any, ref: torch.Tensor | None, atol: float) -> dict[str, Any]:
         return {"check": "skipped: the model's output is not a tensor (or a tuple starting with one)"}
     got = torch.as_tensor(got).to(ref.dtype)
     if tuple(got.shape) != tuple(ref.shape):
-        return {"max_abs_diff": None, "within_tol": False,
-                "check": f"output shape {tuple(got.shape)} differs from torch's {tuple(ref.shape)}"}
+        return {
+            "max_abs_diff": None,
+            "within_tol": False,
+            "check": f"output shape {tuple(got.shape)} differs from torch's {tuple(ref.shape)}",
+        }
     diff = float((got - ref).abs().max()) if ref.numel() else 0.0  # max |export(x) - torch(x)|
     scale = max(1.0, float(ref.abs().max())) if ref.numel() else 1.0
     return {"max_abs_diff": diff, "within_tol": diff <= atol * scale}
@@ -90,8 +93,9 @@ def _check_formats(formats: Sequence[str]) -> tuple[str, ...]:
         formats = (formats,)
     bad = [f for f in formats if f not in FILES]
     if bad or not formats:
-        raise ConfigError(f"export formats {list(formats)!r}: unknown {bad or 'none given'}; "
-                          f"valid formats: {', '.join(FORMATS)}")
+        raise ConfigError(
+            f"export formats {list(formats)!r}: unknown {bad or 'none given'}; valid formats: {', '.join(FORMATS)}"
+        )
     return tuple(dict.fromkeys(formats))
 
 
@@ -102,16 +106,19 @@ def _check_spec(spec: Any) -> str:
     try:
         return json.dumps(spec)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"export spec {spec!r:.120} cannot be written as JSON ({exc}); "
-                          "use numbers, strings, lists and dicts") from None
+        raise ConfigError(
+            f"export spec {spec!r:.120} cannot be written as JSON ({exc}); use numbers, strings, lists and dicts"
+        ) from None
 
 
 def _write_safetensors(net: nn.Module, path: Path, spec: dict[str, Any]) -> dict[str, Any]:
     state = {k: v for k, v in net.state_dict().items() if isinstance(v, torch.Tensor)}
     from safetensors.torch import save
 
-    data = save({k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()},
-                metadata={"format": "pt", "darkknowledge": "student", "model": spec["name"]})
+    data = save(
+        {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()},
+        metadata={"format": "pt", "darkknowledge": "student", "model": spec["name"]},
+    )
     atomic_write(path, lambda f: f.write(data))
     return {"tensors": len(state), "bytes": len(data)}
 
@@ -124,24 +131,29 @@ def _onnx_bytes(net: nn.Module, x: torch.Tensor) -> tuple[bytes, dict[str, Any]]
         warnings.simplefilter("always")
         try:
             buf: Any = io.BytesIO()  # the legacy exporter writes to a file object (its stubs name paths only)
-            torch.onnx.export(net, (x,), buf, dynamo=False, dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                              **names)
+            torch.onnx.export(
+                net, (x,), buf, dynamo=False, dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, **names
+            )
             data, info = buf.getvalue(), {"exporter": "torchscript"}
         except Exception as legacy:  # noqa: BLE001 - any exporter failure means: try the other one
             log.info("legacy ONNX export failed (%s); trying the dynamo exporter", one_line(legacy))
             try:
                 traced_on = repeat_batch(x, max(2, x.shape[0]))  # a batch of 1 would be specialized
-                program = torch.onnx.export(net, (traced_on,), dynamo=True, verbose=False,
-                                            dynamic_shapes=({0: torch.export.Dim.AUTO},), **names)
+                program = torch.onnx.export(
+                    net, (traced_on,), dynamo=True, verbose=False, dynamic_shapes=({0: torch.export.Dim.AUTO},), **names
+                )
                 assert program is not None  # without a file, the dynamo exporter returns the program
                 with tempfile.TemporaryDirectory() as tmp:
                     program.save(Path(tmp) / "model.onnx", external_data=False)  # one file (2 GB at most)
                     data = (Path(tmp) / "model.onnx").read_bytes()
             except Exception as dynamo:  # noqa: BLE001
-                raise RuntimeError(f"legacy exporter: {one_line(legacy, 200)}; dynamo exporter: "
-                                   f"{one_line(dynamo, 200)}") from None
+                raise RuntimeError(
+                    f"legacy exporter: {one_line(legacy, 200)}; dynamo exporter: {one_line(dynamo, 200)}"
+                ) from None
             info = {"exporter": "dynamo", "legacy_reason": one_line(legacy)}
-    tracer = sorted({_first_sentence(str(w.message)) for w in caught if issubclass(w.category, torch.jit.TracerWarning)})
+    tracer = sorted(
+        {_first_sentence(str(w.message)) for w in caught if issubclass(w.category, torch.jit.TracerWarning)}
+    )
     if tracer:
         info["warnings"] = tracer[:3]
     info["opset"] = _opset(data)
@@ -187,7 +199,9 @@ def _write_onnx(net: nn.Module, x: torch.Tensor, path: Path, ref: torch.Tensor |
     return {**info, **_run_onnx(path, x, ref, atol)}
 
 
-def _write_program(net: nn.Module, x: torch.Tensor, path: Path, ref: torch.Tensor | None, atol: float) -> dict[str, Any]:
+def _write_program(
+    net: nn.Module, x: torch.Tensor, path: Path, ref: torch.Tensor | None, atol: float
+) -> dict[str, Any]:
     traced_on = repeat_batch(x, max(2, x.shape[0]))  # (max(2, B), *input_shape): a batch of 1 would be specialized
     program = torch.export.export(net, (traced_on,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
     atomic_write(path, lambda f: torch.export.save(program, f))
@@ -200,8 +214,14 @@ def _write_program(net: nn.Module, x: torch.Tensor, path: Path, ref: torch.Tenso
     return {"dynamic_batch": dynamic, **_compare(out, ref, atol)}
 
 
-def export_student(model: nn.Module, spec: dict[str, Any], out_dir: str | Path, example: torch.Tensor,
-                   formats: Sequence[str] = FORMATS, atol: float = 1e-4) -> dict[str, dict[str, Any]]:
+def export_student(
+    model: nn.Module,
+    spec: dict[str, Any],
+    out_dir: str | Path,
+    example: torch.Tensor,
+    formats: Sequence[str] = FORMATS,
+    atol: float = 1e-4,
+) -> dict[str, dict[str, Any]]:
     """Write ``model`` in each of ``formats`` (and ``model.json``) into ``out_dir``.
 
     Args:
@@ -249,7 +269,11 @@ def export_student(model: nn.Module, spec: dict[str, Any], out_dir: str | Path, 
         "format": FORMAT_VERSION,
         "kind": "student",
         "spec": spec,
-        "input": {"shape": list(x.shape[1:]), "example_shape": list(x.shape), "dtype": str(x.dtype).replace("torch.", "")},
+        "input": {
+            "shape": list(x.shape[1:]),
+            "example_shape": list(x.shape),
+            "dtype": str(x.dtype).replace("torch.", ""),
+        },
         "torch": torch.__version__,
         "exports": {fmt: {**r, "path": FILES[fmt]} for fmt, r in results.items()},
     }
@@ -280,11 +304,15 @@ def load_student_weights(model: nn.Module, path: str | Path) -> nn.Module:
     try:
         state = load_file(str(path), device="cpu")
     except Exception as exc:  # noqa: BLE001 - any parse failure means a damaged file
-        raise CheckpointError(f"cannot read student weights {str(path)!r}: {one_line(exc)}; the file is damaged "
-                              "or not a safetensors file: export the student again") from None
+        raise CheckpointError(
+            f"cannot read student weights {str(path)!r}: {one_line(exc)}; the file is damaged "
+            "or not a safetensors file: export the student again"
+        ) from None
     problem = weights_problem(model.state_dict(), state)
     if problem:
-        raise CheckpointError(f"student weights {str(path)!r} do not fit the {type(model).__name__} model "
-                              f"({problem}); build the model from the export's model.json spec")
+        raise CheckpointError(
+            f"student weights {str(path)!r} do not fit the {type(model).__name__} model "
+            f"({problem}); build the model from the export's model.json spec"
+        )
     model.load_state_dict(state)
     return model

@@ -218,8 +218,14 @@ def model_bits(model: nn.Module) -> int | None:
     return max(bits) if bits else None
 
 
-def profile_model(model: nn.Module, example: torch.Tensor, batch_n: int, repeats: int = 20, warmup: int = 3,
-                  quant_bits_default: int = 8) -> ModelProfile:
+def profile_model(
+    model: nn.Module,
+    example: torch.Tensor,
+    batch_n: int,
+    repeats: int = 20,
+    warmup: int = 3,
+    quant_bits_default: int = 8,
+) -> ModelProfile:
     """Measure ``model``'s parameters, sizes, FLOPs and CPU latency at batch 1 and ``batch_n``.
 
     Args:
@@ -248,15 +254,27 @@ def profile_model(model: nn.Module, example: torch.Tensor, batch_n: int, repeats
             flops = count_flops(net, x1)
         except (RuntimeError, ValueError, TypeError) as exc:
             first = " ".join(str(exc).split())[:200]
-            raise ShapeError(f"the model does not run on an example of shape {tuple(x1.shape)} "
-                             f"({type(exc).__name__}: {first}); pass inputs of the shape it was built for") from None
+            raise ShapeError(
+                f"the model does not run on an example of shape {tuple(x1.shape)} "
+                f"({type(exc).__name__}: {first}); pass inputs of the shape it was built for"
+            ) from None
         latency_1 = median_latency_ms(net, x1, repeats, warmup)
         latency_n = median_latency_ms(net, xn, repeats, warmup)
         size_fp32 = len(safetensors_bytes(fp32_state(net)))
         size_q, quant_bits, ptq_bits = quantized_size(net, quant_bits_default)
         params = count_params(net)
-    profile = ModelProfile(params=params, size_fp32_bytes=size_fp32, size_quant_bytes=size_q, quant_bits=quant_bits,
-                           flops=flops, latency_ms_b1=latency_1, latency_ms_bN=latency_n, batch_n=batch_n,
-                           threads=torch.get_num_threads(), repeats=repeats, ptq_bits=ptq_bits)
+    profile = ModelProfile(
+        params=params,
+        size_fp32_bytes=size_fp32,
+        size_quant_bytes=size_q,
+        quant_bits=quant_bits,
+        flops=flops,
+        latency_ms_b1=latency_1,
+        latency_ms_bN=latency_n,
+        batch_n=batch_n,
+        threads=torch.get_num_threads(),
+        repeats=repeats,
+        ptq_bits=ptq_bits,
+    )
     log.debug("profile of %s: %s", type(model).__name__, profile)
     return profile

@@ -32,8 +32,18 @@ from darkknowledge.students.profile import ModelProfile
 
 log = logging.getLogger(__name__)
 
-ROW_KEYS = ("role", "name", "params", "size_fp32_bytes", "size_quant_bytes", "quant_bits", "flops",
-            "latency_ms_b1", "latency_ms_bN", "batch_n")
+ROW_KEYS = (
+    "role",
+    "name",
+    "params",
+    "size_fp32_bytes",
+    "size_quant_bytes",
+    "quant_bits",
+    "flops",
+    "latency_ms_b1",
+    "latency_ms_bN",
+    "batch_n",
+)
 """The keys every row must hold (``acc`` and ``ptq_bits`` may be None or absent)."""
 MISSING = "-"
 
@@ -64,8 +74,10 @@ def _check_rows(rows: Sequence[dict[str, Any]]) -> None:
             raise ConfigError(f"student_table: row {i} must be a dict (see profile_row), got {type(row).__name__}")
         missing = [k for k in ROW_KEYS if k not in row]
         if missing:
-            raise ConfigError(f"student_table: row {i} ({row.get('name')!r}) lacks {', '.join(missing)}; "
-                              f"rows need {', '.join(ROW_KEYS)} (build them with profile_row)")
+            raise ConfigError(
+                f"student_table: row {i} ({row.get('name')!r}) lacks {', '.join(missing)}; "
+                f"rows need {', '.join(ROW_KEYS)} (build them with profile_row)"
+            )
 
 
 def _scaled(value: float, units: Sequence[tuple[float, str]], digits: int = 3) -> str:
@@ -140,15 +152,32 @@ def student_table(rows: Sequence[dict[str, Any]]) -> str:
     _check_rows(rows)
     sizes = sorted({r["batch_n"] for r in rows})
     batch_head = f"latency b={sizes[0]} (ms)" if len(sizes) == 1 else "latency b=N (ms)"
-    head = ["role", "model", "params", "size fp32", "size quantized", "FLOPs", "latency b=1 (ms)", batch_head,
-            "acc", "speed-up", "compression"]
+    head = [
+        "role",
+        "model",
+        "params",
+        "size fp32",
+        "size quantized",
+        "FLOPs",
+        "latency b=1 (ms)",
+        batch_head,
+        "acc",
+        "speed-up",
+        "compression",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     teacher = next((r for r in rows if r["role"] == "teacher"), None)
     for r in rows:
         latency_n = human_ms(r["latency_ms_bN"]) + ("" if len(sizes) == 1 else f" (b={r['batch_n']})")
         cells = [
-            r["role"], r["name"], human_params(r["params"]), human_bytes(r["size_fp32_bytes"]), _quant_cell(r),
-            human_flops(r["flops"]), human_ms(r["latency_ms_b1"]), latency_n,
+            r["role"],
+            r["name"],
+            human_params(r["params"]),
+            human_bytes(r["size_fp32_bytes"]),
+            _quant_cell(r),
+            human_flops(r["flops"]),
+            human_ms(r["latency_ms_b1"]),
+            latency_n,
             MISSING if r.get("acc") is None else f"{r['acc']:.2f}",
             _ratio(teacher["latency_ms_b1"], r["latency_ms_b1"]) if teacher else MISSING,
             _ratio(teacher["size_fp32_bytes"], deployable_bytes(r)) if teacher else MISSING,
@@ -183,10 +212,21 @@ def plot_accuracy_latency(rows: Sequence[dict[str, Any]], path: str | Path) -> P
     ax = fig.add_subplot(1, 1, 1)
     for r in points:
         teacher = r["role"] == "teacher"
-        ax.plot([r["latency_ms_b1"]], [r["acc"]], marker="s" if teacher else "o", markersize=7 if teacher else 6,
-                color="tab:red" if teacher else "tab:blue", linestyle="none")
-        ax.annotate(f"{r['name']} ({r['role']})", (r["latency_ms_b1"], r["acc"]), textcoords="offset points",
-                    xytext=(4, 4), fontsize=7)
+        ax.plot(
+            [r["latency_ms_b1"]],
+            [r["acc"]],
+            marker="s" if teacher else "o",
+            markersize=7 if teacher else 6,
+            color="tab:red" if teacher else "tab:blue",
+            linestyle="none",
+        )
+        ax.annotate(
+            f"{r['name']} ({r['role']})",
+            (r["latency_ms_b1"], r["acc"]),
+            textcoords="offset points",
+            xytext=(4, 4),
+            fontsize=7,
+        )
     latencies = [r["latency_ms_b1"] for r in points]
     if max(latencies) / min(latencies) > 20:
         ax.set_xscale("log")

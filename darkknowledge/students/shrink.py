@@ -105,8 +105,12 @@ def scale_blocks(blocks: Sequence[int], depth: float, family: str) -> tuple[int,
     """
     out = tuple(scale(n, depth) for n in blocks)
     if depth != 1 and out == tuple(blocks):
-        logger.warning("%s: depth %g leaves the layers per stage %s unchanged (each stage keeps at least one)",
-                       family, depth, list(blocks))
+        logger.warning(
+            "%s: depth %g leaves the layers per stage %s unchanged (each stage keeps at least one)",
+            family,
+            depth,
+            list(blocks),
+        )
     return out
 
 
@@ -118,8 +122,10 @@ def check_multiplier(value: Any, key: str, where: str = "student") -> float:
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
         what = "channels" if key == "width" else "layers per stage"
-        raise ConfigError(f"{where}.{key}: must be a finite number > 0 that multiplies the teacher's {what} "
-                          f"(0.5 halves them, 1 keeps them), got {value!r}")
+        raise ConfigError(
+            f"{where}.{key}: must be a finite number > 0 that multiplies the teacher's {what} "
+            f"(0.5 halves them, 1 keeps them), got {value!r}"
+        )
     return float(value)
 
 
@@ -167,16 +173,22 @@ def shrink_cnn2d(params: dict[str, Any], width: float, depth: float) -> tuple[st
     per block times ``depth``."""
     (layers,) = scale_blocks((params["block_layers"],), depth, "cnn2d")
     hidden = scale(params["hidden"], width) if params["hidden"] > 0 else 0
-    return "cnn2d", {**params, "channels": scale_widths(params["channels"], width), "hidden": hidden,
-                     "block_layers": layers}
+    return "cnn2d", {
+        **params,
+        "channels": scale_widths(params["channels"], width),
+        "hidden": hidden,
+        "block_layers": layers,
+    }
 
 
 @register_shrink("lenet")
 def shrink_lenet(params: dict[str, Any], width: float, depth: float) -> tuple[str, dict[str, Any]]:
     """Conv channels and the hidden width times ``width``; LeNet-5 has one conv per stage."""
     if scale_blocks((1, 1, 1), depth, "lenet") != (1, 1, 1):
-        raise ConfigError(f"LeNet-5 has one conv per stage and no deeper form: depth must round one layer to "
-                          f"one (depth < 1.5), got {depth:g}; use 'cnn2d' for a deeper student")
+        raise ConfigError(
+            f"LeNet-5 has one conv per stage and no deeper form: depth must round one layer to "
+            f"one (depth < 1.5), got {depth:g}; use 'cnn2d' for a deeper student"
+        )
     return "lenet", {**params, "widths": scale_widths(params["widths"], width)}
 
 
@@ -187,8 +199,10 @@ register_layouts(shrink_lenet, {"lenet5": {"widths": LENET5_WIDTHS}, "lenet5_hal
 @register_shrink("resnet_cifar")
 def shrink_resnet_cifar(params: dict[str, Any], width: float, depth: float) -> tuple[str, dict[str, Any]]:
     """Stem and stage widths times ``width``; BasicBlocks per stage times ``depth``."""
-    return "resnet_cifar", {"blocks": scale_blocks(params["blocks"], depth, "resnet_cifar"),
-                            "widths": scale_widths(params["widths"], width)}
+    return "resnet_cifar", {
+        "blocks": scale_blocks(params["blocks"], depth, "resnet_cifar"),
+        "widths": scale_widths(params["widths"], width),
+    }
 
 
 _CIFAR, _CIFAR_X4 = (16, 16, 32, 64), (32, 64, 128, 256)
@@ -204,8 +218,11 @@ register_layouts(shrink_resnet_cifar, RESNET_CIFAR_LAYOUTS)
 @register_shrink("resnet_imagenet")
 def shrink_resnet_imagenet(params: dict[str, Any], width: float, depth: float) -> tuple[str, dict[str, Any]]:
     """Stage widths (the stem follows the first) times ``width``; blocks per stage times ``depth``."""
-    return "resnet_imagenet", {"blocks": scale_blocks(params["blocks"], depth, "resnet_imagenet"),
-                               "widths": scale_widths(params["widths"], width), "stem": params["stem"]}
+    return "resnet_imagenet", {
+        "blocks": scale_blocks(params["blocks"], depth, "resnet_imagenet"),
+        "widths": scale_widths(params["widths"], width),
+        "stem": params["stem"],
+    }
 
 
 _BASIC_WIDTHS = (64, 128, 256, 512)
@@ -223,8 +240,10 @@ register_layouts(shrink_resnet_imagenet, RESNET_IMAGENET_LAYOUTS)
 def shrink_resnet_bottleneck(params: dict[str, Any], width: float, depth: float) -> tuple[str, dict[str, Any]]:
     """Bottleneck widths (stage outputs are 4x, the stem follows the first) times ``width``;
     bottlenecks per stage times ``depth``."""
-    return "resnet_bottleneck_cifar", {"blocks": scale_blocks(params["blocks"], depth, "resnet_bottleneck_cifar"),
-                                       "planes": scale_widths(params["planes"], width)}
+    return "resnet_bottleneck_cifar", {
+        "blocks": scale_blocks(params["blocks"], depth, "resnet_bottleneck_cifar"),
+        "planes": scale_widths(params["planes"], width),
+    }
 
 
 register_layouts(shrink_resnet_bottleneck, {"resnet50_cifar": {"blocks": (3, 4, 6, 3), "planes": (64, 128, 256, 512)}})
@@ -233,8 +252,11 @@ register_layouts(shrink_resnet_bottleneck, {"resnet50_cifar": {"blocks": (3, 4, 
 @register_shrink("wide_resnet")
 def shrink_wide_resnet(params: dict[str, Any], width: float, depth: float) -> tuple[str, dict[str, Any]]:
     """Stem and stage widths times ``width``; blocks per stage times ``depth``; dropout kept."""
-    return "wide_resnet", {"blocks": scale_blocks(params["blocks"], depth, "wide_resnet"),
-                           "widths": scale_widths(params["widths"], width), "dropout": params["dropout"]}
+    return "wide_resnet", {
+        "blocks": scale_blocks(params["blocks"], depth, "wide_resnet"),
+        "widths": scale_widths(params["widths"], width),
+        "dropout": params["dropout"],
+    }
 
 
 @register_shrink("wrn")
@@ -256,14 +278,19 @@ register_layouts(shrink_wrn, WRN_LAYOUTS)
 @register_shrink("vgg")
 def shrink_vgg(params: dict[str, Any], width: float, depth: float) -> tuple[str, dict[str, Any]]:
     """Block widths times ``width``; convs per block times ``depth`` (five blocks kept)."""
-    return "vgg", {"layers": scale_blocks(params["layers"], depth, "vgg"),
-                   "widths": scale_widths(params["widths"], width)}
+    return "vgg", {
+        "layers": scale_blocks(params["layers"], depth, "vgg"),
+        "widths": scale_widths(params["widths"], width),
+    }
 
 
 _VGG_WIDTHS = (64, 128, 256, 512, 512)
 VGG_LAYOUTS: dict[str, tuple[int, ...]] = {
-    "vgg8": (1, 1, 1, 1, 1), "vgg11": (1, 1, 2, 2, 2), "vgg13": (2, 2, 2, 2, 2),
-    "vgg16": (2, 2, 3, 3, 3), "vgg19": (2, 2, 4, 4, 4),
+    "vgg8": (1, 1, 1, 1, 1),
+    "vgg11": (1, 1, 2, 2, 2),
+    "vgg13": (2, 2, 2, 2, 2),
+    "vgg16": (2, 2, 3, 3, 3),
+    "vgg19": (2, 2, 4, 4, 4),
 }
 """The fixed VGGs: convs per block (widths 64, 128, 256, 512, 512)."""
 register_layouts(shrink_vgg, {n: {"layers": layers, "widths": _VGG_WIDTHS} for n, layers in VGG_LAYOUTS.items()})
@@ -280,11 +307,11 @@ def shrink_mobilenetv2(params: dict[str, Any], width: float, depth: float) -> tu
     mult = params["width_mult"] * width
     floor = 1.0 / MOBILENETV2_NARROWEST
     if mult < floor:
-        logger.warning("mobilenetv2: width_mult %g raised to %g, the least that leaves every layer a channel",
-                       mult, floor)
+        logger.warning(
+            "mobilenetv2: width_mult %g raised to %g, the least that leaves every layer a channel", mult, floor
+        )
         mult = floor
-    return "mobilenetv2", {**params, "width_mult": mult,
-                           "blocks": scale_blocks(params["blocks"], depth, "mobilenetv2")}
+    return "mobilenetv2", {**params, "width_mult": mult, "blocks": scale_blocks(params["blocks"], depth, "mobilenetv2")}
 
 
 @register_shrink("shufflenetv1")
@@ -297,8 +324,11 @@ def shrink_shufflenetv1(params: dict[str, Any], width: float, depth: float) -> t
     for c in params["widths"]:
         previous = max(previous + step, scale_to_step(c, width, step))
         widths.append(previous)
-    return "shufflenetv1", {"widths": tuple(widths), "blocks": scale_blocks(params["blocks"], depth, "shufflenetv1"),
-                            "stem_channels": stem}
+    return "shufflenetv1", {
+        "widths": tuple(widths),
+        "blocks": scale_blocks(params["blocks"], depth, "shufflenetv1"),
+        "stem_channels": stem,
+    }
 
 
 @register_shrink("shufflenetv2")
@@ -318,8 +348,10 @@ def shrink_shufflenetv2(params: dict[str, Any], width: float, depth: float) -> t
 @register_shrink("residual_pair")
 def shrink_residual_pair(params: dict[str, Any], width: float, depth: float) -> tuple[str, dict[str, Any]]:
     """Not a family: always raises."""
-    raise ConfigError("'residual_pair' is a student beside a residual assistant, not a model family: shrink "
-                      "its 'student' and 'assistant' specs instead")
+    raise ConfigError(
+        "'residual_pair' is a student beside a residual assistant, not a model family: shrink "
+        "its 'student' and 'assistant' specs instead"
+    )
 
 
 # ------------------------------------------------------------------------------- the entry
@@ -366,8 +398,9 @@ def shrink_spec(
     width = check_multiplier(width, "width", where)
     depth = check_multiplier(depth, "depth", where)
     if name not in SHRINK_RULES or name not in MODELS:
-        raise ConfigError(f"{where}: model {name!r} has no width/depth shrink rule. Shrinkable families: "
-                          f"{', '.join(shrinkable())}.")
+        raise ConfigError(
+            f"{where}: model {name!r} has no width/depth shrink rule. Shrinkable families: {', '.join(shrinkable())}."
+        )
     builder = MODELS.get(name)
     checked = validate_kwargs(builder, dict(params), where=f"{where}.params")
     data = {k: checked.pop(k) for k in DATA_PARAMS if k in checked}

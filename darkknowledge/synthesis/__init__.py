@@ -17,5 +17,11 @@ from darkknowledge.synthesis.base import (
 
 import_modules(__name__, __path__)
 
-__all__ = ["SYNTHESIZERS", "Synthesizer", "SynthesizerParams", "draw_latent", "register_synthesizer",
-           "resolve_synthesizer"]
+__all__ = [
+    "SYNTHESIZERS",
+    "Synthesizer",
+    "SynthesizerParams",
+    "draw_latent",
+    "register_synthesizer",
+    "resolve_synthesizer",
+]

@@ -48,8 +48,10 @@ def build_discrepancy(losses: Mapping[str, Mapping[str, Any] | None], where: str
             or a schedule key other than ``weight``.
     """
     if not isinstance(losses, Mapping) or not losses:
-        raise ConfigError(f"{where}: give at least one loss term, e.g. {{logit_l1: {{}}}} or "
-                          f"{{kd: {{T: 1, alpha: 1}}}} (got {losses!r})")
+        raise ConfigError(
+            f"{where}: give at least one loss term, e.g. {{logit_l1: {{}}}} or "
+            f"{{kd: {{T: 1, alpha: 1}}}} (got {losses!r})"
+        )
     try:
         objective = Objective.from_config(losses, where=where)
     except RegistryError as exc:  # a KeyError: give it the config path and make it a ConfigError
@@ -57,12 +59,16 @@ def build_discrepancy(losses: Mapping[str, Mapping[str, Any] | None], where: str
     for name, term in objective.terms.items():
         spec = term.needs_spec
         if not spec.teacher_logits:
-            raise ConfigError(f"{where}.{name}: loss {type(term).registry_name!r} does not compare the teacher's "
-                              "logits with the student's; a discrepancy needs one that does, e.g. logit_l1 or kd")
+            raise ConfigError(
+                f"{where}.{name}: loss {type(term).registry_name!r} does not compare the teacher's "
+                "logits with the student's; a discrepancy needs one that does, e.g. logit_l1 or kd"
+            )
         schedule = objective.schedules[name]
         if schedule != TermSchedule(weight=schedule.weight):
-            raise ConfigError(f"{where}.{name}: a discrepancy term takes a constant weight only; drop "
-                              "warmup_epochs, warmup_shape, start_epoch and stop_epoch")
+            raise ConfigError(
+                f"{where}.{name}: a discrepancy term takes a constant weight only; drop "
+                "warmup_epochs, warmup_shape, start_epoch and stop_epoch"
+            )
     return objective
 
 
@@ -84,21 +90,33 @@ class Discrepancy(nn.Module):
         """Bind and set up once: refuse terms that read more than logits or bring adapters."""
         for name, term in self.objective.terms.items():
             needs = term.bind(student, teacher)
-            extra = [what for what, on in (("features", bool(needs.student_taps or needs.teacher_taps)),
-                                           ("labels", needs.labels), ("sample indices", needs.indices)) if on]
+            extra = [
+                what
+                for what, on in (
+                    ("features", bool(needs.student_taps or needs.teacher_taps)),
+                    ("labels", needs.labels),
+                    ("sample indices", needs.indices),
+                )
+                if on
+            ]
             if extra:
-                raise ConfigError(f"{self.where}.{name}: the discrepancy sees logits only, but loss "
-                                  f"{type(term).registry_name!r} reads {' and '.join(extra)}; use a logit loss "
-                                  "such as logit_l1 or kd (alpha: 1)")
+                raise ConfigError(
+                    f"{self.where}.{name}: the discrepancy sees logits only, but loss "
+                    f"{type(term).registry_name!r} reads {' and '.join(extra)}; use a logit loss "
+                    "such as logit_l1 or kd (alpha: 1)"
+                )
         info = SetupInfo(num_classes=int(t.shape[-1]), batch_size=int(t.shape[0]))
         self.objective.setup(Outputs(s.detach()), Outputs(t.detach()), info)
         if any(True for _ in self.objective.parameters()):
-            raise ConfigError(f"{self.where}: a discrepancy term built trainable parameters (an adapter); "
-                              "the generator's step does not train them: use a loss without adapters")
+            raise ConfigError(
+                f"{self.where}: a discrepancy term built trainable parameters (an adapter); "
+                "the generator's step does not train them: use a loss without adapters"
+            )
         self._ready = True
 
-    def forward(self, x: torch.Tensor, student: nn.Module, teacher: nn.Module
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, x: torch.Tensor, student: nn.Module, teacher: nn.Module
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(D, {term: value})`` on inputs ``x`` ``(B, *input_shape)``, gradients to ``x`` through both models."""
         s = run_model(student, x)  # (B, K)
         t = run_model(teacher, x)  # (B, K), not detached: the generator's gradient runs through the teacher
@@ -120,7 +138,8 @@ class AdversarialParams(GeneratorParams):
 
     discrepancy: dict[str, dict[str, Any] | None] = Field(
         default_factory=losses_default({"logit_l1": {}}),
-        description="what the generator maximises: a losses mapping on logits")
+        description="what the generator maximises: a losses mapping on logits",
+    )
 
     @field_validator("discrepancy")
     @classmethod
@@ -131,10 +150,12 @@ class AdversarialParams(GeneratorParams):
 
 class AdversarialSynthesizer(GeneratorSynthesizer):
     """A generator that maximises its ``discrepancy`` between teacher and student (DFAD, ZSKT)."""
+
     params: AdversarialParams
 
-    def __init__(self, params: AdversarialParams, teacher: nn.Module, input_shape: tuple[int, ...],
-                 num_classes: int) -> None:
+    def __init__(
+        self, params: AdversarialParams, teacher: nn.Module, input_shape: tuple[int, ...], num_classes: int
+    ) -> None:
         super().__init__(params, teacher, input_shape, num_classes)
         self.discrepancy = Discrepancy(build_discrepancy(params.discrepancy, where=WHERE), where=WHERE)
 

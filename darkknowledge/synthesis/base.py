@@ -56,8 +56,14 @@ class SynthesizerParams(BaseModel):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
 
-def draw_latent(seed: int, key: tuple[int, int], batch_size: int, latent_dim: int, num_classes: int,
-                device: torch.device | str = "cpu") -> Batch:
+def draw_latent(
+    seed: int,
+    key: tuple[int, int],
+    batch_size: int,
+    latent_dim: int,
+    num_classes: int,
+    device: torch.device | str = "cpu",
+) -> Batch:
     """One latent batch: ``x`` codes ``z ~ N(0, I)`` ``(B, latent_dim)``, ``y`` target classes ``(B,)``
     drawn uniformly (class-conditional synthesis reads them; the student never gets them as labels).
 
@@ -96,8 +102,9 @@ class Synthesizer(nn.Module):
     latent_dim: int = 0
     teacher: nn.Module  # a plain attribute (set in __init__), not a submodule
 
-    def __init__(self, params: SynthesizerParams, teacher: nn.Module, input_shape: tuple[int, ...],
-                 num_classes: int) -> None:
+    def __init__(
+        self, params: SynthesizerParams, teacher: nn.Module, input_shape: tuple[int, ...], num_classes: int
+    ) -> None:
         super().__init__()
         self.params = params
         self.__dict__["teacher"] = teacher  # a plain attribute: not a submodule
@@ -146,8 +153,9 @@ class Synthesizer(nn.Module):
         return {"synthesizer": self.registry_name}
 
 
-def resolve_synthesizer(name: str, params: dict[str, Any], where: str = "scheme.params.synthesizer"
-                        ) -> tuple[type[Synthesizer], SynthesizerParams]:
+def resolve_synthesizer(
+    name: str, params: dict[str, Any], where: str = "scheme.params.synthesizer"
+) -> tuple[type[Synthesizer], SynthesizerParams]:
     """The synthesiser class and its validated params.
 
     Raises:
@@ -158,8 +166,10 @@ def resolve_synthesizer(name: str, params: dict[str, Any], where: str = "scheme.
     fields = cls.Params.model_fields
     for key in params:
         if key not in fields:
-            raise ConfigError(f"{where}.params.{key}: unknown parameter {key!r} of synthesizer {name!r}."
-                              f"{did_you_mean(key, fields)} Valid parameters: {', '.join(fields) or 'none'}.")
+            raise ConfigError(
+                f"{where}.params.{key}: unknown parameter {key!r} of synthesizer {name!r}."
+                f"{did_you_mean(key, fields)} Valid parameters: {', '.join(fields) or 'none'}."
+            )
     try:
         return cls, cls.Params(**params)
     except pydantic.ValidationError as exc:

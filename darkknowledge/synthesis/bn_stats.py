@@ -36,9 +36,13 @@ __all__ = ["BNStatsHook", "batch_statistics", "bn_statistics_loss", "find_batchn
 
 def _has_running_stats(module: nn.Module) -> bool:
     """A batch-norm layer (any ``_BatchNorm``: BatchNorm1d/2d/3d, SyncBatchNorm, ...) with running statistics."""
-    return (isinstance(module, _BatchNorm) and module.track_running_stats
-            and isinstance(module.running_mean, torch.Tensor) and isinstance(module.running_var, torch.Tensor)
-            and not isinstance(module.running_mean, nn.parameter.UninitializedBuffer))
+    return (
+        isinstance(module, _BatchNorm)
+        and module.track_running_stats
+        and isinstance(module.running_mean, torch.Tensor)
+        and isinstance(module.running_var, torch.Tensor)
+        and not isinstance(module.running_mean, nn.parameter.UninitializedBuffer)
+    )
 
 
 def find_batchnorms(model: nn.Module, paths: Iterable[str] | None = None) -> dict[str, _BatchNorm]:
@@ -63,13 +67,15 @@ def find_batchnorms(model: nn.Module, paths: Iterable[str] | None = None) -> dic
         raise ConfigError(
             f"model {type(model).__name__} has no batch-norm layer with running statistics (BatchNorm1d/2d/3d, "
             "SyncBatchNorm with track_running_stats=True); DeepInversion's feature regulariser needs a teacher "
-            "with batch-norm layers: choose another teacher or another synthesizer")
+            "with batch-norm layers: choose another teacher or another synthesizer"
+        )
     if paths is None:
         return found
     wanted = list(paths)
     if not wanted:
-        raise ConfigError(f"bn_layers: an empty list selects no layer; leave it out to use all of them "
-                          f"({', '.join(found)})")
+        raise ConfigError(
+            f"bn_layers: an empty list selects no layer; leave it out to use all of them ({', '.join(found)})"
+        )
     names = dict(model.named_modules())
     for path in wanted:
         if path in found:
@@ -78,8 +84,9 @@ def find_batchnorms(model: nn.Module, paths: Iterable[str] | None = None) -> dic
             why = "names no module of the model"
         else:
             why = f"is a {type(names[path]).__name__}, not a batch-norm layer with running statistics"
-        raise ConfigError(f"bn_layers: {path!r} {why}.{did_you_mean(path, found)} "
-                          f"Batch-norm layers: {', '.join(found)}")
+        raise ConfigError(
+            f"bn_layers: {path!r} {why}.{did_you_mean(path, found)} Batch-norm layers: {', '.join(found)}"
+        )
     chosen = set(wanted)
     return {name: m for name, m in found.items() if name in chosen}
 
@@ -102,9 +109,13 @@ def batch_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var
 
 
-def bn_statistics_loss(means: Sequence[torch.Tensor], vars: Sequence[torch.Tensor],
-                       running_means: Sequence[torch.Tensor], running_vars: Sequence[torch.Tensor],
-                       weights: Sequence[float] | None = None) -> torch.Tensor:
+def bn_statistics_loss(
+    means: Sequence[torch.Tensor],
+    vars: Sequence[torch.Tensor],
+    running_means: Sequence[torch.Tensor],
+    running_vars: Sequence[torch.Tensor],
+    weights: Sequence[float] | None = None,
+) -> torch.Tensor:
     """R_feature of Yin et al. 2020, Eq. (4): ``Σ_l w_l (||μ_l - μ̂_l||_2 + ||σ²_l - σ̂²_l||_2)``.
 
     Args:
@@ -123,16 +134,20 @@ def bn_statistics_loss(means: Sequence[torch.Tensor], vars: Sequence[torch.Tenso
     """
     n = len(means)
     if n == 0 or not (len(vars) == len(running_means) == len(running_vars) == n):
-        raise ConfigError(f"bn_statistics_loss needs the same number (>= 1) of means, vars, running means and "
-                          f"running vars (got {len(means)}, {len(vars)}, {len(running_means)}, {len(running_vars)})")
+        raise ConfigError(
+            f"bn_statistics_loss needs the same number (>= 1) of means, vars, running means and "
+            f"running vars (got {len(means)}, {len(vars)}, {len(running_means)}, {len(running_vars)})"
+        )
     w = [1.0] * n if weights is None else [float(v) for v in weights]
     if len(w) != n:
         raise ConfigError(f"bn_statistics_loss: {len(w)} weights for {n} layers")
     total = means[0].new_zeros((), dtype=torch.float32)
     for wl, mu, var, rmu, rvar in zip(w, means, vars, running_means, running_vars):
         if mu.shape != rmu.shape or var.shape != rvar.shape:
-            raise ConfigError(f"bn_statistics_loss: batch statistics of shape {tuple(mu.shape)} do not fit running "
-                              f"statistics of shape {tuple(rmu.shape)}")
+            raise ConfigError(
+                f"bn_statistics_loss: batch statistics of shape {tuple(mu.shape)} do not fit running "
+                f"statistics of shape {tuple(rmu.shape)}"
+            )
         d_mean = torch.linalg.vector_norm(rmu.detach().to(mu.dtype) - mu)  # ||E(μ) - μ(x̂)||_2, scalar
         d_var = torch.linalg.vector_norm(rvar.detach().to(var.dtype) - var)  # ||E(σ²) - σ²(x̂)||_2, scalar
         total = total + wl * (d_mean + d_var)
@@ -190,8 +205,10 @@ class BNStatsHook:
         """
         ran = [name for name in self.layers if name in self.stats]
         if not ran:
-            raise ConfigError(f"none of the batch-norm layers {', '.join(self.layers)} ran in the forward pass: "
-                              "run the network inside the BNStatsHook block, or select layers on its forward path")
+            raise ConfigError(
+                f"none of the batch-norm layers {', '.join(self.layers)} ran in the forward pass: "
+                "run the network inside the BNStatsHook block, or select layers on its forward path"
+            )
         first = next(iter(self.layers))
         weights = [self.first_bn_multiplier if name == first else 1.0 for name in ran]
         means = [self.stats[name][0] for name in ran]

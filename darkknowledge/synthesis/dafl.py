@@ -101,8 +101,9 @@ def information_entropy_loss(logits: torch.Tensor) -> torch.Tensor:
     return (p * torch.log10(p.clamp_min(_TINY))).sum()
 
 
-def dafl_generator_loss(logits: torch.Tensor, features: torch.Tensor | None, oh: float, a: float, ie: float
-                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def dafl_generator_loss(
+    logits: torch.Tensor, features: torch.Tensor | None, oh: float, a: float, ie: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``L_G = oh * L_oh + a * L_a + ie * L_ie`` (Eq. 6; the paper's ``alpha``, ``beta`` are ``a``, ``ie``).
 
     Args:
@@ -132,16 +133,23 @@ class DaflParams(GeneratorParams):
     latent_dim: int = Field(default=100, ge=1, description="width of the codes z (code: 100; CIFAR README: 1000)")
     oh: float = Field(default=1.0, ge=0.0, description="weight of the one-hot loss L_oh (code: 1)")
     a: float = Field(default=0.1, ge=0.0, description="weight alpha of the activation loss L_a (code: 0.1)")
-    ie: float = Field(default=5.0, ge=0.0, description="weight beta of the information-entropy loss L_ie, "
-                      "base-10 (code: 5)")
-    feature_tap: str | None = Field(default=None, description="the teacher's feature for L_a, a tap path such as "
-                                    "'fc:input' (None: the last of the teacher's feature_taps())")
+    ie: float = Field(
+        default=5.0, ge=0.0, description="weight beta of the information-entropy loss L_ie, base-10 (code: 5)"
+    )
+    feature_tap: str | None = Field(
+        default=None,
+        description="the teacher's feature for L_a, a tap path such as "
+        "'fc:input' (None: the last of the teacher's feature_taps())",
+    )
     every: int = Field(default=1, ge=1, description="the generator steps on every this-many-th batch (code: 1)")
-    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(name="adam", lr=0.2),
-                                       description="the generator's optimizer (code: Adam, lr 0.2; CIFAR: 0.02)")
-    scheduler: SchedulerConfig | None = Field(default_factory=lambda: SchedulerConfig(name="constant"),
-                                              description="the generator's LR schedule (code: constant; None: "
-                                              "the stage's train.scheduler)")
+    optimizer: OptimizerConfig = Field(
+        default_factory=lambda: OptimizerConfig(name="adam", lr=0.2),
+        description="the generator's optimizer (code: Adam, lr 0.2; CIFAR: 0.02)",
+    )
+    scheduler: SchedulerConfig | None = Field(
+        default_factory=lambda: SchedulerConfig(name="constant"),
+        description="the generator's LR schedule (code: constant; None: the stage's train.scheduler)",
+    )
 
 
 @register_synthesizer("dafl")
@@ -152,16 +160,17 @@ class Dafl(GeneratorSynthesizer):
     is the same latent batch; on any other batch on a fresh ``G(z)``.
     """
 
-    citation = ("Chen, Wang, Xu, Yang, Liu, Shi, Xu, Xu, Tian. Data-Free Learning of Student Networks. "
-                "ICCV 2019 (arXiv:1904.01186).")
+    citation = (
+        "Chen, Wang, Xu, Yang, Liu, Shi, Xu, Xu, Tian. Data-Free Learning of Student Networks. "
+        "ICCV 2019 (arXiv:1904.01186)."
+    )
     summary = "generator trained so the teacher is confident, strongly activated and class-balanced on its samples"
     Params = DaflParams
     example: ClassVar[dict[str, Any]] = {"latent_dim": 8, "width": 0.125, "optimizer": {"lr": 0.01}}
     bn_eps = 0.8  # nn.BatchNorm2d(c, 0.8) in the authors' generator
     params: DaflParams
 
-    def __init__(self, params: DaflParams, teacher: nn.Module, input_shape: tuple[int, ...], num_classes: int
-                 ) -> None:
+    def __init__(self, params: DaflParams, teacher: nn.Module, input_shape: tuple[int, ...], num_classes: int) -> None:
         super().__init__(params, teacher, input_shape, num_classes)
         self.feature_tap = self._resolve_tap(params, teacher) if params.a > 0 else None
         if self.feature_tap is not None:
@@ -179,7 +188,8 @@ class Dafl(GeneratorSynthesizer):
             raise ConfigError(
                 f"synthesizer 'dafl'.params.feature_tap: the teacher ({type(model).__name__}) has no feature_taps(), "
                 "so name the feature of the activation loss: the input of its classifier, e.g. 'fc:input', or its "
-                "last conv stage (or set a: 0 to drop the activation loss)")
+                "last conv stage (or set a: 0 to drop the activation loss)"
+            )
         return taps[-1]
 
     def generator_every(self) -> int:

@@ -128,9 +128,18 @@ def competition_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
     return 1.0 - (0.5 * kl_mp + 0.5 * kl_mq).clamp(0.0, 1.0)
 
 
-def deepinversion_loss(teacher_logits: torch.Tensor, targets: torch.Tensor, x: torch.Tensor, r_feature: torch.Tensor,
-                       bn: float, tv: float, l2: float, student_logits: torch.Tensor | None = None,
-                       competition: float = 0.0, T: float = 3.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def deepinversion_loss(
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    x: torch.Tensor,
+    r_feature: torch.Tensor,
+    bn: float,
+    tv: float,
+    l2: float,
+    student_logits: torch.Tensor | None = None,
+    competition: float = 0.0,
+    T: float = 3.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``CE(T(x̂), y) + α_tv R_TV + α_l2 R_l2 + α_f R_feature [+ α_c R_compete]`` (Eq. 2-8).
 
     Args:
@@ -172,28 +181,41 @@ def latent_seed(latent: Batch) -> int:
 class DeepInversionParams(GeneratorParams):
     """DeepInversion's parameters (defaults: the official CIFAR-10 "parameters from the paper")."""
 
-    mode: Literal["inputs", "generator"] = Field(default="inputs", description="inputs: optimise input batches "
-                                                 "(the paper); generator: train a generator on the same loss")
+    mode: Literal["inputs", "generator"] = Field(
+        default="inputs",
+        description="inputs: optimise input batches (the paper); generator: train a generator on the same loss",
+    )
     iterations: int = Field(default=2000, ge=1, description="Adam steps per input batch (CIFAR code: 2000)")
     input_lr: float = Field(default=0.05, gt=0.0, description="Adam lr of the inputs (CIFAR README: 0.05)")
-    input_betas: tuple[float, float] = Field(default=(0.9, 0.999), description="Adam betas of the inputs (CIFAR "
-                                             "code: torch's defaults; ImageNet code: (0.5, 0.9))")
+    input_betas: tuple[float, float] = Field(
+        default=(0.9, 0.999),
+        description="Adam betas of the inputs (CIFAR code: torch's defaults; ImageNet code: (0.5, 0.9))",
+    )
     bn: float = Field(default=10.0, ge=0.0, description="α_f, weight of R_feature (CIFAR README: 10; ImageNet: 0.01)")
-    first_bn_multiplier: float = Field(default=1.0, ge=0.0, description="extra weight of the first BN layer "
-                                       "(CIFAR code: none; ImageNet code: 10)")
+    first_bn_multiplier: float = Field(
+        default=1.0, ge=0.0, description="extra weight of the first BN layer (CIFAR code: none; ImageNet code: 10)"
+    )
     tv: float = Field(default=2.5e-5, ge=0.0, description="α_tv, weight of the l2 total variation (CIFAR: 2.5e-5)")
     l2: float = Field(default=0.0, ge=0.0, description="α_l2, weight of the inputs' l2 norm (CIFAR: 0)")
     competition: float = Field(default=0.0, ge=0.0, description="α_c of Adaptive DeepInversion (0: off; paper 0.2)")
     competition_T: float = Field(default=3.0, gt=0.0, description="temperature of the competition term (code: 3)")
-    jitter: int = Field(default=2, ge=0, description="random roll of up to this many pixels per step (CIFAR: 2; "
-                        "ImageNet: 30; 0: off)")
+    jitter: int = Field(
+        default=2, ge=0, description="random roll of up to this many pixels per step (CIFAR: 2; ImageNet: 30; 0: off)"
+    )
     flip: bool = Field(default=False, description="random horizontal flips of images per step (ImageNet code)")
     bn_layers: list[str] | None = Field(default=None, description="the teacher's BN layer paths (None: all)")
     pool_size: int = Field(default=4096, ge=1, description="synthetic samples kept for the student's draws")
-    synthesize_every: int = Field(default=1, ge=1, description="a new batch (inputs) or a generator step "
-                                  "(generator) every this many student batches")
-    replay: float = Field(default=0.0, ge=0.0, le=1.0, description="generator mode: share of the student's batch "
-                          "drawn from the pool of earlier generated batches")
+    synthesize_every: int = Field(
+        default=1,
+        ge=1,
+        description="a new batch (inputs) or a generator step (generator) every this many student batches",
+    )
+    replay: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="generator mode: share of the student's batch drawn from the pool of earlier generated batches",
+    )
 
 
 @register_synthesizer("deepinversion")
@@ -210,16 +232,19 @@ class DeepInversion(Synthesizer):
         generator: The generator (``generator`` mode only).
     """
 
-    citation = ("Yin, Molchanov, Alvarez, Li, Mallya, Hoiem, Jha, Kautz. Dreaming to Distill: Data-free Knowledge "
-                "Transfer via DeepInversion. CVPR 2020 (arXiv:1912.08795).")
+    citation = (
+        "Yin, Molchanov, Alvarez, Li, Mallya, Hoiem, Jha, Kautz. Dreaming to Distill: Data-free Knowledge "
+        "Transfer via DeepInversion. CVPR 2020 (arXiv:1912.08795)."
+    )
     summary = "inputs optimised so the teacher predicts the target class with its BN statistics matched"
     Params = DeepInversionParams
     example: ClassVar[dict[str, Any]] = {"mode": "inputs", "iterations": 3, "pool_size": 1024, "latent_dim": 4}
     batches: torch.Tensor  # a buffer
     params: DeepInversionParams
 
-    def __init__(self, params: DeepInversionParams, teacher: nn.Module, input_shape: tuple[int, ...],
-                 num_classes: int) -> None:
+    def __init__(
+        self, params: DeepInversionParams, teacher: nn.Module, input_shape: tuple[int, ...], num_classes: int
+    ) -> None:
         super().__init__(params, teacher, input_shape, num_classes)
         self.latent_dim = params.latent_dim
         self.bn_layers = find_batchnorms(unwrap(teacher), params.bn_layers)
@@ -228,12 +253,16 @@ class DeepInversion(Synthesizer):
         if self.spatial == 0:
             for key in ("tv", "jitter"):
                 if key in explicit and getattr(params, key) > 0:
-                    raise ConfigError(f"synthesizer 'deepinversion'.params.{key}: inputs of shape {self.input_shape} "
-                                      "have no spatial axis to smooth or roll; valid: (C, L) or (C, H, W) inputs, or "
-                                      f"{key}: 0")
+                    raise ConfigError(
+                        f"synthesizer 'deepinversion'.params.{key}: inputs of shape {self.input_shape} "
+                        "have no spatial axis to smooth or roll; valid: (C, L) or (C, H, W) inputs, or "
+                        f"{key}: 0"
+                    )
         if params.flip and self.spatial != 2:
-            raise ConfigError(f"synthesizer 'deepinversion'.params.flip: flips are for images (C, H, W); inputs "
-                              f"have shape {self.input_shape}")
+            raise ConfigError(
+                f"synthesizer 'deepinversion'.params.flip: flips are for images (C, H, W); inputs "
+                f"have shape {self.input_shape}"
+            )
         self.pool = SamplePool(params.pool_size, self.input_shape)
         self.register_buffer("batches", torch.zeros((), dtype=torch.long))
         self.generator: nn.Module | None = None
@@ -274,8 +303,9 @@ class DeepInversion(Synthesizer):
         finally:
             student.train(was)
 
-    def objective(self, x: torch.Tensor, targets: torch.Tensor, student: nn.Module | None
-                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def objective(
+        self, x: torch.Tensor, targets: torch.Tensor, student: nn.Module | None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of inputs ``x`` ``(B, *input_shape)`` (already jittered) for ``targets`` ``(B,)``."""
         p: DeepInversionParams = self.params
         with BNStatsHook(self.bn_layers, p.first_bn_multiplier) as hook:
@@ -283,8 +313,18 @@ class DeepInversion(Synthesizer):
             r_feature = hook.loss()
         use_student = p.competition > 0 and student is not None
         s_logits = self._student_logits(student, x) if student is not None and use_student else None
-        return deepinversion_loss(logits, targets, x, r_feature, p.bn, p.tv, p.l2, s_logits,
-                                  p.competition if use_student else 0.0, p.competition_T)
+        return deepinversion_loss(
+            logits,
+            targets,
+            x,
+            r_feature,
+            p.bn,
+            p.tv,
+            p.l2,
+            s_logits,
+            p.competition if use_student else 0.0,
+            p.competition_T,
+        )
 
     def invert(self, latent: Batch, student: nn.Module | None) -> torch.Tensor:
         """A batch of inputs optimised from noise for ``latent.y``, ``(B, *input_shape)``, detached."""
@@ -323,8 +363,10 @@ class DeepInversion(Synthesizer):
     def _generate(self, latent: Batch) -> torch.Tensor:
         z = latent.x  # (B, latent_dim)
         if z.dim() != 2 or z.shape[1] != self.latent_dim:
-            raise ConfigError(f"synthesizer 'deepinversion': latent codes of shape {tuple(z.shape)}; expected "
-                              f"(B, {self.latent_dim}) (its latent_dim)")
+            raise ConfigError(
+                f"synthesizer 'deepinversion': latent codes of shape {tuple(z.shape)}; expected "
+                f"(B, {self.latent_dim}) (its latent_dim)"
+            )
         assert self.generator is not None  # mode: generator
         return self.generator(z)
 
@@ -361,11 +403,22 @@ class DeepInversion(Synthesizer):
     def describe(self) -> dict[str, Any]:
         """Mode, BN layers, pool and generator facts for the report."""
         p: DeepInversionParams = self.params
-        out: dict[str, Any] = {**super().describe(), "mode": p.mode, "bn_layers": list(self.bn_layers),
-                               "pool": {"capacity": p.pool_size, "samples": len(self.pool),
-                                        "directory": None if self.pool.directory is None else str(self.pool.directory)}}
+        out: dict[str, Any] = {
+            **super().describe(),
+            "mode": p.mode,
+            "bn_layers": list(self.bn_layers),
+            "pool": {
+                "capacity": p.pool_size,
+                "samples": len(self.pool),
+                "directory": None if self.pool.directory is None else str(self.pool.directory),
+            },
+        }
         if self.generator is not None:
-            out["generator"] = {"parameters": sum(q.numel() for q in self.generator.parameters()),
-                                "latent_dim": p.latent_dim, "width": p.width, "every": p.synthesize_every,
-                                "optimizer": p.optimizer.model_dump()}
+            out["generator"] = {
+                "parameters": sum(q.numel() for q in self.generator.parameters()),
+                "latent_dim": p.latent_dim,
+                "width": p.width,
+                "every": p.synthesize_every,
+                "optimizer": p.optimizer.model_dump(),
+            }
         return out

@@ -43,21 +43,24 @@ class DfadParams(AdversarialParams):
     """DFAD's parameters (defaults: the authors' CIFAR code)."""
 
     latent_dim: int = Field(default=256, ge=1, description="width of the codes z (code: 256 CIFAR, 100 MNIST)")
-    every: int = Field(default=5, ge=1, description="one generator step per this many batches, i.e. student "
-                       "steps (code: 5)")
-    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(name="adam", lr=1e-3),
-                                       description="the generator's optimizer (code: Adam, lr 1e-3)")
+    every: int = Field(
+        default=5, ge=1, description="one generator step per this many batches, i.e. student steps (code: 5)"
+    )
+    optimizer: OptimizerConfig = Field(
+        default_factory=lambda: OptimizerConfig(name="adam", lr=1e-3),
+        description="the generator's optimizer (code: Adam, lr 1e-3)",
+    )
     discrepancy: dict[str, dict[str, Any] | None] = Field(
         default_factory=losses_default({"logit_l1": {}}),
-        description="what the generator maximises: a losses mapping on logits (paper: MAE, logit_l1)")
+        description="what the generator maximises: a losses mapping on logits (paper: MAE, logit_l1)",
+    )
 
 
 @register_synthesizer("dfad")
 class Dfad(AdversarialSynthesizer):
     """DFAD (Fang et al., 2019): ``G`` maximises the teacher-student logit MAE; the student minimises it."""
 
-    citation = ("Fang, Song, Shen, Wang, Chen, Song. Data-Free Adversarial Distillation. "
-                "arXiv:1912.11006, 2019.")
+    citation = "Fang, Song, Shen, Wang, Chen, Song. Data-Free Adversarial Distillation. arXiv:1912.11006, 2019."
     summary = "adversarial generator maximising the teacher-student logit discrepancy (MAE)"
     Params = DfadParams
     example: ClassVar[dict[str, Any]] = {"latent_dim": 8, "width": 0.125, "every": 2}

@@ -83,13 +83,16 @@ class ConvGenerator(nn.Module):
         ShapeError: An input shape of another rank, or a non-positive size.
     """
 
-    def __init__(self, input_shape: tuple[int, ...], latent_dim: int, width: float = 1.0, tanh: bool = True,
-                 bn_eps: float = 1e-5) -> None:
+    def __init__(
+        self, input_shape: tuple[int, ...], latent_dim: int, width: float = 1.0, tanh: bool = True, bn_eps: float = 1e-5
+    ) -> None:
         super().__init__()
         shape = tuple(int(s) for s in input_shape)
         if len(shape) not in (1, 2, 3) or min(shape, default=0) < 1:
-            raise ShapeError(f"generator: input_shape {tuple(input_shape)} is not (C, H, W), (C, L) or (D,) with "
-                             "positive sizes; a data-free synthesiser makes images, signals or flat vectors")
+            raise ShapeError(
+                f"generator: input_shape {tuple(input_shape)} is not (C, H, W), (C, L) or (D,) with "
+                "positive sizes; a data-free synthesiser makes images, signals or flat vectors"
+            )
         self.input_shape = shape
         self.flat = len(shape) == 1
         channels, spatial = (1, shape) if self.flat else (shape[0], shape[1:])
@@ -119,8 +122,9 @@ class ConvGenerator(nn.Module):
         return x.flatten(1) if self.flat else x  # (B, *input_shape)
 
 
-def build_generator(input_shape: tuple[int, ...], latent_dim: int, width: float = 1.0, tanh: bool = True,
-                    bn_eps: float = 1e-5) -> ConvGenerator:
+def build_generator(
+    input_shape: tuple[int, ...], latent_dim: int, width: float = 1.0, tanh: bool = True, bn_eps: float = 1e-5
+) -> ConvGenerator:
     """The generator for inputs of ``input_shape`` (see :class:`ConvGenerator` for the arguments)."""
     return ConvGenerator(input_shape, latent_dim, width=width, tanh=tanh, bn_eps=bn_eps)
 
@@ -133,12 +137,17 @@ class GeneratorParams(SynthesizerParams):
     """
 
     latent_dim: int = Field(default=100, ge=1, description="width of the generator's Gaussian codes z")
-    width: float = Field(default=1.0, gt=0.0, description="channel multiplier of the generator (1: 128 and 64 "
-                         "channels, as in the papers' code)")
-    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(name="adam", lr=1e-3),
-                                       description="the generator's optimizer")
-    scheduler: SchedulerConfig | None = Field(default=None, description="the generator's LR schedule (None: the "
-                                              "stage's train.scheduler)")
+    width: float = Field(
+        default=1.0,
+        gt=0.0,
+        description="channel multiplier of the generator (1: 128 and 64 channels, as in the papers' code)",
+    )
+    optimizer: OptimizerConfig = Field(
+        default_factory=lambda: OptimizerConfig(name="adam", lr=1e-3), description="the generator's optimizer"
+    )
+    scheduler: SchedulerConfig | None = Field(
+        default=None, description="the generator's LR schedule (None: the stage's train.scheduler)"
+    )
 
     @field_validator("optimizer", mode="before")
     @classmethod
@@ -164,8 +173,9 @@ class GeneratorSynthesizer(Synthesizer):
     bn_eps: float = 1e-5
     params: GeneratorParams
 
-    def __init__(self, params: GeneratorParams, teacher: nn.Module, input_shape: tuple[int, ...],
-                 num_classes: int) -> None:
+    def __init__(
+        self, params: GeneratorParams, teacher: nn.Module, input_shape: tuple[int, ...], num_classes: int
+    ) -> None:
         super().__init__(params, teacher, input_shape, num_classes)
         self.latent_dim = params.latent_dim
         self.generator = build_generator(self.input_shape, params.latent_dim, params.width, self.tanh, self.bn_eps)
@@ -177,15 +187,18 @@ class GeneratorSynthesizer(Synthesizer):
     def parts(self) -> list[Part]:
         """One part: the generator, with its own optimizer, schedule and step ratio."""
         p: GeneratorParams = self.params
-        return [Part(GENERATOR, self.generator, optimizer=p.optimizer, scheduler=p.scheduler,
-                     every=self.generator_every())]
+        return [
+            Part(GENERATOR, self.generator, optimizer=p.optimizer, scheduler=p.scheduler, every=self.generator_every())
+        ]
 
     def codes(self, latent: Batch) -> torch.Tensor:
         """The latent batch's codes ``z`` ``(B, latent_dim)``, their shape checked."""
         z = latent.x  # (B, latent_dim)
         if z.dim() != 2 or z.shape[1] != self.latent_dim:
-            raise ShapeError(f"synthesizer {self.registry_name!r}: latent codes of shape {tuple(z.shape)}; "
-                             f"expected (B, {self.latent_dim}) (its latent_dim)")
+            raise ShapeError(
+                f"synthesizer {self.registry_name!r}: latent codes of shape {tuple(z.shape)}; "
+                f"expected (B, {self.latent_dim}) (its latent_dim)"
+            )
         return z
 
     def generate(self, latent: Batch) -> torch.Tensor:

@@ -46,8 +46,17 @@ class LatentLoader:
     augment = None
     replay = None
 
-    def __init__(self, seed: int, batch_size: int, steps: int, latent_dim: int, num_classes: int,
-                 device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        seed: int,
+        batch_size: int,
+        steps: int,
+        latent_dim: int,
+        num_classes: int,
+        device: torch.device | str = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         if batch_size < 1 or steps < 1:
             raise ConfigError(f"a latent loader needs batch_size >= 1 and steps >= 1 (got {batch_size}, {steps})")
         self.seed, self.batch_size, self.steps = seed, batch_size, steps
@@ -75,5 +84,7 @@ class LatentLoader:
             yield Batch(latent.x[start:stop], latent.y[start:stop], latent.idx[start:stop]).to(self.device)
 
     def __repr__(self) -> str:
-        return (f"LatentLoader(seed={self.seed}, batch_size={self.batch_size}, steps={self.steps}, "
-                f"latent_dim={self.latent_dim})")
+        return (
+            f"LatentLoader(seed={self.seed}, batch_size={self.batch_size}, steps={self.steps}, "
+            f"latent_dim={self.latent_dim})"
+        )

@@ -45,8 +45,12 @@ def gaussian_inputs(z: torch.Tensor, input_shape: tuple[int, ...], std: float) -
 class NoiseParams(SynthesizerParams):
     """Parameters of the noise floor."""
 
-    std: float = Field(default=1.0, gt=0.0, description="standard deviation of the inputs in the normalised "
-                       "input space (1: the scale of standardised data)")
+    std: float = Field(
+        default=1.0,
+        gt=0.0,
+        description="standard deviation of the inputs in the normalised "
+        "input space (1: the scale of standardised data)",
+    )
 
 
 @register_synthesizer("noise")
@@ -59,8 +63,7 @@ class Noise(Synthesizer):
     example: ClassVar[dict[str, Any]] = {"std": 1.0}
     params: NoiseParams
 
-    def __init__(self, params: NoiseParams, teacher: nn.Module, input_shape: tuple[int, ...], num_classes: int
-                 ) -> None:
+    def __init__(self, params: NoiseParams, teacher: nn.Module, input_shape: tuple[int, ...], num_classes: int) -> None:
         super().__init__(params, teacher, input_shape, num_classes)
         self.latent_dim = math.prod(self.input_shape)
 
@@ -68,8 +71,10 @@ class Noise(Synthesizer):
         """``std * z`` of this latent batch, as inputs ``(B, *input_shape)``."""
         z = latent.x  # (B, prod(input_shape))
         if z.dim() != 2 or z.shape[1] != self.latent_dim:
-            raise ShapeError(f"synthesizer 'noise': latent codes of shape {tuple(z.shape)}; expected "
-                             f"(B, {self.latent_dim}) = (B, prod(input_shape {self.input_shape}))")
+            raise ShapeError(
+                f"synthesizer 'noise': latent codes of shape {tuple(z.shape)}; expected "
+                f"(B, {self.latent_dim}) = (B, prod(input_shape {self.input_shape}))"
+            )
         return gaussian_inputs(z.detach(), self.input_shape, self.params.std)
 
     def describe(self) -> dict[str, Any]:

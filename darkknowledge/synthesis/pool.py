@@ -87,8 +87,14 @@ class SamplePool(nn.Module):
 
     count: torch.Tensor
 
-    def __init__(self, capacity: int, input_shape: tuple[int, ...], directory: str | Path | None = None,
-                 teacher_hash: str = "", dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        input_shape: tuple[int, ...],
+        directory: str | Path | None = None,
+        teacher_hash: str = "",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         super().__init__()
         if int(capacity) < 1:
             raise ConfigError(f"sample pool capacity must be >= 1 sample (got {capacity})")
@@ -151,8 +157,10 @@ class SamplePool(nn.Module):
             raise ConfigError(f"{str(path)!r} holds no sample pool ({_META} is missing)")
         pool = cls(meta["capacity"], tuple(meta["input_shape"]), None, meta["teacher"], _DTYPES[meta["dtype"]])
         if teacher_hash is not None and str(teacher_hash) != meta["teacher"]:
-            raise ConfigError(f"sample pool {str(path)!r} was made with teacher {meta['teacher']!r}, not "
-                              f"{teacher_hash!r}; use a pool made with this teacher (or a new directory)")
+            raise ConfigError(
+                f"sample pool {str(path)!r} was made with teacher {meta['teacher']!r}, not "
+                f"{teacher_hash!r}; use a pool made with this teacher (or a new directory)"
+            )
         pool.directory = path
         pool.chunk_size = meta["chunk_size"]
         pool.count.fill_(int(meta["committed"]))
@@ -164,8 +172,10 @@ class SamplePool(nn.Module):
         file = path / _META
         if not file.is_file():
             if path.is_dir() and any(_CHUNK.match(p.name) for p in path.iterdir()):
-                raise ConfigError(f"{str(path)!r} holds chunk files but no {_META}: it is not a whole sample pool; "
-                                  "choose a new directory")
+                raise ConfigError(
+                    f"{str(path)!r} holds chunk files but no {_META}: it is not a whole sample pool; "
+                    "choose a new directory"
+                )
             return None
         try:
             meta = json.loads(file.read_text())
@@ -177,22 +187,36 @@ class SamplePool(nn.Module):
         return meta
 
     def _check_meta(self, meta: dict[str, Any], path: Path) -> None:
-        mine = {"teacher": self.teacher_hash, "input_shape": list(self.input_shape),
-                "dtype": _dtype_name(self.dtype), "capacity": self.capacity}
+        mine = {
+            "teacher": self.teacher_hash,
+            "input_shape": list(self.input_shape),
+            "dtype": _dtype_name(self.dtype),
+            "capacity": self.capacity,
+        }
         for key, value in mine.items():
             if meta.get(key) != value:
                 raise ConfigError(
                     f"sample pool directory {str(path)!r} was made with {key} {meta.get(key)!r}, this run has "
-                    f"{value!r}: its samples do not belong to this run. Choose a new directory (or delete that one)")
+                    f"{value!r}: its samples do not belong to this run. Choose a new directory (or delete that one)"
+                )
         if self.chunk_size is not None and meta.get("chunk_size") not in (None, self.chunk_size):
-            raise ConfigError(f"sample pool directory {str(path)!r} holds batches of {meta['chunk_size']}, this run "
-                              f"adds batches of {self.chunk_size}; choose a new directory")
+            raise ConfigError(
+                f"sample pool directory {str(path)!r} holds batches of {meta['chunk_size']}, this run "
+                f"adds batches of {self.chunk_size}; choose a new directory"
+            )
 
     def _write_meta(self, committed: int) -> None:
         assert self.directory is not None
-        meta = {"format": POOL_FORMAT, "version": _VERSION, "input_shape": list(self.input_shape),
-                "dtype": _dtype_name(self.dtype), "capacity": self.capacity, "chunk_size": self.chunk_size,
-                "teacher": self.teacher_hash, "committed": int(committed)}
+        meta = {
+            "format": POOL_FORMAT,
+            "version": _VERSION,
+            "input_shape": list(self.input_shape),
+            "dtype": _dtype_name(self.dtype),
+            "capacity": self.capacity,
+            "chunk_size": self.chunk_size,
+            "teacher": self.teacher_hash,
+            "committed": int(committed),
+        }
         text = json.dumps(meta, indent=1) + "\n"
         atomic_write(self.directory / _META, lambda f: f.write(text), binary=False)
 
@@ -235,13 +259,16 @@ class SamplePool(nn.Module):
         """
         self._writable()
         if tuple(x.shape[1:]) != self.input_shape or x.dim() < 1:
-            raise ShapeError(f"sample pool holds inputs of shape {self.input_shape}; got a batch of shape "
-                             f"{tuple(x.shape)}")
+            raise ShapeError(
+                f"sample pool holds inputs of shape {self.input_shape}; got a batch of shape {tuple(x.shape)}"
+            )
         rows = int(x.shape[0])
         if self.chunk_size is None:
             if rows > self.capacity:
-                raise ConfigError(f"sample pool capacity ({self.capacity} samples) must hold at least one batch "
-                                  f"({rows} samples); raise pool_size")
+                raise ConfigError(
+                    f"sample pool capacity ({self.capacity} samples) must hold at least one batch "
+                    f"({rows} samples); raise pool_size"
+                )
             self.chunk_size = rows
             if self.directory is not None:
                 self._write_meta(self._committed())
@@ -264,16 +291,19 @@ class SamplePool(nn.Module):
             return chunk
         assert self.directory is not None
         path = self.directory / _chunk_name(seq)
-        hint = (f"The sample pool {str(self.directory)!r} is missing chunks its checkpoint counts on; "
-                "delete the run's last.pt to start the stage again, or point the pool at a new directory.")
+        hint = (
+            f"The sample pool {str(self.directory)!r} is missing chunks its checkpoint counts on; "
+            "delete the run's last.pt to start the stage again, or point the pool at a new directory."
+        )
         if not path.is_file():
             raise CheckpointError(f"sample pool chunk {str(path)!r} is missing. {hint}")
         payload = safe_load(path, hint=hint)
         chunk = payload.get("x")
         expected = (self.chunk_size, *self.input_shape)
         if not isinstance(chunk, torch.Tensor) or tuple(chunk.shape) != expected or payload.get("seq") != seq:
-            raise CheckpointError(f"sample pool chunk {str(path)!r} does not hold batch {seq} of shape {expected}. "
-                                  f"{hint}")
+            raise CheckpointError(
+                f"sample pool chunk {str(path)!r} does not hold batch {seq} of shape {expected}. {hint}"
+            )
         chunk = chunk.to(self.dtype)
         self._chunks[seq] = chunk
         return chunk

@@ -49,16 +49,21 @@ class Replay(Synthesizer):
     example: ClassVar[dict[str, Any]] = {}  # needs a pool directory: tested in tests/test_data_free.py
     params: ReplayParams
 
-    def __init__(self, params: ReplayParams, teacher: nn.Module, input_shape: tuple[int, ...],
-                 num_classes: int) -> None:
+    def __init__(
+        self, params: ReplayParams, teacher: nn.Module, input_shape: tuple[int, ...], num_classes: int
+    ) -> None:
         super().__init__(params, teacher, input_shape, num_classes)
         self.pool = SamplePool.open(params.path, teacher_hash=state_hash(teacher))
         if tuple(self.pool.input_shape) != self.input_shape:
-            raise ConfigError(f"synthesizer 'replay'.params.path: the pool {params.path!r} holds inputs of shape "
-                              f"{tuple(self.pool.input_shape)}, this run's are {self.input_shape}")
+            raise ConfigError(
+                f"synthesizer 'replay'.params.path: the pool {params.path!r} holds inputs of shape "
+                f"{tuple(self.pool.input_shape)}, this run's are {self.input_shape}"
+            )
         if len(self.pool) == 0:
-            raise ConfigError(f"synthesizer 'replay'.params.path: the pool {params.path!r} holds no committed "
-                              "samples yet (a stage commits them at each checkpoint)")
+            raise ConfigError(
+                f"synthesizer 'replay'.params.path: the pool {params.path!r} holds no committed "
+                "samples yet (a stage commits them at each checkpoint)"
+            )
 
     def sample(self, latent: Batch, student: nn.Module | None) -> torch.Tensor:
         """``B`` samples of the pool, drawn from this latent batch's seed, ``(B, *input_shape)``."""

@@ -52,13 +52,19 @@ class ZsktParams(AdversarialParams):
     """ZSKT's parameters (defaults: the authors' CIFAR-10 script)."""
 
     latent_dim: int = Field(default=100, ge=1, description="width of the codes z (code: 100)")
-    student_steps: int = Field(default=10, ge=1, description="student steps per generator step, all on the batch "
-                               "that step made (code: n_s = 10 on CIFAR-10)")
-    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(name="adam", lr=1e-3),
-                                       description="the generator's optimizer (code: Adam, lr 1e-3)")
+    student_steps: int = Field(
+        default=10,
+        ge=1,
+        description="student steps per generator step, all on the batch that step made (code: n_s = 10 on CIFAR-10)",
+    )
+    optimizer: OptimizerConfig = Field(
+        default_factory=lambda: OptimizerConfig(name="adam", lr=1e-3),
+        description="the generator's optimizer (code: Adam, lr 1e-3)",
+    )
     discrepancy: dict[str, dict[str, Any] | None] = Field(
         default_factory=losses_default({"kd": {"T": 1.0, "alpha": 1.0}}),
-        description="what the generator maximises: a losses mapping on logits (paper: KL(T||S) at T=1)")
+        description="what the generator maximises: a losses mapping on logits (paper: KL(T||S) at T=1)",
+    )
 
 
 @register_synthesizer("zskt")
@@ -66,8 +72,10 @@ class Zskt(AdversarialSynthesizer):
     """ZSKT (Micaelli & Storkey, 2019): ``G`` maximises ``KL(T || S)``; ``student_steps`` student steps
     follow each generator step on one batch made from that step's codes."""
 
-    citation = ("Micaelli, Storkey. Zero-shot Knowledge Transfer via Adversarial Belief Matching. "
-                "NeurIPS 2019 (arXiv:1905.09768).")
+    citation = (
+        "Micaelli, Storkey. Zero-shot Knowledge Transfer via Adversarial Belief Matching. "
+        "NeurIPS 2019 (arXiv:1905.09768)."
+    )
     summary = "adversarial generator maximising KL(teacher || student); several student steps per generated batch"
     Params = ZsktParams
     example: ClassVar[dict[str, Any]] = {"latent_dim": 8, "width": 0.125, "student_steps": 2}
@@ -75,8 +83,7 @@ class Zskt(AdversarialSynthesizer):
     stash: torch.Tensor  # a buffer
     params: ZsktParams
 
-    def __init__(self, params: ZsktParams, teacher: nn.Module, input_shape: tuple[int, ...], num_classes: int
-                 ) -> None:
+    def __init__(self, params: ZsktParams, teacher: nn.Module, input_shape: tuple[int, ...], num_classes: int) -> None:
         super().__init__(params, teacher, input_shape, num_classes)
         self._z: torch.Tensor | None = None  # (B, latent_dim): the codes of the last generator step
         # (B, *input_shape): G(_z) after that step, made on first use; a buffer, so a resumed run

@@ -9,5 +9,16 @@ from darkknowledge.teachers.mixture import Mixture
 from darkknowledge.teachers.peers import Peer
 from darkknowledge.teachers.virtual import Virtual
 
-__all__ = ["EMA", "Ensemble", "Flow", "Frozen", "FrozenTeacher", "Group", "Link", "Mixture", "Peer", "Teacher",
-           "Virtual"]
+__all__ = [
+    "EMA",
+    "Ensemble",
+    "Flow",
+    "Frozen",
+    "FrozenTeacher",
+    "Group",
+    "Link",
+    "Mixture",
+    "Peer",
+    "Teacher",
+    "Virtual",
+]

@@ -74,8 +74,10 @@ class Teacher:
             raise ConfigError(f"{self.kind} gives no logits, but a loss reads the teacher's logits")
         if taps:
             if self.model is None:
-                raise ConfigError(f"{self.kind} has no features to tap (a loss reads teacher features {list(taps)}); "
-                                  f"{self.without_features}")
+                raise ConfigError(
+                    f"{self.kind} has no features to tap (a loss reads teacher features {list(taps)}); "
+                    f"{self.without_features}"
+                )
             validate_taps(self.model, taps, self.kind)
         self.need_logits = self.need_logits or logits
         self.taps = tuple(dict.fromkeys(self.taps + tuple(taps)))
@@ -144,8 +146,10 @@ def combined_fingerprint(hashes: list[str]) -> str | None:
 
 def detached(out: Outputs, logits: bool, taps: tuple[str, ...]) -> Outputs:
     """``out`` cut from the graph: a constant teacher for the objective (only what is read)."""
-    return Outputs(logits=out.logits.detach() if logits and out.logits is not None else None,
-                   features={p: _detach(out.feature(p)) for p in taps})
+    return Outputs(
+        logits=out.logits.detach() if logits and out.logits is not None else None,
+        features={p: _detach(out.feature(p)) for p in taps},
+    )
 
 
 def _detach(value: Any) -> Any:

@@ -83,12 +83,16 @@ class CacheSpec:
     def check_holds(self, logits: bool, taps: tuple[str, ...], where: str = "cache") -> None:
         """Fail early (before building) when the losses need something this spec leaves out."""
         if logits and not self.logits:
-            raise ConfigError(f"{where}: the losses need the teacher's logits but the cache holds none "
-                              "(set cache.logits: true or leave it unset)")
+            raise ConfigError(
+                f"{where}: the losses need the teacher's logits but the cache holds none "
+                "(set cache.logits: true or leave it unset)"
+            )
         missing = [t for t in taps if t not in self.taps]
         if missing:
-            raise ConfigError(f"{where}: the losses need teacher taps {missing} but the cache holds only "
-                              f"{list(self.taps)}; add them to cache.taps or leave cache.taps unset")
+            raise ConfigError(
+                f"{where}: the losses need teacher taps {missing} but the cache holds only "
+                f"{list(self.taps)}; add them to cache.taps or leave cache.taps unset"
+            )
 
 
 def _to_storage(t: torch.Tensor, dtype: str) -> np.ndarray:
@@ -166,7 +170,9 @@ class TeacherOutputCache:
             idx = to_device(idx, store.device)
             if view is None:
                 return store[0].index_select(0, idx)  # (B, ...)
-            flat = torch.add(idx, to_device(view, store.device), alpha=store.shape[1])  # (B,) row of the (V * N, ...) view
+            flat = torch.add(
+                idx, to_device(view, store.device), alpha=store.shape[1]
+            )  # (B,) row of the (V * N, ...) view
             return store.flatten(0, 1).index_select(0, flat)  # a few times cheaper than store[view, idx]
         i = idx.cpu().numpy()
         rows = store[0][i] if view is None else store[view.cpu().numpy(), i]  # a copy of just these rows
@@ -183,8 +189,12 @@ class TeacherOutputCache:
         """
         logits = None
         if self.spec.logits and self.spec.topk:
-            logits = topk_expand(self._rows("topk_logp", view, idx), self._rows("topk_index", view, idx),
-                                 self._rows("rest", view, idx), self.num_classes)
+            logits = topk_expand(
+                self._rows("topk_logp", view, idx),
+                self._rows("topk_index", view, idx),
+                self._rows("rest", view, idx),
+                self.num_classes,
+            )
         elif self.spec.logits:
             logits = self._values("logits", view, idx)
         feats = {tap: to_device(self._values(f"feat.{n}", view, idx), device) for n, tap in enumerate(self.spec.taps)}
@@ -218,25 +228,40 @@ class TeacherOutputCache:
 
     def describe(self) -> dict[str, Any]:
         """Facts for the report: size, where, how it is held."""
-        return {"path": str(self.path), "size_mb": round(self.nbytes / 2**20, 3), "mapped": self.mapped,
-                "views": self.spec.views, "dtype": self.spec.dtype, "topk": self.spec.topk,
-                "build_seconds": round(self.build_seconds, 3), "reused": self.reused}
+        return {
+            "path": str(self.path),
+            "size_mb": round(self.nbytes / 2**20, 3),
+            "mapped": self.mapped,
+            "views": self.spec.views,
+            "dtype": self.spec.dtype,
+            "topk": self.spec.topk,
+            "build_seconds": round(self.build_seconds, 3),
+            "reused": self.reused,
+        }
 
 
 # ---------------------------------------------------------------- building
-def _batches(teacher: Any, loader: Any, views: int, augment: Augment | None, params: list[AugmentParams]
-             ) -> Iterator[tuple[int, torch.Tensor, Outputs]]:
+def _batches(
+    teacher: Any, loader: Any, views: int, augment: Augment | None, params: list[AugmentParams]
+) -> Iterator[tuple[int, torch.Tensor, Outputs]]:
     for v in range(views):
         if augment is not None:
-            loader.replay = lambda idx, epoch, v=v: ({k: t[idx] for k, t in params[v].items()},
-                                                     torch.full_like(idx, v))
+            loader.replay = lambda idx, epoch, v=v: ({k: t[idx] for k, t in params[v].items()}, torch.full_like(idx, v))
         bar = Progress(True, "teacher cache")  # a bar on terminals only
         for batch in bar.epoch(loader, v, views, len(loader)):
             yield v, batch.idx.cpu(), teacher(model_input(batch, teacher))
 
 
-def build_cache(teacher: Any, loader: Any, spec: CacheSpec, folder: Path, *, augment: Augment | None,
-                seed: int, ingredients: dict[str, Any]) -> None:
+def build_cache(
+    teacher: Any,
+    loader: Any,
+    spec: CacheSpec,
+    folder: Path,
+    *,
+    augment: Augment | None,
+    seed: int,
+    ingredients: dict[str, Any],
+) -> None:
     """Compute every (view, sample) of ``loader.data`` with ``teacher`` and write ``folder``.
 
     The arrays are written memory-mapped into a temporary folder beside ``folder``, which is
@@ -256,8 +281,9 @@ def build_cache(teacher: Any, loader: Any, spec: CacheSpec, folder: Path, *, aug
 
     def alloc(name: str, row: np.ndarray) -> np.memmap:
         if name not in arrays:
-            arrays[name] = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=row.dtype,
-                                                     shape=(spec.views, n, *row.shape[1:]))
+            arrays[name] = np.lib.format.open_memmap(
+                tmp / f"{name}.npy", mode="w+", dtype=row.dtype, shape=(spec.views, n, *row.shape[1:])
+            )
         return arrays[name]
 
     num_classes = 0
@@ -290,9 +316,15 @@ def build_cache(teacher: Any, loader: Any, spec: CacheSpec, folder: Path, *, aug
         for a in arrays.values():
             a.flush()
         arrays.clear()
-        meta = {"format": FORMAT, "ingredients": ingredients, "spec": dataclasses.asdict(spec),
-                "num_samples": n, "num_classes": num_classes, "aug_keys": sorted(params[0]) if params else [],
-                "build_seconds": time.perf_counter() - start}
+        meta = {
+            "format": FORMAT,
+            "ingredients": ingredients,
+            "spec": dataclasses.asdict(spec),
+            "num_samples": n,
+            "num_classes": num_classes,
+            "aug_keys": sorted(params[0]) if params else [],
+            "build_seconds": time.perf_counter() - start,
+        }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if folder.exists():
             shutil.rmtree(folder)
@@ -318,17 +350,29 @@ def cache_root() -> Path:
     return cache_dir() / "teacher_outputs"
 
 
-def load_or_build(teacher: Any, loader: Any, spec: CacheSpec, *, augment: Augment | None, seed: int,
-                  memory_limit_mb: float, dist: Any = None, root: Path | None = None) -> TeacherOutputCache:
+def load_or_build(
+    teacher: Any,
+    loader: Any,
+    spec: CacheSpec,
+    *,
+    augment: Augment | None,
+    seed: int,
+    memory_limit_mb: float,
+    dist: Any = None,
+    root: Path | None = None,
+) -> TeacherOutputCache:
     """The cache for this teacher, data and spec: read when present and valid, else built
     (by rank 0; the other ranks wait at a barrier and then read the same files)."""
     if not isinstance(loader.data, TensorData):
         raise ConfigError("cache: the teacher-output cache needs an in-memory tensor dataset")
     ingredients = {
-        "format": FORMAT, "teacher": teacher.hash, "data": data_identity(loader.data),
+        "format": FORMAT,
+        "teacher": teacher.hash,
+        "data": data_identity(loader.data),
         "normalize": [list(map(float, t)) for t in loader._norm] if loader._norm is not None else None,
         "augment": dataclasses.asdict(augment) if augment is not None else None,
-        "seed": seed if augment is not None else None, "spec": dataclasses.asdict(spec),
+        "seed": seed if augment is not None else None,
+        "spec": dataclasses.asdict(spec),
     }
     view = getattr(teacher, "input", None)
     if view is not None:  # a paired dataset: which view the teacher read (a cache is never read for another)
@@ -338,7 +382,9 @@ def load_or_build(teacher: Any, loader: Any, spec: CacheSpec, *, augment: Augmen
     main = dist is None or dist.is_main
     reused = True
     if main and not _valid(folder, ingredients):
-        log.info("building the teacher-output cache (%d samples x %d views) in %s", len(loader.data), spec.views, folder)
+        log.info(
+            "building the teacher-output cache (%d samples x %d views) in %s", len(loader.data), spec.views, folder
+        )
         build_cache(teacher, loader, spec, folder, augment=augment, seed=seed, ingredients=ingredients)
         reused = False
     if dist is not None:
@@ -347,8 +393,12 @@ def load_or_build(teacher: Any, loader: Any, spec: CacheSpec, *, augment: Augmen
         raise ConfigError(f"cache: {folder} is missing or does not match this teacher and data after building")
     cache = TeacherOutputCache(folder, memory_limit_mb)
     cache.reused = reused
-    log.info("teacher-output cache %s: %.1f MB (%s)", folder.name, cache.nbytes / 2**20,
-             "memory-mapped" if cache.mapped else "in memory")
+    log.info(
+        "teacher-output cache %s: %.1f MB (%s)",
+        folder.name,
+        cache.nbytes / 2**20,
+        "memory-mapped" if cache.mapped else "in memory",
+    )
     return cache
 
 

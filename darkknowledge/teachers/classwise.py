@@ -35,8 +35,14 @@ class ClassPartners:
         normalization: The loader's ``(mean, std)`` per channel, or None.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int,
-                 normalization: tuple[Any, Any] | None = None) -> None:
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        num_classes: int,
+        seed: int,
+        normalization: tuple[Any, Any] | None = None,
+    ) -> None:
         y = y.long()
         labelled = y != UNLABELED
         if y.numel() and int(y.max()) >= num_classes:
@@ -49,7 +55,9 @@ class ClassPartners:
         group_start = torch.cat([self.start, self.count.sum()[None]])  # (K+1,) the unlabelled group last
         self.rank = torch.empty_like(self.order)  # (N,) position of each sample within its class
         self.rank[self.order] = torch.arange(len(y)) - group_start[key[self.order]]
-        self.norm = None if normalization is None else tuple(torch.as_tensor(v, dtype=torch.float32) for v in normalization)
+        self.norm = (
+            None if normalization is None else tuple(torch.as_tensor(v, dtype=torch.float32) for v in normalization)
+        )
 
     def to(self, device: torch.device) -> ClassPartners:
         for name in ("x", "y", "order", "count", "start", "rank"):

@@ -96,8 +96,10 @@ def mean_features(values: Sequence[torch.Tensor], path: str, names: Sequence[str
     shapes = [tuple(v.shape) for v in values]
     if len(set(shapes)) != 1:
         listed = ", ".join(f"{n}: {s}" for n, s in zip(names, shapes))
-        raise ShapeError(f"the ensemble teacher averages its members' features at {path!r}, but they differ in "
-                         f"shape ({listed}); use members of one architecture, or logit losses")
+        raise ShapeError(
+            f"the ensemble teacher averages its members' features at {path!r}, but they differ in "
+            f"shape ({listed}); use members of one architecture, or logit losses"
+        )
     return torch.stack([v.detach() for v in values]).mean(dim=0)
 
 
@@ -127,6 +129,10 @@ class Ensemble(Teacher):
     def __call__(self, batch: Batch, views: Views | None = None) -> Outputs:
         assert views is not None
         outs = [views[v] for v in self.member_views]
-        logits = ensemble_teacher([class_logits(o, "the peers' ensemble") for o in outs], batch.y, self.kind_name) if self.need_logits else None
+        logits = (
+            ensemble_teacher([class_logits(o, "the peers' ensemble") for o in outs], batch.y, self.kind_name)
+            if self.need_logits
+            else None
+        )
         feats = {p: mean_features([o.feature(p) for o in outs], p, self.member_views) for p in self.taps}
         return Outputs(logits=logits, features=feats)

@@ -65,8 +65,9 @@ class Link:
         where: Config path of the objective, for messages.
     """
 
-    def __init__(self, view: str, objective: Objective, teacher: Teacher | None = None, suffix: str = "",
-                 where: str = "losses") -> None:
+    def __init__(
+        self, view: str, objective: Objective, teacher: Teacher | None = None, suffix: str = "", where: str = "losses"
+    ) -> None:
         self.view, self.objective, self.teacher, self.suffix, self.where = view, objective, teacher, suffix, where
         self.needs: Needs | None = None
 
@@ -79,32 +80,43 @@ class Link:
         """
         teacher, reading = self.teacher, self.objective.teacher_terms()
         if reading and teacher is None:
-            raise ConfigError(f"{self.where}: losses {reading} need a teacher, but view {self.view!r} has none here; "
-                              "give it a teacher, or use losses that read none (e.g. ce)")
+            raise ConfigError(
+                f"{self.where}: losses {reading} need a teacher, but view {self.view!r} has none here; "
+                "give it a teacher, or use losses that read none (e.g. ce)"
+            )
         for name in reading:
             assert teacher is not None  # terms that read a teacher and no teacher: refused above
             if self.objective.terms[name].has_pretrain() and not teacher.standalone:
-                raise ConfigError(f"{self.where}.{name}: this loss pre-trains on a fixed teacher's outputs before "
-                                  f"training, but its teacher here is {teacher.kind}, which changes every step; "
-                                  "use it with a frozen teacher")
+                raise ConfigError(
+                    f"{self.where}.{name}: this loss pre-trains on a fixed teacher's outputs before "
+                    f"training, but its teacher here is {teacher.kind}, which changes every step; "
+                    "use it with a frozen teacher"
+                )
         try:
             needs = self.objective.bind(student, teacher.model if teacher is not None else None)
         except ConfigError as exc:
             if teacher is not None and teacher.model is None:
-                raise ConfigError(f"{self.where}: {teacher.kind} has no features, so it cannot feed these losses "
-                                  f"({exc}); {teacher.without_features}") from None
+                raise ConfigError(
+                    f"{self.where}: {teacher.kind} has no features, so it cannot feed these losses "
+                    f"({exc}); {teacher.without_features}"
+                ) from None
             raise
-        validate_taps(student, needs.student_taps, "the student" if self.view == "student" else f"the model {self.view!r}")
+        validate_taps(
+            student, needs.student_taps, "the student" if self.view == "student" else f"the model {self.view!r}"
+        )
         if needs.teacher and teacher is None:  # a term whose bind() asks for a teacher its class did not declare
-            raise ConfigError(f"{self.where}: losses {list(self.objective.terms)} need a teacher, but view "
-                              f"{self.view!r} has none here")
+            raise ConfigError(
+                f"{self.where}: losses {list(self.objective.terms)} need a teacher, but view "
+                f"{self.view!r} has none here"
+            )
         if teacher is not None and needs.teacher:
             teacher.request(needs.teacher_logits, needs.teacher_taps)
         self.needs = needs
         return needs
 
-    def __call__(self, views: Mapping[str, Outputs], batch: Batch, epoch_progress: float
-                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(
+        self, views: Mapping[str, Outputs], batch: Batch, epoch_progress: float
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         teacher = self.teacher(batch, views) if self.teacher is not None else None
         return self.objective(views[self.view], teacher, batch, epoch_progress)
 
@@ -155,10 +167,15 @@ class Flow(nn.Module):
 
     draws: torch.Tensor  # a buffer
 
-    def __init__(self, views: Mapping[str, nn.Module], links: Sequence[Link | Group], *,
-                 tap_models: Mapping[str, nn.Module] | None = None,
-                 extra_taps: Mapping[str, Sequence[str]] | None = None,
-                 extra: Mapping[str, nn.Module] | None = None) -> None:
+    def __init__(
+        self,
+        views: Mapping[str, nn.Module],
+        links: Sequence[Link | Group],
+        *,
+        tap_models: Mapping[str, nn.Module] | None = None,
+        extra_taps: Mapping[str, Sequence[str]] | None = None,
+        extra: Mapping[str, nn.Module] | None = None,
+    ) -> None:
         super().__init__()
         self.view_names = list(views)
         for name, model in {**views, **(extra or {})}.items():
@@ -243,9 +260,11 @@ class Flow(nn.Module):
             link = self.links[i]
             out = views[link.view]
             teacher = link.teacher(batch, views) if link.teacher is not None else None
-            self._kept[i] = (detached(out, True, tuple(out.features)),
-                             None if teacher is None else detached(teacher, teacher.logits is not None,
-                                                                   tuple(teacher.features)), batch)
+            self._kept[i] = (
+                detached(out, True, tuple(out.features)),
+                None if teacher is None else detached(teacher, teacher.logits is not None, tuple(teacher.features)),
+                batch,
+            )
 
     def adversary_step(self, part: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of adversary ``part`` on the outputs the last student step kept."""
@@ -255,8 +274,9 @@ class Flow(nn.Module):
         student, teacher, batch = self._kept[i]
         return adversary.loss(student, teacher, batch), {}
 
-    def forward(self, batch: Batch, epoch_progress: float = 0.0,
-                part: str = MAIN) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, batch: Batch, epoch_progress: float = 0.0, part: str = MAIN
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(loss, {term: value})`` of one step of ``part`` (the student's, or an adversary's);
         values stay on the device."""
         if part != MAIN:
@@ -317,8 +337,9 @@ class Flow(nn.Module):
         shapes = {v: tuple(o.logits.shape) for v, o in views.items() if o.logits is not None}
         if len({s[-1] for s in shapes.values()}) > 1:
             listed = ", ".join(f"{v} ({type(unwrap(self.tap_model(v))).__name__}): {s}" for v, s in shapes.items())
-            raise ShapeError(f"the views' logits differ in shape ({listed}); every view must predict the "
-                             "dataset's classes")
+            raise ShapeError(
+                f"the views' logits differ in shape ({listed}); every view must predict the dataset's classes"
+            )
         k = next(iter(shapes.values()))[-1] if shapes else 0
         info = replace(info or SetupInfo(num_samples=len(batch), batch_size=len(batch)), num_classes=int(k))
         device = next((o.logits.device for o in views.values() if o.logits is not None), None)
@@ -343,8 +364,10 @@ class Flow(nn.Module):
                 continue
             logits = teacher(batch, views).logits
             if logits is not None and logits.shape[-1] != student.shape[-1]:
-                raise ShapeError(f"{teacher.name} predicts {logits.shape[-1]} classes but the {link.view} predicts "
-                                 f"{student.shape[-1]}; every teacher must predict the student's classes")
+                raise ShapeError(
+                    f"{teacher.name} predicts {logits.shape[-1]} classes but the {link.view} predicts "
+                    f"{student.shape[-1]}; every teacher must predict the student's classes"
+                )
 
     def prepare(self, batches: Iterable[Batch]) -> None:
         """Pre-training stages of the losses (e.g. FT's paraphraser), on their teacher's outputs."""

@@ -139,8 +139,9 @@ class Frozen(Teacher):
         builder = self.runner
         if spec.taps != self.taps or spec.logits != self.need_logits:
             builder = FrozenTeacher(self.model, spec.taps, need_logits=spec.logits)
-        self.cache = load_or_build(builder, loader, spec, augment=augment, seed=cfg.seed,
-                                   memory_limit_mb=cfg.memory_limit_mb, dist=dist).to(loader.device)
+        self.cache = load_or_build(
+            builder, loader, spec, augment=augment, seed=cfg.seed, memory_limit_mb=cfg.memory_limit_mb, dist=dist
+        ).to(loader.device)
         if augment is not None:
             loader.replay = self.cache.replay(loader.seed)
 
@@ -153,9 +154,13 @@ class Frozen(Teacher):
         views = cached_views(cfg.views, augment)
         if views is None:
             return None
-        spec = CacheSpec(logits=self.need_logits if cfg.logits is None else cfg.logits,
-                         taps=self.taps if cfg.taps is None else tuple(cfg.taps),
-                         dtype=cfg.dtype, topk=cfg.topk, views=views)
+        spec = CacheSpec(
+            logits=self.need_logits if cfg.logits is None else cfg.logits,
+            taps=self.taps if cfg.taps is None else tuple(cfg.taps),
+            dtype=cfg.dtype,
+            topk=cfg.topk,
+            views=views,
+        )
         spec.check_holds(self.need_logits, self.taps)
         if spec.taps != self.taps:
             validate_taps(self.model, spec.taps, self.kind)

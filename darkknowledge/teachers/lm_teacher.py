@@ -41,8 +41,9 @@ class LMTeacher(Teacher):
     standalone = True
     without_features = "a cached LM teacher gives its token distribution only; use token losses (fkl, rkl, jsd...)"
 
-    def __init__(self, model: nn.Module | None = None, cache: Any = None, name: str = "teacher",
-                 fingerprint: str | None = None) -> None:
+    def __init__(
+        self, model: nn.Module | None = None, cache: Any = None, name: str = "teacher", fingerprint: str | None = None
+    ) -> None:
         super().__init__()
         if model is None and cache is None:
             raise ConfigError("an LM teacher needs a model (live) or a token cache")

@@ -82,8 +82,10 @@ def fixed_weights(weights: Sequence[float], num_teachers: int, where: str = "sch
     """
     values = [float(w) for w in weights]
     if len(values) != num_teachers:
-        raise ConfigError(f"{where}: got {len(values)} weights {values} for {num_teachers} teachers "
-                          f"(`teacher` then `teachers`); give exactly {num_teachers}")
+        raise ConfigError(
+            f"{where}: got {len(values)} weights {values} for {num_teachers} teachers "
+            f"(`teacher` then `teachers`); give exactly {num_teachers}"
+        )
     if any(w < 0 for w in values) or sum(values) <= 0:
         raise ConfigError(f"{where}: weights must be >= 0 with a positive sum, got {values}")
     w = torch.tensor(values, dtype=torch.float32)  # (N,)

@@ -43,11 +43,19 @@ class Mixture(Teacher):
     """
 
     standalone = True
-    without_features = ("give each teacher its own loss and adapters: multi_teacher aggregation 'per_teacher' "
-                        "(one loss per teacher, averaged) or 'random' (one teacher per step)")
+    without_features = (
+        "give each teacher its own loss and adapters: multi_teacher aggregation 'per_teacher' "
+        "(one loss per teacher, averaged) or 'random' (one teacher per step)"
+    )
 
-    def __init__(self, members: Sequence[Frozen], rule: Rule = "mean", weights: Sequence[float] | None = None,
-                 confidence: str = "ce", T: float | None = None) -> None:
+    def __init__(
+        self,
+        members: Sequence[Frozen],
+        rule: Rule = "mean",
+        weights: Sequence[float] | None = None,
+        confidence: str = "ce",
+        T: float | None = None,
+    ) -> None:
         super().__init__()
         if rule not in RULES:
             raise ConfigError(f"mixture rule {rule!r} is unknown; valid: {', '.join(RULES)}")
@@ -63,8 +71,10 @@ class Mixture(Teacher):
 
     def request(self, logits: bool, taps: tuple[str, ...]) -> None:
         if taps:
-            raise ConfigError(f"{self.kind} mixes their soft labels into one teacher of logits only, but a loss reads "
-                              f"teacher features {list(taps)}; {self.without_features}")
+            raise ConfigError(
+                f"{self.kind} mixes their soft labels into one teacher of logits only, but a loss reads "
+                f"teacher features {list(taps)}; {self.without_features}"
+            )
         super().request(logits, ())
         for m in self.teachers:
             m.request(True, ())
@@ -78,7 +88,9 @@ class Mixture(Teacher):
     def __call__(self, batch: Batch, views: Views | None = None) -> Outputs:
         if self.T is None:
             raise RuntimeError("Mixture.T is not set: the temperature at which the teachers are mixed")
-        logits = stack_logits([class_logits(m(batch, views), "a mixture of teachers") for m in self.teachers])  # (N, B, K)
+        logits = stack_logits(
+            [class_logits(m(batch, views), "a mixture of teachers") for m in self.teachers]
+        )  # (N, B, K)
         return Outputs(logits=mixture_logits(logits, self.weights(logits, batch.y), self.T))  # (B, K)
 
     def members(self) -> list[Teacher]:

@@ -50,6 +50,8 @@ class ResidualTarget(Teacher):
         f_t = self.teacher(batch, views).feature(self.feature).flatten(1)  # (B, D)
         f_s = views[self.view].feature(self.tap).flatten(1)  # (B, D)
         if f_s.shape != f_t.shape:
-            raise ShapeError(f"residual: the teacher feature {self.feature!r} {tuple(f_t.shape)} and the student "
-                             f"feature {self.tap!r} {tuple(f_s.shape)} differ in shape")
+            raise ShapeError(
+                f"residual: the teacher feature {self.feature!r} {tuple(f_t.shape)} and the student "
+                f"feature {self.tap!r} {tuple(f_s.shape)} differ in shape"
+            )
         return Outputs(logits=None, features={self.feature: (f_t.to(f_s.dtype) - f_s).detach()})

@@ -83,10 +83,17 @@ def _params(x: torch.Tensor, kind: str, k: int | None, draws: int | None, T: flo
         raise ConfigError(f"token cache temperature T must be > 0 (got {T})")
     h = hashlib.sha256()
     update_with_tensor(h, x.long())
-    return {"format": FORMAT, "kind": kind, "k": k if kind == "topk" else None,
-            "draws": draws if kind == "sampled" else None, "T": float(T),
-            "seed": int(seed) if kind == "sampled" else None, "blocks": int(x.shape[0]),
-            "length": int(x.shape[1]), "x": h.hexdigest()[:20]}
+    return {
+        "format": FORMAT,
+        "kind": kind,
+        "k": k if kind == "topk" else None,
+        "draws": draws if kind == "sampled" else None,
+        "T": float(T),
+        "seed": int(seed) if kind == "sampled" else None,
+        "blocks": int(x.shape[0]),
+        "length": int(x.shape[1]),
+        "x": h.hexdigest()[:20],
+    }
 
 
 def token_cache_key(fingerprint: str, params: dict[str, Any]) -> str:
@@ -117,8 +124,9 @@ def _map(folder: Path, layout: Layout, n: int, length: int, mode: Literal["w+", 
         except (OSError, ValueError, EOFError) as exc:  # missing, truncated or not an array
             raise CheckpointError(f"token cache {folder}: {f.name} is missing or unreadable ({exc})") from None
         if a.shape != shape or a.dtype != dtype:
-            raise CheckpointError(f"token cache {folder}: {f.name} is {a.dtype}{tuple(a.shape)}, expected "
-                                  f"{dtype}{shape}")
+            raise CheckpointError(
+                f"token cache {folder}: {f.name} is {a.dtype}{tuple(a.shape)}, expected {dtype}{shape}"
+            )
         out[name] = a
     return out
 
@@ -135,10 +143,21 @@ def _resume_state(tmp: Path, key: str) -> dict[str, Any] | None:
     return state
 
 
-def build_token_cache(teacher: Teacher, x: torch.Tensor, path: Path, *, kind: str, k: int | None = None,
-                      draws: int | None = None, T: float = 1.0, batch_size: int = 8, seed: int = 0,
-                      fingerprint: str, progress: Callable[[int, int], None] | None = None,
-                      chunk_blocks: int = 256) -> TokenCache:
+def build_token_cache(
+    teacher: Teacher,
+    x: torch.Tensor,
+    path: Path,
+    *,
+    kind: str,
+    k: int | None = None,
+    draws: int | None = None,
+    T: float = 1.0,
+    batch_size: int = 8,
+    seed: int = 0,
+    fingerprint: str,
+    progress: Callable[[int, int], None] | None = None,
+    chunk_blocks: int = 256,
+) -> TokenCache:
     """Run ``teacher`` over every block of ``x`` and store its distributions at ``path``.
 
     Args:
@@ -160,12 +179,30 @@ def build_token_cache(teacher: Teacher, x: torch.Tensor, path: Path, *, kind: st
         The opened cache.
     """
     params = _params(x, kind, k, draws, T, seed)
-    return _build(teacher, x, Path(path), params, fingerprint, token_cache_key(fingerprint, params),
-                  batch_size, progress, chunk_blocks)
+    return _build(
+        teacher,
+        x,
+        Path(path),
+        params,
+        fingerprint,
+        token_cache_key(fingerprint, params),
+        batch_size,
+        progress,
+        chunk_blocks,
+    )
 
 
-def _build(teacher: Teacher, x: torch.Tensor, path: Path, params: dict[str, Any], fingerprint: str, key: str,
-           batch_size: int, progress: Callable[[int, int], None] | None, chunk_blocks: int) -> TokenCache:
+def _build(
+    teacher: Teacher,
+    x: torch.Tensor,
+    path: Path,
+    params: dict[str, Any],
+    fingerprint: str,
+    key: str,
+    batch_size: int,
+    progress: Callable[[int, int], None] | None,
+    chunk_blocks: int,
+) -> TokenCache:
     if batch_size < 1 or chunk_blocks < 1:
         raise ConfigError(f"token cache batch_size and chunk_blocks must be >= 1 (got {batch_size}, {chunk_blocks})")
     n, length = params["blocks"], params["length"]
@@ -175,8 +212,14 @@ def _build(teacher: Teacher, x: torch.Tensor, path: Path, params: dict[str, Any]
     if state is None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        state = {"key": key, "done": 0, "vocab": None, "build_seconds": 0.0, "teacher_seconds": 0.0,
-                 "teacher_tokens": 0}
+        state = {
+            "key": key,
+            "done": 0,
+            "vocab": None,
+            "build_seconds": 0.0,
+            "teacher_seconds": 0.0,
+            "teacher_tokens": 0,
+        }
     elif state["done"]:
         log.info("token cache: resuming the build of %s at block %d of %d", path, state["done"], n)
     layout, arrays = None, {}
@@ -198,8 +241,10 @@ def _build(teacher: Teacher, x: torch.Tensor, path: Path, params: dict[str, Any]
             with torch.inference_mode():
                 logits = teacher(x[b0:b1])  # (b, L, V)
                 if logits.ndim != 3 or tuple(logits.shape[:2]) != (b1 - b0, length):
-                    raise ShapeError(f"the teacher must return logits ({b1 - b0}, {length}, V) for blocks "
-                                     f"({b1 - b0}, {length}); got {tuple(logits.shape)}")
+                    raise ShapeError(
+                        f"the teacher must return logits ({b1 - b0}, {length}, V) for blocks "
+                        f"({b1 - b0}, {length}); got {tuple(logits.shape)}"
+                    )
                 if layout is None:
                     vocab = int(logits.shape[-1])
                     layout = Layout(kind, vocab, params["k"] or params["draws"] or vocab)
@@ -212,18 +257,28 @@ def _build(teacher: Teacher, x: torch.Tensor, path: Path, params: dict[str, Any]
                 progress(b1, n)
         for a in arrays.values():
             a.flush()
-        state.update(done=c1, build_seconds=state["build_seconds"] + time.perf_counter() - started,
-                     teacher_seconds=state["teacher_seconds"] + teacher_s,
-                     teacher_tokens=state["teacher_tokens"] + (c1 - c0) * length)
+        state.update(
+            done=c1,
+            build_seconds=state["build_seconds"] + time.perf_counter() - started,
+            teacher_seconds=state["teacher_seconds"] + teacher_s,
+            teacher_tokens=state["teacher_tokens"] + (c1 - c0) * length,
+        )
         _write_json(tmp / PROGRESS, state)
     arrays.clear()
     if layout is None:  # unreachable: N >= 1 blocks were computed, now or by the build being resumed
         raise CheckpointError(f"token cache {tmp}: the build computed no blocks")
     if not (tmp / MANIFEST).is_file():
-        manifest = {**params, "vocab": layout.vocab, "fingerprint": fingerprint, "key": key,
-                    "arrays": layout.describe(), "bytes_per_token": layout.bytes_per_token,
-                    "build_seconds": state["build_seconds"], "teacher_seconds": state["teacher_seconds"],
-                    "teacher_tokens_per_s": state["teacher_tokens"] / max(state["teacher_seconds"], 1e-9)}
+        manifest = {
+            **params,
+            "vocab": layout.vocab,
+            "fingerprint": fingerprint,
+            "key": key,
+            "arrays": layout.describe(),
+            "bytes_per_token": layout.bytes_per_token,
+            "build_seconds": state["build_seconds"],
+            "teacher_seconds": state["teacher_seconds"],
+            "teacher_tokens_per_s": state["teacher_tokens"] / max(state["teacher_seconds"], 1e-9),
+        }
         _write_json(tmp / MANIFEST, manifest)  # last: it makes the folder a cache
     if path.exists():
         shutil.rmtree(path)
@@ -283,12 +338,16 @@ class TokenCache:
             token losses widen them to float32 a chunk at a time).
         """
         if idx.ndim != 1 or idx.dtype.is_floating_point or idx.dtype == torch.bool:
-            raise ShapeError(f"token cache rows are read by block indices (b,) of an integer dtype; got "
-                             f"{idx.dtype}{tuple(idx.shape)}")
+            raise ShapeError(
+                f"token cache rows are read by block indices (b,) of an integer dtype; got "
+                f"{idx.dtype}{tuple(idx.shape)}"
+            )
         i = idx.cpu().numpy().astype(np.int64)
         if i.size and (i.min() < 0 or i.max() >= self.blocks):
             bad = int(i.min()) if i.min() < 0 else int(i.max())
-            raise ConfigError(f"token cache block index {bad} is out of range: the cache holds blocks 0..{self.blocks - 1}")
+            raise ConfigError(
+                f"token cache block index {bad} is out of range: the cache holds blocks 0..{self.blocks - 1}"
+            )
         uniq, inverse = np.unique(i, return_inverse=True)  # sorted: reads move forward through the files
         rows = {}
         for name, a in self.arrays.items():
@@ -300,11 +359,21 @@ class TokenCache:
         """Facts for the report: kind, size, build cost and where it is."""
         m = self.manifest
         size = sum((self.path / f"{name}.npy").stat().st_size for name in self.arrays)
-        return {"kind": self.kind, "k": m["k"], "draws": m["draws"], "T": self.T, "vocab": self.vocab,
-                "blocks": self.blocks, "length": self.length, "bytes_per_token": self.bytes_per_token,
-                "size_mb": round(size / 2**20, 3), "build_seconds": round(float(m["build_seconds"]), 3),
-                "teacher_tokens_per_s": round(float(m["teacher_tokens_per_s"]), 1), "path": str(self.path),
-                "reused": self.reused}
+        return {
+            "kind": self.kind,
+            "k": m["k"],
+            "draws": m["draws"],
+            "T": self.T,
+            "vocab": self.vocab,
+            "blocks": self.blocks,
+            "length": self.length,
+            "bytes_per_token": self.bytes_per_token,
+            "size_mb": round(size / 2**20, 3),
+            "build_seconds": round(float(m["build_seconds"]), 3),
+            "teacher_tokens_per_s": round(float(m["teacher_tokens_per_s"]), 1),
+            "path": str(self.path),
+            "reused": self.reused,
+        }
 
 
 def open_token_cache(path: Path, fingerprint: str) -> TokenCache | None:
@@ -318,15 +387,29 @@ def open_token_cache(path: Path, fingerprint: str) -> TokenCache | None:
         return None
     cache = TokenCache(path)
     if cache.fingerprint != fingerprint:
-        raise CheckpointError(f"token cache {path} was built for fingerprint {cache.fingerprint!r}, not "
-                              f"{fingerprint!r} (another teacher, data or params): delete it, build elsewhere, "
-                              "or use load_or_build, which keeps one folder per fingerprint")
+        raise CheckpointError(
+            f"token cache {path} was built for fingerprint {cache.fingerprint!r}, not "
+            f"{fingerprint!r} (another teacher, data or params): delete it, build elsewhere, "
+            "or use load_or_build, which keeps one folder per fingerprint"
+        )
     return cache
 
 
-def load_or_build(teacher: Teacher, x: torch.Tensor, *, kind: str, k: int | None = None, draws: int | None = None,
-                  T: float = 1.0, batch_size: int = 8, seed: int = 0, fingerprint: str, root: Path | None = None,
-                  progress: Callable[[int, int], None] | None = None, chunk_blocks: int = 256) -> TokenCache:
+def load_or_build(
+    teacher: Teacher,
+    x: torch.Tensor,
+    *,
+    kind: str,
+    k: int | None = None,
+    draws: int | None = None,
+    T: float = 1.0,
+    batch_size: int = 8,
+    seed: int = 0,
+    fingerprint: str,
+    root: Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    chunk_blocks: int = 256,
+) -> TokenCache:
     """The cache ``<root>/<kind>-<key>`` for these ingredients: opened when whole, else built (or resumed).
 
     ``root`` defaults to ``$DK_CACHE/teacher_tokens``; the other arguments are those of
@@ -343,6 +426,7 @@ def load_or_build(teacher: Teacher, x: torch.Tensor, *, kind: str, k: int | None
     except CheckpointError as exc:
         log.warning("%s; rebuilding it", exc)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    log.info("building the %s token cache (%d blocks of %d tokens) in %s", kind, params["blocks"],
-             params["length"], folder)
+    log.info(
+        "building the %s token cache (%d blocks of %d tokens) in %s", kind, params["blocks"], params["length"], folder
+    )
     return _build(teacher, x, folder, params, fingerprint, key, batch_size, progress, chunk_blocks)

@@ -87,8 +87,12 @@ class Layout:
         ids = (id_dtype(self.vocab), (self.slots,))
         if self.kind == "topk":
             return {"ids": ids, "logp": (f16, (self.slots,)), "tail": (f32, ())}
-        return {"ids": ids, "counts": (count_dtype(self.slots), (self.slots,)), "logp": (f16, (self.slots,)),
-                "tail": (f32, ())}
+        return {
+            "ids": ids,
+            "counts": (count_dtype(self.slots), (self.slots,)),
+            "logp": (f16, (self.slots,)),
+            "tail": (f32, ()),
+        }
 
     @property
     def bytes_per_token(self) -> int:
@@ -116,24 +120,27 @@ class Layout:
             t = topk_targets(logits, self.slots, T)  # rows (b*L, k)
             ids, logp, tail, counts = t.ids, t.logp, t.tail, None
         else:  # one generator per block: a block's draws do not depend on its batch
-            parts = [sampled_targets(logits[j].float().cpu(), self.slots, T, block_generator(seed, first_block + j))
-                     for j in range(b)]  # each rows (L, d)
+            parts = [
+                sampled_targets(logits[j].float().cpu(), self.slots, T, block_generator(seed, first_block + j))
+                for j in range(b)
+            ]  # each rows (L, d)
             ids = torch.cat([p.ids for p in parts])  # (b*L, d)
             logp = torch.cat([p.logp for p in parts])  # (b*L, d)
             tail = torch.cat([p.tail for p in parts])  # (b*L,)
             weights = cast("list[torch.Tensor]", [p.weights for p in parts])  # sampled targets carry weights
             counts = torch.cat(weights) * self.slots  # (b*L, d) integer-valued
         dt = self.arrays()
-        out = {"ids": ids.cpu().numpy().astype(dt["ids"][0]).reshape(b, length, self.slots),
-               "logp": logp.to(torch.float16).cpu().numpy().reshape(b, length, self.slots),
-               "tail": tail.float().cpu().numpy().reshape(b, length)}
+        out = {
+            "ids": ids.cpu().numpy().astype(dt["ids"][0]).reshape(b, length, self.slots),
+            "logp": logp.to(torch.float16).cpu().numpy().reshape(b, length, self.slots),
+            "tail": tail.float().cpu().numpy().reshape(b, length),
+        }
         if counts is not None:
             out["counts"] = counts.round().cpu().numpy().astype(dt["counts"][0]).reshape(b, length, self.slots)
         return out
 
     # ------------------------------------------------------------ reading
-    def decode(self, rows: dict[str, np.ndarray], T: float, device: torch.device | str
-               ) -> SparseTargets | torch.Tensor:
+    def decode(self, rows: dict[str, np.ndarray], T: float, device: torch.device | str) -> SparseTargets | torch.Tensor:
         """Stored rows ``{name: (b, L, ...)}`` as targets on ``device``.
 
         Returns:
@@ -141,6 +148,7 @@ class Layout:
             with ``b * L`` rows and ``positions = (b, L)``; ``ids`` int64, ``logp`` and ``tail``
             float32, ``weights`` (sampled) counts / draws.
         """
+
         # move the compact dtypes and widen on the device (a quarter of the bytes to copy for ids)
         def put(a: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(np.ascontiguousarray(a)).to(device)
@@ -150,9 +158,19 @@ class Layout:
         logp = put(rows["logp"]).float()  # (b, L, slots)
         b, length = logp.shape[:2]
         raw = rows["ids"]
-        ids = put(raw.astype(np.int32) if raw.dtype == np.uint16 else raw).long().reshape(b * length, self.slots)  # (bL, k)
+        ids = (
+            put(raw.astype(np.int32) if raw.dtype == np.uint16 else raw).long().reshape(b * length, self.slots)
+        )  # (bL, k)
         weights = None
         if self.kind == "sampled":
             weights = put(rows["counts"]).float().reshape(b * length, self.slots) / self.slots  # (bL, d)
-        return SparseTargets(ids, logp.reshape(b * length, self.slots), put(rows["tail"]).reshape(b * length), weights,
-                             T, self.vocab, self.kind, (b, length))
+        return SparseTargets(
+            ids,
+            logp.reshape(b * length, self.slots),
+            put(rows["tail"]).reshape(b * length),
+            weights,
+            T,
+            self.vocab,
+            self.kind,
+            (b, length),
+        )

@@ -34,17 +34,32 @@ def _figures(root: Path, suite: str) -> dict[str, Path]:
 
 
 def overview(root: Path) -> str:
-    out = ["# Benchmarks", "", "The measured tables of darkknowledge's committed benchmark suites, rendered from the "
-           "per-cell results in `benchmarks/results/` when this site is built (the same rows and renderer as "
-           "README's tables). `dk bench SUITE` reruns a suite (cells already finished are skipped) and "
-           "`dk bench SUITE --tables` rewrites its tables.", "", PROTOCOL, "",
-           "The [committed runs](runs.md) (`dk run RECIPE`) and the language-model run are on their own page.", ""]
+    out = [
+        "# Benchmarks",
+        "",
+        "The measured tables of darkknowledge's committed benchmark suites, rendered from the "
+        "per-cell results in `benchmarks/results/` when this site is built (the same rows and renderer as "
+        "README's tables). `dk bench SUITE` reruns a suite (cells already finished are skipped) and "
+        "`dk bench SUITE --tables` rewrites its tables.",
+        "",
+        PROTOCOL,
+        "",
+        "The [committed runs](runs.md) (`dk run RECIPE`) and the language-model run are on their own page.",
+        "",
+    ]
     for suite in suite_names(root):
         rows = measured.suites(root)[suite]
-        out += [f"## Suite `{suite}`", "", measured.suite_description(root, suite), "",
-                f"Full tables (best-on-validation column, per-seed values, every model a scheme trains, n/a reasons) "
-                f"and figures: [suite `{suite}`]({suite}.md). Rerun: `dk bench {suite} --jobs 2 --results "
-                f"benchmarks/results/{suite}`.", "", measured.wide(markdown.to_markdown_compact(rows))]
+        out += [
+            f"## Suite `{suite}`",
+            "",
+            measured.suite_description(root, suite),
+            "",
+            f"Full tables (best-on-validation column, per-seed values, every model a scheme trains, n/a reasons) "
+            f"and figures: [suite `{suite}`]({suite}.md). Rerun: `dk bench {suite} --jobs 2 --results "
+            f"benchmarks/results/{suite}`.",
+            "",
+            measured.wide(markdown.to_markdown_compact(rows)),
+        ]
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -53,18 +68,28 @@ def suite_page(root: Path, suite: str) -> str:
     lines = text.rstrip("\n").splitlines()
     head, body = (lines[0], lines[1:]) if lines and lines[0].startswith("# ") else (f"# Suite `{suite}`", lines)
     figures = _figures(root, suite)
-    out = [head, "", f"Written by `dk bench {suite} --tables --results benchmarks/results/{suite}` from the committed "
-           "per-cell results; the [overview](index.md) shows the compact table.", "",
-           measured.wide("\n".join(body))]
+    out = [
+        head,
+        "",
+        f"Written by `dk bench {suite} --tables --results benchmarks/results/{suite}` from the committed "
+        "per-cell results; the [overview](index.md) shows the compact table.",
+        "",
+        measured.wide("\n".join(body)),
+    ]
     if figures:
         out += ["## Figures", ""] + [f"![{name}]({name})" for name in figures] + [""]
     return "\n".join(out)
 
 
 def runs_page(root: Path) -> str:
-    out = ["# Runs", "", "Committed reports of `dk run RECIPE` (`benchmarks/runs/RECIPE/report.md`): each run's "
-           "headline table and verdict, as the run wrote them. A run trains, per seed, the student alone and the "
-           "distilled student from the same initialisation.", ""]
+    out = [
+        "# Runs",
+        "",
+        "Committed reports of `dk run RECIPE` (`benchmarks/runs/RECIPE/report.md`): each run's "
+        "headline table and verdict, as the run wrote them. A run trains, per seed, the student alone and the "
+        "distilled student from the same initialisation.",
+        "",
+    ]
     folder = root / "benchmarks" / "runs"
     for report in sorted(folder.glob("*/report.md")):
         recipe = report.parent.name
@@ -73,9 +98,15 @@ def runs_page(root: Path) -> str:
         out += [f"## `{recipe}`", "", measured.run_report(root, recipe) or ""]
     lm = measured.lm_table(root)
     if lm:
-        out += ["## Language models", "", "`dk run lm` (`benchmarks/runs/lm/results.json`): SmolLM2-135M-Instruct "
-                "distilled into a 3.4M-parameter Llama student with token-level divergences, from the full "
-                "distribution and from sparse (top-k, sampled) caches.", "", lm]
+        out += [
+            "## Language models",
+            "",
+            "`dk run lm` (`benchmarks/runs/lm/results.json`): SmolLM2-135M-Instruct "
+            "distilled into a 3.4M-parameter Llama student with token-level divergences, from the full "
+            "distribution and from sparse (top-k, sampled) caches.",
+            "",
+            lm,
+        ]
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -71,8 +71,10 @@ def _docs(cls: type) -> Doc:
 
 def _loss_params(cls: type, args: dict[str, str]) -> list[tuple[str, str, str, str]]:
     """``(name, default, type and limits, meaning)`` of a loss's parameters, as ``dk explain`` shows them."""
-    return [(p, describe._format_default(default), describe._format_type(ann), args.get(p, ""))
-            for p, (ann, default) in signature_fields(cls).items()]
+    return [
+        (p, describe._format_default(default), describe._format_type(ann), args.get(p, ""))
+        for p, (ann, default) in signature_fields(cls).items()
+    ]
 
 
 def _model_params(fields: dict[str, Any], args: dict[str, str]) -> list[tuple[str, str, str, str]]:
@@ -102,16 +104,22 @@ def _recipe_section(kind: str, name: str) -> list[str]:
         if kind == "loss" and recipe != name:
             out.append(f"It is an arm of the language-model recipe `{recipe}` (`dk run {recipe}`).")
         else:
-            out.append(f"`dk run {recipe}` trains, per seed, the student alone and with this {kind}, from the same "
-                       f"initialisation, and prints the comparison; `dk distill {recipe}` trains one distilled "
-                       "student. The recipe as shipped, with its notes on how its values were chosen:")
+            out.append(
+                f"`dk run {recipe}` trains, per seed, the student alone and with this {kind}, from the same "
+                f"initialisation, and prints the comparison; `dk distill {recipe}` trains one distilled "
+                "student. The recipe as shipped, with its notes on how its values were chosen:"
+            )
         out += ["", f'```yaml title="darkknowledge/recipes/{recipe}.yaml"', recipe_text(recipe).rstrip("\n"), "```", ""]
     else:
         out += [f"No shipped recipe is named after `{name}`.", ""]
     others = [r for r in using if r != recipe]
     if others:
-        out.append(("Other shipped recipes" if recipe else "Shipped recipes") + " that use it: "
-                   + ", ".join(f"`{r}`" for r in others) + ".")
+        out.append(
+            ("Other shipped recipes" if recipe else "Shipped recipes")
+            + " that use it: "
+            + ", ".join(f"`{r}`" for r in others)
+            + "."
+        )
     elif recipe is None:
         out.append("No shipped recipe uses it yet; `dk list recipes` lists the recipes.")
     return out + [""]
@@ -121,18 +129,29 @@ def _measured_section(kind: str, name: str, root: Path) -> list[str]:
     out = ["## Measured result", ""]
     found = False
     if kind == "loss" and name == "ce":
-        out += ["`ce` alone is the *student alone* row of every benchmark table: the same student, trained with "
-                "the same budget and initialisation, that each method is compared with "
-                "([Benchmarks](../benchmarks/index.md)).", ""]
+        out += [
+            "`ce` alone is the *student alone* row of every benchmark table: the same student, trained with "
+            "the same budget and initialisation, that each method is compared with "
+            "([Benchmarks](../benchmarks/index.md)).",
+            "",
+        ]
         found = True
     if kind == "scheme" and name == "offline":
-        out += ["`offline` is the default scheme (a recipe without `scheme:`): every loss row of the "
-                "[benchmark tables](../benchmarks/index.md) and each loss's page measures a student trained "
-                "with it.", ""]
+        out += [
+            "`offline` is the default scheme (a recipe without `scheme:`): every loss row of the "
+            "[benchmark tables](../benchmarks/index.md) and each loss's page measures a student trained "
+            "with it.",
+            "",
+        ]
         found = True
     for suite, rows in measured.suite_rows(root, kind, name).items():
-        out += [f"### Suite `{suite}`", "", f"From [the `{suite}` suite's tables](../benchmarks/{suite}.md) "
-                "(`dk bench`, committed results):", "", measured.suite_table(rows)]
+        out += [
+            f"### Suite `{suite}`",
+            "",
+            f"From [the `{suite}` suite's tables](../benchmarks/{suite}.md) (`dk bench`, committed results):",
+            "",
+            measured.suite_table(rows),
+        ]
         found = True
     report = measured.run_report(root, main_recipe(kind, name))
     if report and main_recipe(kind, name) != "lm":
@@ -140,13 +159,22 @@ def _measured_section(kind: str, name: str, root: Path) -> list[str]:
         found = True
     lm = measured.lm_table(root, name) if kind == "loss" else None
     if lm:
-        out += ["### `dk run lm`", "", "From the committed language-model run "
-                "([Benchmarks: language models](../benchmarks/runs.md#language-models)):", "", lm]
+        out += [
+            "### `dk run lm`",
+            "",
+            "From the committed language-model run "
+            "([Benchmarks: language models](../benchmarks/runs.md#language-models)):",
+            "",
+            lm,
+        ]
         found = True
     if not found:
-        out += [f"**Not measured yet.** No committed benchmark suite or run report has a row for `{name}`; "
-                f"{'`dk run ' + main_recipe(kind, name) + '`' if main_recipe(kind, name) else 'a recipe that uses it'} "
-                "would measure it.", ""]
+        out += [
+            f"**Not measured yet.** No committed benchmark suite or run report has a row for `{name}`; "
+            f"{'`dk run ' + main_recipe(kind, name) + '`' if main_recipe(kind, name) else 'a recipe that uses it'} "
+            "would measure it.",
+            "",
+        ]
     return out
 
 
@@ -155,10 +183,15 @@ def _header(kind: str, name: str, cls: type, root: Path) -> list[str]:
     out = [f"# `{name}`", "", f"*{escape(summary)}*", ""]
     facts = []
     if kind == "loss":
-        facts += [("Knowledge", f"{cls.knowledge} ([the kinds](../concepts/knowledge.md))"),
-                  ("Reads", describe.loss_needs(cls))]
-    facts += [("Paper", escape(cls.citation) if cls.citation else "—"), ("Source", f"`{_source(cls, root)}`"),
-              ("In a terminal", f"`dk explain {name}`")]
+        facts += [
+            ("Knowledge", f"{cls.knowledge} ([the kinds](../concepts/knowledge.md))"),
+            ("Reads", describe.loss_needs(cls)),
+        ]
+    facts += [
+        ("Paper", escape(cls.citation) if cls.citation else "—"),
+        ("Source", f"`{_source(cls, root)}`"),
+        ("In a terminal", f"`dk explain {name}`"),
+    ]
     out += [f"- **{k}:** {v}" for k, v in facts] + [""]
     return out
 
@@ -167,12 +200,23 @@ def loss_page(name: str, root: Path) -> str:
     cls = LOSSES.get(name)
     doc = _docs(cls)
     out = _header("loss", name, cls, root)
-    out += ["## Paper and equation", "", doc.markdown, "## Parameters", "",
-            f"In a recipe: `losses: {{{name}: {{...}}}}`; in Python: `losses={{\"{name}\": {{...}}}}`.", ""]
+    out += [
+        "## Paper and equation",
+        "",
+        doc.markdown,
+        "## Parameters",
+        "",
+        f'In a recipe: `losses: {{{name}: {{...}}}}`; in Python: `losses={{"{name}": {{...}}}}`.',
+        "",
+    ]
     out += _param_table(_loss_params(cls, doc.args))
-    out += ["", f"Every term also takes {TERM_SCHEDULE} ([one objective, many terms]"
-            "(../concepts/knowledge.md#one-objective-many-terms)). A second term of the same loss takes "
-            f"another key and names the loss: `hint2: {{loss: {name}, ...}}`.", ""]
+    out += [
+        "",
+        f"Every term also takes {TERM_SCHEDULE} ([one objective, many terms]"
+        "(../concepts/knowledge.md#one-objective-many-terms)). A second term of the same loss takes "
+        f"another key and names the loss: `hint2: {{loss: {name}, ...}}`.",
+        "",
+    ]
     out += _recipe_section("loss", name) + _measured_section("loss", name, root)
     return "\n".join(out).rstrip() + "\n"
 
@@ -181,8 +225,15 @@ def scheme_page(name: str, root: Path) -> str:
     cls = SCHEMES.get(name)
     doc = _docs(cls)
     out = _header("scheme", name, cls, root)
-    out += ["## Paper and plan", "", doc.markdown, "## Parameters", "",
-            f"In a recipe: `scheme: {{name: {name}, params: {{...}}}}`.", ""]
+    out += [
+        "## Paper and plan",
+        "",
+        doc.markdown,
+        "## Parameters",
+        "",
+        f"In a recipe: `scheme: {{name: {name}, params: {{...}}}}`.",
+        "",
+    ]
     out += _param_table(_model_params(cls.Params.model_fields, doc.args))
     if cls.moved:
         out += ["", "Parameters that moved to the losses (a recipe that still sets them is told where):", ""]
@@ -195,9 +246,15 @@ def synthesizer_page(name: str, root: Path) -> str:
     cls = SYNTHESIZERS.get(name)
     doc = _docs(cls)
     out = _header("synthesizer", name, cls, root)
-    out += ["## Paper and method", "", doc.markdown, "## Parameters", "",
-            f"In a recipe: `scheme: {{name: data_free, params: {{synthesizer: {{name: {name}, params: {{...}}}}}}}}`.",
-            ""]
+    out += [
+        "## Paper and method",
+        "",
+        doc.markdown,
+        "## Parameters",
+        "",
+        f"In a recipe: `scheme: {{name: data_free, params: {{synthesizer: {{name: {name}, params: {{...}}}}}}}}`.",
+        "",
+    ]
     out += _param_table(_model_params(cls.Params.model_fields, doc.args))
     out += [""] + _recipe_section("synthesizer", name) + _measured_section("synthesizer", name, root)
     return "\n".join(out).rstrip() + "\n"
@@ -224,29 +281,45 @@ def index_page(kind: str, root: Path) -> str:
     """The catalog of ``kind``: one row per registered entry, linking to its page."""
     registry = KINDS[kind][1]
     intro = {
-        "loss": ["# Methods", "", "Every registered loss: *what* is matched between teacher and student. Each is one "
-                 "file in `darkknowledge/losses/` with the paper's equation in its docstring; the pages below are "
-                 "generated from the registry when the site is built. See [Knowledge](../concepts/knowledge.md) for "
-                 "the kinds, and [Schemes](../schemes/index.md) for *who* teaches *whom*."],
-        "scheme": ["# Schemes", "", "Every registered scheme: which models train, which teacher feeds each of them "
-                   "and how stages follow one another. Any loss of the [catalog](../methods/index.md) works in any "
-                   "scheme that can feed it ([Schemes, the concept](../concepts/schemes.md))."],
-        "synthesizer": ["# Synthesizers", "", "Data-free distillation: inputs made from a frozen teacher, without "
-                        "its training data, for `scheme: data_free` (and `synthetic_transfer`)."],
+        "loss": [
+            "# Methods",
+            "",
+            "Every registered loss: *what* is matched between teacher and student. Each is one "
+            "file in `darkknowledge/losses/` with the paper's equation in its docstring; the pages below are "
+            "generated from the registry when the site is built. See [Knowledge](../concepts/knowledge.md) for "
+            "the kinds, and [Schemes](../schemes/index.md) for *who* teaches *whom*.",
+        ],
+        "scheme": [
+            "# Schemes",
+            "",
+            "Every registered scheme: which models train, which teacher feeds each of them "
+            "and how stages follow one another. Any loss of the [catalog](../methods/index.md) works in any "
+            "scheme that can feed it ([Schemes, the concept](../concepts/schemes.md)).",
+        ],
+        "synthesizer": [
+            "# Synthesizers",
+            "",
+            "Data-free distillation: inputs made from a frozen teacher, without "
+            "its training data, for `scheme: data_free` (and `synthetic_transfer`).",
+        ],
     }[kind]
     out = intro + [""]
     if kind == "loss":
         out += ["| loss | knowledge | reads | paper | measured in |", "|---|---|---|---|---|"]
         for n in names(kind):
             cls = registry.get(n)
-            out.append(f"| [`{n}`]({n}.md) | {cls.knowledge} | {_cell(describe.loss_needs(cls))} | "
-                       f"{_cell(cls.citation)} | {_measured_where(kind, n, root)} |")
+            out.append(
+                f"| [`{n}`]({n}.md) | {cls.knowledge} | {_cell(describe.loss_needs(cls))} | "
+                f"{_cell(cls.citation)} | {_measured_where(kind, n, root)} |"
+            )
     else:
         out += ["| name | what it does | paper | measured in |", "|---|---|---|---|"]
         for n in names(kind):
             cls = registry.get(n)
-            out.append(f"| [`{n}`]({n}.md) | {_cell(cls.summary)} | {_cell(cls.citation or '—')} | "
-                       f"{_measured_where(kind, n, root)} |")
+            out.append(
+                f"| [`{n}`]({n}.md) | {_cell(cls.summary)} | {_cell(cls.citation or '—')} | "
+                f"{_measured_where(kind, n, root)} |"
+            )
     return "\n".join(out) + "\n"
 
 

@@ -116,7 +116,7 @@ def to_markdown(doc: str) -> Doc:
             j = i + 1
             while j < len(lines) and (not lines[j].strip() or lines[j].startswith((" ", "\t"))):
                 j += 1
-            body = lines[i + 1:j]
+            body = lines[i + 1 : j]
             flush()
             if section.group(1) in ("Args", "Arguments", "Parameters"):
                 args.update(_args(body))
@@ -129,8 +129,12 @@ def to_markdown(doc: str) -> Doc:
             i = j
             continue
         indented = line.startswith("    ") and (i == 0 or not lines[i - 1].strip())
-        in_list = bool(prose) and prose[-1].lstrip().startswith("- ") and line.startswith("  ") \
+        in_list = (
+            bool(prose)
+            and prose[-1].lstrip().startswith("- ")
+            and line.startswith("  ")
             and not line.startswith("    ")
+        )
         if indented and not in_list:
             j = i
             while j < len(lines) and (not lines[j].strip() or lines[j].startswith("    ")):

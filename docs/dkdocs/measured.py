@@ -62,8 +62,11 @@ def _uses(kind: str, name: str, method: str, spec: dict[str, Any]) -> bool:
     if not spec_recipe or (kind == "scheme" and name == "offline"):  # every plain loss row is offline: not a row of it
         return False
     overrides = set(spec.get("overrides") or {})
-    changed = {"scheme", "scheme.name"} | ({"scheme.params", "scheme.params.synthesizer", "scheme.params.synthesizer.name"}
-                                           if kind == "synthesizer" else set())
+    changed = {"scheme", "scheme.name"} | (
+        {"scheme.params", "scheme.params.synthesizer", "scheme.params.synthesizer.name"}
+        if kind == "synthesizer"
+        else set()
+    )
     if overrides & changed:
         return False  # the method swaps the recipe's scheme (synthesiser): judged by its name only
     raw = recipe(spec_recipe)
@@ -81,13 +84,20 @@ def suite_rows(root: Path, kind: str, name: str) -> dict[str, list[dict[str, Any
     found = {}
     for suite, rows in suites(root).items():
         specs = suite_methods(root, suite)
-        methods = {r["method"] for r in rows if r["kind"] == "method" and _uses(kind, name, r["method"],
-                                                                               specs.get(r["method"], {}))}
+        methods = {
+            r["method"]
+            for r in rows
+            if r["kind"] == "method" and _uses(kind, name, r["method"], specs.get(r["method"], {}))
+        }
         if not methods:
             continue
         pairs = {r["pair"] for r in rows if r["method"] in methods}
-        keep = [r for r in rows if r["pair"] in pairs and (r["kind"] in ("teacher", "baseline")
-                                                           or r["method"] in methods or r.get("parent") in methods)]
+        keep = [
+            r
+            for r in rows
+            if r["pair"] in pairs
+            and (r["kind"] in ("teacher", "baseline") or r["method"] in methods or r.get("parent") in methods)
+        ]
         found[suite] = keep
     return found
 
@@ -100,12 +110,17 @@ def suite_table(rows: list[dict[str, Any]]) -> str:
         for na in r.get("na") or []:
             reasons.setdefault((r["pair"], r["method"]), na["reason"])
     if reasons:
-        text += "\n" + "\n".join(f"- `{m}` on `{p}` is n/a: {markdown._esc(reason)}" for (p, m), reason in reasons.items())
+        text += "\n" + "\n".join(
+            f"- `{m}` on `{p}` is n/a: {markdown._esc(reason)}" for (p, m), reason in reasons.items()
+        )
         text += "\n"
     members = sorted({r["method"] for r in rows if r["kind"] == "member"})
     if members:
-        text += ("\nThe models the scheme trains besides its student (" + ", ".join(f"`{m}`" for m in members)
-                 + ") have their own rows in the suite's full table.\n")
+        text += (
+            "\nThe models the scheme trains besides its student ("
+            + ", ".join(f"`{m}`" for m in members)
+            + ") have their own rows in the suite's full table.\n"
+        )
     return text
 
 

@@ -29,8 +29,10 @@ def include(markdown: str, root: Path) -> str:
     def block(m: re.Match) -> str:
         name = m.group(1)
         if name not in found:
-            raise KeyError(f"README has no example {name!r} (it has {sorted(found)}); "
-                           "a page includes it with <!-- readme-example: NAME -->")
+            raise KeyError(
+                f"README has no example {name!r} (it has {sorted(found)}); "
+                "a page includes it with <!-- readme-example: NAME -->"
+            )
         return f"```python\n{found[name]}```"
 
     return INCLUDE.sub(block, markdown)

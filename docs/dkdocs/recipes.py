@@ -60,8 +60,11 @@ def recipes_using(kind: str, name: str) -> list[str]:
     found = []
     for name_ in recipe_names():
         raw = recipe(name_)
-        if (kind == "loss" and name in losses_of(raw)) or (kind == "scheme" and scheme_of(raw) == name) \
-                or (kind == "synthesizer" and synthesizer_of(raw) == name):
+        if (
+            (kind == "loss" and name in losses_of(raw))
+            or (kind == "scheme" and scheme_of(raw) == name)
+            or (kind == "synthesizer" and synthesizer_of(raw) == name)
+        ):
             found.append(name_)
     if kind == "loss":
         found += [r for r in lm_recipes_using(name) if r not in found]

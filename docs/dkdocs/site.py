@@ -21,7 +21,9 @@ def _entries(index: str, root: Path) -> list[dict[str, str]]:
         kind = SECTIONS[index]
         return [{name: catalog.page_path(kind, name)} for name in catalog.names(kind)]
     if index == "benchmarks/index.md":
-        return [{f"Suite {s}": f"benchmarks/{s}.md"} for s in bench.suite_names(root)] + [{"Runs": "benchmarks/runs.md"}]
+        return [{f"Suite {s}": f"benchmarks/{s}.md"} for s in bench.suite_names(root)] + [
+            {"Runs": "benchmarks/runs.md"}
+        ]
     return []
 
 

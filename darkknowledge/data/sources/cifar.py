@@ -65,15 +65,11 @@ def read_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
             batch = _ArrayUnpickler(f, encoding="latin1").load()  # the originals are Python 2 pickles
         data, labels = _get(batch, "data"), _get(batch, label_key)
     except (pickle.UnpicklingError, EOFError, KeyError, TypeError, AttributeError) as exc:
-        raise DataFormatError(
-            f"{path} is not a CIFAR batch with 'data' and {label_key!r} ({exc!r})"
-        ) from None
+        raise DataFormatError(f"{path} is not a CIFAR batch with 'data' and {label_key!r} ({exc!r})") from None
     data = np.asarray(data, dtype=np.uint8)
     labels = np.asarray(labels, dtype=np.int64)
     if data.ndim != 2 or data.shape[1] != int(np.prod(IMAGE_SHAPE)) or data.shape[0] != labels.shape[0]:
-        raise DataFormatError(
-            f"{path}: data {data.shape} / labels {labels.shape} do not form (N, 3072) / (N,)"
-        )
+        raise DataFormatError(f"{path}: data {data.shape} / labels {labels.shape} do not form (N, 3072) / (N,)")
     return data.reshape(-1, *IMAGE_SHAPE), labels  # rows are R(1024) G(1024) B(1024), row-major
 
 
@@ -118,21 +114,26 @@ def write_batch(path: Path, data: np.ndarray, labels: np.ndarray, label_key: str
     """Write one CIFAR batch file as the originals are laid out: a pickled dict with ``data``
     ``(N, 3072)`` uint8 (R, G, B planes, row-major) and the labels under ``label_key``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    batch = {b"data": np.ascontiguousarray(data.reshape(len(data), -1), dtype=np.uint8),
-             label_key.encode(): [int(v) for v in labels]}
+    batch = {
+        b"data": np.ascontiguousarray(data.reshape(len(data), -1), dtype=np.uint8),
+        label_key.encode(): [int(v) for v in labels],
+    }
     with path.open("wb") as f:
         pickle.dump(batch, f, protocol=2)
 
 
-def cifar_example(folder: str, train_files: list[str], test_files: list[str], label_key: str,
-                  num_classes: int) -> Any:
+def cifar_example(folder: str, train_files: list[str], test_files: list[str], label_key: str, num_classes: int) -> Any:
     """An ``example`` for a CIFAR dataset: 4 random images per batch file under ``<root>/<folder>``."""
 
     def example(root: Path, variant: int = 0) -> dict[str, Any]:
         rng = np.random.default_rng(variant)
         for name in train_files + test_files:
-            write_batch(root / folder / name, rng.integers(0, 256, (4, *IMAGE_SHAPE), dtype=np.uint8),
-                        rng.integers(0, num_classes, 4), label_key)
+            write_batch(
+                root / folder / name,
+                rng.integers(0, 256, (4, *IMAGE_SHAPE), dtype=np.uint8),
+                rng.integers(0, num_classes, 4),
+                label_key,
+            )
         return {}
 
     return example

@@ -60,7 +60,6 @@ def read_idx(path: Path) -> np.ndarray:
     return array.astype(dtype.newbyteorder("="), copy=True)  # writable, native order
 
 
-
 def write_idx(path: Path, array: np.ndarray) -> None:
     """Write ``uint8`` ``array`` as IDX (magic ``0x0000 0x08 <ndim>``, big-endian uint32 dims, the
     bytes in C order), gzip-compressed when ``path`` ends in ``.gz``."""

@@ -39,9 +39,7 @@ def _pil_image() -> Any:
     try:
         from PIL import Image
     except ImportError:
-        raise ConfigError(
-            f"image_folder needs pillow to read images: {VISION_EXTRA} (or pip install pillow)"
-        ) from None
+        raise ConfigError(f"image_folder needs pillow to read images: {VISION_EXTRA} (or pip install pillow)") from None
     return Image
 
 
@@ -131,7 +129,5 @@ def image_folder(
     test = read_split(held_out[0], classes, image_size)
     val = read_split(held_out[1], classes, image_size) if len(held_out) > 1 else None
     mean, std = channel_stats(train.x)
-    info = DatasetInfo(
-        "image_folder", len(classes), train.sample_shape, mean=mean, std=std, class_names=tuple(classes)
-    )
+    info = DatasetInfo("image_folder", len(classes), train.sample_shape, mean=mean, std=std, class_names=tuple(classes))
     return DataBundle(train=train, test=test, info=info, val=val)

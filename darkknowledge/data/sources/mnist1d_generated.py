@@ -134,8 +134,9 @@ def _transfer_arrays(num_samples: int, seed: int, count: int, raw_mean: float, r
     return x
 
 
-@register_dataset("mnist1d", example=lambda root, variant: {"num_samples": 200, "transfer_samples": 40,
-                                                             "seed": 42 + variant})
+@register_dataset(
+    "mnist1d", example=lambda root, variant: {"num_samples": 200, "transfer_samples": 40, "seed": 42 + variant}
+)
 def mnist1d(
     *,
     root: Path,

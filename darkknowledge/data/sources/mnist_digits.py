@@ -166,8 +166,10 @@ def _per_class(y: torch.Tensor, train_idx: torch.Tensor, total: int, seed: int) 
     per = total // NUM_CLASSES
     available = int(torch.bincount(y[train_idx], minlength=NUM_CLASSES).min())
     if per > available:
-        raise ConfigError(f"dataset 'mnist_digits': train_samples={total} needs {per} images per class but the "
-                          f"training split has {available}; use train_samples <= {available * NUM_CLASSES}")
+        raise ConfigError(
+            f"dataset 'mnist_digits': train_samples={total} needs {per} images per class but the "
+            f"training split has {available}; use train_samples <= {available * NUM_CLASSES}"
+        )
     held = 1.0 - per / available
     keep, _ = stratified_split(y[train_idx], held, seed + 1) if held > 0 else (torch.arange(len(train_idx)), None)
     return train_idx[keep]

@@ -114,9 +114,11 @@ def synthetic(
     """
     del root
     if math.prod(shape) * max(num_classes, train_samples, test_samples) >= 2**31:
-        raise ConfigError(f"dataset 'synthetic': shape {list(shape)} with {num_classes} classes, "
-                          f"{train_samples} train / {test_samples} test samples is too large; use a smaller "
-                          "shape or fewer samples (it is meant for smoke tests)")
+        raise ConfigError(
+            f"dataset 'synthetic': shape {list(shape)} with {num_classes} classes, "
+            f"{train_samples} train / {test_samples} test samples is too large; use a smaller "
+            "shape or fewer samples (it is meant for smoke tests)"
+        )
     gen = make_generator(split_seed, SYNTHETIC_STREAM)
     means = torch.randn((num_classes, *shape), generator=gen)  # (K, *shape)
     x_train, y_train = draw_split(means, train_samples, noise, gen)  # (N, *shape), (N,)

@@ -80,9 +80,16 @@ class QuantLayer:
             )
         assert isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))  # every FLOAT is one of them
         weight = module.weight
-        new = cls(**cls._float_kwargs(module), bias=module.bias is not None, device=weight.device,
-                  dtype=weight.dtype, bits=spec.bits, act_bits=spec.act_bits, method=spec.method,
-                  per_channel=spec.per_channel)
+        new = cls(
+            **cls._float_kwargs(module),
+            bias=module.bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+            bits=spec.bits,
+            act_bits=spec.act_bits,
+            method=spec.method,
+            per_channel=spec.per_channel,
+        )
         layer = cast("nn.Linear | nn.Conv1d | nn.Conv2d", new)  # cls subclasses its FLOAT
         with torch.no_grad():
             layer.weight.copy_(weight)
@@ -100,9 +107,14 @@ class QuantLayer:
 def _conv_kwargs(module: nn.Module) -> dict[str, Any]:
     """The constructor arguments of a float convolution, bias/device/dtype excluded."""
     return {
-        "in_channels": module.in_channels, "out_channels": module.out_channels,
-        "kernel_size": module.kernel_size, "stride": module.stride, "padding": module.padding,
-        "dilation": module.dilation, "groups": module.groups, "padding_mode": module.padding_mode,
+        "in_channels": module.in_channels,
+        "out_channels": module.out_channels,
+        "kernel_size": module.kernel_size,
+        "stride": module.stride,
+        "padding": module.padding,
+        "dilation": module.dilation,
+        "groups": module.groups,
+        "padding_mode": module.padding_mode,
     }
 
 
@@ -123,9 +135,19 @@ class QuantLinear(QuantLayer, nn.Linear):
 
     FLOAT = nn.Linear
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device: Any = None,
-                 dtype: Any = None, *, bits: int = 8, act_bits: int | None = None, method: str = "lsq",
-                 per_channel: bool = True) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        bits: int = 8,
+        act_bits: int | None = None,
+        method: str = "lsq",
+        per_channel: bool = True,
+    ) -> None:
         nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._attach_quantizers(bits, act_bits, method, per_channel)
 
@@ -143,8 +165,15 @@ class _QuantConv(QuantLayer):
     quantizers; ``from_float`` copies the convolution's hyper-parameters; the forward pass
     convolves the quantized input with the quantized weight (bias in full precision)."""
 
-    def __init__(self, *args: Any, bits: int = 8, act_bits: int | None = None, method: str = "lsq",
-                 per_channel: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        bits: int = 8,
+        act_bits: int | None = None,
+        method: str = "lsq",
+        per_channel: bool = True,
+        **kwargs: Any,
+    ) -> None:
         self.FLOAT.__init__(self, *args, **kwargs)  # type: ignore[arg-type]  # a mixin: self is the FLOAT's subclass
         self._attach_quantizers(bits, act_bits, method, per_channel)
 

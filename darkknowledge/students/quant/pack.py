@@ -114,7 +114,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     shifts, byte_bits = torch.arange(bits), 1 << torch.arange(8)
     parts = []
     for start in range(0, u.numel(), _CHUNK):
-        stream = ((u[start:start + _CHUNK, None] >> shifts) & 1).reshape(-1)  # (m * bits,) low bit first
+        stream = ((u[start : start + _CHUNK, None] >> shifts) & 1).reshape(-1)  # (m * bits,) low bit first
         stream = nn.functional.pad(stream, (0, (-stream.numel()) % 8))  # the last chunk fills its byte
         parts.append((stream.view(-1, 8) * byte_bits).sum(1).to(torch.uint8))  # (m * bits / 8,)
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8)
@@ -139,7 +139,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     step = _CHUNK * bits // 8  # bytes of one chunk of codes
     parts = []
     for start in range(0, data.numel(), step):
-        stream = ((data[start:start + step, None] >> shifts) & 1).reshape(-1)  # (8 m,) low bit first
+        stream = ((data[start : start + step, None] >> shifts) & 1).reshape(-1)  # (8 m,) low bit first
         n = stream.numel() // bits
         parts.append((stream[: n * bits].view(n, bits) * code_bits).sum(1))  # (n,)
     out = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
@@ -228,7 +228,9 @@ def unpack_state_dict(packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
         base = key[: -len(CODES)]
         meta = [int(v) for v in _entry(packed, base + META).tolist()]
         if len(meta) < 2:
-            raise CheckpointError(f"packed state dict: {base + META!r} holds {meta}, expected [bits, smallest code, *shape]")
+            raise CheckpointError(
+                f"packed state dict: {base + META!r} holds {meta}, expected [bits, smallest code, *shape]"
+            )
         bits, lo, shape = meta[0], meta[1], meta[2:]
         count = 1
         for d in shape:

@@ -176,8 +176,10 @@ class LsqQuantizer(nn.Module):
     def extra_repr(self) -> str:
         sign = "signed" if bool(self.signed) else "unsigned"
         sign = f"auto ({sign} once initialized)" if self.auto_sign and not bool(self.initialized) else sign
-        return (f"bits={self.bits}, {sign}, per_channel={self.per_channel}, steps={self.step.numel()}, "
-                f"activation={self.activation}")
+        return (
+            f"bits={self.bits}, {sign}, per_channel={self.per_channel}, steps={self.step.numel()}, "
+            f"activation={self.activation}"
+        )
 
 
 @QUANTIZERS.register("minmax")
@@ -245,6 +247,13 @@ def make_quantizer(
     cls = QUANTIZERS.get(method)
     per_channel = per_channel and not activation
     if cls is LsqQuantizer:
-        return LsqQuantizer(bits, signed=None if activation else True, per_channel=per_channel,
-                            channels=channels, activation=activation, device=device, dtype=dtype)
+        return LsqQuantizer(
+            bits,
+            signed=None if activation else True,
+            per_channel=per_channel,
+            channels=channels,
+            activation=activation,
+            device=device,
+            dtype=dtype,
+        )
     return cls(bits, per_channel=per_channel, activation=activation)

@@ -27,17 +27,32 @@ class QuantSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     bits: Bits = Field(description=f"weight bit width, {MIN_BITS}..{MAX_BITS}")
-    act_bits: Bits | None = Field(default=None, description="bit width of each quantized layer's input "
-                                  "activations; null keeps activations in full precision")
-    method: Literal["lsq", "minmax"] = Field(default="lsq", description="lsq: learned step size (Esser et al., "
-                                             "ICLR 2020); minmax: min-max uniform levels with straight-through "
-                                             "gradients (Polino et al., ICLR 2018)")
-    per_channel: StrictBool = Field(default=True, description="one weight step (range) per output channel; "
-                                    "false: one per layer. Activations are always per tensor")
-    modules: list[QuantizableType] = Field(default_factory=lambda: list(QUANTIZABLE_TYPES), min_length=1,
-                                           description="layer types to quantize (torch.nn class names)")
-    paths: list[StrictStr] | None = Field(default=None, description="module paths to quantize; when given, "
-                                          "exactly these (modules, keep_first and keep_last are not applied)")
-    keep_first: StrictBool = Field(default=True, description="leave the first quantizable layer in full "
-                                   "precision (weights and input)")
+    act_bits: Bits | None = Field(
+        default=None,
+        description="bit width of each quantized layer's input activations; null keeps activations in full precision",
+    )
+    method: Literal["lsq", "minmax"] = Field(
+        default="lsq",
+        description="lsq: learned step size (Esser et al., "
+        "ICLR 2020); minmax: min-max uniform levels with straight-through "
+        "gradients (Polino et al., ICLR 2018)",
+    )
+    per_channel: StrictBool = Field(
+        default=True,
+        description="one weight step (range) per output channel; "
+        "false: one per layer. Activations are always per tensor",
+    )
+    modules: list[QuantizableType] = Field(
+        default_factory=lambda: list(QUANTIZABLE_TYPES),
+        min_length=1,
+        description="layer types to quantize (torch.nn class names)",
+    )
+    paths: list[StrictStr] | None = Field(
+        default=None,
+        description="module paths to quantize; when given, "
+        "exactly these (modules, keep_first and keep_last are not applied)",
+    )
+    keep_first: StrictBool = Field(
+        default=True, description="leave the first quantizable layer in full precision (weights and input)"
+    )
     keep_last: StrictBool = Field(default=True, description="leave the last quantizable layer in full precision")

@@ -95,7 +95,7 @@ def select_paths(model: nn.Module, spec: QuantSpec, where: str = "student.quanti
             f"{where}.modules: {name} has no {', '.join(spec.modules)} layer to quantize; its quantizable "
             f"layers: {_listing([f'{p} ({_type_name(net.get_submodule(p))})' for p in candidates])}"
         )
-    chosen = typed[1 if spec.keep_first else 0: len(typed) - 1 if spec.keep_last else len(typed)]
+    chosen = typed[1 if spec.keep_first else 0 : len(typed) - 1 if spec.keep_last else len(typed)]
     if not chosen:
         kept = [flag for flag, on in (("keep_first", spec.keep_first), ("keep_last", spec.keep_last)) if on]
         raise ConfigError(
@@ -131,9 +131,15 @@ def quantize_model(model: nn.Module, spec: QuantSpec | Mapping[str, Any], where:
         new = QUANT_LAYERS[_type_name(old)].from_float(old, spec)  # type: ignore[index]
         parent_path, _, child = path.rpartition(".")
         setattr(net.get_submodule(parent_path) if parent_path else net, child, new)
-    log.info("quantized %d layer(s) of %s to %d-bit weights (%s activations, %s): %s", len(chosen),
-             type(net).__name__, spec.bits, "full-precision" if spec.act_bits is None else f"{spec.act_bits}-bit",
-             spec.method, ", ".join(chosen))
+    log.info(
+        "quantized %d layer(s) of %s to %d-bit weights (%s activations, %s): %s",
+        len(chosen),
+        type(net).__name__,
+        spec.bits,
+        "full-precision" if spec.act_bits is None else f"{spec.act_bits}-bit",
+        spec.method,
+        ", ".join(chosen),
+    )
     return chosen
 
 
