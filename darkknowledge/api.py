@@ -149,15 +149,23 @@ def _check(cfg: RunConfig, bundle: DataBundle | None, given: dict[str, nn.Module
     check_config(cfg, given=[*given, *(["data"] if bundle is not None else [])])
 
 
-def _session(cfg: RunConfig, bundle: DataBundle | None, out: str | Path | None, resume: bool) -> Session:
-    return Session(cfg, Path(out) if out is not None else None, resume=resume, progress=True, bundle=bundle)
+def _session(
+    cfg: RunConfig, bundle: DataBundle | None, out: str | Path | None, resume: bool, given: tuple[str, ...] = ()
+) -> Session:
+    """The run's session; ``given``: the models passed as modules (a given teacher is not trained in the run)."""
+    identity = {"given": list(given)} if given else None
+    return Session(
+        cfg, Path(out) if out is not None else None, resume=resume, progress=True, bundle=bundle, identity=identity
+    )
 
 
-def _instantiate(given: nn.Module | None, spec: dict[str, Any], s: Session, where: str, seed: int) -> nn.Module:
+def _instantiate(given: nn.Module | None, spec: ModelConfig, s: Session, where: str, seed: int) -> nn.Module:
+    """The given module (marked with the view it reads), or the model ``spec`` names, built with its
+    params (``config={"student": {"params": ...}}`` included) from ``seed``."""
     if given is not None:
-        return _reads_view(given, spec.get("input"), s, where)
+        return _reads_view(given, spec.input, s, where)
     seed_everything(seed)
-    return build_model(ModelConfig(**spec), s.bundle.info, where)
+    return build_model(spec, s.bundle.info, where)
 
 
 def _reads_view(model: nn.Module, view: str | None, s: Session, where: str) -> nn.Module:
@@ -268,14 +276,14 @@ def distill(
             "teachers: dk.distill takes one teacher; several teachers run from a recipe (`dk distill multi_teacher`)"
         )
     _check(cfg, bundle, {k: m for k, m in (("student", s_mod), ("teacher", t_mod)) if m is not None})
-    s = _session(cfg, bundle, out, resume)
+    s = _session(cfg, bundle, out, resume, given=("teacher",) if t_mod is not None else ())
     t_entry = None
     if t_mod is None:
         t_mod, t_entry = s.teacher()
         lent = None
     else:
         lent = _reads_view(t_mod, cfg.teacher.input if cfg.teacher else None, s, "teacher")
-    model = _instantiate(s_mod, {**s_cfg, "input": cfg.student.input}, s, "student", seed)
+    model = _instantiate(s_mod, cfg.student, s, "student", seed)
     stage = "+".join(cfg.losses) + f"-s{seed}"
     with _lent(lent):
         task = offline_task(model, build_objective(cfg.losses), t_mod, cache=cfg.cache)
@@ -318,7 +326,7 @@ def train(
         )
     _check(cfg, bundle, {"student": m_mod} if m_mod is not None else {})
     s = _session(cfg, bundle, out, resume)
-    net = _instantiate(m_mod, {**m_cfg, "input": cfg.student.input}, s, "model", seed)
+    net = _instantiate(m_mod, cfg.student, s, "model", seed)
     task = offline_task(net, build_objective(cfg.losses))
     stage = f"{m_cfg['name']}-s{seed}"
     entry = s.train_stage(stage, "baseline", task, seed, label="+".join(cfg.losses))[0]

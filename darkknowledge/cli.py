@@ -234,7 +234,7 @@ def _list(what: str) -> None:
     if what in ("all", "models"):
         _out("models:")
         _out("  " + ", ".join(list_models()))
-        _out("  (+ torchvision:NAME and timm:NAME when those extras are installed)")
+        _out("  (+ torchvision:NAME, timm:NAME and hf:FOLDER_OR_MODEL_TYPE when those extras are installed)")
     if what in ("all", "datasets"):
         _out("datasets:")
         _out("  " + ", ".join(list_datasets()))

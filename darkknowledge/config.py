@@ -31,7 +31,7 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    """A model from the zoo (or ``torchvision:NAME`` / ``timm:NAME``)."""
+    """A model from the zoo (or ``torchvision:NAME`` / ``timm:NAME`` / ``hf:FOLDER_OR_MODEL_TYPE``)."""
 
     name: str = Field(description="registry name, see `dk list models`")
     params: dict[str, Any] = Field(default_factory=dict, description="builder keyword arguments")

@@ -72,3 +72,22 @@ def test_distill_by_names_trains_the_teacher_first(tmp_path):
     assert out.teacher_accuracy == out.teacher["last_acc"] and "; teacher " in str(out)
     assert out.entry["losses"] == ["ce", "kd"]
     assert out.spec["name"] == "mlp" and out.spec["params"]["input_shape"] == [1, 8, 8]
+
+
+def test_named_models_take_their_params_from_config(toy_tensors):
+    """config={"student": {"params": ...}} shapes the student built by name (it was once dropped)."""
+    student = {"student": {"params": {"hidden": [7]}}}
+    out = dk.distill("mlp", Tiny(16), toy_tensors, epochs=1, config=student)
+    widths = [m.out_features for m in out.model.modules() if isinstance(m, nn.Linear)]
+    assert widths == [7, 4] and out.spec["params"]["hidden"] == [7]
+    alone = dk.train("mlp", toy_tensors, epochs=1, config=student)
+    assert [m.out_features for m in alone.model.modules() if isinstance(m, nn.Linear)] == [7, 4]
+
+
+def test_resume_extends_a_run_whose_teacher_was_given_as_a_module(toy_tensors, tmp_path):
+    """A module teacher is not trained in the run, so more student epochs do not change it."""
+    teacher = dk.train(Tiny(16), toy_tensors, epochs=2).model
+    first = dk.distill(Tiny(8), teacher, toy_tensors, epochs=1, out=tmp_path / "run")
+    more = dk.distill(Tiny(8), teacher, toy_tensors, epochs=2, out=tmp_path / "run", resume=True)
+    assert [row["epoch"] for row in first.epochs] == [1]
+    assert [row["epoch"] for row in more.epochs] == [1, 2]

@@ -220,3 +220,25 @@ def test_accuracy_latency_plot(tmp_path, monkeypatch):
     assert report.plot_accuracy_latency(rows, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
     with pytest.raises(ConfigError, match="nothing to plot"):
         report.plot_accuracy_latency([profile_row("student", "s", _hand(10, 40, 10, 1.0), None)], tmp_path / "x.png")
+
+
+def test_run_profiler_feeds_token_ids_to_a_token_model():
+    """A run on int64 token-id data profiles its models with token ids (gaussian floats would fail
+    an embedding lookup, and the profile would be skipped)."""
+    from darkknowledge.config import ProfileConfig
+    from darkknowledge.data.bundle import DatasetInfo
+    from darkknowledge.runs.profiling import Profiler
+
+    class Bag(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.fc = nn.Embedding(10, 4), nn.Linear(4, 3)
+
+        def forward(self, ids):  # (B, L) int64
+            return self.fc(self.embed(ids).mean(1))  # (B, 3)
+
+    info = DatasetInfo(name="tokens", num_classes=3, input_shape=(6,))
+    cfg = ProfileConfig(repeats=1, warmup=0)
+    profile = Profiler(cfg, info, batch_n=2, token_ids=True)(Bag(), {"name": "bag"})
+    assert profile is not None and profile["params"] == sum(p.numel() for p in Bag().parameters())
+    assert Profiler(cfg, info, batch_n=2)(Bag(), {"name": "bag"}) is None  # floats: skipped, as it was

@@ -31,10 +31,11 @@ class Profiler:
         cfg: The run's ``profile`` settings.
         info: The dataset (each model's input shape: its view's).
         batch_n: The training batch size (the second latency).
+        token_ids: The inputs are int64 token ids (the example input is token 0, not gaussian values).
     """
 
-    def __init__(self, cfg: ProfileConfig, info: DatasetInfo, batch_n: int) -> None:
-        self.cfg, self.info, self.batch_n = cfg, info, batch_n
+    def __init__(self, cfg: ProfileConfig, info: DatasetInfo, batch_n: int, token_ids: bool = False) -> None:
+        self.cfg, self.info, self.batch_n, self.token_ids = cfg, info, batch_n, token_ids
         self._seen: dict[str, dict[str, Any]] = {}
 
     def __call__(self, model: nn.Module, spec: dict[str, Any]) -> dict[str, Any] | None:
@@ -47,7 +48,10 @@ class Profiler:
         key = json.dumps({"spec": spec, "shape": shape}, sort_keys=True, default=str)
         if key not in self._seen:
             generator = torch.Generator().manual_seed(0)
-            example = torch.randn((1, *shape), generator=generator)  # (1, *input_shape): latency needs no real data
+            if self.token_ids:
+                example = torch.zeros((1, *shape), dtype=torch.int64)  # (1, L): token 0, a valid id of any vocabulary
+            else:
+                example = torch.randn((1, *shape), generator=generator)  # (1, *input_shape): latency needs no real data
             try:
                 found = profile_model(
                     model,

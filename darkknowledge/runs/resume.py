@@ -237,14 +237,19 @@ def config_changes(
 def _teachers_following_epochs(
     old: Mapping[str, Any], new: Mapping[str, Any], identity: Mapping[str, Any] | None
 ) -> list[str]:
-    """Teachers trained in the run (no checkpoint) whose epochs come from ``train.epochs``."""
+    """Teachers trained in the run (no checkpoint) whose epochs come from ``train.epochs``.
+
+    A teacher the Python API was given as a module (``identity["given"]`` lists it) is not trained.
+    """
     if identity is not None and identity.get("command") == "train":
         return []  # `dk train` trains one model; a teacher in the recipe is not part of the run
+    given = set(identity.get("given") or ()) if identity is not None else set()
     teachers = sorted({k.rsplit(".", 1)[0] for k in new if re.match(r"^(teacher|teachers\.\d+)\.name$", k)})
     return [
         where
         for where in teachers
-        if new.get(f"{where}.checkpoint") in (None, _UNSET)
+        if where not in given
+        and new.get(f"{where}.checkpoint") in (None, _UNSET)
         and f"{where}.train.epochs" not in new
         and f"{where}.name" in old
     ]

@@ -130,7 +130,9 @@ class Session:
         self.bundle = with_views(cfg, bundle) if bundle is not None else build_data(cfg)
         self.run = RunDir(self._run_dir, writer=self.dist.is_main, fresh=not resume)
         self.metrics = MetricsLog(self.run.metrics_path)
-        self.profiler = Profiler(cfg.profile, self.bundle.info, cfg.data.batch_size)
+        train_x = getattr(self.bundle.train, "x", None)  # TensorData: int64 inputs are token ids
+        token_ids = isinstance(train_x, torch.Tensor) and train_x.dtype == torch.int64
+        self.profiler = Profiler(cfg.profile, self.bundle.info, cfg.data.batch_size, token_ids=token_ids)
         self.run.write_config(cfg.model_dump(mode="json"))
         if self.run.path is not None and read_identity(self.run.path) is None:
             self.run.write_identity({**self.identity, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
