@@ -69,7 +69,7 @@ def _session(
     bundle = preflight(cfg, plan, transfer, planned=planned) if plan is not None else None
     s = Session(cfg, run_dir, resume=resume, progress=progress, bundle=bundle, identity=identity)
     if plan is not None:
-        s.clock.plan(for_seeds(planned, seeds or ()))
+        s.clock.plan([p for p in for_seeds(planned, seeds or ()) if p.per_seed or not s.teacher_is_cached(p.family)])
     return s
 
 

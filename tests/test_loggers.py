@@ -14,7 +14,7 @@ import pytest
 
 import darkknowledge as dkn
 from darkknowledge import cli, commands
-from darkknowledge.config import LogConfig, load_config
+from darkknowledge.config import LogConfig, RunConfig, load_config
 from darkknowledge.engine import eta, loggers, progress
 from darkknowledge.engine.eta import PlannedStage, RunClock, for_seeds, format_duration
 from darkknowledge.engine.loggers import Loggers, check_loggers, scalars
@@ -268,11 +268,13 @@ class _Lines(logging.Handler):
 
 
 @pytest.fixture(scope="module")
-def logged_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str], list[dict[str, Any]]]:
-    """``dk run`` of TINY (2 seeds, 2 epochs) with both loggers, off a terminal, every epoch 1 s long:
-    its folder, its log lines and its results entries (before any test resumes it)."""
-    pytest.importorskip("tensorboard")
-    pytest.importorskip("mlflow")
+def run_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``DK_CACHE`` of this module's runs: its own, so the first run always trains its teacher."""
+    return tmp_path_factory.mktemp("dk-cache")
+
+
+def _off_a_terminal(cfg: RunConfig, out: Path, cache: Path) -> list[str]:
+    """``dk run`` of ``cfg`` into ``out``, off a terminal, every epoch 1 s long: its log lines."""
     lines = _Lines()
     ours = logging.getLogger("darkknowledge")
     before = ours.level
@@ -280,19 +282,31 @@ def logged_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-        mp.setenv("DK_CACHE", str(tmp_path_factory.getbasetemp() / "dk-cache"))  # conftest's, for a module fixture
+        mp.setenv("DK_CACHE", str(cache))
         mp.setattr(eta, "_now", lambda: float(next(ticks)))
         mp.setattr(progress, "is_terminal", lambda: False)
         ours.addHandler(lines)
         ours.setLevel(logging.INFO)
         try:
-            out = tmp_path_factory.mktemp("loggers") / "run"
-            cfg = load_config(TINY, ["train.epochs=2", "log.tensorboard=true", "log.mlflow=true"])
             commands.compare(cfg, out=out, progress=True)
         finally:
             ours.removeHandler(lines)
             ours.setLevel(before)
-    return out, lines.messages, json.loads((out / "results.json").read_text())["models"]
+    return lines.messages
+
+
+@pytest.fixture(scope="module")
+def logged_run(
+    tmp_path_factory: pytest.TempPathFactory, run_cache: Path
+) -> tuple[Path, list[str], list[dict[str, Any]]]:
+    """``dk run`` of TINY (2 seeds, 2 epochs) with both loggers, off a terminal, every epoch 1 s long:
+    its folder, its log lines and its results entries (before any test resumes it)."""
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("mlflow")
+    out = tmp_path_factory.mktemp("loggers") / "run"
+    cfg = load_config(TINY, ["train.epochs=2", "log.tensorboard=true", "log.mlflow=true"])
+    messages = _off_a_terminal(cfg, out, run_cache)
+    return out, messages, json.loads((out / "results.json").read_text())["models"]
 
 
 @pytest.mark.slow
@@ -380,6 +394,20 @@ def test_off_a_terminal_each_stage_logs_each_epoch_with_the_whole_runs_eta(
     assert {line["scope"] for line in lines} == {"run"}
     # every stage here has as many batches per epoch, so at 1 s an epoch the ETA is the epochs left in the run
     assert [_seconds(line["eta"]) for line in lines] == list(range(len(lines) - 1, -1, -1))
+
+
+@pytest.mark.slow
+def test_the_eta_leaves_out_a_teacher_reused_from_the_cache(
+    logged_run: tuple[Path, list[str], list[dict[str, Any]]], run_cache: Path, tmp_path: Path
+) -> None:
+    """The first run trained the teacher into ``run_cache``; a second run reuses it, and its ETA
+    counts only the stages it trains (it once counted the teacher's epochs until the teacher was reached)."""
+    assert any(line["stage"] == "teacher" for text in logged_run[1] if (line := ETA_LINE.match(text)))
+    messages = _off_a_terminal(load_config(TINY, ["train.epochs=2"]), tmp_path / "again", run_cache)
+    assert any(text.startswith("reusing the teacher trained earlier") for text in messages)
+    lines = [m.groupdict() for text in messages if (m := ETA_LINE.match(text))]
+    assert [line["stage"] for line in lines][:2] == ["baseline-s0", "baseline-s0"] and len(lines) == 8
+    assert [_seconds(line["eta"]) for line in lines] == list(range(7, -1, -1))
 
 
 @pytest.mark.slow

@@ -356,6 +356,19 @@ class Session:
         }
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
+    def teacher_is_cached(self, where: str) -> bool:
+        """Whether the teacher at config path ``where`` (``teacher``, ``teachers.0``) will be reused from the
+        cache of trained teachers instead of trained (the run's ETA leaves it out of the plan)."""
+        spec: TeacherConfig | None = None
+        if where == "teacher":
+            spec = self.cfg.teacher
+        elif where.startswith("teachers.") and where.removeprefix("teachers.").isdigit():
+            index = int(where.removeprefix("teachers."))
+            spec = self.cfg.teachers[index] if index < len(self.cfg.teachers) else None
+        if spec is None or spec.checkpoint or not spec.reuse:
+            return False
+        return (cache_dir() / "teachers" / f"{spec.name}-{self.teacher_key(spec, where)}.pt").is_file()
+
     def teacher(self, spec: TeacherConfig | None = None, where: str = "teacher") -> tuple[nn.Module, dict[str, Any]]:
         """A teacher (default ``cfg.teacher``): loaded from its checkpoint, reused from the cache,
         or trained now. ``where`` is its config path (``teacher``, ``teachers.0``) and stage name.
