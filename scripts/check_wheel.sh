@@ -44,6 +44,7 @@ vpy="$work/venv/bin/python"
 
 # run from an empty folder, so nothing of the source tree can be imported by accident
 mkdir -p "$work/user" && cd "$work/user"
+export DK_CACHE="$work/cache"  # nothing from an earlier run (generated data, trained teachers) is reused
 where="$("$vpy" -c 'import darkknowledge, os; print(os.path.dirname(darkknowledge.__file__))')"
 case "$where" in
   "$work/venv/"*) ;;
