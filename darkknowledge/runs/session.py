@@ -40,7 +40,7 @@ from torch import nn
 from darkknowledge.config import RunConfig, TeacherConfig, TrainConfig
 from darkknowledge.data import DataBundle, DatasetInfo, cache_dir
 from darkknowledge.data.batch import input_name
-from darkknowledge.data.bundle import num_samples
+from darkknowledge.data.bundle import TensorData, num_samples
 from darkknowledge.engine.checkpoint import (
     check_export_fits,
     export_model,
@@ -130,8 +130,8 @@ class Session:
         self.bundle = with_views(cfg, bundle) if bundle is not None else build_data(cfg)
         self.run = RunDir(self._run_dir, writer=self.dist.is_main, fresh=not resume)
         self.metrics = MetricsLog(self.run.metrics_path)
-        train_x = getattr(self.bundle.train, "x", None)  # TensorData: int64 inputs are token ids
-        token_ids = isinstance(train_x, torch.Tensor) and train_x.dtype == torch.int64
+        train = self.bundle.train  # TensorData: int64 inputs are token ids (a split that is not one is not read)
+        token_ids = isinstance(train, TensorData) and train.x.dtype == torch.int64
         self.profiler = Profiler(cfg.profile, self.bundle.info, cfg.data.batch_size, token_ids=token_ids)
         self.run.write_config(cfg.model_dump(mode="json"))
         if self.run.path is not None and read_identity(self.run.path) is None:
