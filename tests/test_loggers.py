@@ -327,8 +327,9 @@ def test_tensorboard_and_mlflow_hold_every_record_of_metrics_jsonl(logged_run: t
 
 @pytest.mark.slow
 def test_a_resumed_run_continues_the_same_mlflow_run_and_event_folder(
-    logged_run: tuple[Path, Any, Any], no_tracking_env: None
+    logged_run: tuple[Path, Any, Any], no_tracking_env: None, run_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("DK_CACHE", str(run_cache))  # the run's own cache: its teacher, not another test's
     logged_run = logged_run[0]
     run_id = json.loads((logged_run / "loggers.json").read_text())["mlflow"]["run_id"]
     cfg = load_config(TINY, ["train.epochs=3", "log.tensorboard=true", "log.mlflow=true"])
