@@ -21,7 +21,8 @@ import logging
 import math
 import os
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -192,6 +193,17 @@ class Loggers:
         if interrupted:
             self._outcome["interrupted"] = True
         self._finalizer()
+
+
+@contextmanager
+def marks_failure(loggers: Loggers | None) -> Iterator[None]:
+    """A stage's training: an error (or interrupt) escaping it marks the loggers' run as failed, then propagates."""
+    try:
+        yield
+    except BaseException:
+        if loggers is not None:
+            loggers.failed()
+        raise
 
 
 def _close_all(sinks: list[Sink], outcome: dict[str, bool]) -> None:

@@ -36,7 +36,7 @@ from darkknowledge.engine.device import select_device
 from darkknowledge.engine.distributed import init_distributed
 from darkknowledge.engine.eta import PlannedStage, RunClock
 from darkknowledge.engine.fsdp import is_sharded, shard_frozen
-from darkknowledge.engine.loggers import Loggers, check_loggers, open_loggers
+from darkknowledge.engine.loggers import Loggers, check_loggers, marks_failure, open_loggers
 from darkknowledge.engine.metrics import MetricsLog, evaluate
 from darkknowledge.engine.trainer import Trainer
 from darkknowledge.errors import ConfigError, DarkKnowledgeError
@@ -325,12 +325,8 @@ class LMSession:
             progress=self.progress,
             clock=self.clock.begin(stage, seed),
         )
-        try:
+        with marks_failure(self.loggers):
             result = trainer.fit(resume=self.resume)
-        except BaseException:
-            if self.loggers is not None:
-                self.loggers.failed()
-            raise
         last, val = result.last["student"], result.history[-1].get("val", {}).get("student", {})
         tokens = self.train.tokens * self.cfg.train.epochs
         entry = {

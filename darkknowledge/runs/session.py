@@ -51,7 +51,7 @@ from darkknowledge.engine.checkpoint import (
 from darkknowledge.engine.device import select_device, set_deterministic
 from darkknowledge.engine.distributed import init_distributed
 from darkknowledge.engine.eta import RunClock
-from darkknowledge.engine.loggers import Loggers, check_loggers, open_loggers
+from darkknowledge.engine.loggers import Loggers, check_loggers, marks_failure, open_loggers
 from darkknowledge.engine.metrics import MetricsLog
 from darkknowledge.engine.task import Task
 from darkknowledge.engine.trainer import Trainer
@@ -236,12 +236,8 @@ class Session:
             progress=self.progress,
             clock=self.clock.begin(stage, seed),
         )
-        try:
+        with marks_failure(self.loggers):
             result = trainer.fit(resume=self.resume)
-        except BaseException:
-            if self.loggers is not None:
-                self.loggers.failed()
-            raise
         task.to(torch.device("cpu"))
         primary = task.primary
         log.info(
