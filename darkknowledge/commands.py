@@ -31,6 +31,7 @@ from darkknowledge.runs.build import (
     seed_everything,
 )
 from darkknowledge.runs.context import RunContext
+from darkknowledge.runs.diagnosis import teacher_lines
 from darkknowledge.runs.parts_report import parts_sections
 from darkknowledge.runs.preflight import PreflightContext, preflight
 from darkknowledge.runs.report import group_rows, render_report, table_lines, verdict
@@ -80,7 +81,8 @@ def compare(
     from the same initialisation; pre-trained teachers are trained once and shared.
 
     Returns:
-        ``{"run_dir", "rows", "verdict", "report", "table"}``.
+        ``{"run_dir", "rows", "verdict", "report", "table", "teachers"}`` (``teachers``: the report's
+        lines about the teachers, see :func:`~darkknowledge.runs.diagnosis.teacher_lines`).
     """
     cls, params = resolve_scheme(cfg.scheme.name, cfg.scheme.params)
 
@@ -96,6 +98,8 @@ def compare(
 def _compare(s: Session, cfg: RunConfig, cls: Any, params: Any) -> dict[str, Any]:
     """The body of :func:`compare`, in its open session."""
     ctx = RunContext(s, transfer=params.transfer)
+    if cfg.teacher is not None and len(cfg.all_teachers()) == 1:
+        ctx.teacher()  # before the baselines: their fidelity to it is the students' reference
     for seed in cfg.seeds:
         s.train_alone(f"baseline-s{seed}", "baseline", ctx.student(seed), seed)
         cls.run(ctx, seed, params)
@@ -135,6 +139,7 @@ def _compare(s: Session, cfg: RunConfig, cls: Any, params: Any) -> dict[str, Any
         "verdict": verdict(rows),
         "report": report,
         "table": table_lines(rows),
+        "teachers": teacher_lines(rows),  # each teacher's calibration and training fit; a memorised one's warning
         "name": cfg.name,
     }
 

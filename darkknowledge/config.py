@@ -65,9 +65,40 @@ class AugmentConfig(_Strict):
     crop_padding: int = Field(default=0, ge=0)
     shift: int = Field(default=0, ge=0)
     noise: float = Field(default=0.0, ge=0.0)
+    scale: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=1.0,
+        description="amplitude: multiply each sample by a factor drawn from [1-scale, 1+scale] (1-D signals)",
+    )
+    mixup: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="mixup's Beta(a, a) concentration (1: uniform; 0: off): inputs between training points, "
+        "without a label; only stages with a teacher mix (data/mixing.py)",
+    )
+    cutmix: float = Field(default=0.0, ge=0.0, description="cutmix's Beta(a, a) concentration (0: off)")
+    mix_prob: float = Field(
+        default=1.0, gt=0.0, le=1.0, description="share of samples mixed (needs mixup or cutmix); the rest keep labels"
+    )
 
     def enabled(self) -> bool:
-        return bool(self.hflip or self.crop_padding or self.shift or self.noise)
+        return bool(self.hflip or self.crop_padding or self.shift or self.noise or self.scale or self.mixes())
+
+    def mixes(self) -> bool:
+        """Whether samples are mixed with partners (mixup or cutmix)."""
+        return bool(self.mixup or self.cutmix)
+
+    @pydantic.model_validator(mode="after")
+    def _mix_prob_needs_mixing(self) -> AugmentConfig:
+        if self.mix_prob != 1.0 and not self.mixes():
+            raise PydanticCustomError(
+                "mix_prob_without_mixing",
+                "mix_prob={mix_prob} has nothing to mix: set data.augment.mixup or data.augment.cutmix > 0 "
+                "(e.g. mixup: 1.0), or leave mix_prob out",
+                {"mix_prob": self.mix_prob},
+            )
+        return self
 
 
 class DataConfig(_Strict):
@@ -86,6 +117,12 @@ class DataConfig(_Strict):
         "val_fraction, with the test split dropped unread",
     )
     split_seed: int = 0
+    train_samples: int | None = Field(
+        default=None,
+        gt=0,
+        description="train on a class-stratified subset of this many samples of the training split "
+        "(drawn from split_seed after val_fraction is carved; the rest is dropped)",
+    )
     use_transfer: bool = Field(default=True, description="add the unlabeled transfer set when distilling")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     views: dict[str, dict[str, Any]] = Field(
@@ -134,6 +171,13 @@ class TrainConfig(_Strict):
     """Optimisation and engine settings."""
 
     epochs: int = Field(default=10, ge=1)
+    steps: int | None = Field(
+        default=None,
+        gt=0,
+        description="budget in optimizer steps instead of epochs: trains exactly this many "
+        "(epochs = ceil(steps / steps per epoch), the last one cut short) and the LR schedule "
+        "spans them; leave epochs at its default",
+    )
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     grad_accum: int = Field(default=1, ge=1)
@@ -154,6 +198,19 @@ class TrainConfig(_Strict):
         description="CPU runs on glibc: keep freed memory in the process "
         "(mallopt) instead of page-faulting it back in every step",
     )
+
+    @pydantic.model_validator(mode="after")
+    def _one_budget(self) -> TrainConfig:
+        default = TrainConfig.model_fields["epochs"].default
+        if self.steps is not None and self.epochs != default:
+            raise PydanticCustomError(
+                "two_budgets",
+                "steps={steps} and epochs={epochs} are two budgets for one stage; steps sets the epochs "
+                "itself, so leave epochs at its default ({default}), or set steps to null to train by "
+                "epochs (a teacher inherits train.steps: teacher.train.steps=null)",
+                {"steps": self.steps, "epochs": self.epochs, "default": default},
+            )
+        return self
 
 
 class TeacherConfig(ModelConfig):

@@ -13,6 +13,7 @@ always before a checkpoint is written, so none holds a NaN). The engine knows ta
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -36,6 +37,7 @@ from darkknowledge.engine.divergence import DivergenceWatch, named_state
 from darkknowledge.engine.eta import RunClock, StageClock
 from darkknowledge.engine.host_memory import retain_freed_host_memory
 from darkknowledge.engine.metrics import MetricsLog, evaluate
+from darkknowledge.engine.optim import lr_factor, step_budget
 from darkknowledge.engine.progress import Progress
 from darkknowledge.engine.stepper import PartStepper
 from darkknowledge.engine.task import Part, Task
@@ -132,6 +134,7 @@ class Trainer:
         self.amp = amp_dtype(cfg.amp, device)
         self.progress = Progress(progress and self.dist.is_main, stage)
         self.clock = clock if clock is not None else RunClock().begin(stage, None)
+        self._epochs, self._last_step = cfg.epochs, cfg.steps  # set from the loader's length by _start
 
     # ---------------------------------------------------------------- checkpoints
     def _ckpt(self, name: str) -> Path | None:
@@ -253,8 +256,11 @@ class Trainer:
         task.to(self.device)
         task.attach(loader, self.dist)  # e.g. a teacher-output cache; before the first batch is drawn
         loader.set_epoch(0)
+        self._epochs, self._last_step = step_budget(cfg, len(loader))
+        if self._last_step is not None:
+            log.info("[%s] %d steps: %d epochs, the last one cut short", self.stage, self._last_step, self._epochs)
         first = next(iter(loader))
-        task.setup(first, SetupInfo(num_samples=len(loader.data), batch_size=len(first), epochs=cfg.epochs))
+        task.setup(first, SetupInfo(num_samples=len(loader.data), batch_size=len(first), epochs=self._epochs))
         ckpt = self._ckpt("last.pt")
         if not (resume and ckpt is not None and ckpt.is_file()):
             task.prepare(loader)  # losses' pre-training stages; a resumed run has them in last.pt
@@ -266,7 +272,7 @@ class Trainer:
             task.compile()
 
     def fit(self, resume: bool = False) -> StageResult:
-        """Train for ``cfg.epochs`` (continuing from ``last.pt`` when ``resume``)."""
+        """Train for ``cfg.epochs``, or exactly ``cfg.steps`` steps (continuing from ``last.pt`` when ``resume``)."""
         cfg, device, loader, task = self.cfg, self.device, self.train_loader, self.task
         self._start(resume)
         module = task.module
@@ -291,6 +297,8 @@ class Trainer:
             )
             for p in parts
         }
+        if self._last_step is not None:  # the schedules span the step budget, not whole epochs
+            self._span_steps(steppers, n_batches, several)
         trained = [p for s in steppers.values() for p in s.params]
         for p in trained:  # no gradient left over from setup
             p.grad = None
@@ -307,9 +315,12 @@ class Trainer:
         ckpt = self._ckpt("last.pt")
         self._watch.start(step, saved=resume and ckpt is not None and ckpt.is_file())
         run_epoch = self._epoch_of_parts if several else self._epoch_of_one
-        self.clock.start(cfg.epochs, start_epoch, n_batches)
+        epochs, last_step = self._epochs, self._last_step
+        self.clock.start(epochs, start_epoch, n_batches)
 
-        for epoch in range(start_epoch, cfg.epochs):
+        for epoch in range(start_epoch, epochs):
+            if last_step is not None and step >= last_step:
+                break
             loader.set_epoch(epoch)
             module.train()
             t0 = time.perf_counter()
@@ -334,14 +345,27 @@ class Trainer:
                     **{f"train/{k}": v for k, v in means.items()},
                 }
             )
-            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == epochs:
                 self._evaluate(result, epoch, step)
             top1 = result.last.get(task.primary, {}).get("top1")
             shown = {**means, **({"acc": top1} if top1 is not None else {})}  # no acc before the first evaluation
-            self.progress.epoch_done(epoch, cfg.epochs, shown, self.clock.epoch_done(), self.clock.whole)
+            self.progress.epoch_done(epoch, epochs, shown, self.clock.epoch_done(), self.clock.whole)
             self._save_last(self._state(epoch + 1, 0, step, result, steppers), step)
         result.steps = step
         return result
+
+    def _span_steps(self, steppers: dict[str, PartStepper], n_batches: int, several: bool) -> None:
+        """Make each part's LR schedule span ``cfg.steps`` stage steps: ``steps / (stage steps per
+        epoch)`` epochs of the part's own steps per epoch (warm-up, step sizes and milestones
+        stay in epochs)."""
+        cfg = self.cfg
+        assert cfg.steps is not None  # only with a step budget
+        per_epoch = max(1, math.ceil(n_batches / cfg.grad_accum))
+        span = cfg.steps / per_epoch  # fractional epochs
+        for stepper in steppers.values():
+            sched = stepper.part.scheduler or cfg.scheduler
+            own = max(1, math.ceil(n_batches / (stepper.part.every if several else cfg.grad_accum)))
+            stepper.scheduler.set_factor(functools.partial(lr_factor, sched, steps_per_epoch=own, epochs=span))
 
     def _log(self, logged: dict[str, list[torch.Tensor]], values: dict[str, torch.Tensor], b: int, start: int) -> None:
         for k, v in values.items():
@@ -384,7 +408,7 @@ class Trainer:
         cfg, task, watch = self.cfg, self.task, self._watch
         (stepper,) = steppers.values()
         ddp = cast(nn.parallel.DistributedDataParallel, model)  # when distributed: wrapped in DDP
-        for b, batch in enumerate(self.progress.epoch(stream, epoch, cfg.epochs, n_batches, start), start):
+        for b, batch in enumerate(self.progress.epoch(stream, epoch, self._epochs, n_batches, start), start):
             boundary = (b + 1) % cfg.grad_accum == 0 or b + 1 == n_batches
             with ddp.no_sync() if self.dist.enabled and not boundary else contextlib.nullcontext():
                 with autocast(self.device, self.amp):
@@ -399,6 +423,8 @@ class Trainer:
             task.after_step()
             step += 1
             watch.after_update(step)
+            if step == self._last_step:  # the step budget is spent: the epoch ends here
+                break
             self._checkpoint_within(epoch, b, n_batches, step, result, steppers, timer)
         return step
 
@@ -421,8 +447,8 @@ class Trainer:
         Before each part's loss every gradient is reset, so a part's step sees only its own loss
         (the losses of other parts may also reach its parameters; those gradients are dropped).
         """
-        cfg, task, watch = self.cfg, self.task, self._watch
-        for b, batch in enumerate(self.progress.epoch(stream, epoch, cfg.epochs, n_batches, start), start):
+        task, watch = self.task, self._watch
+        for b, batch in enumerate(self.progress.epoch(stream, epoch, self._epochs, n_batches, start), start):
             values: dict[str, torch.Tensor] = {}
             for stepper in steppers.values():
                 part = stepper.part
@@ -441,5 +467,7 @@ class Trainer:
             self._log(logged, values, b, start)
             step += 1
             watch.after_update(step)
+            if step == self._last_step:  # the step budget is spent: the epoch ends here
+                break
             self._checkpoint_within(epoch, b, n_batches, step, result, steppers, timer)
         return step

@@ -66,7 +66,9 @@ from darkknowledge.runs.build import (
     seed_everything,
     with_views,
 )
+from darkknowledge.runs.diagnosis import loss_drop
 from darkknowledge.runs.lock import RunLock
+from darkknowledge.runs.measures import entry_measures, teacher_measures
 from darkknowledge.runs.profiling import Profiler
 from darkknowledge.runs.resume import FinishedStage, open_on_ranks
 from darkknowledge.runs.rundir import RunDir, read_identity
@@ -89,6 +91,10 @@ class Session:
             (default: the Python API); the recipe name is added.
         loggers: Open the loggers of the config's ``log`` section (TensorBoard, MLflow); the
             preflight's session, which trains nothing, opens none.
+
+    ``reference`` is the run's one pre-trained teacher once :meth:`teacher` has it (None before, and in a run
+    with several teachers or none): baseline and student entries record their fidelity to it
+    (``agreement``, ``kl_to_teacher``; see :mod:`~darkknowledge.runs.measures`).
 
     ``clock`` holds the run's plan for the ETA (a command sets it; see engine/eta.py). Close the
     session (``with``, or :meth:`close`) to release the folder and close the loggers; a stage that
@@ -121,6 +127,7 @@ class Session:
         if loggers:
             check_loggers(cfg.log, run_dir)  # before the folder is written
         self.clock = RunClock()
+        self.reference: nn.Module | None = None
         wants_cuda = cfg.train.device.startswith("cuda") or (cfg.train.device == "auto" and torch.cuda.is_available())
         self.dist = init_distributed("cuda" if wants_cuda else "cpu")
         self.identity = {"command": "api", "model": None, **(identity or {}), "name": cfg.name}
@@ -179,6 +186,7 @@ class Session:
         with_transfer: bool = False,
         label: str | None = None,
         scheme_name: str = "offline",
+        as_teacher: bool = False,
     ) -> list[dict[str, Any]]:
         """Train ``task`` as one resumable stage; its models are trained in place.
 
@@ -191,6 +199,8 @@ class Session:
             with_transfer: Append the unlabeled transfer set to the training data.
             label: The report's method column (default: the scheme's losses).
             scheme_name: Registered name of the scheme, recorded in the entries.
+            as_teacher: Measure the primary model as a teacher whatever its role (``dk.train``: a
+                teacher to be): its calibration and its fit of the training split (runs/measures.py).
 
         Returns:
             The results entries: the primary model first, then one per other evaluated model
@@ -260,6 +270,7 @@ class Session:
             "method": label,
             "epochs": train_cfg.epochs,
             "steps": result.steps,
+            "loss_drop": loss_drop(self.metrics.records(stage)),  # % over the last epoch: still learning?
             "train_seconds": round(result.train_seconds, 3),
             "losses": sorted(facts.get("losses", ())),
             "train_samples": num_samples(train_data) if train_data is not None else None,
@@ -291,6 +302,8 @@ class Session:
         for key in ("synthesizer", "generator_params"):
             if key in facts:
                 entry[key] = facts[key]
+        # fidelity to the teacher; a teacher's calibration and training fit
+        entry.update(entry_measures(self, "teacher" if as_teacher else role, export, seed))
         if self.dist.is_main and (found := self.profiler(export, model_spec(export))) is not None:
             entry["profile"] = found  # size, FLOPs, CPU latency: the report's student table
         entries = [entry]
@@ -408,9 +421,10 @@ class Session:
             recorded = payload.get("result")
             recorded = recorded if isinstance(recorded, dict) else {}
             entry.update({k: recorded[k] for k in ("last_acc", "best_acc") if k in recorded})
+            entry.update(teacher_measures(self, model, self.cfg.seed, train_split=False))
             self._profile_teacher(entry, model)
             self.run.add_result(entry, cfg.name)
-            return model, entry
+            return self._as_reference(model, where), entry
         cached = cache_dir() / "teachers" / f"{spec.name}-{self.teacher_key(spec, where)}.pt"
         if spec.reuse and cached.is_file():
             reused = _reuse_teacher(cached, spec, info, where)
@@ -419,15 +433,23 @@ class Session:
                 entry = {**payload["result"], "name": where, "reused_from": str(cached), "train_seconds": 0.0}
                 log.info("reusing the teacher trained earlier: %s (hash %s)", cached, state_hash(model))
                 self.clock.skip(where, spec.seed)
+                if "ece" not in entry:  # cached before entries recorded it
+                    entry.update(teacher_measures(self, model, spec.seed, train_split=False))
                 self._profile_teacher(entry, model)
                 self.run.add_result(entry, cfg.name)
-                return model, entry
+                return self._as_reference(model, where), entry
         seed_everything(spec.seed)
         model = build_model(spec, info, where)
         entry = self.train_alone(where, "teacher", model, spec.seed, train_cfg=cfg.teacher_train(spec, where))
         if self.dist.is_main and spec.reuse:
             export_model(model, cached, model_spec(model), {"result": entry})
-        return model, entry
+        return self._as_reference(model, where), entry
+
+    def _as_reference(self, model: nn.Module, where: str) -> nn.Module:
+        """``model``, kept as :attr:`reference` when it is the run's one teacher."""
+        if where == "teacher" and len(self.cfg.all_teachers()) == 1:
+            self.reference = model
+        return model
 
     def _profile_teacher(self, entry: dict[str, Any], model: nn.Module) -> None:
         """A teacher not trained here is profiled on this machine (a cached entry's latency is another run's)."""

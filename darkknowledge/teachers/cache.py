@@ -22,7 +22,9 @@ outputs. A student view is never paired with another view's teacher outputs.
 Storage. ``.npy`` files, one per tensor, each ``(V, N, ...)``: ``logits`` (V, N, K), or with
 ``topk`` ``topk_logp`` / ``topk_index`` (V, N, k) and ``rest`` (V, N) (the probability mass
 outside the top k); ``feat.<i>`` (V, N, ...) per tap; ``aug.<name>`` (V, N, ...) per
-augmentation parameter. Held in memory up to ``memory_limit_mb``, memory-mapped beyond.
+augmentation parameter (mixing's partner as a dataset index with its weight and box, so a
+mixed view replays exactly: the loader fetches the same partner and mixes it the same way).
+Held in memory up to ``memory_limit_mb``, memory-mapped beyond.
 """
 
 from __future__ import annotations
@@ -273,7 +275,9 @@ def build_cache(
     params: list[AugmentParams] = []
     if augment is not None:
         shape = tuple(data.x.shape[1:])
-        params = [augment.draw(n, make_generator(seed, v, CACHE_BUILD_STREAM), shape) for v in range(spec.views)]
+        params = [  # mixing partners are drawn by index of this data, so a stored view replays exactly
+            augment.draw(n, make_generator(seed, v, CACHE_BUILD_STREAM), shape, population=n) for v in range(spec.views)
+        ]
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     start = time.perf_counter()
