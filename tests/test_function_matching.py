@@ -3,6 +3,8 @@ scoring exactly the input the student trains on, live and from the teacher-outpu
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch.utils.data import Dataset
@@ -12,6 +14,7 @@ from darkknowledge.config import load_config
 from darkknowledge.data import Augment, BatchLoader, TensorData
 from darkknowledge.data.batch import UNLABELED
 from darkknowledge.data.mixing import box_mask, mixed_samples
+from darkknowledge.engine.trainer import Trainer
 from darkknowledge.errors import ConfigError
 from darkknowledge.models import create_model
 from darkknowledge.teachers.cache import CacheSpec, load_or_build
@@ -218,12 +221,35 @@ def tensors(n: int = 96, seed: int = 0) -> tuple:
     return (x, y), (x[:32], y[:32])
 
 
-def recording(model: torch.nn.Module, only_training: bool) -> list[torch.Tensor]:
-    """The inputs of every forward of ``model`` (while training, when ``only_training``)."""
+def trainer_phases(monkeypatch: pytest.MonkeyPatch) -> dict[str, str | None]:
+    """``{"now": phase}``: ``start`` inside ``Trainer._start`` (attach: a cache is built there; the dry
+    run), ``train`` for the rest of ``Trainer.fit`` (the epochs), None outside it (e.g. the measures
+    of the results entry, which run the teacher on the test split)."""
+    phase: dict[str, str | None] = {"now": None}
+    start, fit = Trainer._start, Trainer.fit
+
+    def phased_start(self: Trainer, resume: bool) -> None:
+        phase["now"] = "start"
+        start(self, resume)
+        phase["now"] = "train"
+
+    def phased_fit(self: Trainer, resume: bool = False) -> Any:
+        try:
+            return fit(self, resume)
+        finally:
+            phase["now"] = None
+
+    monkeypatch.setattr(Trainer, "_start", phased_start)
+    monkeypatch.setattr(Trainer, "fit", phased_fit)
+    return phase
+
+
+def recording(model: torch.nn.Module, phase: dict[str, str | None], want: str, training: bool = False) -> list:
+    """The inputs of ``model``'s forwards in trainer phase ``want`` (only in train mode, when ``training``)."""
     calls: list[torch.Tensor] = []
 
     def hook(module: torch.nn.Module, args: tuple) -> None:
-        if module.training or not only_training:
+        if phase["now"] == want and (module.training or not training):
             calls.append(args[0].detach().clone())
 
     model.register_forward_pre_hook(hook)
@@ -236,17 +262,18 @@ FM = {"mixup": 1.0, "shift": 3, "scale": 0.2, "noise": 0.05}
 
 @pytest.mark.slow
 @pytest.mark.parametrize("live_batches", [1, 3])
-def test_the_live_teacher_scores_exactly_the_students_input(live_batches: int, tmp_path) -> None:
+def test_the_live_teacher_scores_exactly_the_students_input(live_batches: int, monkeypatch) -> None:
     (x, y), test = tensors()
     teacher = cnn_teacher()
     student = create_model("mlp", num_classes=5, input_shape=(1, 40), hidden=[16])
-    scored, trained = recording(teacher, only_training=False), recording(student, only_training=True)
+    phase = trainer_phases(monkeypatch)
+    scored, trained = recording(teacher, phase, "train"), recording(student, phase, "train", training=True)
     cfg = {"data": {"batch_size": 16, "augment": FM}, "cache": {"live_batches": live_batches}}
     out = dk.distill(student, teacher, ((x, y), test), {"kd": {"T": 1.0, "alpha": 1.0}}, epochs=2, config=cfg)
-    assert out.entry["steps"] == 12 and len(scored) >= 2
+    assert out.entry["steps"] == 12
+    assert len(scored) == (12 if live_batches == 1 else 4)  # one batch, or 3 batches at once
     students = torch.cat(trained)  # (192, 1, 40): 2 epochs of 96 mixed views
-    teachers = torch.cat(scored[1:])  # the first call: the dry run on the first batch, before training
-    assert torch.equal(teachers, students)  # the same views, in the same order (one batch or several at once)
+    assert torch.equal(torch.cat(scored), students)  # the same views, in the same order
     raw = {tuple(r.flatten().tolist()) for r in x}
     assert sum(tuple(r.flatten().tolist()) not in raw for r in students) > 180  # views, not the stored samples
 
@@ -257,10 +284,13 @@ def test_the_cached_teacher_scored_exactly_the_students_input(tmp_path, monkeypa
     (x, y), test = tensors(seed=1)
     teacher = cnn_teacher(1)
     student = create_model("mlp", num_classes=5, input_shape=(1, 40), hidden=[16])
-    scored, trained = recording(teacher, only_training=False), recording(student, only_training=True)
+    phase = trainer_phases(monkeypatch)
+    scored, trained = recording(teacher, phase, "start"), recording(student, phase, "train", training=True)
+    live = recording(teacher, phase, "train")
     cfg = {"data": {"batch_size": 16, "augment": FM}, "cache": {"enabled": True, "views": 2, "dtype": "fp32"}}
     out = dk.distill(student, teacher, ((x, y), test), {"kd": {"T": 1.0, "alpha": 1.0}}, epochs=3, config=cfg)
     assert out.entry["teacher_cache"]["views"] == 2 and not out.entry["teacher_cache"]["reused"]
+    assert not live  # the cached teacher does not run while the student trains
     built = torch.cat(scored)  # the cache build: views 0 and 1 of every sample, in order
     assert built.shape == (2 * 96, 1, 40)
     students = torch.cat(trained)  # (288, 1, 40)
@@ -270,10 +300,10 @@ def test_the_cached_teacher_scored_exactly_the_students_input(tmp_path, monkeypa
 
 
 @pytest.mark.slow
-def test_a_stage_without_a_teacher_trains_on_unmixed_labelled_views() -> None:
+def test_a_stage_without_a_teacher_trains_on_unmixed_labelled_views(monkeypatch) -> None:
     (x, y), test = tensors(seed=2)
     model = create_model("mlp", num_classes=5, input_shape=(1, 40), hidden=[16])
-    trained = recording(model, only_training=True)
+    trained = recording(model, trainer_phases(monkeypatch), "train", training=True)
     cfg = {"data": {"batch_size": 16, "augment": {"mixup": 1.0, "shift": 2}}}
     dk.train(model, ((x, y), test), epochs=1, config=cfg)
     shifted = {tuple(torch.roll(r, s, -1).flatten().tolist()) for r in x for s in range(-2, 3)}
