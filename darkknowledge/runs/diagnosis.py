@@ -29,6 +29,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from darkknowledge.engine.fidelity import ECE_BINS
+
 TEACHER_MARGIN = 1.0
 """Points of test accuracy a teacher must have over the student alone to have something to transfer."""
 
@@ -105,7 +107,7 @@ def teacher_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
             continue
         parts = []
         if (ece := _value(r, "ece")) is not None:
-            parts.append(f"ECE {ece:.2f}% on the test split (15 equal-width bins)")
+            parts.append(f"ECE {ece:.2f}% on the test split ({ECE_BINS} equal-width bins)")
         if (acc := _value(r, "train_acc")) is not None:
             fit = f"training split accuracy {acc:.2f}%"
             if (confidence := _value(r, "train_confidence")) is not None:

@@ -15,25 +15,37 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from darkknowledge.config import RunConfig
+from darkknowledge.data import DataBundle
 from darkknowledge.data.batch import input_name
 from darkknowledge.data.bundle import num_samples
 from darkknowledge.data.loader import BatchLoader
+from darkknowledge.engine.distributed import DistContext
 from darkknowledge.engine.fidelity import measure_calibration, measure_fidelity, measure_fit
 from darkknowledge.runs.build import make_loaders
 
-if TYPE_CHECKING:
-    from darkknowledge.runs.session import Session
+
+class Measured(Protocol):
+    """What the passes read of a run (a :class:`~darkknowledge.runs.session.Session` has it; named by its
+    parts, so that the session may import this module)."""
+
+    cfg: RunConfig
+    bundle: DataBundle
+    device: torch.device
+    dist: DistContext
+    reference: nn.Module | None
+
 
 FIDELITY_ROLES = ("baseline", "student")
 """The roles whose entries record their fidelity to the run's teacher."""
 
 
-def entry_measures(session: Session, role: str, model: nn.Module, seed: int) -> dict[str, Any]:
+def entry_measures(session: Measured, role: str, model: nn.Module, seed: int) -> dict[str, Any]:
     """The fields to add to the entry of ``model`` (role ``role``, evaluated in the order of ``seed``).
 
     Every rank calls this (the passes add their sums over ranks); the models are left on the CPU.
@@ -57,7 +69,7 @@ def entry_measures(session: Session, role: str, model: nn.Module, seed: int) -> 
     return found or {}
 
 
-def teacher_measures(session: Session, model: nn.Module, seed: int, train_split: bool = True) -> dict[str, Any]:
+def teacher_measures(session: Measured, model: nn.Module, seed: int, train_split: bool = True) -> dict[str, Any]:
     """A teacher's ``ece`` on the test split and, with ``train_split``, ``train_acc`` and ``train_confidence``
     on the training split (no augmentation): only for a teacher trained on it (a data-free run's student
     never reads it)."""
