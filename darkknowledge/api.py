@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,23 +20,29 @@ from torch import nn
 
 from darkknowledge.config import ModelConfig, RunConfig, deep_merge, validate_config
 from darkknowledge.data import DataBundle, DatasetInfo, TensorData
-from darkknowledge.data.batch import INPUT_ATTR
+from darkknowledge.data.batch import INPUT_ATTR, input_name
 from darkknowledge.data.fingerprint import fingerprint
+from darkknowledge.engine.metrics import evaluate
 from darkknowledge.errors import ConfigError
+from darkknowledge.models import count_params
+from darkknowledge.runs import default_objective
 from darkknowledge.runs.build import (
     build_model,
     build_objective,
     check_config,
+    make_loaders,
     model_spec,
     seed_everything,
 )
+from darkknowledge.runs.default_objective import default_config
+from darkknowledge.runs.measures import teacher_measures
 from darkknowledge.runs.outcome import TrainResult, epoch_rows
 from darkknowledge.runs.session import Session
 from darkknowledge.schemes.offline import offline_task
 
 DataLike = str | DataBundle | tuple
 
-_LOADING_KEYS = ("params", "root", "split_seed", "val_fraction", "holdout")
+_LOADING_KEYS = ("params", "root", "split_seed", "val_fraction", "holdout", "train_samples")
 """``data`` keys that say how a named dataset is loaded: meaningless for data given as objects."""
 
 
@@ -76,6 +83,21 @@ def _bundle(data: DataLike, num_classes: int | None) -> tuple[dict[str, Any], Da
         f"data: expected a dataset name (see `dk list datasets`), a DataBundle, or ((x, y), (x_test, y_test)) "
         f"tensors; got {type(data).__name__}"
     )
+
+
+def _mixable(bundle: DataBundle | None) -> bool:
+    """Whether mixup can blend the training inputs: floating-point or ``uint8`` inputs of one view
+    (a named dataset's are); not integer token ids, nor a paired dataset's several views."""
+    if bundle is None:
+        return True
+    train = bundle.train
+    if isinstance(train, TensorData):
+        if train.views:
+            return False
+        x = train.x
+    else:
+        x = torch.as_tensor(train[0][0])
+    return bool(x.is_floating_point() or x.dtype == torch.uint8)
 
 
 def _model_cfg(model: str | nn.Module, where: str) -> tuple[dict[str, Any], nn.Module | None]:
@@ -204,7 +226,7 @@ def distill(
     teacher: str | nn.Module,
     data: DataLike,
     losses: dict[str, dict[str, Any]] | None = None,
-    epochs: int = 10,
+    epochs: int | None = None,
     *,
     batch_size: int | None = None,
     lr: float | None = None,
@@ -214,6 +236,7 @@ def distill(
     out: str | Path | None = None,
     resume: bool = False,
     config: dict[str, Any] | None = None,
+    baseline: bool = False,
 ) -> TrainResult:
     """Distill ``teacher`` into ``student`` on ``data`` and return the trained student.
 
@@ -221,8 +244,16 @@ def distill(
         student: A zoo model name or any ``nn.Module`` (trained in place).
         teacher: A trained ``nn.Module``, or a zoo name (then it is trained first, and cached).
         data: A dataset name, a ``DataBundle``, or ``((x, y), (x_test, y_test))`` tensors.
-        losses: Objective terms, e.g. ``{"kd": {"T": 4.0}}`` (default) or ``{"ce": {}, "kd": {"alpha": 1}}``.
-        epochs: Training epochs of the student.
+        losses: Objective terms, e.g. ``{"kd": {"T": 4.0}}`` or ``{"ce": {}, "kd": {"alpha": 1}}``. None
+            (default): function matching, chosen with ``dk bench small-data`` (see the README's table
+            and :mod:`darkknowledge.runs.default_objective`): KL(teacher || student) at T=1
+            (``{"kd": {"T": 1, "alpha": 1}}``) on mixup views of the training inputs (``data.augment.mixup``
+            1.0 unless ``config`` sets mixing; a mixed input has no label, only the teacher teaches
+            on it), for 10 epochs but at least 10,000 optimizer steps (``train.min_steps``) unless
+            ``epochs`` or ``config``'s train budget is given. Token-id inputs keep Hinton KD
+            (``{"kd": {}}``: T=4, alpha=0.9) without mixing.
+        epochs: Training epochs of the student (default 10; with the default objective, 10 but at
+            least 10,000 steps).
         batch_size: Shortcut for ``data.batch_size``.
         lr: Shortcut for ``train.optimizer.lr``.
         optimizer: Shortcut for ``train.optimizer.name``.
@@ -231,6 +262,12 @@ def distill(
         out: Run folder for checkpoints, metrics and results (None: nothing written).
         resume: Continue the run in ``out``.
         config: Any further config keys as a nested mapping (e.g. ``{"train": {"amp": "bf16"}}``).
+        baseline: Also train the same student alone (cross-entropy, stage ``baseline-s<seed>``) from
+            the same initialisation (a copy of the student before training), with the same epochs,
+            optimizer and data order, as ``dk run`` does; ``result.baseline`` holds it and
+            ``result.verdict`` / ``print(result)`` compare the two with the table and verdict ``dk run``
+            prints. A teacher given as a module is then evaluated too (``result.teacher``: its test
+            accuracy and calibration), so that the verdict can tell whether it had anything to transfer.
 
     Defaults differ from the shipped recipes (``dk run``): ``epochs=10``, the optimizer's own
     defaults (AdamW, lr 1e-3, no weight decay, cosine schedule), the dataset's default size, no
@@ -241,9 +278,11 @@ def distill(
 
     Returns:
         A :class:`~darkknowledge.runs.outcome.TrainResult`: ``model`` (the trained student),
-        ``accuracy``, ``best_accuracy``, ``epochs`` (per-epoch loss terms and test accuracy),
-        ``entry`` (its results entry), ``teacher`` (the trained teacher's entry, None for a given
-        module), ``spec``, ``run_dir``; ``print(result)`` shows what ``dk distill`` prints. A
+        ``accuracy``, ``best_accuracy``, ``agreement`` and ``kl_to_teacher`` (its fidelity to the
+        teacher on the test split), ``epochs`` (per-epoch loss terms and test accuracy), ``entry``
+        (its results entry), ``teacher`` (the trained teacher's entry, None for a given module
+        without ``baseline``), ``spec``, ``run_dir``, ``baseline`` and ``verdict`` (with
+        ``baseline=True``); ``print(result)`` shows what ``dk distill`` prints. A
         teacher given as a module comes back in the train/eval mode, ``requires_grad`` state and
         device it came in, also when training fails.
 
@@ -253,9 +292,11 @@ def distill(
     data_cfg, bundle = _bundle(data, num_classes)
     s_cfg, s_mod = _model_cfg(student, "student")
     t_cfg, t_mod = _model_cfg(teacher, "teacher")
+    if losses is None:  # the default objective: function matching, patiently (runs/default_objective.py)
+        losses, config = default_config(config, _mixable(bundle), epochs_given=epochs is not None)
     cfg = _config(
         data_cfg,
-        epochs,
+        default_objective.EPOCHS if epochs is None else epochs,
         batch_size,
         lr,
         optimizer,
@@ -263,7 +304,7 @@ def distill(
         config,
         student=s_cfg,
         teacher=t_cfg,
-        losses=losses or {"kd": {}},
+        losses=losses,
     )
     if cfg.scheme.name != "offline":
         raise ConfigError(
@@ -284,11 +325,49 @@ def distill(
     else:
         lent = _reads_view(t_mod, cfg.teacher.input if cfg.teacher else None, s, "teacher")
     model = _instantiate(s_mod, cfg.student, s, "student", seed)
+    alone = copy.deepcopy(model) if baseline else None  # the same initialisation, before either trains
     stage = "+".join(cfg.losses) + f"-s{seed}"
     with _lent(lent):
+        if lent is not None:
+            s.reference = lent  # the run's teacher: the student's (and baseline's) fidelity is to it
+            if baseline:
+                t_entry = _given_teacher_entry(s, lent, seed)
+        base = None
+        if alone is not None:  # first, as in `dk run`
+            b_stage = f"baseline-s{seed}"
+            b_entry = s.train_alone(b_stage, "baseline", alone, seed)
+            base = TrainResult(
+                alone, b_entry, model_spec(alone), epoch_rows(s.metrics.records(b_stage)), t_entry, _folder(s)
+            )
         task = offline_task(model, build_objective(cfg.losses), t_mod, cache=cfg.cache)
         entry = s.train_stage(stage, "student", task, seed, with_transfer=True, label="+".join(cfg.losses))[0]
-    return TrainResult(model, entry, model_spec(model), epoch_rows(s.metrics.records(stage)), t_entry, _folder(s))
+    records = epoch_rows(s.metrics.records(stage))
+    return TrainResult(model, entry, model_spec(model), records, t_entry, _folder(s), baseline=base)
+
+
+def _given_teacher_entry(s: Session, teacher: nn.Module, seed: int) -> dict[str, Any]:
+    """The results entry of a teacher given as a module, evaluated on the test split (accuracy, calibration);
+    recorded in the run's results. Its training data is unknown, so its training accuracy is not measured."""
+    teacher.to(s.device)
+    _, test_loader, _ = make_loaders(s.cfg, s.bundle, seed, s.device, s.dist, train=False, primary=input_name(teacher))
+    try:
+        metrics = evaluate(teacher, test_loader, s.dist)
+    finally:
+        teacher.to("cpu")
+    entry = {
+        "name": "teacher",
+        "role": "teacher",
+        "model": _model_cfg(teacher, "teacher")[0]["name"],
+        "seed": None,
+        "params": count_params(teacher),
+        "source": "given",
+        "train_seconds": 0.0,
+        "last_acc": metrics["top1"],
+        "last_top5": metrics.get("top5"),
+        **teacher_measures(s, teacher, seed, train_split=False),
+    }
+    s.run.add_result(entry, s.cfg.name)
+    return entry
 
 
 def train(
@@ -307,6 +386,16 @@ def train(
     config: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``model`` alone (cross-entropy by default); same arguments and defaults as :func:`distill`.
+
+    The model is measured as the teacher it may become: its entry records its calibration on the
+    test split (``ece``, %, 15 equal-width bins) and its fit of the training split, evaluated without
+    augmentation (``train_acc``, and ``train_confidence``: the mean top softmax probability there);
+    ``print(result)`` warns when it has memorised the training set (accuracy >= 99.9%, mean top
+    probability > 0.99: its soft targets there are near one-hot, and function matching is what helps).
+    When ``config`` carves a validation split (``{"data": {"val_fraction": 0.1}}``, a named dataset), the
+    model is selected on it: the returned weights, ``result.accuracy`` and the entry's ``last_acc`` are
+    those of the epoch best on the validation split (never on the test split); without one, the last
+    epoch's.
 
     Returns:
         A :class:`~darkknowledge.runs.outcome.TrainResult` (``model``, ``accuracy``, ``epochs``,
@@ -329,7 +418,7 @@ def train(
     net = _instantiate(m_mod, cfg.student, s, "model", seed)
     task = offline_task(net, build_objective(cfg.losses))
     stage = f"{m_cfg['name']}-s{seed}"
-    entry = s.train_stage(stage, "baseline", task, seed, label="+".join(cfg.losses))[0]
+    entry = s.train_stage(stage, "baseline", task, seed, label="+".join(cfg.losses), as_teacher=True)[0]
     return TrainResult(net, entry, model_spec(net), epoch_rows(s.metrics.records(stage)), run_dir=_folder(s))
 
 

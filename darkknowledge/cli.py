@@ -440,14 +440,18 @@ def _report_run(res: dict, readme: str | None) -> None:
     """Print a run's table and verdict (rank 0 calls it), and write them into ``readme``'s block."""
     if int(os.environ.get("RANK", "0")) != 0:
         return
+    about = res.get("teachers") or []  # the teachers' calibration and training fit; a memorised one's warning
     _out("\n".join(res["table"]))
     _out()
+    if about:
+        _out("\n".join(about))
+        _out()
     _out(res["verdict"])
     _out(f"run folder: {res['run_dir']}  (report.md, results.json, metrics.jsonl)")
     if readme:
         from darkknowledge.bench.publish import update_readme
 
-        block = "\n".join(res["table"]) + "\n\n" + res["verdict"] + "\n"
+        block = "\n".join(res["table"]) + "\n\n" + ("\n".join(about) + "\n\n" if about else "") + res["verdict"] + "\n"
         update_readme(Path(readme), res["name"], block, kind="run")
         _out(f"README block run:{res['name']} written to {readme}")
 

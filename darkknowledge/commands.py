@@ -31,6 +31,7 @@ from darkknowledge.runs.build import (
     seed_everything,
 )
 from darkknowledge.runs.context import RunContext
+from darkknowledge.runs.diagnosis import teacher_lines
 from darkknowledge.runs.parts_report import parts_sections
 from darkknowledge.runs.preflight import PreflightContext, preflight
 from darkknowledge.runs.report import group_rows, render_report, table_lines, verdict
@@ -80,11 +81,13 @@ def compare(
     from the same initialisation; pre-trained teachers are trained once and shared.
 
     Returns:
-        ``{"run_dir", "rows", "verdict", "report", "table"}``.
+        ``{"run_dir", "rows", "verdict", "report", "table", "teachers"}`` (``teachers``: the report's
+        lines about the teachers, see :func:`~darkknowledge.runs.diagnosis.teacher_lines`).
     """
     cls, params = resolve_scheme(cfg.scheme.name, cfg.scheme.params)
 
     def plan(ctx: RunContext, seed: int = cfg.seeds[0]) -> None:
+        _teacher_first(cfg, ctx)
         ctx.train_alone(f"baseline-s{seed}", ctx.student(seed), seed, role="baseline")
         cls.run(ctx, seed, params)
 
@@ -93,9 +96,17 @@ def compare(
         return _compare(s, cfg, cls, params)
 
 
+def _teacher_first(cfg: RunConfig, ctx: RunContext) -> None:
+    """The run's one teacher, trained (or loaded) before the baselines: their fidelity to it is the
+    students' reference. The preflight plays the same order (the ETA's plan)."""
+    if cfg.teacher is not None and len(cfg.all_teachers()) == 1:
+        ctx.teacher()
+
+
 def _compare(s: Session, cfg: RunConfig, cls: Any, params: Any) -> dict[str, Any]:
     """The body of :func:`compare`, in its open session."""
     ctx = RunContext(s, transfer=params.transfer)
+    _teacher_first(cfg, ctx)
     for seed in cfg.seeds:
         s.train_alone(f"baseline-s{seed}", "baseline", ctx.student(seed), seed)
         cls.run(ctx, seed, params)
@@ -135,6 +146,7 @@ def _compare(s: Session, cfg: RunConfig, cls: Any, params: Any) -> dict[str, Any
         "verdict": verdict(rows),
         "report": report,
         "table": table_lines(rows),
+        "teachers": teacher_lines(rows),  # each teacher's calibration and training fit; a memorised one's warning
         "name": cfg.name,
     }
 

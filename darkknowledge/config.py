@@ -11,14 +11,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import pydantic
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
+from darkknowledge.config_raw import apply_overrides, check_plain, deep_merge, parse_override  # noqa: F401 (re-exported)
 from darkknowledge.errors import ConfigError
 from darkknowledge.recipes import read_recipe, recipe_names  # noqa: F401 (recipe_names: re-exported)
 from darkknowledge.validation import format_validation_error, key_hint
-from darkknowledge.yamlio import load_yaml
 
 
 def losses_default(terms: Mapping[str, dict[str, Any] | None]) -> Callable[[], dict[str, dict[str, Any] | None]]:
@@ -65,9 +64,40 @@ class AugmentConfig(_Strict):
     crop_padding: int = Field(default=0, ge=0)
     shift: int = Field(default=0, ge=0)
     noise: float = Field(default=0.0, ge=0.0)
+    scale: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=1.0,
+        description="amplitude: multiply each sample by a factor drawn from [1-scale, 1+scale] (1-D signals)",
+    )
+    mixup: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="mixup's Beta(a, a) concentration (1: uniform; 0: off): inputs between training points, "
+        "without a label; only stages with a teacher mix (data/mixing.py)",
+    )
+    cutmix: float = Field(default=0.0, ge=0.0, description="cutmix's Beta(a, a) concentration (0: off)")
+    mix_prob: float = Field(
+        default=1.0, gt=0.0, le=1.0, description="share of samples mixed (needs mixup or cutmix); the rest keep labels"
+    )
 
     def enabled(self) -> bool:
-        return bool(self.hflip or self.crop_padding or self.shift or self.noise)
+        return bool(self.hflip or self.crop_padding or self.shift or self.noise or self.scale or self.mixes())
+
+    def mixes(self) -> bool:
+        """Whether samples are mixed with partners (mixup or cutmix)."""
+        return bool(self.mixup or self.cutmix)
+
+    @pydantic.model_validator(mode="after")
+    def _mix_prob_needs_mixing(self) -> AugmentConfig:
+        if self.mix_prob != 1.0 and not self.mixes():
+            raise PydanticCustomError(
+                "mix_prob_without_mixing",
+                "mix_prob={mix_prob} has nothing to mix: set data.augment.mixup or data.augment.cutmix > 0 "
+                "(e.g. mixup: 1.0), or leave mix_prob out",
+                {"mix_prob": self.mix_prob},
+            )
+        return self
 
 
 class DataConfig(_Strict):
@@ -86,6 +116,12 @@ class DataConfig(_Strict):
         "val_fraction, with the test split dropped unread",
     )
     split_seed: int = 0
+    train_samples: int | None = Field(
+        default=None,
+        gt=0,
+        description="train on a class-stratified subset of this many samples of the training split "
+        "(drawn from split_seed after val_fraction is carved; the rest is dropped)",
+    )
     use_transfer: bool = Field(default=True, description="add the unlabeled transfer set when distilling")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     views: dict[str, dict[str, Any]] = Field(
@@ -134,6 +170,19 @@ class TrainConfig(_Strict):
     """Optimisation and engine settings."""
 
     epochs: int = Field(default=10, ge=1)
+    steps: int | None = Field(
+        default=None,
+        gt=0,
+        description="budget in optimizer steps instead of epochs: trains exactly this many "
+        "(epochs = ceil(steps / steps per epoch), the last one cut short) and the LR schedule "
+        "spans them; leave epochs at its default",
+    )
+    min_steps: int | None = Field(
+        default=None,
+        gt=0,
+        description="train.epochs, but at least this many optimizer steps: on a training set too small "
+        "for the epochs to reach them, a budget of min_steps steps (the LR schedule spans them)",
+    )
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     grad_accum: int = Field(default=1, ge=1)
@@ -154,6 +203,25 @@ class TrainConfig(_Strict):
         description="CPU runs on glibc: keep freed memory in the process "
         "(mallopt) instead of page-faulting it back in every step",
     )
+
+    @pydantic.model_validator(mode="after")
+    def _one_budget(self) -> TrainConfig:
+        default = TrainConfig.model_fields["epochs"].default
+        if self.steps is not None and self.epochs != default:
+            raise PydanticCustomError(
+                "two_budgets",
+                "steps={steps} and epochs={epochs} are two budgets for one stage; steps sets the epochs "
+                "itself, so leave epochs at its default ({default}), or set steps to null to train by "
+                "epochs (a teacher inherits train.steps: teacher.train.steps=null)",
+                {"steps": self.steps, "epochs": self.epochs, "default": default},
+            )
+        if self.steps is not None and self.min_steps is not None:
+            raise PydanticCustomError(
+                "two_budgets",
+                "steps={steps} and min_steps={min_steps}: steps is an exact budget; set one of them",
+                {"steps": self.steps, "min_steps": self.min_steps},
+            )
+        return self
 
 
 class TeacherConfig(ModelConfig):
@@ -287,111 +355,6 @@ class RunConfig(_Strict):
         return named + [(f"teachers.{i}", t) for i, t in enumerate(self.teachers)]
 
 
-def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """Recursively merge ``over`` into a copy of ``base``.
-
-    Raises:
-        ConfigError: ``over`` (or ``base``) is not a mapping.
-    """
-    for side in (base, over):
-        if not isinstance(side, Mapping):
-            raise ConfigError(f"expected a mapping of config keys to merge, got {type(side).__name__} {side!r:.80}")
-    out = copy.deepcopy(dict(base))
-    for k, v in over.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """Parse ``"train.epochs=3"`` into ``(["train", "epochs"], 3)`` (value read as YAML).
-
-    A value that is not valid YAML (``lr=[0.1``, ``x=!!int abc``, a date that does not
-    exist) is kept as the text it is; validation then names the key that wanted otherwise.
-
-    Raises:
-        ConfigError: No ``=``, an empty key, or an empty part in a dotted key (``train..epochs``).
-    """
-    if not isinstance(text, str):
-        raise ConfigError(f"override {text!r}: expected a KEY=VALUE string, e.g. train.epochs=3")
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.epochs=3")
-    path = [part.strip() for part in key.strip().split(".")]
-    if not all(path):
-        raise ConfigError(
-            f"override {text!r}: the key {key.strip()!r} has an empty part; "
-            "expected dotted names, e.g. train.optimizer.lr=0.01"
-        )
-    try:
-        value = load_yaml(raw) if raw.strip() else None
-    except yaml.YAMLError:  # load_yaml turns PyYAML's other errors (bad tagged scalars, deep nesting) into it
-        value = raw
-    return path, value
-
-
-def apply_overrides(cfg: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Set each dotted ``key=value`` in a copy of the raw config mapping.
-
-    Raises:
-        ConfigError: A malformed override, or a key path through a value that is not a mapping.
-    """
-    if isinstance(overrides, str):
-        raise ConfigError(f"overrides: expected a list of KEY=VALUE strings, got the string {overrides!r}")
-    out = copy.deepcopy(dict(cfg))
-    for text in overrides:
-        path, value = parse_override(text)
-        node = out
-        for i, part in enumerate(path[:-1]):
-            nxt = node.get(part)
-            if nxt is None:
-                nxt = node[part] = {}
-            if not isinstance(nxt, dict):
-                raise ConfigError(
-                    f"override {text!r}: {'.'.join(path[: i + 1])} is not a mapping "
-                    f"(it is {type(nxt).__name__} {nxt!r:.80})"
-                )
-            node = nxt
-        node[path[-1]] = value
-    return out
-
-
-_PLAIN = (str, int, float, bool, type(None))
-_MAX_DEPTH = 64
-
-
-def _check_plain(value: Any, path: str, seen: tuple[int, ...] = ()) -> None:
-    """A config holds plain data: strings, numbers, booleans, null, lists and mappings with
-    string keys, nested at most ``_MAX_DEPTH`` deep and never containing itself.
-
-    YAML can produce more (``!!binary``, ``!!set``, dates, an alias that refers to its own
-    anchor); such a value could not be written to ``config.yaml`` or compared on resume.
-    """
-    where = path or "the config"
-    if isinstance(value, _PLAIN):
-        return
-    if not isinstance(value, (Mapping, list, tuple)):
-        raise ConfigError(
-            f"{where}: a config value must be a number, string, boolean, null, list or mapping; "
-            f"got {type(value).__name__} {value!r:.80} (quote it in YAML to keep it as text)"
-        )
-    if id(value) in seen:
-        raise ConfigError(f"{where}: the value contains itself (a YAML alias inside its own anchor)")
-    if len(seen) >= _MAX_DEPTH:
-        raise ConfigError(f"{where}: nested deeper than {_MAX_DEPTH} levels")
-    inner = (*seen, id(value))
-    if isinstance(value, Mapping):
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise ConfigError(f"{where}: keys must be strings, got {type(k).__name__} {k!r:.80}")
-            _check_plain(v, f"{path}.{k}" if path else k, inner)
-    else:
-        for i, v in enumerate(value):
-            _check_plain(v, f"{path}.{i}" if path else str(i), inner)
-
-
 def validate_config(raw: Mapping[str, Any]) -> RunConfig:
     """Validate a raw mapping into a :class:`RunConfig` (key paths and values in errors).
 
@@ -410,7 +373,7 @@ def validate_config(raw: Mapping[str, Any]) -> RunConfig:
         if key not in fields:
             shown = key if isinstance(key, str) and key.isprintable() else repr(key)
             raise ConfigError(f"{shown}: unknown key.{key_hint(str(key), RunConfig)} Valid keys: {', '.join(fields)}.")
-    _check_plain(raw, "")
+    check_plain(raw, "")
     try:
         return RunConfig(**student_from_teacher(raw))
     except pydantic.ValidationError as exc:
@@ -469,7 +432,7 @@ def load_config(recipe: str | Mapping[str, Any] | None = None, overrides: Sequen
     if recipe is None:
         raw: dict[str, Any] = {}
     elif isinstance(recipe, Mapping):
-        _check_plain(recipe, "")  # before copying: a self-containing or very deep mapping fails here, clearly
+        check_plain(recipe, "")  # before copying: a self-containing or very deep mapping fails here, clearly
         raw = copy.deepcopy(dict(recipe))
     else:
         raw = read_recipe(recipe)

@@ -49,8 +49,11 @@ def test_train_then_distill_user_modules(toy_tensors, tmp_path):
     assert str(out).splitlines() == [
         f"{out.entry['name']}: test acc {out.accuracy:.2f} (best {out.best_accuracy:.2f} @ epoch "
         f"{out.entry['best_epoch']}), {out.entry['train_seconds']:.1f}s",
+        f"  fidelity: agrees with the teacher on {out.agreement:.2f}% of test samples, "
+        f"KL(teacher‖model) {out.kl_to_teacher:.4f}",  # a teacher given as a module is the reference too
         f"run folder: {tmp_path / 'run'}",
     ]
+    assert out.agreement > 80.0  # both fit the separable problem: they mostly agree
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["train/kd"] for r in logged if r["kind"] == "train"] == [row["kd"] for row in out.epochs]
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())  # the teacher stayed frozen

@@ -17,7 +17,7 @@ from darkknowledge.bench.runner import Bench
 from darkknowledge.bench.suite import load_suite
 
 ROOT = Path(__file__).resolve().parents[1]
-SEEDS = {"cpu": 5, "data-free": 3, "cross-modal": 10, "students": 3}
+SEEDS = {"cpu": 5, "data-free": 3, "cross-modal": 10, "students": 3, "small-data": 5}
 """The committed suites and the seeds each of their cells has."""
 
 

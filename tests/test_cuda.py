@@ -175,7 +175,10 @@ def test_training_steps_make_no_host_sync(tmp_path, monkeypatch, losses, cache, 
     assert result.steps == 10
 
 
-@pytest.mark.parametrize("augment", [None, {"hflip": True, "crop_padding": 2}])
+@pytest.mark.parametrize(
+    "augment",
+    [None, {"hflip": True, "crop_padding": 2}, {"mixup": 1.0, "cutmix": 1.0, "mix_prob": 0.5, "crop_padding": 2}],
+)
 def test_data_on_the_gpu_gives_the_same_batches_as_copies_from_the_host(augment):
     g = torch.Generator().manual_seed(0)
     data = TensorData(

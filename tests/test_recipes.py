@@ -54,6 +54,8 @@ def test_recipe_runs_end_to_end(name, tmp_path):
     overrides = SMALL if full.data.name == "mnist1d" else SMALL[2:]
     if full.teacher is None:
         overrides = [o for o in overrides if not o.startswith("teacher.")]
+    if full.train.steps is not None:  # a budget in steps (function matching): two epochs instead
+        overrides = ["train.steps=null", *overrides]
     if full.scheme.name == "data_free":  # a few synthesised batches (and inversion steps) per epoch
         overrides = [*overrides, "scheme.params.steps_per_epoch=2"]
         if full.scheme.params["synthesizer"]["name"] == "deepinversion":

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from darkknowledge.bench.suite import FORBIDDEN_OVERRIDES, Suite
+from darkknowledge.bench.suite import MIXING_OVERRIDES, Suite, forbidden_override
 from darkknowledge.config import RunConfig, deep_merge, read_recipe, validate_config
 from darkknowledge.errors import ConfigError
 
@@ -176,21 +176,28 @@ def student_config(
     reads a recipe (e.g. a caching reader).
     """
     p = suite.pairs[pair]
+    mixing: dict[str, Any] = {}  # the method's own mixing (function matching), on the suite's data
     if method == BASELINE:
         raw: dict[str, Any] = {"losses": {"ce": {}}}
     else:
         m = suite.method(method)
         raw = copy.deepcopy(read(suite.recipe_path(method)))
         for dotted, value in {**m.overrides, **p.overrides.get(method, {}), **(tuned or {})}.items():
-            if dotted.split(".")[0] in FORBIDDEN_OVERRIDES:
+            if forbidden_override(dotted):
                 raise ConfigError(f"{pair}/{method}: {dotted} is the suite's to set, not the method's")
-            _set_path(raw, dotted, value)
+            if dotted in MIXING_OVERRIDES:
+                mixing[dotted.rsplit(".", 1)[1]] = value
+            else:
+                _set_path(raw, dotted, value)
+    data = _data(suite, pair)
+    if mixing:
+        data["augment"] = {**data.get("augment", {}), **mixing}
     raw.update(
         {
             "name": f"{suite.name}-{pair}-{method}",
             "seed": seed,
             "seeds": [seed],
-            "data": _data(suite, pair),
+            "data": data,
             "student": dict(p.student),
             "train": _budget(suite, pair).get("train", {}),
         }

@@ -46,6 +46,15 @@ from darkknowledge.yamlio import load_yaml
 FORBIDDEN_OVERRIDES = ("train", "data", "student", "teacher", "seed", "seeds", "name")
 """Top-level config keys a method may not override: they are the suite's budget and pair."""
 
+MIXING_OVERRIDES = ("data.augment.mixup", "data.augment.cutmix", "data.augment.mix_prob")
+"""The ``data`` keys a method may set: mixing is the distillation's transfer distribution (function
+matching), not budget: only stages with a teacher mix, so the baseline never sees a mixed input."""
+
+
+def forbidden_override(dotted: str) -> bool:
+    """Whether a method's override ``dotted`` touches the suite's budget or pair."""
+    return dotted.split(".")[0] in FORBIDDEN_OVERRIDES and dotted not in MIXING_OVERRIDES
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -214,15 +223,16 @@ def check_suite(suite: Suite) -> None:
                     f" Pairs: {', '.join(suite.pairs)}"
                 )
         for key in method.overrides:
-            if key.split(".")[0] in FORBIDDEN_OVERRIDES:
+            if forbidden_override(key):
                 raise ConfigError(
                     f"methods.{name}.overrides.{key}: a method cannot change "
                     f"{key.split('.')[0]!r}, the suite's budget and pair are the same for every "
-                    "method (set it in `budget:`, `data:` or the pair)"
+                    "method (set it in `budget:`, `data:` or the pair; a method may set only its mixing, "
+                    f"{', '.join(MIXING_OVERRIDES)})"
                 )
         for pair, p in suite.pairs.items():
             for key in p.overrides.get(name, {}):
-                if key.split(".")[0] in FORBIDDEN_OVERRIDES:
+                if forbidden_override(key):
                     raise ConfigError(
                         f"pairs.{pair}.overrides.{name}.{key}: a method cannot change "
                         f"{key.split('.')[0]!r} (set it in the pair's `budget:`, `data:`, student or "

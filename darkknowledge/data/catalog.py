@@ -11,7 +11,7 @@ from typing import Any
 from darkknowledge.data.bundle import DataBundle, TensorData
 from darkknowledge.data.cache import data_dir
 from darkknowledge.data.fingerprint import fingerprint
-from darkknowledge.data.splits import check_fraction, random_split
+from darkknowledge.data.splits import check_fraction, random_split, stratified_subset
 from darkknowledge.errors import ConfigError
 from darkknowledge.registry import Registry
 from darkknowledge.validation import signature_fields, validate_kwargs
@@ -76,6 +76,7 @@ def load_dataset(
     split_seed: int = 0,
     val_fraction: float = 0.0,
     holdout: str = "test",
+    train_subset: int | None = None,
     **params: Any,
 ) -> DataBundle:
     """Build the registered dataset ``name``.
@@ -91,6 +92,10 @@ def load_dataset(
             the test split is dropped unread as soon as the builder returns (no fingerprint,
             label check or loader sees it); ``bundle.test`` is the validation split carved by
             ``val_fraction`` (> 0) and ``bundle.val`` is None. The fingerprint differs.
+        train_subset: Keep only this many samples of the training split (a small labelled
+            subset, stratified by class and drawn from ``split_seed``), taken after the
+            validation split is carved; the rest is dropped. None keeps them all. The
+            fingerprint differs.
         **params: The builder's own parameters (``data.params`` in a recipe).
 
     Returns:
@@ -99,7 +104,8 @@ def load_dataset(
 
     Raises:
         RegistryError: Unknown dataset (the message lists close names).
-        ConfigError: Unknown or ill-typed parameter, bad ``val_fraction`` or ``holdout``, missing files.
+        ConfigError: Unknown or ill-typed parameter, bad ``val_fraction``, ``holdout`` or
+            ``train_subset``, missing files.
     """
     builder = DATASETS.get(name)
     checked = validate_kwargs(builder, params, where="data.params", exclude=FRAMEWORK_ARGS)
@@ -130,10 +136,14 @@ def load_dataset(
     identity = {"params": resolved, "split_seed": split_seed, "val_fraction": float(val_fraction)}
     if holdout == "val":
         identity["holdout"] = "val"  # other data is evaluated: another fingerprint (a teacher is not shared)
+    if train_subset is not None:
+        identity["train_samples"] = train_subset  # trained on fewer samples: another fingerprint
     fp = fingerprint(name, identity, _tensors_of(bundle))
 
     if holdout == "test" and val_fraction > 0:
         bundle = _carve(bundle, name, val_fraction, split_seed, as_test=False)
+    if train_subset is not None:
+        bundle = _subset(bundle, name, train_subset, split_seed)
     bundle = replace(bundle, info=replace(bundle.info, fingerprint=fp))
     logger.info("%s", bundle.describe())
     return bundle
@@ -160,3 +170,15 @@ def _carve(bundle: DataBundle, name: str, fraction: float, seed: int, as_test: b
     if as_test:
         return replace(bundle, train=train, val=None, test=held_out)
     return replace(bundle, train=train, val=held_out)
+
+
+def _subset(bundle: DataBundle, name: str, n: int, seed: int) -> DataBundle:
+    """Keep a class-stratified draw of ``n`` samples of the training split; drop the rest.
+
+    Raises:
+        ConfigError: The training split is not in memory, or ``n`` is out of range.
+    """
+    if not isinstance(bundle.train, TensorData):
+        raise ConfigError(f"data.train_samples: dataset {name!r} is not in memory, cannot draw a subset")
+    keep = stratified_subset(bundle.train.y, n, seed)  # (n,)
+    return replace(bundle, train=bundle.train.subset(keep))

@@ -5,7 +5,9 @@ so it never depends on what ran before (resuming is exact). The permutation is c
 *global* batches of ``batch_size``; rank ``r`` of ``world_size`` takes the contiguous slice
 ``[r * b / W, (r + 1) * b / W)`` of each, so the ranks' slices concatenated are exactly the
 single-process batch. Augmentation is drawn once per global batch from a generator seeded by
-``(seed, epoch, batch_index)`` and sliced the same way.
+``(seed, epoch, batch_index)`` and sliced the same way. Mixing (mixup, cutmix) draws each
+sample's partner as a dataset index: every rank fetches its own samples' partners from the data,
+and a mixed sample's label becomes ``UNLABELED`` (see :mod:`darkknowledge.data.mixing`).
 
 A last partial batch of ``m`` samples (``drop_last=False``) is split as evenly as possible:
 the first ``m % W`` ranks get one sample more. With fewer samples than ranks (``m < W``) the
@@ -26,7 +28,9 @@ from torch.utils.data import DataLoader, Dataset
 from darkknowledge.config import DataConfig
 from darkknowledge.data.augment import Augment, AugmentParams, params_to, slice_params
 from darkknowledge.data.batch import UNLABELED, Batch, to_device
+from darkknowledge.data.mixing import mixed_samples
 from darkknowledge.data.seeds import AUGMENT_STREAM, PERMUTATION_STREAM, make_generator
+from darkknowledge.data.sharding import check_loader_args, rank_bounds
 from darkknowledge.data.tensors import TensorData
 from darkknowledge.errors import ConfigError
 
@@ -45,33 +49,6 @@ teacher-output cache holds, so the student sees exactly the view the teacher saw
 
 _Plan = list[tuple[int, torch.Tensor, tuple[int, int]]]
 """Per batch: (batch index, global batch indices (b,), this rank's [start, stop) rows)."""
-
-
-def rank_bounds(size: int, rank: int, world_size: int) -> tuple[int, int]:
-    """``[start, stop)`` of rank ``rank``'s share of a batch of ``size`` samples.
-
-    Shares are contiguous and as even as possible; the first ``size % world_size`` ranks
-    get one extra sample. For ``size`` divisible by ``world_size`` this is
-    ``[rank * size / W, (rank + 1) * size / W)``.
-    """
-    base, extra = divmod(size, world_size)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
-
-
-def check_loader_args(batch_size: int, rank: int, world_size: int, seed: int) -> None:
-    """A loader's global batch, rank, world size and seed, or one clear ``ConfigError``."""
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1 (got {batch_size})")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ConfigError(f"need 0 <= rank < world_size (got rank={rank}, world_size={world_size})")
-    if batch_size % world_size:
-        raise ConfigError(
-            f"batch_size {batch_size} is the global batch and must be divisible by world_size "
-            f"{world_size}; use e.g. {batch_size - batch_size % world_size or world_size}"
-        )
-    if seed < 0:
-        raise ConfigError(f"loader seed must be >= 0 (got {seed})")
 
 
 class BatchLoader:
@@ -199,6 +176,11 @@ class BatchLoader:
         if self.primary is not None and self.primary not in self.inputs:
             self.inputs = (*self.inputs, self.primary)
         stored, _ = self.views.needs(self.inputs)
+        if stored and self.augment is not None and self.augment.mixes:
+            raise ConfigError(
+                f"data.augment: mixup/cutmix would mix the input but not the stored view(s) {stored} that "
+                f"view(s) {sorted(wanted)} read; switch mixing off for paired data"
+            )
         have = set(self.data.views) if isinstance(self.data, TensorData) else set()
         missing = [n for n in stored if n not in have]
         if missing:
@@ -285,7 +267,7 @@ class BatchLoader:
         epoch = self.epoch if epoch is None else epoch
         size = min(self.batch_size, self._num_samples - batch_index * self.batch_size)
         gen = make_generator(self.seed, epoch, batch_index, AUGMENT_STREAM)
-        return self.augment.draw(size, gen, self._sample_shape())
+        return self.augment.draw(size, gen, self._sample_shape(), population=self._num_samples)
 
     def _sample_shape(self) -> tuple[int, ...]:
         if isinstance(self.data, TensorData):
@@ -360,20 +342,17 @@ class BatchLoader:
             x, y, idx = (to_device(t, device) for t in (x, y, idx))
         elif x.device != device or idx.device != device:
             x, y, idx = x.to(device), y.to(device), idx.to(device)
-        if x.dtype == torch.uint8:
-            x = x.float() / 255.0  # (b, C, H, W) in [0, 1]
-        elif not x.is_floating_point() and x.dtype != torch.int64:  # int64: token ids (b, L), kept
-            x = x.float()
-        view = host_view = None
+        x = _as_float(x)
+        view = host_view = params = None
         if self.replay is not None:
             params, host_view = self.replay(idx_cpu.cpu(), epoch)  # CPU indices: no device sync
             view = to_device(host_view, x.device)
-            if self.augment is not None and params:
-                x = self.augment.apply(x, params_to(params, x.device, non_blocking=True))
         elif self.augment is not None:
             drawn = self.augment_params(k, epoch)
             assert drawn is not None
-            x = self.augment.apply(x, params_to(slice_params(drawn, lo, hi), x.device, non_blocking=True))
+            params = slice_params(drawn, lo, hi)
+        if self.augment is not None and params:
+            x, y, labeled = self._augment(x, y, idx_cpu.cpu(), labeled, params)
         if self._norm is not None:
             x = self._normalize(x)
         inputs = None
@@ -385,6 +364,33 @@ class BatchLoader:
             x = x.contiguous(memory_format=torch.channels_last)
         host_idx = idx_cpu if idx_cpu.device.type == "cpu" else None
         return Batch(x, y, idx, view, labeled, host_idx=host_idx, host_view=host_view, inputs=inputs)
+
+    def _augment(
+        self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, labeled: bool, params: AugmentParams
+    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Apply this batch's drawn (or replayed) ``params``; a mixed sample (its partner, by
+        dataset index, fetched here) loses its label. ``idx``: the samples' indices on the CPU."""
+        assert self.augment is not None
+        partner = None
+        if "mix_partner" in params:
+            index = params["mix_partner"]  # (b,) dataset indices, on the CPU
+            partner = self._partners(index) if index.numel() else x
+            mixed = mixed_samples(params) & (index != idx)  # (b,): mixing a sample with itself changes nothing
+            if bool(mixed.any()):
+                y = y.masked_fill(to_device(mixed, y.device), UNLABELED)
+                labeled = False
+        x = self.augment.apply(x, params_to(params, x.device, non_blocking=True), partner)
+        return x, y, labeled
+
+    def _partners(self, index: torch.Tensor) -> torch.Tensor:
+        """The inputs of dataset samples ``index`` ``(b,)`` on the device, scaled like a batch."""
+        data = self.data
+        if isinstance(data, TensorData):
+            x_all = data.on(self.device)[0] if self.data_on_device() else data.x
+            rows = x_all.index_select(0, to_device(index, x_all.device))  # (b, *shape)
+        else:
+            rows = torch.stack([torch.as_tensor(data[i][0]) for i in index.tolist()])  # (b, *shape)
+        return _as_float(to_device(rows, self.device))
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         assert self._norm is not None
@@ -401,3 +407,12 @@ class BatchLoader:
             f"BatchLoader(n={self._num_samples}, batch_size={self.batch_size}, batches={len(self)}, "
             f"rank={self.rank}/{self.world_size}, epoch={self.epoch}, augment={self.augment})"
         )
+
+
+def _as_float(x: torch.Tensor) -> torch.Tensor:
+    """``uint8`` images scaled to ``[0, 1]``, other integer inputs as float; int64 token ids kept."""
+    if x.dtype == torch.uint8:
+        return x.float() / 255.0  # (b, C, H, W) in [0, 1]
+    if not x.is_floating_point() and x.dtype != torch.int64:
+        return x.float()
+    return x

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from darkknowledge.config import OptimizerConfig, SchedulerConfig
+from darkknowledge.config import OptimizerConfig, SchedulerConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +73,13 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]
     optimizer.load_state_dict(saved)
 
 
-def lr_factor(cfg: SchedulerConfig, step: int, steps_per_epoch: int, epochs: int) -> float:
+def lr_factor(cfg: SchedulerConfig, step: int, steps_per_epoch: int, epochs: float) -> float:
     """Multiplier of the base lr at optimizer step ``step`` (0-based).
 
     Linear warm-up over ``warmup_epochs``, then ``constant``, ``cosine`` (to
     ``min_lr_ratio``), ``step`` (x gamma every ``step_size`` epochs) or ``multistep``.
+    ``epochs`` may be fractional: a budget of ``train.steps`` spans ``steps / steps_per_epoch``
+    epochs, so the cosine reaches its floor at the last of those steps.
     """
     epoch = step / max(1, steps_per_epoch)
     warm = cfg.warmup_epochs
@@ -121,6 +123,13 @@ class StepSchedule:
                 group["lr"] = base * f
             self._applied = f
 
+    def set_factor(self, factor: Callable[[int], float]) -> None:
+        """Follow ``factor`` from the current step on (the base rates stay), e.g. a schedule spanning
+        a budget of ``train.steps`` instead of whole epochs."""
+        self.factor = factor
+        self._applied = None
+        self._apply()
+
     def step(self) -> None:
         """Advance one optimizer step."""
         self.last_epoch += 1
@@ -141,7 +150,26 @@ class StepSchedule:
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, steps_per_epoch: int, epochs: int
+    optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, steps_per_epoch: int, epochs: float
 ) -> StepSchedule:
     """A per-optimizer-step schedule following :func:`lr_factor`."""
     return StepSchedule(optimizer, lambda step: lr_factor(cfg, step, steps_per_epoch, epochs))
+
+
+def step_budget(cfg: TrainConfig, n_batches: int) -> tuple[int, int | None]:
+    """``(epochs, last_step)`` of a stage with ``n_batches`` training batches per epoch.
+
+    By epochs: ``(cfg.epochs, None)``. With ``cfg.steps``: the epochs needed for that many
+    steps (``ceil(steps / steps per epoch)``, the last one cut short) and ``cfg.steps``. With
+    ``cfg.min_steps``: by epochs when ``cfg.epochs`` reach that many steps, else a budget of
+    ``cfg.min_steps`` steps. A stage's steps per epoch are ``ceil(n_batches / grad_accum)``:
+    optimizer steps of a one-part task, batches of a task with several parts (which trains with
+    ``grad_accum`` 1).
+    """
+    per_epoch = max(1, math.ceil(n_batches / cfg.grad_accum))
+    steps = cfg.steps
+    if steps is None and cfg.min_steps is not None and cfg.epochs * per_epoch < cfg.min_steps:
+        steps = cfg.min_steps  # a small training set: the epochs would be too few steps
+    if steps is None:
+        return cfg.epochs, None
+    return math.ceil(steps / per_epoch), steps

@@ -13,10 +13,10 @@ always before a checkpoint is written, so none holds a NaN). The engine knows ta
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -24,48 +24,21 @@ import torch
 from torch import nn
 
 from darkknowledge.config import TrainConfig
-from darkknowledge.engine.checkpoint import (
-    atomic_save,
-    capture_rng,
-    restore_rng,
-    safe_load,
-)
 from darkknowledge.engine.device import amp_dtype, autocast
 from darkknowledge.engine.distributed import DistContext
 from darkknowledge.engine.divergence import DivergenceWatch, named_state
 from darkknowledge.engine.eta import RunClock, StageClock
 from darkknowledge.engine.host_memory import retain_freed_host_memory
 from darkknowledge.engine.metrics import MetricsLog, evaluate
+from darkknowledge.engine.optim import lr_factor, step_budget
 from darkknowledge.engine.progress import Progress
 from darkknowledge.engine.stepper import PartStepper
 from darkknowledge.engine.task import Part, Task
-from darkknowledge.errors import CheckpointError, ConfigError
+from darkknowledge.engine.trainer_state import STEP_BUDGET_SAVE_EVERY, StageCheckpoints, StageResult
+from darkknowledge.errors import ConfigError
 from darkknowledge.losses.base import SetupInfo
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class StageResult:
-    """Outcome of one training stage.
-
-    Attributes:
-        stage: Stage name (run-folder subdirectory).
-        last: Final evaluation per evaluated model, e.g. ``{"student": {"top1": 91.2, ...}}``.
-        best: Best epoch of the primary model: ``{"epoch", "top1", "selected_on"}``.
-        history: One record per evaluation.
-        train_seconds: Wall time spent training (evaluation excluded), across resumes.
-        steps: Optimizer steps (one part), or batches trained on (several parts).
-        epoch_seconds: Training wall time of each epoch run by this call (evaluation excluded).
-    """
-
-    stage: str
-    last: dict[str, dict[str, float]] = field(default_factory=dict)
-    best: dict[str, Any] = field(default_factory=dict)
-    history: list[dict[str, Any]] = field(default_factory=list)
-    train_seconds: float = 0.0
-    steps: int = 0
-    epoch_seconds: list[float] = field(default_factory=list)
 
 
 def check_parts(parts: list[Part], module: nn.Module) -> None:
@@ -86,7 +59,7 @@ def check_parts(parts: list[Part], module: nn.Module) -> None:
             seen[id(p)] = part.name
 
 
-class Trainer:
+class Trainer(StageCheckpoints):
     """Trains a :class:`~darkknowledge.engine.task.Task`.
 
     Args:
@@ -104,6 +77,8 @@ class Trainer:
         progress: Show progress: a bar on a terminal, a line per epoch elsewhere.
         clock: Times the epochs for the ETA (the session's, which knows the rest of the run);
             default: a clock of this stage alone.
+        restore_best: End with the weights of the epoch best on the validation split (model
+            selection, e.g. of a teacher), their test metrics as ``last``; needs ``val_loader``.
     """
 
     def __init__(
@@ -122,6 +97,7 @@ class Trainer:
         config: dict[str, Any] | None = None,
         progress: bool = True,
         clock: StageClock | None = None,
+        restore_best: bool = False,
     ) -> None:
         self.task, self.cfg, self.device, self.stage = task, cfg, device, stage
         self.train_loader, self.eval_loader, self.val_loader = train_loader, eval_loader, val_loader
@@ -132,79 +108,10 @@ class Trainer:
         self.amp = amp_dtype(cfg.amp, device)
         self.progress = Progress(progress and self.dist.is_main, stage)
         self.clock = clock if clock is not None else RunClock().begin(stage, None)
-
-    # ---------------------------------------------------------------- checkpoints
-    def _ckpt(self, name: str) -> Path | None:
-        return self.run_dir / name if self.run_dir is not None else None
-
-    def _save(self, name: str, payload: dict[str, Any]) -> None:
-        path = self._ckpt(name)
-        if path is not None and self.dist.is_main:
-            atomic_save(payload, path)
-
-    def _save_last(self, payload: dict[str, Any], step: int) -> None:
-        """Write ``last.pt`` (its state passed the divergence check) and remember it as the last good one."""
-        self._save("last.pt", payload)
-        if self.run_dir is not None:
-            self._watch.saved(step)
-            self.task.saved(step)
-
-    def _state(
-        self, epoch: int, batch: int, step: int, result: StageResult, steppers: dict[str, PartStepper]
-    ) -> dict[str, Any]:
-        return {
-            "format": 2,
-            "kind": "train",
-            "stage": self.stage,
-            "module": self.task.module.state_dict(),
-            "parts": {name: s.state_dict() for name, s in steppers.items()},
-            "epoch": epoch,
-            "batch": batch,
-            "step": step,
-            "rng": capture_rng(),
-            "config": self.config,
-            "teacher_hash": self.task.fingerprint(),
-            "history": result.history,
-            "best": result.best,
-            "last": result.last,
-            "train_seconds": result.train_seconds,
-        }
-
-    def _resume(self, steppers: dict[str, PartStepper], result: StageResult) -> tuple[int, int, int]:
-        path = self._ckpt("last.pt")
-        if path is None or not path.is_file():
-            log.info("[%s] no checkpoint to resume from; starting fresh", self.stage)
-            return 0, 0, 0
-        state = safe_load(path, map_location=self.device)
-        ours, theirs = self.task.fingerprint(), state.get("teacher_hash")
-        if ours != theirs:
-            raise CheckpointError(
-                f"refusing to resume {str(path)!r}: it was trained with teacher weights {theirs}, "
-                f"but this run's teacher has {ours}. Resuming would mix two teachers' knowledge; "
-                "use the original teacher, or start a new run folder with --out."
-            )
-        parts = state.get("parts")
-        if parts is None:  # format 1: one optimizer, saved under its own keys
-            parts = {next(iter(steppers)): {k: state.get(k) for k in ("optimizer", "scheduler", "scaler")}}
-        if set(parts) != set(steppers):
-            raise CheckpointError(
-                f"refusing to resume {str(path)!r}: it holds the parts {sorted(parts)}, "
-                f"this task trains {sorted(steppers)}"
-            )
-        try:
-            self.task.module.load_state_dict(state["module"])
-        except RuntimeError as exc:
-            raise CheckpointError(
-                f"cannot resume {str(path)!r}: its weights do not fit this stage's models (a "
-                f"checkpoint of another recipe, or of an older darkknowledge?): {exc}"
-            ) from None
-        for name, stepper in steppers.items():
-            stepper.load_state_dict(parts[name], stepper.part.module)
-        restore_rng(state["rng"])
-        result.history, result.best = list(state["history"]), dict(state["best"])
-        result.last, result.train_seconds = dict(state["last"]), float(state["train_seconds"])
-        log.info("[%s] resumed from epoch %d, batch %d", self.stage, state["epoch"], state["batch"])
-        return int(state["epoch"]), int(state["batch"]), int(state["step"])
+        self.restore_best = restore_best and val_loader is not None
+        self._saved_at = 0  # the step of the last last.pt
+        self._best: tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]] | None = None  # weights, test metrics
+        self._epochs, self._last_step = cfg.epochs, cfg.steps  # set from the loader's length by _start
 
     # ---------------------------------------------------------------- evaluation
     def _evaluate(self, result: StageResult, epoch: int, step: int) -> None:
@@ -233,6 +140,9 @@ class Trainer:
             self._save(
                 "best.pt", {"format": 2, "kind": "best", "module": self.task.module.state_dict(), "best": result.best}
             )
+            if self.restore_best:  # kept in memory: a run without a folder selects too
+                weights = {k: v.detach().to("cpu", copy=True) for k, v in self.task.module.state_dict().items()}
+                self._best = (weights, test)
         self.metrics.write({**record, "kind": "eval"})
 
     def _epoch_means(self, logged: dict[str, list[torch.Tensor]]) -> dict[str, float]:
@@ -253,8 +163,11 @@ class Trainer:
         task.to(self.device)
         task.attach(loader, self.dist)  # e.g. a teacher-output cache; before the first batch is drawn
         loader.set_epoch(0)
+        self._epochs, self._last_step = step_budget(cfg, len(loader))
+        if self._last_step is not None:
+            log.info("[%s] %d steps: %d epochs, the last one cut short", self.stage, self._last_step, self._epochs)
         first = next(iter(loader))
-        task.setup(first, SetupInfo(num_samples=len(loader.data), batch_size=len(first), epochs=cfg.epochs))
+        task.setup(first, SetupInfo(num_samples=len(loader.data), batch_size=len(first), epochs=self._epochs))
         ckpt = self._ckpt("last.pt")
         if not (resume and ckpt is not None and ckpt.is_file()):
             task.prepare(loader)  # losses' pre-training stages; a resumed run has them in last.pt
@@ -266,7 +179,7 @@ class Trainer:
             task.compile()
 
     def fit(self, resume: bool = False) -> StageResult:
-        """Train for ``cfg.epochs`` (continuing from ``last.pt`` when ``resume``)."""
+        """Train for ``cfg.epochs``, or exactly ``cfg.steps`` steps (continuing from ``last.pt`` when ``resume``)."""
         cfg, device, loader, task = self.cfg, self.device, self.train_loader, self.task
         self._start(resume)
         module = task.module
@@ -291,6 +204,8 @@ class Trainer:
             )
             for p in parts
         }
+        if self._last_step is not None:  # the schedules span the step budget, not whole epochs
+            self._span_steps(steppers, n_batches, several)
         trained = [p for s in steppers.values() for p in s.params]
         for p in trained:  # no gradient left over from setup
             p.grad = None
@@ -307,9 +222,13 @@ class Trainer:
         ckpt = self._ckpt("last.pt")
         self._watch.start(step, saved=resume and ckpt is not None and ckpt.is_file())
         run_epoch = self._epoch_of_parts if several else self._epoch_of_one
-        self.clock.start(cfg.epochs, start_epoch, n_batches)
+        epochs, last_step = self._epochs, self._last_step
+        self.clock.start(epochs, start_epoch, n_batches)
+        self._saved_at = step
 
-        for epoch in range(start_epoch, cfg.epochs):
+        for epoch in range(start_epoch, epochs):
+            if last_step is not None and step >= last_step:
+                break
             loader.set_epoch(epoch)
             module.train()
             t0 = time.perf_counter()
@@ -334,14 +253,31 @@ class Trainer:
                     **{f"train/{k}": v for k, v in means.items()},
                 }
             )
-            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == epochs:
                 self._evaluate(result, epoch, step)
             top1 = result.last.get(task.primary, {}).get("top1")
             shown = {**means, **({"acc": top1} if top1 is not None else {})}  # no acc before the first evaluation
-            self.progress.epoch_done(epoch, cfg.epochs, shown, self.clock.epoch_done(), self.clock.whole)
-            self._save_last(self._state(epoch + 1, 0, step, result, steppers), step)
-        result.steps = step
+            self.progress.epoch_done(epoch, epochs, shown, self.clock.epoch_done(), self.clock.whole)
+            final = epoch + 1 == epochs or (last_step is not None and step >= last_step)
+            if final or last_step is None or step - self._saved_at >= STEP_BUDGET_SAVE_EVERY:
+                self._save_last(self._state(epoch + 1, 0, step, result, steppers), step)
+        result.steps, result.epochs = step, epochs
+        if self.restore_best:
+            self._select_best(result)
         return result
+
+    def _span_steps(self, steppers: dict[str, PartStepper], n_batches: int, several: bool) -> None:
+        """Make each part's LR schedule span the stage's step budget (``train.steps``, or
+        ``train.min_steps`` when the epochs fall short): ``steps / (stage steps per epoch)`` epochs
+        of the part's own steps per epoch (warm-up, step sizes and milestones stay in epochs)."""
+        cfg, steps = self.cfg, self._last_step
+        assert steps is not None  # only with a step budget
+        per_epoch = max(1, math.ceil(n_batches / cfg.grad_accum))
+        span = steps / per_epoch  # fractional epochs
+        for stepper in steppers.values():
+            sched = stepper.part.scheduler or cfg.scheduler
+            own = max(1, math.ceil(n_batches / (stepper.part.every if several else cfg.grad_accum)))
+            stepper.scheduler.set_factor(functools.partial(lr_factor, sched, steps_per_epoch=own, epochs=span))
 
     def _log(self, logged: dict[str, list[torch.Tensor]], values: dict[str, torch.Tensor], b: int, start: int) -> None:
         for k, v in values.items():
@@ -384,7 +320,7 @@ class Trainer:
         cfg, task, watch = self.cfg, self.task, self._watch
         (stepper,) = steppers.values()
         ddp = cast(nn.parallel.DistributedDataParallel, model)  # when distributed: wrapped in DDP
-        for b, batch in enumerate(self.progress.epoch(stream, epoch, cfg.epochs, n_batches, start), start):
+        for b, batch in enumerate(self.progress.epoch(stream, epoch, self._epochs, n_batches, start), start):
             boundary = (b + 1) % cfg.grad_accum == 0 or b + 1 == n_batches
             with ddp.no_sync() if self.dist.enabled and not boundary else contextlib.nullcontext():
                 with autocast(self.device, self.amp):
@@ -399,6 +335,8 @@ class Trainer:
             task.after_step()
             step += 1
             watch.after_update(step)
+            if step == self._last_step:  # the step budget is spent: the epoch ends here
+                break
             self._checkpoint_within(epoch, b, n_batches, step, result, steppers, timer)
         return step
 
@@ -421,8 +359,8 @@ class Trainer:
         Before each part's loss every gradient is reset, so a part's step sees only its own loss
         (the losses of other parts may also reach its parameters; those gradients are dropped).
         """
-        cfg, task, watch = self.cfg, self.task, self._watch
-        for b, batch in enumerate(self.progress.epoch(stream, epoch, cfg.epochs, n_batches, start), start):
+        task, watch = self.task, self._watch
+        for b, batch in enumerate(self.progress.epoch(stream, epoch, self._epochs, n_batches, start), start):
             values: dict[str, torch.Tensor] = {}
             for stepper in steppers.values():
                 part = stepper.part
@@ -441,5 +379,7 @@ class Trainer:
             self._log(logged, values, b, start)
             step += 1
             watch.after_update(step)
+            if step == self._last_step:  # the step budget is spent: the epoch ends here
+                break
             self._checkpoint_within(epoch, b, n_batches, step, result, steppers, timer)
         return step

@@ -91,6 +91,7 @@ def build_data(cfg: RunConfig) -> DataBundle:
         split_seed=cfg.data.split_seed,
         val_fraction=cfg.data.val_fraction,
         holdout=cfg.data.holdout,
+        train_subset=cfg.data.train_samples,
         **cfg.data.params,
     )
     return with_views(cfg, bundle)

@@ -14,6 +14,9 @@ from typing import Any
 
 from torch import nn
 
+from darkknowledge.runs.diagnosis import is_memorised, memorised_warnings
+from darkknowledge.runs.report import group_rows, table_lines, verdict
+
 
 def summary_lines(
     entry: dict[str, Any],
@@ -27,8 +30,11 @@ def summary_lines(
 
     Args:
         entry: The model's results entry (``name``, ``last_acc``, ``best_acc``, ``best_epoch``,
-            ``train_seconds``).
-        teacher: The teacher's entry, when the run trained or evaluated one.
+            ``train_seconds``; ``agreement`` and ``kl_to_teacher`` when measured: a line of their own;
+            ``ece``, ``train_acc`` and ``train_confidence`` of a model measured as a teacher: another, and a
+            warning when it memorised its training set).
+        teacher: The teacher's entry, when the run trained or evaluated one (its ``ece`` shown when recorded,
+            and a warning when it memorised its training set).
         members: Further evaluated models of the stage (peers, heads), each with ``role`` and ``last_acc``.
         run_dir: The run folder, when one was written.
         exported: Where the model was exported.
@@ -40,10 +46,36 @@ def summary_lines(
     line = f"{entry['name']}: test acc {entry['last_acc']:.2f} ({best}), {entry['train_seconds']:.1f}s"
     if teacher is not None:
         line += f"; teacher {teacher.get('last_acc', float('nan')):.2f}"
-    lines = [line, *(f"  {m['role']}: test acc {m['last_acc']:.2f}" for m in members)]
+        if teacher.get("ece") is not None:
+            line += f" (ECE {teacher['ece']:.2f}%)"
+    lines = [line]
+    if entry.get("agreement") is not None:
+        fidelity = f"  fidelity: agrees with the teacher on {entry['agreement']:.2f}% of test samples"
+        if entry.get("kl_to_teacher") is not None:
+            fidelity += f", KL(teacher‖model) {entry['kl_to_teacher']:.4f}"
+        lines.append(fidelity)
+    if (fit := _fit_line(entry)) is not None:
+        lines.append(fit)
+    lines += [f"  {m['role']}: test acc {m['last_acc']:.2f}" for m in members]
+    for model in (entry, teacher):
+        if model is not None and is_memorised(model):
+            lines += [f"  {line}" for line in memorised_warnings([{**model, "role": "teacher"}])]
     if run_dir is not None:
         lines.append(f"run folder: {run_dir}" + (f"  {what}: {exported}" if exported is not None else ""))
     return lines
+
+
+def _fit_line(entry: dict[str, Any]) -> str | None:
+    """The model's calibration and training-split fit, when its entry records them (a teacher, ``dk.train``)."""
+    parts = []
+    if entry.get("ece") is not None:
+        parts.append(f"ECE {entry['ece']:.2f}% on the test split")
+    if entry.get("train_acc") is not None:
+        fit = f"training split: accuracy {entry['train_acc']:.2f}%"
+        if entry.get("train_confidence") is not None:
+            fit += f", mean top probability {entry['train_confidence']:.3f}"
+        parts.append(fit)
+    return "  calibration: " + "; ".join(parts) if parts else None
 
 
 def epoch_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -78,9 +110,14 @@ class TrainResult:
         entry: Its results entry, as ``results.json`` holds it (accuracies, time, size, profile).
         spec: Its spec (how to rebuild it: ``dk.load`` / ``dk eval``).
         epochs: One row per epoch: the loss terms, learning rate and, where evaluated, ``test_acc``.
-        teacher: The teacher's results entry when ``dk.distill`` trained it (None for a given module
-            and for ``dk.train``).
+        teacher: The teacher's results entry when ``dk.distill`` trained it, or evaluated a given module
+            for ``baseline=True`` (else None; None for ``dk.train``).
         run_dir: The run folder (None when nothing was written).
+        baseline: ``dk.distill(..., baseline=True)``: the same student trained alone (cross-entropy) from
+            the same initialisation with the same budget, as a result of its own (None otherwise).
+
+    With a baseline, :attr:`verdict` and ``print(result)`` compare the two as ``dk run`` does: the
+    table of teacher, baseline and student, and the verdict with its measured causes.
     """
 
     model: nn.Module
@@ -89,6 +126,7 @@ class TrainResult:
     epochs: list[dict[str, Any]] = field(default_factory=list)
     teacher: dict[str, Any] | None = None
     run_dir: Path | None = None
+    baseline: TrainResult | None = None
 
     @property
     def accuracy(self) -> float:
@@ -106,16 +144,50 @@ class TrainResult:
         return None if self.teacher is None else float(self.teacher["last_acc"])
 
     @property
+    def agreement(self) -> float | None:
+        """Top-1 agreement (%) with the run's teacher on the test split (None: not measured)."""
+        value = self.entry.get("agreement")
+        return None if value is None else float(value)
+
+    @property
+    def kl_to_teacher(self) -> float | None:
+        """Mean KL(teacher ‖ model) at temperature 1 on the test split, nats (None: not measured)."""
+        value = self.entry.get("kl_to_teacher")
+        return None if value is None else float(value)
+
+    @property
     def results(self) -> Path | None:
         """``results.json`` of the run folder (None without one)."""
         return None if self.run_dir is None else self.run_dir / "results.json"
 
+    def rows(self) -> list[dict[str, Any]]:
+        """The report's rows (:func:`~darkknowledge.runs.report.group_rows`) of the teacher, the baseline
+        and this model; empty without a baseline."""
+        if self.baseline is None:
+            return []
+        teacher = [self.teacher] if self.teacher is not None and self.teacher.get("last_acc") is not None else []
+        return group_rows([*teacher, self.baseline.entry, self.entry])
+
+    @property
+    def verdict(self) -> str | None:
+        """The verdict ``dk run`` prints, for this model against its baseline (None without one)."""
+        return verdict(self.rows()) if self.baseline is not None else None
+
     def lines(self) -> list[str]:
-        """What ``dk train`` / ``dk distill`` print for this model."""
-        return summary_lines(self.entry, self.teacher, run_dir=self.run_dir)
+        """What ``dk train`` / ``dk distill`` print for this model; with a baseline, then the table and
+        verdict ``dk run`` prints."""
+        lines = summary_lines(self.entry, self.teacher, run_dir=self.run_dir)
+        if self.baseline is None:
+            return lines
+        rows = self.rows()
+        return [*lines, "", *table_lines(rows), "", verdict(rows)]
 
     def __str__(self) -> str:
         return "\n".join(self.lines())
 
-    def _repr_markdown_(self) -> str:  # notebooks
-        return "\n\n".join(self.lines())
+    def _repr_markdown_(self) -> str:  # notebooks: one paragraph per line, the table's lines together
+        text = "\n\n".join(summary_lines(self.entry, self.teacher, run_dir=self.run_dir))
+        if self.baseline is None:
+            return text
+        rows = self.rows()
+        return "\n\n".join([text, "\n".join(table_lines(rows)), verdict(rows)])

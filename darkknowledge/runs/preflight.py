@@ -32,6 +32,7 @@ from darkknowledge.data import DataBundle
 from darkknowledge.data.batch import Batch, input_name, model_input
 from darkknowledge.data.bundle import num_samples
 from darkknowledge.engine.eta import PlannedStage
+from darkknowledge.engine.optim import step_budget
 from darkknowledge.engine.task import Task
 from darkknowledge.errors import ShapeError
 from darkknowledge.losses.base import SetupInfo, run_model
@@ -85,8 +86,10 @@ class PreflightContext(RunContext):
         with_transfer: bool = False,
         label: str | None = None,
     ) -> list[dict[str, Any]]:
-        batches = dry_run(self.session, stage, task, seed, train_cfg or self.cfg.train, with_transfer)
-        self.planned.append(PlannedStage.of(stage, seed, (train_cfg or self.cfg.train).epochs, batches))
+        train_cfg = train_cfg or self.cfg.train
+        batches = dry_run(self.session, stage, task, seed, train_cfg, with_transfer)
+        epochs = step_budget(train_cfg, batches)[0]  # a budget in steps: the epochs it spans
+        self.planned.append(PlannedStage.of(stage, seed, epochs, batches))
         self.exports[stage] = task.export_model()
         entry = {
             "name": stage,
@@ -96,7 +99,7 @@ class PreflightContext(RunContext):
             "method": label,
             "model": stage,
             "losses": [],
-            "epochs": (train_cfg or self.cfg.train).epochs,
+            "epochs": epochs,
             "last_acc": math.nan,
             "best_acc": math.nan,
             "best_selected_on": None,
@@ -163,7 +166,12 @@ def dry_run(session: Session, stage: str, task: Task, seed: int, train_cfg: Trai
         train_loader.set_epoch(0)
         first = next(iter(train_loader))
         task.setup(
-            first, SetupInfo(num_samples=num_samples(train_loader.data), batch_size=len(first), epochs=train_cfg.epochs)
+            first,
+            SetupInfo(
+                num_samples=num_samples(train_loader.data),
+                batch_size=len(first),
+                epochs=step_budget(train_cfg, len(train_loader))[0],
+            ),
         )
         module = task.module
         module.train()

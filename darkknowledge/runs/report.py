@@ -3,6 +3,16 @@
 Headline: last-epoch test accuracy, mean ± sample std over seeds (seeds listed). Best-epoch
 accuracy is shown beside it, labelled, since it selects on the test set unless a validation
 split exists. A cost column gives train time and parameters (of the model and of adapters).
+
+Fidelity (Stanton et al., NeurIPS 2021): where the run has one pre-trained teacher, the baseline's
+and the student's top-1 agreement with it (``agree %``) and KL(teacher ‖ student) at T=1
+(``KL(T‖S)``) on the test split, mean ± std over seeds; ``-`` where not measured. A table
+none of whose rows has them (an older ``results.json``) keeps its earlier columns.
+
+Under the table, each teacher's calibration (ECE on the test split) and fit of its training split
+where measured, and a warning for each one that memorised it; in the verdict, when
+the student does not beat the baseline, the likely causes the run measured
+(:mod:`~darkknowledge.runs.diagnosis`).
 """
 
 from __future__ import annotations
@@ -11,6 +21,8 @@ import statistics
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
+
+from darkknowledge.runs.diagnosis import causes, teacher_lines
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -39,6 +51,9 @@ def group_rows(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         method = es[0].get("method") or "+".join(es[0].get("losses", ())) or "-"
         last_m, last_s = mean_std([e["last_acc"] for e in es if e.get("last_acc") is not None])
         best_m, best_s = mean_std([e["best_acc"] for e in es if e.get("best_acc") is not None])
+        agree = [e["agreement"] for e in es if e.get("agreement") is not None]
+        kl = [e["kl_to_teacher"] for e in es if e.get("kl_to_teacher") is not None]
+        measured = {k: _mean_of(es, k) for k in _MEASURED}
         rows.append(
             {
                 "role": role,
@@ -51,18 +66,39 @@ def group_rows(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "last_std": last_s,
                 "best_mean": best_m,
                 "best_std": best_s,
+                "agree_mean": mean_std(agree)[0],
+                "agree_std": mean_std(agree)[1],
+                "agree_n": len(agree),
+                "kl_mean": mean_std(kl)[0],
+                "kl_std": mean_std(kl)[1],
+                "kl_n": len(kl),
                 "last_values": [e.get("last_acc") for e in es],
                 "time_mean": statistics.fmean(float(e.get("train_seconds", 0.0)) for e in es),
                 "steps": es[0].get("steps"),
                 "reused": any("reused_from" in e or "source" in e for e in es),
                 "selected_on": es[0].get("best_selected_on", "test"),
+                **measured,
             }
         )
     return rows
 
 
+_MEASURED = ("train_acc", "train_confidence", "ece", "loss_drop")
+"""Entry fields a row carries as their mean over its entries (NaN: none recorded): a teacher's training accuracy,
+mean top probability on its training split and calibration, a stage's loss trend (see runs/diagnosis.py)."""
+
+
+def _mean_of(entries: Sequence[dict[str, Any]], key: str) -> float:
+    values = [float(e[key]) for e in entries if isinstance(e.get(key), int | float)]
+    return statistics.fmean(values) if values else float("nan")
+
+
 def verdict(rows: Sequence[dict[str, Any]]) -> str:
-    """One or two sentences comparing the distilled student with the baseline student."""
+    """One or two sentences comparing the distilled student with the baseline student.
+
+    When the student does not beat the baseline by more than the seed spread, the likely causes the
+    run measured follow, with their numbers (:func:`~darkknowledge.runs.diagnosis.causes`).
+    """
     base = next((r for r in rows if r["role"] == "baseline"), None)
     kd = next((r for r in rows if r["role"] == "student"), None)
     if base is None or kd is None:
@@ -80,17 +116,29 @@ def verdict(rows: Sequence[dict[str, Any]]) -> str:
     else:
         head = f"Distillation did not help: the {kd['method']} student trails the baseline by {delta:+.2f} points"
         tail = f" (seed std {spread:.2f})"
-    return f"{head}{tail}; it wins on {wins}/{len(paired)} seeds from the same initialisation."
+    text = f"{head}{tail}; it wins on {wins}/{len(paired)} seeds from the same initialisation."
+    found = causes(rows) if delta <= spread else []
+    if found:
+        text += " Likely cause" + ("s" if len(found) > 1 else "") + " (measured): " + "; ".join(found) + "."
+    return text
 
 
-def _fmt(m: float, s: float, n: int) -> str:
+FIDELITY_NOTE = (
+    " Fidelity (Stanton et al., NeurIPS 2021): 'agree %' is the share of test samples on which the model's top-1 "
+    "class is the teacher's, 'KL(T‖S)' the mean KL divergence from the teacher's softmax to the model's at "
+    "temperature 1 (nats); the baseline's are the reference for what distillation added."
+)
+
+
+def _fmt(m: float, s: float, n: int, digits: int = 2) -> str:
     if m != m:  # NaN: not measured (e.g. no best epoch for a peer or head row)
         return "-"
-    return f"{m:.2f}" if n <= 1 else f"{m:.2f} ± {s:.2f}"
+    return f"{m:.{digits}f}" if n <= 1 else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
 def table_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """A Markdown table of the rows (also readable as plain text)."""
+    """A Markdown table of the rows (also readable as plain text); the fidelity columns only when a row has them."""
+    fidelity = any(r.get("agree_n") or r.get("kl_n") for r in rows)
     head = [
         "model",
         "role",
@@ -98,6 +146,7 @@ def table_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
         "params",
         "acc (last) mean ± std",
         "acc (best epoch)",
+        *(["agree %", "KL(T‖S)"] if fidelity else []),
         "train s",
         "steps",
         "seeds",
@@ -118,6 +167,14 @@ def table_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
                     params,
                     _fmt(r["last_mean"], r["last_std"], n),
                     _fmt(r["best_mean"], r["best_std"], n),
+                    *(
+                        [
+                            _fmt(r["agree_mean"], r["agree_std"], r["agree_n"]),
+                            _fmt(r["kl_mean"], r["kl_std"], r["kl_n"], digits=3),
+                        ]
+                        if fidelity
+                        else []
+                    ),
                     time_s,
                     str(r["steps"]) if r.get("steps") else "-",
                     seeds,
@@ -133,7 +190,9 @@ def render_report(
 ) -> str:
     """The ``report.md`` text: table, verdict, protocol notes, then further sections (Markdown lines)."""
     selected = {r["selected_on"] for r in rows}
-    parts = [f"# {title}", "", *table_lines(rows), "", f"**Verdict.** {verdict(rows)}", ""]
+    about = teacher_lines(rows)  # calibration and training fit; a memorised teacher's warning
+    parts = [f"# {title}", "", *table_lines(rows), *([""] + [f"- {line}" for line in about] if about else [])]
+    parts += ["", f"**Verdict.** {verdict(rows)}", ""]
     parts.append(
         "Protocol: accuracy is top-1 on the test split at the last epoch, mean ± sample std over the "
         "seeds listed; 'best epoch' selects on the "
@@ -141,6 +200,7 @@ def render_report(
         + ". Baseline and distilled student of a seed "
         "start from the same initialisation and train with the same epochs and optimizer ('steps' counts optimizer "
         "steps: a student that also reads an unlabeled transfer set takes more of them per epoch)."
+        + (FIDELITY_NOTE if any(r.get("agree_n") for r in rows) else "")
     )
     parts += [f"- {n}" for n in notes]
     if sections:

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 from torch import nn
 
-from darkknowledge.config import RunConfig
+from darkknowledge.config import RunConfig, TrainConfig
 from darkknowledge.engine.checkpoint import load_exported, load_weights, safe_load
 from darkknowledge.engine.distributed import DistContext
 from darkknowledge.engine.task import Task
@@ -386,3 +386,34 @@ class FinishedStage:
                 epochs,
                 scheduler,
             )
+
+
+def asked_budget(train_cfg: TrainConfig) -> dict[str, int | None]:
+    """A stage's budget as the config states it."""
+    return {"epochs": train_cfg.epochs, "steps": train_cfg.steps, "min_steps": train_cfg.min_steps}
+
+
+def stage_budget(done: dict[str, Any], train_cfg: TrainConfig) -> int:
+    """The epochs a finished stage must have run for ``train_cfg``: ``train.epochs`` for a budget
+    in epochs (more extends the stage), or the epochs it recorded when its budget in steps
+    (``train.steps``, ``train.min_steps``) is unchanged.
+
+    Raises:
+        ConfigError: A budget in steps changed (a stage is extended by epochs only).
+    """
+    recorded = done.get("budget") or {"epochs": done.get("epochs"), "steps": None, "min_steps": None}
+    asked = asked_budget(train_cfg)
+    if (
+        recorded["steps"] is None
+        and recorded["min_steps"] is None
+        and asked["steps"] is None
+        and asked["min_steps"] is None
+    ):
+        return train_cfg.epochs
+    if recorded == asked:
+        return int(done["epochs"])
+    raise ConfigError(
+        f"stage {done['name']!r} trained with the budget {recorded}, this run asks for {asked}: a budget in "
+        "steps (train.steps, train.min_steps) cannot be extended; only a stage trained by epochs extends. "
+        "Start a new run folder for another budget"
+    )

@@ -26,8 +26,6 @@ Resuming a finished stage:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Mapping
@@ -37,16 +35,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from darkknowledge.config import RunConfig, TeacherConfig, TrainConfig
-from darkknowledge.data import DataBundle, DatasetInfo, cache_dir
+from darkknowledge.config import RunConfig, TrainConfig
+from darkknowledge.data import DataBundle
 from darkknowledge.data.batch import input_name
 from darkknowledge.data.bundle import TensorData, num_samples
 from darkknowledge.engine.checkpoint import (
-    check_export_fits,
     export_model,
-    load_weights,
-    read_export,
-    state_hash,
 )
 from darkknowledge.engine.device import select_device, set_deterministic
 from darkknowledge.engine.distributed import init_distributed
@@ -55,27 +49,29 @@ from darkknowledge.engine.loggers import Loggers, check_loggers, marks_failure, 
 from darkknowledge.engine.metrics import MetricsLog
 from darkknowledge.engine.task import Task
 from darkknowledge.engine.trainer import Trainer
-from darkknowledge.errors import CheckpointError, ConfigError
+from darkknowledge.errors import ConfigError
 from darkknowledge.models import count_params
 from darkknowledge.runs.build import (
     build_data,
-    build_model,
     build_objective,
     make_loaders,
     model_spec,
     seed_everything,
     with_views,
 )
+from darkknowledge.runs.diagnosis import loss_drop
 from darkknowledge.runs.lock import RunLock
+from darkknowledge.runs.measures import entry_measures
 from darkknowledge.runs.profiling import Profiler
-from darkknowledge.runs.resume import FinishedStage, open_on_ranks
+from darkknowledge.runs.resume import FinishedStage, asked_budget, open_on_ranks, stage_budget
 from darkknowledge.runs.rundir import RunDir, read_identity
+from darkknowledge.runs.session_teachers import TeacherSource
 from darkknowledge.schemes.offline import offline_task
 
 log = logging.getLogger(__name__)
 
 
-class Session:
+class Session(TeacherSource):
     """Shared state of one run.
 
     Args:
@@ -89,6 +85,10 @@ class Session:
             (default: the Python API); the recipe name is added.
         loggers: Open the loggers of the config's ``log`` section (TensorBoard, MLflow); the
             preflight's session, which trains nothing, opens none.
+
+    ``reference`` is the run's one pre-trained teacher once :meth:`teacher` has it (None before, and in a run
+    with several teachers or none): baseline and student entries record their fidelity to it
+    (``agreement``, ``kl_to_teacher``; see :mod:`~darkknowledge.runs.measures`).
 
     ``clock`` holds the run's plan for the ETA (a command sets it; see engine/eta.py). Close the
     session (``with``, or :meth:`close`) to release the folder and close the loggers; a stage that
@@ -121,6 +121,7 @@ class Session:
         if loggers:
             check_loggers(cfg.log, run_dir)  # before the folder is written
         self.clock = RunClock()
+        self.reference: nn.Module | None = None
         wants_cuda = cfg.train.device.startswith("cuda") or (cfg.train.device == "auto" and torch.cuda.is_available())
         self.dist = init_distributed("cuda" if wants_cuda else "cpu")
         self.identity = {"command": "api", "model": None, **(identity or {}), "name": cfg.name}
@@ -179,6 +180,7 @@ class Session:
         with_transfer: bool = False,
         label: str | None = None,
         scheme_name: str = "offline",
+        as_teacher: bool = False,
     ) -> list[dict[str, Any]]:
         """Train ``task`` as one resumable stage; its models are trained in place.
 
@@ -191,6 +193,8 @@ class Session:
             with_transfer: Append the unlabeled transfer set to the training data.
             label: The report's method column (default: the scheme's losses).
             scheme_name: Registered name of the scheme, recorded in the entries.
+            as_teacher: Measure the primary model as a teacher whatever its role (``dk.train``: a
+                teacher to be): its calibration and its fit of the training split (runs/measures.py).
 
         Returns:
             The results entries: the primary model first, then one per other evaluated model
@@ -203,7 +207,7 @@ class Session:
         extended_from = None
         if done is not None and stage_dir is not None:
             finished = FinishedStage(self.run.path, stage, done, stage_dir)
-            if finished.reusable(task, export, train_cfg.epochs, train_cfg.scheduler.name):
+            if finished.reusable(task, export, stage_budget(done, train_cfg), train_cfg.scheduler.name):
                 self.clock.skip(stage, seed)
                 members = [r for r in self.run.results if r["name"].startswith(f"{stage}:")]
                 return [done, *members]
@@ -235,6 +239,7 @@ class Session:
             config=self.cfg.model_dump(mode="json"),
             progress=self.progress,
             clock=self.clock.begin(stage, seed),
+            restore_best=as_teacher,  # dk.train: the teacher-to-be is selected on the validation split
         )
         with marks_failure(self.loggers):
             result = trainer.fit(resume=self.resume)
@@ -254,8 +259,10 @@ class Session:
             "seed": seed,
             "scheme": scheme_name,
             "method": label,
-            "epochs": train_cfg.epochs,
+            "epochs": result.epochs,  # a budget in steps: the epochs it spans, the last one cut short
+            "budget": asked_budget(train_cfg),  # what the config asked for (epochs, steps or min_steps)
             "steps": result.steps,
+            "loss_drop": loss_drop(self.metrics.records(stage)),  # % over the last epoch: still learning?
             "train_seconds": round(result.train_seconds, 3),
             "losses": sorted(facts.get("losses", ())),
             "train_samples": num_samples(train_data) if train_data is not None else None,
@@ -287,6 +294,8 @@ class Session:
         for key in ("synthesizer", "generator_params"):
             if key in facts:
                 entry[key] = facts[key]
+        # fidelity to the teacher; a teacher's calibration and training fit
+        entry.update(entry_measures(self, "teacher" if as_teacher else role, export, seed))
         if self.dist.is_main and (found := self.profiler(export, model_spec(export))) is not None:
             entry["profile"] = found  # size, FLOPs, CPU latency: the report's student table
         entries = [entry]
@@ -327,134 +336,6 @@ class Session:
         task = offline_task(model, build_objective({"ce": {}}))
         return self.train_stage(stage, role, task, seed, train_cfg=train_cfg)[0]
 
-    # ------------------------------------------------------------------ teacher
-    def teacher_key(self, spec: TeacherConfig | None = None, where: str = "teacher") -> str:
-        """Identity of a teacher trained by this config: model, data, training, seed."""
-        cfg = self.cfg
-        spec = spec if spec is not None else cfg.teacher
-        assert spec is not None  # asked for a recipe with a teacher
-        ident = {
-            # `input`, `width`, ... only when set: teachers keep the keys they had before those fields existed
-            "teacher": spec.model_dump(
-                mode="json",
-                exclude={"checkpoint", "reuse"}
-                | {f for f in _LATER_FIELDS if getattr(spec, f) == TeacherConfig.model_fields[f].default},
-            ),
-            # only what differs from the defaults: a new engine option keeps existing teachers valid
-            "train": cfg.teacher_train(spec, where).model_dump(mode="json", exclude_defaults=True),
-            "data": {
-                "fingerprint": self.bundle.info.fingerprint,
-                "batch_size": cfg.data.batch_size,
-                "augment": cfg.data.augment.model_dump(mode="json"),
-                "val_fraction": cfg.data.val_fraction,
-            },
-            "world_size": self.dist.world_size,
-        }
-        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
-
-    def teacher_is_cached(self, where: str) -> bool:
-        """Whether the teacher at config path ``where`` (``teacher``, ``teachers.0``) will be reused from the
-        cache of trained teachers instead of trained (the run's ETA leaves it out of the plan)."""
-        spec: TeacherConfig | None = None
-        if where == "teacher":
-            spec = self.cfg.teacher
-        elif where.startswith("teachers.") and where.removeprefix("teachers.").isdigit():
-            index = int(where.removeprefix("teachers."))
-            spec = self.cfg.teachers[index] if index < len(self.cfg.teachers) else None
-        if spec is None or spec.checkpoint or not spec.reuse:
-            return False
-        return (cache_dir() / "teachers" / f"{spec.name}-{self.teacher_key(spec, where)}.pt").is_file()
-
-    def teacher(self, spec: TeacherConfig | None = None, where: str = "teacher") -> tuple[nn.Module, dict[str, Any]]:
-        """A teacher (default ``cfg.teacher``): loaded from its checkpoint, reused from the cache,
-        or trained now. ``where`` is its config path (``teacher``, ``teachers.0``) and stage name.
-
-        A checkpoint is checked before it is used: readable, a well-formed export, trained on
-        inputs of this run's shape and classes (else ``CheckpointError`` naming both). A cached
-        trained teacher that cannot be read is deleted with a warning and trained again.
-        """
-        cfg = self.cfg
-        spec = spec if spec is not None else cfg.teacher
-        if spec is None:
-            raise ConfigError(
-                f"this run has no {where}: add a `{where}:` section (a model name, or a checkpoint) to the recipe"
-            )
-        info = self.bundle.info
-        if spec.checkpoint:
-            hint = f"Point {where}.checkpoint at an exported model (student.pt, model.pt), or drop it to train one."
-            try:
-                payload = read_export(spec.checkpoint, hint=hint)
-                shape = info.input_shape_of(spec.input, f"{where}.input")
-                check_export_fits(
-                    payload, spec.checkpoint, info.name, shape, info.num_classes, where=f"{where}.checkpoint"
-                )
-            except CheckpointError as exc:
-                text = str(exc)
-                raise CheckpointError(text if text.startswith(where) else f"{where}.checkpoint: {text}") from None
-            model = build_model(spec, info, where)
-            entry = {
-                "name": where,
-                "role": "teacher",
-                "model": spec.name,
-                "seed": None,
-                "params": count_params(model),
-                "source": spec.checkpoint,
-                "train_seconds": 0.0,
-            }
-            recorded = payload.get("result")
-            recorded = recorded if isinstance(recorded, dict) else {}
-            entry.update({k: recorded[k] for k in ("last_acc", "best_acc") if k in recorded})
-            self._profile_teacher(entry, model)
-            self.run.add_result(entry, cfg.name)
-            return model, entry
-        cached = cache_dir() / "teachers" / f"{spec.name}-{self.teacher_key(spec, where)}.pt"
-        if spec.reuse and cached.is_file():
-            reused = _reuse_teacher(cached, spec, info, where)
-            if reused is not None:
-                model, payload = reused
-                entry = {**payload["result"], "name": where, "reused_from": str(cached), "train_seconds": 0.0}
-                log.info("reusing the teacher trained earlier: %s (hash %s)", cached, state_hash(model))
-                self.clock.skip(where, spec.seed)
-                self._profile_teacher(entry, model)
-                self.run.add_result(entry, cfg.name)
-                return model, entry
-        seed_everything(spec.seed)
-        model = build_model(spec, info, where)
-        entry = self.train_alone(where, "teacher", model, spec.seed, train_cfg=cfg.teacher_train(spec, where))
-        if self.dist.is_main and spec.reuse:
-            export_model(model, cached, model_spec(model), {"result": entry})
-        return model, entry
-
-    def _profile_teacher(self, entry: dict[str, Any], model: nn.Module) -> None:
-        """A teacher not trained here is profiled on this machine (a cached entry's latency is another run's)."""
-        entry.pop("profile", None)
-        if self.dist.is_main and (found := self.profiler(model, model_spec(model))) is not None:
-            entry["profile"] = found
-
-
-_LATER_FIELDS = ("input", "width", "depth", "ops", "quantize")
-"""Model-spec fields added after teachers were first cached: in a teacher's key only when set."""
-
 
 def _accuracies(metrics: dict[str, float]) -> dict[str, Any]:
     return {"last_acc": metrics["top1"], "last_top5": metrics.get("top5")}
-
-
-def _reuse_teacher(
-    cached: Path, spec: TeacherConfig, info: DatasetInfo, where: str
-) -> tuple[nn.Module, dict[str, Any]] | None:
-    """The trained teacher in the cache file ``cached``, or None (with a warning, the file
-    deleted) when it cannot be read or does not fit: the caller then trains it again."""
-    try:
-        payload = read_export(cached)
-        if not isinstance(payload.get("result"), dict):
-            raise CheckpointError(f"{str(cached)!r} lacks the teacher's recorded result")
-        model = build_model(spec, info, where)
-        load_weights(model, payload["state_dict"], cached, where="cached teacher")
-    except (CheckpointError, ConfigError) as exc:
-        log.warning(
-            "the cached trained teacher %s is unreadable (%s); deleting it and training the teacher again", cached, exc
-        )
-        cached.unlink(missing_ok=True)
-        return None
-    return model, payload

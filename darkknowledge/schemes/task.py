@@ -83,6 +83,11 @@ class FlowTask(Task):
         self.flow.attach(loader)
 
     def _check_labels(self, loader: Any) -> None:
+        """Labels for the terms that read them. Without a teacher, mixed inputs (mixup, cutmix),
+        which carry no label, are not made: the loader keeps its other augmentations."""
+        augment = getattr(loader, "augment", None)
+        if augment is not None and augment.mixes and not self.teachers:
+            loader.augment = augment.without_mixing()  # a teacher's own training, a baseline
         reading = [
             name
             for link in self.flow.links
@@ -95,6 +100,13 @@ class FlowTask(Task):
             raise ConfigError(
                 f"losses {sorted(set(reading))} read labels, but the training data has none; "
                 "use losses that read only the teacher (e.g. kd: {alpha: 1})"
+            )
+        augment = getattr(loader, "augment", None)
+        if reading and augment is not None and augment.mixes and augment.mix_prob >= 1:
+            raise ConfigError(
+                f"losses {sorted(set(reading))} read labels, but data.augment mixes every training input "
+                "(mixup/cutmix with mix_prob 1) and a mixed input has none; use losses that read only the "
+                "teacher (e.g. kd: {alpha: 1}), or set data.augment.mix_prob below 1"
             )
 
     def setup(self, batch: Batch, info: SetupInfo | None = None) -> None:

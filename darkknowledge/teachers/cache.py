@@ -22,7 +22,9 @@ outputs. A student view is never paired with another view's teacher outputs.
 Storage. ``.npy`` files, one per tensor, each ``(V, N, ...)``: ``logits`` (V, N, K), or with
 ``topk`` ``topk_logp`` / ``topk_index`` (V, N, k) and ``rest`` (V, N) (the probability mass
 outside the top k); ``feat.<i>`` (V, N, ...) per tap; ``aug.<name>`` (V, N, ...) per
-augmentation parameter. Held in memory up to ``memory_limit_mb``, memory-mapped beyond.
+augmentation parameter (mixing's partner as a dataset index with its weight and box, so a
+mixed view replays exactly: the loader fetches the same partner and mixes it the same way).
+Held in memory up to ``memory_limit_mb``, memory-mapped beyond.
 """
 
 from __future__ import annotations
@@ -116,6 +118,19 @@ def topk_expand(values: torch.Tensor, index: torch.Tensor, rest: torch.Tensor, n
     other = (rest / max(1, num_classes - k)).clamp_min(1e-12).log()  # (B,)
     full = other.unsqueeze(-1).expand(values.shape[0], num_classes).clone()  # (B, K)
     return full.scatter_(-1, index.long(), values.float())
+
+
+def augment_identity(augment: Augment | None) -> dict[str, Any] | None:
+    """The augmentation settings in a cache key: the fields that are not at their defaults among those
+    added later (scale, mixing), so caches built before those fields existed stay valid."""
+    if augment is None:
+        return None
+    fields = dataclasses.asdict(augment)
+    return {k: v for k, v in fields.items() if k not in _LATER_AUGMENT or v != _LATER_AUGMENT[k]}
+
+
+_LATER_AUGMENT = {"scale": 0.0, "mixup": 0.0, "cutmix": 0.0, "mix_prob": 1.0}
+"""Augmentation fields added after caches were first keyed, with their defaults."""
 
 
 def cache_key(ingredients: dict[str, Any]) -> str:
@@ -273,7 +288,9 @@ def build_cache(
     params: list[AugmentParams] = []
     if augment is not None:
         shape = tuple(data.x.shape[1:])
-        params = [augment.draw(n, make_generator(seed, v, CACHE_BUILD_STREAM), shape) for v in range(spec.views)]
+        params = [  # mixing partners are drawn by index of this data, so a stored view replays exactly
+            augment.draw(n, make_generator(seed, v, CACHE_BUILD_STREAM), shape, population=n) for v in range(spec.views)
+        ]
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     start = time.perf_counter()
@@ -370,7 +387,7 @@ def load_or_build(
         "teacher": teacher.hash,
         "data": data_identity(loader.data),
         "normalize": [list(map(float, t)) for t in loader._norm] if loader._norm is not None else None,
-        "augment": dataclasses.asdict(augment) if augment is not None else None,
+        "augment": augment_identity(augment),
         "seed": seed if augment is not None else None,
         "spec": dataclasses.asdict(spec),
     }

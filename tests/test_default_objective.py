@@ -1,0 +1,133 @@
+"""The objective ``dk.distill`` uses when none is named (runs/default_objective.py), ``train.min_steps``,
+the suite that chose the default (bench/suites/small-data.yaml), and ``dk.train``'s selection on the
+validation split."""
+
+import json
+
+import pytest
+import torch
+
+import darkknowledge as dk
+from darkknowledge.bench.cells import student_config
+from darkknowledge.bench.suite import load_suite
+from darkknowledge.config import DataConfig, OptimizerConfig, SchedulerConfig, TrainConfig, load_config
+from darkknowledge.engine.distributed import DistContext
+from darkknowledge.engine.metrics import evaluate
+from darkknowledge.engine.optim import step_budget
+from darkknowledge.errors import ConfigError
+from darkknowledge.runs import default_objective
+from darkknowledge.runs.build import build_data, make_loaders
+from darkknowledge.runs.default_objective import default_config
+
+
+def test_the_default_fills_what_the_user_left_out() -> None:
+    losses, cfg = default_config(None, mixable=True, epochs_given=False)
+    assert losses == {"kd": {"T": 1.0, "alpha": 1.0}}
+    assert cfg == {"data": {"augment": {"mixup": 1.0}}, "train": {"min_steps": 10_000}}
+    mine = {"data": {"augment": {"mixup": 0.0, "shift": 2}}, "train": {"steps": 500}}
+    losses, cfg = default_config(mine, mixable=True, epochs_given=False)
+    assert cfg == mine and mine == {"data": {"augment": {"mixup": 0.0, "shift": 2}}, "train": {"steps": 500}}
+    _, cfg = default_config({"data": {"augment": {"cutmix": 1.0}}}, mixable=True, epochs_given=True)
+    assert cfg == {"data": {"augment": {"cutmix": 1.0}}, "train": {}}  # epochs given: their budget
+    losses, cfg = default_config(None, mixable=False, epochs_given=False)  # token ids: Hinton KD, no mixing
+    assert losses == {"kd": {}} and cfg is None
+    assert default_config([1], mixable=True, epochs_given=False)[1] == [1]  # left for the config check
+
+
+def test_min_steps_raises_the_epochs_of_a_small_set_only() -> None:
+    assert step_budget(TrainConfig(epochs=10, min_steps=1000), 2) == (500, 1000)  # 20 steps < 1000
+    assert step_budget(TrainConfig(epochs=10, min_steps=1000), 150) == (10, None)  # 1500 steps >= 1000
+    assert step_budget(TrainConfig(epochs=10, min_steps=1000, grad_accum=2), 150) == (14, 1000)  # 750 steps
+    with pytest.raises(ConfigError, match="steps=50 and min_steps=100"):
+        load_config(None, ["train.steps=50", "train.min_steps=100"])
+
+
+def _small() -> tuple:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 8, generator=g)
+    y = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()
+    return (x, y), (x[:40], y[:40])
+
+
+class _Teacher(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+def test_distill_without_an_objective_matches_functions_patiently(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(default_objective, "MIN_STEPS", 40)  # the same rule, a short budget
+    out = dk.distill("mlp", _Teacher(), _small(), batch_size=32, out=tmp_path / "run")
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert out.entry["losses"] == ["kd"] and out.entry["steps"] == 40 and out.entry["epochs"] == 20
+    assert "mixup: 1.0" in saved and "min_steps: 40" in saved and "T: 1.0" in saved
+    records = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("kind") == "train" for r in records)
+    given = dk.distill("mlp", _Teacher(), _small(), epochs=3, batch_size=32)  # epochs given: 3 epochs
+    assert given.entry["epochs"] == 3 and given.entry["steps"] == 6
+    named = dk.distill("mlp", _Teacher(), _small(), {"kd": {}}, batch_size=32)  # an objective given: no mixing
+    assert named.entry["epochs"] == 10 and named.entry["steps"] == 20
+
+
+def test_token_ids_keep_hinton_kd_without_mixing() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 50, (40, 6), generator=g)
+    y = torch.randint(0, 3, (40,), generator=g)
+
+    class Bag(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.EmbeddingBag(50, 8)
+            self.fc = torch.nn.Linear(8, 3)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.emb(ids))
+
+    out = dk.distill(Bag(), Bag(), ((x, y), (x, y)), epochs=1, batch_size=20)
+    assert out.entry["losses"] == ["kd"] and out.entry["steps"] == 2
+
+
+def test_the_small_data_suite_measures_exactly_the_default() -> None:
+    """The suite's function_matching cell is what dk.distill does by default: same losses, mixing,
+    budget, optimizer, schedule and batch."""
+    suite = load_suite("small-data")
+    losses, extra = default_config(None, mixable=True, epochs_given=False)
+    for pair in suite.pairs:
+        raw = student_config(suite, pair, "function_matching", 0, teacher_checkpoint="t.pt")
+        assert raw["losses"] == losses
+        assert raw["data"]["augment"]["mixup"] == extra["data"]["augment"]["mixup"]
+        assert {k: v for k, v in raw["data"]["augment"].items() if k != "mixup"} == (
+            suite.pairs[pair].budget.get("augment", {})
+        )  # the rest is the pair's own augmentation, the same for the student alone
+        train = TrainConfig(**raw["train"])
+        assert train.epochs == default_objective.EPOCHS and train.min_steps == extra["train"]["min_steps"]
+        assert train.optimizer == OptimizerConfig() and train.scheduler == SchedulerConfig()
+        assert DataConfig(**raw["data"]).batch_size == DataConfig().batch_size
+        alone = student_config(suite, pair, "ce", 0, teacher_checkpoint=None)
+        assert alone["train"] == raw["train"] and "mixup" not in alone["data"].get("augment", {})
+
+
+def test_dk_train_returns_the_epoch_best_on_the_validation_split(tmp_path) -> None:
+    out = dk.train(
+        "mlp",
+        "mnist1d",
+        epochs=6,
+        lr=0.2,  # too high: an early epoch is the best
+        config={"data": {"val_fraction": 0.2, "params": {"num_samples": 600, "transfer_samples": 0}}},
+        out=tmp_path / "run",
+    )
+    evals = [
+        json.loads(r)
+        for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        if json.loads(r).get("kind") == "eval"
+    ]
+    best = max(evals, key=lambda r: r["val"]["student"]["top1"])  # the first of ties, as the trainer keeps
+    best = next(r for r in evals if r["val"]["student"]["top1"] == best["val"]["student"]["top1"])
+    assert out.entry["best_selected_on"] == "val" and out.entry["best_epoch"] == best["epoch"] < 6
+    assert out.accuracy == best["test"]["student"]["top1"]  # the selected epoch's test accuracy
+    cfg = load_config(None, ["data.val_fraction=0.2", "data.params.num_samples=600", "data.params.transfer_samples=0"])
+    _, test_loader, _ = make_loaders(cfg, build_data(cfg), 0, torch.device("cpu"), DistContext(), train=False)
+    assert evaluate(out.model, test_loader, DistContext())["top1"] == pytest.approx(out.accuracy)  # its weights
