@@ -83,3 +83,20 @@ def torchrun(
         timeout=timeout,
         check=False,
     )
+
+
+def result_entry(name: str, role: str, acc: float, seed: int | None = 0, **more: Any) -> dict[str, Any]:
+    """A results entry as a run records it (a teacher is a ``cnn``, the others ``mlp``s; the
+    baseline's method ``ce``, a student's ``kd``), with ``more`` fields."""
+    return {
+        "name": name,
+        "role": role,
+        "model": "cnn" if role == "teacher" else "mlp",
+        "method": None if role == "teacher" else ("ce" if role == "baseline" else "kd"),
+        "seed": seed,
+        "params": 1000,
+        "last_acc": acc,
+        "best_acc": acc,
+        "train_seconds": 1.0,
+        **more,
+    }

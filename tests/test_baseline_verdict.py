@@ -19,23 +19,9 @@ from darkknowledge.runs.diagnosis import (
 )
 from darkknowledge.runs.outcome import TrainResult
 from darkknowledge.runs.report import group_rows, render_report, table_lines, verdict
+from helpers import result_entry
 
 pytestmark = pytest.mark.usefixtures("restore_logging")  # see conftest.py
-
-
-def _entry(name: str, role: str, acc: float, seed: int | None = 0, **more: object) -> dict:
-    return {
-        "name": name,
-        "role": role,
-        "model": "cnn" if role == "teacher" else "mlp",
-        "method": None if role == "teacher" else ("ce" if role == "baseline" else "kd"),
-        "seed": seed,
-        "params": 1000,
-        "last_acc": acc,
-        "best_acc": acc,
-        "train_seconds": 1.0,
-        **more,
-    }
 
 
 def test_loss_drop_is_the_relative_fall_over_the_last_epoch():
@@ -73,11 +59,11 @@ def test_memorised_needs_both_a_perfect_training_accuracy_and_near_one_hot_outpu
 def _losing_run(**teacher: object) -> list[dict]:
     """A teacher, two baseline seeds and two student seeds where the student trails."""
     return [
-        _entry("teacher", "teacher", teacher.pop("acc", 70.5), seed=None, **teacher),
-        _entry("baseline-s0", "baseline", 70.0, seed=0),
-        _entry("baseline-s1", "baseline", 71.0, seed=1),
-        _entry("kd-s0", "student", 68.0, seed=0, steps=40, loss_drop=8.0),
-        _entry("kd-s1", "student", 69.0, seed=1, steps=40, loss_drop=6.0),
+        result_entry("teacher", "teacher", teacher.pop("acc", 70.5), seed=None, **teacher),
+        result_entry("baseline-s0", "baseline", 70.0, seed=0),
+        result_entry("baseline-s1", "baseline", 71.0, seed=1),
+        result_entry("kd-s0", "student", 68.0, seed=0, steps=40, loss_drop=8.0),
+        result_entry("kd-s1", "student", 69.0, seed=1, steps=40, loss_drop=6.0),
     ]
 
 

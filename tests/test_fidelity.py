@@ -19,6 +19,7 @@ from darkknowledge.engine.fidelity import (
 )
 from darkknowledge.runs.outcome import TrainResult, summary_lines
 from darkknowledge.runs.report import group_rows, render_report, table_lines
+from helpers import result_entry
 
 pytestmark = pytest.mark.usefixtures("restore_logging")  # see conftest.py
 
@@ -92,28 +93,13 @@ def test_outputs_of_other_sizes_are_not_measured():
     assert measure_fidelity(nn.Linear(5, 3), nn.Linear(5, 4), _batches(x, y, 4), DistContext()) is None
 
 
-def _entry(name: str, role: str, seed: int, acc: float, **more: float) -> dict:
-    return {
-        "name": name,
-        "role": role,
-        "model": "mlp" if role != "teacher" else "cnn",
-        "method": None if role == "teacher" else ("ce" if role == "baseline" else "kd"),
-        "seed": seed,
-        "params": 1000,
-        "last_acc": acc,
-        "best_acc": acc,
-        "train_seconds": 1.0,
-        **more,
-    }
-
-
 def test_the_report_shows_agreement_and_kl_as_mean_and_std_and_dashes_where_missing():
     entries = [
-        _entry("teacher", "teacher", 0, 90.0),
-        _entry("baseline-s0", "baseline", 0, 70.0, agreement=72.0, kl_to_teacher=0.5),
-        _entry("baseline-s1", "baseline", 1, 72.0, agreement=74.0, kl_to_teacher=0.7),
-        _entry("kd-s0", "student", 0, 75.0, agreement=80.0, kl_to_teacher=0.2),
-        _entry("kd-s1", "student", 1, 77.0, agreement=84.0, kl_to_teacher=0.3),
+        result_entry("teacher", "teacher", 90.0, 0),
+        result_entry("baseline-s0", "baseline", 70.0, 0, agreement=72.0, kl_to_teacher=0.5),
+        result_entry("baseline-s1", "baseline", 72.0, 1, agreement=74.0, kl_to_teacher=0.7),
+        result_entry("kd-s0", "student", 75.0, 0, agreement=80.0, kl_to_teacher=0.2),
+        result_entry("kd-s1", "student", 77.0, 1, agreement=84.0, kl_to_teacher=0.3),
     ]
     lines = table_lines(group_rows(entries))
     head = [c.strip() for c in lines[0].strip("|").split("|")]
@@ -127,9 +113,9 @@ def test_the_report_shows_agreement_and_kl_as_mean_and_std_and_dashes_where_miss
 
 def test_entries_without_fidelity_keep_the_earlier_table():
     old = [
-        _entry("teacher", "teacher", 0, 90.0),
-        _entry("b-s0", "baseline", 0, 70.0),
-        _entry("k-s0", "student", 0, 75.0),
+        result_entry("teacher", "teacher", 90.0, 0),
+        result_entry("b-s0", "baseline", 70.0, 0),
+        result_entry("k-s0", "student", 75.0, 0),
     ]
     lines = table_lines(group_rows(old))
     assert "agree %" not in lines[0] and lines[0].count("|") == 10  # the nine earlier columns
@@ -137,15 +123,15 @@ def test_entries_without_fidelity_keep_the_earlier_table():
 
 
 def test_train_result_carries_and_prints_fidelity():
-    entry = _entry("kd-s0", "student", 0, 75.0, agreement=80.5, kl_to_teacher=0.1234)
+    entry = result_entry("kd-s0", "student", 75.0, 0, agreement=80.5, kl_to_teacher=0.1234)
     entry["best_epoch"] = 2
-    teacher = _entry("teacher", "teacher", 0, 90.0, ece=3.25)
+    teacher = result_entry("teacher", "teacher", 90.0, 0, ece=3.25)
     result = TrainResult(nn.Linear(1, 1), entry, {}, teacher=teacher)
     assert result.agreement == 80.5 and result.kl_to_teacher == 0.1234
     lines = result.lines()
     assert lines[0].endswith("; teacher 90.00 (ECE 3.25%)")
     assert lines[1] == "  fidelity: agrees with the teacher on 80.50% of test samples, KL(teacher‖model) 0.1234"
-    bare = TrainResult(nn.Linear(1, 1), _entry("b-s0", "baseline", 0, 70.0), {})
+    bare = TrainResult(nn.Linear(1, 1), result_entry("b-s0", "baseline", 70.0, 0), {})
     assert bare.agreement is None and bare.kl_to_teacher is None
     assert len(summary_lines(bare.entry)) == 1
 

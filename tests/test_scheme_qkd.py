@@ -172,6 +172,15 @@ def test_bad_params_are_refused(given, match):
         params(**given)
 
 
+@pytest.mark.parametrize("budget", [{"steps": 500}, {"min_steps": 500}])
+def test_a_budget_in_steps_is_refused(budget):
+    ctx = StubContext()
+    ctx.cfg = load_config(ctx.cfg.model_dump(mode="json"), [f"train.{k}={v}" for k, v in budget.items()])
+    with pytest.raises(ConfigError, match=r"qkd' splits train.epochs into its three phases"):
+        QKD.run(ctx, 0, params())
+    assert not ctx.stages
+
+
 # ---------------------------------------------------------------- the plan
 
 

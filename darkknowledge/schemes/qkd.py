@@ -332,8 +332,15 @@ class QKD(Scheme):
         Raises:
             ConfigError: Bad phase epochs, no pre-trained teacher, or losses that read no teacher.
         """
+        budget = ctx.cfg.train
+        if budget.steps is not None or budget.min_steps is not None:
+            raise ConfigError(
+                f"scheme 'qkd' splits train.epochs into its three phases; a budget in steps (train.steps="
+                f"{budget.steps}, train.min_steps={budget.min_steps}) has no such split: set train.epochs "
+                "(and, if you like, the phases' epochs) and leave train.steps and train.min_steps out"
+            )
         ss, cs, tu = phase_epochs(
-            ctx.cfg.train.epochs, (params.self_study_epochs, params.co_study_epochs, params.tutor_epochs)
+            budget.epochs, (params.self_study_epochs, params.co_study_epochs, params.tutor_epochs)
         )
         if ctx.cfg.teacher is None:
             raise ConfigError(
