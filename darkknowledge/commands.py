@@ -87,7 +87,7 @@ def compare(
     cls, params = resolve_scheme(cfg.scheme.name, cfg.scheme.params)
 
     def plan(ctx: RunContext, seed: int = cfg.seeds[0]) -> None:
-        _teacher_first(cfg, ctx)
+        _teacher_first(cfg, ctx, cls)
         ctx.train_alone(f"baseline-s{seed}", ctx.student(seed), seed, role="baseline")
         cls.run(ctx, seed, params)
 
@@ -96,17 +96,18 @@ def compare(
         return _compare(s, cfg, cls, params)
 
 
-def _teacher_first(cfg: RunConfig, ctx: RunContext) -> None:
-    """The run's one teacher, trained (or loaded) before the baselines: their fidelity to it is the
-    students' reference. The preflight plays the same order (the ETA's plan)."""
-    if cfg.teacher is not None and len(cfg.all_teachers()) == 1:
+def _teacher_first(cfg: RunConfig, ctx: RunContext, scheme: Any) -> None:
+    """The run's one pre-trained teacher, trained (or loaded) before the baselines when the scheme is
+    taught by it: their fidelity to it is the students' reference. The preflight plays the same order
+    (the ETA's plan)."""
+    if scheme.pretrained_teacher and cfg.teacher is not None and len(cfg.all_teachers()) == 1:
         ctx.teacher()
 
 
 def _compare(s: Session, cfg: RunConfig, cls: Any, params: Any) -> dict[str, Any]:
     """The body of :func:`compare`, in its open session."""
     ctx = RunContext(s, transfer=params.transfer)
-    _teacher_first(cfg, ctx)
+    _teacher_first(cfg, ctx, cls)
     for seed in cfg.seeds:
         s.train_alone(f"baseline-s{seed}", "baseline", ctx.student(seed), seed)
         cls.run(ctx, seed, params)

@@ -107,7 +107,7 @@ def config(epochs: int = 2, **changes: object) -> TrainConfig:
 
 def main(out: str) -> None:
     """Train under the current process group (``torchrun``) and save the weights (rank 0)."""
-    from darkknowledge.engine.distributed import init_distributed
+    from darkknowledge.engine.distributed import init_distributed, shutdown_distributed
     from darkknowledge.engine.trainer import Trainer
 
     dist = init_distributed("cpu")
@@ -117,6 +117,7 @@ def main(out: str) -> None:
     Trainer(task, loader, evals, config(), torch.device("cpu"), dist=dist, progress=False).fit()
     if dist.is_main:
         torch.save(task.module.state_dict(), Path(out))
+    shutdown_distributed(wait=True)  # every rank leaves together (a rank torn down early could abort)
 
 
 if __name__ == "__main__":

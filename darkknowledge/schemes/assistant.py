@@ -215,6 +215,8 @@ class AssistantParams(SchemeParams):
 class TeacherAssistant(Scheme):
     """TAKD: the pre-trained teacher teaches assistant 1, which teaches assistant 2 ..., the last the student."""
 
+    pretrained_teacher = True
+
     default_transfer = True
     citation = "Mirzadeh et al., Improved Knowledge Distillation via Teacher Assistant, AAAI 2020."
     summary = "teacher -> assistant(s) of intermediate size -> student, each link distilled from the previous one"

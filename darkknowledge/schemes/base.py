@@ -91,6 +91,11 @@ class Scheme:
     default_transfer: ClassVar[bool] = False
     """Whether the scheme's students also read the unlabeled transfer set unless the recipe
     says otherwise (``scheme.params.transfer``)."""
+    pretrained_teacher: ClassVar[bool] = False
+    """Whether the scheme is taught by the recipe's pre-trained ``teacher:`` (offline, assistants,
+    residual, QKD, data-free): ``dk run`` then trains or loads it before the baselines, whose
+    fidelity to it is the students' reference. A scheme that only borrows the teacher's
+    architecture (``codistill``) leaves it False."""
     Params: ClassVar[type[SchemeParams]] = SchemeParams
     moved: ClassVar[dict[str, str]] = {}
     """Former parameters of this scheme and where they went (for a clear error)."""

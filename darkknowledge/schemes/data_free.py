@@ -94,6 +94,8 @@ def synthetic_task(
 class DataFree(Scheme):
     """A synthesiser makes every input the student learns from; the training split is never read."""
 
+    pretrained_teacher = True
+
     citation = (
         "Gou et al., Knowledge Distillation: A Survey, IJCV 2021 (Sec. 5.4, data-free distillation); "
         "the synthesisers cite their papers (dk list synthesizers)."

@@ -59,6 +59,8 @@ def offline_task(
 class Offline(Scheme):
     """Frozen teacher -> student with any objective of registered losses."""
 
+    pretrained_teacher = True
+
     default_transfer = True
     citation = "Hinton et al. 2015; Gou et al., Knowledge Distillation: A Survey, IJCV 2021 (offline distillation)."
     summary = "a frozen, pre-trained teacher teaches the student (one way)"

@@ -296,6 +296,8 @@ def reload_co_studied(ctx: Context, stage: str, teacher: nn.Module) -> None:
 class QKD(Scheme):
     """QKD: self-studying, co-studying with the teacher, then tutoring by the co-studied teacher."""
 
+    pretrained_teacher = True
+
     citation = "Kim, Bhalgat, Lee, Patel, Kwak. QKD: Quantization-aware Knowledge Distillation. arXiv:1911.12491, 2019."
     summary = (
         "three phases: the (quantized) student alone, then with the pre-trained teacher learning from each "

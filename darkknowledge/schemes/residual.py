@@ -230,6 +230,8 @@ class ResidualParams(SchemeParams):
 class Residual(Scheme):
     """Student mimics the teacher's feature; an assistant learns the remaining residual; both are deployed."""
 
+    pretrained_teacher = True
+
     default_transfer = True
     citation = "Gao, Shen, Li, Loy. Residual Knowledge Distillation. arXiv:2002.09168, 2020."
     summary = (
