@@ -85,11 +85,3 @@ def _node(config: dict[str, Any], *path: str) -> dict[str, Any] | None:
         if not isinstance(node, dict):
             return None
     return node
-
-
-def describe() -> str:
-    """One line for logs and docs: what the default is."""
-    return (
-        f"function matching: {LOSSES} on mixup views (Beta({MIXUP:g}, {MIXUP:g})), "
-        f"{EPOCHS} epochs but at least {MIN_STEPS:,} steps"
-    )
