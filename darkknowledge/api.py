@@ -21,6 +21,7 @@ from torch import nn
 from darkknowledge.config import ModelConfig, RunConfig, deep_merge, validate_config
 from darkknowledge.data import DataBundle, DatasetInfo, TensorData
 from darkknowledge.data.batch import INPUT_ATTR, input_name
+from darkknowledge.data.catalog import with_validation
 from darkknowledge.data.fingerprint import fingerprint
 from darkknowledge.engine.metrics import evaluate
 from darkknowledge.errors import ConfigError
@@ -38,12 +39,14 @@ from darkknowledge.runs.default_objective import default_config
 from darkknowledge.runs.measures import teacher_measures
 from darkknowledge.runs.outcome import TrainResult, epoch_rows
 from darkknowledge.runs.session import Session
+from darkknowledge.schemes.keep_better import require_validation, selection
 from darkknowledge.schemes.offline import offline_task
 
 DataLike = str | DataBundle | tuple
 
-_LOADING_KEYS = ("params", "root", "split_seed", "val_fraction", "holdout", "train_samples")
-"""``data`` keys that say how a named dataset is loaded: meaningless for data given as objects."""
+_LOADING_KEYS = ("params", "root", "holdout", "train_samples")
+"""``data`` keys that say how a named dataset is loaded: meaningless for data given as objects
+(``val_fraction`` and ``split_seed`` carve a validation split from given data too)."""
 
 
 def _bundle(data: DataLike, num_classes: int | None) -> tuple[dict[str, Any], DataBundle | None]:
@@ -83,6 +86,14 @@ def _bundle(data: DataLike, num_classes: int | None) -> tuple[dict[str, Any], Da
         f"data: expected a dataset name (see `dk list datasets`), a DataBundle, or ((x, y), (x_test, y_test)) "
         f"tensors; got {type(data).__name__}"
     )
+
+
+def _validation(data_cfg: dict[str, Any], bundle: DataBundle | None) -> str:
+    """Where the default objective's validation split comes from: ``own`` (a given bundle has one),
+    ``carve`` (``data.val_fraction`` can carve one) or ``unknown`` (an image folder may hold one)."""
+    if bundle is not None:
+        return "own" if bundle.val is not None else "carve"
+    return "unknown" if data_cfg.get("name") == "image_folder" else "carve"
 
 
 def _mixable(bundle: DataBundle | None) -> bool:
@@ -176,6 +187,8 @@ def _session(
 ) -> Session:
     """The run's session; ``given``: the models passed as modules (a given teacher is not trained in the run)."""
     identity = {"given": list(given)} if given else None
+    if bundle is not None and cfg.data.val_fraction > 0:  # given data: carved as a named dataset's would be
+        bundle = with_validation(bundle, cfg.data.val_fraction, cfg.data.split_seed)
     return Session(
         cfg, Path(out) if out is not None else None, resume=resume, progress=True, bundle=bundle, identity=identity
     )
@@ -249,11 +262,14 @@ def distill(
             and :mod:`darkknowledge.runs.default_objective`): KL(teacher || student) at T=1
             (``{"kd": {"T": 1, "alpha": 1}}``) on mixup views of the training inputs (``data.augment.mixup``
             1.0 unless ``config`` sets mixing; a mixed input has no label, only the teacher teaches
-            on it), for 10 epochs but at least 10,000 optimizer steps (``train.min_steps``) unless
-            ``epochs`` or ``config``'s train budget is given. Token-id inputs keep Hinton KD
-            (``{"kd": {}}``: T=4, alpha=0.9) without mixing.
+            on it), for 10 epochs but at least 30,000 optimizer steps (``train.min_steps``) unless
+            ``epochs`` or ``config``'s train budget is given; and the same student trained alone too,
+            the better of the two on a validation split delivered (``scheme.params.keep_better``; the
+            split is 10% of the training data, ``data.val_fraction``, unless the data has its own or
+            ``config`` sets one). Token-id inputs keep Hinton KD (``{"kd": {}}``: T=4, alpha=0.9)
+            without mixing.
         epochs: Training epochs of the student (default 10; with the default objective, 10 but at
-            least 10,000 steps).
+            least 30,000 steps).
         batch_size: Shortcut for ``data.batch_size``.
         lr: Shortcut for ``train.optimizer.lr``.
         optimizer: Shortcut for ``train.optimizer.name``.
@@ -271,7 +287,8 @@ def distill(
 
     Defaults differ from the shipped recipes (``dk run``): ``epochs=10``, the optimizer's own
     defaults (AdamW, lr 1e-3, no weight decay, cosine schedule), the dataset's default size, no
-    validation split and no unlabeled transfer set unless ``config`` asks for them
+    validation split (but for the default objective's choice) and no unlabeled transfer set unless
+    ``config`` asks for them
     (e.g. ``{"data": {"params": {"transfer_samples": 20000}}}`` for MNIST-1D). A teacher
     given by name trains with the same settings as the student unless ``config["teacher"]["train"]``
     says otherwise.
@@ -281,10 +298,14 @@ def distill(
         ``accuracy``, ``best_accuracy``, ``agreement`` and ``kl_to_teacher`` (its fidelity to the
         teacher on the test split), ``epochs`` (per-epoch loss terms and test accuracy), ``entry``
         (its results entry), ``teacher`` (the trained teacher's entry, None for a given module
-        without ``baseline``), ``spec``, ``run_dir``, ``baseline`` and ``verdict`` (with
+        without a baseline), ``spec``, ``run_dir``, ``baseline`` and ``verdict`` (with
         ``baseline=True``); ``print(result)`` shows what ``dk distill`` prints. A
         teacher given as a module comes back in the train/eval mode, ``requires_grad`` state and
-        device it came in, also when training fails.
+        device it came in, also when training fails. With ``keep_better`` (the default objective),
+        ``result.kept`` says which student was delivered: ``"distilled"`` (``student``, trained in
+        place) or ``"alone"`` (then ``result.model`` is the copy trained alone, ``result.distilled``
+        the distilled student's result, and ``student`` holds the distilled weights); both results
+        entries record the choice (``selection``) and ``print(result)`` says it.
 
     Raises:
         ConfigError: A bad name, parameter or config key (before any data is loaded or trained).
@@ -293,7 +314,7 @@ def distill(
     s_cfg, s_mod = _model_cfg(student, "student")
     t_cfg, t_mod = _model_cfg(teacher, "teacher")
     if losses is None:  # the default objective: function matching, patiently (runs/default_objective.py)
-        losses, config = default_config(config, _mixable(bundle), epochs_given=epochs is not None)
+        losses, config = default_config(config, _mixable(bundle), epochs is not None, _validation(data_cfg, bundle))
     cfg = _config(
         data_cfg,
         default_objective.EPOCHS if epochs is None else epochs,
@@ -318,6 +339,9 @@ def distill(
         )
     _check(cfg, bundle, {k: m for k, m in (("student", s_mod), ("teacher", t_mod)) if m is not None})
     s = _session(cfg, bundle, out, resume, given=("teacher",) if t_mod is not None else ())
+    keep_better = bool(cfg.scheme.params.get("keep_better", False))
+    if keep_better:  # before the teacher trains
+        require_validation(s.bundle.val is not None)
     t_entry = None
     if t_mod is None:
         t_mod, t_entry = s.teacher()
@@ -325,12 +349,12 @@ def distill(
     else:
         lent = _reads_view(t_mod, cfg.teacher.input if cfg.teacher else None, s, "teacher")
     model = _instantiate(s_mod, cfg.student, s, "student", seed)
-    alone = copy.deepcopy(model) if baseline else None  # the same initialisation, before either trains
+    alone = copy.deepcopy(model) if baseline or keep_better else None  # the same init, before either trains
     stage = "+".join(cfg.losses) + f"-s{seed}"
     with _lent(lent):
         if lent is not None:
             s.reference = lent  # the run's teacher: the student's (and baseline's) fidelity is to it
-            if baseline:
+            if alone is not None:  # the verdict then says whether the teacher had anything to transfer
                 t_entry = _given_teacher_entry(s, lent, seed)
         base = None
         if alone is not None:  # first, as in `dk run`
@@ -342,7 +366,14 @@ def distill(
         task = offline_task(model, build_objective(cfg.losses), t_mod, cache=cfg.cache)
         entry = s.train_stage(stage, "student", task, seed, with_transfer=True, label="+".join(cfg.losses))[0]
     records = epoch_rows(s.metrics.records(stage))
-    return TrainResult(model, entry, model_spec(model), records, t_entry, _folder(s), baseline=base)
+    result = TrainResult(model, entry, model_spec(model), records, t_entry, _folder(s), baseline=base)
+    if not keep_better or base is None:
+        return result
+    choice = selection(base.entry, entry)
+    for e in (base.entry, entry):
+        e["selection"] = choice
+        s.run.add_result(e, cfg.name)
+    return result.keeping(choice)
 
 
 def _given_teacher_entry(s: Session, teacher: nn.Module, seed: int) -> dict[str, Any]:

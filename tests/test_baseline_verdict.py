@@ -172,9 +172,15 @@ def test_distill_with_a_baseline_trains_the_same_student_alone_and_says_why_it_l
     student = Tiny(8)
     initial = copy.deepcopy(student)
     settings = {"epochs": 3, "lr": 0.01, "batch_size": 32}
-    out = dk.distill(student, teacher, toy_tensors, out=tmp_path / "run", baseline=True, **settings)
+    mine = {"scheme": {"params": {"keep_better": False}}}  # the default objective, the distilled student delivered
+    out = dk.distill(student, teacher, toy_tensors, out=tmp_path / "run", baseline=True, config=mine, **settings)
 
-    assert out.model is student and isinstance(out.baseline, TrainResult) and out.baseline.model is not student
+    assert (
+        out.kept is None
+        and out.model is student
+        and isinstance(out.baseline, TrainResult)
+        and out.baseline.model is not student
+    )
     base = out.baseline.entry
     assert base["name"] == "baseline-s0" and base["role"] == "baseline" and base["losses"] == ["ce"]
     assert sorted(starts) == ["baseline-s0", "kd-s0"]

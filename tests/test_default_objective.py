@@ -23,15 +23,38 @@ from darkknowledge.runs.default_objective import default_config
 def test_the_default_fills_what_the_user_left_out() -> None:
     losses, cfg = default_config(None, mixable=True, epochs_given=False)
     assert losses == {"kd": {"T": 1.0, "alpha": 1.0}}
-    assert cfg == {"data": {"augment": {"mixup": 1.0}}, "train": {"min_steps": 10_000}}
-    mine = {"data": {"augment": {"mixup": 0.0, "shift": 2}}, "train": {"steps": 500}}
+    assert cfg == {
+        "data": {"augment": {"mixup": 1.0}, "val_fraction": 0.1},
+        "train": {"min_steps": 30_000},
+        "scheme": {"params": {"keep_better": True}},
+    }
+    mine = {"data": {"augment": {"mixup": 0.0, "shift": 2}, "val_fraction": 0.2}, "train": {"steps": 500}}
     losses, cfg = default_config(mine, mixable=True, epochs_given=False)
-    assert cfg == mine and mine == {"data": {"augment": {"mixup": 0.0, "shift": 2}}, "train": {"steps": 500}}
+    assert mine == {"data": {"augment": {"mixup": 0.0, "shift": 2}, "val_fraction": 0.2}, "train": {"steps": 500}}
+    assert cfg == {**mine, "scheme": {"params": {"keep_better": True}}}  # theirs kept, not changed
     _, cfg = default_config({"data": {"augment": {"cutmix": 1.0}}}, mixable=True, epochs_given=True)
-    assert cfg == {"data": {"augment": {"cutmix": 1.0}}, "train": {}}  # epochs given: their budget
+    assert cfg["data"]["augment"] == {"cutmix": 1.0} and cfg["train"] == {}  # epochs given: their budget
     losses, cfg = default_config(None, mixable=False, epochs_given=False)  # token ids: Hinton KD, no mixing
     assert losses == {"kd": {}} and cfg is None
     assert default_config([1], mixable=True, epochs_given=False)[1] == [1]  # left for the config check
+
+
+@pytest.mark.parametrize(
+    ("config", "validation", "keep", "fraction"),
+    [
+        (None, "own", True, None),  # the data has its own split: nothing carved
+        (None, "unknown", False, None),  # an image folder may have one: not guessed
+        ({"data": {"val_fraction": 0.0}}, "carve", False, 0.0),  # no split asked for: no choice
+        ({"data": {"holdout": "val"}}, "carve", False, None),  # the carved split would be the test split
+        ({"scheme": {"params": {"keep_better": False}}}, "carve", False, None),  # theirs: no split carved for it
+    ],
+)
+def test_keep_better_only_with_a_validation_split(config, validation, keep, fraction, caplog) -> None:
+    _, cfg = default_config(config, mixable=True, epochs_given=False, validation=validation)
+    assert cfg["scheme"]["params"].get("keep_better", False) is keep
+    assert cfg["data"].get("val_fraction") == fraction
+    said = "cannot be checked against the student trained alone" in caplog.text
+    assert said is (not keep and config != {"scheme": {"params": {"keep_better": False}}})
 
 
 def test_min_steps_raises_the_epochs_of_a_small_set_only() -> None:
@@ -61,15 +84,19 @@ class _Teacher(torch.nn.Module):
 def test_distill_without_an_objective_matches_functions_patiently(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(default_objective, "MIN_STEPS", 40)  # the same rule, a short budget
     out = dk.distill("mlp", _Teacher(), _small(), batch_size=32, out=tmp_path / "run")
+    distilled = out.distilled or out  # the better on validation is delivered: either may be
     saved = (tmp_path / "run" / "config.yaml").read_text()
-    assert out.entry["losses"] == ["kd"] and out.entry["steps"] == 40 and out.entry["epochs"] == 20
-    assert "mixup: 1.0" in saved and "min_steps: 40" in saved and "T: 1.0" in saved
+    assert distilled.entry["losses"] == ["kd"] and distilled.entry["steps"] == 40 and distilled.entry["epochs"] == 20
+    assert out.baseline is not None and out.baseline.entry["steps"] == 40  # the same budget alone
+    assert distilled.entry["train_samples"] == 54  # 10% of the 60 held out for the choice
+    for key in ("mixup: 1.0", "min_steps: 40", "T: 1.0", "val_fraction: 0.1", "keep_better: true"):
+        assert key in saved
     records = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("kind") == "train" for r in records)
     given = dk.distill("mlp", _Teacher(), _small(), epochs=3, batch_size=32)  # epochs given: 3 epochs
-    assert given.entry["epochs"] == 3 and given.entry["steps"] == 6
+    assert (given.distilled or given).entry["epochs"] == 3 and (given.distilled or given).entry["steps"] == 6
     named = dk.distill("mlp", _Teacher(), _small(), {"kd": {}}, batch_size=32)  # an objective given: no mixing
-    assert named.entry["epochs"] == 10 and named.entry["steps"] == 20
+    assert named.entry["epochs"] == 10 and named.entry["steps"] == 20 and named.kept is None
 
 
 def test_token_ids_keep_hinton_kd_without_mixing() -> None:
@@ -92,7 +119,7 @@ def test_token_ids_keep_hinton_kd_without_mixing() -> None:
 
 def test_the_small_data_suite_measures_exactly_the_default() -> None:
     """The suite's function_matching cell is what dk.distill does by default: same losses, mixing,
-    budget, optimizer, schedule and batch."""
+    budget, optimizer, schedule, batch, validation split and choice against the student alone."""
     suite = load_suite("small-data")
     losses, extra = default_config(None, mixable=True, epochs_given=False)
     for pair in suite.pairs:
@@ -106,6 +133,8 @@ def test_the_small_data_suite_measures_exactly_the_default() -> None:
         assert train.epochs == default_objective.EPOCHS and train.min_steps == extra["train"]["min_steps"]
         assert train.optimizer == OptimizerConfig() and train.scheduler == SchedulerConfig()
         assert DataConfig(**raw["data"]).batch_size == DataConfig().batch_size
+        assert raw["scheme"]["params"]["keep_better"] is extra["scheme"]["params"]["keep_better"] is True
+        assert raw["data"]["val_fraction"] == extra["data"]["val_fraction"]  # the split the choice is made on
         alone = student_config(suite, pair, "ce", 0, teacher_checkpoint=None)
         assert alone["train"] == raw["train"] and "mixup" not in alone["data"].get("augment", {})
 

@@ -166,7 +166,9 @@ def _result(task: CellTask, entries: list[dict[str, Any]], exported: Any) -> dic
             "best_acc": main.get("best_acc"),
             "best_epoch": main.get("best_epoch"),
             "best_selected_on": main.get("best_selected_on"),
-            "train_seconds": float(main.get("train_seconds", 0.0)),
+            # keep_better trained the student alone too: the delivered student cost both
+            "train_seconds": float((main.get("selection") or main).get("train_seconds", 0.0)),
+            "kept": (main.get("selection") or {}).get("kept"),
             "teacher_seconds": round(teacher_seconds, 3),
             "params": main.get("params"),
             "extra_params": main.get("extra_params", 0),

@@ -149,6 +149,21 @@ def load_dataset(
     return bundle
 
 
+def with_validation(bundle: DataBundle, fraction: float, seed: int) -> DataBundle:
+    """A bundle given in memory (tensors, a ``DataBundle``) with ``fraction`` of its training split
+    carved into ``val``, as ``data.val_fraction`` carves a named dataset's; the fingerprint covers it.
+
+    Raises:
+        ConfigError: A bad fraction, or the bundle already has a validation split or is not in memory.
+    """
+    check_fraction(fraction, "data.val_fraction")
+    if fraction <= 0:
+        return bundle
+    carved = _carve(bundle, bundle.info.name, fraction, seed, as_test=False)
+    identity = {"given": bundle.info.fingerprint, "val_fraction": float(fraction), "split_seed": seed}
+    return replace(carved, info=replace(carved.info, fingerprint=fingerprint(bundle.info.name, identity)))
+
+
 def _carve(bundle: DataBundle, name: str, fraction: float, seed: int, as_test: bool) -> DataBundle:
     """Move ``fraction`` of the training split into ``val``; with ``as_test`` into ``test``
     instead, replacing the dataset's own test split without reading it (``val`` stays None).

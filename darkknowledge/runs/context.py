@@ -69,6 +69,10 @@ class RunContext(Context):
     def info(self) -> DatasetInfo:
         return self.session.bundle.info
 
+    @property
+    def has_validation(self) -> bool:
+        return self.session.bundle.val is not None
+
     def uses_transfer(self, scheme: Any) -> bool:
         if self.transfer is not None:
             return self.transfer

@@ -8,7 +8,7 @@ terminal read the same lines.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from torch import nn
 
 from darkknowledge.runs.diagnosis import is_memorised, memorised_warnings
 from darkknowledge.runs.report import group_rows, table_lines, verdict
+from darkknowledge.schemes.keep_better import ALONE, kept_line
 
 
 def summary_lines(
@@ -57,6 +58,8 @@ def summary_lines(
     if (fit := _fit_line(entry)) is not None:
         lines.append(fit)
     lines += [f"  {m['role']}: test acc {m['last_acc']:.2f}" for m in members]
+    if entry.get("selection"):  # keep_better: which of the distilled student and the student alone this is
+        lines.append(f"  {kept_line(entry['selection'])}")
     for model in (entry, teacher):
         if model is not None and is_memorised(model):
             lines += [f"  {line}" for line in memorised_warnings([{**model, "role": "teacher"}])]
@@ -111,10 +114,14 @@ class TrainResult:
         spec: Its spec (how to rebuild it: ``dk.load`` / ``dk eval``).
         epochs: One row per epoch: the loss terms, learning rate and, where evaluated, ``test_acc``.
         teacher: The teacher's results entry when ``dk.distill`` trained it, or evaluated a given module
-            for ``baseline=True`` (else None; None for ``dk.train``).
+            for ``baseline=True`` or the default objective's choice (else None; None for ``dk.train``).
         run_dir: The run folder (None when nothing was written).
         baseline: ``dk.distill(..., baseline=True)``: the same student trained alone (cross-entropy) from
             the same initialisation with the same budget, as a result of its own (None otherwise).
+        selection: With ``keep_better`` (``dk.distill``'s default objective): which of the two was kept
+            and their validation accuracies (:func:`~darkknowledge.schemes.keep_better.selection`).
+        distilled: The distilled student's result when the student alone was kept (this result is
+            then the student alone's); None otherwise.
 
     With a baseline, :attr:`verdict` and ``print(result)`` compare the two as ``dk run`` does: the
     table of teacher, baseline and student, and the verdict with its measured causes.
@@ -127,6 +134,21 @@ class TrainResult:
     teacher: dict[str, Any] | None = None
     run_dir: Path | None = None
     baseline: TrainResult | None = None
+    selection: dict[str, Any] | None = None
+    distilled: TrainResult | None = None
+
+    @property
+    def kept(self) -> str | None:
+        """``"distilled"`` or ``"alone"``: which student this result is, when the better was kept."""
+        return None if self.selection is None else str(self.selection["kept"])
+
+    def keeping(self, choice: dict[str, Any]) -> TrainResult:
+        """The result of the student ``choice`` keeps: this (distilled) one, or its baseline (the
+        student alone) with this one as :attr:`distilled`."""
+        if choice["kept"] != ALONE or self.baseline is None:
+            return replace(self, selection=choice)
+        alone = self.baseline
+        return replace(alone, teacher=self.teacher, baseline=alone, selection=choice, distilled=self)
 
     @property
     def accuracy(self) -> float:
@@ -166,11 +188,12 @@ class TrainResult:
         if self.baseline is None:
             return []
         teacher = [self.teacher] if self.teacher is not None and self.teacher.get("last_acc") is not None else []
-        return group_rows([*teacher, self.baseline.entry, self.entry])
+        student = self.distilled.entry if self.distilled is not None else self.entry
+        return group_rows([*teacher, self.baseline.entry, student])
 
     @property
     def verdict(self) -> str | None:
-        """The verdict ``dk run`` prints, for this model against its baseline (None without one)."""
+        """The verdict ``dk run`` prints, for the distilled student against its baseline (None without one)."""
         return verdict(self.rows()) if self.baseline is not None else None
 
     def lines(self) -> list[str]:
@@ -179,8 +202,7 @@ class TrainResult:
         lines = summary_lines(self.entry, self.teacher, run_dir=self.run_dir)
         if self.baseline is None:
             return lines
-        rows = self.rows()
-        return [*lines, "", *table_lines(rows), "", verdict(rows)]
+        return [*lines, "", *table_lines(self.rows()), "", str(self.verdict)]
 
     def __str__(self) -> str:
         return "\n".join(self.lines())
@@ -189,5 +211,4 @@ class TrainResult:
         text = "\n\n".join(summary_lines(self.entry, self.teacher, run_dir=self.run_dir))
         if self.baseline is None:
             return text
-        rows = self.rows()
-        return "\n\n".join([text, "\n".join(table_lines(rows)), verdict(rows)])
+        return "\n\n".join([text, "\n".join(table_lines(self.rows())), str(self.verdict)])

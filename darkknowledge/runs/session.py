@@ -254,6 +254,7 @@ class Session(TeacherSource):
         )
         models = task.eval_models()
         facts = task.describe()
+        selected = result.best["selected_on"] == "val"
         train_data = getattr(train_loader, "data", None)
         common = {
             "seed": seed,
@@ -288,6 +289,8 @@ class Session(TeacherSource):
             "best_acc": result.best["top1"],
             "best_epoch": result.best["epoch"],
             "best_selected_on": result.best["selected_on"],
+            # on the validation split (None without one): the delivered weights', the selected epoch's for dk.train
+            "val_acc": result.best["score"] if as_teacher and selected else _last_val(result.history, primary),
         }
         if "cache" in facts:
             entry["teacher_cache"] = facts["cache"]
@@ -335,6 +338,12 @@ class Session(TeacherSource):
         """Train ``model`` with cross-entropy alone (a teacher or a baseline); its entry."""
         task = offline_task(model, build_objective({"ce": {}}))
         return self.train_stage(stage, role, task, seed, train_cfg=train_cfg)[0]
+
+
+def _last_val(history: list[dict[str, Any]], primary: str) -> float | None:
+    """Top-1 (%) of ``primary`` on the validation split at the stage's last evaluation (None: no split)."""
+    val = history[-1].get("val") if history else None
+    return None if not val or primary not in val else float(val[primary]["top1"])
 
 
 def _accuracies(metrics: dict[str, float]) -> dict[str, Any]:

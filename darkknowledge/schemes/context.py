@@ -41,6 +41,11 @@ class Context:
         """Class count, input shape and fingerprint of the data."""
         raise NotImplementedError
 
+    @property
+    def has_validation(self) -> bool:
+        """Whether the data has a validation split (``data.val_fraction``, or the dataset's own)."""
+        raise NotImplementedError
+
     def uses_transfer(self, scheme: Any) -> bool:
         """Whether students read the unlabeled transfer set: the recipe's
         ``scheme.params.transfer`` when given, else the default of ``scheme`` (a scheme class's

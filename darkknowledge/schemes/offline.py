@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from pydantic import Field, StrictBool
 from torch import nn
 
 from darkknowledge.losses.objective import Objective
-from darkknowledge.schemes.base import Scheme, register_scheme
+from darkknowledge.schemes.base import Scheme, SchemeParams, register_scheme
+from darkknowledge.schemes.keep_better import ALONE, require_validation, selection
 from darkknowledge.schemes.task import FlowTask
 from darkknowledge.teachers.flow import Flow, Link
 from darkknowledge.teachers.frozen import Frozen
@@ -55,10 +57,25 @@ def offline_task(
     return FlowTask(flow, {"student": flow.view_model("student")})
 
 
+class OfflineParams(SchemeParams):
+    """``scheme.params`` of the offline scheme."""
+
+    keep_better: StrictBool = Field(
+        default=False,
+        description="also train the student alone (same init, budget) and deliver the better on the validation split",
+    )
+
+
 @register_scheme("offline")
 class Offline(Scheme):
-    """Frozen teacher -> student with any objective of registered losses."""
+    """Frozen teacher -> student with any objective of registered losses.
 
+    With ``keep_better`` the plan has two stages: the student alone (cross-entropy, stage
+    ``<losses>-alone-s<seed>``, from the same initialisation) and the distilled student; the one
+    better on the validation split is delivered (:mod:`darkknowledge.schemes.keep_better`).
+    """
+
+    Params = OfflineParams
     pretrained_teacher = True
 
     default_transfer = True
@@ -71,6 +88,30 @@ class Offline(Scheme):
         objective = ctx.objective()
         teacher = ctx.frozen(ctx.teacher(), "teacher") if ctx.cfg.teacher is not None else None
         return offline_task(ctx.student(seed), objective, teacher)
+
+    @classmethod
+    def run(cls, ctx: Context, seed: int, params: Any) -> list[dict[str, Any]]:
+        """Train the distilled student; with ``keep_better`` the student alone first, then the better
+        of the two on the validation split comes first in the entries (both record the choice)."""
+        if not params.keep_better:
+            return super().run(ctx, seed, params)
+        require_validation(ctx.has_validation)
+        alone = ctx.train_alone(ctx.stage_name(seed, ALONE), ctx.student(seed), seed, role=ALONE)
+        distilled = super().run(ctx, seed, params)
+        choice = selection(alone, distilled[0])
+        for entry in (alone, distilled[0]):
+            entry["selection"] = choice
+            ctx.record(entry)
+        if choice["kept"] == ALONE:
+            return [alone, *distilled]
+        return [distilled[0], alone, *distilled[1:]]
+
+    @classmethod
+    def check(cls, ctx: Context, seed: int, params: Any) -> None:
+        """Build and discard the distilled stage (and fail early when ``keep_better`` has no validation split)."""
+        if params.keep_better:
+            require_validation(ctx.has_validation)
+        cls.task(ctx, seed, params).release()
 
     @classmethod
     def label(cls, ctx: Context, params: Any) -> str:
