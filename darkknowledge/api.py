@@ -15,14 +15,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from darkknowledge.config import ModelConfig, RunConfig, deep_merge, validate_config
-from darkknowledge.data import DataBundle, DatasetInfo, TensorData
+from darkknowledge.data import DataBundle
 from darkknowledge.data.batch import INPUT_ATTR, input_name
 from darkknowledge.data.catalog import with_validation
-from darkknowledge.data.fingerprint import fingerprint
+from darkknowledge.data.given import LOADING_KEYS, DataLike, given_data, mixable, validation_source
 from darkknowledge.engine.metrics import evaluate
 from darkknowledge.errors import ConfigError
 from darkknowledge.models import count_params
@@ -39,76 +38,9 @@ from darkknowledge.runs.default_objective import default_config
 from darkknowledge.runs.measures import teacher_measures
 from darkknowledge.runs.outcome import TrainResult, epoch_rows
 from darkknowledge.runs.session import Session
+from darkknowledge.schemes.base import resolve_scheme
 from darkknowledge.schemes.keep_better import require_validation, selection
-from darkknowledge.schemes.offline import offline_task
-
-DataLike = str | DataBundle | tuple
-
-_LOADING_KEYS = ("params", "root", "holdout", "train_samples")
-"""``data`` keys that say how a named dataset is loaded: meaningless for data given as objects
-(``val_fraction`` and ``split_seed`` carve a validation split from given data too)."""
-
-
-def _bundle(data: DataLike, num_classes: int | None) -> tuple[dict[str, Any], DataBundle | None]:
-    """A dataset name becomes ``data.name``; tensors/bundles are used as they are."""
-    if isinstance(data, str):
-        return {"name": data}, None
-    if isinstance(data, DataBundle):
-        return {"name": data.info.name}, data
-    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(d, tuple) and len(d) == 2 for d in data):
-        (x, y), (xt, yt) = data
-        x, y, xt, yt = (torch.as_tensor(v) for v in (x, y, xt, yt))
-        train, test = TensorData(x, y), TensorData(xt, yt)  # checks lengths and integer labels
-        if tuple(xt.shape[1:]) != tuple(x.shape[1:]):
-            raise ConfigError(
-                f"data: test inputs have shape {tuple(xt.shape[1:])} per sample but training inputs "
-                f"{tuple(x.shape[1:])}; both splits must have the same input shape"
-            )
-        top = int(max(train.y.max(), test.y.max())) if len(train) and len(test) else -1
-        if num_classes is not None and not (isinstance(num_classes, int) and num_classes >= 2):
-            raise ConfigError(f"num_classes: expected an integer >= 2, got {num_classes!r}")
-        k = num_classes or top + 1
-        if top >= k:
-            raise ConfigError(
-                f"data: label {top} is outside the class range 0..{k - 1} of num_classes={k}; "
-                f"use labels 0..{k - 1} or num_classes >= {top + 1}"
-            )
-        if k < 2:
-            raise ConfigError(f"data: the labels hold {k} class(es); a classifier needs at least 2")
-        info = DatasetInfo(
-            name="tensors",
-            num_classes=k,
-            input_shape=tuple(x.shape[1:]),
-            fingerprint=fingerprint("tensors", {}, [("x", x), ("y", y), ("xt", xt), ("yt", yt)]),
-        )
-        return {"name": "tensors"}, DataBundle(train=train, test=test, info=info)
-    raise ConfigError(
-        f"data: expected a dataset name (see `dk list datasets`), a DataBundle, or ((x, y), (x_test, y_test)) "
-        f"tensors; got {type(data).__name__}"
-    )
-
-
-def _validation(data_cfg: dict[str, Any], bundle: DataBundle | None) -> str:
-    """Where the default objective's validation split comes from: ``own`` (a given bundle has one),
-    ``carve`` (``data.val_fraction`` can carve one) or ``unknown`` (an image folder may hold one)."""
-    if bundle is not None:
-        return "own" if bundle.val is not None else "carve"
-    return "unknown" if data_cfg.get("name") == "image_folder" else "carve"
-
-
-def _mixable(bundle: DataBundle | None) -> bool:
-    """Whether mixup can blend the training inputs: floating-point or ``uint8`` inputs of one view
-    (a named dataset's are); not integer token ids, nor a paired dataset's several views."""
-    if bundle is None:
-        return True
-    train = bundle.train
-    if isinstance(train, TensorData):
-        if train.views:
-            return False
-        x = train.x
-    else:
-        x = torch.as_tensor(train[0][0])
-    return bool(x.is_floating_point() or x.dtype == torch.uint8)
+from darkknowledge.schemes.offline import OfflineParams, offline_task
 
 
 def _model_cfg(model: str | nn.Module, where: str) -> tuple[dict[str, Any], nn.Module | None]:
@@ -172,7 +104,7 @@ def _check(cfg: RunConfig, bundle: DataBundle | None, given: dict[str, nn.Module
             )
     if bundle is not None:
         set_keys = cfg.data.model_dump(exclude_defaults=True)
-        extra = [k for k in _LOADING_KEYS if k in set_keys]
+        extra = [k for k in LOADING_KEYS if k in set_keys]
         if extra:
             raise ConfigError(
                 f"{', '.join('data.' + k for k in extra)}: the data is given as tensors or a "
@@ -310,11 +242,13 @@ def distill(
     Raises:
         ConfigError: A bad name, parameter or config key (before any data is loaded or trained).
     """
-    data_cfg, bundle = _bundle(data, num_classes)
+    data_cfg, bundle = given_data(data, num_classes)
     s_cfg, s_mod = _model_cfg(student, "student")
     t_cfg, t_mod = _model_cfg(teacher, "teacher")
     if losses is None:  # the default objective: function matching, patiently (runs/default_objective.py)
-        losses, config = default_config(config, _mixable(bundle), epochs is not None, _validation(data_cfg, bundle))
+        losses, config = default_config(
+            config, mixable(bundle), epochs is not None, validation_source(data_cfg, bundle)
+        )
     cfg = _config(
         data_cfg,
         default_objective.EPOCHS if epochs is None else epochs,
@@ -339,7 +273,8 @@ def distill(
         )
     _check(cfg, bundle, {k: m for k, m in (("student", s_mod), ("teacher", t_mod)) if m is not None})
     s = _session(cfg, bundle, out, resume, given=("teacher",) if t_mod is not None else ())
-    keep_better = bool(cfg.scheme.params.get("keep_better", False))
+    params = resolve_scheme(cfg.scheme.name, cfg.scheme.params)[1]  # offline (checked above): typed params
+    keep_better = isinstance(params, OfflineParams) and params.keep_better
     if keep_better:  # before the teacher trains
         require_validation(s.bundle.val is not None)
     t_entry = None
@@ -435,7 +370,7 @@ def train(
     Raises:
         ConfigError: A bad name, parameter or config key (before any data is loaded or trained).
     """
-    data_cfg, bundle = _bundle(data, num_classes)
+    data_cfg, bundle = given_data(data, num_classes)
     m_cfg, m_mod = _model_cfg(model, "model")
     cfg = _config(data_cfg, epochs, batch_size, lr, optimizer, seed, config, student=m_cfg, losses=losses or {"ce": {}})
     unused = [k for k in ("teacher", "teachers", "scheme") if k in cfg.model_dump(exclude_defaults=True)]
